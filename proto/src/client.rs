@@ -1,0 +1,389 @@
+//! [`ClientConnection`]: the client side of one connection.
+//!
+//! It reads the server `hello` (anything else first is an error) and answers
+//! with its own, sends requests, streams a model as chunks produced lazily
+//! while the transmit buffer drains, and matches every answer to the request
+//! it answers: results by `job_id`, error frames by `job_id` when present,
+//! otherwise to the oldest outstanding request (as a Go node answers).
+
+use std::collections::VecDeque;
+
+use crate::error::ClientError;
+use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
+use crate::message::{
+    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, Message, ModelBegin, ModelStatus,
+    Prompt, PromptResult, QueueStatus,
+};
+use crate::upload::hex;
+
+/// Client-side settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Largest frame body accepted from the server (default 64 MiB).
+    pub max_frame_len: usize,
+    /// Raw bytes per `weights_chunk` (default 1 MiB, as the Go client).
+    pub chunk_size: usize,
+    /// Upload chunks are produced only while fewer bytes than this wait to be sent (default 4 MiB).
+    pub upload_window: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            chunk_size: 1024 * 1024,
+            upload_window: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Names one request made on a [`ClientConnection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// The raw number: the n-th request of this connection.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// To an upload's commit.
+    ModelStatus(ModelStatus),
+    /// To `infer`.
+    Infer(InferResult),
+    /// To `prompt`.
+    Prompt(PromptResult),
+    /// To a `queue_status` request.
+    QueueStatus(QueueStatus),
+    /// The request was refused.
+    Error(ErrorFrame),
+}
+
+/// What the client core reports, from [`ClientConnection::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The server's `hello` arrived; ours is queued. Requests may be made now.
+    Connected(Hello),
+    /// A request was answered.
+    Answer {
+        /// The request.
+        request: RequestId,
+        /// Its answer.
+        answer: Answer,
+    },
+    /// An error frame that answers nothing: the server is about to close.
+    Closing(ErrorFrame),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Upload,
+    Infer,
+    Prompt,
+    QueueStatus,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    request: RequestId,
+    kind: Kind,
+    job_id: String,
+}
+
+#[derive(Debug)]
+struct ClientUpload {
+    request: RequestId,
+    remaining: u64,
+    next_index: i64,
+}
+
+/// The client side of one connection: bytes in, answers out, never any I/O.
+#[derive(Debug)]
+pub struct ClientConnection {
+    config: ClientConfig,
+    decoder: FrameDecoder,
+    outbound: Vec<u8>,
+    hello: Option<Hello>,
+    outstanding: VecDeque<Outstanding>,
+    upload: Option<ClientUpload>,
+    events: VecDeque<ClientEvent>,
+    next_request: u64,
+    failed: Option<ClientError>,
+}
+
+impl Default for ClientConnection {
+    fn default() -> Self {
+        ClientConnection::new(ClientConfig::default())
+    }
+}
+
+impl ClientConnection {
+    /// A client waiting for the server's `hello`.
+    pub fn new(config: ClientConfig) -> Self {
+        ClientConnection {
+            decoder: FrameDecoder::new(config.max_frame_len),
+            config,
+            outbound: Vec::new(),
+            hello: None,
+            outstanding: VecDeque::new(),
+            upload: None,
+            events: VecDeque::new(),
+            next_request: 0,
+            failed: None,
+        }
+    }
+
+    /// The server's `hello`, once it arrived.
+    pub fn server_hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Feeds bytes read from the server. An error is fatal: close the connection.
+    pub fn handle_input(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let mut decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0));
+        let mut failure = None;
+        let fed = decoder.feed(data, |body| {
+            if failure.is_none() {
+                failure = self.handle_frame(body).err();
+            }
+        });
+        self.decoder = decoder;
+        fed?;
+        if let Some(e) = failure {
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Moves the bytes waiting to be sent into `out` (swapping when `out` is empty).
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.outbound);
+        } else {
+            out.append(&mut self.outbound);
+        }
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn pending_transmit(&self) -> usize {
+        self.outbound.len()
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Sends an `infer` job; its answer is [`Answer::Infer`] or [`Answer::Error`].
+    pub fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<RequestId, ClientError> {
+        let (request, job_id) = self.request(Kind::Infer, "j")?;
+        self.send(&Message::Infer(Infer {
+            job_id,
+            input_ids: input_ids.to_vec(),
+            max_tokens,
+        }));
+        Ok(request)
+    }
+
+    /// Sends a `prompt` job; its answer is [`Answer::Prompt`] or [`Answer::Error`].
+    pub fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId, ClientError> {
+        let (request, job_id) = self.request(Kind::Prompt, "p")?;
+        self.send(&Message::Prompt(Prompt {
+            job_id,
+            prompt: prompt.to_owned(),
+            max_out,
+        }));
+        Ok(request)
+    }
+
+    /// Asks for the queue's state; the answer is [`Answer::QueueStatus`], or
+    /// [`Answer::Error`] from a node that does not know the request (the Go node).
+    pub fn queue_status(&mut self) -> Result<RequestId, ClientError> {
+        let (request, _) = self.request(Kind::QueueStatus, "")?;
+        self.send(&Message::QueueStatusRequest);
+        Ok(request)
+    }
+
+    /// Starts a model upload of `weights_len` bytes. Feed the bytes with
+    /// [`upload_chunk`](Self::upload_chunk) as [`upload_wants`](Self::upload_wants)
+    /// asks; the commit goes out after the last byte. The answer is
+    /// [`Answer::ModelStatus`], or [`Answer::Error`] if the server refused the upload.
+    pub fn begin_upload(
+        &mut self,
+        config_json: &str,
+        weights_len: u64,
+        sha256: Option<[u8; 32]>,
+    ) -> Result<RequestId, ClientError> {
+        if self.upload.is_some() {
+            return Err(ClientError::UploadInProgress);
+        }
+        let (request, _) = self.request(Kind::Upload, "")?;
+        self.send(&Message::ModelBegin(ModelBegin {
+            config_json: config_json.to_owned(),
+            weights_len: weights_len as i64,
+            weights_sha256: sha256.map(|h| hex(&h)).unwrap_or_default(),
+        }));
+        self.upload = Some(ClientUpload {
+            request,
+            remaining: weights_len,
+            next_index: 0,
+        });
+        if weights_len == 0 {
+            self.finish_upload();
+        }
+        Ok(request)
+    }
+
+    /// How many raw bytes the next [`upload_chunk`](Self::upload_chunk) should
+    /// carry: 0 when no upload is sending or the transmit buffer is full enough.
+    pub fn upload_wants(&self) -> usize {
+        match &self.upload {
+            Some(u) if self.outbound.len() < self.config.upload_window => {
+                u.remaining.min(self.config.chunk_size as u64) as usize
+            }
+            _ => 0,
+        }
+    }
+
+    /// Whether an upload is still sending chunks.
+    pub fn is_uploading(&self) -> bool {
+        self.upload.is_some()
+    }
+
+    /// Sends the next slice of the weights as one `weights_chunk`; after the
+    /// last byte, `model_commit` follows.
+    pub fn upload_chunk(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let remaining = self.upload.as_ref().map_or(0, |u| u.remaining);
+        if data.is_empty() || data.len() as u64 > remaining {
+            return Err(ClientError::UploadOverflow {
+                len: data.len(),
+                remaining,
+            });
+        }
+        let upload = self.upload.as_mut().expect("checked above");
+        upload.remaining -= data.len() as u64;
+        let last = upload.remaining == 0;
+        encode_weights_chunk(upload.next_index, last, data, &mut self.outbound);
+        upload.next_index += 1;
+        if last {
+            self.finish_upload();
+        }
+        Ok(())
+    }
+
+    fn finish_upload(&mut self) {
+        self.upload = None;
+        self.send(&Message::ModelCommit);
+    }
+
+    fn request(&mut self, kind: Kind, prefix: &str) -> Result<(RequestId, String), ClientError> {
+        if self.hello.is_none() {
+            return Err(ClientError::NotConnected);
+        }
+        self.next_request += 1;
+        let request = RequestId(self.next_request);
+        let job_id = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}{}", self.next_request)
+        };
+        self.outstanding.push_back(Outstanding {
+            request,
+            kind,
+            job_id: job_id.clone(),
+        });
+        Ok((request, job_id))
+    }
+
+    fn send(&mut self, msg: &Message<'_>) {
+        msg.encode(&mut self.outbound);
+    }
+
+    fn handle_frame(&mut self, body: &[u8]) -> Result<(), ClientError> {
+        let msg = Message::parse(body).map_err(|e| ClientError::BadMessage(e.to_string()))?;
+        if self.hello.is_none() {
+            return match msg {
+                Message::Hello(hello) => {
+                    self.send(&Message::Hello(Hello {
+                        mode: hello.mode.clone(),
+                        role: "client".to_owned(),
+                        local_lm_path: String::new(),
+                        queue_capacity: 0,
+                    }));
+                    self.hello = Some(hello.clone());
+                    self.events.push_back(ClientEvent::Connected(hello));
+                    Ok(())
+                }
+                other => Err(ClientError::NoHello(other.kind().to_owned())),
+            };
+        }
+        let (position, answer) = match msg {
+            Message::ModelStatus(m) => (self.find(Kind::Upload, None), Answer::ModelStatus(m)),
+            Message::InferResult(m) => (self.find(Kind::Infer, Some(&m.job_id)), Answer::Infer(m)),
+            Message::PromptResult(m) => {
+                (self.find(Kind::Prompt, Some(&m.job_id)), Answer::Prompt(m))
+            }
+            Message::QueueStatus(m) => (self.find(Kind::QueueStatus, None), Answer::QueueStatus(m)),
+            Message::Error(e) => {
+                let by_id = (!e.job_id.is_empty())
+                    .then(|| self.outstanding.iter().position(|o| o.job_id == e.job_id))
+                    .flatten();
+                match by_id.or((!self.outstanding.is_empty()).then_some(0)) {
+                    Some(i) => (Some(i), Answer::Error(e)),
+                    None => {
+                        self.events.push_back(ClientEvent::Closing(e));
+                        return Ok(());
+                    }
+                }
+            }
+            other => return Err(ClientError::Unexpected(other.kind().to_owned())),
+        };
+        let Some(i) = position else {
+            return Err(ClientError::Unexpected(kind_of(&answer).to_owned()));
+        };
+        let answered = self.outstanding.remove(i).expect("position is in range");
+        if answered.kind == Kind::Upload
+            && self
+                .upload
+                .as_ref()
+                .is_some_and(|u| u.request == answered.request)
+        {
+            // Refused mid-stream: the server ignores the rest, so stop sending it.
+            self.upload = None;
+        }
+        self.events.push_back(ClientEvent::Answer {
+            request: answered.request,
+            answer,
+        });
+        Ok(())
+    }
+
+    fn find(&self, kind: Kind, job_id: Option<&str>) -> Option<usize> {
+        self.outstanding
+            .iter()
+            .position(|o| o.kind == kind && job_id.is_none_or(|id| o.job_id == id))
+    }
+}
+
+fn kind_of(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::ModelStatus(_) => "model_status",
+        Answer::Infer(_) => "infer_result",
+        Answer::Prompt(_) => "prompt_result",
+        Answer::QueueStatus(_) => "queue_status",
+        Answer::Error(_) => "error",
+    }
+}

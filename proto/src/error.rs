@@ -1,0 +1,195 @@
+//! Typed errors. Every error a peer can cause has a variant, a clear message
+//! (for the `error` field of an error frame) and a machine-readable [`code`](ProtocolError::code).
+
+use thiserror::Error;
+
+/// A framing error: the byte stream is out of sync and the connection must close.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// A header announced a body of 0 bytes or more than the limit.
+    #[error("bad frame length {len} (must be 1..={max})")]
+    BadLength {
+        /// The announced body length.
+        len: usize,
+        /// The configured `max_frame_len`.
+        max: usize,
+    },
+    /// Input after an earlier framing error.
+    #[error("stream is out of sync after a framing error")]
+    Failed,
+}
+
+/// An error a peer caused, as it goes into an `error` frame.
+///
+/// The `Display` text of the variants in PROTOCOL.md's "Server answers" table is
+/// the Go node's text, word for word, because Go clients compare it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtocolError {
+    /// See [`FrameError`].
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The body is not valid JSON (or not UTF-8).
+    #[error("bad json: {0}")]
+    BadJson(String),
+    /// The body is JSON but not an object.
+    #[error("bad message: not a JSON object")]
+    NotObject,
+    /// A known field holds a value of the wrong type.
+    #[error("bad field: {0}")]
+    BadField(String),
+    /// `v` is present and is not 1.
+    #[error("unsupported protocol version {0}")]
+    BadVersion(i64),
+    /// Unknown or missing `type`.
+    #[error("unknown type: {0}")]
+    UnknownType(String),
+    /// `model_begin` on a `local_lm` node.
+    #[error("model_push not enabled on this node")]
+    ModelPushDisabled,
+    /// `weights_len` negative or over `max_model_len`.
+    #[error("bad weights_len")]
+    BadWeightsLen,
+    /// `weights_sha256` is not 64 hex digits.
+    #[error("bad weights_sha256: want 64 hex digits")]
+    BadWeightsSha256,
+    /// `data_b64` is not valid standard base64.
+    #[error("weights b64 decode")]
+    WeightsBase64,
+    /// More bytes than `weights_len`.
+    #[error("weights overflow")]
+    WeightsOverflow,
+    /// A chunk `index` out of the sequence 0, 1, 2…
+    #[error("weights chunk out of order: got index {got}, expected {expected}")]
+    ChunkOutOfOrder {
+        /// The index received.
+        got: i64,
+        /// The index expected.
+        expected: u64,
+    },
+    /// `weights_chunk` with no `model_begin` before it.
+    #[error("weights_chunk without model_begin")]
+    ChunkWithoutBegin,
+    /// `infer` on a `local_lm` node.
+    #[error("this node is local_lm; send prompt, not infer")]
+    InferOnLocalLm,
+    /// `infer` before a model is mounted on this connection.
+    #[error("model not mounted")]
+    ModelNotMounted,
+    /// `prompt` on a `model_push` node.
+    #[error("this node is model_push; mount model and send infer")]
+    PromptOnModelPush,
+    /// The job queue is at capacity.
+    #[error("queue full")]
+    QueueFull,
+    /// The node is shutting down and takes no new jobs.
+    #[error("node shutting down")]
+    ShuttingDown,
+    /// Over `max_connections`.
+    #[error("too many connections")]
+    TooManyConnections,
+    /// No first frame within the handshake timeout.
+    #[error("handshake timeout")]
+    HandshakeTimeout,
+    /// A partial frame made no progress within the stall timeout.
+    #[error("stalled in the middle of a frame")]
+    Stalled,
+    /// Nothing received and nothing in flight within the idle timeout.
+    #[error("idle timeout")]
+    IdleTimeout,
+    /// The peer did not read its answers within the backpressure timeout.
+    #[error("peer is not reading its answers")]
+    Backpressure,
+}
+
+impl ProtocolError {
+    /// The machine-readable code sent beside the message in `error` frames.
+    pub fn code(&self) -> &'static str {
+        use ProtocolError::*;
+        match self {
+            Frame(_) => "bad_frame",
+            BadJson(_) => "bad_json",
+            NotObject => "not_object",
+            BadField(_) => "bad_field",
+            BadVersion(_) => "bad_version",
+            UnknownType(_) => "unknown_type",
+            ModelPushDisabled => "model_push_disabled",
+            BadWeightsLen => "bad_weights_len",
+            BadWeightsSha256 => "bad_weights_sha256",
+            WeightsBase64 => "weights_b64",
+            WeightsOverflow => "weights_overflow",
+            ChunkOutOfOrder { .. } => "chunk_out_of_order",
+            ChunkWithoutBegin => "chunk_without_begin",
+            InferOnLocalLm => "wrong_mode",
+            ModelNotMounted => "model_not_mounted",
+            PromptOnModelPush => "wrong_mode",
+            QueueFull => "queue_full",
+            ShuttingDown => "shutting_down",
+            TooManyConnections => "too_many_connections",
+            HandshakeTimeout => "handshake_timeout",
+            Stalled => "stalled",
+            IdleTimeout => "idle_timeout",
+            Backpressure => "backpressure",
+        }
+    }
+}
+
+/// Why a commit did not mount: the `message` of a `model_status` with `ok:false`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MountError {
+    /// Bytes missing at commit (Go's text).
+    #[error("weights size mismatch: got {got} expect {expected}")]
+    SizeMismatch {
+        /// Bytes received.
+        got: u64,
+        /// `weights_len`.
+        expected: u64,
+    },
+    /// Empty `config_json` (Go's text).
+    #[error("no config")]
+    NoConfig,
+    /// `model_commit` with no `model_begin` before it.
+    #[error("model_commit without model_begin")]
+    CommitWithoutBegin,
+    /// The weights do not hash to `weights_sha256`.
+    #[error("weights_sha256 mismatch: got {got} expect {expected}")]
+    Sha256Mismatch {
+        /// Hash of the bytes received.
+        got: String,
+        /// `weights_sha256` from `model_begin`.
+        expected: String,
+    },
+    /// The executor refused the model.
+    #[error("{0}")]
+    Executor(String),
+}
+
+/// A misbehaving server as the client core sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientError {
+    /// See [`FrameError`].
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A frame the client cannot parse.
+    #[error("bad frame from server: {0}")]
+    BadMessage(String),
+    /// The first frame was not a server `hello`.
+    #[error("expected hello from server, got {0}")]
+    NoHello(String),
+    /// A frame that answers nothing the client asked.
+    #[error("unexpected {0} frame from server")]
+    Unexpected(String),
+    /// A request made before the server's hello arrived.
+    #[error("not connected: the server hello has not arrived")]
+    NotConnected,
+    /// A new upload while one is still running.
+    #[error("an upload is already in progress")]
+    UploadInProgress,
+    /// More upload bytes than announced, or none wanted.
+    #[error("upload chunk of {len} bytes does not fit: {remaining} bytes remaining")]
+    UploadOverflow {
+        /// Bytes offered.
+        len: usize,
+        /// Bytes still expected.
+        remaining: u64,
+    },
+}

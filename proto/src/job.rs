@@ -1,0 +1,78 @@
+//! Jobs: what the node's FIFO queue holds and what a worker hands back.
+
+use std::sync::Arc;
+
+/// Identifies a job taken by a worker, for [`Node::complete`](crate::Node::complete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub(crate) u64);
+
+impl JobId {
+    /// The raw number, unique for the node's lifetime.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+/// A job for a worker, taken from the node with [`Node::next_job`](crate::Node::next_job).
+#[derive(Debug)]
+pub struct Job<M> {
+    /// Hand this back with the outcome.
+    pub id: JobId,
+    /// What to run.
+    pub input: JobInput<M>,
+    /// Jobs still waiting in the queue when this one was taken.
+    pub queue_depth: usize,
+}
+
+/// What a job asks for.
+#[derive(Debug)]
+pub enum JobInput<M> {
+    /// Run the connection's mounted model.
+    Infer {
+        /// The model mounted on the asking connection when the job was queued.
+        model: Arc<M>,
+        /// Input token ids.
+        input_ids: Vec<i32>,
+        /// Tokens to generate; 0 or less means the executor's default.
+        max_tokens: i64,
+    },
+    /// Ask the node's local language model.
+    Prompt {
+        /// The prompt text.
+        prompt: String,
+        /// Output limit; 0 or less means the executor's default.
+        max_out: i64,
+    },
+}
+
+/// A successful job's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutput {
+    /// `output_ids` of an `infer_result`.
+    Infer(Vec<i32>),
+    /// `text` of a `prompt_result`.
+    Prompt(String),
+}
+
+/// A failed job: goes into the result frame as `error` and `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct JobError {
+    /// Machine-readable, e.g. `executor_panicked`, `bad_input`.
+    pub code: String,
+    /// Human-readable.
+    pub message: String,
+}
+
+impl JobError {
+    /// A job error with `code` and `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        JobError {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a worker reports for a job.
+pub type JobOutcome = Result<JobOutput, JobError>;

@@ -1,0 +1,521 @@
+//! The eleven message types of PROTOCOL.md as typed values.
+//!
+//! Encoding writes `v` and `type` first, then the fields in the order the Go
+//! implementation writes them, with its omitempty rules; the `error` frame comes
+//! out with sorted keys, as Go writes it from a map. Decoding ignores unknown
+//! fields and reads missing (or `null`) fields as zero values.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::LazyLock;
+
+use base64::engine::general_purpose::GeneralPurposeConfig;
+use base64::engine::simd::Simd;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::frame::encode_frame_with;
+
+/// The protocol version this crate speaks.
+pub const VERSION: i64 = 1;
+
+/// The base64 engine for `data_b64`: standard alphabet, canonical padding, SIMD where available.
+pub(crate) static BASE64: LazyLock<Simd> =
+    LazyLock::new(|| Simd::standard(GeneralPurposeConfig::new()));
+
+/// What a node offers: model upload and inference, or prompts to a local language model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Clients push a model and send `infer` jobs.
+    #[default]
+    ModelPush,
+    /// Clients send `prompt` jobs to the node's local language model.
+    LocalLm,
+}
+
+impl Mode {
+    /// The wire spelling: `model_push` or `local_lm`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::ModelPush => "model_push",
+            Mode::LocalLm => "local_lm",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "model_push" => Ok(Mode::ModelPush),
+            "local_lm" => Ok(Mode::LocalLm),
+            other => Err(format!(
+                "unknown mode {other:?} (want model_push or local_lm)"
+            )),
+        }
+    }
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// `hello`: the server's greeting, then the client's.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Hello {
+    /// `model_push` or `local_lm` (see [`Mode`]); kept as a string to carry what a peer sent.
+    pub mode: String,
+    /// `server` or `client`.
+    pub role: String,
+    /// Informational path of a `local_lm` node's model.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub local_lm_path: String,
+    /// The server's job queue capacity.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub queue_capacity: i64,
+}
+
+/// `model_begin`: starts a model upload.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ModelBegin {
+    /// A JSON document carried as a string.
+    pub config_json: String,
+    /// Total raw bytes of weights to follow.
+    pub weights_len: i64,
+    /// Lowercase hex SHA-256 of the weights, or empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub weights_sha256: String,
+}
+
+/// `weights_chunk`: one slice of the weights, base64 text borrowed from the frame when possible.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct WeightsChunk<'a> {
+    /// 0, 1, 2…
+    pub index: i64,
+    /// Set on the final chunk.
+    pub last: bool,
+    /// Standard base64 with padding.
+    pub data_b64: Cow<'a, str>,
+}
+
+/// `model_status`: the answer to `model_commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ModelStatus {
+    /// Whether the model is mounted.
+    pub ok: bool,
+    /// `mounted`, or why not.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// `infer`: an inference job.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Infer {
+    /// Chosen by the client; echoed in the answer.
+    pub job_id: String,
+    /// Input token ids.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_ids: Vec<i32>,
+    /// Tokens to generate; 0 or less means the executor's default.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_tokens: i64,
+}
+
+/// `infer_result`: the answer to `infer`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct InferResult {
+    /// The job's id.
+    pub job_id: String,
+    /// Whether the job succeeded.
+    pub ok: bool,
+    /// Generated ids (input followed by new tokens for the stub).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub output_ids: Vec<i32>,
+    /// Why the job failed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// Machine-readable failure code (ours; Go clients ignore it).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub code: String,
+    /// Jobs still waiting when this one was taken.
+    pub queue_depth: i64,
+}
+
+/// `prompt`: a text job for a `local_lm` node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Prompt {
+    /// Chosen by the client; echoed in the answer.
+    pub job_id: String,
+    /// The full prompt text.
+    pub prompt: String,
+    /// Output limit; 0 means the executor's default.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_out: i64,
+}
+
+/// `prompt_result`: the answer to `prompt`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct PromptResult {
+    /// The job's id.
+    pub job_id: String,
+    /// Whether the job succeeded.
+    pub ok: bool,
+    /// The reply.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    /// Why the job failed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// Machine-readable failure code (ours; Go clients ignore it).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub code: String,
+    /// Jobs still waiting when this one was taken.
+    pub queue_depth: i64,
+}
+
+/// `queue_status`: the node's queue as the server reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueueStatus {
+    /// Jobs waiting (not running).
+    pub depth: i64,
+    /// Queue capacity.
+    pub capacity: i64,
+    /// Whether a worker is running a job.
+    pub in_progress: bool,
+}
+
+/// `error`: a refused request, or the reason a connection is about to close.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ErrorFrame {
+    /// Machine-readable code (ours; Go clients ignore it).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub code: String,
+    /// The message; Go's words where Go has them.
+    pub error: String,
+    /// The job this error answers, when it answers a job (ours).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
+}
+
+impl ErrorFrame {
+    /// The error frame for `err`, naming `job_id` when it answers a job.
+    pub fn new(err: &ProtocolError, job_id: Option<&str>) -> Self {
+        ErrorFrame {
+            code: err.code().to_owned(),
+            error: err.to_string(),
+            job_id: job_id.unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+/// One frame's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// `hello`
+    Hello(Hello),
+    /// `model_begin`
+    ModelBegin(ModelBegin),
+    /// `weights_chunk`
+    WeightsChunk(WeightsChunk<'a>),
+    /// `model_commit`
+    ModelCommit,
+    /// `model_status`
+    ModelStatus(ModelStatus),
+    /// `infer`
+    Infer(Infer),
+    /// `infer_result`
+    InferResult(InferResult),
+    /// `prompt`
+    Prompt(Prompt),
+    /// `prompt_result`
+    PromptResult(PromptResult),
+    /// `queue_status` sent by a client: a request, with no fields.
+    QueueStatusRequest,
+    /// `queue_status` sent by a server, with its fields.
+    QueueStatus(QueueStatus),
+    /// `error`
+    Error(ErrorFrame),
+}
+
+/// Every field of every message, as read off the wire in one pass.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    v: Option<i64>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    mode: Option<String>,
+    role: Option<String>,
+    local_lm_path: Option<String>,
+    queue_capacity: Option<i64>,
+    config_json: Option<String>,
+    weights_len: Option<i64>,
+    weights_sha256: Option<String>,
+    index: Option<i64>,
+    last: Option<bool>,
+    #[serde(borrow)]
+    data_b64: Option<Cow<'a, str>>,
+    ok: Option<bool>,
+    message: Option<String>,
+    job_id: Option<String>,
+    input_ids: Option<Vec<i32>>,
+    max_tokens: Option<i64>,
+    output_ids: Option<Vec<i32>>,
+    error: Option<String>,
+    code: Option<String>,
+    queue_depth: Option<i64>,
+    prompt: Option<String>,
+    max_out: Option<i64>,
+    text: Option<String>,
+    depth: Option<i64>,
+    capacity: Option<i64>,
+    in_progress: Option<bool>,
+}
+
+/// Just the `job_id` of a body whose other fields are bad, to address the error.
+#[derive(Deserialize)]
+struct JobIdOnly {
+    job_id: Option<serde_json::Value>,
+}
+
+impl<'a> Message<'a> {
+    /// Parses one frame body.
+    pub fn parse(body: &'a [u8]) -> Result<Message<'a>, ProtocolError> {
+        let wire: Wire<'a> = serde_json::from_slice(body).map_err(|e| classify(body, e))?;
+        if let Some(v) = wire.v.filter(|v| *v != VERSION) {
+            return Err(ProtocolError::BadVersion(v));
+        }
+        let kind = wire.kind.unwrap_or_default();
+        Ok(match &*kind {
+            "hello" => Message::Hello(Hello {
+                mode: wire.mode.unwrap_or_default(),
+                role: wire.role.unwrap_or_default(),
+                local_lm_path: wire.local_lm_path.unwrap_or_default(),
+                queue_capacity: wire.queue_capacity.unwrap_or_default(),
+            }),
+            "model_begin" => Message::ModelBegin(ModelBegin {
+                config_json: wire.config_json.unwrap_or_default(),
+                weights_len: wire.weights_len.unwrap_or_default(),
+                weights_sha256: wire.weights_sha256.unwrap_or_default(),
+            }),
+            "weights_chunk" => Message::WeightsChunk(WeightsChunk {
+                index: wire.index.unwrap_or_default(),
+                last: wire.last.unwrap_or_default(),
+                data_b64: wire.data_b64.unwrap_or_default(),
+            }),
+            "model_commit" => Message::ModelCommit,
+            "model_status" => Message::ModelStatus(ModelStatus {
+                ok: wire.ok.unwrap_or_default(),
+                message: wire.message.unwrap_or_default(),
+            }),
+            "infer" => Message::Infer(Infer {
+                job_id: wire.job_id.unwrap_or_default(),
+                input_ids: wire.input_ids.unwrap_or_default(),
+                max_tokens: wire.max_tokens.unwrap_or_default(),
+            }),
+            "infer_result" => Message::InferResult(InferResult {
+                job_id: wire.job_id.unwrap_or_default(),
+                ok: wire.ok.unwrap_or_default(),
+                output_ids: wire.output_ids.unwrap_or_default(),
+                error: wire.error.unwrap_or_default(),
+                code: wire.code.unwrap_or_default(),
+                queue_depth: wire.queue_depth.unwrap_or_default(),
+            }),
+            "prompt" => Message::Prompt(Prompt {
+                job_id: wire.job_id.unwrap_or_default(),
+                prompt: wire.prompt.unwrap_or_default(),
+                max_out: wire.max_out.unwrap_or_default(),
+            }),
+            "prompt_result" => Message::PromptResult(PromptResult {
+                job_id: wire.job_id.unwrap_or_default(),
+                ok: wire.ok.unwrap_or_default(),
+                text: wire.text.unwrap_or_default(),
+                error: wire.error.unwrap_or_default(),
+                code: wire.code.unwrap_or_default(),
+                queue_depth: wire.queue_depth.unwrap_or_default(),
+            }),
+            "queue_status"
+                if wire.depth.is_none()
+                    && wire.capacity.is_none()
+                    && wire.in_progress.is_none() =>
+            {
+                Message::QueueStatusRequest
+            }
+            "queue_status" => Message::QueueStatus(QueueStatus {
+                depth: wire.depth.unwrap_or_default(),
+                capacity: wire.capacity.unwrap_or_default(),
+                in_progress: wire.in_progress.unwrap_or_default(),
+            }),
+            "error" => Message::Error(ErrorFrame {
+                code: wire.code.unwrap_or_default(),
+                error: wire.error.unwrap_or_default(),
+                job_id: wire.job_id.unwrap_or_default(),
+            }),
+            other => return Err(ProtocolError::UnknownType(other.to_owned())),
+        })
+    }
+
+    /// The wire `type` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::ModelBegin(_) => "model_begin",
+            Message::WeightsChunk(_) => "weights_chunk",
+            Message::ModelCommit => "model_commit",
+            Message::ModelStatus(_) => "model_status",
+            Message::Infer(_) => "infer",
+            Message::InferResult(_) => "infer_result",
+            Message::Prompt(_) => "prompt",
+            Message::PromptResult(_) => "prompt_result",
+            Message::QueueStatusRequest | Message::QueueStatus(_) => "queue_status",
+            Message::Error(_) => "error",
+        }
+    }
+
+    /// Appends this message's JSON body (no frame header) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let kind = self.kind();
+        match self {
+            Message::Error(e) => write_sorted_error(e, out),
+            Message::Hello(m) => write_tagged(kind, m, out),
+            Message::ModelBegin(m) => write_tagged(kind, m, out),
+            Message::WeightsChunk(m) => write_tagged(kind, m, out),
+            Message::ModelStatus(m) => write_tagged(kind, m, out),
+            Message::Infer(m) => write_tagged(kind, m, out),
+            Message::InferResult(m) => write_tagged(kind, m, out),
+            Message::Prompt(m) => write_tagged(kind, m, out),
+            Message::PromptResult(m) => write_tagged(kind, m, out),
+            Message::QueueStatus(m) => write_tagged(kind, m, out),
+            Message::ModelCommit | Message::QueueStatusRequest => {
+                write_tagged(kind, &Empty {}, out)
+            }
+        }
+    }
+
+    /// This message's JSON body as bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends this message as a complete frame (header and body) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        encode_frame_with(out, |body| self.write_json(body));
+    }
+
+    /// Detaches the message from the frame it was parsed from.
+    pub fn into_owned(self) -> Message<'static> {
+        match self {
+            Message::WeightsChunk(c) => Message::WeightsChunk(WeightsChunk {
+                index: c.index,
+                last: c.last,
+                data_b64: Cow::Owned(c.data_b64.into_owned()),
+            }),
+            Message::Hello(m) => Message::Hello(m),
+            Message::ModelBegin(m) => Message::ModelBegin(m),
+            Message::ModelCommit => Message::ModelCommit,
+            Message::ModelStatus(m) => Message::ModelStatus(m),
+            Message::Infer(m) => Message::Infer(m),
+            Message::InferResult(m) => Message::InferResult(m),
+            Message::Prompt(m) => Message::Prompt(m),
+            Message::PromptResult(m) => Message::PromptResult(m),
+            Message::QueueStatusRequest => Message::QueueStatusRequest,
+            Message::QueueStatus(m) => Message::QueueStatus(m),
+            Message::Error(m) => Message::Error(m),
+        }
+    }
+}
+
+/// The `job_id` of a body that failed to parse, if it has a string one.
+pub(crate) fn salvage_job_id(body: &[u8]) -> Option<String> {
+    let only: JobIdOnly = serde_json::from_slice(body).ok()?;
+    match only.job_id? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+fn classify(body: &[u8], e: serde_json::Error) -> ProtocolError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) if body.trim_ascii_start().first() != Some(&b'{') => ProtocolError::NotObject,
+            _ => ProtocolError::BadField(e.to_string()),
+        },
+        _ => ProtocolError::BadJson(e.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+/// Writes `{"v":1,"type":KIND` followed by the fields of `body`.
+fn write_tagged<T: Serialize>(kind: &str, body: &T, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"v\":1,\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.push(b'"');
+    let start = out.len();
+    serde_json::to_writer(&mut *out, body).expect("message bodies always serialize");
+    if out.len() - start == 2 {
+        // `{}`: no fields.
+        out.truncate(start);
+        out.push(b'}');
+    } else {
+        out[start] = b',';
+    }
+}
+
+/// Writes an error frame with sorted keys, as Go writes it from a map.
+fn write_sorted_error(e: &ErrorFrame, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, e).expect("error frames always serialize");
+    out.pop(); // the closing brace
+    out.extend_from_slice(b",\"type\":\"error\",\"v\":1}");
+}
+
+/// Appends a complete `weights_chunk` frame, base64-encoding `raw` straight into `out`.
+///
+/// Produces the same bytes as encoding a [`WeightsChunk`] holding the base64 of `raw`,
+/// without building that string.
+pub fn encode_weights_chunk(index: i64, last: bool, raw: &[u8], out: &mut Vec<u8>) {
+    encode_frame_with(out, |body| {
+        body.extend_from_slice(b"{\"v\":1,\"type\":\"weights_chunk\",\"index\":");
+        body.extend_from_slice(index.to_string().as_bytes());
+        body.extend_from_slice(if last {
+            b",\"last\":true"
+        } else {
+            b",\"last\":false"
+        });
+        body.extend_from_slice(b",\"data_b64\":\"");
+        let start = body.len();
+        let encoded = base64::encoded_len(raw.len(), true).expect("chunk length fits in usize");
+        body.resize(start + encoded, 0);
+        let written = BASE64
+            .encode_slice(raw, &mut body[start..])
+            .expect("buffer sized by encoded_len");
+        debug_assert_eq!(written, encoded);
+        body.extend_from_slice(b"\"}");
+    });
+}
+
+/// The raw length of canonical padded base64 text, or `None` if its length is impossible.
+pub(crate) fn decoded_len(b64: &str) -> Option<usize> {
+    let bytes = b64.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    let pad = bytes
+        .iter()
+        .rev()
+        .take(2)
+        .take_while(|b| **b == b'=')
+        .count();
+    Some(bytes.len() / 4 * 3 - pad)
+}
