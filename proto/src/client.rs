@@ -168,6 +168,18 @@ impl ClientConnection {
         self.events.pop_front()
     }
 
+    /// Takes the answer to `request` if it has arrived, leaving other events queued.
+    pub fn take_answer(&mut self, request: RequestId) -> Option<Answer> {
+        let i = self
+            .events
+            .iter()
+            .position(|e| matches!(e, ClientEvent::Answer { request: r, .. } if *r == request))?;
+        match self.events.remove(i) {
+            Some(ClientEvent::Answer { answer, .. }) => Some(answer),
+            _ => None,
+        }
+    }
+
     /// Moves the bytes waiting to be sent into `out` (swapping when `out` is empty).
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) {
         if out.is_empty() {

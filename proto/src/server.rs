@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Time a connection may stay over `max_outbound` (default 30 s).
     pub backpressure_timeout: Duration,
+    /// Worker threads an adapter runs for jobs and mounts (default 1, as in Go).
+    /// The node itself runs nothing; `in_progress` counts what workers took.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             stall_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(300)),
             backpressure_timeout: Duration::from_secs(30),
+            workers: 1,
         }
     }
 }
