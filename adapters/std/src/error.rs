@@ -1,0 +1,89 @@
+//! The error every adapter's client returns.
+
+use std::io;
+
+use donate_proto::message::{ErrorFrame, InferResult, PromptResult};
+use donate_proto::ClientError;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket failed (refused connection, reset, …).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The server broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ClientError),
+    /// The server answered the request with an `error` frame.
+    #[error("server refused: {}", .0.error)]
+    Refused(ErrorFrame),
+    /// The server answered the commit with `model_status` ok:false.
+    #[error("model refused: {0}")]
+    ModelRefused(String),
+    /// An `infer` job ran and failed (`ok:false`); the frame as received.
+    #[error("infer failed: {}", .0.error)]
+    InferFailed(InferResult),
+    /// A `prompt` job ran and failed (`ok:false`); the frame as received.
+    #[error("prompt failed: {}", .0.error)]
+    PromptFailed(PromptResult),
+    /// The server closed the connection before answering (with its last error frame, if any).
+    #[error("connection closed by server{}", .0.as_ref().map(|e| format!(": {}", e.error)).unwrap_or_default())]
+    Closed(Option<ErrorFrame>),
+}
+
+/// Shorthand for client results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Turns the answer to a request into the typed result a client call returns.
+/// Shared by every adapter's client so they all answer alike.
+pub mod answers {
+    use donate_proto::message::{InferResult, ModelStatus, PromptResult, QueueStatus};
+    use donate_proto::{Answer, ClientError};
+
+    use super::{Error, Result};
+
+    fn unexpected(answer: &Answer) -> Error {
+        Error::Protocol(ClientError::Unexpected(format!("{answer:?}")))
+    }
+
+    /// An upload's answer: `Ok` only when the model is mounted.
+    pub fn model_status(answer: Answer) -> Result<ModelStatus> {
+        match answer {
+            Answer::ModelStatus(s) if s.ok => Ok(s),
+            Answer::ModelStatus(s) => Err(Error::ModelRefused(s.message)),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// An `infer` answer: `Ok` only when the job succeeded.
+    pub fn infer(answer: Answer) -> Result<InferResult> {
+        match answer {
+            Answer::Infer(r) if r.ok => Ok(r),
+            Answer::Infer(r) => Err(Error::InferFailed(r)),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A `prompt` answer: `Ok` only when the job succeeded.
+    pub fn prompt(answer: Answer) -> Result<PromptResult> {
+        match answer {
+            Answer::Prompt(r) if r.ok => Ok(r),
+            Answer::Prompt(r) => Err(Error::PromptFailed(r)),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A `queue_status` answer: `None` from a node that does not know the
+    /// request (the Go node answers `unknown type: queue_status`).
+    pub fn queue_status(answer: Answer) -> Result<Option<QueueStatus>> {
+        match answer {
+            Answer::QueueStatus(s) => Ok(Some(s)),
+            Answer::Error(e) if e.error.starts_with("unknown type") => Ok(None),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! # donate-std
+//!
+//! A donate-compute donor node and client over `std::net`, with blocking
+//! threads and no async runtime. All protocol decisions are made by
+//! [`donate_proto`]; this crate only moves bytes between sockets and the core,
+//! runs jobs on worker threads, and sleeps until the core's next timeout.
+//!
+//! [`host::Host`] (a node behind a lock, with worker threads) and [`Error`] are
+//! shared by the smol and tokio adapters.
+//!
+//! ```
+//! use std::net::TcpListener;
+//! use donate_proto::{ServerConfig, Stub};
+//!
+//! let server = donate_std::serve(TcpListener::bind("127.0.0.1:0")?, ServerConfig::default(), Stub::default())?;
+//! let mut client = donate_std::Client::connect(server.local_addr())?;
+//! assert_eq!(client.hello().mode, "model_push");
+//! client.push_model(r#"{"ok":true}"#, &[1, 2, 3, 4], true)?;
+//! assert_eq!(client.infer(&[9, 9], 3)?.output_ids, [9, 9, 1, 2, 3]);
+//! drop(client);
+//! server.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+pub mod host;
+mod server;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+pub use client::{sha256_of_reader, Client};
+pub use error::{Error, Result};
+pub use server::{serve, Server};
+
+/// Bytes read from a socket at once.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// Logs a warning when `addr` is reachable from other machines: v1 has no authentication.
+pub fn warn_if_exposed(addr: SocketAddr) {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening on a non-loopback address: donate v1 has no authentication, anyone who can reach it can use it");
+    }
+}
+
+/// The loopback address on `addr`'s port when `addr` is a wildcard, else `addr`.
+pub fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let ip = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    }
+}

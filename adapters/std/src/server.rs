@@ -1,0 +1,253 @@
+//! A donor node over `std::net`: one reader and one writer thread per connection.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use donate_proto::{ConnectionId, Executor, ServerConfig};
+
+use crate::host::{ConnState, Host};
+use crate::READ_BUFFER;
+
+/// A running node. Dropping it does not stop it; call [`shutdown`](Server::shutdown).
+pub struct Server {
+    local_addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    stop: Box<dyn FnOnce() + Send>,
+}
+
+/// Starts a node on `listener` with `executor`, and returns at once.
+pub fn serve<E: Executor>(
+    listener: TcpListener,
+    config: ServerConfig,
+    executor: E,
+) -> io::Result<Server> {
+    let local_addr = listener.local_addr()?;
+    crate::warn_if_exposed(local_addr);
+    let host = Host::start(config, executor);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    let acceptor = {
+        let (host, stopping, threads) = (
+            Arc::clone(&host),
+            Arc::clone(&stopping),
+            Arc::clone(&threads),
+        );
+        std::thread::Builder::new()
+            .name("donate-accept".into())
+            .spawn(move || accept_loop(listener, host, stopping, threads))?
+    };
+    let stop = Box::new(move || {
+        host.shutdown();
+        for handle in std::mem::take(&mut *threads.lock().expect("threads lock")) {
+            let _ = handle.join();
+        }
+    });
+    Ok(Server {
+        local_addr,
+        stopping,
+        acceptor: Some(acceptor),
+        stop,
+    })
+}
+
+impl Server {
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Graceful shutdown: stops accepting, lets queued and running jobs finish
+    /// and delivers their results, closes every connection, then returns with
+    /// every thread joined.
+    pub fn shutdown(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the blocking accept with a connection of our own.
+        let _ = TcpStream::connect_timeout(
+            &crate::loopback_of(self.local_addr),
+            Duration::from_secs(1),
+        );
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        (self.stop)();
+    }
+}
+
+fn accept_loop<E: Executor>(
+    listener: TcpListener,
+    host: Arc<Host<E>>,
+    stopping: Arc<AtomicBool>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let mut threads = threads.lock().expect("threads lock");
+        threads.retain(|t| !t.is_finished());
+        match spawn_connection(stream, Arc::clone(&host)) {
+            Ok(pair) => threads.extend(pair),
+            Err(e) => tracing::warn!("cannot start connection threads: {e}"),
+        }
+    }
+}
+
+/// Wakes a connection's threads: a counter bumped under a lock, with a condvar.
+#[derive(Default)]
+struct Signal {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Signal {
+    fn notify(&self) {
+        *self.generation.lock().expect("signal lock") += 1;
+        self.changed.notify_all();
+    }
+
+    fn generation(&self) -> u64 {
+        *self.generation.lock().expect("signal lock")
+    }
+
+    /// Waits for a notification after `seen`, at most until `deadline`.
+    fn wait(&self, seen: u64, deadline: Option<Instant>) {
+        let mut generation = self.generation.lock().expect("signal lock");
+        while *generation == seen {
+            let now = Instant::now();
+            generation = match deadline {
+                Some(d) if d <= now => return,
+                Some(d) => {
+                    self.changed
+                        .wait_timeout(generation, d - now)
+                        .expect("signal lock")
+                        .0
+                }
+                None => self.changed.wait(generation).expect("signal lock"),
+            };
+        }
+    }
+}
+
+fn spawn_connection<E: Executor>(
+    stream: TcpStream,
+    host: Arc<Host<E>>,
+) -> io::Result<[JoinHandle<()>; 2]> {
+    stream.set_nodelay(true)?;
+    // A peer that stops reading is closed by the node's backpressure timeout; a
+    // write blocked that long gives up too.
+    stream.set_write_timeout(Some(
+        host.config()
+            .backpressure_timeout
+            .max(Duration::from_millis(1)),
+    ))?;
+    let peer = stream.peer_addr()?;
+    let signal = Arc::new(Signal::default());
+    let conn = host.accept({
+        let signal = Arc::clone(&signal);
+        Arc::new(move || signal.notify())
+    });
+    tracing::info!(%conn, %peer, "connection accepted");
+    let reader_done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (host, signal, done, stream) = (
+            Arc::clone(&host),
+            Arc::clone(&signal),
+            Arc::clone(&reader_done),
+            stream.try_clone()?,
+        );
+        std::thread::Builder::new()
+            .name(format!("donate-read-{}", conn.as_u64()))
+            .spawn(move || {
+                read_loop(stream, &host, conn, &signal);
+                done.store(true, Ordering::SeqCst);
+                signal.notify();
+            })?
+    };
+    let writer = std::thread::Builder::new()
+        .name(format!("donate-write-{}", conn.as_u64()))
+        .spawn(move || {
+            write_loop(&stream, &host, conn, &signal, &reader_done);
+            let _ = stream.shutdown(Shutdown::Both);
+            host.remove(conn);
+            tracing::info!(%conn, %peer, "connection closed");
+        })?;
+    Ok([reader, writer])
+}
+
+/// Reads into the node while it wants input; sleeps on the signal while it does not.
+fn read_loop<E: Executor>(
+    mut stream: TcpStream,
+    host: &Host<E>,
+    conn: ConnectionId,
+    signal: &Signal,
+) {
+    let mut buf = vec![0; READ_BUFFER];
+    let mut state = host.state(conn);
+    loop {
+        if state.closing {
+            return;
+        }
+        if !state.wants_read {
+            let seen = signal.generation();
+            state = host.state(conn);
+            if !state.wants_read && !state.closing {
+                signal.wait(seen, state.deadline);
+                state = host.handle_timeout(conn);
+            }
+            continue;
+        }
+        let timeout = state.deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        if stream.set_read_timeout(timeout).is_err() {
+            return;
+        }
+        state = match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let state = host.handle_input(conn, &buf[..n]);
+                signal.notify();
+                state
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                host.handle_timeout(conn)
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+    }
+}
+
+/// Writes whatever the node has for `conn`; returns when it closes or the reader is gone.
+fn write_loop<E: Executor>(
+    mut stream: &TcpStream,
+    host: &Host<E>,
+    conn: ConnectionId,
+    signal: &Signal,
+    reader_done: &AtomicBool,
+) {
+    let mut out = Vec::new();
+    loop {
+        let seen = signal.generation();
+        let state: ConnState = host.poll_transmit(conn, &mut out);
+        if !out.is_empty() {
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+            out.clear();
+            signal.notify(); // the reader may be waiting for room
+            continue;
+        }
+        if state.closing || reader_done.load(Ordering::SeqCst) {
+            return;
+        }
+        signal.wait(seen, None);
+    }
+}
