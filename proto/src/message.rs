@@ -249,7 +249,7 @@ pub enum Message<'a> {
 #[derive(Deserialize)]
 struct Wire<'a> {
     v: Option<i64>,
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", borrow, default, deserialize_with = "borrowed_str")]
     kind: Option<Cow<'a, str>>,
     mode: Option<String>,
     role: Option<String>,
@@ -260,7 +260,7 @@ struct Wire<'a> {
     weights_sha256: Option<String>,
     index: Option<i64>,
     last: Option<bool>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed_str")]
     data_b64: Option<Cow<'a, str>>,
     ok: Option<bool>,
     message: Option<String>,
@@ -277,6 +277,17 @@ struct Wire<'a> {
     depth: Option<i64>,
     capacity: Option<i64>,
     in_progress: Option<bool>,
+}
+
+/// An optional string borrowed from the input when it has no escapes. (serde's own
+/// `Option<Cow<str>>` always copies; only a bare `Cow` field with `borrow` borrows.)
+fn borrowed_str<'de, D>(d: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
 }
 
 /// Just the `job_id` of a body whose other fields are bad, to address the error.
