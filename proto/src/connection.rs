@@ -173,16 +173,16 @@ impl<M> Connection<M> {
         }
     }
 
-    /// Marks the connection closing. A peer that is not reading gets no last frame;
-    /// any other gets an error frame saying why.
+    /// Marks the connection closing. A peer that is not reading or has closed
+    /// gets no last frame; any other gets an error frame saying why.
     pub(crate) fn close(&mut self, reason: ProtocolError) {
         if self.closing.is_some() {
             return;
         }
-        if reason == ProtocolError::Backpressure {
-            self.outbound = Vec::new();
-        } else {
-            self.send(&Message::Error(ErrorFrame::new(&reason, None)));
+        match reason {
+            ProtocolError::Backpressure => self.outbound = Vec::new(),
+            ProtocolError::PeerClosed => {}
+            _ => self.send(&Message::Error(ErrorFrame::new(&reason, None))),
         }
         self.over_limit_since = None;
         self.upload = UploadState::Idle;

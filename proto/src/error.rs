@@ -99,6 +99,9 @@ pub enum ProtocolError {
     /// The peer did not read its answers within the backpressure timeout.
     #[error("peer is not reading its answers")]
     Backpressure,
+    /// The peer closed its side; nothing is sent, pending answers are flushed.
+    #[error("peer closed the connection")]
+    PeerClosed,
 }
 
 impl ProtocolError {
@@ -129,6 +132,7 @@ impl ProtocolError {
             Stalled => "stalled",
             IdleTimeout => "idle_timeout",
             Backpressure => "backpressure",
+            PeerClosed => "peer_closed",
         }
     }
 }

@@ -266,6 +266,14 @@ impl<M> Node<M> {
         self.conns.keys().copied()
     }
 
+    /// The peer closed its side (end of stream): `conn` starts closing with no
+    /// error frame; answers already queued are still transmitted, later ones dropped.
+    pub fn peer_closed(&mut self, conn: ConnectionId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.close(ProtocolError::PeerClosed);
+        }
+    }
+
     /// Forgets a connection whose socket is closed: its queued jobs are dropped,
     /// results of its running jobs and mounts will be discarded.
     pub fn remove(&mut self, conn: ConnectionId) {
