@@ -111,6 +111,13 @@ impl<E: Executor> Host<E> {
         self.dispatch(state, conn)
     }
 
+    /// The peer closed its side: flush what is queued, then close.
+    pub fn peer_closed(&self, conn: ConnectionId) -> ConnState {
+        let mut state = self.lock();
+        state.node.peer_closed(conn);
+        self.dispatch(state, conn)
+    }
+
     /// Forgets a connection whose socket is closed.
     pub fn remove(&self, conn: ConnectionId) {
         let mut state = self.lock();

@@ -31,7 +31,7 @@ mod server;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client};
-pub use error::{Error, Result};
+pub use error::{answers, Error, Result};
 pub use server::{serve, Server};
 
 /// Bytes read from a socket at once.

@@ -153,26 +153,21 @@ fn spawn_connection<E: Executor>(
         Arc::new(move || signal.notify())
     });
     tracing::info!(%conn, %peer, "connection accepted");
-    let reader_done = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (host, signal, done, stream) = (
-            Arc::clone(&host),
-            Arc::clone(&signal),
-            Arc::clone(&reader_done),
-            stream.try_clone()?,
-        );
+        let (host, signal, stream) = (Arc::clone(&host), Arc::clone(&signal), stream.try_clone()?);
         std::thread::Builder::new()
             .name(format!("donate-read-{}", conn.as_u64()))
             .spawn(move || {
                 read_loop(stream, &host, conn, &signal);
-                done.store(true, Ordering::SeqCst);
+                // Whatever stopped the reader, the connection is over once flushed.
+                host.peer_closed(conn);
                 signal.notify();
             })?
     };
     let writer = std::thread::Builder::new()
         .name(format!("donate-write-{}", conn.as_u64()))
         .spawn(move || {
-            write_loop(&stream, &host, conn, &signal, &reader_done);
+            write_loop(&stream, &host, conn, &signal);
             let _ = stream.shutdown(Shutdown::Both);
             host.remove(conn);
             tracing::info!(%conn, %peer, "connection closed");
@@ -225,13 +220,12 @@ fn read_loop<E: Executor>(
     }
 }
 
-/// Writes whatever the node has for `conn`; returns when it closes or the reader is gone.
+/// Writes whatever the node has for `conn` until it closes.
 fn write_loop<E: Executor>(
     mut stream: &TcpStream,
     host: &Host<E>,
     conn: ConnectionId,
     signal: &Signal,
-    reader_done: &AtomicBool,
 ) {
     let mut out = Vec::new();
     loop {
@@ -245,7 +239,7 @@ fn write_loop<E: Executor>(
             signal.notify(); // the reader may be waiting for room
             continue;
         }
-        if state.closing || reader_done.load(Ordering::SeqCst) {
+        if state.closing {
             return;
         }
         signal.wait(seen, None);
