@@ -1,0 +1,392 @@
+//! `donate`: run a donor node, or talk to any node (ours or the Go one).
+
+mod commands;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use donate_proto::{Mode, ServerConfig};
+
+/// The address a node listens on and a client dials by default.
+const DEFAULT_ADDR: &str = "127.0.0.1:17001";
+
+/// Donate compute: run a donor node, or push models and jobs to one.
+#[derive(Debug, Parser)]
+#[command(name = "donate", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a donor node until SIGINT/SIGTERM, then shut down gracefully.
+    Serve(ServeArgs),
+    /// Upload a model to a node and report whether it mounted.
+    Push(PushArgs),
+    /// Upload a model, then run one infer job on it over the same connection.
+    Infer(InferArgs),
+    /// Send a prompt to a local_lm node.
+    Prompt(PromptArgs),
+    /// Show a node's hello and queue status.
+    Status(StatusArgs),
+}
+
+/// Which adapter runs the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Runtime {
+    /// Blocking threads over std::net (donate-std).
+    Std,
+    /// async-io / futures-lite (donate-smol).
+    Smol,
+    /// tokio (donate-tokio).
+    Tokio,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Std => "std",
+            Runtime::Smol => "smol",
+            Runtime::Tokio => "tokio",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// What the node offers.
+    #[arg(long, default_value = "model_push", value_parser = parse_mode)]
+    mode: Mode,
+    /// Path announced in hello and named in prompt replies (local_lm nodes).
+    #[arg(long, value_name = "P", default_value = "")]
+    local_lm_path: String,
+    /// Jobs that may wait in the queue.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().queue_capacity)]
+    queue: usize,
+    /// Worker threads running jobs.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().workers,
+          value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    workers: usize,
+    /// Adapter running the node.
+    #[arg(long, value_enum, default_value_t = Runtime::Std)]
+    runtime: Runtime,
+    /// Executor running mounts and jobs (only `stub` for now).
+    #[arg(long, default_value = "stub")]
+    executor: String,
+    /// Largest frame body accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_frame_len,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_frame: usize,
+    /// Largest model (weights_len) accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_model_len)]
+    max_model: u64,
+    /// Connections at once; more are sent an error and closed.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_connections: usize,
+    /// Unsent bytes per connection above which its input is paused.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_outbound)]
+    max_outbound: usize,
+    /// Seconds allowed from accept to the first complete frame.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs,
+          default_value_t = ServerConfig::default().handshake_timeout.as_secs_f64())]
+    handshake_timeout: f64,
+    /// Seconds a partial frame may go without new bytes.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs,
+          default_value_t = ServerConfig::default().stall_timeout.as_secs_f64())]
+    stall_timeout: f64,
+    /// Seconds a connection with nothing in flight may stay silent (0 = never).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs,
+          default_value_t = ServerConfig::default().idle_timeout.map_or(0.0, |d| d.as_secs_f64()))]
+    idle_timeout: f64,
+    /// Seconds a connection may stay over --max-outbound before it is closed.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs,
+          default_value_t = ServerConfig::default().backpressure_timeout.as_secs_f64())]
+    backpressure_timeout: f64,
+}
+
+impl ServeArgs {
+    /// The node's settings from the flags.
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            mode: self.mode,
+            local_lm_path: self.local_lm_path.clone(),
+            queue_capacity: self.queue,
+            max_frame_len: self.max_frame,
+            max_model_len: self.max_model,
+            max_connections: self.max_connections,
+            max_outbound: self.max_outbound,
+            handshake_timeout: Duration::from_secs_f64(self.handshake_timeout),
+            stall_timeout: Duration::from_secs_f64(self.stall_timeout),
+            idle_timeout: (self.idle_timeout > 0.0)
+                .then(|| Duration::from_secs_f64(self.idle_timeout)),
+            backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
+            workers: self.workers,
+        }
+    }
+}
+
+/// Where a model comes from: a config file and a weights file.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// Node to talk to.
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct PushArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The model's config (a JSON document, sent as config_json).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The weights file, streamed in chunks.
+    #[arg(value_name = "WEIGHTS")]
+    weights: PathBuf,
+    /// Hash the weights first and send weights_sha256, so the node verifies them.
+    #[arg(long)]
+    sha256: bool,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("model_source").required(true).args(["config", "model"])))]
+struct InferArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The model's config (with --weights).
+    #[arg(long, value_name = "FILE", requires = "weights")]
+    config: Option<PathBuf>,
+    /// The weights file (with --config).
+    #[arg(long, value_name = "FILE", requires = "config")]
+    weights: Option<PathBuf>,
+    /// A directory holding config.json and model.safetensors.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    model: Option<PathBuf>,
+    /// Input token ids, comma separated.
+    #[arg(
+        long,
+        value_name = "1,2,3",
+        value_delimiter = ',',
+        required = true,
+        allow_negative_numbers = true
+    )]
+    ids: Vec<i32>,
+    /// Tokens to generate (0 = the node's default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_tokens: i64,
+    /// Send weights_sha256 with the upload.
+    #[arg(long)]
+    sha256: bool,
+}
+
+impl InferArgs {
+    /// The config and weights files to push.
+    fn model_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.model, &self.config, &self.weights) {
+            (Some(dir), _, _) => (dir.join("config.json"), dir.join("model.safetensors")),
+            (None, Some(config), Some(weights)) => (config.clone(), weights.clone()),
+            _ => unreachable!("clap requires --model or --config with --weights"),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct PromptArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Output limit (0 = the node's default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_out: i64,
+    /// The prompt text.
+    #[arg(value_name = "TEXT")]
+    text: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !secs.is_finite() || secs < 0.0 || Duration::try_from_secs_f64(secs).is_err() {
+        return Err(format!("{s} is not a number of seconds"));
+    }
+    Ok(secs)
+}
+
+/// A failure to report as `donate: <message>` with a non-zero exit.
+#[derive(Debug)]
+struct Failure(String);
+
+impl<T: std::fmt::Display> From<T> for Failure {
+    fn from(message: T) -> Self {
+        Failure(message.to_string())
+    }
+}
+
+type CliResult = Result<(), Failure>;
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    });
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Push(args) => commands::push(args),
+        Command::Infer(args) => commands::infer(args),
+        Command::Prompt(args) => commands::prompt(args),
+        Command::Status(args) => commands::status(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("donate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_are_the_core_defaults() {
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from(["donate", "serve"])
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(args.addr, DEFAULT_ADDR);
+        assert_eq!(args.runtime, Runtime::Std);
+        assert_eq!(args.config(), ServerConfig::default());
+    }
+
+    #[test]
+    fn serve_limits_map_onto_the_config() {
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from([
+            "donate",
+            "serve",
+            "--mode",
+            "local_lm",
+            "--local-lm-path",
+            "/m",
+            "--queue",
+            "3",
+            "--workers",
+            "2",
+            "--max-frame",
+            "1000",
+            "--max-model",
+            "2000",
+            "--max-connections",
+            "5",
+            "--max-outbound",
+            "4096",
+            "--handshake-timeout",
+            "1.5",
+            "--stall-timeout",
+            "2",
+            "--idle-timeout",
+            "0",
+            "--backpressure-timeout",
+            "3",
+        ])
+        else {
+            panic!("not serve");
+        };
+        let config = args.config();
+        assert_eq!(config.mode, Mode::LocalLm);
+        assert_eq!(config.local_lm_path, "/m");
+        assert_eq!((config.queue_capacity, config.workers), (3, 2));
+        assert_eq!((config.max_frame_len, config.max_model_len), (1000, 2000));
+        assert_eq!((config.max_connections, config.max_outbound), (5, 4096));
+        assert_eq!(config.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(config.stall_timeout, Duration::from_secs(2));
+        assert_eq!(config.idle_timeout, None);
+        assert_eq!(config.backpressure_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["donate", "serve", "--mode", "gpu"][..],
+            &["donate", "serve", "--workers", "0"],
+            &["donate", "serve", "--runtime", "async-std"],
+            &["donate", "serve", "--stall-timeout", "-1"],
+            &["donate", "infer", "--ids", "1,x", "--model", "m"],
+            &["donate", "infer", "--ids", "1"],
+            &["donate", "infer", "--ids", "1", "--config", "c"],
+            &[
+                "donate",
+                "infer",
+                "--ids",
+                "1",
+                "--model",
+                "m",
+                "--weights",
+                "w",
+            ],
+            &["donate", "push", "w"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn infer_model_dir_names_both_files() {
+        let Cli {
+            command: Command::Infer(args),
+        } = Cli::parse_from(["donate", "infer", "--model", "m", "--ids", "1,-2,3"])
+        else {
+            panic!("not infer");
+        };
+        assert_eq!(args.ids, [1, -2, 3]);
+        assert_eq!(
+            args.model_files(),
+            (
+                PathBuf::from("m/config.json"),
+                PathBuf::from("m/model.safetensors")
+            )
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! `donate serve`: a donor node until SIGINT/SIGTERM, then a graceful shutdown.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use donate_proto::{ServerConfig, Stub};
+
+use crate::{CliResult, Failure, Runtime, ServeArgs};
+
+/// Runs the node the flags describe until a signal asks it to stop.
+pub fn run(args: ServeArgs) -> CliResult {
+    let executor = executor(&args)?;
+    let config = args.config();
+    let stop = Stop::install()?;
+    let listener = TcpListener::bind(&args.addr)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    let started = Started {
+        runtime: args.runtime,
+        config: &config,
+    };
+    match args.runtime {
+        Runtime::Std => {
+            let server = donate_std::serve(listener, config.clone(), executor)
+                .map_err(|e| format!("cannot start the node: {e}"))?;
+            started.announce(server.local_addr())?;
+            stop.wait();
+            server.shutdown();
+        }
+        Runtime::Smol | Runtime::Tokio => {
+            return Err(format!("runtime {} not built yet", args.runtime.name()).into())
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The executor named by `--executor`.
+fn executor(args: &ServeArgs) -> Result<Stub, Failure> {
+    match args.executor.as_str() {
+        "stub" => Ok(Stub::new(args.local_lm_path.clone())),
+        other => Err(format!("unknown executor {other:?} (available: stub)").into()),
+    }
+}
+
+/// What a node reports once it listens.
+struct Started<'a> {
+    runtime: Runtime,
+    config: &'a ServerConfig,
+}
+
+impl Started<'_> {
+    /// Logs the node's settings and prints `listening on <addr>` on stdout, so a
+    /// caller that asked for port 0 learns the port.
+    fn announce(&self, addr: SocketAddr) -> CliResult {
+        let config = self.config;
+        tracing::info!(
+            %addr,
+            mode = %config.mode,
+            queue = config.queue_capacity,
+            workers = config.workers,
+            runtime = self.runtime.name(),
+            "listening"
+        );
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {addr}")
+            .and_then(|()| stdout.flush())
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+        Ok(())
+    }
+}
+
+/// SIGINT/SIGTERM, turned into a message. A second signal exits at once.
+struct Stop(mpsc::Receiver<()>);
+
+impl Stop {
+    fn install() -> Result<Stop, Failure> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let signalled = AtomicBool::new(false);
+        ctrlc::set_handler(move || {
+            if signalled.swap(true, Ordering::SeqCst) {
+                eprintln!("donate: second signal, exiting without waiting for running jobs");
+                std::process::exit(130);
+            }
+            let _ = tx.try_send(());
+        })
+        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+        Ok(Stop(rx))
+    }
+
+    /// Blocks until the first signal.
+    fn wait(&self) {
+        let _ = self.0.recv();
+        tracing::info!("signal received, shutting down gracefully (again to force)");
+    }
+}
