@@ -23,6 +23,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod async_client;
 mod client;
 mod error;
 pub mod host;

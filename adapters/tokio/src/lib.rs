@@ -22,11 +22,14 @@
 //! ```
 #![warn(missing_docs)]
 
-mod client;
 #[cfg(feature = "codec")]
 pub mod codec;
 mod server;
+mod stream;
 
-pub use client::Client;
 pub use donate_std::{Error, Result};
+pub use stream::TokioStream;
+
+/// A client over tokio: the shared async client on a [`TokioStream`].
+pub type Client = donate_std::async_client::Client<TokioStream>;
 pub use server::{serve, Server};

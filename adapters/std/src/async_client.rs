@@ -1,35 +1,60 @@
-//! An async client over tokio.
+//! The async client, generic over any `futures-io` stream: donate-smol runs it
+//! on `async_io::Async<TcpStream>`, donate-tokio on tokio's `TcpStream` through
+//! `tokio-util`'s compat layer. One implementation, so both answer alike.
 
-use std::io::ErrorKind;
+use std::future::Future;
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, ToSocketAddrs};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, ToSocketAddrs};
+use futures_lite::future::poll_once;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use sha2::Digest as _;
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
-use donate_std::{answers, Error, Result, READ_BUFFER};
 
-/// A connection to a donor node (ours or the Go one).
+use crate::error::{answers, Error, Result};
+use crate::READ_BUFFER;
+
+/// A stream type an adapter can open to a node's address.
+pub trait Dial: AsyncRead + AsyncWrite + Unpin + Sized {
+    /// Connects to `addr` (with `TCP_NODELAY`).
+    fn dial(addr: SocketAddr) -> impl Future<Output = io::Result<Self>> + Send;
+}
+
+/// A connection to a donor node over any async byte stream.
 ///
 /// For many jobs in flight, use [`send_infer`](Client::send_infer) /
 /// [`send_prompt`](Client::send_prompt) and then [`wait`](Client::wait) for each.
-pub struct Client {
-    stream: TcpStream,
+pub struct Client<S> {
+    stream: S,
     core: ClientConnection,
     read_buf: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl Client {
+impl<S: Dial> Client<S> {
     /// Connects and reads the server's `hello`.
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client> {
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client<S>> {
         Client::connect_with(addr, ClientConfig::default()).await
     }
 
-    /// Connects with explicit client settings.
-    pub async fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+    /// Connects with explicit client settings, trying each address `addr` resolves to.
+    pub async fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client<S>> {
+        let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing");
+        for addr in addr.to_socket_addrs()? {
+            match S::dial(addr).await {
+                Ok(stream) => return Client::handshake(stream, config).await,
+                Err(e) => last = e,
+            }
+        }
+        Err(last.into())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Reads the server's `hello` from a connected stream.
+    pub async fn handshake(stream: S, config: ClientConfig) -> Result<Client<S>> {
         let mut client = Client {
             stream,
             core: ClientConnection::new(config),
@@ -44,7 +69,7 @@ impl Client {
 
     /// The server's `hello`.
     pub fn hello(&self) -> &Hello {
-        self.core.server_hello().expect("connect waits for hello")
+        self.core.server_hello().expect("handshake waits for hello")
     }
 
     /// Uploads a model from memory and waits until it is mounted.
@@ -76,7 +101,7 @@ impl Client {
             let wanted = self.core.upload_wants();
             if wanted == 0 {
                 self.flush().await?;
-                self.read_ready()?; // notice a refusal without waiting for the end
+                self.read_ready().await?; // notice a refusal without waiting for the end
                 continue;
             }
             chunk.resize(wanted, 0);
@@ -140,20 +165,23 @@ impl Client {
     }
 
     async fn read_some(&mut self) -> Result<()> {
-        match self.stream.read(&mut self.read_buf).await {
-            Ok(0) => Err(self.closed()),
-            Ok(n) => Ok(self.core.handle_input(&self.read_buf[..n])?),
-            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let read = self.stream.read(&mut self.read_buf).await;
+        self.feed(read)
     }
 
     /// Feeds whatever input has already arrived, without waiting.
-    fn read_ready(&mut self) -> Result<()> {
-        match self.stream.try_read(&mut self.read_buf) {
+    async fn read_ready(&mut self) -> Result<()> {
+        match poll_once(self.stream.read(&mut self.read_buf)).await {
+            Some(read) => self.feed(read),
+            None => Ok(()),
+        }
+    }
+
+    fn feed(&mut self, read: std::io::Result<usize>) -> Result<()> {
+        match read {
             Ok(0) => Err(self.closed()),
             Ok(n) => Ok(self.core.handle_input(&self.read_buf[..n])?),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -168,5 +196,3 @@ impl Client {
         Error::Closed(last)
     }
 }
-
-use sha2::Digest as _;
