@@ -1,0 +1,502 @@
+//! The `donate` binary driven as processes: `serve` on port 0, then `push`,
+//! `infer`, `prompt` and `status` against it, with and without `--json`, and
+//! the error exits. Every wait is bounded; every server is stopped with SIGTERM
+//! and must exit 0.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_donate");
+/// Longest any one process may take.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A `donate serve` process and the address it printed.
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+impl Node {
+    /// Starts `donate serve --addr 127.0.0.1:0 ARGS` and reads `listening on <addr>`.
+    fn start(args: &[&str]) -> Node {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn donate serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut node = Node {
+            child,
+            addr: String::new(),
+        };
+        let line = rx
+            .recv_timeout(LIMIT)
+            .expect("serve printed no address in time");
+        node.addr = line
+            .trim_end()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        node
+    }
+
+    /// Sends `signal` and checks that the node exits 0 (graceful shutdown).
+    fn stop_with(mut self, signal: i32) {
+        let pid = self.child.id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        let status = wait_bounded(&mut self.child).expect("serve did not stop in time");
+        assert!(status.success(), "serve exited with {status}");
+    }
+
+    fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Only reached with the process still running when a test failed.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for `child` at most `LIMIT`; `None` (after killing it) when it takes longer.
+fn wait_bounded(child: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a client command did.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Asserts success and returns stdout.
+    fn ok(&self) -> &str {
+        assert!(
+            self.status.success(),
+            "exit {}: stdout {:?} stderr {:?}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts a failure reported as one `donate: ...` line on stderr containing `want`.
+    fn fails_with(&self, want: &str) -> &Run {
+        assert!(
+            !self.status.success(),
+            "succeeded: stdout {:?}",
+            self.stdout
+        );
+        let line = self.stderr.trim_end();
+        assert!(
+            line.starts_with("donate: ") && !line.contains('\n'),
+            "stderr is not one `donate:` line: {:?}",
+            self.stderr
+        );
+        assert!(line.contains(want), "{line:?} does not mention {want:?}");
+        self
+    }
+
+    /// Stdout as exactly one JSON object.
+    fn json(&self) -> Value {
+        let out = self.stdout.trim_end();
+        assert!(!out.contains('\n'), "more than one line: {out:?}");
+        let value: Value = serde_json::from_str(out).expect("stdout is JSON");
+        assert!(value.is_object(), "not an object: {out}");
+        value
+    }
+}
+
+/// Runs `donate ARGS` with a bounded wait.
+fn donate(args: &[&str]) -> Run {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn donate");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let stdout = thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).map(|_| s)
+    });
+    let stderr = thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).map(|_| s)
+    });
+    let status = wait_bounded(&mut child).unwrap_or_else(|| panic!("donate {args:?} timed out"));
+    Run {
+        status,
+        stdout: stdout.join().unwrap().expect("stdout is UTF-8"),
+        stderr: stderr.join().unwrap().expect("stderr is UTF-8"),
+    }
+}
+
+/// A fresh directory holding `config.json` and `model.safetensors` of `len` bytes.
+fn model_dir(len: usize) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "cli-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"ok":true}"#).unwrap();
+    let weights: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+    dir
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// An address nothing listens on.
+fn closed_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    addr
+}
+
+#[test]
+fn serve_stops_gracefully_on_sigterm_and_sigint() {
+    let node = Node::start(&[]);
+    assert!(node.addr.starts_with("127.0.0.1:"), "{}", node.addr);
+    assert_ne!(node.addr, "127.0.0.1:0");
+    node.stop();
+    Node::start(&[]).stop_with(libc::SIGINT);
+}
+
+#[test]
+fn status_reports_hello_and_queue() {
+    let node = Node::start(&["--queue", "7"]);
+    let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
+    assert_eq!(
+        status,
+        json!({
+            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 7},
+            "queue_status": {"v": 1, "type": "queue_status", "depth": 0, "capacity": 7, "in_progress": false},
+        })
+    );
+    let human = donate(&["status", "--addr", &node.addr]);
+    assert!(human.ok().contains("model_push"), "{}", human.stdout);
+    node.stop();
+}
+
+#[test]
+fn push_with_and_without_sha256() {
+    let node = Node::start(&[]);
+    // More than one 1 MiB chunk, not a multiple of it.
+    let len = 3 * 1024 * 1024 + 5;
+    let dir = model_dir(len);
+    let (config, weights) = (dir.join("config.json"), dir.join("model.safetensors"));
+    let base = ["push", "--addr", &node.addr, "--config", path(&config)];
+
+    let human = donate(&[&base[..], &[path(&weights)]].concat());
+    assert!(human.ok().starts_with("mounted: "), "{}", human.stdout);
+
+    for extra in [&[][..], &["--sha256"]] {
+        let run = donate(&[&base[..], extra, &[path(&weights), "--json"]].concat());
+        run.ok();
+        let report = run.json();
+        let keys: Vec<&str> = report
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 5, "{report}");
+        assert_eq!(report["ok"], true);
+        assert_eq!(report["message"], "mounted");
+        assert_eq!(report["bytes"], len as u64);
+        assert!(report["seconds"].as_f64().unwrap() >= 0.0);
+        assert!(report["mib_s"].as_f64().unwrap() >= 0.0);
+    }
+    node.stop();
+}
+
+#[test]
+fn infer_json_is_the_result_frame() {
+    let node = Node::start(&[]);
+    let dir = model_dir(4);
+    let run = donate(&[
+        "infer",
+        "--addr",
+        &node.addr,
+        "--model",
+        path(&dir),
+        "--ids",
+        "9,9",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    run.ok();
+    let job_id = run.json()["job_id"].as_str().unwrap().to_owned();
+    assert!(!job_id.is_empty());
+    assert_eq!(
+        run.stdout,
+        format!(
+            r#"{{"v":1,"type":"infer_result","job_id":"{job_id}","ok":true,"output_ids":[9,9,1,2,3],"queue_depth":0}}"#
+        ) + "\n"
+    );
+
+    let human = donate(&[
+        "infer",
+        "--addr",
+        &node.addr,
+        "--config",
+        path(&dir.join("config.json")),
+        "--weights",
+        path(&dir.join("model.safetensors")),
+        "--sha256",
+        "--ids",
+        "1",
+    ]);
+    assert_eq!(human.ok(), "1,1,2,3,4,5,6,7,1\n");
+    node.stop();
+}
+
+#[test]
+fn prompt_on_a_local_lm_node() {
+    let node = Node::start(&["--mode", "local_lm", "--local-lm-path", "/models/m"]);
+    let run = donate(&["prompt", "--addr", &node.addr, "hello there", "--json"]);
+    run.ok();
+    let job_id = run.json()["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        run.stdout,
+        format!(
+            r#"{{"v":1,"type":"prompt_result","job_id":"{job_id}","ok":true,"text":"[local_lm stub @ /models/m] stub says: hello there","queue_depth":0}}"#
+        ) + "\n"
+    );
+    let human = donate(&["prompt", "--addr", &node.addr, "--max-out", "5", "is it?"]);
+    assert_eq!(human.ok(), "[local_lm stub @ /models/m] stub says: maybe\n");
+
+    let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
+    assert_eq!(status["hello"]["mode"], "local_lm");
+    assert_eq!(status["hello"]["local_lm_path"], "/models/m");
+    node.stop();
+}
+
+#[test]
+fn refused_connection_fails_cleanly() {
+    let addr = closed_addr();
+    donate(&["status", "--addr", &addr]).fails_with("cannot connect");
+    let run = donate(&["prompt", "--addr", &addr, "hi", "--json"]);
+    run.fails_with("cannot connect");
+    assert_eq!(run.stdout, "");
+}
+
+#[test]
+fn wrong_mode_fails_cleanly() {
+    let lm = Node::start(&["--mode", "local_lm"]);
+    let dir = model_dir(4);
+    let infer = donate(&[
+        "infer",
+        "--addr",
+        &lm.addr,
+        "--model",
+        path(&dir),
+        "--ids",
+        "9,9",
+    ]);
+    infer.fails_with("model_push not enabled on this node");
+    assert_eq!(infer.stdout, "");
+
+    let push = donate(&[
+        "push",
+        "--addr",
+        &lm.addr,
+        "--config",
+        path(&dir.join("config.json")),
+        path(&dir.join("model.safetensors")),
+        "--json",
+    ]);
+    push.fails_with("model_push not enabled on this node");
+    assert_eq!(push.json()["ok"], false);
+    lm.stop();
+
+    let mp = Node::start(&[]);
+    let prompt = donate(&["prompt", "--addr", &mp.addr, "hi", "--json"]);
+    prompt.fails_with("this node is model_push");
+    let frame = prompt.json();
+    assert_eq!(frame["type"], "error");
+    assert_eq!(
+        frame["error"],
+        "this node is model_push; mount model and send infer"
+    );
+    mp.stop();
+}
+
+#[test]
+fn model_refused_fails_with_the_report() {
+    let node = Node::start(&[]);
+    let dir = model_dir(4);
+    std::fs::write(dir.join("config.json"), "").unwrap();
+    let run = donate(&[
+        "push",
+        "--addr",
+        &node.addr,
+        "--config",
+        path(&dir.join("config.json")),
+        path(&dir.join("model.safetensors")),
+        "--json",
+    ]);
+    run.fails_with("no config");
+    let report = run.json();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["message"], "no config");
+
+    // Over --max-model: refused before any byte is stored.
+    node.stop();
+    let small = Node::start(&["--max-model", "3"]);
+    donate(&[
+        "infer",
+        "--addr",
+        &small.addr,
+        "--model",
+        path(&dir),
+        "--ids",
+        "1",
+    ])
+    .fails_with("bad weights_len");
+    small.stop();
+}
+
+#[test]
+fn missing_files_fail_before_connecting() {
+    let addr = closed_addr();
+    let dir = model_dir(4);
+    let missing = dir.join("missing.safetensors");
+    donate(&[
+        "push",
+        "--addr",
+        &addr,
+        "--config",
+        path(&dir.join("config.json")),
+        path(&missing),
+    ])
+    .fails_with("missing.safetensors");
+    donate(&[
+        "infer",
+        "--addr",
+        &addr,
+        "--model",
+        path(&dir.join("nope")),
+        "--ids",
+        "1",
+    ])
+    .fails_with("config.json");
+    donate(&[
+        "push",
+        "--addr",
+        &addr,
+        "--config",
+        path(&dir.join("nope.json")),
+        path(&dir.join("model.safetensors")),
+    ])
+    .fails_with("nope.json");
+}
+
+#[test]
+fn serve_refuses_what_it_cannot_run() {
+    donate(&["serve", "--addr", "127.0.0.1:0", "--executor", "gpu"]).fails_with("unknown executor");
+    for runtime in ["smol", "tokio"] {
+        donate(&["serve", "--addr", "127.0.0.1:0", "--runtime", runtime])
+            .fails_with(&format!("runtime {runtime} not built yet"));
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    donate(&["serve", "--addr", &addr]).fails_with("cannot listen");
+}
+
+/// A node that speaks like the Go one: it answers `queue_status` with `unknown type`.
+fn go_like_node() -> (String, thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(LIMIT)).unwrap();
+        let frame = |body: &str| {
+            let mut out = (body.len() as u32).to_le_bytes().to_vec();
+            out.extend(body.as_bytes());
+            out
+        };
+        stream
+            .write_all(&frame(
+                r#"{"v":1,"type":"hello","mode":"model_push","role":"server","queue_capacity":64}"#,
+            ))
+            .unwrap();
+        loop {
+            let mut len = [0; 4];
+            if stream.read_exact(&mut len).is_err() {
+                return;
+            }
+            let mut body = vec![0; u32::from_le_bytes(len) as usize];
+            stream.read_exact(&mut body).unwrap();
+            let message: Value = serde_json::from_slice(&body).unwrap();
+            if message["type"] == "queue_status" {
+                stream
+                    .write_all(&frame(
+                        r#"{"error":"unknown type: queue_status","type":"error","v":1}"#,
+                    ))
+                    .unwrap();
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn status_of_a_go_node_has_null_queue_status() {
+    let (addr, node) = go_like_node();
+    let status = donate(&["status", "--addr", &addr, "--json"]).json();
+    assert_eq!(
+        status,
+        json!({
+            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 64},
+            "queue_status": null,
+        })
+    );
+    node.join().unwrap();
+}
