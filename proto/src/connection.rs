@@ -66,9 +66,14 @@ pub struct Connection<M> {
 }
 
 impl<M> Connection<M> {
-    /// A new connection with the server `hello` queued; over the connection
-    /// limit it is created closing, with only an error frame queued.
-    pub(crate) fn accept(config: &ServerConfig, now: Instant, over_limit: bool) -> Self {
+    /// A new connection with the server `hello` queued; when `refused` (over the
+    /// connection limit, or shutting down) it is created closing, with only an
+    /// error frame queued.
+    pub(crate) fn accept(
+        config: &ServerConfig,
+        now: Instant,
+        refused: Option<ProtocolError>,
+    ) -> Self {
         let mut conn = Connection {
             decoder: FrameDecoder::new(config.max_frame_len),
             outbound: Vec::new(),
@@ -82,8 +87,8 @@ impl<M> Connection<M> {
             over_limit_since: None,
             closing: None,
         };
-        if over_limit {
-            conn.close(ProtocolError::TooManyConnections);
+        if let Some(reason) = refused {
+            conn.close(reason);
         } else {
             conn.send(&Message::Hello(Hello {
                 mode: config.mode.as_str().to_owned(),

@@ -215,14 +215,20 @@ impl<M> Node<M> {
     }
 
     /// Registers a new connection and queues its `hello`. Over `max_connections`
-    /// the connection is created closing, with only an error frame to send.
+    /// or during shutdown the connection is created closing, with only an error
+    /// frame to send.
     pub fn accept(&mut self, now: Instant) -> ConnectionId {
         self.next_conn += 1;
         let id = ConnectionId(self.next_conn);
-        let over_limit =
-            self.conns.len() >= self.shared.config.max_connections || self.shared.shutting_down;
+        let refused = if self.shared.shutting_down {
+            Some(ProtocolError::ShuttingDown)
+        } else if self.conns.len() >= self.shared.config.max_connections {
+            Some(ProtocolError::TooManyConnections)
+        } else {
+            None
+        };
         self.conns
-            .insert(id, Connection::accept(&self.shared.config, now, over_limit));
+            .insert(id, Connection::accept(&self.shared.config, now, refused));
         id
     }
 
