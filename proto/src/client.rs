@@ -4,7 +4,9 @@
 //! with its own, sends requests, streams a model as chunks produced lazily
 //! while the transmit buffer drains, and matches every answer to the request
 //! it answers: results by `job_id`, error frames by `job_id` when present,
-//! otherwise to the oldest outstanding request (as a Go node answers).
+//! otherwise to the oldest outstanding request without a `job_id` (an upload
+//! or a `queue_status`), and failing that to the oldest outstanding request
+//! (as a Go node, whose errors never name a job, answers).
 
 use std::collections::VecDeque;
 
@@ -353,7 +355,12 @@ impl ClientConnection {
                 let by_id = (!e.job_id.is_empty())
                     .then(|| self.outstanding.iter().position(|o| o.job_id == e.job_id))
                     .flatten();
-                match by_id.or((!self.outstanding.is_empty()).then_some(0)) {
+                // Without a job_id it answers a request that has none (an upload,
+                // a queue_status): our node names the job of every job error, so a
+                // pipelined job must not take an upload's refusal.
+                let without_id = || self.outstanding.iter().position(|o| o.job_id.is_empty());
+                let oldest = (!self.outstanding.is_empty()).then_some(0);
+                match by_id.or_else(without_id).or(oldest) {
                     Some(i) => (Some(i), Answer::Error(e)),
                     None => {
                         self.events.push_back(ClientEvent::Closing(e));
