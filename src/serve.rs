@@ -28,8 +28,46 @@ pub fn run(args: ServeArgs) -> CliResult {
             stop.wait();
             server.shutdown();
         }
-        Runtime::Smol | Runtime::Tokio => {
-            return Err(format!("runtime {} not built yet", args.runtime.name()).into())
+        Runtime::Smol => {
+            let listener = async_io::Async::new(listener)
+                .map_err(|e| format!("cannot register the listener: {e}"))?;
+            let executor_threads = config.workers.max(2);
+            let ex = std::sync::Arc::new(smol::Executor::new());
+            let (done, finished) = smol::channel::bounded::<()>(1);
+            let threads: Vec<_> = (0..executor_threads)
+                .map(|_| {
+                    let (ex, finished) = (std::sync::Arc::clone(&ex), finished.clone());
+                    std::thread::spawn(move || smol::block_on(ex.run(finished.recv())))
+                })
+                .collect();
+            let spawner = {
+                let ex = std::sync::Arc::clone(&ex);
+                move |task| ex.spawn(task).detach()
+            };
+            let server = donate_smol::serve(listener, config.clone(), executor, spawner)
+                .map_err(|e| format!("cannot start the node: {e}"))?;
+            started.announce(server.local_addr())?;
+            stop.wait();
+            smol::block_on(server.shutdown());
+            drop(done);
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        Runtime::Tokio => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+            let server = runtime.block_on(async {
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                donate_tokio::serve(listener, config.clone(), executor)
+            });
+            let server = server.map_err(|e| format!("cannot start the node: {e}"))?;
+            started.announce(server.local_addr())?;
+            stop.wait();
+            runtime.block_on(server.shutdown());
         }
     }
     tracing::info!("stopped");
