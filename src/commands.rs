@@ -130,8 +130,15 @@ pub fn status(args: StatusArgs) -> CliResult {
 }
 
 fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    Client::connect(args.addr.as_str())
-        .map_err(|e| Failure::from(format!("cannot connect to {}: {e}", args.addr)))
+    let connected = if args.timeout > 0.0 {
+        Client::connect_timeout(
+            args.addr.as_str(),
+            std::time::Duration::from_secs_f64(args.timeout),
+        )
+    } else {
+        Client::connect(args.addr.as_str())
+    };
+    connected.map_err(|e| Failure::from(format!("cannot connect to {}: {e}", args.addr)))
 }
 
 /// A model's config and an open weights file, streamed on upload.

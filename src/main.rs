@@ -143,6 +143,9 @@ struct ClientArgs {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Give up when connecting, or any single read or write, takes longer (seconds; 0 = never).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
+    timeout: f64,
 }
 
 #[derive(Debug, clap::Args)]

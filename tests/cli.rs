@@ -523,3 +523,14 @@ fn status_of_a_go_node_has_null_queue_status() {
     );
     node.join().unwrap();
 }
+
+#[test]
+fn a_silent_node_times_out() {
+    // Accepts, never says hello.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    donate(&["status", "--addr", &addr, "--timeout", "0.3"]).fails_with("cannot connect");
+    assert!(started.elapsed() < LIMIT);
+    drop(listener);
+}

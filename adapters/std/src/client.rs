@@ -2,6 +2,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -31,8 +32,32 @@ impl Client {
 
     /// Connects with explicit client settings.
     pub fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
-        let stream = TcpStream::connect(addr)?;
+        Client::handshake(TcpStream::connect(addr)?, config, None)
+    }
+
+    /// Connects, giving up on any connect, read or write that takes longer than
+    /// `timeout` (an [`Error::Io`] of kind `WouldBlock` or `TimedOut`).
+    pub fn connect_timeout(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Client> {
+        let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing");
+        for addr in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => {
+                    return Client::handshake(stream, ClientConfig::default(), Some(timeout))
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last.into())
+    }
+
+    fn handshake(
+        stream: TcpStream,
+        config: ClientConfig,
+        timeout: Option<Duration>,
+    ) -> Result<Client> {
         stream.set_nodelay(true)?;
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
         let mut client = Client {
             stream,
             core: ClientConnection::new(config),
