@@ -298,7 +298,9 @@ fn one_byte_at_a_time_yields_the_same_frames() {
         let mut decoder = FrameDecoder::new(1 << 20);
         frames_of(&mut decoder, &pieces) == frames_of(&mut FrameDecoder::new(1 << 20), &[&bytes])
     }
-    quickcheck(prop as fn(Vec<Item>) -> bool);
+    QuickCheck::new()
+        .r#gen(Gen::new(40))
+        .quickcheck(prop as fn(Vec<Item>) -> bool);
 }
 
 /// Feeds `pieces` to one connection of a fresh node, then runs every mount and
@@ -356,6 +358,7 @@ fn any_split_through_a_node_yields_the_same_answers() {
         whole == parts && whole.3 == bad_end
     }
     QuickCheck::new()
+        .r#gen(Gen::new(40))
         .tests(300)
         .quickcheck(prop as fn(Vec<Item>, Vec<usize>, bool, bool) -> bool);
 }
@@ -556,6 +559,7 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
         node.is_closing(conn) || node.poll_timeout().is_none()
     }
     QuickCheck::new()
+        .r#gen(Gen::new(40))
         .tests(300)
         .quickcheck(prop as fn(Vec<u8>, Vec<Item>, Vec<usize>, Vec<bool>, bool) -> bool);
 }
