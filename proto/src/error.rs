@@ -66,6 +66,9 @@ pub enum ProtocolError {
         /// The index expected.
         expected: u64,
     },
+    /// A `weights_chunk` after the chunk marked `last`.
+    #[error("weights_chunk after the chunk marked last")]
+    ChunkAfterLast,
     /// `weights_chunk` with no `model_begin` before it.
     #[error("weights_chunk without model_begin")]
     ChunkWithoutBegin,
@@ -121,6 +124,7 @@ impl ProtocolError {
             WeightsBase64 => "weights_b64",
             WeightsOverflow => "weights_overflow",
             ChunkOutOfOrder { .. } => "chunk_out_of_order",
+            ChunkAfterLast => "chunk_after_last",
             ChunkWithoutBegin => "chunk_without_begin",
             InferOnLocalLm => "wrong_mode",
             ModelNotMounted => "model_not_mounted",

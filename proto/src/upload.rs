@@ -18,6 +18,8 @@ pub struct Upload {
     weights_len: u64,
     sha256: Option<[u8; 32]>,
     next_index: u64,
+    /// A chunk marked `last` arrived.
+    last_seen: bool,
     weights: Vec<u8>,
 }
 
@@ -66,12 +68,18 @@ impl Upload {
             weights_len,
             sha256,
             next_index: 0,
+            last_seen: false,
             weights: Vec::new(),
         })
     }
 
-    /// Appends one chunk. On error the upload is failed and must be dropped.
+    /// Appends one chunk. Nothing may follow the chunk marked `last` (a last
+    /// chunk short of `weights_len` is answered at commit, with Go's size
+    /// mismatch). On error the upload is failed and must be dropped.
     pub fn chunk(&mut self, chunk: &WeightsChunk<'_>) -> Result<(), ProtocolError> {
+        if self.last_seen {
+            return Err(ProtocolError::ChunkAfterLast);
+        }
         if u64::try_from(chunk.index).ok() != Some(self.next_index) {
             return Err(ProtocolError::ChunkOutOfOrder {
                 got: chunk.index,
@@ -93,6 +101,7 @@ impl Upload {
                 return Err(ProtocolError::WeightsBase64);
             }
         }
+        self.last_seen = chunk.last;
         self.next_index += 1;
         Ok(())
     }

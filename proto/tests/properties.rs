@@ -299,7 +299,7 @@ fn one_byte_at_a_time_yields_the_same_frames() {
         frames_of(&mut decoder, &pieces) == frames_of(&mut FrameDecoder::new(1 << 20), &[&bytes])
     }
     QuickCheck::new()
-        .r#gen(Gen::new(40))
+        .rng(Gen::new(40))
         .quickcheck(prop as fn(Vec<Item>) -> bool);
 }
 
@@ -358,7 +358,7 @@ fn any_split_through_a_node_yields_the_same_answers() {
         whole == parts && whole.3 == bad_end
     }
     QuickCheck::new()
-        .r#gen(Gen::new(40))
+        .rng(Gen::new(40))
         .tests(300)
         .quickcheck(prop as fn(Vec<Item>, Vec<usize>, bool, bool) -> bool);
 }
@@ -559,7 +559,7 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
         node.is_closing(conn) || node.poll_timeout().is_none()
     }
     QuickCheck::new()
-        .r#gen(Gen::new(40))
+        .rng(Gen::new(40))
         .tests(300)
         .quickcheck(prop as fn(Vec<u8>, Vec<Item>, Vec<usize>, Vec<bool>, bool) -> bool);
 }

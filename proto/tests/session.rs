@@ -777,6 +777,40 @@ fn overflow_fails_the_upload_once() {
 }
 
 #[test]
+fn nothing_may_follow_the_last_chunk() {
+    let mut sim = Sim::default();
+    let p = sim.raw_connected();
+    // Marked last with a byte missing, then one more chunk: refused once.
+    sim.send_json(p, &begin("{}", 4));
+    sim.send_json(p, &chunk(0, true, &[1, 2, 3]));
+    assert_eq!(sim.frames(p), Vec::<String>::new());
+    sim.send_json(p, &chunk(1, true, &[4]));
+    let e = sim.one_error(p);
+    assert_eq!(
+        (e.code.as_str(), e.error.as_str()),
+        (
+            "chunk_after_last",
+            "weights_chunk after the chunk marked last"
+        )
+    );
+    sim.send_json(p, COMMIT);
+    sim.assert_in_step(p);
+    // An empty chunk after the last is refused too.
+    sim.send_json(p, &begin("{}", 1));
+    sim.send_json(p, &chunk(0, true, &[1]));
+    sim.send_json(p, &chunk(1, true, &[]));
+    assert_eq!(sim.one_error(p).code, "chunk_after_last");
+    // Marked last with bytes missing, then commit: Go's size mismatch.
+    sim.send_json(p, &begin("{}", 4));
+    sim.send_json(p, &chunk(0, true, &[1, 2, 3]));
+    sim.send_json(p, COMMIT);
+    assert_eq!(
+        sim.one_frame(p),
+        r#"{"v":1,"type":"model_status","ok":false,"message":"weights size mismatch: got 3 expect 4"}"#
+    );
+}
+
+#[test]
 fn missing_bytes_at_commit() {
     let mut sim = Sim::default();
     let p = sim.raw_connected();
