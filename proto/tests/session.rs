@@ -1328,7 +1328,10 @@ fn pipelined_jobs_complete_out_of_order() {
     sim.run();
     assert_eq!(sim.held.len(), 3);
     assert_eq!(sim.core(p).outstanding(), 3);
+    let wakes = sim.wakes.len();
     assert!(sim.finish(2));
+    // A delivered result wakes the connection's writer.
+    assert_eq!(sim.wakes[wakes..], [sim.conn(p)]);
     assert!(sim.finish(0));
     assert!(sim.finish(0));
     let events = sim.events(p);
@@ -1607,7 +1610,15 @@ fn handshake_timeout() {
     let mut sim = Sim::new(timeouts());
     let p = sim.raw_connected();
     assert_eq!(sim.node.poll_timeout(), Some(sim.at(10 * SECOND)));
-    sim.advance(10 * SECOND - MS);
+    sim.advance(3 * SECOND);
+    let q = sim.raw_connected();
+    // The node's timeout is the earliest of its connections'.
+    assert_eq!(
+        sim.node.connection_timeout(sim.conn(q)),
+        Some(sim.at(13 * SECOND))
+    );
+    assert_eq!(sim.node.poll_timeout(), Some(sim.at(10 * SECOND)));
+    sim.advance(7 * SECOND - MS);
     assert_eq!(sim.frames(p), Vec::<String>::new());
     assert!(!sim.is_closed(p));
     let wakes = sim.wakes.len();
@@ -1619,6 +1630,11 @@ fn handshake_timeout() {
     );
     assert!(sim.wakes[wakes..].contains(&sim.conn(p)));
     assert!(sim.is_closed(p));
+    assert!(!sim.is_closed(q));
+    assert_eq!(sim.node.poll_timeout(), Some(sim.at(13 * SECOND)));
+    // Late: a timer that passed long ago fires on the next handle_timeout.
+    sim.advance(100 * SECOND);
+    assert_eq!(sim.one_error(q).code, "handshake_timeout");
     assert_eq!(sim.node.poll_timeout(), None);
 }
 
