@@ -13,7 +13,9 @@ use std::time::Instant;
 use crate::error::{MountError, ProtocolError};
 use crate::frame::FrameDecoder;
 use crate::job::JobInput;
-use crate::message::{salvage_job_id, ErrorFrame, Hello, Message, Mode, ModelStatus};
+use crate::message::{
+    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Message, Mode, ModelStatus,
+};
 use crate::server::{JobKind, ServerConfig, Shared};
 use crate::upload::Upload;
 
@@ -220,9 +222,14 @@ impl<M> Connection<M> {
         self.over_limit_since = None;
     }
 
-    /// Installs a mounted model and answers the commit.
+    /// Installs a mounted model and answers the commit (unless the connection is closing).
     pub(crate) fn mounted(&mut self, result: Result<Arc<M>, String>) {
         self.mounts_in_flight -= 1;
+        if self.closing.is_some() {
+            // Nothing follows the closing error (or a peer's close): the model
+            // and its answer are dropped, as a closing connection's job results are.
+            return;
+        }
         let status = match result {
             Ok(model) => {
                 self.model = Some(model);
@@ -262,6 +269,9 @@ impl<M> Connection<M> {
             return;
         }
         self.received_frame = true;
+        if self.fast_chunk(body, shared.config.mode) {
+            return;
+        }
         let msg = match Message::parse(body) {
             Ok(msg) => msg,
             Err(e) => return self.refuse(&e, salvage_job_id(body).as_deref()),
@@ -351,6 +361,16 @@ impl<M> Connection<M> {
                 self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
             }
         }
+    }
+
+    /// The hot path of an upload: a chunk in the canonical layout, decoded
+    /// without a JSON parse. Anything unusual (including any error) returns
+    /// false and takes the general path, which gives the precise answer.
+    fn fast_chunk(&mut self, body: &[u8], mode: Mode) -> bool {
+        let (Mode::ModelPush, UploadState::Receiving(upload)) = (mode, &mut self.upload) else {
+            return false;
+        };
+        canonical_chunk(body).is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok())
     }
 
     fn refuse(&mut self, e: &ProtocolError, job_id: Option<&str>) {

@@ -110,6 +110,8 @@ impl FrameDecoder {
         }
         if !data.is_empty() {
             self.buffer(data);
+        } else if self.partial.is_empty() && self.partial.capacity() > RETAINED_CAPACITY {
+            self.partial = Vec::new();
         }
         Ok(())
     }
@@ -169,10 +171,9 @@ impl FrameDecoder {
         data = &data[take..];
         if self.partial.len() == end {
             on_frame(&self.partial[HEADER_LEN..]);
+            // Keep the capacity while frames keep spanning reads; `feed`
+            // releases it once a read ends on a frame boundary.
             self.partial.clear();
-            if self.partial.capacity() > RETAINED_CAPACITY {
-                self.partial = Vec::new();
-            }
         }
         Ok(data)
     }

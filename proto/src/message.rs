@@ -517,8 +517,7 @@ pub fn encode_weights_chunk(index: i64, last: bool, raw: &[u8], out: &mut Vec<u8
 }
 
 /// The raw length of canonical padded base64 text, or `None` if its length is impossible.
-pub(crate) fn decoded_len(b64: &str) -> Option<usize> {
-    let bytes = b64.as_bytes();
+pub(crate) fn decoded_len(bytes: &[u8]) -> Option<usize> {
     if bytes.len() % 4 != 0 {
         return None;
     }
@@ -529,4 +528,91 @@ pub(crate) fn decoded_len(b64: &str) -> Option<usize> {
         .take_while(|b| **b == b'=')
         .count();
     Some(bytes.len() / 4 * 3 - pad)
+}
+
+/// A `weights_chunk` body split into its parts without a JSON parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkParts<'a> {
+    pub(crate) index: i64,
+    pub(crate) last: bool,
+    pub(crate) data_b64: &'a [u8],
+}
+
+/// Recognises a `weights_chunk` body in the exact layout the Go client and
+/// [`encode_weights_chunk`] write, so the hot path skips the JSON scan of the
+/// base64 text. The caller must fall back to [`Message::parse`] unless the
+/// text then decodes as base64: only then is it free of quotes and escapes, and
+/// so the same message the JSON parser would have seen.
+pub(crate) fn canonical_chunk(body: &[u8]) -> Option<ChunkParts<'_>> {
+    let rest = body.strip_prefix(br#"{"v":1,"type":"weights_chunk","index":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 18 || (digits > 1 && rest[0] == b'0') {
+        return None;
+    }
+    let index = rest[..digits]
+        .iter()
+        .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+    let rest = &rest[digits..];
+    let (last, rest) = match rest.strip_prefix(br#","last":true,"data_b64":""#) {
+        Some(rest) => (true, rest),
+        None => (false, rest.strip_prefix(br#","last":false,"data_b64":""#)?),
+    };
+    let data_b64 = rest.strip_suffix(br#""}"#)?;
+    Some(ChunkParts {
+        index,
+        last,
+        data_b64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(index: i64, last: bool, raw: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        encode_weights_chunk(index, last, raw, &mut frame);
+        frame.split_off(crate::frame::HEADER_LEN)
+    }
+
+    #[test]
+    fn canonical_chunks_split_like_the_json_parser() {
+        for (index, last, raw) in [
+            (0, false, &b""[..]),
+            (7, true, b"\x00\xff"),
+            (123456789, false, b"abcdef"),
+        ] {
+            let body = body_of(index, last, raw);
+            let parts = canonical_chunk(&body).expect("our own layout is canonical");
+            let Ok(Message::WeightsChunk(parsed)) = Message::parse(&body) else {
+                panic!("parses as a chunk")
+            };
+            assert_eq!((parts.index, parts.last), (parsed.index, parsed.last));
+            assert_eq!(parts.data_b64, parsed.data_b64.as_bytes());
+        }
+    }
+
+    #[test]
+    fn other_layouts_are_left_to_the_json_parser() {
+        for body in [
+            &br#"{"v":1,"type":"weights_chunk","index":01,"last":false,"data_b64":"AQ=="}"#[..],
+            br#"{"v":1,"type":"weights_chunk","index":-1,"last":false,"data_b64":"AQ=="}"#,
+            br#"{"type":"weights_chunk","v":1,"index":0,"last":false,"data_b64":"AQ=="}"#,
+            br#"{"v":1,"type":"weights_chunk","index":0,"last":false,"data_b64":"AQ==" }"#,
+            br#"{"v":1,"type":"weights_chunk","index":0,"data_b64":"AQ==","last":false}"#,
+        ] {
+            assert_eq!(
+                canonical_chunk(body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Recognised, but its "text" is not base64: the connection falls back to
+        // the parser, which sees an extra field.
+        let tricky =
+            br#"{"v":1,"type":"weights_chunk","index":0,"last":false,"data_b64":"AQ==","x":"y"}"#;
+        let parts = canonical_chunk(tricky).expect("prefix and suffix match");
+        assert!(BASE64.decode(parts.data_b64).is_err());
+    }
 }

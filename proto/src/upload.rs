@@ -73,35 +73,42 @@ impl Upload {
         })
     }
 
-    /// Appends one chunk. Nothing may follow the chunk marked `last` (a last
-    /// chunk short of `weights_len` is answered at commit, with Go's size
-    /// mismatch). On error the upload is failed and must be dropped.
+    /// Appends one chunk. On error the upload is failed and must be dropped.
     pub fn chunk(&mut self, chunk: &WeightsChunk<'_>) -> Result<(), ProtocolError> {
+        self.append(chunk.index, chunk.last, chunk.data_b64.as_bytes())
+    }
+
+    /// Appends a chunk given as its parts; on error nothing is appended.
+    pub(crate) fn append(
+        &mut self,
+        index: i64,
+        last: bool,
+        data_b64: &[u8],
+    ) -> Result<(), ProtocolError> {
         if self.last_seen {
             return Err(ProtocolError::ChunkAfterLast);
         }
-        if u64::try_from(chunk.index).ok() != Some(self.next_index) {
+        if u64::try_from(index).ok() != Some(self.next_index) {
             return Err(ProtocolError::ChunkOutOfOrder {
-                got: chunk.index,
+                got: index,
                 expected: self.next_index,
             });
         }
-        let text = chunk.data_b64.as_bytes();
-        let raw_len = decoded_len(&chunk.data_b64).ok_or(ProtocolError::WeightsBase64)?;
+        let raw_len = decoded_len(data_b64).ok_or(ProtocolError::WeightsBase64)?;
         let received = self.weights.len();
         if received as u64 + raw_len as u64 > self.weights_len {
             return Err(ProtocolError::WeightsOverflow);
         }
         self.grow_for(raw_len);
         self.weights.resize(received + raw_len, 0);
-        match BASE64.decode_slice(text, &mut self.weights[received..]) {
+        match BASE64.decode_slice(data_b64, &mut self.weights[received..]) {
             Ok(n) if n == raw_len => {}
             _ => {
                 self.weights.truncate(received);
                 return Err(ProtocolError::WeightsBase64);
             }
         }
-        self.last_seen = chunk.last;
+        self.last_seen = last;
         self.next_index += 1;
         Ok(())
     }

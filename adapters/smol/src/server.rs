@@ -242,7 +242,9 @@ async fn read_loop<E: Executor>(
                 });
                 match read {
                     Ok(Some(new_state)) => {
-                        wake_writer.notify();
+                        if new_state.has_transmit || new_state.closing {
+                            wake_writer.notify();
+                        }
                         new_state
                     }
                     Ok(None) => host.state(conn),

@@ -22,6 +22,8 @@ pub struct ConnState {
     pub wants_read: bool,
     /// Close the socket once the taken bytes are written.
     pub closing: bool,
+    /// Bytes are waiting for [`Host::poll_transmit`]: wake the writer.
+    pub has_transmit: bool,
     /// Call [`Host::handle_timeout`] at this time if nothing happens before.
     pub deadline: Option<Instant>,
 }
@@ -160,6 +162,10 @@ impl<E: Executor> Host<E> {
         ConnState {
             wants_read: state.node.wants_read(conn),
             closing: state.node.is_closing(conn),
+            has_transmit: state
+                .node
+                .connection(conn)
+                .is_some_and(|c| c.pending_transmit() > 0),
             deadline: state.node.connection_timeout(conn),
         }
     }

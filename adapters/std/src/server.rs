@@ -208,7 +208,9 @@ fn read_loop<E: Executor>(
             Ok(0) => return,
             Ok(n) => {
                 let state = host.handle_input(conn, &buf[..n]);
-                signal.notify();
+                if state.has_transmit || state.closing {
+                    signal.notify();
+                }
                 state
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {

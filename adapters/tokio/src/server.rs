@@ -148,7 +148,9 @@ async fn read_loop<E: Executor>(
                 match read {
                     Ok(Some(new_state)) => {
                         state = new_state;
-                        wake_writer.notify_one();
+                        if state.has_transmit || state.closing {
+                            wake_writer.notify_one();
+                        }
                     }
                     Ok(None) => {}
                     Err(()) => return,
