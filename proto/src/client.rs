@@ -341,6 +341,7 @@ impl ClientConnection {
                     self.events.push_back(ClientEvent::Connected(hello));
                     Ok(())
                 }
+                Message::Error(e) => Err(ClientError::Refused(e.error)),
                 other => Err(ClientError::NoHello(other.kind().to_owned())),
             };
         }

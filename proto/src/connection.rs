@@ -6,6 +6,7 @@
 //! running jobs, mounts) is the [`Node`](crate::Node)'s, which owns every
 //! connection and reaches it by [`ConnectionId`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +15,7 @@ use crate::error::{MountError, ProtocolError};
 use crate::frame::FrameDecoder;
 use crate::job::JobInput;
 use crate::message::{
-    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Message, Mode, ModelStatus,
+    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus,
 };
 use crate::server::{JobKind, ServerConfig, Shared};
 use crate::upload::Upload;
@@ -65,6 +66,8 @@ pub struct Connection<M> {
     last_input: Instant,
     over_limit_since: Option<Instant>,
     closing: Option<ProtocolError>,
+    /// `infer` jobs that arrived while a commit was being mounted.
+    parked: VecDeque<Infer>,
 }
 
 impl<M> Connection<M> {
@@ -88,6 +91,7 @@ impl<M> Connection<M> {
             last_input: now,
             over_limit_since: None,
             closing: None,
+            parked: VecDeque::new(),
         };
         if let Some(reason) = refused {
             conn.close(reason);
@@ -223,9 +227,15 @@ impl<M> Connection<M> {
     }
 
     /// Installs a mounted model and answers the commit (unless the connection is closing).
-    pub(crate) fn mounted(&mut self, result: Result<Arc<M>, String>) {
+    pub(crate) fn mounted(
+        &mut self,
+        id: ConnectionId,
+        result: Result<Arc<M>, String>,
+        shared: &mut Shared<M>,
+    ) {
         self.mounts_in_flight -= 1;
         if self.closing.is_some() {
+            self.parked.clear();
             // Nothing follows the closing error (or a peer's close): the model
             // and its answer are dropped, as a closing connection's job results are.
             return;
@@ -241,6 +251,11 @@ impl<M> Connection<M> {
             Err(message) => ModelStatus { ok: false, message },
         };
         self.send(&Message::ModelStatus(status));
+        if self.mounts_in_flight == 0 {
+            for job in std::mem::take(&mut self.parked) {
+                self.infer(id, job, shared);
+            }
+        }
     }
 
     /// Feeds input bytes; frames are answered or turned into requests on `shared`.
@@ -313,26 +328,16 @@ impl<M> Connection<M> {
                 UploadState::Failed => {}
                 UploadState::Idle => self.mount_failed(&MountError::CommitWithoutBegin),
             },
-            Message::Infer(job) => {
-                let refused = match (&self.model, mode) {
-                    (_, Mode::LocalLm) => Some(ProtocolError::InferOnLocalLm),
-                    (None, _) => Some(ProtocolError::ModelNotMounted),
-                    (Some(model), Mode::ModelPush) => {
-                        let input = JobInput::Infer {
-                            model: Arc::clone(model),
-                            input_ids: job.input_ids,
-                            max_tokens: job.max_tokens,
-                        };
-                        shared
-                            .admit(id, job.job_id.clone(), JobKind::Infer, input)
-                            .err()
-                    }
-                };
-                match refused {
-                    Some(e) => self.refuse(&e, Some(&job.job_id)),
-                    None => self.jobs_in_flight += 1,
+            Message::Infer(job) if mode == Mode::ModelPush && self.mounts_in_flight > 0 => {
+                // A pipelining client may send jobs right after its commit: they
+                // wait for the mount and run on the model it produces.
+                if self.parked.len() < shared.config.queue_capacity {
+                    self.parked.push_back(job);
+                } else {
+                    self.refuse(&ProtocolError::QueueFull, Some(&job.job_id));
                 }
             }
+            Message::Infer(job) => self.infer(id, job, shared),
             Message::Prompt(job) => {
                 let refused = match mode {
                     Mode::ModelPush => Some(ProtocolError::PromptOnModelPush),
@@ -371,6 +376,27 @@ impl<M> Connection<M> {
             return false;
         };
         canonical_chunk(body).is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok())
+    }
+
+    fn infer(&mut self, id: ConnectionId, job: Infer, shared: &mut Shared<M>) {
+        let refused = match (&self.model, shared.config.mode) {
+            (_, Mode::LocalLm) => Some(ProtocolError::InferOnLocalLm),
+            (None, _) => Some(ProtocolError::ModelNotMounted),
+            (Some(model), Mode::ModelPush) => {
+                let input = JobInput::Infer {
+                    model: Arc::clone(model),
+                    input_ids: job.input_ids,
+                    max_tokens: job.max_tokens,
+                };
+                shared
+                    .admit(id, job.job_id.clone(), JobKind::Infer, input)
+                    .err()
+            }
+        };
+        match refused {
+            Some(e) => self.refuse(&e, Some(&job.job_id)),
+            None => self.jobs_in_flight += 1,
+        }
     }
 
     fn refuse(&mut self, e: &ProtocolError, job_id: Option<&str>) {

@@ -183,6 +183,10 @@ pub enum ClientError {
     /// The first frame was not a server `hello`.
     #[error("expected hello from server, got {0}")]
     NoHello(String),
+    /// The server sent an error frame instead of its hello (over its connection
+    /// limit, or shutting down) and closes.
+    #[error("server refused the connection: {0}")]
+    Refused(String),
     /// A frame that answers nothing the client asked.
     #[error("unexpected {0} frame from server")]
     Unexpected(String),

@@ -346,7 +346,7 @@ impl<M> Node<M> {
     pub fn mount_done(&mut self, outcome: MountOutcome<M>, now: Instant) {
         let conn_id = outcome.token.conn;
         if let Some(conn) = self.conns.get_mut(&conn_id) {
-            conn.mounted(outcome.result);
+            conn.mounted(conn_id, outcome.result, &mut self.shared);
             conn.note_output(&self.shared.config, now);
             self.shared.events.push_back(Event::Wake(conn_id));
         }

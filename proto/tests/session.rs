@@ -944,6 +944,52 @@ fn a_slow_mount_is_answered_when_the_executor_is_done() {
     assert_eq!(sim.answer(p, request), status(false, "cannot load 2 bytes"));
 }
 
+#[test]
+fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
+    let mut sim = Sim::default();
+    sim.hold_mounts = true;
+    let p = sim.client();
+    sim.events(p);
+    let first = sim.upload(p, "{}", &[1, 2], None);
+    let job = sim.core(p).infer(&[9, 9], 3).unwrap();
+    sim.run();
+    // Nothing answered yet: the job waits for the model, not "model not mounted".
+    assert_eq!(sim.events(p), []);
+    let mount = sim.held_mounts.pop().unwrap();
+    sim.node
+        .mount_done(run_mount(&Stub::default(), mount), sim.now);
+    sim.run();
+    assert_eq!(sim.answer(p, first), status(true, "mounted"));
+    assert_eq!(sim.answer(p, job), infer_ok("j2", vec![9, 9, 1, 2, 3], 0));
+
+    // A refused mount refuses the jobs that waited for it.
+    let second = sim.upload(p, "", &[1], None);
+    sim.run();
+    assert_eq!(sim.answer(p, second), status(false, "no config"));
+    let failing = sim.upload(p, "{}", &[3], None);
+    let job = sim.core(p).infer(&[1], 1).unwrap();
+    sim.run();
+    let mount = sim.held_mounts.pop().unwrap();
+    struct Refuses;
+    impl Executor for Refuses {
+        type Model = ();
+        fn mount(&self, _: String, _: Vec<u8>) -> Result<(), String> {
+            Err("no".into())
+        }
+        fn infer(&self, _: &(), _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+            unreachable!()
+        }
+        fn prompt(&self, _: &str, _: i64) -> Result<String, JobError> {
+            unreachable!()
+        }
+    }
+    sim.node.mount_done(run_mount(&Refuses, mount), sim.now);
+    sim.run();
+    assert_eq!(sim.answer(p, failing), status(false, "no"));
+    // The earlier model is still mounted: the job runs on it.
+    assert_eq!(sim.answer(p, job), infer_ok("j5", vec![1, 1], 0));
+}
+
 // ---------------------------------------------------------------------------
 // Server answers (PROTOCOL.md's table) and one answer per request
 // ---------------------------------------------------------------------------
@@ -1852,9 +1898,11 @@ fn max_connections() {
         [r#"{"code":"too_many_connections","error":"too many connections","type":"error","v":1}"#]
     );
     assert!(sim.is_closed(c));
-    // The client core reports it as a missing hello.
+    // The client core reports the refusal with the server's reason.
     let d = sim.client();
-    assert!(matches!(sim.client_error(d), Some(ClientError::NoHello(kind)) if kind == "error"));
+    assert!(
+        matches!(sim.client_error(d), Some(ClientError::Refused(why)) if why == "too many connections")
+    );
     assert!(sim.is_closed(d));
     // A slot frees up when a connection goes.
     sim.node.remove(sim.conn(a));
