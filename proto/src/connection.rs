@@ -17,8 +17,8 @@ use crate::job::JobInput;
 use crate::message::{
     canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus,
 };
-use crate::server::{JobKind, ServerConfig, Shared};
-use crate::upload::Upload;
+use crate::server::{Event, JobKind, ServerConfig, Shared};
+use crate::upload::{DigestWork, Upload};
 
 /// Names one connection of a [`Node`](crate::Node). Never reused by a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +68,10 @@ pub struct Connection<M> {
     closing: Option<ProtocolError>,
     /// `infer` jobs that arrived while a commit was being mounted.
     parked: VecDeque<Infer>,
+    /// Committed uploads waiting for a worker to return their hash state.
+    committing: VecDeque<Upload>,
+    /// Uploads begun, to number them.
+    uploads_begun: u64,
 }
 
 impl<M> Connection<M> {
@@ -92,6 +96,8 @@ impl<M> Connection<M> {
             over_limit_since: None,
             closing: None,
             parked: VecDeque::new(),
+            committing: VecDeque::new(),
+            uploads_begun: 0,
         };
         if let Some(reason) = refused {
             conn.close(reason);
@@ -284,7 +290,7 @@ impl<M> Connection<M> {
             return;
         }
         self.received_frame = true;
-        if self.fast_chunk(body, shared.config.mode) {
+        if self.fast_chunk(id, body, shared) {
             return;
         }
         let msg = match Message::parse(body) {
@@ -298,7 +304,10 @@ impl<M> Connection<M> {
                 self.upload = UploadState::Failed;
                 self.refuse(&ProtocolError::ModelPushDisabled, None);
             }
-            Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len) {
+            Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len, {
+                self.uploads_begun += 1;
+                self.uploads_begun
+            }) {
                 Ok(upload) => self.upload = UploadState::Receiving(upload),
                 Err(e) => {
                     self.upload = UploadState::Failed;
@@ -312,19 +321,16 @@ impl<M> Connection<M> {
                     UploadState::Failed => None,
                     UploadState::Idle => Some(ProtocolError::ChunkWithoutBegin),
                 };
-                if let Some(e) = failure {
-                    self.upload = UploadState::Failed;
-                    self.refuse(&e, None);
+                match failure {
+                    Some(e) => {
+                        self.upload = UploadState::Failed;
+                        self.refuse(&e, None);
+                    }
+                    None => self.send_digest_work(id, shared),
                 }
             }
             Message::ModelCommit => match std::mem::take(&mut self.upload) {
-                UploadState::Receiving(upload) => match upload.commit() {
-                    Ok(model) => {
-                        self.mounts_in_flight += 1;
-                        shared.mount(id, model);
-                    }
-                    Err(e) => self.mount_failed(&e),
-                },
+                UploadState::Receiving(upload) => self.commit(id, upload, shared),
                 UploadState::Failed => {}
                 UploadState::Idle => self.mount_failed(&MountError::CommitWithoutBegin),
             },
@@ -371,11 +377,69 @@ impl<M> Connection<M> {
     /// The hot path of an upload: a chunk in the canonical layout, decoded
     /// without a JSON parse. Anything unusual (including any error) returns
     /// false and takes the general path, which gives the precise answer.
-    fn fast_chunk(&mut self, body: &[u8], mode: Mode) -> bool {
-        let (Mode::ModelPush, UploadState::Receiving(upload)) = (mode, &mut self.upload) else {
+    fn fast_chunk(&mut self, id: ConnectionId, body: &[u8], shared: &mut Shared<M>) -> bool {
+        let (Mode::ModelPush, UploadState::Receiving(upload)) =
+            (shared.config.mode, &mut self.upload)
+        else {
             return false;
         };
-        canonical_chunk(body).is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok())
+        let appended = canonical_chunk(body)
+            .is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok());
+        if appended {
+            self.send_digest_work(id, shared);
+        }
+        appended
+    }
+
+    /// With `digest_on_workers`, hands the upload's unhashed bytes to a worker
+    /// whenever its hash state is home and enough have arrived.
+    fn send_digest_work(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
+        const STEP: usize = 4 * 1024 * 1024;
+        if let (true, UploadState::Receiving(upload)) =
+            (shared.config.digest_on_workers, &mut self.upload)
+        {
+            if let Some(work) = upload.digest_work(id, STEP) {
+                shared.events.push_back(Event::Digest(work));
+            }
+        }
+    }
+
+    /// Answers a commit, or starts its mount; waits first if a worker holds its hash state.
+    fn commit(&mut self, id: ConnectionId, upload: Upload, shared: &mut Shared<M>) {
+        if upload.digest_away() {
+            self.mounts_in_flight += 1;
+            self.committing.push_back(upload);
+            return;
+        }
+        match upload.commit() {
+            Ok(model) => {
+                self.mounts_in_flight += 1;
+                shared.mount(id, model);
+            }
+            Err(e) => self.mount_failed(&e),
+        }
+    }
+
+    /// A worker returns an upload's hash state: receiving goes on, or a waiting commit proceeds.
+    pub(crate) fn digest_returned(
+        &mut self,
+        id: ConnectionId,
+        work: DigestWork,
+        shared: &mut Shared<M>,
+    ) {
+        if let Some(i) = self.committing.iter().position(|u| u.id == work.upload) {
+            let mut upload = self.committing.remove(i).expect("position is in range");
+            self.mounts_in_flight -= 1;
+            if self.closing.is_none() {
+                upload.digest_returned(work);
+                self.commit(id, upload, shared);
+            }
+        } else if let (None, UploadState::Receiving(upload)) = (&self.closing, &mut self.upload) {
+            if upload.id == work.upload {
+                upload.digest_returned(work);
+                self.send_digest_work(id, shared);
+            }
+        }
     }
 
     fn infer(&mut self, id: ConnectionId, job: Infer, shared: &mut Shared<M>) {

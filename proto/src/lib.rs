@@ -83,3 +83,4 @@ pub use executor::{run_job, run_mount, Executor, Stub};
 pub use job::{Job, JobError, JobId, JobInput, JobOutcome, JobOutput};
 pub use message::{Message, Mode};
 pub use server::{Event, Mount, MountOutcome, MountToken, Node, ServerConfig};
+pub use upload::DigestWork;

@@ -20,7 +20,7 @@ use crate::error::ProtocolError;
 use crate::frame::DEFAULT_MAX_FRAME_LEN;
 use crate::job::{Job, JobError, JobId, JobInput, JobOutcome, JobOutput};
 use crate::message::{InferResult, Message, Mode, PromptResult, QueueStatus};
-use crate::upload::CommittedModel;
+use crate::upload::{CommittedModel, DigestWork};
 
 /// Everything a node's protocol behaviour depends on. Every limit has a default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Time a connection may stay over `max_outbound` (default 30 s).
     pub backpressure_timeout: Duration,
+    /// Emit [`Event::Digest`] so workers hash an upload's `weights_sha256` while it
+    /// arrives (default false: the hash is computed by [`run_mount`](crate::run_mount)
+    /// at commit). Turn it on only if you run every `Digest` event and hand it back.
+    pub digest_on_workers: bool,
     /// Worker threads an adapter runs for jobs and mounts (default 1, as in Go).
     /// The node itself runs nothing; `in_progress` counts what workers took.
     pub workers: usize,
@@ -67,6 +71,7 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(300)),
             backpressure_timeout: Duration::from_secs(30),
             workers: 1,
+            digest_on_workers: false,
         }
     }
 }
@@ -79,6 +84,9 @@ pub enum Event {
     Wake(ConnectionId),
     /// A job was queued: a worker should call [`Node::next_job`].
     JobQueued,
+    /// With [`ServerConfig::digest_on_workers`]: part of an upload to hash on a
+    /// worker ([`DigestWork::run`]), then hand back with [`Node::digest_done`].
+    Digest(DigestWork),
     /// A committed model to load: run it on a worker with
     /// [`run_mount`](crate::run_mount) and hand the outcome to [`Node::mount_done`].
     Mount(Mount),
@@ -136,7 +144,7 @@ pub(crate) struct Shared<M> {
     pub(crate) config: ServerConfig,
     queue: VecDeque<Queued<M>>,
     running: HashMap<JobId, (Route, usize)>,
-    events: VecDeque<Event>,
+    pub(crate) events: VecDeque<Event>,
     next_job: u64,
     shutting_down: bool,
 }
@@ -340,6 +348,20 @@ impl<M> Node<M> {
         };
         self.check_drained();
         delivered
+    }
+
+    /// Hands back hashed [`DigestWork`]; dropped if its upload is gone.
+    pub fn digest_done(&mut self, work: DigestWork, now: Instant) {
+        let conn_id = work.conn;
+        if let Some(conn) = self.conns.get_mut(&conn_id) {
+            let before = conn.pending_transmit();
+            conn.digest_returned(conn_id, work, &mut self.shared);
+            if conn.pending_transmit() != before {
+                conn.note_output(&self.shared.config, now);
+                self.shared.events.push_back(Event::Wake(conn_id));
+            }
+        }
+        self.check_drained();
     }
 
     /// Hands back a mount's outcome; `model_status` goes to the connection that committed.

@@ -328,6 +328,10 @@ fn serve(config: &ServerConfig, pieces: &[&[u8]]) -> (Vec<u8>, usize, usize, boo
                 node.complete(job.id, outcome, now);
             }
             Event::Wake(_) => {}
+            Event::Digest(mut work) => {
+                work.run();
+                node.digest_done(work, now);
+            }
         }
     }
     node.poll_transmit(conn, &mut out);
@@ -538,6 +542,10 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
                         node.complete(job.id, outcome, now);
                     }
                     Event::Wake(_) => {}
+                    Event::Digest(mut work) => {
+                        work.run();
+                        node.digest_done(work, now);
+                    }
                 }
             }
             let Some(c) = node.connection(conn) else {

@@ -10,9 +10,9 @@ use donate_proto::error::{ClientError, FrameError};
 use donate_proto::frame::{encode_frame, FrameDecoder};
 use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptResult};
 use donate_proto::{
-    run_job, run_mount, Answer, ClientConfig, ClientConnection, ClientEvent, ConnectionId, Event,
-    Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount, Node, RequestId,
-    ServerConfig, Stub,
+    run_job, run_mount, Answer, ClientConfig, ClientConnection, ClientEvent, ConnectionId,
+    DigestWork, Event, Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount, Node,
+    RequestId, ServerConfig, Stub,
 };
 use sha2::{Digest, Sha256};
 
@@ -66,6 +66,9 @@ struct Sim {
     workers: usize,
     held: Vec<Job<()>>,
     hold_mounts: bool,
+    /// Keep `Event::Digest` work in `held_digests` instead of running it.
+    hold_digests: bool,
+    held_digests: Vec<DigestWork>,
     held_mounts: Vec<Mount>,
     wakes: Vec<ConnectionId>,
 }
@@ -87,6 +90,8 @@ impl Sim {
             workers,
             held: Vec::new(),
             hold_mounts: false,
+            hold_digests: false,
+            held_digests: Vec::new(),
             held_mounts: Vec::new(),
             wakes: Vec::new(),
         }
@@ -359,6 +364,11 @@ impl Sim {
                 }
                 Event::Wake(conn) => self.wakes.push(conn),
                 Event::JobQueued => {}
+                Event::Digest(work) if self.hold_digests => self.held_digests.push(work),
+                Event::Digest(mut work) => {
+                    work.run();
+                    self.node.digest_done(work, self.now);
+                }
             }
         }
         if self.hold {
@@ -988,6 +998,69 @@ fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
     assert_eq!(sim.answer(p, failing), status(false, "no"));
     // The earlier model is still mounted: the job runs on it.
     assert_eq!(sim.answer(p, job), infer_ok("j5", vec![1, 1], 0));
+}
+
+#[test]
+fn workers_hash_an_upload_while_it_arrives() {
+    let weights: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let sha: [u8; 32] = Sha256::digest(&weights).into();
+    let mut wrong = sha;
+    wrong[0] ^= 1;
+    for (expected, ok) in [(sha, true), (wrong, false)] {
+        let mut sim = Sim::new(ServerConfig {
+            digest_on_workers: true,
+            ..ServerConfig::default()
+        });
+        sim.hold_digests = true;
+        let p = sim.client();
+        sim.events(p);
+        let request = sim.upload(p, "{}", &weights, Some(expected));
+        // The hash state went to a worker after the first 4 MiB and the commit
+        // waits for it to come back: no answer yet.
+        assert_eq!(sim.held_digests.len(), 1);
+        assert!(sim.held_digests[0].len() >= 4 * 1024 * 1024);
+        assert_eq!(sim.events(p), []);
+        // Hand the work back; the rest is hashed at mount time.
+        let mut work = sim.held_digests.pop().unwrap();
+        work.run();
+        assert!(work.is_empty());
+        sim.node.digest_done(work, sim.now);
+        sim.hold_digests = false;
+        sim.run();
+        let answer = sim.answer(p, request);
+        match answer {
+            Answer::ModelStatus(s) => {
+                assert_eq!(s.ok, ok, "{s:?}");
+                if !ok {
+                    assert!(s.message.starts_with("weights_sha256 mismatch"), "{s:?}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn hash_work_returned_after_its_connection_left_is_dropped() {
+    let mut sim = Sim::new(ServerConfig {
+        digest_on_workers: true,
+        ..ServerConfig::default()
+    });
+    sim.hold_digests = true;
+    let p = sim.client();
+    sim.events(p);
+    let weights = vec![7u8; 5 * 1024 * 1024];
+    let sha: [u8; 32] = Sha256::digest(&weights).into();
+    sim.upload(p, "{}", &weights, Some(sha));
+    let mut work = sim.held_digests.pop().unwrap();
+    let conn = sim.conn(p);
+    sim.node.remove(conn);
+    work.run();
+    sim.node.digest_done(work, sim.now);
+    assert!(sim.node.poll_event().is_none());
+    // Shutdown is not held up by the dropped commit.
+    sim.node.begin_shutdown();
+    assert!(sim.node.is_drained());
 }
 
 // ---------------------------------------------------------------------------

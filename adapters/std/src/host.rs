@@ -10,7 +10,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use donate_proto::{run_job, run_mount, ConnectionId, Event, Executor, Mount, Node, ServerConfig};
+use donate_proto::{
+    run_job, run_mount, ConnectionId, DigestWork, Event, Executor, Mount, Node, ServerConfig,
+};
 
 /// Called when a connection has bytes to send or must close.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -32,6 +34,7 @@ struct State<M> {
     node: Node<M>,
     wakers: HashMap<ConnectionId, Waker>,
     mounts: VecDeque<Mount>,
+    digests: VecDeque<DigestWork>,
     stop_workers: bool,
 }
 
@@ -46,13 +49,16 @@ pub struct Host<E: Executor> {
 
 impl<E: Executor> Host<E> {
     /// A host for a new node, with `config.workers` worker threads started.
-    pub fn start(config: ServerConfig, executor: E) -> Arc<Self> {
+    /// Uploads' `weights_sha256` is hashed by the workers as the bytes arrive.
+    pub fn start(mut config: ServerConfig, executor: E) -> Arc<Self> {
+        config.digest_on_workers = true;
         let workers = config.workers.max(1);
         let host = Arc::new(Host {
             state: Mutex::new(State {
                 node: Node::new(config),
                 wakers: HashMap::new(),
                 mounts: VecDeque::new(),
+                digests: VecDeque::new(),
                 stop_workers: false,
             }),
             work: Condvar::new(),
@@ -183,6 +189,10 @@ impl<E: Executor> Host<E> {
                     state.mounts.push_back(mount);
                     self.work.notify_one();
                 }
+                Event::Digest(work) => {
+                    state.digests.push_back(work);
+                    self.work.notify_one();
+                }
             }
         }
         if wake.is_empty() {
@@ -195,7 +205,7 @@ impl<E: Executor> Host<E> {
         self.lock()
     }
 
-    /// A worker: takes mounts and jobs in order of arrival and runs them unlocked.
+    /// A worker: takes mounts, then hashing, then jobs, and runs them unlocked.
     fn work_loop(&self) {
         let mut state = self.lock();
         loop {
@@ -204,6 +214,11 @@ impl<E: Executor> Host<E> {
                 let outcome = run_mount(&self.executor, mount);
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
+            } else if let Some(mut work) = state.digests.pop_front() {
+                drop(state);
+                work.run();
+                state = self.lock();
+                state.node.digest_done(work, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
                 let outcome = run_job(&self.executor, &job);
