@@ -43,8 +43,8 @@ enum UploadState {
     /// No upload since the last commit (or ever).
     #[default]
     Idle,
-    /// Between `model_begin` and `model_commit`.
-    Receiving(Upload),
+    /// Between `model_begin` and `model_commit` (boxed: idle connections stay small).
+    Receiving(Box<Upload>),
     /// Refused or failed: its remaining chunks and its commit get no answer.
     Failed,
 }
@@ -308,7 +308,7 @@ impl<M> Connection<M> {
                 self.uploads_begun += 1;
                 self.uploads_begun
             }) {
-                Ok(upload) => self.upload = UploadState::Receiving(upload),
+                Ok(upload) => self.upload = UploadState::Receiving(Box::new(upload)),
                 Err(e) => {
                     self.upload = UploadState::Failed;
                     self.refuse(&e, None);
@@ -330,7 +330,7 @@ impl<M> Connection<M> {
                 }
             }
             Message::ModelCommit => match std::mem::take(&mut self.upload) {
-                UploadState::Receiving(upload) => self.commit(id, upload, shared),
+                UploadState::Receiving(upload) => self.commit(id, *upload, shared),
                 UploadState::Failed => {}
                 UploadState::Idle => self.mount_failed(&MountError::CommitWithoutBegin),
             },
