@@ -304,11 +304,12 @@ impl<M> Connection<M> {
                 self.upload = UploadState::Failed;
                 self.refuse(&ProtocolError::ModelPushDisabled, None);
             }
-            Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len, {
-                self.uploads_begun += 1;
-                self.uploads_begun
-            }) {
-                Ok(upload) => self.upload = UploadState::Receiving(Box::new(upload)),
+            Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len) {
+                Ok(upload) => {
+                    self.uploads_begun += 1;
+                    let id = self.uploads_begun;
+                    self.upload = UploadState::Receiving(Box::new(Upload { id, ..upload }));
+                }
                 Err(e) => {
                     self.upload = UploadState::Failed;
                     self.refuse(&e, None);

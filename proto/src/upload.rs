@@ -101,7 +101,7 @@ impl CommittedModel {
 
 impl Upload {
     /// Starts an upload, checking `weights_len` against `max_model_len` and the hash's form.
-    pub fn begin(begin: ModelBegin, max_model_len: u64, id: u64) -> Result<Upload, ProtocolError> {
+    pub fn begin(begin: ModelBegin, max_model_len: u64) -> Result<Upload, ProtocolError> {
         let weights_len = u64::try_from(begin.weights_len)
             .ok()
             .filter(|len| *len <= max_model_len)
@@ -111,7 +111,7 @@ impl Upload {
             text => Some(parse_sha256(text).ok_or(ProtocolError::BadWeightsSha256)?),
         };
         Ok(Upload {
-            id,
+            id: 0,
             config_json: begin.config_json,
             weights_len,
             hash: match sha256 {
