@@ -305,10 +305,10 @@ impl<M> Connection<M> {
                 self.refuse(&ProtocolError::ModelPushDisabled, None);
             }
             Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len) {
-                Ok(upload) => {
+                Ok(mut upload) => {
                     self.uploads_begun += 1;
-                    let id = self.uploads_begun;
-                    self.upload = UploadState::Receiving(Box::new(Upload { id, ..upload }));
+                    upload.id = self.uploads_begun;
+                    self.upload = UploadState::Receiving(Box::new(upload));
                 }
                 Err(e) => {
                     self.upload = UploadState::Failed;
