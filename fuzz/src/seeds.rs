@@ -1,0 +1,669 @@
+//! The seed corpora in `fuzz/corpus/<target>/`: valid sessions from PROTOCOL.md's
+//! examples and sessions recorded from a [`ClientConnection`] talking to a
+//! [`Node`] in memory, plus a few that reach the limits.
+//!
+//! `tests/corpus.rs` checks that the committed files match, and rewrites them
+//! when `DONATE_FUZZ_WRITE_SEEDS=1`.
+
+use std::time::Instant;
+
+use donate_proto::frame::encode_frame;
+use donate_proto::message::{
+    ErrorFrame, Hello, InferResult, ModelStatus, PromptResult, QueueStatus,
+};
+use donate_proto::{
+    run_job, run_mount, ClientConfig, ClientConnection, Event, Message, Node, Stub,
+};
+
+use crate::client::{ClientCfg, ClientOp, ClientScript};
+use crate::common::{frames, GO_CLIENT_EXAMPLES, GO_NODE_EXAMPLES};
+use crate::decode;
+use crate::roundtrip;
+use crate::server::{variant_tag, Cfg, Op, Script, LM_PATH};
+
+/// A request a recorded session makes, in the client target's terms.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    /// Upload `len` bytes of 0xab.
+    Upload(u8),
+    /// Infer on ids `0..n` with `max_tokens`.
+    Infer(u8, i8),
+    /// Prompt of `n` times "word ".
+    Prompt(u8),
+    /// Ask for the queue's state.
+    Queue,
+}
+
+impl Action {
+    fn client_ops(self) -> Vec<ClientOp> {
+        match self {
+            Action::Upload(len) => vec![
+                ClientOp::BeginUpload {
+                    len: len.into(),
+                    sha: false,
+                },
+                ClientOp::UploadChunk { len: 0 },
+            ],
+            Action::Infer(ids, max_tokens) => vec![ClientOp::Infer { ids, max_tokens }],
+            Action::Prompt(len) => vec![ClientOp::Prompt { len }],
+            Action::Queue => vec![ClientOp::QueueStatus],
+        }
+    }
+}
+
+/// A session between a client and a node, as bytes each way.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Everything the client sent.
+    pub to_server: Vec<u8>,
+    /// Everything the node sent.
+    pub to_client: Vec<u8>,
+    /// Length of the node's first frame (its `hello`).
+    pub hello_len: usize,
+}
+
+/// Runs `actions` from a [`ClientConnection`] against a [`Node`] with the [`Stub`], recording both streams.
+pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
+    let now = Instant::now();
+    let config = cfg.server_config();
+    let stub = Stub::new(config.local_lm_path.clone());
+    let mut node: Node<()> = Node::new(config);
+    let mut client = ClientConnection::new(ClientConfig {
+        chunk_size: 256,
+        ..ClientConfig::default()
+    });
+    let conn = node.accept(now);
+    let mut rec = Recorded {
+        to_server: Vec::new(),
+        to_client: Vec::new(),
+        hello_len: 0,
+    };
+    let pump = |node: &mut Node<()>, client: &mut ClientConnection, rec: &mut Recorded| loop {
+        let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+        node.poll_transmit(conn, &mut to_client);
+        client
+            .handle_input(&to_client)
+            .expect("the node's bytes are valid");
+        client.poll_transmit(&mut to_server);
+        node.handle_input(conn, &to_server, now);
+        while let Some(event) = node.poll_event() {
+            if let Event::Mount(mount) = event {
+                node.mount_done(run_mount(&stub, mount), now);
+            }
+        }
+        while let Some(job) = node.next_job() {
+            let outcome = run_job(&stub, &job);
+            node.complete(job.id, outcome, now);
+        }
+        if rec.hello_len == 0 {
+            rec.hello_len = to_client.len();
+        }
+        rec.to_client.extend_from_slice(&to_client);
+        rec.to_server.extend_from_slice(&to_server);
+        if to_client.is_empty() && to_server.is_empty() {
+            break;
+        }
+    };
+    pump(&mut node, &mut client, &mut rec);
+    for action in actions {
+        match *action {
+            Action::Upload(len) => {
+                client
+                    .begin_upload(r#"{"ok":true}"#, len.into(), None)
+                    .expect("connected");
+                while client.upload_wants() > 0 {
+                    let n = client.upload_wants();
+                    client.upload_chunk(&vec![0xab; n]).expect("upload chunk");
+                }
+            }
+            Action::Infer(ids, max_tokens) => {
+                let ids: Vec<i32> = (0..(ids % 8) as i32).collect();
+                client.infer(&ids, max_tokens.into()).expect("connected");
+            }
+            Action::Prompt(n) => {
+                client
+                    .prompt(&"word ".repeat(n as usize), 0)
+                    .expect("connected");
+            }
+            Action::Queue => {
+                client.queue_status().expect("connected");
+            }
+        }
+    }
+    pump(&mut node, &mut client, &mut rec);
+    rec
+}
+
+/// The model_push session the recorded seeds use.
+pub const MODEL_PUSH_SESSION: [Action; 6] = [
+    Action::Upload(4),
+    Action::Infer(2, 3),
+    Action::Queue,
+    Action::Prompt(2),
+    Action::Infer(0, 0),
+    Action::Upload(0),
+];
+
+/// The local_lm session the recorded seeds use.
+pub const LOCAL_LM_SESSION: [Action; 5] = [
+    Action::Prompt(2),
+    Action::Prompt(12),
+    Action::Infer(1, 1),
+    Action::Queue,
+    Action::Upload(3),
+];
+
+fn one_of_each() -> Vec<u8> {
+    let msgs = [
+        Message::Hello(Hello {
+            mode: "local_lm".into(),
+            role: "server".into(),
+            local_lm_path: LM_PATH.into(),
+            queue_capacity: 2,
+        }),
+        Message::ModelStatus(ModelStatus {
+            ok: false,
+            message: "no config".into(),
+        }),
+        Message::InferResult(InferResult {
+            job_id: "j2".into(),
+            ok: false,
+            error: "queue full".into(),
+            code: "queue_full".into(),
+            ..InferResult::default()
+        }),
+        Message::PromptResult(PromptResult {
+            job_id: "p3".into(),
+            ok: true,
+            text: "[prompt stub] stub says: maybe".into(),
+            queue_depth: 1,
+            ..PromptResult::default()
+        }),
+        Message::QueueStatus(QueueStatus {
+            depth: 1,
+            capacity: 64,
+            in_progress: true,
+        }),
+        Message::QueueStatusRequest,
+        Message::ModelCommit,
+        Message::Error(ErrorFrame {
+            code: "wrong_mode".into(),
+            error: "this node is local_lm; send prompt, not infer".into(),
+            job_id: "j4".into(),
+        }),
+    ];
+    crate::common::encode_all(&msgs)
+}
+
+/// Seeds of the `decode` target.
+pub fn decode() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = vec![
+        (
+            "go-node-examples".to_owned(),
+            decode::input(0, &[], &frames(GO_NODE_EXAMPLES)),
+        ),
+        (
+            "go-client-examples".to_owned(),
+            decode::input(0, &[], &frames(GO_CLIENT_EXAMPLES)),
+        ),
+        (
+            "go-client-examples-split".to_owned(),
+            decode::input(0, &[1, 3, 4, 60, 61, 200, 201], &frames(GO_CLIENT_EXAMPLES)),
+        ),
+        (
+            "go-client-examples-max-100".to_owned(),
+            decode::input(100, &[2, 90], &frames(GO_CLIENT_EXAMPLES)),
+        ),
+        (
+            "one-of-each".to_owned(),
+            decode::input(0, &[], &one_of_each()),
+        ),
+        (
+            "zero-length".to_owned(),
+            decode::input(0, &[], &[0, 0, 0, 0, b'{', b'}']),
+        ),
+        ("over-max".to_owned(), {
+            let mut stream = Vec::new();
+            encode_frame(br#"{"v":1,"type":"model_commit"}"#, &mut stream);
+            stream.extend_from_slice(&65u32.to_le_bytes());
+            stream.extend_from_slice(b"{\"v\":1");
+            decode::input(64, &[5, 40], &stream)
+        }),
+        ("announces-64mib".to_owned(), {
+            let mut stream = (64u32 << 20).to_le_bytes().to_vec();
+            stream.extend_from_slice(br#"{"v":1,"type":"weights_chunk","index":0,"data_b64":""#);
+            decode::input(0, &[2, 30], &stream)
+        }),
+        (
+            "not-json".to_owned(),
+            decode::input(
+                0,
+                &[],
+                &frames(["[1,2]", "nul", "\"s\"", "{\"v\":2}", "{\"type\":7}"]),
+            ),
+        ),
+    ];
+    for (i, body) in GO_NODE_EXAMPLES
+        .iter()
+        .chain(&GO_CLIENT_EXAMPLES)
+        .enumerate()
+    {
+        seeds.push((
+            format!("example-{i}"),
+            decode::input(0, &[], &frames([*body])),
+        ));
+    }
+    for (name, cfg, actions) in recorded_sessions() {
+        let rec = record(&cfg, &actions);
+        seeds.push((
+            format!("{name}-to-server"),
+            decode::input(0, &[], &rec.to_server),
+        ));
+        seeds.push((
+            format!("{name}-to-client"),
+            decode::input(0, &[], &rec.to_client),
+        ));
+    }
+    seeds
+}
+
+fn recorded_sessions() -> Vec<(&'static str, Cfg, Vec<Action>)> {
+    vec![
+        (
+            "recorded-model-push",
+            Cfg::roomy(false),
+            MODEL_PUSH_SESSION.to_vec(),
+        ),
+        (
+            "recorded-local-lm",
+            Cfg::roomy(true),
+            LOCAL_LM_SESSION.to_vec(),
+        ),
+    ]
+}
+
+/// Seeds of the `server` target (as builders, so tests can check how they read back).
+pub fn server_scripts() -> Vec<(String, Script)> {
+    let push = Cfg::roomy(false);
+    let lm = Cfg::roomy(true);
+    let go_client = frames(GO_CLIENT_EXAMPLES);
+    let mut seeds = vec![
+        (
+            "go-client-session".to_owned(),
+            Script::new(&push)
+                .op(Op::Accept)
+                .input(0, &go_client)
+                .op(Op::Pump),
+        ),
+        ("go-client-stepwise".to_owned(), {
+            let mut s = Script::new(&push)
+                .op(Op::Accept)
+                .op(Op::Transmit { conn: 0 })
+                .input(0, &go_client);
+            for _ in 0..12 {
+                s = s
+                    .op(Op::Feed { conn: 0, max: 37 })
+                    .op(Op::PollEvents)
+                    .op(Op::Mount { pick: 0, ok: true });
+                s = s
+                    .op(Op::NextJob)
+                    .op(Op::Complete {
+                        pick: 0,
+                        outcome: 0,
+                    })
+                    .op(Op::Transmit { conn: 0 });
+            }
+            s
+        }),
+        (
+            "go-client-local-lm".to_owned(),
+            Script::new(&lm)
+                .op(Op::Accept)
+                .input(0, &go_client)
+                .op(Op::Pump),
+        ),
+        ("uploads-with-flaws".to_owned(), {
+            let mut s = Script::new(&push)
+                .op(Op::Accept)
+                .op(Op::SendHello { conn: 0 });
+            for flaw in 0..10 {
+                s = s.op(Op::SendUpload {
+                    conn: 0,
+                    len: 20 + flaw,
+                    chunk: 6,
+                    flaw,
+                });
+                s = s.op(Op::SendInfer {
+                    conn: 0,
+                    ids: flaw,
+                    max_tokens: flaw as i8 - 2,
+                });
+                s = s.op(Op::Pump);
+            }
+            s
+        }),
+        ("two-clients-queue-full".to_owned(), {
+            let mut cfg = push.clone();
+            cfg.queue_capacity = 1;
+            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Accept);
+            for conn in 0..2 {
+                s = s.op(Op::SendUpload {
+                    conn,
+                    len: 8,
+                    chunk: 3,
+                    flaw: 1,
+                });
+            }
+            s = s.op(Op::Pump);
+            for i in 0..6 {
+                s = s.op(Op::SendInfer {
+                    conn: i % 2,
+                    ids: i,
+                    max_tokens: 3,
+                });
+                s = s.op(Op::Feed {
+                    conn: i % 2,
+                    max: 0,
+                });
+            }
+            s.op(Op::SendQueueStatus { conn: 0 })
+                .op(Op::PollEvents)
+                .op(Op::NextJob)
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::Complete {
+                    pick: 0,
+                    outcome: 2,
+                })
+                .op(Op::Pump)
+        }),
+        ("local-lm-prompts".to_owned(), {
+            let mut s = Script::new(&lm)
+                .op(Op::Accept)
+                .op(Op::SendHello { conn: 0 });
+            for which in 0..6 {
+                s = s.op(Op::SendPrompt { conn: 0, which });
+            }
+            s.op(Op::SendInfer {
+                conn: 0,
+                ids: 2,
+                max_tokens: 3,
+            })
+            .op(Op::SendUpload {
+                conn: 0,
+                len: 4,
+                chunk: 1,
+                flaw: 0,
+            })
+            .op(Op::SendQueueStatus { conn: 0 })
+            .op(Op::Pump)
+        }),
+        ("timeouts".to_owned(), {
+            let mut cfg = push.clone();
+            cfg.handshake_ms = 100;
+            cfg.stall_ms = 50;
+            cfg.idle_ms = 300;
+            let partial = &go_client[..10];
+            Script::new(&cfg)
+                .op(Op::Accept)
+                .op(Op::Accept)
+                .op(Op::Accept)
+                .input(0, partial)
+                .op(Op::Feed { conn: 0, max: 0 })
+                .input(1, &go_client[..go_client.len() / 2])
+                .op(Op::Feed { conn: 1, max: 0 })
+                .op(Op::Advance { ms: 60 })
+                .op(Op::HandleTimeout)
+                .op(Op::Advance { ms: 60 })
+                .op(Op::HandleTimeout)
+                .op(Op::Transmit { conn: 0 })
+                .op(Op::Pump)
+                .op(Op::Advance { ms: 400 })
+                .op(Op::HandleTimeout)
+                .op(Op::Pump)
+        }),
+        ("backpressure".to_owned(), {
+            let mut cfg = push.clone();
+            cfg.max_outbound = 300;
+            cfg.backpressure_ms = 1000;
+            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Pause { conn: 0 });
+            for _ in 0..8 {
+                s = s
+                    .op(Op::SendQueueStatus { conn: 0 })
+                    .op(Op::Feed { conn: 0, max: 0 });
+            }
+            s.op(Op::Advance { ms: 999 })
+                .op(Op::HandleTimeout)
+                .op(Op::Advance { ms: 1 })
+                .op(Op::HandleTimeout)
+                .op(Op::Pump)
+        }),
+        ("shutdown-mid-job".to_owned(), {
+            Script::new(&push)
+                .op(Op::Accept)
+                .op(Op::SendUpload {
+                    conn: 0,
+                    len: 4,
+                    chunk: 4,
+                    flaw: 0,
+                })
+                .op(Op::Pump)
+                .op(Op::SendInfer {
+                    conn: 0,
+                    ids: 2,
+                    max_tokens: 3,
+                })
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::PollEvents)
+                .op(Op::NextJob)
+                .op(Op::Shutdown)
+                .op(Op::SendInfer {
+                    conn: 0,
+                    ids: 1,
+                    max_tokens: 1,
+                })
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::Accept)
+                .op(Op::Complete {
+                    pick: 0,
+                    outcome: 0,
+                })
+                .op(Op::Transmit { conn: 0 })
+                .op(Op::Transmit { conn: 1 })
+        }),
+        ("connection-limit".to_owned(), {
+            let mut cfg = push.clone();
+            cfg.max_connections = 0;
+            Script::new(&cfg)
+                .op(Op::Accept)
+                .op(Op::Accept)
+                .op(Op::Transmit { conn: 1 })
+                .op(Op::Remove { conn: 0 })
+                .op(Op::Accept)
+                .input(2, &go_client)
+                .op(Op::Pump)
+        }),
+        ("mount-after-stall".to_owned(), {
+            let mut cfg = push.clone();
+            cfg.stall_ms = 10;
+            Script::new(&cfg)
+                .op(Op::Accept)
+                .op(Op::SendUpload {
+                    conn: 0,
+                    len: 4,
+                    chunk: 4,
+                    flaw: 0,
+                })
+                .input(0, &[9, 0])
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::PollEvents)
+                .op(Op::Advance { ms: 20 })
+                .op(Op::HandleTimeout)
+                .op(Op::Mount { pick: 0, ok: false })
+                .op(Op::Pump)
+        }),
+        ("mount-after-peer-closed".to_owned(), {
+            Script::new(&push)
+                .op(Op::Accept)
+                .op(Op::SendUpload {
+                    conn: 0,
+                    len: 4,
+                    chunk: 4,
+                    flaw: 0,
+                })
+                .op(Op::SendInfer {
+                    conn: 0,
+                    ids: 1,
+                    max_tokens: 1,
+                })
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::PollEvents)
+                .op(Op::PeerClosed { conn: 0 })
+                .op(Op::Mount { pick: 0, ok: true })
+                .op(Op::Pump)
+        }),
+    ];
+    for (name, cfg, actions) in recorded_sessions() {
+        let rec = record(&cfg, &actions);
+        seeds.push((
+            name.to_owned(),
+            Script::new(&cfg)
+                .op(Op::Accept)
+                .input(0, &rec.to_server)
+                .op(Op::Pump),
+        ));
+    }
+    seeds
+}
+
+/// Seeds of the `server` target.
+pub fn server() -> Vec<(String, Vec<u8>)> {
+    server_scripts()
+        .into_iter()
+        .map(|(n, s)| (n, s.bytes()))
+        .collect()
+}
+
+/// Seeds of the `client` target (as builders).
+pub fn client_scripts() -> Vec<(String, ClientScript)> {
+    let cfg = ClientCfg {
+        max_frame_len: 0,
+        chunk_size: 255,
+        upload_window: u16::MAX,
+    };
+    let node = frames(GO_NODE_EXAMPLES);
+    let hello_len = 4 + GO_NODE_EXAMPLES[0].len();
+    let mut seeds = vec![
+        (
+            "go-node-examples".to_owned(),
+            ClientScript::new(&cfg)
+                .input(&node[..hello_len])
+                .op(ClientOp::Infer {
+                    ids: 2,
+                    max_tokens: 3,
+                })
+                .op(ClientOp::Transmit)
+                .input(&node[hello_len..])
+                .op(ClientOp::Events),
+        ),
+        ("answers".to_owned(), {
+            let mut s = ClientScript::new(&cfg)
+                .op(ClientOp::ServerHello { local_lm: false })
+                .op(ClientOp::BeginUpload {
+                    len: 600,
+                    sha: true,
+                });
+            for _ in 0..3 {
+                s = s
+                    .op(ClientOp::UploadChunk { len: 0 })
+                    .op(ClientOp::Transmit);
+            }
+            s = s
+                .op(ClientOp::Infer {
+                    ids: 1,
+                    max_tokens: 0,
+                })
+                .op(ClientOp::Prompt { len: 3 })
+                .op(ClientOp::QueueStatus);
+            for kind in 0..7 {
+                s = s.op(ClientOp::Answer {
+                    kind,
+                    pick: kind,
+                    ok: kind % 2 == 0,
+                });
+            }
+            s.op(ClientOp::Transmit).op(ClientOp::Events)
+        }),
+        (
+            "no-hello".to_owned(),
+            ClientScript::new(&cfg)
+                .op(ClientOp::Infer {
+                    ids: 1,
+                    max_tokens: 1,
+                })
+                .input(&node[hello_len..])
+                .input(&node[..hello_len]),
+        ),
+    ];
+    for (name, server_cfg, actions) in recorded_sessions() {
+        let rec = record(&server_cfg, &actions);
+        let mut s = ClientScript::new(&cfg).input(&rec.to_client[..rec.hello_len]);
+        for action in &actions {
+            for op in action.client_ops() {
+                s = s.op(op);
+            }
+        }
+        s = s
+            .op(ClientOp::Transmit)
+            .input(&rec.to_client[rec.hello_len..])
+            .op(ClientOp::Events);
+        seeds.push((name.to_owned(), s));
+    }
+    seeds
+}
+
+/// Seeds of the `client` target.
+pub fn client() -> Vec<(String, Vec<u8>)> {
+    client_scripts()
+        .into_iter()
+        .map(|(n, s)| (n, s.bytes()))
+        .collect()
+}
+
+/// Seeds of the `roundtrip` target: each message type, then all of them.
+pub fn roundtrip() -> Vec<(String, Vec<u8>)> {
+    let mut all = Vec::new();
+    let mut seeds = Vec::new();
+    for i in 0..roundtrip::VARIANTS {
+        let mut one = variant_tag(i, roundtrip::VARIANTS).to_vec();
+        one.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+        all.extend_from_slice(&one);
+        seeds.push((format!("variant-{i}"), one));
+    }
+    seeds.push(("all-variants".to_owned(), all));
+    seeds
+}
+
+/// Every target's seeds: (target, name, bytes).
+pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (target, seeds) in [
+        ("decode", decode()),
+        ("server", server()),
+        ("client", client()),
+        ("roundtrip", roundtrip()),
+    ] {
+        out.extend(seeds.into_iter().map(|(n, b)| (target, n, b)));
+    }
+    out
+}
+
+/// Runs the harness of `target` on `data`.
+pub fn run(target: &str, data: &[u8]) {
+    match target {
+        "decode" => crate::decode::run(data),
+        "server" => crate::server::run(data),
+        "client" => crate::client::run(data),
+        "roundtrip" => crate::roundtrip::run(data),
+        other => panic!("no target {other}"),
+    }
+}
