@@ -1,0 +1,1134 @@
+//! Loopback benchmark of issue 6: every scenario against each adapter's node
+//! (`donate serve --runtime std|smol|tokio`, a separate process) and against a
+//! raw-TCP baseline measured in the same run, printed as one Markdown table.
+//!
+//! ```text
+//! cargo bench --bench e2e                          # full run (a few minutes)
+//! cargo bench --bench e2e -- --quick               # seconds-long smoke (CI)
+//! cargo bench --bench e2e -- --scenario upload     # one scenario (repeatable)
+//! cargo bench --bench e2e -- --runtime tokio       # one adapter (repeatable)
+//! ```
+//!
+//! Scenarios: `upload`, `memory`, `round-trips`, `many-clients`, `pipelining`,
+//! `idle`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
+//! bounded; a scenario that fails or times out is reported as a row and makes
+//! the run exit non-zero. Missing a goal does not: goals are what the table
+//! reports on.
+
+use std::error::Error;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use donate_proto::message::{encode_weights_chunk, Hello, Infer, InferResult, ModelBegin};
+use donate_proto::Message;
+use donate_std::Client;
+use sha2::{Digest, Sha256};
+
+type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
+
+const BIN: &str = env!("CARGO_BIN_EXE_donate");
+const RUNTIMES: [&str; 3] = ["std", "smol", "tokio"];
+const MIB: u64 = 1024 * 1024;
+/// Read/write timeout of every raw socket.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for the node to take in what was sent before its RSS is read.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// A small infer job, and the stub's answer to it (8 inputs + 8 generated tokens).
+const INPUT_IDS: [i32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+const MAX_TOKENS: i64 = 8;
+
+/// How big each scenario runs: the full run or `--quick`.
+struct Sizes {
+    upload_len: u64,
+    upload_reps: usize,
+    round_trips: usize,
+    warm_up: usize,
+    clients: usize,
+    jobs_per_client: usize,
+    pipeline_sequential: usize,
+    pipeline_rounds: usize,
+    idle_async: usize,
+    idle_std: usize,
+    silent: usize,
+}
+
+const FULL: Sizes = Sizes {
+    upload_len: 1024 * MIB,
+    upload_reps: 3,
+    round_trips: 20_000,
+    warm_up: 500,
+    clients: 64,
+    jobs_per_client: 1_000,
+    pipeline_sequential: 5_000,
+    pipeline_rounds: 5,
+    idle_async: 10_000,
+    idle_std: 2_000,
+    silent: 1_000,
+};
+
+const QUICK: Sizes = Sizes {
+    upload_len: 64 * MIB,
+    upload_reps: 1,
+    round_trips: 2_000,
+    warm_up: 100,
+    clients: 64,
+    jobs_per_client: 50,
+    pipeline_sequential: 1_000,
+    pipeline_rounds: 1,
+    idle_async: 1_000,
+    idle_std: 500,
+    silent: 100,
+};
+
+/// Jobs in flight on one connection in the pipelining scenario.
+const PIPELINE_DEPTH: usize = 10_000;
+
+/// A scenario: its name on the command line and the function that runs it.
+type Scenario = (&'static str, fn(&Bench, &mut Table) -> Result<()>);
+
+const SCENARIOS: [Scenario; 6] = [
+    ("upload", upload),
+    ("memory", memory),
+    ("round-trips", round_trips),
+    ("many-clients", many_clients),
+    ("pipelining", pipelining),
+    ("idle", idle_connections),
+];
+
+/// What this run does.
+struct Bench {
+    size: &'static Sizes,
+    quick: bool,
+    scenarios: Vec<String>,
+    runtimes: Vec<&'static str>,
+    /// Open files allowed to this process and to the nodes it starts.
+    nofile: u64,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child-push") {
+        return child_push(&args[1..]);
+    }
+    let bench = match Bench::from_args(&args) {
+        Ok(bench) => bench,
+        Err(e) => {
+            eprintln!("e2e: {e}\nusage: cargo bench --bench e2e -- [--quick] [--scenario NAME]... [--runtime std|smol|tokio]...\nscenarios: {}",
+                SCENARIOS.map(|(name, _)| name).join(", "));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut table = Table::default();
+    table.note(format!(
+        "{} run; RLIMIT_NOFILE {}; every ratio compares figures measured in this run",
+        if bench.quick { "--quick" } else { "full" },
+        bench.nofile
+    ));
+    table.note(format!("load average at start: {}", load_average()));
+    let started = Instant::now();
+    for (name, run) in SCENARIOS {
+        if !bench.scenarios.is_empty() && !bench.scenarios.iter().any(|s| s == name) {
+            continue;
+        }
+        eprintln!("e2e: {name}…");
+        let scenario_start = Instant::now();
+        if let Err(e) = run(&bench, &mut table) {
+            table.failed(name, &e.to_string());
+        }
+        eprintln!(
+            "e2e: {name} done in {:.1} s",
+            scenario_start.elapsed().as_secs_f64()
+        );
+    }
+    table.note(format!(
+        "total time {:.1} s; load average at end: {} (the machine is shared: compare ratios, not absolute figures)",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    ));
+    table.print();
+    if table.failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+impl Bench {
+    fn from_args(args: &[String]) -> Result<Bench> {
+        let mut bench = Bench {
+            size: &FULL,
+            quick: false,
+            scenarios: Vec::new(),
+            runtimes: Vec::new(),
+            nofile: raise_nofile_limit()?,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--bench" => {} // passed by `cargo bench`
+                "--quick" => {
+                    bench.quick = true;
+                    bench.size = &QUICK;
+                }
+                "--scenario" => {
+                    let name = args.next().ok_or("--scenario needs a name")?;
+                    if !SCENARIOS.iter().any(|(s, _)| s == name) {
+                        return Err(format!("unknown scenario {name:?}").into());
+                    }
+                    bench.scenarios.push(name.clone());
+                }
+                "--runtime" => {
+                    let name = args.next().ok_or("--runtime needs a name")?;
+                    let runtime = RUNTIMES
+                        .into_iter()
+                        .find(|r| r == name)
+                        .ok_or_else(|| format!("unknown runtime {name:?}"))?;
+                    bench.runtimes.push(runtime);
+                }
+                other => return Err(format!("unknown argument {other:?}").into()),
+            }
+        }
+        if bench.runtimes.is_empty() {
+            bench.runtimes = RUNTIMES.to_vec();
+        }
+        Ok(bench)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+/// Upload throughput, with and without `weights_sha256`, beside the raw-TCP copy
+/// of the same wire bytes and single-core SHA-256, all measured here.
+fn upload(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let len = size.upload_len;
+    let sha_rate = sha256_rate()?;
+    table
+        .row("upload", "SHA-256, one core (sha2, 64 MiB)")
+        .figure(mb_s(sha_rate));
+    let raw_rate = median(size.upload_reps, || raw_upload(len))?;
+    table
+        .row("upload", format!("raw TCP, wire bytes of {}", bytes(len)))
+        .figure(format!("{} (payload-equivalent)", mb_s(raw_rate)));
+    let sha = donate_std::sha256_of_reader(io::repeat(7).take(len))?;
+    for &runtime in &bench.runtimes {
+        let node = Node::start(runtime, &[])?;
+        let plain = median(size.upload_reps, || push(node.addr, len, None))?;
+        let hashed = median(size.upload_reps, || push(node.addr, len, Some(sha)))?;
+        node.stop()?;
+        table
+            .row(
+                "upload",
+                format!("{runtime}: {} in 1 MiB chunks", bytes(len)),
+            )
+            .figure(mb_s(plain))
+            .reference(format!("raw TCP {}", mb_s(raw_rate)), plain / raw_rate)
+            .goal(">= 1000 MB/s", plain >= 1e9);
+        table
+            .row("upload", format!("{runtime}: same, with weights_sha256"))
+            .figure(mb_s(hashed))
+            .reference(format!("SHA-256 {}", mb_s(sha_rate)), hashed / sha_rate)
+            .goal(">= 0.75 x SHA-256", hashed >= 0.75 * sha_rate);
+    }
+    table.note("upload: payload MB/s (10^6 bytes/s) from connect to model_status; the client reads from io::repeat; the hash for weights_sha256 is computed before timing");
+    Ok(())
+}
+
+/// Server and client peak RSS during an upload, and what a silent 64 MiB frame
+/// header or a 6 GB `model_begin` costs the server per connection.
+fn memory(bench: &Bench, table: &mut Table) -> Result<()> {
+    let len = bench.size.upload_len;
+    let n = bench.size.silent;
+    let max_conns = (n + 100).to_string();
+    let patient = [
+        "--max-connections",
+        &max_conns,
+        "--handshake-timeout",
+        "600",
+        "--stall-timeout",
+        "600",
+    ];
+    for &runtime in &bench.runtimes {
+        let node = Node::start(runtime, &[])?;
+        let client_hwm = child_push_run(node.addr, len)?;
+        let server_hwm = node.status_bytes("VmHWM")?;
+        node.stop()?;
+        let limit = 1.1 * len as f64 + (64 * MIB) as f64;
+        table
+            .row(
+                "memory",
+                format!("{runtime}: server peak RSS, {} upload", bytes(len)),
+            )
+            .figure(bytes(server_hwm))
+            .reference(
+                format!("model {}", bytes(len)),
+                server_hwm as f64 / len as f64,
+            )
+            .goal("<= 1.1 x model + 64 MiB", (server_hwm as f64) <= limit);
+        table
+            .row(
+                "memory",
+                format!("{runtime}: client peak RSS (std client, subprocess)"),
+            )
+            .figure(bytes(client_hwm))
+            .reference(
+                format!("model {}", bytes(len)),
+                client_hwm as f64 / len as f64,
+            )
+            .goal("<= 64 MiB", client_hwm <= 64 * MIB);
+
+        let header = (64 * MIB as u32).to_le_bytes().to_vec();
+        let begin = frame(&Message::ModelBegin(ModelBegin {
+            config_json: "{}".to_owned(),
+            weights_len: 6_000_000_000,
+            weights_sha256: String::new(),
+        }));
+        for (what, bytes_sent) in [("64 MiB frame header", header), ("6 GB model_begin", begin)] {
+            let node = Node::start(runtime, &patient)?;
+            let before = node.status_bytes("VmRSS")?;
+            let conns = open_connections(node.addr, n, &bytes_sent)?;
+            thread::sleep(SETTLE);
+            let after = node.status_bytes("VmRSS")?;
+            drop(conns);
+            node.stop()?;
+            let per = after.saturating_sub(before) as f64 / n as f64;
+            table
+                .row("memory", format!("{runtime}: {what} then silence, x{n}"))
+                .figure(format!("{} per connection", kib(per)))
+                .goal("<= 1 MiB", per <= MIB as f64);
+        }
+    }
+    table.note("memory: peak RSS is VmHWM of the process; per-connection cost is the server's VmRSS delta from before the connections to 1 s after the last one, divided (connections send the client hello, then the bytes named, then nothing; the timeouts are raised so none is closed)");
+    Ok(())
+}
+
+/// One client, sequential small jobs, beside a raw-TCP ping-pong of frames of the same sizes.
+fn round_trips(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let raw = raw_ping_pong(1, size.round_trips, size.warm_up)?;
+    table
+        .row("round trips", "raw TCP ping-pong, 1 connection")
+        .figure(raw.summary());
+    for &runtime in &bench.runtimes {
+        let node = Node::start(runtime, &[])?;
+        let stats = node_jobs(node.addr, 1, size.round_trips, size.warm_up)?;
+        node.stop()?;
+        let rate = stats.rate() / raw.rate();
+        let p99 = stats.p(0.99).as_secs_f64() / raw.p(0.99).as_secs_f64();
+        table
+            .row(
+                "round trips",
+                format!("{runtime}: 1 client, sequential infer"),
+            )
+            .figure(stats.summary())
+            .reference(format!("raw {:.0} jobs/s", raw.rate()), rate)
+            .goal(
+                format!(">= 0.85 x raw; p99 <= 1.5 x raw (is {p99:.2} x)"),
+                rate >= 0.85 && p99 <= 1.5,
+            );
+    }
+    let (request, answer) = job_frame_sizes();
+    table.note(format!("round trips: {} timed jobs after {} warm-up; frames of {request} B (infer) and {answer} B (infer_result) both ways, raw included", size.round_trips, size.warm_up));
+    Ok(())
+}
+
+/// Many clients with sequential jobs on a node with two workers, beside a raw echo.
+fn many_clients(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let (clients, jobs) = (size.clients, size.jobs_per_client);
+    let warm_up = size.warm_up / 10;
+    let raw = raw_ping_pong(clients, jobs, warm_up)?;
+    table
+        .row(
+            "many clients",
+            format!("raw TCP ping-pong, {clients} connections"),
+        )
+        .figure(raw.summary());
+    for &runtime in &bench.runtimes {
+        let node = Node::start(runtime, &["--workers", "2"])?;
+        let stats = node_jobs(node.addr, clients, jobs, warm_up)?;
+        node.stop()?;
+        let ratio = stats.rate() / raw.rate();
+        table
+            .row(
+                "many clients",
+                format!("{runtime}: {clients} clients, --workers 2"),
+            )
+            .figure(stats.summary())
+            .reference(format!("raw {:.0} jobs/s", raw.rate()), ratio)
+            .goal(">= 0.70 x raw", ratio >= 0.70);
+    }
+    table.note(format!("many clients: one thread per client, {jobs} timed jobs each after {warm_up} warm-up, all started together; jobs/s counts every client's jobs over the wall time"));
+    Ok(())
+}
+
+/// One connection with 10,000 jobs in flight, against the sequential rate on the same node.
+fn pipelining(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let queue = PIPELINE_DEPTH.to_string();
+    for &runtime in &bench.runtimes {
+        let node = Node::start(runtime, &["--queue", &queue])?;
+        let sequential = node_jobs(node.addr, 1, size.pipeline_sequential, size.warm_up)?;
+        let pipelined = node_pipelined(node.addr, size.pipeline_rounds)?;
+        node.stop()?;
+        let ratio = pipelined / sequential.rate();
+        table
+            .row(
+                "pipelining",
+                format!("{runtime}: {PIPELINE_DEPTH} jobs in flight"),
+            )
+            .figure(format!("{pipelined:.0} jobs/s"))
+            .reference(format!("sequential {:.0} jobs/s", sequential.rate()), ratio)
+            .goal(">= 10 x sequential", ratio >= 10.0);
+    }
+    table.note(format!("pipelining: --queue {PIPELINE_DEPTH}; {} round(s) of {PIPELINE_DEPTH} jobs sent at once, then every answer awaited; the sequential rate is measured on the same node just before", size.pipeline_rounds));
+    Ok(())
+}
+
+/// Server RSS per open idle connection (hello exchanged, then nothing).
+fn idle_connections(bench: &Bench, table: &mut Table) -> Result<()> {
+    // This process holds one descriptor per connection, the node one more; keep some spare.
+    let budget = (bench.nofile as usize).saturating_sub(200);
+    for &runtime in &bench.runtimes {
+        let wanted = if runtime == "std" {
+            bench.size.idle_std
+        } else {
+            bench.size.idle_async
+        };
+        let n = wanted.min(budget);
+        if n < wanted {
+            table.note(format!(
+                "idle: {runtime} measured with {n} connections, not {wanted}: RLIMIT_NOFILE hard limit is {}",
+                bench.nofile
+            ));
+        }
+        let max_conns = (n + 100).to_string();
+        let node = Node::start(runtime, &["--max-connections", &max_conns])?;
+        // Let the runtime start its threads and allocator arenas before the baseline.
+        drop(open_connections(node.addr, 10, &[])?);
+        thread::sleep(Duration::from_millis(200));
+        let before = node.status_bytes("VmRSS")?;
+        let conns = open_connections(node.addr, n, &[])?;
+        thread::sleep(SETTLE);
+        let after = node.status_bytes("VmRSS")?;
+        drop(conns);
+        node.stop()?;
+        let per = after.saturating_sub(before) as f64 / n as f64;
+        let goal = if runtime == "std" {
+            table
+                .row(
+                    "idle",
+                    format!("{runtime}: {n} idle connections (reference)"),
+                )
+                .figure(format!("{} per connection", kib(per)));
+            continue;
+        } else {
+            per <= 4096.0
+        };
+        table
+            .row("idle", format!("{runtime}: {n} idle connections"))
+            .figure(format!("{} per connection", kib(per)))
+            .reference("Go node ~5.9 KiB", per / (5.9 * 1024.0))
+            .goal("<= 4 KiB", goal);
+    }
+    table.note("idle: server VmRSS delta over the connections, divided; std runs a reader and a writer thread per connection, so it is measured with fewer, for reference");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Node side: the `donate serve` process and clients of it
+// ---------------------------------------------------------------------------
+
+/// A `donate serve` process and the address it printed.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    /// Starts `donate serve --addr 127.0.0.1:0 --runtime RUNTIME ARGS` and reads its address.
+    fn start(runtime: &str, args: &[&str]) -> Result<Node> {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--addr", "127.0.0.1:0", "--runtime", runtime])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut node = Node {
+            child,
+            addr: ([127, 0, 0, 1], 0).into(),
+        };
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| format!("donate serve --runtime {runtime} printed no address"))?;
+        node.addr = line
+            .trim_end()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| format!("unexpected first line {line:?}"))?
+            .parse()?;
+        Ok(node)
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.
+    fn status_bytes(&self, field: &str) -> Result<u64> {
+        proc_status_bytes(&format!("/proc/{}/status", self.child.id()), field)
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid.
+        if unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) } != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        let status = wait_bounded(&mut self.child, Duration::from_secs(30))?;
+        if !status.success() {
+            return Err(format!("donate serve exited with {status}").into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Reached with the process running only when a scenario failed.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Pushes `len` bytes from `io::repeat` with the std client; payload bytes/s.
+fn push(addr: SocketAddr, len: u64, sha256: Option<[u8; 32]>) -> Result<f64> {
+    within(upload_limit(len), "upload", move || {
+        let mut client = Client::connect(addr)?;
+        let start = Instant::now();
+        let status = client.push_model_from("{}", io::repeat(7).take(len), len, sha256, |_| {})?;
+        let elapsed = start.elapsed();
+        if !status.ok {
+            return Err(format!("model refused: {}", status.message).into());
+        }
+        Ok(len as f64 / elapsed.as_secs_f64())
+    })
+}
+
+/// Runs this bench binary as `--child-push ADDR LEN` and returns the child's peak RSS.
+fn child_push_run(addr: SocketAddr, len: u64) -> Result<u64> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--child-push", &addr.to_string(), &len.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let status = match wait_bounded(&mut child, upload_limit(len)) {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .ok_or("no stdout")?
+        .read_to_string(&mut out)?;
+    if !status.success() {
+        return Err(format!("client subprocess exited with {status}").into());
+    }
+    let hwm = out
+        .trim()
+        .strip_prefix("VmHWM ")
+        .ok_or_else(|| format!("client subprocess printed {out:?}"))?;
+    Ok(hwm.parse()?)
+}
+
+/// The client subprocess: pushes `LEN` bytes to `ADDR`, then prints `VmHWM <bytes>`.
+fn child_push(args: &[String]) -> ExitCode {
+    let run = || -> Result<u64> {
+        let [addr, len] = args else {
+            return Err("usage: --child-push ADDR LEN".into());
+        };
+        let len: u64 = len.parse()?;
+        let mut client = Client::connect(addr.as_str())?;
+        let status = client.push_model_from("{}", io::repeat(7).take(len), len, None, |_| {})?;
+        if !status.ok {
+            return Err(format!("model refused: {}", status.message).into());
+        }
+        proc_status_bytes("/proc/self/status", "VmHWM")
+    };
+    match run() {
+        Ok(hwm) => {
+            println!("VmHWM {hwm}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("e2e --child-push: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `clients` std clients, each with a tiny model mounted, run `jobs` sequential infer
+/// jobs each after `warm_up` untimed ones; all start together.
+fn node_jobs(addr: SocketAddr, clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
+    let start = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let start = Arc::clone(&start);
+            thread::spawn(move || -> Result<Vec<Duration>> {
+                let ready = (|| -> Result<Client> {
+                    let mut client = Client::connect(addr)?;
+                    client.push_model("{}", &[1, 2, 3, 4], false)?;
+                    for _ in 0..warm_up {
+                        client.infer(&INPUT_IDS, MAX_TOKENS)?;
+                    }
+                    Ok(client)
+                })();
+                start.wait(); // reached on failure too, so no one waits forever
+                let mut client = ready?;
+                let mut latencies = Vec::with_capacity(jobs);
+                for _ in 0..jobs {
+                    let t = Instant::now();
+                    let result = client.infer(&INPUT_IDS, MAX_TOKENS)?;
+                    latencies.push(t.elapsed());
+                    if result.output_ids.len() != INPUT_IDS.len() + MAX_TOKENS as usize {
+                        return Err("wrong answer".into());
+                    }
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let limit = job_limit(clients * (jobs + warm_up));
+    within(limit, "jobs", move || {
+        start.wait();
+        let began = Instant::now();
+        let mut latencies = Vec::with_capacity(clients * jobs);
+        for t in threads {
+            latencies.extend(t.join().map_err(|_| "client thread panicked")??);
+        }
+        Ok(Stats::new(began.elapsed(), latencies))
+    })
+}
+
+/// Jobs/s with `PIPELINE_DEPTH` jobs sent at once on one connection, `rounds` times.
+fn node_pipelined(addr: SocketAddr, rounds: usize) -> Result<f64> {
+    within(
+        job_limit(rounds * PIPELINE_DEPTH),
+        "pipelined jobs",
+        move || {
+            let mut client = Client::connect(addr)?;
+            client.push_model("{}", &[1, 2, 3, 4], false)?;
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let requests = (0..PIPELINE_DEPTH)
+                    .map(|_| client.send_infer(&INPUT_IDS, MAX_TOKENS))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for request in requests {
+                    donate_std::answers::infer(client.wait(request)?)?;
+                }
+            }
+            Ok((rounds * PIPELINE_DEPTH) as f64 / start.elapsed().as_secs_f64())
+        },
+    )
+}
+
+/// Opens `n` connections that read the server hello, send the client hello and
+/// then `extra`, and stay open (nothing more is sent) until dropped.
+fn open_connections(addr: SocketAddr, n: usize, extra: &[u8]) -> Result<Vec<TcpStream>> {
+    let hello = frame(&Message::Hello(Hello {
+        mode: "model_push".to_owned(),
+        role: "client".to_owned(),
+        ..Hello::default()
+    }));
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let open = || -> io::Result<TcpStream> {
+            let mut conn = TcpStream::connect(addr)?;
+            set_timeouts(&conn)?;
+            let mut header = [0; 4];
+            conn.read_exact(&mut header)?;
+            let mut body = vec![0; u32::from_le_bytes(header) as usize];
+            conn.read_exact(&mut body)?;
+            conn.write_all(&hello)?;
+            conn.write_all(extra)?;
+            Ok(conn)
+        };
+        conns.push(open().map_err(|e| format!("connection {i} of {n}: {e}"))?);
+    }
+    Ok(conns)
+}
+
+// ---------------------------------------------------------------------------
+// Baselines: raw TCP, SHA-256
+// ---------------------------------------------------------------------------
+
+/// Writes the bytes of `len / 1 MiB` encoded 1 MiB chunk frames to a server that
+/// reads and discards them; payload-equivalent bytes/s.
+fn raw_upload(len: u64) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sink = thread::spawn(move || -> io::Result<u64> {
+        let mut conn = accept_within(&listener)?;
+        let mut buf = vec![0; 256 * 1024];
+        let mut total = 0;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => break,
+                n => total += n as u64,
+            }
+        }
+        conn.write_all(&[1])?;
+        Ok(total)
+    });
+    let mut chunk = Vec::new();
+    encode_weights_chunk(0, false, &vec![7; MIB as usize], &mut chunk);
+    let mut conn = TcpStream::connect(addr)?;
+    set_timeouts(&conn)?;
+    let start = Instant::now();
+    for _ in 0..len / MIB {
+        conn.write_all(&chunk)?;
+    }
+    conn.shutdown(Shutdown::Write)?;
+    conn.read_exact(&mut [0])?;
+    let elapsed = start.elapsed();
+    let received = sink.join().map_err(|_| "sink panicked")??;
+    if received != chunk.len() as u64 * (len / MIB) {
+        return Err("raw sink lost bytes".into());
+    }
+    Ok(len as f64 / elapsed.as_secs_f64())
+}
+
+/// `clients` connections each ping-pong frames of an infer's size against a
+/// raw echo server answering frames of an infer_result's size.
+fn raw_ping_pong(clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
+    let (request_len, answer_len) = job_frame_sizes();
+    let request = raw_frame(request_len);
+    let answer = raw_frame(answer_len);
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = thread::spawn(move || -> io::Result<()> {
+        let servers: Vec<_> = (0..clients)
+            .map(|_| {
+                let mut conn = accept_within(&listener)?;
+                let answer = answer.clone();
+                Ok(thread::spawn(move || -> io::Result<()> {
+                    let mut buf = vec![0; request_len];
+                    loop {
+                        match conn.read_exact(&mut buf) {
+                            Ok(()) => conn.write_all(&answer)?,
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }))
+            })
+            .collect::<io::Result<_>>()?;
+        for server in servers {
+            server
+                .join()
+                .map_err(|_| io::Error::other("echo panicked"))??;
+        }
+        Ok(())
+    });
+    let start = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (start, request) = (Arc::clone(&start), request.clone());
+            thread::spawn(move || -> Result<Vec<Duration>> {
+                let ready = (|| -> io::Result<TcpStream> {
+                    let mut conn = TcpStream::connect(addr)?;
+                    set_timeouts(&conn)?;
+                    let mut buf = vec![0; answer_len];
+                    for _ in 0..warm_up {
+                        conn.write_all(&request)?;
+                        conn.read_exact(&mut buf)?;
+                    }
+                    Ok(conn)
+                })();
+                start.wait();
+                let mut conn = ready?;
+                let mut buf = vec![0; answer_len];
+                let mut latencies = Vec::with_capacity(jobs);
+                for _ in 0..jobs {
+                    let t = Instant::now();
+                    conn.write_all(&request)?;
+                    conn.read_exact(&mut buf)?;
+                    latencies.push(t.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    let mut latencies = Vec::with_capacity(clients * jobs);
+    for t in threads {
+        latencies.extend(t.join().map_err(|_| "raw client panicked")??);
+    }
+    let stats = Stats::new(began.elapsed(), latencies);
+    echo.join().map_err(|_| "echo panicked")??;
+    Ok(stats)
+}
+
+/// Single-core SHA-256 over a 64 MiB buffer: the median of three, in bytes/s.
+fn sha256_rate() -> Result<f64> {
+    let buf = vec![7u8; 64 * MIB as usize];
+    median(3, || {
+        let start = Instant::now();
+        std::hint::black_box(Sha256::digest(std::hint::black_box(&buf)));
+        Ok(buf.len() as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Frames and sizes
+// ---------------------------------------------------------------------------
+
+fn frame(msg: &Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg.encode(&mut out);
+    out
+}
+
+/// Frame sizes (header included) of the benchmark's infer job and the stub's answer,
+/// with a job id as long as the longest the benchmark uses.
+fn job_frame_sizes() -> (usize, usize) {
+    let job_id = "j100000".to_owned();
+    let infer = frame(&Message::Infer(Infer {
+        job_id: job_id.clone(),
+        input_ids: INPUT_IDS.to_vec(),
+        max_tokens: MAX_TOKENS,
+    }));
+    let output_ids = INPUT_IDS
+        .iter()
+        .copied()
+        .chain((0..8).map(|i| 1 + i % 7))
+        .collect();
+    let result = frame(&Message::InferResult(InferResult {
+        job_id,
+        ok: true,
+        output_ids,
+        queue_depth: 0,
+        ..InferResult::default()
+    }));
+    (infer.len(), result.len())
+}
+
+/// A frame of `len` bytes in all: a header, then filler.
+fn raw_frame(len: usize) -> Vec<u8> {
+    let mut out = ((len - 4) as u32).to_le_bytes().to_vec();
+    out.resize(len, b'x');
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------
+
+/// Jobs done in some wall time, with each job's latency.
+struct Stats {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn new(elapsed: Duration, mut latencies: Vec<Duration>) -> Stats {
+        latencies.sort_unstable();
+        Stats { elapsed, latencies }
+    }
+
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn p(&self, q: f64) -> Duration {
+        let i = ((self.latencies.len() as f64 * q) as usize).min(self.latencies.len() - 1);
+        self.latencies[i]
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} jobs/s, p50 {:.0} µs, p99 {:.0} µs",
+            self.rate(),
+            micros(self.p(0.5)),
+            micros(self.p(0.99))
+        )
+    }
+}
+
+/// The median of `reps` runs of `f`.
+fn median(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut runs = (0..reps.max(1)).map(|_| f()).collect::<Result<Vec<_>>>()?;
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[runs.len() / 2])
+}
+
+/// A `kB` field of a `/proc/.../status` file, in bytes.
+fn proc_status_bytes(path: &str, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(path)?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .ok_or_else(|| format!("{field} not in {path}"))?;
+    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse()?;
+    Ok(kb * 1024)
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit; returns the limit now in force.
+fn raise_nofile_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+// ---------------------------------------------------------------------------
+// Bounded waits
+// ---------------------------------------------------------------------------
+
+/// Runs `f` on its own thread and waits at most `limit` for it. On timeout the
+/// thread is left behind; dropping the node it talks to (which kills it) frees it.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(result) => result,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            Err(format!("{what}: not done within {} s", limit.as_secs()).into())
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(format!("{what}: panicked").into()),
+    }
+}
+
+/// Time allowed for an upload of `len` bytes: generous, at 20 MB/s plus 30 s.
+fn upload_limit(len: u64) -> Duration {
+    Duration::from_secs(30 + len / 20_000_000)
+}
+
+/// Time allowed for `jobs` jobs: generous, at 1,000 jobs/s plus 30 s.
+fn job_limit(jobs: usize) -> Duration {
+    Duration::from_secs(30 + jobs as u64 / 1_000)
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "process {} did not exit within {} s",
+                child.id(),
+                limit.as_secs()
+            )
+            .into());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Accepts one connection within `IO_TIMEOUT`.
+fn accept_within(listener: &TcpListener) -> io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                set_timeouts(&conn)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn set_timeouts(conn: &TcpStream) -> io::Result<()> {
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))
+}
+
+// ---------------------------------------------------------------------------
+// The table
+// ---------------------------------------------------------------------------
+
+/// Rows of results, printed as one Markdown table with notes below.
+#[derive(Default)]
+struct Table {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    failures: usize,
+}
+
+#[derive(Default)]
+struct Row {
+    scenario: String,
+    subject: String,
+    figure: String,
+    reference: String,
+    ratio: String,
+    goal: String,
+    verdict: String,
+}
+
+impl Table {
+    fn row(&mut self, scenario: &str, subject: impl Into<String>) -> &mut Row {
+        self.rows.push(Row {
+            scenario: scenario.to_owned(),
+            subject: subject.into(),
+            ..Row::default()
+        });
+        self.rows.last_mut().expect("just pushed")
+    }
+
+    fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    fn failed(&mut self, scenario: &str, error: &str) {
+        self.failures += 1;
+        self.row(scenario, "FAILED").figure(error.replace('|', "/"));
+    }
+
+    fn print(&self) {
+        let header = Row {
+            scenario: "scenario".into(),
+            subject: "what".into(),
+            figure: "result".into(),
+            reference: "reference (same run)".into(),
+            ratio: "ratio".into(),
+            goal: "goal".into(),
+            verdict: "met".into(),
+        };
+        let cells = |r: &Row| {
+            [
+                r.scenario.clone(),
+                r.subject.clone(),
+                r.figure.clone(),
+                r.reference.clone(),
+                r.ratio.clone(),
+                r.goal.clone(),
+                r.verdict.clone(),
+            ]
+        };
+        let all: Vec<[String; 7]> = std::iter::once(&header)
+            .chain(&self.rows)
+            .map(cells)
+            .collect();
+        let widths: Vec<usize> = (0..7)
+            .map(|c| all.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let line = |r: &[String; 7]| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            format!("| {} |", cells.join(" | "))
+        };
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{}", line(&all[0]));
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
+        for r in &all[1..] {
+            let _ = writeln!(out, "{}", line(r));
+        }
+        let _ = writeln!(out);
+        for note in &self.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+}
+
+impl Row {
+    fn figure(&mut self, figure: impl Into<String>) -> &mut Row {
+        self.figure = figure.into();
+        self
+    }
+
+    /// What the figure is compared with, and figure / reference.
+    fn reference(&mut self, reference: impl Into<String>, ratio: f64) -> &mut Row {
+        self.reference = reference.into();
+        self.ratio = format!("{ratio:.2} x");
+        self
+    }
+
+    fn goal(&mut self, goal: impl Into<String>, met: bool) -> &mut Row {
+        self.goal = goal.into();
+        self.verdict = if met { "yes" } else { "NO" }.into();
+        self
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Units
+// ---------------------------------------------------------------------------
+
+fn mb_s(bytes_per_s: f64) -> String {
+    format!("{:.0} MB/s", bytes_per_s / 1e6)
+}
+
+fn bytes(n: u64) -> String {
+    if n >= 1024 * MIB && n % (1024 * MIB) == 0 {
+        format!("{} GiB", n / (1024 * MIB))
+    } else {
+        format!("{:.1} MiB", n as f64 / MIB as f64)
+    }
+}
+
+fn kib(n: f64) -> String {
+    format!("{:.1} KiB", n / 1024.0)
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
