@@ -115,6 +115,7 @@ pub struct ClientConnection {
     events: VecDeque<ClientEvent>,
     next_request: u64,
     failed: Option<ClientError>,
+    closing: Option<ErrorFrame>,
 }
 
 impl Default for ClientConnection {
@@ -136,6 +137,7 @@ impl ClientConnection {
             events: VecDeque::new(),
             next_request: 0,
             failed: None,
+            closing: None,
         }
     }
 
@@ -163,6 +165,11 @@ impl ClientConnection {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The error frame the server sent before closing, if it sent one.
+    pub fn closing_error(&self) -> Option<&ErrorFrame> {
+        self.closing.as_ref()
     }
 
     /// The next event.
@@ -364,6 +371,7 @@ impl ClientConnection {
                 match by_id.or_else(without_id).or(oldest) {
                     Some(i) => (Some(i), Answer::Error(e)),
                     None => {
+                        self.closing = Some(e.clone());
                         self.events.push_back(ClientEvent::Closing(e));
                         return Ok(());
                     }

@@ -26,13 +26,13 @@
 //! ```
 #![warn(missing_docs)]
 
+mod dial;
 mod server;
 mod signal;
-mod stream;
 
+pub use dial::Smol;
 pub use donate_std::{Error, Result};
 pub use server::{serve, Server, Spawn, Task};
-pub use stream::SmolStream;
 
-/// A client over async-io: the shared async client on a [`SmolStream`].
-pub type Client = donate_std::async_client::Client<SmolStream>;
+/// A client over async-io: the shared async client dialing with [`Smol`].
+pub type Client = donate_std::async_client::Client<Smol>;

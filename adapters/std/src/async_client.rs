@@ -11,50 +11,51 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use sha2::Digest as _;
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
+use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
 
-use crate::error::{answers, Error, Result};
+use crate::error::{answers, feed_read, Result};
 use crate::READ_BUFFER;
 
-/// A stream type an adapter can open to a node's address.
-pub trait Dial: AsyncRead + AsyncWrite + Unpin + Sized {
+/// How a runtime opens a stream to a node: each async adapter names its own
+/// (donate-smol's `Smol`, donate-tokio's `Tokio`); implement it for your own transport.
+pub trait Dial {
+    /// The byte stream.
+    type Stream: AsyncRead + AsyncWrite + Unpin;
     /// Connects to `addr` (with `TCP_NODELAY`).
-    fn dial(addr: SocketAddr) -> impl Future<Output = io::Result<Self>> + Send;
+    fn dial(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
 /// A connection to a donor node over any async byte stream.
 ///
 /// For many jobs in flight, use [`send_infer`](Client::send_infer) /
 /// [`send_prompt`](Client::send_prompt) and then [`wait`](Client::wait) for each.
-pub struct Client<S> {
-    stream: S,
+pub struct Client<D: Dial> {
+    stream: D::Stream,
     core: ClientConnection,
     read_buf: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl<S: Dial> Client<S> {
+impl<D: Dial> Client<D> {
     /// Connects and reads the server's `hello`.
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client<S>> {
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client<D>> {
         Client::connect_with(addr, ClientConfig::default()).await
     }
 
     /// Connects with explicit client settings, trying each address `addr` resolves to.
-    pub async fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client<S>> {
+    pub async fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client<D>> {
         let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing");
         for addr in addr.to_socket_addrs()? {
-            match S::dial(addr).await {
+            match D::dial(addr).await {
                 Ok(stream) => return Client::handshake(stream, config).await,
                 Err(e) => last = e,
             }
         }
         Err(last.into())
     }
-}
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Reads the server's `hello` from a connected stream.
-    pub async fn handshake(stream: S, config: ClientConfig) -> Result<Client<S>> {
+    pub async fn handshake(stream: D::Stream, config: ClientConfig) -> Result<Client<D>> {
         let mut client = Client {
             stream,
             core: ClientConnection::new(config),
@@ -166,33 +167,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     async fn read_some(&mut self) -> Result<()> {
         let read = self.stream.read(&mut self.read_buf).await;
-        self.feed(read)
+        feed_read(&mut self.core, read, &self.read_buf)
     }
 
     /// Feeds whatever input has already arrived, without waiting.
     async fn read_ready(&mut self) -> Result<()> {
         match poll_once(self.stream.read(&mut self.read_buf)).await {
-            Some(read) => self.feed(read),
+            Some(read) => feed_read(&mut self.core, read, &self.read_buf),
             None => Ok(()),
         }
-    }
-
-    fn feed(&mut self, read: std::io::Result<usize>) -> Result<()> {
-        match read {
-            Ok(0) => Err(self.closed()),
-            Ok(n) => Ok(self.core.handle_input(&self.read_buf[..n])?),
-            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn closed(&mut self) -> Error {
-        let mut last = None;
-        while let Some(event) = self.core.poll_event() {
-            if let ClientEvent::Closing(e) = event {
-                last = Some(e);
-            }
-        }
-        Error::Closed(last)
     }
 }

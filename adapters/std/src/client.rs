@@ -7,9 +7,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
+use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
 
-use crate::error::{answers, Error, Result};
+use crate::error::{answers, feed_read, Result};
 use crate::READ_BUFFER;
 
 /// A connection to a donor node (ours or the Go one).
@@ -168,12 +168,8 @@ impl Client {
 
     /// Blocks for input and feeds it to the core.
     fn read_some(&mut self) -> Result<()> {
-        match self.stream.read(&mut self.read_buf) {
-            Ok(0) => Err(self.closed()),
-            Ok(n) => Ok(self.core.handle_input(&self.read_buf[..n])?),
-            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let read = self.stream.read(&mut self.read_buf);
+        feed_read(&mut self.core, read, &self.read_buf)
     }
 
     /// Feeds whatever input has already arrived, without blocking.
@@ -181,22 +177,7 @@ impl Client {
         self.stream.set_nonblocking(true)?;
         let read = self.stream.read(&mut self.read_buf);
         self.stream.set_nonblocking(false)?;
-        match read {
-            Ok(0) => Err(self.closed()),
-            Ok(n) => Ok(self.core.handle_input(&self.read_buf[..n])?),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn closed(&mut self) -> Error {
-        let mut last = None;
-        while let Some(event) = self.core.poll_event() {
-            if let ClientEvent::Closing(e) = event {
-                last = Some(e);
-            }
-        }
-        Error::Closed(last)
+        feed_read(&mut self.core, read, &self.read_buf)
     }
 }
 

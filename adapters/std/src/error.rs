@@ -3,7 +3,7 @@
 use std::io;
 
 use donate_proto::message::{ErrorFrame, InferResult, PromptResult};
-use donate_proto::ClientError;
+use donate_proto::{ClientConnection, ClientError};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,28 @@ pub enum Error {
 
 /// Shorthand for client results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Feeds the outcome of a socket read into a client core: end of stream is
+/// [`Error::Closed`] with the server's last error frame. Shared by both clients.
+pub(crate) fn feed_read(
+    core: &mut ClientConnection,
+    read: io::Result<usize>,
+    buf: &[u8],
+) -> Result<()> {
+    match read {
+        Ok(0) => Err(Error::Closed(core.closing_error().cloned())),
+        Ok(n) => Ok(core.handle_input(&buf[..n])?),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// Turns the answer to a request into the typed result a client call returns.
 /// Shared by every adapter's client so they all answer alike.

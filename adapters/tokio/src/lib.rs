@@ -24,12 +24,12 @@
 
 #[cfg(feature = "codec")]
 pub mod codec;
+mod dial;
 mod server;
-mod stream;
 
+pub use dial::Tokio;
 pub use donate_std::{Error, Result};
-pub use stream::TokioStream;
 
-/// A client over tokio: the shared async client on a [`TokioStream`].
-pub type Client = donate_std::async_client::Client<TokioStream>;
+/// A client over tokio: the shared async client dialing with [`Tokio`].
+pub type Client = donate_std::async_client::Client<Tokio>;
 pub use server::{serve, Server};
