@@ -130,6 +130,7 @@ impl ServeArgs {
                 .then(|| Duration::from_secs_f64(self.idle_timeout)),
             backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
             workers: self.workers,
+            ..ServerConfig::default()
         }
     }
 }

@@ -177,7 +177,10 @@ impl Client {
         self.stream.set_nonblocking(true)?;
         let read = self.stream.read(&mut self.read_buf);
         self.stream.set_nonblocking(false)?;
-        feed_read(&mut self.core, read, &self.read_buf)
+        match read {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+            read => feed_read(&mut self.core, read, &self.read_buf),
+        }
     }
 }
 
