@@ -44,14 +44,7 @@ pub(crate) fn feed_read(
     match read {
         Ok(0) => Err(Error::Closed(core.closing_error().cloned())),
         Ok(n) => Ok(core.handle_input(&buf[..n])?),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) =>
-        {
-            Ok(())
-        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
