@@ -48,6 +48,8 @@ struct Sizes {
     upload_reps: usize,
     round_trips: usize,
     warm_up: usize,
+    /// Blocks the round-trip scenarios alternate raw and node measurements in.
+    blocks: usize,
     clients: usize,
     jobs_per_client: usize,
     pipeline_sequential: usize,
@@ -62,6 +64,7 @@ const FULL: Sizes = Sizes {
     upload_reps: 3,
     round_trips: 20_000,
     warm_up: 500,
+    blocks: 4,
     clients: 64,
     jobs_per_client: 1_000,
     pipeline_sequential: 5_000,
@@ -76,6 +79,7 @@ const QUICK: Sizes = Sizes {
     upload_reps: 1,
     round_trips: 2_000,
     warm_up: 100,
+    blocks: 1,
     clients: 64,
     jobs_per_client: 50,
     pipeline_sequential: 1_000,
@@ -205,24 +209,24 @@ impl Bench {
 // ---------------------------------------------------------------------------
 
 /// Upload throughput, with and without `weights_sha256`, beside the raw-TCP copy
-/// of the same wire bytes and single-core SHA-256, all measured here.
+/// of the same wire bytes and single-core SHA-256, each measured right before
+/// the upload it is compared with (the machine is shared; load drifts).
 fn upload(bench: &Bench, table: &mut Table) -> Result<()> {
     let size = bench.size;
     let len = size.upload_len;
-    let sha_rate = sha256_rate()?;
-    table
-        .row("upload", "SHA-256, one core (sha2, 64 MiB)")
-        .figure(mb_s(sha_rate));
-    let raw_rate = median(size.upload_reps, || raw_upload(len))?;
-    table
-        .row("upload", format!("raw TCP, wire bytes of {}", bytes(len)))
-        .figure(format!("{} (payload-equivalent)", mb_s(raw_rate)));
     let sha = donate_std::sha256_of_reader(io::repeat(7).take(len))?;
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &[])?;
-        let plain = median(size.upload_reps, || push(node.addr, len, None))?;
-        let hashed = median(size.upload_reps, || push(node.addr, len, Some(sha)))?;
+        let (mut sha_rates, mut raw_rates, mut plain, mut hashed) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..size.upload_reps {
+            sha_rates.push(sha256_rate()?);
+            raw_rates.push(raw_upload(len)?);
+            plain.push(push(node.addr, len, None)?);
+            hashed.push(push(node.addr, len, Some(sha))?);
+        }
         node.stop()?;
+        let [sha_rate, raw_rate, plain, hashed] = [sha_rates, raw_rates, plain, hashed].map(median);
         table
             .row(
                 "upload",
@@ -237,7 +241,7 @@ fn upload(bench: &Bench, table: &mut Table) -> Result<()> {
             .reference(format!("SHA-256 {}", mb_s(sha_rate)), hashed / sha_rate)
             .goal(">= 0.75 x SHA-256", hashed >= 0.75 * sha_rate);
     }
-    table.note("upload: payload MB/s (10^6 bytes/s) from connect to model_status; the client reads from io::repeat; the hash for weights_sha256 is computed before timing");
+    table.note(format!("upload: payload MB/s (10^6 bytes/s) from connect to model_status, median of {} runs; the client reads from io::repeat; the hash for weights_sha256 is computed before timing. Raw TCP: a client writes the same number of encoded 1 MiB chunk frames to a server that reads and discards them, counted as payload. SHA-256: sha2 over a 64 MiB buffer on one core. Both are measured before each upload", size.upload_reps));
     Ok(())
 }
 
@@ -312,13 +316,9 @@ fn memory(bench: &Bench, table: &mut Table) -> Result<()> {
 /// One client, sequential small jobs, beside a raw-TCP ping-pong of frames of the same sizes.
 fn round_trips(bench: &Bench, table: &mut Table) -> Result<()> {
     let size = bench.size;
-    let raw = raw_ping_pong(1, size.round_trips, size.warm_up)?;
-    table
-        .row("round trips", "raw TCP ping-pong, 1 connection")
-        .figure(raw.summary());
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &[])?;
-        let stats = node_jobs(node.addr, 1, size.round_trips, size.warm_up)?;
+        let (raw, stats) = paired(size.blocks, 1, size.round_trips, size.warm_up, node.addr)?;
         node.stop()?;
         let rate = stats.rate() / raw.rate();
         let p99 = stats.p(0.99).as_secs_f64() / raw.p(0.99).as_secs_f64();
@@ -328,14 +328,14 @@ fn round_trips(bench: &Bench, table: &mut Table) -> Result<()> {
                 format!("{runtime}: 1 client, sequential infer"),
             )
             .figure(stats.summary())
-            .reference(format!("raw {:.0} jobs/s", raw.rate()), rate)
+            .reference(raw.reference(), rate)
             .goal(
                 format!(">= 0.85 x raw; p99 <= 1.5 x raw (is {p99:.2} x)"),
                 rate >= 0.85 && p99 <= 1.5,
             );
     }
     let (request, answer) = job_frame_sizes();
-    table.note(format!("round trips: {} timed jobs after {} warm-up; frames of {request} B (infer) and {answer} B (infer_result) both ways, raw included", size.round_trips, size.warm_up));
+    table.note(format!("round trips: {} timed jobs after {} warm-up, in {} blocks alternating with the raw ping-pong; frames of {request} B (infer) and {answer} B (infer_result) both ways, raw included", size.round_trips, size.warm_up, size.blocks));
     Ok(())
 }
 
@@ -344,16 +344,9 @@ fn many_clients(bench: &Bench, table: &mut Table) -> Result<()> {
     let size = bench.size;
     let (clients, jobs) = (size.clients, size.jobs_per_client);
     let warm_up = size.warm_up / 10;
-    let raw = raw_ping_pong(clients, jobs, warm_up)?;
-    table
-        .row(
-            "many clients",
-            format!("raw TCP ping-pong, {clients} connections"),
-        )
-        .figure(raw.summary());
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &["--workers", "2"])?;
-        let stats = node_jobs(node.addr, clients, jobs, warm_up)?;
+        let (raw, stats) = paired(size.blocks, clients, jobs, warm_up, node.addr)?;
         node.stop()?;
         let ratio = stats.rate() / raw.rate();
         table
@@ -362,11 +355,29 @@ fn many_clients(bench: &Bench, table: &mut Table) -> Result<()> {
                 format!("{runtime}: {clients} clients, --workers 2"),
             )
             .figure(stats.summary())
-            .reference(format!("raw {:.0} jobs/s", raw.rate()), ratio)
+            .reference(raw.reference(), ratio)
             .goal(">= 0.70 x raw", ratio >= 0.70);
     }
-    table.note(format!("many clients: one thread per client, {jobs} timed jobs each after {warm_up} warm-up, all started together; jobs/s counts every client's jobs over the wall time"));
+    table.note(format!("many clients: one thread per client, {jobs} timed jobs each after {warm_up} warm-up, all started together, in {} blocks alternating with a raw ping-pong over as many connections; jobs/s counts every client's jobs over the wall time", size.blocks));
     Ok(())
+}
+
+/// `blocks` alternating runs of the raw ping-pong and of the node, `jobs` per
+/// client in all; returns (raw, node).
+fn paired(
+    blocks: usize,
+    clients: usize,
+    jobs: usize,
+    warm_up: usize,
+    addr: SocketAddr,
+) -> Result<(Stats, Stats)> {
+    let per_block = jobs.div_ceil(blocks);
+    let (mut raw, mut node) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        raw.push(raw_ping_pong(clients, per_block, warm_up)?);
+        node.push(node_jobs(addr, clients, per_block, warm_up)?);
+    }
+    Ok((Stats::combine(raw), Stats::combine(node)))
 }
 
 /// One connection with 10,000 jobs in flight, against the sequential rate on the same node.
@@ -789,14 +800,12 @@ fn raw_ping_pong(clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
     Ok(stats)
 }
 
-/// Single-core SHA-256 over a 64 MiB buffer: the median of three, in bytes/s.
+/// Single-core SHA-256 over a 64 MiB buffer, in bytes/s.
 fn sha256_rate() -> Result<f64> {
     let buf = vec![7u8; 64 * MIB as usize];
-    median(3, || {
-        let start = Instant::now();
-        std::hint::black_box(Sha256::digest(std::hint::black_box(&buf)));
-        Ok(buf.len() as f64 / start.elapsed().as_secs_f64())
-    })
+    let start = Instant::now();
+    std::hint::black_box(Sha256::digest(std::hint::black_box(&buf)));
+    Ok(buf.len() as f64 / start.elapsed().as_secs_f64())
 }
 
 // ---------------------------------------------------------------------------
@@ -856,6 +865,13 @@ impl Stats {
         Stats { elapsed, latencies }
     }
 
+    /// Several measurements as one: their jobs over the sum of their wall times.
+    fn combine(parts: Vec<Stats>) -> Stats {
+        let elapsed = parts.iter().map(|p| p.elapsed).sum();
+        let latencies = parts.into_iter().flat_map(|p| p.latencies).collect();
+        Stats::new(elapsed, latencies)
+    }
+
     fn rate(&self) -> f64 {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
@@ -863,6 +879,15 @@ impl Stats {
     fn p(&self, q: f64) -> Duration {
         let i = ((self.latencies.len() as f64 * q) as usize).min(self.latencies.len() - 1);
         self.latencies[i]
+    }
+
+    /// The figures a node is compared with.
+    fn reference(&self) -> String {
+        format!(
+            "raw {:.0} jobs/s, p99 {:.0} µs",
+            self.rate(),
+            micros(self.p(0.99))
+        )
     }
 
     fn summary(&self) -> String {
@@ -875,11 +900,10 @@ impl Stats {
     }
 }
 
-/// The median of `reps` runs of `f`.
-fn median(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut runs = (0..reps.max(1)).map(|_| f()).collect::<Result<Vec<_>>>()?;
+/// The median of some measurements.
+fn median(mut runs: Vec<f64>) -> f64 {
     runs.sort_by(f64::total_cmp);
-    Ok(runs[runs.len() / 2])
+    runs[runs.len() / 2]
 }
 
 /// A `kB` field of a `/proc/.../status` file, in bytes.
