@@ -242,7 +242,11 @@ pub fn run(data: &[u8]) {
         sent_hello: false,
         upload: None,
     };
+    let trace = std::env::var_os("DONATE_FUZZ_TRACE").is_some();
     for (op, payload) in ops {
+        if trace {
+            eprintln!("{op:?} {:?}", String::from_utf8_lossy(payload));
+        }
         h.step(&op, payload);
     }
     h.step(&ClientOp::Transmit, &[]);

@@ -141,6 +141,12 @@ fn decode_in(
 /// The `decode` target.
 pub fn run(data: &[u8]) {
     let (max, points, stream) = layout(data);
+    if std::env::var_os("DONATE_FUZZ_TRACE").is_some() {
+        eprintln!(
+            "max_frame_len {max}, splits {points:?}, stream {:?}",
+            String::from_utf8_lossy(stream)
+        );
+    }
     let whole = decode_in(max, stream, std::iter::once(0..stream.len()));
     let mut bounds = vec![0];
     bounds.extend(points.iter().copied());

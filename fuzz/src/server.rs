@@ -381,8 +381,15 @@ pub fn run(data: &[u8]) {
     let Some((cfg, ops)) = parse(data) else {
         return;
     };
+    let trace = std::env::var_os("DONATE_FUZZ_TRACE").is_some();
+    if trace {
+        eprintln!("{cfg:?}\n{:?}", cfg.server_config());
+    }
     let mut h = Harness::new(&cfg);
     for (op, payload) in ops {
+        if trace {
+            eprintln!("{op:?} {:?}", String::from_utf8_lossy(payload));
+        }
         h.step(&op, payload);
     }
     h.settle();
@@ -408,7 +415,8 @@ impl UploadMirror {
     /// The state after `model_begin`, or `Failed` if the node refuses it.
     fn begin(begin: &ModelBegin, max_model_len: u64) -> UploadMirror {
         let sha = &begin.weights_sha256;
-        let sha_ok = sha.is_empty() || (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
+        let sha_ok =
+            sha.is_empty() || (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
         match u64::try_from(begin.weights_len) {
             Ok(weights_len) if weights_len <= max_model_len && sha_ok => UploadMirror::Receiving {
                 weights_len,
@@ -434,7 +442,9 @@ impl UploadMirror {
         let raw = base64::engine::general_purpose::STANDARD.decode(chunk.data_b64.as_bytes());
         let ok = !*last_seen
             && chunk.index == *next_index
-            && raw.as_ref().is_ok_and(|raw| *received + raw.len() as u64 <= *weights_len);
+            && raw
+                .as_ref()
+                .is_ok_and(|raw| *received + raw.len() as u64 <= *weights_len);
         if ok {
             *received += raw.map_or(0, |r| r.len() as u64);
             *next_index += 1;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# CI fuzzing: installs cargo-fuzz if missing, checks the harnesses and the committed
+# corpus on the ordinary test runner, then runs every target for a bounded time
+# (FUZZ_SECONDS each, default 30) and fails if any of them finds a crash.
+#
+#   fuzz/run-ci.sh                      # all four targets, 30 s each
+#   FUZZ_SECONDS=300 fuzz/run-ci.sh     # longer
+#   FUZZ_TARGETS="server" fuzz/run-ci.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+fuzz_dir="$PWD"
+seconds="${FUZZ_SECONDS:-30}"
+targets="${FUZZ_TARGETS:-decode server client roundtrip}"
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "fuzz/run-ci.sh: the nightly toolchain is required (rustup toolchain install nightly)" >&2
+    exit 1
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+# The harnesses on stable-style tests: seeds current and read back as built,
+# every committed corpus file runs clean.
+cargo +nightly test --release --quiet
+
+cargo +nightly fuzz build
+failed=()
+for target in $targets; do
+    # New inputs go to a scratch corpus under target/ (gitignored); the
+    # committed corpus is read only.
+    work="$fuzz_dir/target/ci-corpus/$target"
+    mkdir -p "$work"
+    echo "=== fuzz $target for ${seconds}s"
+    if ! cargo +nightly fuzz run "$target" "$work" "$fuzz_dir/corpus/$target" -- \
+        -max_total_time="$seconds" -timeout=10 -dict="$fuzz_dir/dict" -print_final_stats=1; then
+        failed+=("$target")
+    fi
+done
+total=$(wc -w <<<"$targets")
+if ((${#failed[@]})); then
+    echo "fuzz/run-ci.sh: crashes in: ${failed[*]} (see fuzz/artifacts/ and fuzz/README.md)" >&2
+    echo "fuzz: $((total - ${#failed[@]})) passed, ${#failed[@]} failed"
+    exit 1
+fi
+echo "fuzz targets with no crash in ${seconds}s each: $targets"
+echo "fuzz: $total passed, 0 failed"
