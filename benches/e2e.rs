@@ -116,8 +116,10 @@ struct Bench {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--child-push") {
-        return child_push(&args[1..]);
+    match args.first().map(String::as_str) {
+        Some("--child-push") => return child_push(&args[1..]),
+        Some("--child-jobs") => return child_jobs(&args[1..]),
+        _ => {}
     }
     let bench = match Bench::from_args(&args) {
         Ok(bench) => bench,
@@ -571,15 +573,24 @@ fn child_push_run(addr: SocketAddr, len: u64) -> Result<u64> {
     Ok(hwm.parse()?)
 }
 
-/// The client subprocess: pushes `LEN` bytes to `ADDR`, then prints `VmHWM <bytes>`.
+/// The client subprocess: pushes `LEN` bytes to `ADDR` (with `weights_sha256`
+/// when `--sha256` follows), then prints `VmHWM <bytes>`. Also handy to profile
+/// a node's upload path on its own: `e2e --child-push 127.0.0.1:PORT 1073741824`.
 fn child_push(args: &[String]) -> ExitCode {
     let run = || -> Result<u64> {
-        let [addr, len] = args else {
-            return Err("usage: --child-push ADDR LEN".into());
+        let (addr, len, with_sha) = match args {
+            [addr, len] => (addr, len, false),
+            [addr, len, flag] if flag == "--sha256" => (addr, len, true),
+            _ => return Err("usage: --child-push ADDR LEN [--sha256]".into()),
         };
         let len: u64 = len.parse()?;
+        let sha256 = if with_sha {
+            Some(donate_std::sha256_of_reader(io::repeat(7).take(len))?)
+        } else {
+            None
+        };
         let mut client = Client::connect(addr.as_str())?;
-        let status = client.push_model_from("{}", io::repeat(7).take(len), len, None, |_| {})?;
+        let status = client.push_model_from("{}", io::repeat(7).take(len), len, sha256, |_| {})?;
         if !status.ok {
             return Err(format!("model refused: {}", status.message).into());
         }
@@ -592,6 +603,28 @@ fn child_push(args: &[String]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("e2e --child-push: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client on its own, to profile a node's job path without the benchmark's
+/// other threads: `e2e --child-jobs 127.0.0.1:PORT N` runs N sequential infer
+/// jobs (after a tiny upload) and prints jobs/s and p50/p99.
+fn child_jobs(args: &[String]) -> ExitCode {
+    let run = || -> Result<Stats> {
+        let [addr, jobs] = args else {
+            return Err("usage: --child-jobs ADDR N".into());
+        };
+        node_jobs(addr.parse()?, 1, jobs.parse()?, 500)
+    };
+    match run() {
+        Ok(stats) => {
+            println!("{}", stats.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("e2e --child-jobs: {e}");
             ExitCode::FAILURE
         }
     }
