@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,7 +13,7 @@ use async_io::{Async, Timer};
 use futures_lite::{future, AsyncWriteExt};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{ConnState, Host};
+use donate_std::host::{Host, Link, TryWrite};
 use donate_std::READ_BUFFER;
 
 use crate::signal::Signal;
@@ -153,21 +153,25 @@ async fn accept_loop<E: Executor, S: Spawn>(
 
 async fn connection<E: Executor>(stream: Async<TcpStream>, peer: SocketAddr, host: Arc<Host<E>>) {
     let _ = stream.get_ref().set_nodelay(true);
+    let stream = Arc::new(stream);
     let (read_wake, write_wake) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
-    let conn = host.accept({
-        let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
-        Arc::new(move || {
-            r.notify();
-            w.notify();
-        })
+    let conn = host.accept(Link {
+        waker: {
+            let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
+            Arc::new(move || {
+                r.notify();
+                w.notify();
+            })
+        },
+        direct: Arc::new(Direct(Arc::clone(&stream))),
     });
     tracing::info!(%conn, %peer, "connection accepted");
     let write_timeout = host.config().backpressure_timeout;
-    let writing = write_loop(&stream, &host, conn, &write_wake, write_timeout);
+    let writing = write_loop(&stream, &host, conn, &write_wake, &read_wake, write_timeout);
     futures_lite::pin!(writing);
     let reader_ended = future::or(
         async {
-            read_loop(&stream, &host, conn, &read_wake, &write_wake).await;
+            read_loop(&stream, &host, conn, &read_wake).await;
             true
         },
         async {
@@ -193,7 +197,6 @@ async fn read_loop<E: Executor>(
     host: &Host<E>,
     conn: ConnectionId,
     wake: &Signal,
-    wake_writer: &Signal,
 ) {
     let mut state = host.state(conn);
     while !state.closing {
@@ -241,12 +244,7 @@ async fn read_loop<E: Executor>(
                     Err(_) => Err(()),
                 });
                 match read {
-                    Ok(Some(new_state)) => {
-                        if new_state.has_transmit || new_state.closing {
-                            wake_writer.notify();
-                        }
-                        new_state
-                    }
+                    Ok(Some(new_state)) => new_state,
                     Ok(None) => host.state(conn),
                     Err(()) => return,
                 }
@@ -263,36 +261,52 @@ enum Wake {
     Failed,
 }
 
-/// Writes whatever the node has for `conn` until it closes.
+/// Writes what the node has for `conn` when a non-blocking write could not
+/// (the socket was full), until the connection closes.
 async fn write_loop<E: Executor>(
     stream: &Async<TcpStream>,
     host: &Host<E>,
     conn: ConnectionId,
     wake: &Signal,
+    wake_reader: &Signal,
     write_timeout: Duration,
 ) {
     let mut out = Vec::new();
     let mut writer = stream;
     loop {
-        let state: ConnState = host.poll_transmit(conn, &mut out);
-        if !out.is_empty() {
-            let written = future::or(async { writer.write_all(&out).await.is_ok() }, async {
-                Timer::after(write_timeout).await;
-                false
-            })
-            .await;
-            if !written {
+        let Some(state) = host.claim_write(conn, &mut out) else {
+            wake.wait().await;
+            continue;
+        };
+        if out.is_empty() {
+            if host.release_write(conn) {
+                continue;
+            }
+            if state.closing {
                 return;
             }
-            out.clear();
-            if out.capacity() > READ_BUFFER {
-                out = Vec::new();
-            }
+            wake.wait().await;
             continue;
         }
-        if state.closing {
+        let written = future::or(async { writer.write_all(&out).await.is_ok() }, async {
+            Timer::after(write_timeout).await;
+            false
+        })
+        .await;
+        out.clear();
+        host.release_write(conn);
+        if !written {
             return;
         }
-        wake.wait().await;
+        wake_reader.notify(); // it may be waiting for room
+    }
+}
+
+/// Non-blocking writes from any thread (async-io keeps the socket non-blocking).
+struct Direct(Arc<Async<TcpStream>>);
+
+impl TryWrite for Direct {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_ref().write(buf)
     }
 }

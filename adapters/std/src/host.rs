@@ -1,11 +1,18 @@
-//! [`Host`]: a [`Node`] behind a lock, with worker threads and per-connection wakers.
+//! [`Host`]: a [`Node`] behind a lock, with worker threads and per-connection links.
 //!
 //! Every adapter drives its sockets its own way (threads, smol tasks, tokio
 //! tasks) but hosts the node the same way, so this part is shared: the clock,
 //! the lock, worker threads that run jobs and mounts off the I/O path, and the
-//! dispatch of node events to the connection that must act on them.
+//! delivery of answers.
+//!
+//! Answers are written by whoever produced them (the reader after its input, a
+//! worker after a job) with a non-blocking write, so a round trip needs no
+//! extra thread hop. Only when a socket is full does the connection's own
+//! writer take over and wait for it; a worker never waits on a socket.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -14,8 +21,22 @@ use donate_proto::{
     run_job, run_mount, ConnectionId, DigestWork, Event, Executor, Mount, Node, ServerConfig,
 };
 
-/// Called when a connection has bytes to send or must close.
+/// Called when a connection's writer must act: bytes it must wait to write, or a close.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Writes to a connection's socket without ever blocking.
+pub trait TryWrite: Send + Sync {
+    /// Writes what fits now; `Ok(0)` or `WouldBlock` when nothing does.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// How the host reaches one connection's socket and writer.
+pub struct Link {
+    /// Wakes the connection's reader and writer.
+    pub waker: Waker,
+    /// Non-blocking writes from any thread.
+    pub direct: Arc<dyn TryWrite>,
+}
 
 /// What a connection's driver needs to know after moving bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +45,22 @@ pub struct ConnState {
     pub wants_read: bool,
     /// Close the socket once the taken bytes are written.
     pub closing: bool,
-    /// Bytes are waiting for [`Host::poll_transmit`]: wake the writer.
-    pub has_transmit: bool,
     /// Call [`Host::handle_timeout`] at this time if nothing happens before.
     pub deadline: Option<Instant>,
 }
 
+/// One connection's write side: who is writing, and what they could not write yet.
+struct Slot {
+    link: Link,
+    /// Held by the one thread writing this connection's bytes.
+    writing: AtomicBool,
+    /// Bytes taken from the node and not yet written (only touched while `writing`).
+    leftover: Mutex<Vec<u8>>,
+}
+
 struct State<M> {
     node: Node<M>,
-    wakers: HashMap<ConnectionId, Waker>,
+    slots: HashMap<ConnectionId, Arc<Slot>>,
     mounts: VecDeque<Mount>,
     digests: VecDeque<DigestWork>,
     stop_workers: bool,
@@ -56,7 +84,7 @@ impl<E: Executor> Host<E> {
         let host = Arc::new(Host {
             state: Mutex::new(State {
                 node: Node::new(config),
-                wakers: HashMap::new(),
+                slots: HashMap::new(),
                 mounts: VecDeque::new(),
                 digests: VecDeque::new(),
                 stop_workers: false,
@@ -84,11 +112,20 @@ impl<E: Executor> Host<E> {
         self.lock().node.config().clone()
     }
 
-    /// Registers a connection; `waker` is called whenever it must act.
-    pub fn accept(&self, waker: Waker) -> ConnectionId {
+    /// Registers a connection reached through `link`; its `hello` is written at once.
+    pub fn accept(&self, link: Link) -> ConnectionId {
         let mut state = self.lock();
         let conn = state.node.accept(Instant::now());
-        state.wakers.insert(conn, waker);
+        state.slots.insert(
+            conn,
+            Arc::new(Slot {
+                link,
+                writing: AtomicBool::new(false),
+                leftover: Mutex::new(Vec::new()),
+            }),
+        );
+        drop(state);
+        self.transmit(conn);
         conn
     }
 
@@ -98,18 +135,44 @@ impl<E: Executor> Host<E> {
         self.dispatch(state, conn)
     }
 
-    /// Feeds bytes read from `conn`.
+    /// Feeds bytes read from `conn`; its answers are written before this returns
+    /// (or left to its writer if the socket is full).
     pub fn handle_input(&self, conn: ConnectionId, data: &[u8]) -> ConnState {
         let mut state = self.lock();
         state.node.handle_input(conn, data, Instant::now());
-        self.dispatch(state, conn)
+        let has_transmit = has_transmit(&state.node, conn);
+        let conn_state = self.dispatch(state, conn);
+        if has_transmit {
+            self.transmit(conn);
+        }
+        conn_state
     }
 
-    /// Moves `conn`'s pending bytes into `out` (call only with `out` written out).
-    pub fn poll_transmit(&self, conn: ConnectionId, out: &mut Vec<u8>) -> ConnState {
+    /// For `conn`'s writer: claims its write side and moves the bytes to write
+    /// into `out` (which must be empty). `None` when another thread is writing
+    /// them; that thread wakes the writer if it cannot finish. After writing,
+    /// call [`release_write`](Host::release_write).
+    pub fn claim_write(&self, conn: ConnectionId, out: &mut Vec<u8>) -> Option<ConnState> {
+        let slot = self.slot(conn)?;
+        if slot.writing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        std::mem::swap(out, &mut *lock(&slot.leftover));
         let mut state = self.lock();
-        state.node.poll_transmit(conn, out);
-        self.dispatch(state, conn)
+        if out.is_empty() {
+            state.node.poll_transmit(conn, out);
+        }
+        Some(self.dispatch(state, conn))
+    }
+
+    /// Releases the write side claimed with [`claim_write`](Host::claim_write);
+    /// true if bytes arrived meanwhile and the writer should claim again.
+    pub fn release_write(&self, conn: ConnectionId) -> bool {
+        let Some(slot) = self.slot(conn) else {
+            return false;
+        };
+        slot.writing.store(false, Ordering::Release);
+        has_transmit(&self.lock().node, conn)
     }
 
     /// Closes whatever connection timed out by now.
@@ -130,9 +193,9 @@ impl<E: Executor> Host<E> {
     pub fn remove(&self, conn: ConnectionId) {
         let mut state = self.lock();
         state.node.remove(conn);
-        state.wakers.remove(&conn);
+        state.slots.remove(&conn);
         let state = self.dispatch_events(state);
-        if state.wakers.is_empty() {
+        if state.slots.is_empty() {
             self.idle.notify_all();
         }
     }
@@ -144,7 +207,7 @@ impl<E: Executor> Host<E> {
         let mut state = self.lock();
         state.node.begin_shutdown();
         state = self.dispatch_events(state);
-        while !state.wakers.is_empty() {
+        while !state.slots.is_empty() {
             state = self.idle.wait(state).expect("host lock");
         }
         state.stop_workers = true;
@@ -157,9 +220,55 @@ impl<E: Executor> Host<E> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State<E::Model>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
+    }
+
+    fn slot(&self, conn: ConnectionId) -> Option<Arc<Slot>> {
+        self.lock().slots.get(&conn).cloned()
+    }
+
+    /// Writes `conn`'s pending bytes from this thread without blocking. If
+    /// another thread is writing, it picks them up; if the socket is full or
+    /// the connection is closing, the writer is woken to finish.
+    fn transmit(&self, conn: ConnectionId) {
+        let Some(slot) = self.slot(conn) else { return };
+        if slot.writing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Wake the writer to finish what does not fit, to close, or so the
+        // reader resumes once a backpressured connection has room again.
+        let mut need_writer = false;
+        {
+            let mut buf = lock(&slot.leftover);
+            loop {
+                if buf.is_empty() {
+                    let mut state = self.lock();
+                    need_writer |= !state.node.wants_read(conn);
+                    state.node.poll_transmit(conn, &mut buf);
+                }
+                if buf.is_empty() {
+                    break;
+                }
+                match slot.link.direct.try_write(&buf) {
+                    Ok(n) if n == buf.len() => buf.clear(),
+                    Ok(n) => {
+                        buf.drain(..n);
+                        need_writer = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        // Full (or broken): the writer waits for room or sees the error.
+                        need_writer = true;
+                        break;
+                    }
+                }
+            }
+        }
+        slot.writing.store(false, Ordering::Release);
+        if need_writer || has_transmit(&self.lock().node, conn) {
+            (slot.link.waker)();
+        }
     }
 
     /// Acts on the node's events, then reports `conn`'s state.
@@ -168,22 +277,19 @@ impl<E: Executor> Host<E> {
         ConnState {
             wants_read: state.node.wants_read(conn),
             closing: state.node.is_closing(conn),
-            has_transmit: state
-                .node
-                .connection(conn)
-                .is_some_and(|c| c.pending_transmit() > 0),
             deadline: state.node.connection_timeout(conn),
         }
     }
 
+    /// Queues work for the workers; connections with new output get it written.
     fn dispatch_events<'a>(
         &'a self,
         mut state: MutexGuard<'a, State<E::Model>>,
     ) -> MutexGuard<'a, State<E::Model>> {
-        let mut wake = Vec::new();
+        let mut woken = Vec::new();
         while let Some(event) = state.node.poll_event() {
             match event {
-                Event::Wake(conn) => wake.extend(state.wakers.get(&conn).cloned()),
+                Event::Wake(conn) => woken.push(conn),
                 Event::JobQueued => self.work.notify_one(),
                 Event::Mount(mount) => {
                     state.mounts.push_back(mount);
@@ -195,12 +301,12 @@ impl<E: Executor> Host<E> {
                 }
             }
         }
-        if wake.is_empty() {
+        if woken.is_empty() {
             return state;
         }
         drop(state);
-        for waker in wake {
-            waker();
+        for conn in woken {
+            self.transmit(conn);
         }
         self.lock()
     }
@@ -233,4 +339,15 @@ impl<E: Executor> Host<E> {
             state = self.dispatch_events(state);
         }
     }
+}
+
+fn has_transmit<M>(node: &Node<M>, conn: ConnectionId) -> bool {
+    node.connection(conn)
+        .is_some_and(|c| c.pending_transmit() > 0)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
 
-use crate::host::{ConnState, Host};
+use crate::host::{Host, Link, TryWrite};
 use crate::READ_BUFFER;
 
 /// A running node. Dropping it does not stop it; call [`shutdown`](Server::shutdown).
@@ -148,9 +148,12 @@ fn spawn_connection<E: Executor>(
     ))?;
     let peer = stream.peer_addr()?;
     let signal = Arc::new(Signal::default());
-    let conn = host.accept({
-        let signal = Arc::clone(&signal);
-        Arc::new(move || signal.notify())
+    let conn = host.accept(Link {
+        waker: {
+            let signal = Arc::clone(&signal);
+            Arc::new(move || signal.notify())
+        },
+        direct: Arc::new(Direct(stream.try_clone()?)),
     });
     tracing::info!(%conn, %peer, "connection accepted");
     let reader = {
@@ -206,13 +209,7 @@ fn read_loop<E: Executor>(
         }
         state = match stream.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => {
-                let state = host.handle_input(conn, &buf[..n]);
-                if state.has_transmit || state.closing {
-                    signal.notify();
-                }
-                state
-            }
+            Ok(n) => host.handle_input(conn, &buf[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 host.handle_timeout(conn)
             }
@@ -222,7 +219,8 @@ fn read_loop<E: Executor>(
     }
 }
 
-/// Writes whatever the node has for `conn` until it closes.
+/// Writes what the node has for `conn` when a non-blocking write could not
+/// (the socket was full), until the connection closes.
 fn write_loop<E: Executor>(
     mut stream: &TcpStream,
     host: &Host<E>,
@@ -232,18 +230,43 @@ fn write_loop<E: Executor>(
     let mut out = Vec::new();
     loop {
         let seen = signal.generation();
-        let state: ConnState = host.poll_transmit(conn, &mut out);
-        if !out.is_empty() {
-            if stream.write_all(&out).is_err() {
+        let Some(state) = host.claim_write(conn, &mut out) else {
+            signal.wait(seen, None);
+            continue;
+        };
+        if out.is_empty() {
+            if host.release_write(conn) {
+                continue;
+            }
+            if state.closing {
                 return;
             }
-            out.clear();
-            signal.notify(); // the reader may be waiting for room
+            signal.wait(seen, None);
             continue;
         }
-        if state.closing {
+        let written = stream.write_all(&out).is_ok();
+        out.clear();
+        host.release_write(conn);
+        if !written {
             return;
         }
-        signal.wait(seen, None);
+        signal.notify(); // the reader may be waiting for room
+    }
+}
+
+/// Non-blocking writes on the blocking socket the threads share.
+struct Direct(TcpStream);
+
+impl TryWrite for Direct {
+    #[cfg(unix)]
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        socket2::SockRef::from(&self.0)
+            .send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    #[cfg(not(unix))]
+    fn try_write(&self, _buf: &[u8]) -> io::Result<usize> {
+        // No per-call non-blocking send here: the writer thread writes everything.
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }

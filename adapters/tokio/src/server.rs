@@ -6,15 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{ConnState, Host};
+use donate_std::host::{Host, Link, TryWrite};
 use donate_std::READ_BUFFER;
 
 thread_local! {
@@ -90,19 +88,22 @@ async fn accept_loop<E: Executor>(
 
 async fn connection<E: Executor>(stream: TcpStream, peer: SocketAddr, host: Arc<Host<E>>) {
     let _ = stream.set_nodelay(true);
+    let stream = Arc::new(stream);
     let (read_wake, write_wake) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let conn = host.accept({
-        let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
-        Arc::new(move || {
-            r.notify_one();
-            w.notify_one();
-        })
+    let conn = host.accept(Link {
+        waker: {
+            let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
+            Arc::new(move || {
+                r.notify_one();
+                w.notify_one();
+            })
+        },
+        direct: Arc::new(Direct(Arc::clone(&stream))),
     });
     tracing::info!(%conn, %peer, "connection accepted");
     let write_timeout = host.config().backpressure_timeout;
-    let (reader, writer) = stream.into_split();
-    let reading = read_loop(reader, &host, conn, &read_wake, &write_wake);
-    let writing = write_loop(writer, &host, conn, &write_wake, write_timeout);
+    let reading = read_loop(&stream, &host, conn, &read_wake);
+    let writing = write_loop(&stream, &host, conn, &write_wake, &read_wake, write_timeout);
     tokio::pin!(writing);
     tokio::select! {
         _ = reading => {
@@ -119,11 +120,10 @@ async fn connection<E: Executor>(stream: TcpStream, peer: SocketAddr, host: Arc<
 
 /// Reads into the node while it wants input; waits for a wake or the deadline otherwise.
 async fn read_loop<E: Executor>(
-    reader: OwnedReadHalf,
+    stream: &TcpStream,
     host: &Host<E>,
     conn: ConnectionId,
     wake: &Notify,
-    wake_writer: &Notify,
 ) {
     let mut state = host.state(conn);
     while !state.closing {
@@ -135,23 +135,18 @@ async fn read_loop<E: Executor>(
             }
         };
         tokio::select! {
-            ready = reader.readable(), if state.wants_read => {
+            ready = stream.readable(), if state.wants_read => {
                 if ready.is_err() {
                     return;
                 }
-                let read = READ_BUF.with_borrow_mut(|buf| match reader.try_read(buf) {
+                let read = READ_BUF.with_borrow_mut(|buf| match stream.try_read(buf) {
                     Ok(0) => Err(()),
                     Ok(n) => Ok(Some(host.handle_input(conn, &buf[..n]))),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                     Err(_) => Err(()),
                 });
                 match read {
-                    Ok(Some(new_state)) => {
-                        state = new_state;
-                        if state.has_transmit || state.closing {
-                            wake_writer.notify_one();
-                        }
-                    }
+                    Ok(Some(new_state)) => state = new_state,
                     Ok(None) => {}
                     Err(()) => return,
                 }
@@ -162,32 +157,59 @@ async fn read_loop<E: Executor>(
     }
 }
 
-/// Writes whatever the node has for `conn` until it closes.
+/// Writes what the node has for `conn` when a non-blocking write could not
+/// (the socket was full), until the connection closes.
 async fn write_loop<E: Executor>(
-    mut writer: OwnedWriteHalf,
+    stream: &TcpStream,
     host: &Host<E>,
     conn: ConnectionId,
     wake: &Notify,
+    wake_reader: &Notify,
     write_timeout: Duration,
 ) {
     let mut out = Vec::new();
     loop {
-        let state: ConnState = host.poll_transmit(conn, &mut out);
-        if !out.is_empty() {
-            match tokio::time::timeout(write_timeout, writer.write_all(&out)).await {
-                Ok(Ok(())) => {}
-                _ => return,
+        let Some(state) = host.claim_write(conn, &mut out) else {
+            wake.notified().await;
+            continue;
+        };
+        if out.is_empty() {
+            if host.release_write(conn) {
+                continue;
             }
-            out.clear();
-            if out.capacity() > READ_BUFFER {
-                out = Vec::new();
+            if state.closing {
+                return;
             }
+            wake.notified().await;
             continue;
         }
-        if state.closing {
-            let _ = writer.shutdown().await;
+        let written = tokio::time::timeout(write_timeout, write_all(stream, &out)).await;
+        out.clear();
+        host.release_write(conn);
+        if !matches!(written, Ok(Ok(()))) {
             return;
         }
-        wake.notified().await;
+        wake_reader.notify_one(); // it may be waiting for room
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Non-blocking writes from any thread.
+struct Direct(Arc<TcpStream>);
+
+impl TryWrite for Direct {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
     }
 }
