@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use donate_exec::{ExecutorSpec, LmConfig, WorkerConfig};
 use donate_proto::{Mode, ServerConfig};
 
 /// The address a node listens on and a client dials by default.
@@ -78,9 +79,21 @@ struct ServeArgs {
     /// Adapter running the node.
     #[arg(long, value_enum, default_value_t = Runtime::Std)]
     runtime: Runtime,
-    /// Executor running mounts and jobs (only `stub` for now).
-    #[arg(long, default_value = "stub")]
+    /// Executor running mounts and jobs: `stub` (the Go node's stub),
+    /// `cmd:PROGRAM ARG…` (a pool of worker processes, docs/WORKER-PROTOCOL.md)
+    /// or `lm:PROGRAM ARG…` (run per prompt, prompt on stdin; `{path}` and
+    /// `{max_out}` are filled in; needs --mode local_lm). Split like a shell
+    /// command line, never run through a shell.
+    #[arg(long, value_name = "EXECUTOR", default_value = "stub")]
     executor: String,
+    /// Seconds a job may run in a cmd: worker or an lm: program before it is killed.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
+    job_timeout: f64,
+    /// Largest job output accepted: a cmd: worker's reply line (default 64 MiB)
+    /// or an lm: program's stdout (default 1 MiB).
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    max_output: Option<usize>,
     /// Largest frame body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_frame_len,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
@@ -131,6 +144,35 @@ impl ServeArgs {
             backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
             workers: self.workers,
             ..ServerConfig::default()
+        }
+    }
+}
+
+impl ServeArgs {
+    /// What `--executor` names.
+    fn executor_spec(&self) -> Result<ExecutorSpec, String> {
+        self.executor.parse()
+    }
+
+    /// The `cmd:` worker pool's settings from the flags.
+    fn worker_config(&self) -> WorkerConfig {
+        let default = WorkerConfig::default();
+        WorkerConfig {
+            workers: self.workers,
+            job_timeout: Duration::from_secs_f64(self.job_timeout),
+            max_line: self.max_output.unwrap_or(default.max_line),
+            ..default
+        }
+    }
+
+    /// The `lm:` executor's settings from the flags.
+    fn lm_config(&self) -> LmConfig {
+        let default = LmConfig::default();
+        LmConfig {
+            local_lm_path: self.local_lm_path.clone(),
+            timeout: Duration::from_secs_f64(self.job_timeout),
+            max_output: self.max_output.unwrap_or(default.max_output),
+            ..default
         }
     }
 }
@@ -226,6 +268,15 @@ struct StatusArgs {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
+}
+
+fn parse_positive_secs(s: &str) -> Result<f64, String> {
+    let secs = parse_secs(s)?;
+    if secs > 0.0 {
+        Ok(secs)
+    } else {
+        Err("must be more than 0 seconds".to_owned())
+    }
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -351,12 +402,75 @@ mod tests {
     }
 
     #[test]
+    fn executor_flags_map_onto_the_executor_configs() {
+        let serve = |extra: &[&str]| {
+            let Cli {
+                command: Command::Serve(args),
+            } = Cli::parse_from(["donate", "serve"].iter().chain(extra))
+            else {
+                panic!("not serve");
+            };
+            args
+        };
+        let args = serve(&[]);
+        assert_eq!(args.executor_spec(), Ok(ExecutorSpec::Stub));
+        assert_eq!(args.worker_config(), WorkerConfig::default());
+        assert_eq!(args.lm_config(), LmConfig::default());
+
+        let args = serve(&[
+            "--executor",
+            "cmd:python3 'my worker.py' $(x)",
+            "--workers",
+            "3",
+            "--job-timeout",
+            "2.5",
+            "--max-output",
+            "1000",
+        ]);
+        assert_eq!(
+            args.executor_spec(),
+            Ok(ExecutorSpec::Cmd(vec![
+                "python3".into(),
+                "my worker.py".into(),
+                "$(x)".into()
+            ]))
+        );
+        for bad in ["gpu", "cmd:", "lm:'unclosed"] {
+            assert!(
+                serve(&["--executor", bad]).executor_spec().is_err(),
+                "{bad}"
+            );
+        }
+        let workers = args.worker_config();
+        assert_eq!(workers.workers, 3);
+        assert_eq!(workers.job_timeout, Duration::from_millis(2500));
+        assert_eq!(workers.max_line, 1000);
+
+        let args = serve(&[
+            "--mode",
+            "local_lm",
+            "--local-lm-path",
+            "/m",
+            "--executor",
+            "lm:llama-cli -m {path} -n {max_out}",
+            "--max-output",
+            "77",
+        ]);
+        assert!(matches!(args.executor_spec(), Ok(ExecutorSpec::Lm(argv)) if argv[2] == "{path}"));
+        let lm = args.lm_config();
+        assert_eq!((lm.local_lm_path.as_str(), lm.max_output), ("/m", 77));
+        assert_eq!(lm.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
     fn bad_values_are_usage_errors() {
         for args in [
             &["donate", "serve", "--mode", "gpu"][..],
             &["donate", "serve", "--workers", "0"],
             &["donate", "serve", "--runtime", "async-std"],
             &["donate", "serve", "--stall-timeout", "-1"],
+            &["donate", "serve", "--job-timeout", "0"],
+            &["donate", "serve", "--max-output", "0"],
             &["donate", "infer", "--ids", "1,x", "--model", "m"],
             &["donate", "infer", "--ids", "1"],
             &["donate", "infer", "--ids", "1", "--config", "c"],

@@ -5,19 +5,38 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use donate_proto::{ServerConfig, Stub};
+use donate_exec::{ExecutorSpec, LocalLmCommand, WorkerProcess};
+use donate_proto::{Executor, Mode, ServerConfig, Stub};
 
 use crate::{CliResult, Failure, Runtime, ServeArgs};
 
 /// Runs the node the flags describe until a signal asks it to stop.
 pub fn run(args: ServeArgs) -> CliResult {
-    let executor = executor(&args)?;
+    match &args.executor_spec()? {
+        ExecutorSpec::Stub => run_with(&args, Stub::new(args.local_lm_path.clone())),
+        ExecutorSpec::Cmd(argv) => {
+            let workers = WorkerProcess::new(argv.clone(), args.worker_config())
+                .map_err(|e| format!("cannot start the worker processes: {e}"))?;
+            run_with(&args, workers)
+        }
+        ExecutorSpec::Lm(argv) => {
+            if args.mode != Mode::LocalLm {
+                return Err("an lm: executor answers prompts only: add --mode local_lm".into());
+            }
+            run_with(&args, LocalLmCommand::new(argv.clone(), args.lm_config())?)
+        }
+    }
+}
+
+/// Runs the node with `executor` on the runtime `--runtime` names.
+fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
     let config = args.config();
     let stop = Stop::install()?;
     let listener = TcpListener::bind(&args.addr)
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let started = Started {
         runtime: args.runtime,
+        executor: &args.executor,
         config: &config,
     };
     match args.runtime {
@@ -74,17 +93,10 @@ pub fn run(args: ServeArgs) -> CliResult {
     Ok(())
 }
 
-/// The executor named by `--executor`.
-fn executor(args: &ServeArgs) -> Result<Stub, Failure> {
-    match args.executor.as_str() {
-        "stub" => Ok(Stub::new(args.local_lm_path.clone())),
-        other => Err(format!("unknown executor {other:?} (available: stub)").into()),
-    }
-}
-
 /// What a node reports once it listens.
 struct Started<'a> {
     runtime: Runtime,
+    executor: &'a str,
     config: &'a ServerConfig,
 }
 
@@ -99,6 +111,7 @@ impl Started<'_> {
             queue = config.queue_capacity,
             workers = config.workers,
             runtime = self.runtime.name(),
+            executor = self.executor,
             "listening"
         );
         let mut stdout = std::io::stdout().lock();
