@@ -219,31 +219,35 @@ fn upload(bench: &Bench, table: &mut Table) -> Result<()> {
     let sha = donate_std::sha256_of_reader(io::repeat(7).take(len))?;
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &[])?;
-        let (mut sha_rates, mut raw_rates, mut plain, mut hashed) =
+        let (mut sha_rates, mut raw, mut plain, mut hashed) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..size.upload_reps {
             sha_rates.push(sha256_rate()?);
-            raw_rates.push(raw_upload(len)?);
-            plain.push(push(node.addr, len, None)?);
-            hashed.push(push(node.addr, len, Some(sha))?);
+            raw.push(raw_upload(len)?);
+            plain.push(node.push(len, None)?);
+            hashed.push(node.push(len, Some(sha))?);
         }
         node.stop()?;
-        let [sha_rate, raw_rate, plain, hashed] = [sha_rates, raw_rates, plain, hashed].map(median);
+        let sha_rate = median(sha_rates);
+        let [raw, plain, hashed] = [raw, plain, hashed].map(Transfer::median);
         table
             .row(
                 "upload",
                 format!("{runtime}: {} in 1 MiB chunks", bytes(len)),
             )
-            .figure(mb_s(plain))
-            .reference(format!("raw TCP {}", mb_s(raw_rate)), plain / raw_rate)
-            .goal(">= 1000 MB/s", plain >= 1e9);
+            .figure(plain.summary())
+            .reference(format!("raw TCP {}", raw.summary()), plain.rate / raw.rate)
+            .goal(">= 1000 MB/s", plain.rate >= 1e9);
         table
             .row("upload", format!("{runtime}: same, with weights_sha256"))
-            .figure(mb_s(hashed))
-            .reference(format!("SHA-256 {}", mb_s(sha_rate)), hashed / sha_rate)
-            .goal(">= 0.75 x SHA-256", hashed >= 0.75 * sha_rate);
+            .figure(hashed.summary())
+            .reference(
+                format!("SHA-256 {}", mb_s(sha_rate)),
+                hashed.rate / sha_rate,
+            )
+            .goal(">= 0.75 x SHA-256", hashed.rate >= 0.75 * sha_rate);
     }
-    table.note(format!("upload: payload MB/s (10^6 bytes/s) from connect to model_status, median of {} runs; the client reads from io::repeat; the hash for weights_sha256 is computed before timing. Raw TCP: a client writes the same number of encoded 1 MiB chunk frames to a server that reads and discards them, counted as payload. SHA-256: sha2 over a 64 MiB buffer on one core. Both are measured before each upload", size.upload_reps));
+    table.note(format!("upload: payload MB/s (10^6 bytes/s) from connect to model_status, median of {} runs; the client reads from io::repeat; the hash for weights_sha256 is computed before timing. Raw TCP: a client writes the same number of encoded 1 MiB chunk frames to a server that reads and discards them, counted as payload. SHA-256: sha2 over a 64 MiB buffer on one core. Both are measured before each upload. CPU s/GiB: CPU time (user + system) the server process and the client thread used per GiB of payload, which the machine's load does not inflate", size.upload_reps));
     Ok(())
 }
 
@@ -320,7 +324,7 @@ fn round_trips(bench: &Bench, table: &mut Table) -> Result<()> {
     let size = bench.size;
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &[])?;
-        let (raw, stats) = paired(size.blocks, 1, size.round_trips, size.warm_up, node.addr)?;
+        let (raw, stats) = paired(size.blocks, 1, size.round_trips, size.warm_up, &node)?;
         node.stop()?;
         let rate = stats.rate() / raw.rate();
         let p99 = stats.p(0.99).as_secs_f64() / raw.p(0.99).as_secs_f64();
@@ -337,7 +341,7 @@ fn round_trips(bench: &Bench, table: &mut Table) -> Result<()> {
             );
     }
     let (request, answer) = job_frame_sizes();
-    table.note(format!("round trips: {} timed jobs after {} warm-up, in {} blocks alternating with the raw ping-pong; frames of {request} B (infer) and {answer} B (infer_result) both ways, raw included", size.round_trips, size.warm_up, size.blocks));
+    table.note(format!("round trips: {} timed jobs after {} warm-up, in {} blocks alternating with the raw ping-pong; frames of {request} B (infer) and {answer} B (infer_result) both ways, raw included. CPU µs/job: CPU time of the server process (raw: the echo threads) and of the client threads per job, which the machine's load does not inflate", size.round_trips, size.warm_up, size.blocks));
     Ok(())
 }
 
@@ -348,7 +352,7 @@ fn many_clients(bench: &Bench, table: &mut Table) -> Result<()> {
     let warm_up = size.warm_up / 10;
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &["--workers", "2"])?;
-        let (raw, stats) = paired(size.blocks, clients, jobs, warm_up, node.addr)?;
+        let (raw, stats) = paired(size.blocks, clients, jobs, warm_up, &node)?;
         node.stop()?;
         let ratio = stats.rate() / raw.rate();
         table
@@ -371,15 +375,21 @@ fn paired(
     clients: usize,
     jobs: usize,
     warm_up: usize,
-    addr: SocketAddr,
+    node: &Node,
 ) -> Result<(Stats, Stats)> {
     let per_block = jobs.div_ceil(blocks);
-    let (mut raw, mut node) = (Vec::new(), Vec::new());
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..blocks {
         raw.push(raw_ping_pong(clients, per_block, warm_up)?);
-        node.push(node_jobs(addr, clients, per_block, warm_up)?);
+        ours.push(node_jobs(
+            node.addr,
+            Some(node.child.id()),
+            clients,
+            per_block,
+            warm_up,
+        )?);
     }
-    Ok((Stats::combine(raw), Stats::combine(node)))
+    Ok((Stats::combine(raw), Stats::combine(ours)))
 }
 
 /// One connection with 10,000 jobs in flight, against the sequential rate on the same node.
@@ -388,7 +398,13 @@ fn pipelining(bench: &Bench, table: &mut Table) -> Result<()> {
     let queue = PIPELINE_DEPTH.to_string();
     for &runtime in &bench.runtimes {
         let node = Node::start(runtime, &["--queue", &queue])?;
-        let sequential = node_jobs(node.addr, 1, size.pipeline_sequential, size.warm_up)?;
+        let sequential = node_jobs(
+            node.addr,
+            Some(node.child.id()),
+            1,
+            size.pipeline_sequential,
+            size.warm_up,
+        )?;
         let pipelined = node_pipelined(node.addr, size.pipeline_rounds)?;
         node.stop()?;
         let ratio = pipelined / sequential.rate();
@@ -503,6 +519,25 @@ impl Node {
         proc_status_bytes(&format!("/proc/{}/status", self.child.id()), field)
     }
 
+    /// Pushes `len` bytes from `io::repeat` with the std client.
+    fn push(&self, len: u64, sha256: Option<[u8; 32]>) -> Result<Transfer> {
+        let addr = self.addr;
+        let server_before = process_cpu(self.child.id())?;
+        let (elapsed, client_cpu) = within(upload_limit(len), "upload", move || {
+            let mut client = Client::connect(addr)?;
+            let (start, cpu) = (Instant::now(), thread_cpu());
+            let status =
+                client.push_model_from("{}", io::repeat(7).take(len), len, sha256, |_| {})?;
+            let (elapsed, cpu) = (start.elapsed(), thread_cpu() - cpu);
+            if !status.ok {
+                return Err(format!("model refused: {}", status.message).into());
+            }
+            Ok((elapsed, cpu))
+        })?;
+        let server_cpu = process_cpu(self.child.id())? - server_before;
+        Ok(Transfer::new(len, elapsed, server_cpu, client_cpu))
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit.
     fn stop(mut self) -> Result<()> {
         // SAFETY: kill(2) on our own child's pid.
@@ -525,20 +560,6 @@ impl Drop for Node {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Pushes `len` bytes from `io::repeat` with the std client; payload bytes/s.
-fn push(addr: SocketAddr, len: u64, sha256: Option<[u8; 32]>) -> Result<f64> {
-    within(upload_limit(len), "upload", move || {
-        let mut client = Client::connect(addr)?;
-        let start = Instant::now();
-        let status = client.push_model_from("{}", io::repeat(7).take(len), len, sha256, |_| {})?;
-        let elapsed = start.elapsed();
-        if !status.ok {
-            return Err(format!("model refused: {}", status.message).into());
-        }
-        Ok(len as f64 / elapsed.as_secs_f64())
-    })
 }
 
 /// Runs this bench binary as `--child-push ADDR LEN` and returns the child's peak RSS.
@@ -616,7 +637,7 @@ fn child_jobs(args: &[String]) -> ExitCode {
         let [addr, jobs] = args else {
             return Err("usage: --child-jobs ADDR N".into());
         };
-        node_jobs(addr.parse()?, 1, jobs.parse()?, 500)
+        node_jobs(addr.parse()?, None, 1, jobs.parse()?, 500)
     };
     match run() {
         Ok(stats) => {
@@ -632,12 +653,18 @@ fn child_jobs(args: &[String]) -> ExitCode {
 
 /// `clients` std clients, each with a tiny model mounted, run `jobs` sequential infer
 /// jobs each after `warm_up` untimed ones; all start together.
-fn node_jobs(addr: SocketAddr, clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
+fn node_jobs(
+    addr: SocketAddr,
+    server: Option<u32>,
+    clients: usize,
+    jobs: usize,
+    warm_up: usize,
+) -> Result<Stats> {
     let start = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let start = Arc::clone(&start);
-            thread::spawn(move || -> Result<Vec<Duration>> {
+            thread::spawn(move || -> Result<(Vec<Duration>, Duration)> {
                 let ready = (|| -> Result<Client> {
                     let mut client = Client::connect(addr)?;
                     client.push_model("{}", &[1, 2, 3, 4], false)?;
@@ -649,6 +676,7 @@ fn node_jobs(addr: SocketAddr, clients: usize, jobs: usize, warm_up: usize) -> R
                 start.wait(); // reached on failure too, so no one waits forever
                 let mut client = ready?;
                 let mut latencies = Vec::with_capacity(jobs);
+                let cpu = thread_cpu();
                 for _ in 0..jobs {
                     let t = Instant::now();
                     let result = client.infer(&INPUT_IDS, MAX_TOKENS)?;
@@ -657,19 +685,25 @@ fn node_jobs(addr: SocketAddr, clients: usize, jobs: usize, warm_up: usize) -> R
                         return Err("wrong answer".into());
                     }
                 }
-                Ok(latencies)
+                Ok((latencies, thread_cpu() - cpu))
             })
         })
         .collect();
     let limit = job_limit(clients * (jobs + warm_up));
+    let server_cpu = move || server.map_or(Ok(Duration::ZERO), process_cpu);
     within(limit, "jobs", move || {
         start.wait();
-        let began = Instant::now();
+        let (began, server_before) = (Instant::now(), server_cpu()?);
         let mut latencies = Vec::with_capacity(clients * jobs);
+        let mut client_cpu = Duration::ZERO;
         for t in threads {
-            latencies.extend(t.join().map_err(|_| "client thread panicked")??);
+            let (l, cpu) = t.join().map_err(|_| "client thread panicked")??;
+            latencies.extend(l);
+            client_cpu += cpu;
         }
-        Ok(Stats::new(began.elapsed(), latencies))
+        let elapsed = began.elapsed();
+        let server_cpu = server_cpu()? - server_before;
+        Ok(Stats::new(elapsed, latencies).with_cpu(server_cpu, client_cpu))
     })
 }
 
@@ -727,11 +761,12 @@ fn open_connections(addr: SocketAddr, n: usize, extra: &[u8]) -> Result<Vec<TcpS
 
 /// Writes the bytes of `len / 1 MiB` encoded 1 MiB chunk frames to a server that
 /// reads and discards them; payload-equivalent bytes/s.
-fn raw_upload(len: u64) -> Result<f64> {
+fn raw_upload(len: u64) -> Result<Transfer> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let sink = thread::spawn(move || -> io::Result<u64> {
+    let sink = thread::spawn(move || -> io::Result<(u64, Duration)> {
         let mut conn = accept_within(&listener)?;
+        let cpu = thread_cpu();
         let mut buf = vec![0; 256 * 1024];
         let mut total = 0;
         loop {
@@ -741,24 +776,24 @@ fn raw_upload(len: u64) -> Result<f64> {
             }
         }
         conn.write_all(&[1])?;
-        Ok(total)
+        Ok((total, thread_cpu() - cpu))
     });
     let mut chunk = Vec::new();
     encode_weights_chunk(0, false, &vec![7; MIB as usize], &mut chunk);
     let mut conn = TcpStream::connect(addr)?;
     set_timeouts(&conn)?;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), thread_cpu());
     for _ in 0..len / MIB {
         conn.write_all(&chunk)?;
     }
     conn.shutdown(Shutdown::Write)?;
     conn.read_exact(&mut [0])?;
-    let elapsed = start.elapsed();
-    let received = sink.join().map_err(|_| "sink panicked")??;
+    let (elapsed, client_cpu) = (start.elapsed(), thread_cpu() - cpu);
+    let (received, server_cpu) = sink.join().map_err(|_| "sink panicked")??;
     if received != chunk.len() as u64 * (len / MIB) {
         return Err("raw sink lost bytes".into());
     }
-    Ok(len as f64 / elapsed.as_secs_f64())
+    Ok(Transfer::new(len, elapsed, server_cpu, client_cpu))
 }
 
 /// `clients` connections each ping-pong frames of an infer's size against a
@@ -769,35 +804,38 @@ fn raw_ping_pong(clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
     let answer = raw_frame(answer_len);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let echo = thread::spawn(move || -> io::Result<()> {
+    let echo = thread::spawn(move || -> io::Result<Duration> {
         let servers: Vec<_> = (0..clients)
             .map(|_| {
                 let mut conn = accept_within(&listener)?;
                 let answer = answer.clone();
-                Ok(thread::spawn(move || -> io::Result<()> {
+                Ok(thread::spawn(move || -> io::Result<Duration> {
                     let mut buf = vec![0; request_len];
                     loop {
                         match conn.read_exact(&mut buf) {
                             Ok(()) => conn.write_all(&answer)?,
-                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                                return Ok(thread_cpu())
+                            }
                             Err(e) => return Err(e),
                         }
                     }
                 }))
             })
             .collect::<io::Result<_>>()?;
+        let mut cpu = Duration::ZERO;
         for server in servers {
-            server
+            cpu += server
                 .join()
                 .map_err(|_| io::Error::other("echo panicked"))??;
         }
-        Ok(())
+        Ok(cpu)
     });
     let start = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let (start, request) = (Arc::clone(&start), request.clone());
-            thread::spawn(move || -> Result<Vec<Duration>> {
+            thread::spawn(move || -> Result<(Vec<Duration>, Duration)> {
                 let ready = (|| -> io::Result<TcpStream> {
                     let mut conn = TcpStream::connect(addr)?;
                     set_timeouts(&conn)?;
@@ -812,25 +850,31 @@ fn raw_ping_pong(clients: usize, jobs: usize, warm_up: usize) -> Result<Stats> {
                 let mut conn = ready?;
                 let mut buf = vec![0; answer_len];
                 let mut latencies = Vec::with_capacity(jobs);
+                let cpu = thread_cpu();
                 for _ in 0..jobs {
                     let t = Instant::now();
                     conn.write_all(&request)?;
                     conn.read_exact(&mut buf)?;
                     latencies.push(t.elapsed());
                 }
-                Ok(latencies)
+                Ok((latencies, thread_cpu() - cpu))
             })
         })
         .collect();
     start.wait();
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(clients * jobs);
+    let mut client_cpu = Duration::ZERO;
     for t in threads {
-        latencies.extend(t.join().map_err(|_| "raw client panicked")??);
+        let (l, cpu) = t.join().map_err(|_| "raw client panicked")??;
+        latencies.extend(l);
+        client_cpu += cpu;
     }
-    let stats = Stats::new(began.elapsed(), latencies);
-    echo.join().map_err(|_| "echo panicked")??;
-    Ok(stats)
+    let elapsed = began.elapsed();
+    // The echo threads' CPU covers the warm-up too: count the timed jobs' share.
+    let echo_cpu = echo.join().map_err(|_| "echo panicked")??;
+    let server_cpu = echo_cpu.mul_f64(jobs as f64 / (jobs + warm_up) as f64);
+    Ok(Stats::new(elapsed, latencies).with_cpu(server_cpu, client_cpu))
 }
 
 /// Single-core SHA-256 over a 64 MiB buffer, in bytes/s.
@@ -886,23 +930,73 @@ fn raw_frame(len: usize) -> Vec<u8> {
 // Measurements
 // ---------------------------------------------------------------------------
 
+/// One upload (or its raw copy): payload bytes/s, and CPU seconds per GiB on each side.
+#[derive(Clone, Copy)]
+struct Transfer {
+    rate: f64,
+    server_cpu_per_gib: f64,
+    client_cpu_per_gib: f64,
+}
+
+impl Transfer {
+    fn new(len: u64, elapsed: Duration, server_cpu: Duration, client_cpu: Duration) -> Transfer {
+        let gib = len as f64 / (1024 * MIB) as f64;
+        Transfer {
+            rate: len as f64 / elapsed.as_secs_f64(),
+            server_cpu_per_gib: server_cpu.as_secs_f64() / gib,
+            client_cpu_per_gib: client_cpu.as_secs_f64() / gib,
+        }
+    }
+
+    /// The run with the median rate.
+    fn median(mut runs: Vec<Transfer>) -> Transfer {
+        runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        runs[runs.len() / 2]
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}; CPU s/GiB: server {:.2}, client {:.2}",
+            mb_s(self.rate),
+            self.server_cpu_per_gib,
+            self.client_cpu_per_gib
+        )
+    }
+}
+
 /// Jobs done in some wall time, with each job's latency.
 struct Stats {
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time of the server process (or raw echo threads) and of the client threads.
+    server_cpu: Duration,
+    client_cpu: Duration,
 }
 
 impl Stats {
     fn new(elapsed: Duration, mut latencies: Vec<Duration>) -> Stats {
         latencies.sort_unstable();
-        Stats { elapsed, latencies }
+        Stats {
+            elapsed,
+            latencies,
+            server_cpu: Duration::ZERO,
+            client_cpu: Duration::ZERO,
+        }
+    }
+
+    fn with_cpu(mut self, server: Duration, client: Duration) -> Stats {
+        self.server_cpu = server;
+        self.client_cpu = client;
+        self
     }
 
     /// Several measurements as one: their jobs over the sum of their wall times.
     fn combine(parts: Vec<Stats>) -> Stats {
         let elapsed = parts.iter().map(|p| p.elapsed).sum();
+        let server = parts.iter().map(|p| p.server_cpu).sum();
+        let client = parts.iter().map(|p| p.client_cpu).sum();
         let latencies = parts.into_iter().flat_map(|p| p.latencies).collect();
-        Stats::new(elapsed, latencies)
+        Stats::new(elapsed, latencies).with_cpu(server, client)
     }
 
     fn rate(&self) -> f64 {
@@ -914,18 +1008,29 @@ impl Stats {
         self.latencies[i]
     }
 
+    /// CPU µs per job: server, client.
+    fn cpu_per_job(&self) -> (f64, f64) {
+        let jobs = self.latencies.len() as f64;
+        (
+            micros(self.server_cpu) / jobs,
+            micros(self.client_cpu) / jobs,
+        )
+    }
+
     /// The figures a node is compared with.
     fn reference(&self) -> String {
+        let (server, client) = self.cpu_per_job();
         format!(
-            "raw {:.0} jobs/s, p99 {:.0} µs",
+            "raw {:.0} jobs/s, p99 {:.0} µs; CPU µs/job {server:.1} / {client:.1}",
             self.rate(),
             micros(self.p(0.99))
         )
     }
 
     fn summary(&self) -> String {
+        let (server, client) = self.cpu_per_job();
         format!(
-            "{:.0} jobs/s, p50 {:.0} µs, p99 {:.0} µs",
+            "{:.0} jobs/s, p50 {:.0} µs, p99 {:.0} µs; CPU µs/job: server {server:.1}, client {client:.1}",
             self.rate(),
             micros(self.p(0.5)),
             micros(self.p(0.99))
@@ -948,6 +1053,31 @@ fn proc_status_bytes(path: &str, field: &str) -> Result<u64> {
         .ok_or_else(|| format!("{field} not in {path}"))?;
     let kb: u64 = line.trim().trim_end_matches("kB").trim().parse()?;
     Ok(kb * 1024)
+}
+
+/// CPU time (user + system) process `pid` has used, all its threads included
+/// (clock ticks, usually 10 ms).
+fn process_cpu(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces;
+    // utime and stime are fields 14 and 15 of the line.
+    let (_, rest) = stat.rsplit_once(')').ok_or("unexpected /proc/pid/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// The first three fields of `/proc/loadavg`.
