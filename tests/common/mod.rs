@@ -58,6 +58,8 @@ pub struct TestExec {
     pub delay: Duration,
     pub started: Arc<AtomicUsize>,
     pub finished: Arc<AtomicUsize>,
+    /// When set, `infer` of `[-1]` answers this many tokens (a big result from a tiny job).
+    pub flood: Option<usize>,
 }
 
 impl TestExec {
@@ -102,7 +104,10 @@ impl Executor for TestExec {
 
     fn infer(&self, model: &(), input_ids: &[i32], max_tokens: i64) -> Result<Vec<i32>, JobError> {
         self.work();
-        self.stub.infer(model, input_ids, max_tokens)
+        match self.flood {
+            Some(n) if input_ids == [-1] => Ok(vec![7; n]),
+            _ => self.stub.infer(model, input_ids, max_tokens),
+        }
     }
 
     fn prompt(&self, prompt: &str, max_out: i64) -> Result<String, JobError> {
