@@ -109,9 +109,14 @@ pub enum ClientOp {
     Transmit,
     /// `poll_event()` until empty, checking the answers.
     Events,
+    /// `begin_upload()` of `u64::MAX - below_max` bytes, more than `weights_len` can say.
+    BeginHugeUpload {
+        /// Distance from `u64::MAX`.
+        below_max: u16,
+    },
 }
 
-const CLIENT_OP_VARIANTS: u64 = 10;
+const CLIENT_OP_VARIANTS: u64 = 11;
 
 impl ClientOp {
     /// The bytes `ClientOp::arbitrary` reads back as `self` (without an `Input`'s payload).
@@ -129,6 +134,7 @@ impl ClientOp {
             ClientOp::UploadChunk { len } => (7, len.to_le_bytes().to_vec()),
             ClientOp::Transmit => (8, vec![]),
             ClientOp::Events => (9, vec![]),
+            ClientOp::BeginHugeUpload { below_max } => (10, below_max.to_le_bytes().to_vec()),
         };
         let mut out = variant_tag(index, CLIENT_OP_VARIANTS).to_vec();
         out.extend(fields);
@@ -288,6 +294,12 @@ impl Harness {
                 if was_uploading {
                     assert!(r.is_err(), "a second upload began while one was sending");
                 }
+                self.made(r, Kind::Upload, "");
+            }
+            ClientOp::BeginHugeUpload { below_max } => {
+                let r = self
+                    .client
+                    .begin_upload("{}", u64::MAX - u64::from(below_max), None);
                 self.made(r, Kind::Upload, "");
             }
             ClientOp::UploadChunk { len } => {

@@ -594,6 +594,14 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
             s.op(ClientOp::Transmit).op(ClientOp::Events)
         }),
         (
+            "huge-upload".to_owned(),
+            ClientScript::new(&cfg)
+                .input(&node[..hello_len])
+                .op(ClientOp::BeginHugeUpload { below_max: 0 })
+                .op(ClientOp::UploadChunk { len: 100 })
+                .op(ClientOp::Transmit),
+        ),
+        (
             "no-hello".to_owned(),
             ClientScript::new(&cfg)
                 .op(ClientOp::Infer {

@@ -987,7 +987,9 @@ impl Harness {
             }
         };
         self.node.mount_done(outcome, self.now);
-        self.allow_all(1024);
+        // model_status, and the answers of `infer`s parked behind the mount.
+        let parked = self.config.queue_capacity * (512 + 2 * self.config.max_frame_len);
+        self.allow_all(1024 + parked);
     }
 
     /// The client reads everything the node has for it.

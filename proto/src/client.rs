@@ -242,6 +242,7 @@ impl ClientConnection {
     /// [`upload_chunk`](Self::upload_chunk) as [`upload_wants`](Self::upload_wants)
     /// asks; the commit goes out after the last byte. The answer is
     /// [`Answer::ModelStatus`], or [`Answer::Error`] if the server refused the upload.
+    /// A `weights_len` above `i64::MAX` cannot be announced: [`ClientError::UploadTooLarge`].
     pub fn begin_upload(
         &mut self,
         config_json: &str,
@@ -251,10 +252,12 @@ impl ClientConnection {
         if self.upload.is_some() {
             return Err(ClientError::UploadInProgress);
         }
+        let wire_len =
+            i64::try_from(weights_len).map_err(|_| ClientError::UploadTooLarge(weights_len))?;
         let (request, _) = self.request(Kind::Upload, "")?;
         self.send(&Message::ModelBegin(ModelBegin {
             config_json: config_json.to_owned(),
-            weights_len: weights_len as i64,
+            weights_len: wire_len,
             weights_sha256: sha256.map(|h| hex(&h)).unwrap_or_default(),
         }));
         self.upload = Some(ClientUpload {

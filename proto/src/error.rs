@@ -204,4 +204,7 @@ pub enum ClientError {
         /// Bytes still expected.
         remaining: u64,
     },
+    /// An upload longer than `weights_len` (a signed 64-bit JSON int) can announce.
+    #[error("an upload of {0} bytes is too large to announce")]
+    UploadTooLarge(u64),
 }

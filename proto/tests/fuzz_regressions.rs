@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use donate_proto::frame::FrameDecoder;
 use donate_proto::message::{Infer, ModelBegin};
 use donate_proto::{
-    run_mount, ConnectionId, Event, Message, Mount, Node, ProtocolError, ServerConfig, Stub,
+    run_mount, ClientConnection, ClientError, ConnectionId, Event, Message, Mount, Node,
+    ProtocolError, ServerConfig, Stub,
 };
 
 /// The one place these tests read the clock.
@@ -118,4 +119,41 @@ fn mount_finishing_after_the_peer_closed_sends_nothing() {
     assert_eq!(kinds, ["hello"], "{msgs:?}");
     assert!(node.is_closing(conn));
     assert!(!node.connection(conn).is_some_and(|c| c.has_model()));
+}
+
+/// Fuzz target `client` (seed `huge-upload`): `begin_upload` cast a `weights_len`
+/// above `i64::MAX` with `as`, announcing a negative length on the wire.
+#[test]
+fn an_upload_too_large_to_announce_is_refused_before_anything_is_sent() {
+    let now = base_instant();
+    let mut node: Node<()> = Node::new(ServerConfig::default());
+    let conn = node.accept(now);
+    let mut hello = Vec::new();
+    node.poll_transmit(conn, &mut hello);
+    let mut client = ClientConnection::default();
+    client.handle_input(&hello).expect("the server hello");
+    let mut sent = Vec::new();
+    client.poll_transmit(&mut sent); // the client's own hello
+
+    for len in [u64::MAX, i64::MAX as u64 + 1] {
+        assert_eq!(
+            client.begin_upload("{}", len, None),
+            Err(ClientError::UploadTooLarge(len))
+        );
+    }
+    assert!(!client.is_uploading());
+    assert_eq!(client.outstanding(), 0);
+    assert_eq!(client.pending_transmit(), 0, "nothing goes on the wire");
+
+    // The largest length that can be announced goes out as it is.
+    client
+        .begin_upload("{}", i64::MAX as u64, None)
+        .expect("announceable");
+    let mut out = Vec::new();
+    client.poll_transmit(&mut out);
+    let body = &out[4..];
+    match Message::parse(body) {
+        Ok(Message::ModelBegin(begin)) => assert_eq!(begin.weights_len, i64::MAX),
+        other => panic!("{other:?}"),
+    }
 }
