@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use futures_lite::{future, AsyncWriteExt};
@@ -199,21 +199,22 @@ async fn read_loop<E: Executor>(
     wake: &Signal,
 ) {
     let mut state = host.state(conn);
+    // One timer, re-armed only when the deadline moves earlier: firing early is
+    // harmless (the node closes nothing before its time), re-arming on every
+    // input would cost a trip through the reactor.
+    let mut timer = Timer::never();
+    let mut armed: Option<Instant> = None;
     while !state.closing {
-        let timer = async {
-            match state.deadline {
-                Some(d) => {
-                    Timer::at(d).await;
-                }
-                None => future::pending::<()>().await,
-            }
-        };
+        if let Some(d) = state.deadline.filter(|d| armed.is_none_or(|a| *d < a)) {
+            timer.set_at(d);
+            armed = Some(d);
+        }
         let woken = async {
             wake.wait().await;
             Wake::Woken
         };
         let timed_out = async {
-            timer.await;
+            (&mut timer).await;
             Wake::Timeout
         };
         let readable = async {
@@ -227,7 +228,10 @@ async fn read_loop<E: Executor>(
         };
         state = match future::or(readable, future::or(woken, timed_out)).await {
             Wake::Failed => return,
-            Wake::Timeout => host.handle_timeout(conn),
+            Wake::Timeout => {
+                armed = None;
+                host.handle_timeout(conn)
+            }
             Wake::Woken => host.state(conn),
             Wake::Readable => {
                 let read = READ_BUF.with_borrow_mut(|buf| match stream.get_ref().read(buf) {

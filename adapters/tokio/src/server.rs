@@ -126,14 +126,16 @@ async fn read_loop<E: Executor>(
     wake: &Notify,
 ) {
     let mut state = host.state(conn);
+    // One timer, re-armed only when the deadline moves earlier: firing early is
+    // harmless (the node closes nothing before its time).
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let mut armed: Option<std::time::Instant> = None;
     while !state.closing {
-        let deadline = state.deadline.map(Instant::from_std);
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        if let Some(d) = state.deadline.filter(|d| armed.is_none_or(|a| *d < a)) {
+            sleep.as_mut().reset(Instant::from_std(d));
+            armed = Some(d);
+        }
         tokio::select! {
             ready = stream.readable(), if state.wants_read => {
                 if ready.is_err() {
@@ -152,7 +154,10 @@ async fn read_loop<E: Executor>(
                 }
             }
             _ = wake.notified() => state = host.state(conn),
-            _ = sleep => state = host.handle_timeout(conn),
+            _ = &mut sleep, if armed.is_some() => {
+                armed = None;
+                state = host.handle_timeout(conn);
+            }
         }
     }
 }
