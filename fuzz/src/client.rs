@@ -100,7 +100,7 @@ pub enum ClientOp {
         /// With a hash.
         sha: bool,
     },
-    /// `upload_chunk()` with `len` bytes (0: what `upload_wants` says).
+    /// `upload_chunk()` with `len` mod 4096 bytes (0: what `upload_wants` says).
     UploadChunk {
         /// Bytes.
         len: u16,
@@ -304,7 +304,7 @@ impl Harness {
             }
             ClientOp::UploadChunk { len } => {
                 let wants = self.client.upload_wants();
-                let n = if len == 0 { wants } else { len as usize };
+                let n = if len == 0 { wants } else { len as usize % 4096 };
                 let data = vec![0xab; n];
                 let uploading = self.client.is_uploading();
                 let r = self.client.upload_chunk(&data);
