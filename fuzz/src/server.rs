@@ -393,6 +393,25 @@ pub fn run(data: &[u8]) {
         h.step(&op, payload);
     }
     h.settle();
+    if trace {
+        for c in &h.conns {
+            eprintln!(
+                "{}: removed {} close {:?}\n  answered {:?}\n  owed {:?} (jobs {:?})",
+                c.id,
+                c.removed,
+                c.close,
+                c.answers,
+                (
+                    c.mirror.empty_jobs,
+                    c.mirror.refusals,
+                    c.mirror.upload_errors,
+                    c.mirror.statuses,
+                    c.mirror.queue_requests
+                ),
+                c.mirror.jobs
+            );
+        }
+    }
     h.final_checks();
 }
 
