@@ -479,6 +479,7 @@ fn idle_connections(bench: &Bench, table: &mut Table) -> Result<()> {
 struct Node {
     child: Child,
     addr: SocketAddr,
+    runtime: String,
 }
 
 impl Node {
@@ -496,6 +497,7 @@ impl Node {
         let mut node = Node {
             child,
             addr: ([127, 0, 0, 1], 0).into(),
+            runtime: runtime.to_owned(),
         };
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
@@ -544,9 +546,11 @@ impl Node {
         if unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) } != 0 {
             return Err(io::Error::last_os_error().into());
         }
-        let status = wait_bounded(&mut self.child, Duration::from_secs(30))?;
+        let runtime = &self.runtime;
+        let status = wait_bounded(&mut self.child, Duration::from_secs(30))
+            .map_err(|e| format!("donate serve --runtime {runtime}, after SIGTERM: {e}"))?;
         if !status.success() {
-            return Err(format!("donate serve exited with {status}").into());
+            return Err(format!("donate serve --runtime {runtime} exited with {status}").into());
         }
         Ok(())
     }
