@@ -272,43 +272,45 @@ impl<E: Executor> Host<E> {
     }
 
     /// Acts on the node's events, then reports `conn`'s state.
-    fn dispatch(&self, state: MutexGuard<'_, State<E::Model>>, conn: ConnectionId) -> ConnState {
-        let state = self.dispatch_events(state);
-        ConnState {
+    fn dispatch(
+        &self,
+        mut state: MutexGuard<'_, State<E::Model>>,
+        conn: ConnectionId,
+    ) -> ConnState {
+        let followup = take_events(&mut state);
+        let conn_state = ConnState {
             wants_read: state.node.wants_read(conn),
             closing: state.node.is_closing(conn),
             deadline: state.node.connection_timeout(conn),
-        }
+        };
+        drop(state);
+        self.follow_up(followup);
+        conn_state
     }
 
-    /// Queues work for the workers; connections with new output get it written.
+    /// Acts on the node's events, releasing the lock while it does.
     fn dispatch_events<'a>(
         &'a self,
         mut state: MutexGuard<'a, State<E::Model>>,
     ) -> MutexGuard<'a, State<E::Model>> {
-        let mut woken = Vec::new();
-        while let Some(event) = state.node.poll_event() {
-            match event {
-                Event::Wake(conn) => woken.push(conn),
-                Event::JobQueued => self.work.notify_one(),
-                Event::Mount(mount) => {
-                    state.mounts.push_back(mount);
-                    self.work.notify_one();
-                }
-                Event::Digest(work) => {
-                    state.digests.push_back(work);
-                    self.work.notify_one();
-                }
-            }
-        }
-        if woken.is_empty() {
+        let followup = take_events(&mut state);
+        if followup.is_empty() {
             return state;
         }
         drop(state);
-        for conn in woken {
+        self.follow_up(followup);
+        self.lock()
+    }
+
+    /// Wakes workers and writes new output, with the lock released: a woken
+    /// worker must not find the lock still held by its waker.
+    fn follow_up(&self, followup: Followup) {
+        for _ in 0..followup.work {
+            self.work.notify_one();
+        }
+        for conn in followup.transmit {
             self.transmit(conn);
         }
-        self.lock()
     }
 
     /// A worker: takes mounts, then hashing, then jobs, and runs them unlocked.
@@ -339,6 +341,41 @@ impl<E: Executor> Host<E> {
             state = self.dispatch_events(state);
         }
     }
+}
+
+/// What the node's events ask for once the lock is released.
+#[derive(Default)]
+struct Followup {
+    /// Pieces of work queued for the workers.
+    work: usize,
+    /// Connections with new output.
+    transmit: Vec<ConnectionId>,
+}
+
+impl Followup {
+    fn is_empty(&self) -> bool {
+        self.work == 0 && self.transmit.is_empty()
+    }
+}
+
+/// Takes the node's events: work goes to the workers' queues, output is noted.
+fn take_events<M>(state: &mut State<M>) -> Followup {
+    let mut followup = Followup::default();
+    while let Some(event) = state.node.poll_event() {
+        match event {
+            Event::Wake(conn) => followup.transmit.push(conn),
+            Event::JobQueued => followup.work += 1,
+            Event::Mount(mount) => {
+                state.mounts.push_back(mount);
+                followup.work += 1;
+            }
+            Event::Digest(work) => {
+                state.digests.push_back(work);
+                followup.work += 1;
+            }
+        }
+    }
+    followup
 }
 
 fn has_transmit<M>(node: &Node<M>, conn: ConnectionId) -> bool {
