@@ -95,7 +95,7 @@ impl LocalLmCommand {
                 format!("cannot start {program:?}: {e}"),
             )
         })?;
-        let deadline = Instant::now() + self.config.timeout;
+        let deadline = process::deadline(self.config.timeout);
         let (tx, rx) = mpsc::channel();
         let started = self.start_io(&mut child, prompt, tx);
         if let Err(e) = started {

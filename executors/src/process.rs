@@ -41,9 +41,16 @@ pub(crate) fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// `after` from now; a century from now if that is too far to represent.
+pub(crate) fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// Waits up to `limit` for `child` to exit; `None` if it is still running.
 pub(crate) fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
+    let deadline = deadline(limit);
     let mut pause = Duration::from_micros(200);
     loop {
         match child.try_wait() {

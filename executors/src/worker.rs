@@ -139,7 +139,8 @@ impl WorkerProcess {
                 unmounts: vec![Vec::new(); workers],
                 shutdown: false,
             }),
-            changed: Condvar::new(),
+            freed: Condvar::new(),
+            janitor_work: Condvar::new(),
             next_model: AtomicU64::new(1),
             next_job: AtomicU64::new(1),
         });
@@ -191,7 +192,7 @@ impl Drop for WorkerProcess {
             state.shutdown = true;
             std::mem::take(&mut state.idle)
         };
-        self.pool.changed.notify_all();
+        self.pool.janitor_work.notify_all();
         if let Some(janitor) = self.janitor.take() {
             let _ = janitor.join();
         }
@@ -202,7 +203,7 @@ impl Drop for WorkerProcess {
         for proc in &mut procs {
             proc.close_stdin();
         }
-        let deadline = Instant::now() + self.pool.config.exit_grace;
+        let deadline = process::deadline(self.pool.config.exit_grace);
         for mut proc in procs {
             let left = deadline.saturating_duration_since(Instant::now());
             if process::wait_for(&mut proc.child, left).is_none() {
@@ -410,8 +411,10 @@ struct Pool {
     argv: Vec<String>,
     config: WorkerConfig,
     state: Mutex<PoolState>,
-    /// A slot came back, an unmount is pending, or the pool is shutting down.
-    changed: Condvar,
+    /// A slot came back.
+    freed: Condvar,
+    /// An idle slot may have an unmount to send, or the pool is shutting down.
+    janitor_work: Condvar,
     next_model: AtomicU64,
     next_job: AtomicU64,
 }
@@ -446,13 +449,19 @@ impl Pool {
                 checkout.ready(self, unmounts);
                 return checkout;
             }
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     fn checkin(&self, slot: Slot) {
-        self.lock().idle.push(slot);
-        self.changed.notify_all();
+        let mut state = self.lock();
+        let unmounts = !state.unmounts[slot.index].is_empty();
+        state.idle.push(slot);
+        drop(state);
+        self.freed.notify_one();
+        if unmounts {
+            self.janitor_work.notify_one();
+        }
     }
 
     /// A model was dropped: every slot unmounts it before its next use.
@@ -465,7 +474,7 @@ impl Pool {
             list.push(model);
         }
         drop(state);
-        self.changed.notify_all();
+        self.janitor_work.notify_one();
     }
 
     /// Sends pending unmounts to idle slots that have those models mounted.
@@ -497,7 +506,12 @@ impl Pool {
                     drop(checkout);
                     state = self.lock();
                 }
-                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                None => {
+                    state = self
+                        .janitor_work
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
             }
         }
     }
@@ -598,7 +612,7 @@ impl Slot {
         if proc.send(line).is_err() {
             return Err(Failure::Crashed(proc.exit_report()));
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = process::deadline(timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match proc.replies.recv_timeout(left) {
