@@ -36,7 +36,7 @@ impl Client {
     }
 
     /// Connects, giving up on any connect, read or write that takes longer than
-    /// `timeout` (an [`Error::Io`] of kind `WouldBlock` or `TimedOut`).
+    /// `timeout` (an [`Error::Io`](crate::Error::Io) of kind `WouldBlock` or `TimedOut`).
     pub fn connect_timeout(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Client> {
         let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing");
         for addr in addr.to_socket_addrs()? {
