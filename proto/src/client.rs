@@ -249,7 +249,9 @@ impl ClientConnection {
         weights_len: u64,
         sha256: Option<[u8; 32]>,
     ) -> Result<RequestId, ClientError> {
-        if self.upload.is_some() {
+        // One upload at a time, until it is answered: a refusal carries no
+        // job_id, so two in flight could not be told apart.
+        if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
             return Err(ClientError::UploadInProgress);
         }
         let wire_len =

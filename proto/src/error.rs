@@ -193,7 +193,7 @@ pub enum ClientError {
     /// A request made before the server's hello arrived.
     #[error("not connected: the server hello has not arrived")]
     NotConnected,
-    /// A new upload while one is still running.
+    /// A new upload while one is still sending or not yet answered.
     #[error("an upload is already in progress")]
     UploadInProgress,
     /// More upload bytes than announced, or none wanted.

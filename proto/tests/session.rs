@@ -955,6 +955,26 @@ fn a_slow_mount_is_answered_when_the_executor_is_done() {
 }
 
 #[test]
+fn a_second_upload_waits_until_the_first_is_answered() {
+    let mut sim = Sim::default();
+    sim.hold_mounts = true;
+    let p = sim.client();
+    sim.events(p);
+    let first = sim.upload(p, "{}", &[1], None);
+    // Sent in full but unanswered: a refusal could not be told apart.
+    assert_eq!(
+        sim.core(p).begin_upload("{}", 1, None),
+        Err(ClientError::UploadInProgress)
+    );
+    let mount = sim.held_mounts.pop().unwrap();
+    sim.node
+        .mount_done(run_mount(&Stub::default(), mount), sim.now);
+    sim.run();
+    assert_eq!(sim.answer(p, first), status(true, "mounted"));
+    assert!(sim.core(p).begin_upload("{}", 1, None).is_ok());
+}
+
+#[test]
 fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
     let mut sim = Sim::default();
     sim.hold_mounts = true;
