@@ -283,11 +283,12 @@ async fn write_loop<E: Executor>(
             continue;
         };
         if out.is_empty() {
-            if host.release_write(conn) {
-                continue;
-            }
+            let again = host.release_write(conn);
             if state.closing {
                 return;
+            }
+            if again {
+                continue;
             }
             wake.wait().await;
             continue;

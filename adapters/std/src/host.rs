@@ -166,13 +166,20 @@ impl<E: Executor> Host<E> {
     }
 
     /// Releases the write side claimed with [`claim_write`](Host::claim_write);
-    /// true if bytes arrived meanwhile and the writer should claim again.
+    /// true if the writer should claim again: bytes arrived or the connection
+    /// started closing meanwhile.
     pub fn release_write(&self, conn: ConnectionId) -> bool {
         let Some(slot) = self.slot(conn) else {
             return false;
         };
         slot.writing.store(false, Ordering::Release);
-        has_transmit(&self.lock().node, conn)
+        self.writer_needed(conn)
+    }
+
+    /// Whether `conn`'s writer has something to do: bytes to send or a close.
+    fn writer_needed(&self, conn: ConnectionId) -> bool {
+        let state = self.lock();
+        has_transmit(&state.node, conn) || state.node.is_closing(conn)
     }
 
     /// Closes whatever connection timed out by now.
@@ -266,7 +273,9 @@ impl<E: Executor> Host<E> {
             }
         }
         slot.writing.store(false, Ordering::Release);
-        if need_writer || has_transmit(&self.lock().node, conn) {
+        // While this thread held the write side, the writer may have found it
+        // taken and gone back to sleep: wake it for anything it must act on.
+        if need_writer || self.writer_needed(conn) {
             (slot.link.waker)();
         }
     }

@@ -235,11 +235,12 @@ fn write_loop<E: Executor>(
             continue;
         };
         if out.is_empty() {
-            if host.release_write(conn) {
-                continue;
-            }
+            let again = host.release_write(conn);
             if state.closing {
                 return;
+            }
+            if again {
+                continue;
             }
             signal.wait(seen, None);
             continue;
