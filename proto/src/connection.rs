@@ -133,13 +133,14 @@ impl<M> Connection<M> {
         self.model.is_some()
     }
 
-    /// Heap bytes held for this connection: input buffer, output buffer and upload.
+    /// Heap bytes held for this connection: input buffer, output buffer and uploads.
     pub fn allocated(&self) -> usize {
         let upload = match &self.upload {
             UploadState::Receiving(u) => u.allocated(),
             _ => 0,
         };
-        self.decoder.allocated() + self.outbound.capacity() + upload
+        let committing: usize = self.committing.iter().map(Upload::allocated).sum();
+        self.decoder.allocated() + self.outbound.capacity() + upload + committing
     }
 
     /// The earliest time at which [`Node::handle_timeout`](crate::Node::handle_timeout) has work here.
