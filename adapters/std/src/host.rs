@@ -318,7 +318,15 @@ impl<E: Executor> Host<E> {
             self.work.notify_one();
         }
         for conn in followup.transmit {
-            self.transmit(conn);
+            if followup.busy {
+                // More jobs wait for this worker: let the connection's writer
+                // send the results, batched, while the worker goes on.
+                if let Some(slot) = self.slot(conn) {
+                    (slot.link.waker)();
+                }
+            } else {
+                self.transmit(conn);
+            }
         }
     }
 
@@ -359,6 +367,8 @@ struct Followup {
     work: usize,
     /// Connections with new output.
     transmit: Vec<ConnectionId>,
+    /// Jobs are waiting: output is better left to the connections' writers.
+    busy: bool,
 }
 
 impl Followup {
@@ -369,7 +379,10 @@ impl Followup {
 
 /// Takes the node's events: work goes to the workers' queues, output is noted.
 fn take_events<M>(state: &mut State<M>) -> Followup {
-    let mut followup = Followup::default();
+    let mut followup = Followup {
+        busy: state.node.has_job(),
+        ..Followup::default()
+    };
     while let Some(event) = state.node.poll_event() {
         match event {
             Event::Wake(conn) => followup.transmit.push(conn),
