@@ -13,7 +13,7 @@ use async_io::{Async, Timer};
 use futures_lite::{future, AsyncWriteExt};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{Host, Link, TryWrite};
+use donate_std::host::{Host, Link, TryWrite, WriteStep};
 use donate_std::READ_BUFFER;
 
 use crate::signal::Signal;
@@ -278,32 +278,23 @@ async fn write_loop<E: Executor>(
     let mut out = Vec::new();
     let mut writer = stream;
     loop {
-        let Some(state) = host.claim_write(conn, &mut out) else {
-            wake.wait().await;
-            continue;
-        };
-        if out.is_empty() {
-            let again = host.release_write(conn);
-            if state.closing {
-                return;
+        match host.next_write(conn, &mut out) {
+            WriteStep::Done => return,
+            WriteStep::Wait => wake.wait().await,
+            WriteStep::Write => {
+                let written = future::or(async { writer.write_all(&out).await.is_ok() }, async {
+                    Timer::after(write_timeout).await;
+                    false
+                })
+                .await;
+                out.clear();
+                host.release_write(conn);
+                if !written {
+                    return;
+                }
+                wake_reader.notify(); // it may be waiting for room
             }
-            if again {
-                continue;
-            }
-            wake.wait().await;
-            continue;
         }
-        let written = future::or(async { writer.write_all(&out).await.is_ok() }, async {
-            Timer::after(write_timeout).await;
-            false
-        })
-        .await;
-        out.clear();
-        host.release_write(conn);
-        if !written {
-            return;
-        }
-        wake_reader.notify(); // it may be waiting for room
     }
 }
 

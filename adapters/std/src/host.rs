@@ -38,6 +38,17 @@ pub struct Link {
     pub direct: Arc<dyn TryWrite>,
 }
 
+/// What a connection's writer does next, from [`Host::next_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStep {
+    /// Write the bytes handed out, then [`Host::release_write`].
+    Write,
+    /// Nothing to write now: sleep until the connection's waker is called.
+    Wait,
+    /// The connection is closing and everything is written: close the socket.
+    Done,
+}
+
 /// What a connection's driver needs to know after moving bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnState {
@@ -148,26 +159,41 @@ impl<E: Executor> Host<E> {
         conn_state
     }
 
-    /// For `conn`'s writer: claims its write side and moves the bytes to write
-    /// into `out` (which must be empty). `None` when another thread is writing
-    /// them; that thread wakes the writer if it cannot finish. After writing,
+    /// For `conn`'s writer: what to do next. On [`WriteStep::Write`] the
+    /// bytes are in `out` (which must be empty) and the write side is claimed:
+    /// write them all (blocking or awaiting is fine here), clear `out`, then
     /// call [`release_write`](Host::release_write).
-    pub fn claim_write(&self, conn: ConnectionId, out: &mut Vec<u8>) -> Option<ConnState> {
-        let slot = self.slot(conn)?;
-        if slot.writing.swap(true, Ordering::AcqRel) {
-            return None;
+    pub fn next_write(&self, conn: ConnectionId, out: &mut Vec<u8>) -> WriteStep {
+        loop {
+            let Some(slot) = self.slot(conn) else {
+                return WriteStep::Done;
+            };
+            if slot.writing.swap(true, Ordering::AcqRel) {
+                // Another thread is writing; it wakes the writer if it cannot finish.
+                return WriteStep::Wait;
+            }
+            std::mem::swap(out, &mut *lock(&slot.leftover));
+            let mut state = self.lock();
+            if out.is_empty() {
+                state.node.poll_transmit(conn, out);
+            }
+            let closing = state.node.is_closing(conn);
+            drop(state);
+            if !out.is_empty() {
+                return WriteStep::Write;
+            }
+            let again = self.release_write(conn);
+            if closing {
+                return WriteStep::Done;
+            }
+            if !again {
+                return WriteStep::Wait;
+            }
         }
-        std::mem::swap(out, &mut *lock(&slot.leftover));
-        let mut state = self.lock();
-        if out.is_empty() {
-            state.node.poll_transmit(conn, out);
-        }
-        Some(self.dispatch(state, conn))
     }
 
-    /// Releases the write side claimed with [`claim_write`](Host::claim_write);
-    /// true if the writer should claim again: bytes arrived or the connection
-    /// started closing meanwhile.
+    /// Releases the write side after a [`WriteStep::Write`]; true if the
+    /// writer has more to do (bytes arrived or the connection started closing).
     pub fn release_write(&self, conn: ConnectionId) -> bool {
         let Some(slot) = self.slot(conn) else {
             return false;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
 
-use crate::host::{Host, Link, TryWrite};
+use crate::host::{Host, Link, TryWrite, WriteStep};
 use crate::READ_BUFFER;
 
 /// A running node. Dropping it does not stop it; call [`shutdown`](Server::shutdown).
@@ -230,28 +230,19 @@ fn write_loop<E: Executor>(
     let mut out = Vec::new();
     loop {
         let seen = signal.generation();
-        let Some(state) = host.claim_write(conn, &mut out) else {
-            signal.wait(seen, None);
-            continue;
-        };
-        if out.is_empty() {
-            let again = host.release_write(conn);
-            if state.closing {
-                return;
+        match host.next_write(conn, &mut out) {
+            WriteStep::Done => return,
+            WriteStep::Wait => signal.wait(seen, None),
+            WriteStep::Write => {
+                let written = stream.write_all(&out).is_ok();
+                out.clear();
+                host.release_write(conn);
+                if !written {
+                    return;
+                }
+                signal.notify(); // the reader may be waiting for room
             }
-            if again {
-                continue;
-            }
-            signal.wait(seen, None);
-            continue;
         }
-        let written = stream.write_all(&out).is_ok();
-        out.clear();
-        host.release_write(conn);
-        if !written {
-            return;
-        }
-        signal.notify(); // the reader may be waiting for room
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{Host, Link, TryWrite};
+use donate_std::host::{Host, Link, TryWrite, WriteStep};
 use donate_std::READ_BUFFER;
 
 thread_local! {
@@ -174,28 +174,19 @@ async fn write_loop<E: Executor>(
 ) {
     let mut out = Vec::new();
     loop {
-        let Some(state) = host.claim_write(conn, &mut out) else {
-            wake.notified().await;
-            continue;
-        };
-        if out.is_empty() {
-            let again = host.release_write(conn);
-            if state.closing {
-                return;
+        match host.next_write(conn, &mut out) {
+            WriteStep::Done => return,
+            WriteStep::Wait => wake.notified().await,
+            WriteStep::Write => {
+                let written = tokio::time::timeout(write_timeout, write_all(stream, &out)).await;
+                out.clear();
+                host.release_write(conn);
+                if !matches!(written, Ok(Ok(()))) {
+                    return;
+                }
+                wake_reader.notify_one(); // it may be waiting for room
             }
-            if again {
-                continue;
-            }
-            wake.notified().await;
-            continue;
         }
-        let written = tokio::time::timeout(write_timeout, write_all(stream, &out)).await;
-        out.clear();
-        host.release_write(conn);
-        if !matches!(written, Ok(Ok(()))) {
-            return;
-        }
-        wake_reader.notify_one(); // it may be waiting for room
     }
 }
 
