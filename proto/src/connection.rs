@@ -128,6 +128,11 @@ impl<M> Connection<M> {
         self.outbound.len()
     }
 
+    /// Jobs of this connection queued or running (answers still to come).
+    pub fn jobs_in_flight(&self) -> usize {
+        self.jobs_in_flight
+    }
+
     /// Whether a model is mounted on this connection.
     pub fn has_model(&self) -> bool {
         self.model.is_some()

@@ -344,14 +344,11 @@ impl<E: Executor> Host<E> {
             self.work.notify_one();
         }
         for conn in followup.transmit {
-            if followup.busy {
-                // More jobs wait for this worker: let the connection's writer
-                // send the results, batched, while the worker goes on.
-                if let Some(slot) = self.slot(conn) {
-                    (slot.link.waker)();
-                }
-            } else {
-                self.transmit(conn);
+            self.transmit(conn);
+        }
+        for conn in followup.wake_writer {
+            if let Some(slot) = self.slot(conn) {
+                (slot.link.waker)();
             }
         }
     }
@@ -391,27 +388,35 @@ impl<E: Executor> Host<E> {
 struct Followup {
     /// Pieces of work queued for the workers.
     work: usize,
-    /// Connections with new output.
+    /// Connections with new output, to write from this thread.
     transmit: Vec<ConnectionId>,
-    /// Jobs are waiting: output is better left to the connections' writers.
-    busy: bool,
+    /// Connections with new output and more results coming: their writers
+    /// send them, batched, while the workers go on (pipelining clients).
+    wake_writer: Vec<ConnectionId>,
 }
 
 impl Followup {
     fn is_empty(&self) -> bool {
-        self.work == 0 && self.transmit.is_empty()
+        self.work == 0 && self.transmit.is_empty() && self.wake_writer.is_empty()
     }
 }
 
 /// Takes the node's events: work goes to the workers' queues, output is noted.
 fn take_events<M>(state: &mut State<M>) -> Followup {
-    let mut followup = Followup {
-        busy: state.node.has_job(),
-        ..Followup::default()
-    };
+    let mut followup = Followup::default();
     while let Some(event) = state.node.poll_event() {
         match event {
-            Event::Wake(conn) => followup.transmit.push(conn),
+            Event::Wake(conn) => {
+                let more_coming = state
+                    .node
+                    .connection(conn)
+                    .is_some_and(|c| c.jobs_in_flight() > 0);
+                if more_coming {
+                    followup.wake_writer.push(conn);
+                } else {
+                    followup.transmit.push(conn);
+                }
+            }
             Event::JobQueued => followup.work += 1,
             Event::Mount(mount) => {
                 state.mounts.push_back(mount);
