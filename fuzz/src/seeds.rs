@@ -12,7 +12,7 @@ use donate_proto::message::{
     ErrorFrame, Hello, InferResult, ModelStatus, PromptResult, QueueStatus,
 };
 use donate_proto::{
-    run_job, run_mount, ClientConfig, ClientConnection, Event, Message, Node, Stub,
+    run_job, run_mount, ClientConfig, ClientConnection, ClientError, Event, Message, Node, Stub,
 };
 
 use crate::client::{ClientCfg, ClientOp, ClientScript};
@@ -108,9 +108,13 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
     for action in actions {
         match *action {
             Action::Upload(len) => {
-                client
-                    .begin_upload(r#"{"ok":true}"#, len.into(), None)
-                    .expect("connected");
+                let mut begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
+                if begun == Err(ClientError::UploadInProgress) {
+                    // One upload at a time: let the node answer the last one first.
+                    pump(&mut node, &mut client, &mut rec);
+                    begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
+                }
+                begun.expect("connected");
                 while client.upload_wants() > 0 {
                     let n = client.upload_wants();
                     client.upload_chunk(&vec![0xab; n]).expect("upload chunk");
