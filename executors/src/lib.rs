@@ -34,7 +34,7 @@ mod process;
 mod worker;
 
 pub use lm::{LmConfig, LocalLmCommand};
-pub use worker::{WorkerConfig, WorkerModel, WorkerProcess};
+pub use worker::{WeightsFile, WorkerConfig, WorkerModel, WorkerProcess};
 
 /// Job error codes these executors report (the `code` of a failed result).
 pub mod codes {

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use donate_proto::{Executor, JobError};
+use donate_proto::{Executor, JobError, NoSpool, Weights};
 
 use crate::codes;
 use crate::process;
@@ -226,14 +226,16 @@ fn read_at_most(input: &mut impl Read, max: usize) -> Option<Vec<u8>> {
 
 impl Executor for LocalLmCommand {
     type Model = ();
+    type Spool = NoSpool;
 
-    fn mount(&self, _config_json: String, _weights: Vec<u8>) -> Result<(), String> {
+    fn mount(&self, _config_json: String, _weights: Weights<NoSpool>) -> Result<(), String> {
         Err("this node runs an lm: executor, which answers prompts only".to_owned())
     }
 
     fn infer(
         &self,
         _model: &(),
+        _job_id: &str,
         _input_ids: &[i32],
         _max_tokens: i64,
     ) -> Result<Vec<i32>, JobError> {
@@ -243,7 +245,7 @@ impl Executor for LocalLmCommand {
         ))
     }
 
-    fn prompt(&self, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, _job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
         self.run(prompt, max_out)
     }
 }

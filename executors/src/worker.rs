@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-use donate_proto::{Executor, JobError};
+use donate_proto::{Executor, JobError, Spool, UploadInfo, Weights};
 
 use crate::codes;
 use crate::process::{self, Line};
@@ -142,7 +142,6 @@ impl WorkerProcess {
             freed: Condvar::new(),
             janitor_work: Condvar::new(),
             next_model: AtomicU64::new(1),
-            next_job: AtomicU64::new(1),
         });
         let mut slots = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -220,36 +219,56 @@ impl Drop for WorkerProcess {
 
 impl Executor for WorkerProcess {
     type Model = WorkerModel;
+    type Spool = WeightsFile;
 
-    fn mount(&self, config_json: String, weights: Vec<u8>) -> Result<WorkerModel, String> {
+    /// Pushed weights are written to their file as the chunks arrive.
+    fn spools_uploads(&self) -> bool {
+        true
+    }
+
+    fn open_spool(&self, upload: &UploadInfo) -> Result<WeightsFile, String> {
+        WeightsFile::create(self.pool.config.temp_root.as_deref(), upload.weights_len)
+    }
+
+    fn mount(
+        &self,
+        config_json: String,
+        weights: Weights<WeightsFile>,
+    ) -> Result<WorkerModel, String> {
         let pool = &self.pool;
-        let mut builder = tempfile::Builder::new();
-        builder.prefix("donate-model-");
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
-        let dir = match &pool.config.temp_root {
-            Some(root) => builder.tempdir_in(root),
-            None => builder.tempdir(),
-        }
-        .map_err(|e| format!("cannot make a temporary directory for the weights: {e}"))?;
-        let weights_path = dir.path().join("weights.bin");
+        let file = match weights {
+            Weights::Spooled(file) => file,
+            Weights::Memory(bytes) => {
+                let mut file =
+                    WeightsFile::create(pool.config.temp_root.as_deref(), bytes.len() as u64)?;
+                file.write(&bytes)?;
+                file
+            }
+        };
+        let WeightsFile {
+            dir,
+            path: weights_path,
+            file,
+            written: weights_len,
+            hash,
+            ..
+        } = file;
+        // Closed, not synced: the worker reads it through the page cache.
+        drop(file);
         let weights_path_str = weights_path
             .to_str()
             .ok_or("the temporary directory's path is not UTF-8")?
             .to_owned();
-        write_private(&weights_path, &weights)
-            .map_err(|e| format!("cannot write the weights file: {e}"))?;
         let model = WorkerModel {
             id: pool.next_model.fetch_add(1, Ordering::Relaxed),
             config_json,
             weights_path,
             weights_path_str,
-            weights_len: weights.len() as u64,
-            sha256: hex(&Sha256::digest(&weights)),
+            weights_len,
+            sha256: hex(&hash.finalize()),
             dir: Some(dir),
             pool: Arc::downgrade(pool),
         };
-        drop(weights);
         let mut slot = pool.checkout(None);
         match slot.call(&Request::mount(&model), pool.config.mount_timeout) {
             Ok(reply) if reply.ok => {
@@ -264,6 +283,7 @@ impl Executor for WorkerProcess {
     fn infer(
         &self,
         model: &WorkerModel,
+        job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
     ) -> Result<Vec<i32>, JobError> {
@@ -285,7 +305,7 @@ impl Executor for WorkerProcess {
         }
         let request = Request::Infer {
             model: model.id,
-            job_id: pool.next_job.fetch_add(1, Ordering::Relaxed),
+            job_id,
             input_ids,
             max_tokens,
         };
@@ -299,11 +319,11 @@ impl Executor for WorkerProcess {
         })
     }
 
-    fn prompt(&self, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
         let pool = &self.pool;
         let mut slot = pool.checkout(None);
         let request = Request::Prompt {
-            job_id: pool.next_job.fetch_add(1, Ordering::Relaxed),
+            job_id,
             prompt,
             max_out,
         };
@@ -318,15 +338,82 @@ impl Executor for WorkerProcess {
     }
 }
 
-/// Writes `data` to a new file only its owner can read.
-fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(data)?;
-    file.flush()
+/// A pushed model's weights, written to a new file in a private temporary
+/// directory (0700, the file 0600) stretch by stretch as the upload arrives.
+/// Dropped before it is mounted (the upload failed, or its connection closed),
+/// it removes its directory.
+pub struct WeightsFile {
+    dir: TempDir,
+    path: PathBuf,
+    file: std::fs::File,
+    expected: u64,
+    written: u64,
+    hash: Sha256,
+}
+
+impl WeightsFile {
+    /// Makes the directory (under `root`, or the system temporary directory) and the file.
+    fn create(root: Option<&Path>, expected: u64) -> Result<WeightsFile, String> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("donate-model-");
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        let dir = match root {
+            Some(root) => builder.tempdir_in(root),
+            None => builder.tempdir(),
+        }
+        .map_err(|e| format!("cannot make a temporary directory for the weights: {e}"))?;
+        let path = dir.path().join("weights.bin");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
+            .open(&path)
+            .map_err(|e| format!("cannot create the weights file: {e}"))?;
+        Ok(WeightsFile {
+            dir,
+            path,
+            file,
+            expected,
+            written: 0,
+            hash: Sha256::new(),
+        })
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl Spool for WeightsFile {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.written + bytes.len() as u64 > self.expected {
+            return Err("more weights than weights_len".to_owned());
+        }
+        self.file
+            .write_all(bytes)
+            .map_err(|e| format!("cannot write the weights file: {e}"))?;
+        self.hash.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for WeightsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightsFile")
+            .field("path", &self.path)
+            .field("written", &self.written)
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -349,12 +436,12 @@ enum Request<'a> {
     },
     Infer {
         model: u64,
-        job_id: u64,
+        job_id: &'a str,
         input_ids: &'a [i32],
         max_tokens: i64,
     },
     Prompt {
-        job_id: u64,
+        job_id: &'a str,
         prompt: &'a str,
         max_out: i64,
     },
@@ -416,7 +503,6 @@ struct Pool {
     /// An idle slot may have an unmount to send, or the pool is shutting down.
     janitor_work: Condvar,
     next_model: AtomicU64,
-    next_job: AtomicU64,
 }
 
 struct PoolState {
@@ -813,19 +899,19 @@ mod tests {
         assert_eq!(
             line(&Request::Infer {
                 model: 1,
-                job_id: 7,
+                job_id: "j7",
                 input_ids: &[9, 9],
                 max_tokens: 3
             }),
-            r#"{"op":"infer","model":1,"job_id":7,"input_ids":[9,9],"max_tokens":3}"#
+            r#"{"op":"infer","model":1,"job_id":"j7","input_ids":[9,9],"max_tokens":3}"#
         );
         assert_eq!(
             line(&Request::Prompt {
-                job_id: 8,
+                job_id: "j8",
                 prompt: "hi",
                 max_out: 0
             }),
-            r#"{"op":"prompt","job_id":8,"prompt":"hi","max_out":0}"#
+            r#"{"op":"prompt","job_id":"j8","prompt":"hi","max_out":0}"#
         );
         assert_eq!(
             line(&Request::Unmount { model: 1 }),

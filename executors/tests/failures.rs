@@ -8,16 +8,20 @@ use std::time::{Duration, Instant};
 
 use common::{python_worker, rust_worker, test_worker};
 use donate_exec::{WorkerConfig, WorkerModel, WorkerProcess};
-use donate_proto::{Executor, JobError};
+use donate_proto::{Executor, JobError, Weights};
 
 fn flaky(config: WorkerConfig) -> (WorkerProcess, WorkerModel) {
     let executor = WorkerProcess::new(test_worker("flaky.py"), config).expect("start flaky.py");
-    let model = executor.mount("{}".into(), vec![7; 100]).expect("mount");
+    let model = executor
+        .mount("{}".into(), Weights::Memory(vec![7; 100]))
+        .expect("mount");
     (executor, model)
 }
 
 fn pid_of(executor: &WorkerProcess, model: &WorkerModel) -> i32 {
-    let out = executor.infer(model, &[1, 2], 0).expect("a normal job");
+    let out = executor
+        .infer(model, "j1", &[1, 2], 0)
+        .expect("a normal job");
     assert_eq!(out[..2], [1, 2]);
     out[2]
 }
@@ -30,7 +34,7 @@ fn failed(result: Result<Vec<i32>, JobError>) -> JobError {
 fn a_crash_mid_reply_is_worker_crashed() {
     let (executor, model) = flaky(WorkerConfig::default());
     let before = pid_of(&executor, &model);
-    let error = failed(executor.infer(&model, &[666], 0));
+    let error = failed(executor.infer(&model, "j1", &[666], 0));
     assert_eq!(error.code, "worker_crashed", "{error:?}");
     assert!(
         error.message.contains("exit status: 3"),
@@ -48,7 +52,7 @@ fn a_hang_is_worker_timeout() {
     });
     let before = pid_of(&executor, &model);
     let started = Instant::now();
-    let error = failed(executor.infer(&model, &[777], 0));
+    let error = failed(executor.infer(&model, "j1", &[777], 0));
     assert_eq!(error.code, "worker_timeout", "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     #[cfg(target_os = "linux")]
@@ -65,7 +69,7 @@ fn a_hang_is_worker_timeout() {
 #[test]
 fn garbage_is_worker_protocol() {
     let (executor, model) = flaky(WorkerConfig::default());
-    let error = failed(executor.infer(&model, &[888], 0));
+    let error = failed(executor.infer(&model, "j1", &[888], 0));
     assert_eq!(error.code, "worker_protocol", "{error:?}");
     assert!(
         error.message.contains("this is not the protocol"),
@@ -81,7 +85,7 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
         max_line: 1024 * 1024,
         ..WorkerConfig::default()
     });
-    let error = failed(executor.infer(&model, &[999], 0));
+    let error = failed(executor.infer(&model, "j1", &[999], 0));
     assert_eq!(error.code, "worker_protocol", "{error:?}");
     assert!(
         error.message.contains("longer than 1048576 bytes"),
@@ -93,7 +97,7 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
     // The same reply fits under the default limit (64 MiB).
     let (executor, model) = flaky(WorkerConfig::default());
     assert_eq!(
-        executor.infer(&model, &[999], 0).unwrap().len(),
+        executor.infer(&model, "j1", &[999], 0).unwrap().len(),
         1024 * 1024 + 1
     );
 }
@@ -102,7 +106,7 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
 fn a_refusal_keeps_the_worker() {
     let (executor, model) = flaky(WorkerConfig::default());
     let before = pid_of(&executor, &model);
-    let error = failed(executor.infer(&model, &[555], 0));
+    let error = failed(executor.infer(&model, "j1", &[555], 0));
     assert_eq!(
         error,
         JobError::new("bad_input", "555 is not welcome"),
@@ -115,7 +119,7 @@ fn a_refusal_keeps_the_worker() {
 fn a_refused_mount_is_the_reason() {
     let executor = WorkerProcess::new(test_worker("flaky.py"), WorkerConfig::default()).unwrap();
     let reason = executor
-        .mount(r#"{"please":"refuse"}"#.into(), vec![1])
+        .mount(r#"{"please":"refuse"}"#.into(), Weights::Memory(vec![1]))
         .expect_err("refused");
     assert_eq!(reason, "refused by the test worker");
 }
@@ -130,10 +134,14 @@ fn jobs_after_a_restart_get_the_model_replayed() {
         },
     )
     .unwrap();
-    let a = executor.mount("{}".into(), vec![1; 10]).unwrap();
-    let b = executor.mount("{}".into(), vec![2; 10]).unwrap();
+    let a = executor
+        .mount("{}".into(), Weights::Memory(vec![1; 10]))
+        .unwrap();
+    let b = executor
+        .mount("{}".into(), Weights::Memory(vec![2; 10]))
+        .unwrap();
     for _ in 0..3 {
-        failed(executor.infer(&a, &[666], 0));
+        failed(executor.infer(&a, "j1", &[666], 0));
         pid_of(&executor, &a);
         pid_of(&executor, &b);
     }
@@ -155,7 +163,9 @@ fn a_worker_that_dies_at_once_fails_the_mount() {
         "import sys; sys.exit(5)".into(),
     ];
     let executor = WorkerProcess::new(argv, WorkerConfig::default()).unwrap();
-    let reason = executor.mount("{}".into(), vec![1]).expect_err("no worker");
+    let reason = executor
+        .mount("{}".into(), Weights::Memory(vec![1]))
+        .expect_err("no worker");
     assert!(reason.contains("crashed during mount"), "{reason}");
     assert!(reason.contains("exit status: 5"), "{reason}");
 }
@@ -165,14 +175,18 @@ fn example_workers_answer_prompts() {
     for argv in [python_worker(), rust_worker()] {
         let executor = WorkerProcess::new(argv.clone(), WorkerConfig::default()).unwrap();
         // Pairs ab, bc (twice each) and ca: from the last c the text goes on a, b, c, a, b.
-        assert_eq!(executor.prompt("abcabc", 5).unwrap(), "abcab", "{argv:?}");
         assert_eq!(
-            executor.prompt("xy", 0).unwrap(),
+            executor.prompt("j1", "abcabc", 5).unwrap(),
+            "abcab",
+            "{argv:?}"
+        );
+        assert_eq!(
+            executor.prompt("j1", "xy", 0).unwrap(),
             "",
             "{argv:?}: y is never followed"
         );
-        assert_eq!(executor.prompt("", 0).unwrap(), "", "{argv:?}");
-        assert_eq!(executor.prompt("ééé", 4).unwrap(), "éé", "{argv:?}");
+        assert_eq!(executor.prompt("j1", "", 0).unwrap(), "", "{argv:?}");
+        assert_eq!(executor.prompt("j1", "ééé", 4).unwrap(), "éé", "{argv:?}");
     }
 }
 
@@ -180,7 +194,7 @@ fn example_workers_answer_prompts() {
 fn prompts_reach_the_worker_unchanged() {
     let executor = WorkerProcess::new(test_worker("flaky.py"), WorkerConfig::default()).unwrap();
     let text = "quotes ' \" $(rm -rf /) `id` \\ \n\r\t\u{1}\u{1b}[31m\u{7f} é 日本 🦀";
-    assert_eq!(executor.prompt(text, 0).unwrap(), text);
+    assert_eq!(executor.prompt("j1", text, 0).unwrap(), text);
 }
 
 #[cfg(target_os = "linux")]

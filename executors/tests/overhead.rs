@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{python_worker, rust_worker, table};
 use donate_exec::{WorkerConfig, WorkerProcess};
-use donate_proto::{Executor, ServerConfig, Stub};
+use donate_proto::{Executor, ServerConfig, Stub, Weights};
 
 const INPUT: [i32; 3] = [104, 105, 33];
 const MAX_TOKENS: i64 = 8;
@@ -37,9 +37,13 @@ fn per_job(jobs: u32, mut run: impl FnMut()) -> Duration {
 }
 
 fn direct<E: Executor>(executor: &E, jobs: u32) -> Duration {
-    let model = executor.mount("{}".into(), table(1)).expect("mount");
+    let model = executor
+        .mount("{}".into(), Weights::Memory(table(1)))
+        .expect("mount");
     per_job(jobs, || {
-        let out = executor.infer(&model, &INPUT, MAX_TOKENS).expect("infer");
+        let out = executor
+            .infer(&model, "j1", &INPUT, MAX_TOKENS)
+            .expect("infer");
         assert_eq!(out.len(), INPUT.len() + MAX_TOKENS as usize);
     })
 }

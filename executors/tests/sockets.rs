@@ -179,3 +179,118 @@ fn many_jobs_spread_over_two_workers() {
     );
     server.shutdown();
 }
+
+#[test]
+fn the_worker_sees_the_clients_job_id() {
+    let server = node(test_worker("flaky.py"), 1, WorkerConfig::default());
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    client.push_model("{}", &[1; 4], false).unwrap();
+    for _ in 0..2 {
+        let result = client.infer(&[321], 0).unwrap();
+        assert!(!result.job_id.is_empty());
+        let echoed: Vec<i32> = result.job_id.bytes().map(i32::from).collect();
+        assert_eq!(result.output_ids, echoed);
+    }
+    drop(client);
+    server.shutdown();
+}
+
+/// Speaks to `addr` with the client core over a plain socket, so a test can
+/// stop an upload half way.
+struct RawClient {
+    stream: std::net::TcpStream,
+    core: donate_proto::ClientConnection,
+}
+
+impl RawClient {
+    fn connect(addr: std::net::SocketAddr) -> RawClient {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut raw = RawClient {
+            stream,
+            core: donate_proto::ClientConnection::default(),
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                raw.exchange();
+                raw.core.server_hello().is_some()
+            }),
+            "no hello"
+        );
+        raw
+    }
+
+    /// Writes what the core has to send and reads what arrived.
+    fn exchange(&mut self) {
+        use std::io::{Read, Write};
+        let mut out = Vec::new();
+        self.core.poll_transmit(&mut out);
+        self.stream.write_all(&out).unwrap();
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = self.stream.read(&mut buf) {
+            self.core.handle_input(&buf[..n]).unwrap();
+        }
+    }
+}
+
+#[test]
+fn weights_are_written_as_they_arrive_and_an_abandoned_upload_leaves_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let executor = WorkerProcess::new(
+        test_worker("flaky.py"),
+        WorkerConfig {
+            temp_root: Some(root.path().to_owned()),
+            ..WorkerConfig::default()
+        },
+    )
+    .unwrap();
+    let config = ServerConfig {
+        upload_stretch: 64 * 1024,
+        ..ServerConfig::default()
+    };
+    let server =
+        donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
+    let mut raw = RawClient::connect(server.local_addr());
+    let weights = table(5).repeat(64); // 4 MiB
+    let sent = weights.len() / 2;
+    raw.core
+        .begin_upload("{}", weights.len() as u64, None)
+        .unwrap();
+    let mut at = 0;
+    while at < sent {
+        let want = raw.core.upload_wants().min(sent - at);
+        if want > 0 {
+            raw.core.upload_chunk(&weights[at..at + want]).unwrap();
+            at += want;
+        }
+        raw.exchange();
+    }
+    raw.exchange();
+    // Half the model sent, no commit: its file is there already, holding
+    // what arrived (all but the stretch still gathering on the node).
+    let file_len = || {
+        let dirs = entries(root.path());
+        (dirs.len() == 1)
+            .then(|| std::fs::metadata(dirs[0].join("weights.bin")).ok())
+            .flatten()
+            .map_or(0, |m| m.len() as usize)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || file_len() >= sent - 64 * 1024),
+        "{} of {sent} bytes on disk before the commit",
+        file_len()
+    );
+    let dirs = entries(root.path());
+    let on_disk = std::fs::read(dirs[0].join("weights.bin")).unwrap();
+    assert_eq!(on_disk, weights[..on_disk.len()]);
+
+    drop(raw);
+    assert!(
+        eventually(Duration::from_secs(10), || entries(root.path()).is_empty()),
+        "left behind: {:?}",
+        entries(root.path())
+    );
+    server.shutdown();
+}

@@ -18,7 +18,7 @@ use crate::message::{
     canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus,
 };
 use crate::server::{Event, JobKind, ServerConfig, Shared};
-use crate::upload::{DigestWork, Upload};
+use crate::upload::{Upload, UploadWork};
 
 /// Names one connection of a [`Node`](crate::Node). Never reused by a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,7 +68,7 @@ pub struct Connection<M> {
     closing: Option<ProtocolError>,
     /// `infer` jobs that arrived while a commit was being mounted.
     parked: VecDeque<Infer>,
-    /// Committed uploads waiting for a worker to return their hash state.
+    /// Committed uploads waiting for a worker to return their carried state.
     committing: VecDeque<Upload>,
     /// Uploads begun, to number them.
     uploads_begun: u64,
@@ -310,7 +310,12 @@ impl<M> Connection<M> {
                 self.upload = UploadState::Failed;
                 self.refuse(&ProtocolError::ModelPushDisabled, None);
             }
-            Message::ModelBegin(begin) => match Upload::begin(begin, shared.config.max_model_len) {
+            Message::ModelBegin(begin) => match Upload::begin_with(
+                begin,
+                shared.config.max_model_len,
+                shared.config.digest_on_workers,
+                shared.config.spool_uploads,
+            ) {
                 Ok(mut upload) => {
                     self.uploads_begun += 1;
                     upload.id = self.uploads_begun;
@@ -333,7 +338,7 @@ impl<M> Connection<M> {
                         self.upload = UploadState::Failed;
                         self.refuse(&e, None);
                     }
-                    None => self.send_digest_work(id, shared),
+                    None => self.send_upload_work(id, shared),
                 }
             }
             Message::ModelCommit => match std::mem::take(&mut self.upload) {
@@ -393,27 +398,24 @@ impl<M> Connection<M> {
         let appended = canonical_chunk(body)
             .is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok());
         if appended {
-            self.send_digest_work(id, shared);
+            self.send_upload_work(id, shared);
         }
         appended
     }
 
-    /// With `digest_on_workers`, hands the upload's unhashed bytes to a worker
-    /// whenever its hash state is home and enough have arrived.
-    fn send_digest_work(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
-        const STEP: usize = 4 * 1024 * 1024;
-        if let (true, UploadState::Receiving(upload)) =
-            (shared.config.digest_on_workers, &mut self.upload)
-        {
-            if let Some(work) = upload.digest_work(id, STEP) {
-                shared.events.push_back(Event::Digest(work));
+    /// Hands the upload's new bytes to a worker (to hash or spool) whenever its
+    /// carried state is home and enough have arrived.
+    fn send_upload_work(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
+        if let UploadState::Receiving(upload) = &mut self.upload {
+            if let Some(work) = upload.upload_work(id, shared.config.upload_stretch) {
+                shared.events.push_back(Event::Upload(work));
             }
         }
     }
 
-    /// Answers a commit, or starts its mount; waits first if a worker holds its hash state.
+    /// Answers a commit, or starts its mount; waits first if a worker holds its carried state.
     fn commit(&mut self, id: ConnectionId, upload: Upload, shared: &mut Shared<M>) {
-        if upload.digest_away() {
+        if upload.work_away() {
             self.mounts_in_flight += 1;
             self.committing.push_back(upload);
             return;
@@ -427,24 +429,24 @@ impl<M> Connection<M> {
         }
     }
 
-    /// A worker returns an upload's hash state: receiving goes on, or a waiting commit proceeds.
-    pub(crate) fn digest_returned(
+    /// A worker returns an upload's carried state: receiving goes on, or a waiting commit proceeds.
+    pub(crate) fn work_returned(
         &mut self,
         id: ConnectionId,
-        work: DigestWork,
+        work: UploadWork,
         shared: &mut Shared<M>,
     ) {
         if let Some(i) = self.committing.iter().position(|u| u.id == work.upload) {
             let mut upload = self.committing.remove(i).expect("position is in range");
             self.mounts_in_flight -= 1;
             if self.closing.is_none() {
-                upload.digest_returned(work);
+                upload.work_returned(work);
                 self.commit(id, upload, shared);
             }
         } else if let (None, UploadState::Receiving(upload)) = (&self.closing, &mut self.upload) {
             if upload.id == work.upload {
-                upload.digest_returned(work);
-                self.send_digest_work(id, shared);
+                upload.work_returned(work);
+                self.send_upload_work(id, shared);
             }
         }
     }

@@ -3,27 +3,79 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use sha2::Digest as _;
+
 use crate::job::{Job, JobError, JobInput, JobOutcome, JobOutput};
 use crate::server::{Mount, MountOutcome};
+use crate::upload::{UploadInfo, UploadWork};
 
 /// Runs mounts and jobs. Plain synchronous Rust; adapters call it on worker threads.
 pub trait Executor: Send + Sync + 'static {
     /// A mounted model, shared by the jobs of the connection that pushed it.
     type Model: Send + Sync + 'static;
 
-    /// Loads a committed upload (hash already verified). `Err` is the `model_status` message.
-    fn mount(&self, config_json: String, weights: Vec<u8>) -> Result<Self::Model, String>;
+    /// Where an upload's bytes go as they arrive, when [`spools_uploads`](Executor::spools_uploads)
+    /// says so; [`NoSpool`] for an executor that takes the weights in memory.
+    type Spool: Spool;
 
-    /// Runs an `infer` job.
+    /// Whether uploads are spooled: handed to [`open_spool`](Executor::open_spool)'s
+    /// spool stretch by stretch as they arrive, so the node never holds a whole
+    /// model. Adapters set [`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads) from it.
+    fn spools_uploads(&self) -> bool {
+        false
+    }
+
+    /// Opens a spool for an upload (on a worker, when its first bytes are
+    /// handed over). `Err` fails the upload: its commit gets `model_status`
+    /// ok:false with this message.
+    fn open_spool(&self, upload: &UploadInfo) -> Result<Self::Spool, String> {
+        let _ = upload;
+        Err("this executor does not spool uploads".to_owned())
+    }
+
+    /// Loads a committed upload (hash already verified). `Err` is the `model_status` message.
+    fn mount(
+        &self,
+        config_json: String,
+        weights: Weights<Self::Spool>,
+    ) -> Result<Self::Model, String>;
+
+    /// Runs an `infer` job; `job_id` is the client's, as sent (it may be empty or repeated).
     fn infer(
         &self,
         model: &Self::Model,
+        job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
     ) -> Result<Vec<i32>, JobError>;
 
-    /// Runs a `prompt` job.
-    fn prompt(&self, prompt: &str, max_out: i64) -> Result<String, JobError>;
+    /// Runs a `prompt` job; `job_id` is the client's, as sent.
+    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError>;
+}
+
+/// Receives an upload's bytes in order, on worker threads, one stretch at a time.
+pub trait Spool: Send + 'static {
+    /// Takes the next stretch. `Err` fails the upload with this message.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// The spool of an executor that does not spool: it cannot be made.
+#[derive(Debug)]
+pub enum NoSpool {}
+
+impl Spool for NoSpool {
+    fn write(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        match *self {}
+    }
+}
+
+/// A committed model's weights, as [`Executor::mount`] receives them.
+#[derive(Debug)]
+pub enum Weights<S> {
+    /// Every byte, in memory.
+    Memory(Vec<u8>),
+    /// Every byte was written to this spool, in order.
+    Spooled(S),
 }
 
 /// Runs `job` on `executor`; a panic becomes an `executor_panicked` job error.
@@ -34,27 +86,90 @@ pub fn run_job<E: Executor>(executor: &E, job: &Job<E::Model>) -> JobOutcome {
             input_ids,
             max_tokens,
         } => executor
-            .infer(model, input_ids, *max_tokens)
+            .infer(model, &job.job_id, input_ids, *max_tokens)
             .map(JobOutput::Infer),
-        JobInput::Prompt { prompt, max_out } => {
-            executor.prompt(prompt, *max_out).map(JobOutput::Prompt)
-        }
+        JobInput::Prompt { prompt, max_out } => executor
+            .prompt(&job.job_id, prompt, *max_out)
+            .map(JobOutput::Prompt),
     }))
     .unwrap_or_else(|_| Err(JobError::new("executor_panicked", "executor panicked")))
 }
 
+/// Runs a stretch of an upload (from [`Event::Upload`](crate::Event::Upload)) on
+/// `executor`: hashes it and, when spooling, writes it to the upload's spool
+/// (opened here the first time). Hand it back with
+/// [`Node::upload_work_done`](crate::Node::upload_work_done).
+pub fn run_upload<E: Executor>(executor: &E, work: &mut UploadWork) {
+    if let Some(hash) = &mut work.carried.hash {
+        hash.update(&work.data);
+    }
+    if let Some(info) = &work.spool_info {
+        if work.carried.spool_error.is_none() {
+            let carried = &mut work.carried;
+            let written = take_spool(executor, carried.spool.take(), info)
+                .and_then(|mut spool| guarded_write(&mut spool, &work.data).map(|()| spool));
+            match written {
+                Ok(spool) => carried.spool = Some(Box::new(spool)),
+                Err(e) => carried.spool_error = Some(e),
+            }
+        }
+    }
+    work.data.clear();
+}
+
 /// Verifies and loads a committed upload on `executor`; hand the outcome to
-/// [`Node::mount_done`](crate::Node::mount_done).
+/// [`Node::mount_done`](crate::Node::mount_done). A spooled upload's last
+/// bytes are written to its spool first.
 pub fn run_mount<E: Executor>(executor: &E, mount: Mount) -> MountOutcome<E::Model> {
-    let Mount { token, model } = mount;
-    let result = model.verify().map_err(|e| e.to_string()).and_then(|()| {
-        catch_unwind(AssertUnwindSafe(|| {
-            executor.mount(model.config_json, model.weights)
-        }))
-        .unwrap_or_else(|_| Err("executor panicked while mounting".to_owned()))
-        .map(Arc::new)
-    });
+    let Mount { token, mut model } = mount;
+    let result = model
+        .verify()
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            if !model.is_spooled() {
+                return Ok(Weights::Memory(std::mem::take(&mut model.weights)));
+            }
+            let info = model.info();
+            let (spool, failed) = model.take_spool();
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let mut spool = take_spool(executor, spool, &info)?;
+            guarded_write(&mut spool, &model.weights)?;
+            Ok(Weights::Spooled(spool))
+        })
+        .and_then(|weights| {
+            catch_unwind(AssertUnwindSafe(|| {
+                executor.mount(model.config_json, weights)
+            }))
+            .unwrap_or_else(|_| Err("executor panicked while mounting".to_owned()))
+            .map(Arc::new)
+        });
     MountOutcome { token, result }
+}
+
+/// The upload's spool: the one opened before, or a new one.
+fn take_spool<E: Executor>(
+    executor: &E,
+    spool: Option<crate::upload::ErasedSpool>,
+    info: &UploadInfo,
+) -> Result<E::Spool, String> {
+    match spool {
+        Some(spool) => spool
+            .downcast::<E::Spool>()
+            .map(|spool| *spool)
+            .map_err(|_| "the upload was spooled by another executor".to_owned()),
+        None => catch_unwind(AssertUnwindSafe(|| executor.open_spool(info)))
+            .unwrap_or_else(|_| Err("executor panicked while opening a spool".to_owned())),
+    }
+}
+
+fn guarded_write<S: Spool>(spool: &mut S, bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    catch_unwind(AssertUnwindSafe(|| spool.write(bytes)))
+        .unwrap_or_else(|_| Err("executor panicked while spooling".to_owned()))
 }
 
 /// Reproduces the Go node's stub outputs exactly (PROTOCOL.md).
@@ -120,16 +235,23 @@ impl Stub {
 
 impl Executor for Stub {
     type Model = ();
+    type Spool = NoSpool;
 
-    fn mount(&self, _config_json: String, _weights: Vec<u8>) -> Result<(), String> {
+    fn mount(&self, _config_json: String, _weights: Weights<NoSpool>) -> Result<(), String> {
         Ok(())
     }
 
-    fn infer(&self, _model: &(), input_ids: &[i32], max_tokens: i64) -> Result<Vec<i32>, JobError> {
+    fn infer(
+        &self,
+        _model: &(),
+        _job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+    ) -> Result<Vec<i32>, JobError> {
         Ok(Stub::infer_ids(input_ids, max_tokens))
     }
 
-    fn prompt(&self, prompt: &str, _max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, _job_id: &str, prompt: &str, _max_out: i64) -> Result<String, JobError> {
         Ok(self.reply(prompt))
     }
 }

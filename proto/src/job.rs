@@ -18,6 +18,8 @@ impl JobId {
 pub struct Job<M> {
     /// Hand this back with the outcome.
     pub id: JobId,
+    /// The client's `job_id`, as sent (it may be empty or repeated).
+    pub job_id: String,
     /// What to run.
     pub input: JobInput<M>,
     /// Jobs still waiting in the queue when this one was taken.

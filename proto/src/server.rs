@@ -20,7 +20,7 @@ use crate::error::ProtocolError;
 use crate::frame::DEFAULT_MAX_FRAME_LEN;
 use crate::job::{Job, JobError, JobId, JobInput, JobOutcome, JobOutput};
 use crate::message::{InferResult, Message, Mode, PromptResult, QueueStatus};
-use crate::upload::{CommittedModel, DigestWork};
+use crate::upload::{CommittedModel, UploadWork};
 
 /// Everything a node's protocol behaviour depends on. Every limit has a default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +47,19 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Time a connection may stay over `max_outbound` (default 30 s).
     pub backpressure_timeout: Duration,
-    /// Emit [`Event::Digest`] so workers hash an upload's `weights_sha256` while it
+    /// Emit [`Event::Upload`] so workers hash an upload's `weights_sha256` while it
     /// arrives (default false: the hash is computed by [`run_mount`](crate::run_mount)
-    /// at commit). Turn it on only if you run every `Digest` event and hand it back.
+    /// at commit). Turn it on only if you run every `Upload` event and hand it back.
     pub digest_on_workers: bool,
+    /// Move each upload's bytes, as they arrive, to the executor's spool through
+    /// [`Event::Upload`] work, instead of holding the whole model (default false;
+    /// set it from [`Executor::spools_uploads`](crate::Executor::spools_uploads),
+    /// as the adapters do). The same duty to run every `Upload` event applies.
+    pub spool_uploads: bool,
+    /// Bytes an upload gathers before they go to a worker as [`Event::Upload`]
+    /// work (default 4 MiB): larger stretches mean fewer hand-offs, smaller ones
+    /// less memory held per upload while spooling.
+    pub upload_stretch: usize,
     /// Worker threads an adapter runs for jobs and mounts (default 1, as in Go).
     /// The node itself runs nothing; `in_progress` counts what workers took.
     pub workers: usize,
@@ -72,6 +81,8 @@ impl Default for ServerConfig {
             backpressure_timeout: Duration::from_secs(30),
             workers: 1,
             digest_on_workers: false,
+            spool_uploads: false,
+            upload_stretch: 4 * 1024 * 1024,
         }
     }
 }
@@ -84,9 +95,10 @@ pub enum Event {
     Wake(ConnectionId),
     /// A job was queued: a worker should call [`Node::next_job`].
     JobQueued,
-    /// With [`ServerConfig::digest_on_workers`]: part of an upload to hash on a
-    /// worker ([`DigestWork::run`]), then hand back with [`Node::digest_done`].
-    Digest(DigestWork),
+    /// With [`ServerConfig::digest_on_workers`] or [`ServerConfig::spool_uploads`]:
+    /// part of an upload to hash or spool on a worker with
+    /// [`run_upload`](crate::run_upload), then hand back with [`Node::upload_work_done`].
+    Upload(UploadWork),
     /// A committed model to load: run it on a worker with
     /// [`run_mount`](crate::run_mount) and hand the outcome to [`Node::mount_done`].
     Mount(Mount),
@@ -306,11 +318,13 @@ impl<M> Node<M> {
     pub fn next_job(&mut self) -> Option<Job<M>> {
         let queued = self.shared.queue.pop_front()?;
         let queue_depth = self.shared.queue.len();
+        let job_id = queued.route.job_id.clone();
         self.shared
             .running
             .insert(queued.id, (queued.route, queue_depth));
         Some(Job {
             id: queued.id,
+            job_id,
             input: queued.input,
             queue_depth,
         })
@@ -350,12 +364,12 @@ impl<M> Node<M> {
         delivered
     }
 
-    /// Hands back hashed [`DigestWork`]; dropped if its upload is gone.
-    pub fn digest_done(&mut self, work: DigestWork, now: Instant) {
+    /// Hands back [`UploadWork`] that was run; dropped (with its spool) if its upload is gone.
+    pub fn upload_work_done(&mut self, work: UploadWork, now: Instant) {
         let conn_id = work.conn;
         if let Some(conn) = self.conns.get_mut(&conn_id) {
             let before = conn.pending_transmit();
-            conn.digest_returned(conn_id, work, &mut self.shared);
+            conn.work_returned(conn_id, work, &mut self.shared);
             if conn.pending_transmit() != before {
                 conn.note_output(&self.shared.config, now);
                 self.shared.events.push_back(Event::Wake(conn_id));

@@ -4,6 +4,16 @@
 //! buffer. The buffer grows with the bytes received, never reserved from
 //! `weights_len` up front, and bytes past `weights_len` are refused before they
 //! are buffered.
+//!
+//! Two kinds of work leave the I/O path as [`UploadWork`], run on a worker by
+//! [`run_upload`](crate::run_upload) while more bytes arrive: hashing
+//! `weights_sha256` ([`ServerConfig::digest_on_workers`](crate::ServerConfig::digest_on_workers)),
+//! and spooling ([`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads)),
+//! where the bytes are moved (not copied) to the executor's
+//! [`Spool`](crate::Spool), a file say, and the node keeps only the stretch not
+//! yet handed over.
+
+use std::any::Any;
 
 use sha2::{Digest, Sha256};
 
@@ -11,35 +21,54 @@ use crate::error::{MountError, ProtocolError};
 use crate::message::{decoded_len, ModelBegin, WeightsChunk, BASE64};
 use base64::Engine as _;
 
-/// Where an upload's running SHA-256 is, when `weights_sha256` was given.
-#[derive(Debug)]
-enum HashProgress {
-    /// No hash to check, or hashing is left to [`CommittedModel::verify`].
-    Unchecked,
-    /// The state is here; bytes before `hashed` are in it.
-    Home { state: Sha256, hashed: usize },
-    /// The state is with a worker, which is hashing up to `hashed`.
-    Away { hashed: usize },
+/// An executor's spool with its type erased, so the node need not be generic over it.
+pub(crate) type ErasedSpool = Box<dyn Any + Send>;
+
+/// What an executor learns of an upload when it opens a [`Spool`](crate::Spool) for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadInfo {
+    /// The model's `config_json`.
+    pub config_json: String,
+    /// `weights_len` from `model_begin`: the spool will receive exactly this many bytes.
+    pub weights_len: u64,
 }
 
-/// A stretch of an upload's bytes for a worker to hash while more arrive
-/// (from [`Event::Digest`](crate::Event::Digest)): [`run`](DigestWork::run) it,
-/// then hand it back with [`Node::digest_done`](crate::Node::digest_done).
+/// The state that travels with an [`UploadWork`] and comes back with it.
+#[derive(Default)]
+pub(crate) struct Carried {
+    /// The running SHA-256, when `weights_sha256` is checked on workers.
+    pub(crate) hash: Option<Sha256>,
+    /// The executor's spool, once opened.
+    pub(crate) spool: Option<ErasedSpool>,
+    /// Why spooling failed; later bytes are dropped and the commit is refused with it.
+    pub(crate) spool_error: Option<String>,
+}
+
+impl std::fmt::Debug for Carried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Carried")
+            .field("hash", &self.hash.is_some())
+            .field("spool", &self.spool.is_some())
+            .field("spool_error", &self.spool_error)
+            .finish()
+    }
+}
+
+/// A stretch of an upload's bytes for a worker, from
+/// [`Event::Upload`](crate::Event::Upload): run it with
+/// [`run_upload`](crate::run_upload), then hand it back with
+/// [`Node::upload_work_done`](crate::Node::upload_work_done).
 #[derive(Debug)]
-pub struct DigestWork {
+pub struct UploadWork {
     pub(crate) conn: crate::ConnectionId,
     pub(crate) upload: u64,
-    state: Sha256,
-    data: Vec<u8>,
+    /// Set when the bytes go to a spool (which is opened with it if `carried.spool` is `None`).
+    pub(crate) spool_info: Option<UploadInfo>,
+    pub(crate) carried: Carried,
+    pub(crate) data: Vec<u8>,
 }
 
-impl DigestWork {
-    /// Hashes the stretch (about 2 GB/s with SHA-NI) and drops its copy.
-    pub fn run(&mut self) {
-        self.state.update(&self.data);
-        self.data = Vec::new();
-    }
-
+impl UploadWork {
     /// Bytes in this stretch (0 once run).
     pub fn len(&self) -> usize {
         self.data.len()
@@ -51,42 +80,78 @@ impl DigestWork {
     }
 }
 
+/// Where the upload's carried state is.
+#[derive(Debug)]
+enum Carrier {
+    /// Here; bytes of `weights` before `hashed` are in the hash.
+    Home { carried: Carried, hashed: usize },
+    /// With a worker, which has the bytes up to `hashed` of `weights` (none
+    /// when spooling: they were moved out).
+    Away { hashed: usize },
+}
+
 /// An upload in progress on one connection.
 #[derive(Debug)]
 pub struct Upload {
-    /// Tells this upload's returning [`DigestWork`] from an older one's.
+    /// Tells this upload's returning [`UploadWork`] from an older one's.
     pub(crate) id: u64,
     config_json: String,
     weights_len: u64,
     sha256: Option<[u8; 32]>,
-    hash: HashProgress,
+    /// Hash on workers (`digest_on_workers` and a `weights_sha256` given).
+    hash_on_workers: bool,
+    /// Move the bytes to the executor's spool (`spool_uploads`).
+    spooling: bool,
+    carrier: Carrier,
     next_index: u64,
     /// A chunk marked `last` arrived.
     last_seen: bool,
+    /// Bytes received in all.
+    received: u64,
+    /// The bytes received and not handed to a spool (all of them, when not spooling).
     weights: Vec<u8>,
+    /// An empty buffer back from a worker, reused for the next stretch.
+    spare: Vec<u8>,
 }
 
-/// A complete upload, ready to be verified and handed to an executor.
+/// A complete upload, ready to be verified and handed to an executor by
+/// [`run_mount`](crate::run_mount).
 #[derive(Debug)]
 pub struct CommittedModel {
     /// The model's `config_json`.
     pub config_json: String,
-    /// The raw weights, exactly `weights_len` bytes.
+    /// The raw weights (exactly `weights_len` bytes), or when spooled only the
+    /// last ones, not yet handed to the spool.
     pub weights: Vec<u8>,
     /// `weights_sha256` from `model_begin`, when given.
     pub sha256: Option<[u8; 32]>,
-    /// The hash of the first bytes, computed by workers while the upload arrived.
-    hashed: Option<(Sha256, usize)>,
+    weights_len: u64,
+    spooling: bool,
+    carried: Carried,
+    /// Bytes at the start of `weights` already in `carried.hash`.
+    hashed: usize,
 }
 
 impl CommittedModel {
-    /// Checks `weights_sha256` when it was given. Runs off the I/O path, on a worker.
-    pub fn verify(&self) -> Result<(), MountError> {
+    /// `weights_len`: the model's size, whether in memory or spooled.
+    pub fn weights_len(&self) -> u64 {
+        self.weights_len
+    }
+
+    /// Whether the weights go to the executor's spool ([`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads)).
+    pub fn is_spooled(&self) -> bool {
+        self.spooling
+    }
+
+    /// Checks `weights_sha256` when it was given, hashing what is not hashed
+    /// yet. Runs off the I/O path, on a worker; [`run_mount`](crate::run_mount) calls it.
+    pub fn verify(&mut self) -> Result<(), MountError> {
         let Some(expected) = self.sha256 else {
             return Ok(());
         };
-        let (mut state, hashed) = self.hashed.clone().unwrap_or_default();
-        state.update(&self.weights[hashed..]);
+        let mut state = self.carried.hash.take().unwrap_or_default();
+        state.update(&self.weights[self.hashed..]);
+        self.hashed = self.weights.len();
         let got: [u8; 32] = state.finalize().into();
         if got == expected {
             Ok(())
@@ -97,11 +162,35 @@ impl CommittedModel {
             })
         }
     }
+
+    /// Takes the spool state: the opened spool if any and a spooling failure if any.
+    pub(crate) fn take_spool(&mut self) -> (Option<ErasedSpool>, Option<String>) {
+        (self.carried.spool.take(), self.carried.spool_error.take())
+    }
+
+    /// What an executor opening a spool at commit learns.
+    pub(crate) fn info(&self) -> UploadInfo {
+        UploadInfo {
+            config_json: self.config_json.clone(),
+            weights_len: self.weights_len,
+        }
+    }
 }
 
 impl Upload {
-    /// Starts an upload, checking `weights_len` against `max_model_len` and the hash's form.
+    /// Starts an upload held in memory, checking `weights_len` against
+    /// `max_model_len` and the hash's form.
     pub fn begin(begin: ModelBegin, max_model_len: u64) -> Result<Upload, ProtocolError> {
+        Upload::begin_with(begin, max_model_len, false, false)
+    }
+
+    /// [`begin`](Upload::begin) with the node's `digest_on_workers` and `spool_uploads`.
+    pub(crate) fn begin_with(
+        begin: ModelBegin,
+        max_model_len: u64,
+        digest_on_workers: bool,
+        spooling: bool,
+    ) -> Result<Upload, ProtocolError> {
         let weights_len = u64::try_from(begin.weights_len)
             .ok()
             .filter(|len| *len <= max_model_len)
@@ -110,21 +199,27 @@ impl Upload {
             "" => None,
             text => Some(parse_sha256(text).ok_or(ProtocolError::BadWeightsSha256)?),
         };
+        // Spooled bytes leave the node, so they are hashed on their way out.
+        let hash_on_workers = sha256.is_some() && (digest_on_workers || spooling);
         Ok(Upload {
             id: 0,
             config_json: begin.config_json,
             weights_len,
-            hash: match sha256 {
-                Some(_) => HashProgress::Home {
-                    state: Sha256::new(),
-                    hashed: 0,
-                },
-                None => HashProgress::Unchecked,
-            },
             sha256,
+            hash_on_workers,
+            spooling,
+            carrier: Carrier::Home {
+                carried: Carried {
+                    hash: hash_on_workers.then(Sha256::new),
+                    ..Carried::default()
+                },
+                hashed: 0,
+            },
             next_index: 0,
             last_seen: false,
+            received: 0,
             weights: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -150,107 +245,139 @@ impl Upload {
             });
         }
         let raw_len = decoded_len(data_b64).ok_or(ProtocolError::WeightsBase64)?;
-        let received = self.weights.len();
-        if received as u64 + raw_len as u64 > self.weights_len {
+        if self.received + raw_len as u64 > self.weights_len {
             return Err(ProtocolError::WeightsOverflow);
         }
+        let buffered = self.weights.len();
         self.grow_for(raw_len);
-        self.weights.resize(received + raw_len, 0);
-        match BASE64.decode_slice(data_b64, &mut self.weights[received..]) {
+        self.weights.resize(buffered + raw_len, 0);
+        match BASE64.decode_slice(data_b64, &mut self.weights[buffered..]) {
             Ok(n) if n == raw_len => {}
             _ => {
-                self.weights.truncate(received);
+                self.weights.truncate(buffered);
                 return Err(ProtocolError::WeightsBase64);
             }
         }
+        if self.spooling && self.spool_failed() {
+            // The commit will be refused with the spool's error: keep nothing.
+            self.weights.clear();
+        }
+        self.received += raw_len as u64;
         self.last_seen = last;
         self.next_index += 1;
         Ok(())
     }
 
-    /// Takes the hash state and a copy of at least `min` unhashed bytes for a
-    /// worker, if the state is here and that many are waiting.
-    pub(crate) fn digest_work(
+    fn spool_failed(&self) -> bool {
+        matches!(&self.carrier, Carrier::Home { carried, .. } if carried.spool_error.is_some())
+    }
+
+    /// Takes the carried state and at least `min` bytes not yet handed out, for
+    /// a worker, if the state is here, there is work to do and that many are waiting.
+    pub(crate) fn upload_work(
         &mut self,
         conn: crate::ConnectionId,
         min: usize,
-    ) -> Option<DigestWork> {
+    ) -> Option<UploadWork> {
+        if !(self.hash_on_workers || self.spooling) || self.spool_failed() {
+            return None;
+        }
         let len = self.weights.len();
-        match &self.hash {
-            HashProgress::Home { hashed, .. } if len - hashed >= min.max(1) => {}
+        match &self.carrier {
+            Carrier::Home { hashed, .. } if len - hashed >= min.max(1) => {}
             _ => return None,
         }
-        let HashProgress::Home { state, hashed } =
-            std::mem::replace(&mut self.hash, HashProgress::Away { hashed: len })
-        else {
+        let away = Carrier::Away {
+            hashed: if self.spooling { 0 } else { len },
+        };
+        let Carrier::Home { carried, hashed } = std::mem::replace(&mut self.carrier, away) else {
             unreachable!("matched above")
         };
-        Some(DigestWork {
+        let data = if self.spooling {
+            // Moved, not copied: the node keeps only what arrives from now on.
+            std::mem::replace(&mut self.weights, std::mem::take(&mut self.spare))
+        } else {
+            self.weights[hashed..].to_vec()
+        };
+        Some(UploadWork {
             conn,
             upload: self.id,
-            state,
-            data: self.weights[hashed..].to_vec(),
+            spool_info: self.spooling.then(|| UploadInfo {
+                config_json: self.config_json.clone(),
+                weights_len: self.weights_len,
+            }),
+            carried,
+            data,
         })
     }
 
-    /// Takes back the hash state from a worker.
-    pub(crate) fn digest_returned(&mut self, work: DigestWork) {
-        if let HashProgress::Away { hashed } = self.hash {
-            self.hash = HashProgress::Home {
-                state: work.state,
+    /// Takes back the carried state (and an empty buffer to reuse) from a worker.
+    pub(crate) fn work_returned(&mut self, work: UploadWork) {
+        if let Carrier::Away { hashed } = self.carrier {
+            self.carrier = Carrier::Home {
+                carried: work.carried,
                 hashed,
             };
+            if self.spooling && self.spool_failed() {
+                self.weights = Vec::new();
+            }
+            let mut spare = work.data;
+            spare.clear();
+            if self.spooling && !self.spool_failed() {
+                self.spare = spare;
+            }
         }
     }
 
-    /// Whether a worker holds the hash state (the commit must wait for it).
-    pub(crate) fn digest_away(&self) -> bool {
-        matches!(self.hash, HashProgress::Away { .. })
+    /// Whether a worker holds the carried state (the commit must wait for it).
+    pub(crate) fn work_away(&self) -> bool {
+        matches!(self.carrier, Carrier::Away { .. })
     }
 
     /// Finishes the upload: all bytes must have arrived and the config must be non-empty.
     pub fn commit(self) -> Result<CommittedModel, MountError> {
-        let got = self.weights.len() as u64;
-        if got != self.weights_len {
+        if self.received != self.weights_len {
             return Err(MountError::SizeMismatch {
-                got,
+                got: self.received,
                 expected: self.weights_len,
             });
         }
         if self.config_json.is_empty() {
             return Err(MountError::NoConfig);
         }
-        let hashed = match self.hash {
-            HashProgress::Home { state, hashed } => Some((state, hashed)),
-            _ => None,
+        let (carried, hashed) = match self.carrier {
+            Carrier::Home { carried, hashed } => (carried, hashed),
+            Carrier::Away { .. } => unreachable!("a commit waits for its work to return"),
         };
         Ok(CommittedModel {
             config_json: self.config_json,
             weights: self.weights,
             sha256: self.sha256,
+            weights_len: self.weights_len,
+            spooling: self.spooling,
+            carried,
             hashed,
         })
     }
 
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
-        self.weights.len() as u64
+        self.received
     }
 
-    /// Heap bytes held by the model buffer.
+    /// Heap bytes held by the model buffers.
     pub fn allocated(&self) -> usize {
-        self.weights.capacity() + self.config_json.capacity()
+        self.weights.capacity() + self.spare.capacity() + self.config_json.capacity()
     }
 
-    /// Grows capacity geometrically, but never past `weights_len`.
+    /// Grows capacity geometrically, but never past what is still to come.
     fn grow_for(&mut self, more: usize) {
         let needed = self.weights.len() + more;
         if needed <= self.weights.capacity() {
             return;
         }
-        let cap = (self.weights.capacity() * 2)
-            .max(needed)
-            .min(self.weights_len as usize);
+        let to_come = (self.weights_len - self.received) as usize + self.weights.len();
+        let cap = (self.weights.capacity() * 2).max(needed).min(to_come);
         self.weights.reserve_exact(cap - self.weights.len());
     }
 }

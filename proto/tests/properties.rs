@@ -10,7 +10,9 @@ use donate_proto::message::{
     encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, ModelBegin, ModelStatus, Prompt,
     PromptResult, QueueStatus, WeightsChunk,
 };
-use donate_proto::{run_job, run_mount, Event, Message, Mode, Node, ServerConfig, Stub};
+use donate_proto::{
+    run_job, run_mount, run_upload, Event, Message, Mode, Node, ServerConfig, Stub,
+};
 use quickcheck::{quickcheck, Arbitrary, Gen, QuickCheck, TestResult};
 
 #[allow(clippy::disallowed_methods)]
@@ -328,9 +330,9 @@ fn serve(config: &ServerConfig, pieces: &[&[u8]]) -> (Vec<u8>, usize, usize, boo
                 node.complete(job.id, outcome, now);
             }
             Event::Wake(_) => {}
-            Event::Digest(mut work) => {
-                work.run();
-                node.digest_done(work, now);
+            Event::Upload(mut work) => {
+                run_upload(&Stub::default(), &mut work);
+                node.upload_work_done(work, now);
             }
         }
     }
@@ -542,9 +544,9 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
                         node.complete(job.id, outcome, now);
                     }
                     Event::Wake(_) => {}
-                    Event::Digest(mut work) => {
-                        work.run();
-                        node.digest_done(work, now);
+                    Event::Upload(mut work) => {
+                        run_upload(&Stub::default(), &mut work);
+                        node.upload_work_done(work, now);
                     }
                 }
             }

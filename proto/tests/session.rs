@@ -10,9 +10,9 @@ use donate_proto::error::{ClientError, FrameError};
 use donate_proto::frame::{encode_frame, FrameDecoder};
 use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptResult};
 use donate_proto::{
-    run_job, run_mount, Answer, ClientConfig, ClientConnection, ClientEvent, ConnectionId,
-    DigestWork, Event, Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount, Node,
-    RequestId, ServerConfig, Stub,
+    run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent,
+    ConnectionId, Event, Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount,
+    NoSpool, Node, RequestId, ServerConfig, Stub, UploadWork, Weights,
 };
 use sha2::{Digest, Sha256};
 
@@ -68,7 +68,7 @@ struct Sim {
     hold_mounts: bool,
     /// Keep `Event::Digest` work in `held_digests` instead of running it.
     hold_digests: bool,
-    held_digests: Vec<DigestWork>,
+    held_digests: Vec<UploadWork>,
     held_mounts: Vec<Mount>,
     wakes: Vec<ConnectionId>,
 }
@@ -364,10 +364,10 @@ impl Sim {
                 }
                 Event::Wake(conn) => self.wakes.push(conn),
                 Event::JobQueued => {}
-                Event::Digest(work) if self.hold_digests => self.held_digests.push(work),
-                Event::Digest(mut work) => {
-                    work.run();
-                    self.node.digest_done(work, self.now);
+                Event::Upload(work) if self.hold_digests => self.held_digests.push(work),
+                Event::Upload(mut work) => {
+                    run_upload(&Stub::default(), &mut work);
+                    self.node.upload_work_done(work, self.now);
                 }
             }
         }
@@ -938,13 +938,15 @@ fn a_slow_mount_is_answered_when_the_executor_is_done() {
     struct Refuses;
     impl Executor for Refuses {
         type Model = ();
-        fn mount(&self, _: String, weights: Vec<u8>) -> Result<(), String> {
+        type Spool = NoSpool;
+        fn mount(&self, _: String, weights: Weights<NoSpool>) -> Result<(), String> {
+            let Weights::Memory(weights) = weights;
             Err(format!("cannot load {} bytes", weights.len()))
         }
-        fn infer(&self, _: &(), _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
             unreachable!()
         }
-        fn prompt(&self, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
             unreachable!()
         }
     }
@@ -1003,13 +1005,14 @@ fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
     struct Refuses;
     impl Executor for Refuses {
         type Model = ();
-        fn mount(&self, _: String, _: Vec<u8>) -> Result<(), String> {
+        type Spool = NoSpool;
+        fn mount(&self, _: String, _: Weights<NoSpool>) -> Result<(), String> {
             Err("no".into())
         }
-        fn infer(&self, _: &(), _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
             unreachable!()
         }
-        fn prompt(&self, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
             unreachable!()
         }
     }
@@ -1042,9 +1045,9 @@ fn workers_hash_an_upload_while_it_arrives() {
         assert_eq!(sim.events(p), []);
         // Hand the work back; the rest is hashed at mount time.
         let mut work = sim.held_digests.pop().unwrap();
-        work.run();
+        run_upload(&Stub::default(), &mut work);
         assert!(work.is_empty());
-        sim.node.digest_done(work, sim.now);
+        sim.node.upload_work_done(work, sim.now);
         sim.hold_digests = false;
         sim.run();
         let answer = sim.answer(p, request);
@@ -1075,8 +1078,8 @@ fn hash_work_returned_after_its_connection_left_is_dropped() {
     let mut work = sim.held_digests.pop().unwrap();
     let conn = sim.conn(p);
     sim.node.remove(conn);
-    work.run();
-    sim.node.digest_done(work, sim.now);
+    run_upload(&Stub::default(), &mut work);
+    sim.node.upload_work_done(work, sim.now);
     assert!(sim.node.poll_event().is_none());
     // Shutdown is not held up by the dropped commit.
     sim.node.begin_shutdown();
@@ -1534,13 +1537,14 @@ fn job_errors_carry_job_id_and_code() {
     struct Panics;
     impl Executor for Panics {
         type Model = ();
-        fn mount(&self, _: String, _: Vec<u8>) -> Result<(), String> {
+        type Spool = NoSpool;
+        fn mount(&self, _: String, _: Weights<NoSpool>) -> Result<(), String> {
             Ok(())
         }
-        fn infer(&self, _: &(), _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
             panic!("executor bug (expected by this test)")
         }
-        fn prompt(&self, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
             unreachable!()
         }
     }

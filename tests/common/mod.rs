@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, Executor, JobError, RequestId, ServerConfig, Stub};
+use donate_proto::{Answer, Executor, JobError, NoSpool, RequestId, ServerConfig, Stub, Weights};
 use serde_json::{json, Value};
 
 /// The longest any single wait in these tests may take.
@@ -97,22 +97,29 @@ impl TestExec {
 
 impl Executor for TestExec {
     type Model = ();
+    type Spool = NoSpool;
 
-    fn mount(&self, config_json: String, weights: Vec<u8>) -> Result<(), String> {
+    fn mount(&self, config_json: String, weights: Weights<NoSpool>) -> Result<(), String> {
         self.stub.mount(config_json, weights)
     }
 
-    fn infer(&self, model: &(), input_ids: &[i32], max_tokens: i64) -> Result<Vec<i32>, JobError> {
+    fn infer(
+        &self,
+        model: &(),
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+    ) -> Result<Vec<i32>, JobError> {
         self.work();
         match self.flood {
             Some(n) if input_ids == [-1] => Ok(vec![7; n]),
-            _ => self.stub.infer(model, input_ids, max_tokens),
+            _ => self.stub.infer(model, job_id, input_ids, max_tokens),
         }
     }
 
-    fn prompt(&self, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
         self.work();
-        self.stub.prompt(prompt, max_out)
+        self.stub.prompt(job_id, prompt, max_out)
     }
 }
 

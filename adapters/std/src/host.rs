@@ -18,7 +18,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use donate_proto::{
-    run_job, run_mount, ConnectionId, DigestWork, Event, Executor, Mount, Node, ServerConfig,
+    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, ServerConfig,
+    UploadWork,
 };
 
 /// Called when a connection's writer must act: bytes it must wait to write, or a close.
@@ -73,7 +74,7 @@ struct State<M> {
     node: Node<M>,
     slots: HashMap<ConnectionId, Arc<Slot>>,
     mounts: VecDeque<Mount>,
-    digests: VecDeque<DigestWork>,
+    uploads: VecDeque<UploadWork>,
     stop_workers: bool,
 }
 
@@ -88,16 +89,18 @@ pub struct Host<E: Executor> {
 
 impl<E: Executor> Host<E> {
     /// A host for a new node, with `config.workers` worker threads started.
-    /// Uploads' `weights_sha256` is hashed by the workers as the bytes arrive.
+    /// Uploads' `weights_sha256` is hashed by the workers as the bytes arrive,
+    /// and uploads are spooled when the executor [spools](Executor::spools_uploads).
     pub fn start(mut config: ServerConfig, executor: E) -> Arc<Self> {
         config.digest_on_workers = true;
+        config.spool_uploads = executor.spools_uploads();
         let workers = config.workers.max(1);
         let host = Arc::new(Host {
             state: Mutex::new(State {
                 node: Node::new(config),
                 slots: HashMap::new(),
                 mounts: VecDeque::new(),
-                digests: VecDeque::new(),
+                uploads: VecDeque::new(),
                 stop_workers: false,
             }),
             work: Condvar::new(),
@@ -353,7 +356,7 @@ impl<E: Executor> Host<E> {
         }
     }
 
-    /// A worker: takes mounts, then hashing, then jobs, and runs them unlocked.
+    /// A worker: takes mounts, then upload work, then jobs, and runs them unlocked.
     fn work_loop(&self) {
         let mut state = self.lock();
         loop {
@@ -362,11 +365,11 @@ impl<E: Executor> Host<E> {
                 let outcome = run_mount(&self.executor, mount);
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
-            } else if let Some(mut work) = state.digests.pop_front() {
+            } else if let Some(mut work) = state.uploads.pop_front() {
                 drop(state);
-                work.run();
+                run_upload(&self.executor, &mut work);
                 state = self.lock();
-                state.node.digest_done(work, Instant::now());
+                state.node.upload_work_done(work, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
                 let outcome = run_job(&self.executor, &job);
@@ -422,8 +425,8 @@ fn take_events<M>(state: &mut State<M>) -> Followup {
                 state.mounts.push_back(mount);
                 followup.work += 1;
             }
-            Event::Digest(work) => {
-                state.digests.push_back(work);
+            Event::Upload(work) => {
+                state.uploads.push_back(work);
                 followup.work += 1;
             }
         }

@@ -11,6 +11,7 @@ unless input_ids[0] is a magic number:
   444 write "hello from the worker" to stderr, then answer normally
   555 answer ok:false with code "bad_input"
   333 sleep 50 ms, then answer normally
+  321 answer with the bytes of the request's job_id
 infer on a model this process has not mounted answers ok:false (so a missing
 replay shows). prompt: echoes the prompt. Every op is logged on stderr.
 """
@@ -69,6 +70,9 @@ for line in sys.stdin:
             print("hello from the worker", file=sys.stderr, flush=True)
         if magic == 333:
             time.sleep(0.05)
+        if magic == 321:
+            reply({"ok": True, "output_ids": list(req["job_id"].encode())})
+            continue
         if magic == 555:
             reply({"ok": False, "error": "555 is not welcome", "code": "bad_input"})
             continue
