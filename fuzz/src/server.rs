@@ -32,8 +32,9 @@ use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
 use donate_proto::{
-    run_job, run_mount, ConnectionId, Event, Job, JobError, JobInput, JobOutcome, JobOutput,
-    Message, Mode, Mount, MountOutcome, Node, ProtocolError, ServerConfig, Stub,
+    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Job, JobError, JobInput,
+    JobOutcome, JobOutput, Message, Mode, Mount, MountOutcome, Node, ProtocolError, ServerConfig,
+    Spool, Stub, UploadInfo, UploadWork, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -57,7 +58,9 @@ pub struct Cfg {
     pub max_connections: u8,
     /// Unsent bytes before input pauses (0 counts as 1).
     pub max_outbound: u16,
-    /// Jobs running at once: 1 + this mod 3.
+    /// Jobs running at once: 1 + this mod 3. Also (so that older inputs keep
+    /// their layout) `this / 3 % 3` picks how uploads are handled, see
+    /// [`Cfg::uploads`], and `1 + this / 9 % 28` is the upload stretch in bytes.
     pub workers: u8,
     /// Handshake timeout in ms.
     pub handshake_ms: u16,
@@ -67,6 +70,84 @@ pub struct Cfg {
     pub idle_ms: u16,
     /// Backpressure timeout in ms.
     pub backpressure_ms: u16,
+}
+
+/// How a node handles uploads, from [`Cfg::uploads`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uploads {
+    /// Held in memory, hashed at mount.
+    InMemory,
+    /// Held in memory, hashed by [`Event::Upload`] work as they arrive.
+    HashedOnWorkers,
+    /// Moved to [`FuzzExec`]'s spool by [`Event::Upload`] work as they arrive.
+    Spooled,
+}
+
+/// The stub, with a spool that checks what reaches it: never more than
+/// `weights_len` bytes, and exactly that many at mount. Refuses to open a spool
+/// for a `weights_len` of 3 mod 7, and fails writes past 40 bytes for one of 4 mod 5.
+pub struct FuzzExec {
+    stub: Stub,
+}
+
+/// [`FuzzExec`]'s spool.
+pub struct FuzzSpool {
+    expected: u64,
+    received: u64,
+}
+
+impl Spool for FuzzSpool {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.received += bytes.len() as u64;
+        assert!(
+            self.received <= self.expected,
+            "spooled {} bytes of a {} byte upload",
+            self.received,
+            self.expected
+        );
+        if self.expected % 5 == 4 && self.received > 40 {
+            return Err("spool write failed".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl Executor for FuzzExec {
+    type Model = ();
+    type Spool = FuzzSpool;
+
+    fn spools_uploads(&self) -> bool {
+        true
+    }
+
+    fn open_spool(&self, upload: &UploadInfo) -> Result<FuzzSpool, String> {
+        if upload.weights_len % 7 == 3 {
+            return Err("spool refused".to_owned());
+        }
+        Ok(FuzzSpool {
+            expected: upload.weights_len,
+            received: 0,
+        })
+    }
+
+    fn mount(&self, config_json: String, weights: Weights<FuzzSpool>) -> Result<(), String> {
+        if let Weights::Spooled(spool) = &weights {
+            assert_eq!(spool.received, spool.expected, "mounted a partial spool");
+            return Ok(());
+        }
+        let Weights::Memory(bytes) = weights else {
+            unreachable!()
+        };
+        self.stub.mount(config_json, Weights::Memory(bytes))
+    }
+
+    fn infer(&self, m: &(), job_id: &str, ids: &[i32], max: i64) -> Result<Vec<i32>, JobError> {
+        self.stub.infer(m, job_id, ids, max)
+    }
+
+    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+        self.stub.prompt(job_id, prompt, max_out)
+    }
 }
 
 /// Path a `local_lm` node names when [`Cfg::with_path`] is set.
@@ -99,7 +180,19 @@ impl Cfg {
         c.idle_timeout = (self.idle_ms != 0).then(|| ms(self.idle_ms));
         c.backpressure_timeout = ms(self.backpressure_ms);
         c.workers = self.workers();
+        c.digest_on_workers = self.uploads() == Uploads::HashedOnWorkers;
+        c.spool_uploads = self.uploads() == Uploads::Spooled;
+        c.upload_stretch = 1 + (self.workers / 9 % 28) as usize;
         c
+    }
+
+    /// How the node handles uploads.
+    pub fn uploads(&self) -> Uploads {
+        match self.workers / 3 % 3 {
+            0 => Uploads::InMemory,
+            1 => Uploads::HashedOnWorkers,
+            _ => Uploads::Spooled,
+        }
     }
 
     /// Jobs the harness runs at once.
@@ -679,13 +772,14 @@ struct Harness {
     cfg: Cfg,
     config: ServerConfig,
     workers: usize,
-    stub: Stub,
+    exec: FuzzExec,
     node: Node<()>,
     start: Instant,
     now: Instant,
     conns: Vec<Conn>,
     running: Vec<Job<()>>,
     mounts: Vec<Mount>,
+    uploads: Vec<UploadWork>,
     next_job_id: u64,
     shutdown: bool,
 }
@@ -709,7 +803,9 @@ impl Harness {
         Harness {
             cfg: cfg.clone(),
             workers: cfg.workers(),
-            stub: Stub::new(config.local_lm_path.clone()),
+            exec: FuzzExec {
+                stub: Stub::new(config.local_lm_path.clone()),
+            },
             node: Node::new(config.clone()),
             config,
             start,
@@ -717,6 +813,7 @@ impl Harness {
             conns: Vec::new(),
             running: Vec::new(),
             mounts: Vec::new(),
+            uploads: Vec::new(),
             next_job_id: 0,
             shutdown: false,
         }
@@ -957,6 +1054,10 @@ impl Harness {
             #[allow(unreachable_patterns)]
             match event {
                 Event::Mount(m) => self.mounts.push(m),
+                Event::Upload(work) => {
+                    assert_ne!(self.cfg.uploads(), Uploads::InMemory, "upload work unasked");
+                    self.uploads.push(work);
+                }
                 Event::Wake(_) | Event::JobQueued => {}
                 // Events this harness does not configure the node to emit.
                 other => panic!("unexpected event {other:?}"),
@@ -970,7 +1071,7 @@ impl Harness {
         }
         let job = self.running.remove(pick as usize % self.running.len());
         let outcome: JobOutcome = match outcome % 4 {
-            0 | 1 => run_job(&self.stub, &job),
+            0 | 1 => run_job(&self.exec, &job),
             2 => Err(JobError::new("executor_error", "the executor failed")),
             _ => match job.input {
                 JobInput::Infer { .. } => Ok(JobOutput::Prompt("wrong".to_owned())),
@@ -993,12 +1094,21 @@ impl Harness {
     }
 
     fn mount(&mut self, pick: u8, ok: bool) {
+        // Upload work first, when some waits and `pick` is even (or no mount waits).
+        if !self.uploads.is_empty() && (pick % 2 == 0 || self.mounts.is_empty()) {
+            let mut work = self.uploads.remove(pick as usize / 2 % self.uploads.len());
+            run_upload(&self.exec, &mut work);
+            assert!(work.is_empty(), "run upload work kept its bytes");
+            self.node.upload_work_done(work, self.now);
+            self.allow_all(1024 + 2 * self.config.max_frame_len);
+            return;
+        }
         if self.mounts.is_empty() {
             return;
         }
         let m = self.mounts.remove(pick as usize % self.mounts.len());
         let outcome = if ok {
-            run_mount(&self.stub, m)
+            run_mount(&self.exec, m)
         } else {
             MountOutcome {
                 token: m.token,
@@ -1184,9 +1294,10 @@ impl Harness {
                 self.check();
             }
             self.poll_events();
-            while !self.mounts.is_empty() {
+            while !self.mounts.is_empty() || !self.uploads.is_empty() {
                 self.mount(0, true);
                 self.check();
+                self.poll_events();
             }
             while self.node.has_job() || !self.running.is_empty() {
                 if self.running.len() < self.workers && self.node.has_job() {
@@ -1213,7 +1324,7 @@ impl Harness {
         (
             self.conns.iter().map(|c| c.pending.len()).sum(),
             self.conns.iter().map(|c| c.out_total).sum(),
-            self.mounts.len() + self.running.len(),
+            self.mounts.len() + self.running.len() + self.uploads.len(),
         )
     }
 
@@ -1250,7 +1361,11 @@ impl Harness {
                 c.allowance
             );
             let decoder = config.max_frame_len + HEADER_LEN + 64;
-            let upload = config.max_model_len as usize + config.max_frame_len;
+            // Spooling may hold a spare buffer beside the one filling.
+            let upload = match self.cfg.uploads() {
+                Uploads::Spooled => 2 * config.max_model_len as usize,
+                _ => config.max_model_len as usize,
+            } + config.max_frame_len;
             let limit = decoder + upload + 2 * c.allowance + 64;
             let allocated = conn.allocated();
             assert!(
