@@ -1058,7 +1058,7 @@ impl Harness {
                     assert_ne!(self.cfg.uploads(), Uploads::InMemory, "upload work unasked");
                     self.uploads.push(work);
                 }
-                Event::Wake(_) | Event::JobQueued => {}
+                Event::Wake(_) | Event::Resume(_) | Event::JobQueued => {}
                 // Events this harness does not configure the node to emit.
                 other => panic!("unexpected event {other:?}"),
             }

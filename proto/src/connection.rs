@@ -113,9 +113,20 @@ impl<M> Connection<M> {
     }
 
     /// Whether the node wants more input from this peer: false while it is
-    /// closing or while its unsent answers are over `max_outbound`.
+    /// closing, while its unsent answers are over `max_outbound`, or while its
+    /// spooled upload has gathered two stretches that a worker has not taken yet.
     pub fn wants_read(&self, config: &ServerConfig) -> bool {
-        self.closing.is_none() && self.outbound.len() < config.max_outbound
+        self.closing.is_none()
+            && self.outbound.len() < config.max_outbound
+            && !self.spool_backlogged(config)
+    }
+
+    /// Whether the upload's spool is behind: the node waits for it, not the peer.
+    fn spool_backlogged(&self, config: &ServerConfig) -> bool {
+        match &self.upload {
+            UploadState::Receiving(upload) => upload.backlogged(2 * config.upload_stretch),
+            _ => false,
+        }
     }
 
     /// Why the connection is closing, once it is: flush its transmit bytes, then close.
@@ -163,7 +174,8 @@ impl<M> Connection<M> {
         [
             self.over_limit_since
                 .map(|t| (t + config.backpressure_timeout, ProtocolError::Backpressure)),
-            self.decoder.has_partial().then(|| {
+            // Not while the node itself holds the peer back.
+            (self.decoder.has_partial() && !self.spool_backlogged(config)).then(|| {
                 (
                     self.last_input + config.stall_timeout,
                     ProtocolError::Stalled,
@@ -434,6 +446,7 @@ impl<M> Connection<M> {
         &mut self,
         id: ConnectionId,
         work: UploadWork,
+        now: Instant,
         shared: &mut Shared<M>,
     ) {
         if let Some(i) = self.committing.iter().position(|u| u.id == work.upload) {
@@ -445,8 +458,16 @@ impl<M> Connection<M> {
             }
         } else if let (None, UploadState::Receiving(upload)) = (&self.closing, &mut self.upload) {
             if upload.id == work.upload {
-                upload.work_returned(work);
+                let was_backlogged = self.spool_backlogged(&shared.config);
+                if let UploadState::Receiving(upload) = &mut self.upload {
+                    upload.work_returned(work);
+                }
                 self.send_upload_work(id, shared);
+                if was_backlogged && self.wants_read(&shared.config) {
+                    // The stall timer starts again from here.
+                    self.last_input = now;
+                    shared.events.push_back(Event::Resume(id));
+                }
             }
         }
     }

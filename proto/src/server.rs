@@ -93,6 +93,9 @@ pub enum Event {
     /// A connection got bytes to transmit or started closing from outside its
     /// own input (a result, a mount, a timeout, shutdown): wake its writer.
     Wake(ConnectionId),
+    /// A connection that [`Node::wants_read`] refused (its spooled upload was
+    /// behind) wants input again: wake its reader.
+    Resume(ConnectionId),
     /// A job was queued: a worker should call [`Node::next_job`].
     JobQueued,
     /// With [`ServerConfig::digest_on_workers`] or [`ServerConfig::spool_uploads`]:
@@ -369,7 +372,7 @@ impl<M> Node<M> {
         let conn_id = work.conn;
         if let Some(conn) = self.conns.get_mut(&conn_id) {
             let before = conn.pending_transmit();
-            conn.work_returned(conn_id, work, &mut self.shared);
+            conn.work_returned(conn_id, work, now, &mut self.shared);
             if conn.pending_transmit() != before {
                 conn.note_output(&self.shared.config, now);
                 self.shared.events.push_back(Event::Wake(conn_id));

@@ -329,6 +329,12 @@ impl Upload {
         }
     }
 
+    /// Whether a spooling upload has `limit` bytes waiting while a worker still
+    /// has the previous stretch.
+    pub(crate) fn backlogged(&self, limit: usize) -> bool {
+        self.spooling && self.work_away() && self.weights.len() >= limit
+    }
+
     /// Whether a worker holds the carried state (the commit must wait for it).
     pub(crate) fn work_away(&self) -> bool {
         matches!(self.carrier, Carrier::Away { .. })

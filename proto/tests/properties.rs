@@ -329,7 +329,7 @@ fn serve(config: &ServerConfig, pieces: &[&[u8]]) -> (Vec<u8>, usize, usize, boo
                 let outcome = run_job(&stub, &job);
                 node.complete(job.id, outcome, now);
             }
-            Event::Wake(_) => {}
+            Event::Wake(_) | Event::Resume(_) => {}
             Event::Upload(mut work) => {
                 run_upload(&Stub::default(), &mut work);
                 node.upload_work_done(work, now);
@@ -543,7 +543,7 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
                         let outcome = run_job(&stub, &job);
                         node.complete(job.id, outcome, now);
                     }
-                    Event::Wake(_) => {}
+                    Event::Wake(_) | Event::Resume(_) => {}
                     Event::Upload(mut work) => {
                         run_upload(&Stub::default(), &mut work);
                         node.upload_work_done(work, now);

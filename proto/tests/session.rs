@@ -362,7 +362,7 @@ impl Sim {
                     let outcome = run_mount(&self.stub, mount);
                     self.node.mount_done(outcome, self.now);
                 }
-                Event::Wake(conn) => self.wakes.push(conn),
+                Event::Wake(conn) | Event::Resume(conn) => self.wakes.push(conn),
                 Event::JobQueued => {}
                 Event::Upload(work) if self.hold_digests => self.held_digests.push(work),
                 Event::Upload(mut work) => {

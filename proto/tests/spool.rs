@@ -119,6 +119,9 @@ struct Harness {
     hold_work: bool,
     /// The most bytes the connection held at once.
     peak_allocated: usize,
+    /// Bytes the client sent that the node has not read (it did not want them yet).
+    unread: Vec<u8>,
+    resumed: usize,
 }
 
 impl Harness {
@@ -151,6 +154,8 @@ impl Harness {
             held: Vec::new(),
             hold_work: false,
             peak_allocated: 0,
+            unread: Vec::new(),
+            resumed: 0,
         };
         h.pump(&mut Vec::new());
         assert!(matches!(
@@ -173,16 +178,23 @@ impl Harness {
             self.node.poll_transmit(self.conn, &mut to_client);
             self.client.handle_input(&to_client).unwrap();
             self.client.poll_transmit(&mut to_server);
+            self.unread.extend_from_slice(&to_server);
             let mut events = 0;
-            for read in to_server.chunks(64 * 1024) {
-                self.node.handle_input(self.conn, read, self.now);
+            let mut fed = 0;
+            while !self.unread.is_empty() && self.node.wants_read(self.conn) {
+                let read: Vec<u8> = self
+                    .unread
+                    .drain(..self.unread.len().min(64 * 1024))
+                    .collect();
+                fed += read.len();
+                self.node.handle_input(self.conn, &read, self.now);
                 if let Some(c) = self.node.connection(self.conn) {
                     self.peak_allocated = self.peak_allocated.max(c.allocated());
                 }
                 events += self.run_events();
             }
             events += self.run_events();
-            if to_client.is_empty() && to_server.is_empty() && want == 0 && events == 0 {
+            if to_client.is_empty() && fed == 0 && want == 0 && events == 0 {
                 break;
             }
         }
@@ -202,6 +214,10 @@ impl Harness {
                 Event::Mount(mount) => {
                     let outcome = run_mount(&self.executor, mount);
                     self.node.mount_done(outcome, self.now);
+                }
+                Event::Resume(conn) => {
+                    assert_eq!(conn, self.conn);
+                    self.resumed += 1;
                 }
                 Event::Wake(_) | Event::JobQueued => {}
             }
@@ -368,4 +384,41 @@ fn a_commit_waits_for_its_spool_to_come_back() {
     h.pump(&mut Vec::new());
     assert_eq!(h.status(request), (true, "mounted".to_owned()));
     assert_eq!(h.mounted(), [weights]);
+}
+
+#[test]
+fn a_slow_spool_holds_the_peer_back_instead_of_buffering() {
+    let weights = pattern(20 * STRETCH);
+    let mut h = Harness::new(None);
+    h.hold_work = true;
+    let request = h
+        .client
+        .begin_upload("{}", weights.len() as u64, None)
+        .unwrap();
+    h.pump(&mut weights.clone());
+    // One stretch is with a worker that has not finished; two more gathered
+    // and the node stopped reading, so the rest waits at the peer.
+    assert_eq!(h.held.len(), 1);
+    assert!(!h.node.wants_read(h.conn));
+    assert!(!h.unread.is_empty());
+    assert!(h.peak_allocated < 6 * STRETCH, "held {}", h.peak_allocated);
+    // The node's own pause is not the peer's stall.
+    let stall = ServerConfig::default().stall_timeout;
+    h.node.handle_timeout(h.now + 2 * stall);
+    assert!(h.node.connection(h.conn).unwrap().closing().is_none());
+
+    let mut work = h.held.pop().unwrap();
+    run_upload(&h.executor, &mut work);
+    h.node.upload_work_done(work, h.now);
+    h.hold_work = false;
+    h.run_events();
+    assert_eq!(
+        h.resumed, 1,
+        "the reader is woken once the spool catches up"
+    );
+    assert!(h.node.wants_read(h.conn));
+    h.pump(&mut Vec::new());
+    assert_eq!(h.status(request), (true, "mounted".to_owned()));
+    assert_eq!(h.mounted(), [weights]);
+    assert!(h.peak_allocated < 6 * STRETCH, "held {}", h.peak_allocated);
 }

@@ -420,6 +420,8 @@ fn take_events<M>(state: &mut State<M>) -> Followup {
                     followup.transmit.push(conn);
                 }
             }
+            // The waker wakes the reader too.
+            Event::Resume(conn) => followup.wake_writer.push(conn),
             Event::JobQueued => followup.work += 1,
             Event::Mount(mount) => {
                 state.mounts.push_back(mount);
