@@ -780,6 +780,8 @@ struct Harness {
     running: Vec<Job<()>>,
     mounts: Vec<Mount>,
     uploads: Vec<UploadWork>,
+    /// Mounts and upload work run so far (progress that moves no byte).
+    worked: usize,
     next_job_id: u64,
     shutdown: bool,
 }
@@ -814,6 +816,7 @@ impl Harness {
             running: Vec::new(),
             mounts: Vec::new(),
             uploads: Vec::new(),
+            worked: 0,
             next_job_id: 0,
             shutdown: false,
         }
@@ -1096,6 +1099,7 @@ impl Harness {
     fn mount(&mut self, pick: u8, ok: bool) {
         // Upload work first, when some waits and `pick` is even (or no mount waits).
         if !self.uploads.is_empty() && (pick % 2 == 0 || self.mounts.is_empty()) {
+            self.worked += 1;
             let mut work = self.uploads.remove(pick as usize / 2 % self.uploads.len());
             run_upload(&self.exec, &mut work);
             assert!(work.is_empty(), "run upload work kept its bytes");
@@ -1320,11 +1324,12 @@ impl Harness {
         }
     }
 
-    fn progress(&self) -> (usize, usize, usize) {
+    fn progress(&self) -> (usize, usize, usize, usize) {
         (
             self.conns.iter().map(|c| c.pending.len()).sum(),
             self.conns.iter().map(|c| c.out_total).sum(),
             self.mounts.len() + self.running.len() + self.uploads.len(),
+            self.worked,
         )
     }
 

@@ -275,6 +275,12 @@ impl<M> Connection<M> {
             Err(message) => ModelStatus { ok: false, message },
         };
         self.send(&Message::ModelStatus(status));
+        self.release_parked(id, shared);
+    }
+
+    /// Once no commit is being mounted, the `infer`s that waited for one run
+    /// (on whatever model is mounted now) or are refused.
+    fn release_parked(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
         if self.mounts_in_flight == 0 {
             for job in std::mem::take(&mut self.parked) {
                 self.infer(id, job, shared);
@@ -455,6 +461,8 @@ impl<M> Connection<M> {
             if self.closing.is_none() {
                 upload.work_returned(work);
                 self.commit(id, upload, shared);
+                // A commit refused at once (no config, bytes missing) frees them.
+                self.release_parked(id, shared);
             }
         } else if let (None, UploadState::Receiving(upload)) = (&self.closing, &mut self.upload) {
             if upload.id == work.upload {

@@ -126,6 +126,10 @@ struct Harness {
 
 impl Harness {
     fn new(fail_after: Option<usize>) -> Harness {
+        Harness::with(fail_after, STRETCH, 16 * 1024)
+    }
+
+    fn with(fail_after: Option<usize>, stretch: usize, chunk_size: usize) -> Harness {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let executor = Recorder {
             seen: Arc::clone(&seen),
@@ -135,7 +139,7 @@ impl Harness {
         let now = Instant::now();
         let mut node = Node::new(ServerConfig {
             spool_uploads: executor.spools_uploads(),
-            upload_stretch: STRETCH,
+            upload_stretch: stretch,
             ..ServerConfig::default()
         });
         let conn = node.accept(now);
@@ -143,7 +147,7 @@ impl Harness {
             node,
             // Small chunks, so what the node holds is the upload's doing, not a frame's.
             client: ClientConnection::new(ClientConfig {
-                chunk_size: 16 * 1024,
+                chunk_size,
                 upload_window: 256 * 1024,
                 ..ClientConfig::default()
             }),
@@ -421,4 +425,43 @@ fn a_slow_spool_holds_the_peer_back_instead_of_buffering() {
     assert_eq!(h.status(request), (true, "mounted".to_owned()));
     assert_eq!(h.mounted(), [weights]);
     assert!(h.peak_allocated < 6 * STRETCH, "held {}", h.peak_allocated);
+}
+
+/// Found by the `server` fuzz target: a commit that waited for its spool
+/// and was then refused at once (no config) left a pipelined job unanswered.
+#[test]
+fn a_job_sent_after_a_failing_spooled_upload_is_answered() {
+    for (config, fail_after, reason) in [("{}", Some(40), "disk full"), ("", None, "no config")] {
+        a_job_after_a_failing_upload(config, fail_after, reason);
+    }
+}
+
+fn a_job_after_a_failing_upload(config: &str, fail_after: Option<usize>, reason: &str) {
+    let mut h = Harness::with(fail_after, 12, 26);
+    h.hold_work = true;
+    let weights = pattern(154);
+    let upload = h
+        .client
+        .begin_upload(config, weights.len() as u64, None)
+        .unwrap();
+    let mut rest = weights.clone();
+    while !rest.is_empty() {
+        let want = h.client.upload_wants().min(rest.len());
+        let chunk: Vec<u8> = rest.drain(..want).collect();
+        h.client.upload_chunk(&chunk).unwrap();
+    }
+    let job = h.client.infer(&[1], 1).unwrap();
+    h.pump(&mut Vec::new());
+    // The commit waits for the stretch a worker holds.
+    assert!(h.client.take_answer(upload).is_none());
+    let mut work = h.held.pop().expect("a stretch was handed out");
+    run_upload(&h.executor, &mut work);
+    h.node.upload_work_done(work, h.now);
+    h.hold_work = false;
+    h.pump(&mut Vec::new());
+    assert_eq!(h.status(upload), (false, reason.to_owned()));
+    match h.client.take_answer(job) {
+        Some(Answer::Error(e)) => assert_eq!(e.code, "model_not_mounted", "{e:?}"),
+        other => panic!("the job got {other:?}"),
+    }
 }
