@@ -96,3 +96,47 @@ fn worker_overhead_against_stub() {
     row("loopback round trip, Rust worker", stub_wire, rust_wire);
     row("loopback round trip, Python worker", stub_wire, python_wire);
 }
+
+/// Best of 3 pushes of `weights` to a node running `executor`, in MB/s.
+fn upload_rate<E: Executor>(executor: E, weights: &[u8]) -> f64 {
+    let server = donate_std::serve(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        ServerConfig::default(),
+        executor,
+    )
+    .unwrap();
+    let mut client = donate_std::Client::connect(server.local_addr()).unwrap();
+    let best = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let status = client.push_model("{}", weights, false).expect("push");
+            assert!(status.ok, "{}", status.message);
+            started.elapsed()
+        })
+        .min()
+        .expect("three rounds");
+    drop(client);
+    server.shutdown();
+    weights.len() as f64 / best.as_secs_f64() / 1e6
+}
+
+#[test]
+#[ignore = "a measurement: run with --release -- --ignored --nocapture"]
+fn upload_into_the_worker_file_against_stub() {
+    // A worker that accepts every request without reading the file, so the
+    // figure is the node's: chunks decoded, then written to the file as they arrive.
+    let accept_all = [
+        "python3",
+        "-c",
+        "import sys\nfor line in sys.stdin: print('{\"ok\": true}', flush=True)",
+    ]
+    .map(String::from)
+    .to_vec();
+    let weights = vec![0x5a; 256 * 1024 * 1024];
+    let stub = upload_rate(Stub::default(), &weights);
+    let spooled = upload_rate(workers(accept_all), &weights);
+    println!(
+        "push 256 MiB: stub (in memory) {stub:.0} MB/s, cmd: worker (spooled to its file) {spooled:.0} MB/s, ratio {:.2}",
+        spooled / stub
+    );
+}
