@@ -21,7 +21,8 @@ use crate::{CliResult, ClientArgs, Failure, InferArgs, PromptArgs, PushArgs, Sta
 
 /// `donate push`: upload a model and report whether it mounted.
 pub fn push(args: PushArgs) -> CliResult {
-    let mut model = Model::open(&args.config, &args.weights)?;
+    let (config, weights) = args.model_files();
+    let mut model = Model::open(&config, &weights)?;
     let sha256 = args.sha256.then(|| model.sha256()).transpose()?;
     let mut client = connect(&args.client)?;
     let pushed = upload(&mut client, &mut model, sha256, true);

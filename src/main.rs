@@ -83,9 +83,19 @@ struct ServeArgs {
     /// `cmd:PROGRAM ARG…` (a pool of worker processes, docs/WORKER-PROTOCOL.md)
     /// or `lm:PROGRAM ARG…` (run per prompt, prompt on stdin; `{path}` and
     /// `{max_out}` are filled in; needs --mode local_lm). Split like a shell
-    /// command line, never run through a shell.
+    /// command line, never run through a shell. `candle` (built with
+    /// `--features candle`) runs pushed llama models, or with --mode local_lm
+    /// the one in --local-lm-path DIR (docs/CANDLE.md).
     #[arg(long, value_name = "EXECUTOR", default_value = "stub")]
     executor: String,
+    /// Where `--executor candle` runs models: cpu, cuda[:N] or metal[:N]
+    /// (the GPUs need the candle-cuda or candle-metal feature).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    candle_device: String,
+    /// Most tokens one `--executor candle` job generates, whatever it asks for.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    candle_max_tokens: usize,
     /// Seconds a job may run in a cmd: worker or an lm: program before it is killed.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
@@ -192,15 +202,19 @@ struct ClientArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("model_source").required(true).args(["config", "model"])))]
 struct PushArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The model's config (a JSON document, sent as config_json).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
-    /// The weights file, streamed in chunks.
-    #[arg(value_name = "WEIGHTS")]
-    weights: PathBuf,
+    /// The model's config (a JSON document, sent as config_json; with WEIGHTS).
+    #[arg(long, value_name = "FILE", requires = "weights")]
+    config: Option<PathBuf>,
+    /// The weights file, streamed in chunks (with --config).
+    #[arg(value_name = "WEIGHTS", requires = "config")]
+    weights: Option<PathBuf>,
+    /// A directory holding config.json and model.safetensors.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    model: Option<PathBuf>,
     /// Hash the weights first and send weights_sha256, so the node verifies them.
     #[arg(long)]
     sha256: bool,
@@ -240,11 +254,27 @@ struct InferArgs {
 impl InferArgs {
     /// The config and weights files to push.
     fn model_files(&self) -> (PathBuf, PathBuf) {
-        match (&self.model, &self.config, &self.weights) {
-            (Some(dir), _, _) => (dir.join("config.json"), dir.join("model.safetensors")),
-            (None, Some(config), Some(weights)) => (config.clone(), weights.clone()),
-            _ => unreachable!("clap requires --model or --config with --weights"),
-        }
+        model_files(&self.model, &self.config, &self.weights)
+    }
+}
+
+impl PushArgs {
+    /// The config and weights files to push.
+    fn model_files(&self) -> (PathBuf, PathBuf) {
+        model_files(&self.model, &self.config, &self.weights)
+    }
+}
+
+/// `--model DIR` (DIR/config.json, DIR/model.safetensors) or `--config` with the weights.
+fn model_files(
+    model: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+    weights: &Option<PathBuf>,
+) -> (PathBuf, PathBuf) {
+    match (model, config, weights) {
+        (Some(dir), _, _) => (dir.join("config.json"), dir.join("model.safetensors")),
+        (None, Some(config), Some(weights)) => (config.clone(), weights.clone()),
+        _ => unreachable!("clap requires --model or --config with the weights"),
     }
 }
 
@@ -485,9 +515,52 @@ mod tests {
                 "w",
             ],
             &["donate", "push", "w"],
+            &["donate", "push", "--config", "c"],
+            &["donate", "push", "--model", "m", "w"],
+            &["donate", "push", "--model", "m", "--config", "c", "w"],
+            &["donate", "serve", "--candle-max-tokens", "0"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
         }
+    }
+
+    #[test]
+    fn push_takes_a_model_dir_or_config_and_weights() {
+        let push = |args: &[&str]| {
+            let Cli {
+                command: Command::Push(args),
+            } = Cli::parse_from(["donate", "push"].iter().chain(args))
+            else {
+                panic!("not push");
+            };
+            args.model_files()
+        };
+        assert_eq!(
+            push(&["--model", "m"]),
+            (
+                PathBuf::from("m/config.json"),
+                PathBuf::from("m/model.safetensors")
+            )
+        );
+        assert_eq!(
+            push(&["--config", "c.json", "w.bin"]),
+            (PathBuf::from("c.json"), PathBuf::from("w.bin"))
+        );
+    }
+
+    #[test]
+    fn candle_flags_have_defaults() {
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from(["donate", "serve", "--executor", "candle"])
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(args.executor, "candle");
+        assert_eq!(
+            (args.candle_device.as_str(), args.candle_max_tokens),
+            ("cpu", 256)
+        );
     }
 
     #[test]

@@ -12,6 +12,11 @@ use crate::{CliResult, Failure, Runtime, ServeArgs};
 
 /// Runs the node the flags describe until a signal asks it to stop.
 pub fn run(args: ServeArgs) -> CliResult {
+    // `candle` is recognised here rather than by ExecutorSpec: it exists only
+    // in builds with the `candle` feature.
+    if args.executor == "candle" {
+        return run_candle(&args);
+    }
     match &args.executor_spec()? {
         ExecutorSpec::Stub => run_with(&args, Stub::new(args.local_lm_path.clone())),
         ExecutorSpec::Cmd(argv) => {
@@ -26,6 +31,44 @@ pub fn run(args: ServeArgs) -> CliResult {
             run_with(&args, LocalLmCommand::new(argv.clone(), args.lm_config())?)
         }
     }
+}
+
+/// `--executor candle`: pushed llama models, or with `--mode local_lm` the one
+/// in `--local-lm-path DIR`, run with candle (docs/CANDLE.md).
+#[cfg(feature = "candle")]
+fn run_candle(args: &ServeArgs) -> CliResult {
+    use donate_candle::{CandleConfig, CandleExecutor, DeviceChoice};
+
+    let local_lm = match args.mode {
+        Mode::LocalLm if args.local_lm_path.is_empty() => {
+            return Err(
+                "--mode local_lm --executor candle needs --local-lm-path DIR \
+                 (DIR/config.json, DIR/model.safetensors, DIR/tokenizer.json)"
+                    .into(),
+            )
+        }
+        Mode::LocalLm => Some(std::path::PathBuf::from(&args.local_lm_path)),
+        Mode::ModelPush => None,
+    };
+    let device: DeviceChoice = args.candle_device.parse()?;
+    let config = CandleConfig {
+        device,
+        max_tokens_cap: args.candle_max_tokens,
+        local_lm,
+        ..CandleConfig::default()
+    };
+    let executor = CandleExecutor::new(config)
+        .map_err(|e| format!("cannot start the candle executor: {e}"))?;
+    if let Some(model) = executor.local_model() {
+        tracing::info!(path = %args.local_lm_path, params = model.param_count(), "local_lm model loaded");
+    }
+    run_with(args, executor)
+}
+
+/// `--executor candle` in a build without the feature.
+#[cfg(not(feature = "candle"))]
+fn run_candle(_args: &ServeArgs) -> CliResult {
+    Err("this donate was built without the candle feature: cargo build --features candle".into())
 }
 
 /// Runs the node with `executor` on the runtime `--runtime` names.

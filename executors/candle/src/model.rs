@@ -1,0 +1,346 @@
+//! [`CandleModel`]: a Hugging Face llama loaded from a config and safetensors
+//! bytes, checked against each other first, and greedy generation on it.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use candle_core::safetensors::Load as _;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama::{Cache, Llama, LlamaConfig, LlamaEosToks};
+use safetensors::{Dtype, SafeTensors};
+
+/// A llama ready to generate, shared by every job of the connection that pushed it.
+///
+/// Only `model_type: "llama"` configs are accepted, with the fields
+/// [`LlamaConfig`] reads (see docs/CANDLE.md). Weights are kept in `F32`
+/// whatever float dtype the file holds.
+pub struct CandleModel {
+    llama: Llama,
+    /// A KV cache that has seen nothing, with the rotary tables computed once:
+    /// each job clones it (the tables are shared, the keys and values are not).
+    fresh_cache: Cache,
+    device: Device,
+    vocab_size: usize,
+    context: usize,
+    params: usize,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for CandleModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleModel")
+            .field("vocab_size", &self.vocab_size)
+            .field("context", &self.context)
+            .field("params", &self.params)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most layers a config may ask for (real llamas have at most a few hundred).
+const MAX_LAYERS: usize = 4096;
+
+/// Float dtypes a weights file may hold; each is converted to `F32`.
+const FLOAT_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64];
+
+impl CandleModel {
+    /// Loads a llama from `config_json` (a Hugging Face `config.json`) and the
+    /// bytes of a safetensors file, on `device`, with at most `max_context`
+    /// positions (the smaller of this and `max_position_embeddings`).
+    ///
+    /// `weights` is taken by value and dropped once every tensor has been
+    /// copied out of it: each tensor is copied exactly once (the bytes cannot
+    /// become tensor storage in place, a `Vec<u8>` is not aligned for `f32`
+    /// and is freed as bytes), so the peak is the file plus the `F32` tensors,
+    /// and afterwards only the tensors remain.
+    pub fn load(
+        config_json: &str,
+        weights: Vec<u8>,
+        device: &Device,
+        max_context: usize,
+    ) -> Result<CandleModel, String> {
+        let llama_config = parse_config(config_json)?;
+        let expected = expected_tensors(&llama_config)?;
+        let tensors = load_tensors(&weights, &expected, device)?;
+        drop(weights);
+        let eos = match &llama_config.eos_token_id {
+            None => Vec::new(),
+            Some(LlamaEosToks::Single(id)) => vec![*id],
+            Some(LlamaEosToks::Multiple(ids)) => ids.clone(),
+        };
+        let mut config = llama_config.into_config(false);
+        // The rotary tables cover every position: bound them (a config may say 128k).
+        config.max_position_embeddings = config.max_position_embeddings.min(max_context.max(1));
+        let params = expected.iter().map(|t| t.elems).sum();
+        // Every tensor was checked above, so this should not fail; candle's
+        // llama unwraps inside `load`, hence the guard all the same.
+        let built = guarded("building the model", || {
+            let fresh_cache = Cache::new(true, DType::F32, &config, device)?;
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            Ok((Llama::load(vb, &config)?, fresh_cache))
+        })?;
+        let (llama, fresh_cache) = built;
+        Ok(CandleModel {
+            llama,
+            fresh_cache,
+            device: device.clone(),
+            vocab_size: config.vocab_size,
+            context: config.max_position_embeddings,
+            params,
+            eos,
+        })
+    }
+
+    /// Loads `DIR/config.json` and `DIR/model.safetensors`.
+    pub fn load_dir(
+        dir: &Path,
+        device: &Device,
+        max_context: usize,
+    ) -> Result<CandleModel, String> {
+        let config_path = dir.join("config.json");
+        let config = std::fs::read_to_string(&config_path)
+            .map_err(|e| format!("cannot read {}: {e}", config_path.display()))?;
+        let weights_path = dir.join("model.safetensors");
+        let weights = std::fs::read(&weights_path)
+            .map_err(|e| format!("cannot read {}: {e}", weights_path.display()))?;
+        CandleModel::load(&config, weights, device, max_context)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    }
+
+    /// Tokens the model knows: valid ids are `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Positions a job may use (input plus generated tokens).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Parameters (elements of every weight tensor; a tied `lm_head` counts once).
+    pub fn param_count(&self) -> usize {
+        self.params
+    }
+
+    /// The config's `eos_token_id`s.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Greedy generation of `n` tokens after `input` (the generated ones only),
+    /// stopping early after any of `stop`. The caller checks the ids and the
+    /// context. The prompt runs in one forward pass, then one token at a time
+    /// through a KV cache of this call's own.
+    pub fn generate(&self, input: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, String> {
+        guarded("generating", || {
+            let mut cache = self.fresh_cache.clone();
+            let mut out = Vec::with_capacity(n);
+            let mut pos = 0;
+            let mut step: Vec<u32> = input.to_vec();
+            while out.len() < n {
+                let x = Tensor::new(step.as_slice(), &self.device)?.unsqueeze(0)?;
+                let logits = self.llama.forward(&x, pos, &mut cache)?;
+                pos += step.len();
+                let next = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+                out.push(next);
+                if stop.contains(&next) {
+                    break;
+                }
+                step = vec![next];
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Runs a candle computation, turning its error, or a panic inside it, into a message.
+fn guarded<T>(what: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("candle failed {what}: {e}")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(format!("candle panicked {what}: {message}"))
+        }
+    }
+}
+
+/// Parses a Hugging Face config, insisting on `model_type: "llama"`, and
+/// checks the sizes candle divides by or allocates from.
+pub(crate) fn parse_config(config_json: &str) -> Result<LlamaConfig, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(config_json).map_err(|e| format!("config_json is not JSON: {e}"))?;
+    match value.get("model_type").and_then(|t| t.as_str()) {
+        Some("llama") => {}
+        Some(other) => {
+            return Err(format!(
+                "unsupported model_type {other:?}: this node runs \"llama\" models only"
+            ))
+        }
+        None => {
+            return Err(
+                "config_json has no model_type string: expected a Hugging Face llama config.json (\"model_type\": \"llama\")"
+                    .to_owned(),
+            )
+        }
+    }
+    let config: LlamaConfig =
+        serde_json::from_value(value).map_err(|e| format!("bad llama config: {e}"))?;
+    let positive = [
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", config.intermediate_size),
+        ("vocab_size", config.vocab_size),
+        ("num_hidden_layers", config.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads()),
+        ("max_position_embeddings", config.max_position_embeddings),
+    ];
+    for (name, value) in positive {
+        if value == 0 {
+            return Err(format!("bad llama config: {name} is 0"));
+        }
+    }
+    // The tensor list is built from this before the file is consulted.
+    if config.num_hidden_layers > MAX_LAYERS {
+        return Err(format!(
+            "bad llama config: num_hidden_layers {} is more than {MAX_LAYERS}",
+            config.num_hidden_layers
+        ));
+    }
+    let (hidden, heads, kv_heads) = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads(),
+    );
+    if hidden % heads != 0 || (hidden / heads) % 2 != 0 {
+        return Err(format!(
+            "bad llama config: hidden_size {hidden} must be num_attention_heads {heads} times an even head size"
+        ));
+    }
+    if heads % kv_heads != 0 {
+        return Err(format!(
+            "bad llama config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        ));
+    }
+    if config.vocab_size > i32::MAX as usize {
+        return Err(format!(
+            "bad llama config: vocab_size {} does not fit token ids (i32)",
+            config.vocab_size
+        ));
+    }
+    if !(config.rms_norm_eps.is_finite() && config.rms_norm_eps > 0.0) {
+        return Err("bad llama config: rms_norm_eps must be a positive number".to_owned());
+    }
+    if !(config.rope_theta.is_finite() && config.rope_theta > 0.0) {
+        return Err("bad llama config: rope_theta must be a positive number".to_owned());
+    }
+    Ok(config)
+}
+
+/// A tensor the config calls for.
+pub(crate) struct Expected {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) elems: usize,
+}
+
+/// The tensors (name and shape) candle's llama reads for `config`.
+pub(crate) fn expected_tensors(config: &LlamaConfig) -> Result<Vec<Expected>, String> {
+    let hidden = config.hidden_size;
+    let head_dim = hidden / config.num_attention_heads;
+    let q = head_dim * config.num_attention_heads;
+    let kv = head_dim * config.num_key_value_heads();
+    let inter = config.intermediate_size;
+    let vocab = config.vocab_size;
+    let mut list = vec![
+        ("model.embed_tokens.weight".to_owned(), vec![vocab, hidden]),
+        ("model.norm.weight".to_owned(), vec![hidden]),
+    ];
+    if !config.tie_word_embeddings.unwrap_or(false) {
+        list.push(("lm_head.weight".to_owned(), vec![vocab, hidden]));
+    }
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        list.extend([
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, hidden]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![hidden, q]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]),
+            (format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]),
+            (format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]),
+            (format!("{p}.input_layernorm.weight"), vec![hidden]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
+        ]);
+    }
+    list.into_iter()
+        .map(|(name, shape)| {
+            let elems = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| format!("bad llama config: {name} would have {shape:?} elements"))?;
+            Ok(Expected { name, shape, elems })
+        })
+        .collect()
+}
+
+/// Checks every expected tensor's presence, dtype and shape in the file, then
+/// copies each one out as `F32` (extra tensors, such as `rotary_emb.inv_freq`,
+/// are ignored). Nothing is loaded until everything has been checked.
+fn load_tensors(
+    bytes: &[u8],
+    expected: &[Expected],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, String> {
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("the weights are not a valid safetensors file: {e}"))?;
+    let mut views = Vec::with_capacity(expected.len());
+    let mut missing = Vec::new();
+    for want in expected {
+        match file.tensor(&want.name) {
+            Ok(view) => {
+                if !FLOAT_DTYPES.contains(&view.dtype()) {
+                    return Err(format!(
+                        "tensor {} has dtype {:?}; expected a float dtype (F32, F16, BF16 or F64)",
+                        want.name,
+                        view.dtype()
+                    ));
+                }
+                if view.shape() != want.shape.as_slice() {
+                    return Err(format!(
+                        "tensor {} has shape {:?}; the config needs {:?}",
+                        want.name,
+                        view.shape(),
+                        want.shape
+                    ));
+                }
+                views.push((want.name.clone(), view));
+            }
+            Err(_) => missing.push(want.name.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        let shown = missing.len().min(3);
+        return Err(format!(
+            "the weights lack {} tensor(s) the config needs: {}{}",
+            missing.len(),
+            missing[..shown].join(", "),
+            if missing.len() > shown { ", …" } else { "" }
+        ));
+    }
+    let mut tensors = HashMap::with_capacity(views.len());
+    for (name, view) in views {
+        let tensor = guarded("loading a tensor", || {
+            view.load(device)?.to_dtype(DType::F32)
+        })
+        .map_err(|e| format!("{name}: {e}"))?;
+        tensors.insert(name, tensor);
+    }
+    Ok(tensors)
+}
