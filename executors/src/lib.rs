@@ -31,10 +31,12 @@
 
 mod lm;
 mod process;
+mod weights_file;
 mod worker;
 
 pub use lm::{LmConfig, LocalLmCommand};
-pub use worker::{WeightsFile, WorkerConfig, WorkerModel, WorkerProcess};
+pub use weights_file::WeightsFile;
+pub use worker::{WorkerConfig, WorkerModel, WorkerProcess};
 
 /// Job error codes these executors report (the `code` of a failed result).
 pub mod codes {

@@ -11,7 +11,6 @@
 //! never blocks.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin};
@@ -21,10 +20,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use donate_proto::{Executor, JobError, Spool, UploadInfo, Weights};
+
+use crate::weights_file::WeightsFile;
 
 use crate::codes;
 use crate::process::{self, Line};
@@ -227,7 +227,11 @@ impl Executor for WorkerProcess {
     }
 
     fn open_spool(&self, upload: &UploadInfo) -> Result<WeightsFile, String> {
-        WeightsFile::create(self.pool.config.temp_root.as_deref(), upload.weights_len)
+        WeightsFile::create(
+            self.pool.config.temp_root.as_deref(),
+            upload.weights_len,
+            true,
+        )
     }
 
     fn mount(
@@ -239,22 +243,16 @@ impl Executor for WorkerProcess {
         let file = match weights {
             Weights::Spooled(file) => file,
             Weights::Memory(bytes) => {
-                let mut file =
-                    WeightsFile::create(pool.config.temp_root.as_deref(), bytes.len() as u64)?;
+                let mut file = WeightsFile::create(
+                    pool.config.temp_root.as_deref(),
+                    bytes.len() as u64,
+                    true,
+                )?;
                 file.write(&bytes)?;
                 file
             }
         };
-        let WeightsFile {
-            dir,
-            path: weights_path,
-            file,
-            written: weights_len,
-            hash,
-            ..
-        } = file;
-        // Closed, not synced: the worker reads it through the page cache.
-        drop(file);
+        let (dir, weights_path, weights_len, sha256) = file.close();
         let weights_path_str = weights_path
             .to_str()
             .ok_or("the temporary directory's path is not UTF-8")?
@@ -265,7 +263,7 @@ impl Executor for WorkerProcess {
             weights_path,
             weights_path_str,
             weights_len,
-            sha256: hex(&hash.finalize()),
+            sha256: sha256.unwrap_or_default(),
             dir: Some(dir),
             pool: Arc::downgrade(pool),
         };
@@ -336,91 +334,6 @@ impl Executor for WorkerProcess {
             )
         })
     }
-}
-
-/// A pushed model's weights, written to a new file in a private temporary
-/// directory (0700, the file 0600) stretch by stretch as the upload arrives.
-/// Dropped before it is mounted (the upload failed, or its connection closed),
-/// it removes its directory.
-pub struct WeightsFile {
-    dir: TempDir,
-    path: PathBuf,
-    file: std::fs::File,
-    expected: u64,
-    written: u64,
-    hash: Sha256,
-}
-
-impl WeightsFile {
-    /// Makes the directory (under `root`, or the system temporary directory) and the file.
-    fn create(root: Option<&Path>, expected: u64) -> Result<WeightsFile, String> {
-        let mut builder = tempfile::Builder::new();
-        builder.prefix("donate-model-");
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
-        let dir = match root {
-            Some(root) => builder.tempdir_in(root),
-            None => builder.tempdir(),
-        }
-        .map_err(|e| format!("cannot make a temporary directory for the weights: {e}"))?;
-        let path = dir.path().join("weights.bin");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options
-            .open(&path)
-            .map_err(|e| format!("cannot create the weights file: {e}"))?;
-        Ok(WeightsFile {
-            dir,
-            path,
-            file,
-            expected,
-            written: 0,
-            hash: Sha256::new(),
-        })
-    }
-
-    /// The file being written.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-}
-
-impl Spool for WeightsFile {
-    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        if self.written + bytes.len() as u64 > self.expected {
-            return Err("more weights than weights_len".to_owned());
-        }
-        self.file
-            .write_all(bytes)
-            .map_err(|e| format!("cannot write the weights file: {e}"))?;
-        self.hash.update(bytes);
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-}
-
-impl std::fmt::Debug for WeightsFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WeightsFile")
-            .field("path", &self.path)
-            .field("written", &self.written)
-            .field("expected", &self.expected)
-            .finish_non_exhaustive()
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// One request line.
@@ -917,10 +830,5 @@ mod tests {
             line(&Request::Unmount { model: 1 }),
             r#"{"op":"unmount","model":1}"#
         );
-    }
-
-    #[test]
-    fn hex_is_lowercase() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
     }
 }
