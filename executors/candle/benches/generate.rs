@@ -73,7 +73,7 @@ fn bench(name: &str, dims: Dims, runs: usize) {
     drop(tensors);
     let executor = CandleExecutor::new(CandleConfig::default()).expect("executor");
     let in_process = executor
-        .load(&config_json, bytes.clone())
+        .load(&config_json, &bytes)
         .expect("loads in process");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let config = ServerConfig {

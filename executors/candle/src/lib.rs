@@ -28,7 +28,8 @@ mod model;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use donate_proto::{Executor, JobError, NoSpool, Weights};
+use donate_exec::WeightsFile;
+use donate_proto::{Executor, JobError, UploadInfo, Weights};
 use tokenizers::Tokenizer;
 
 pub use model::CandleModel;
@@ -120,6 +121,12 @@ pub struct CandleConfig {
     /// `local_lm` mode: the directory holding `config.json`,
     /// `model.safetensors` and `tokenizer.json`, loaded by [`CandleExecutor::new`].
     pub local_lm: Option<PathBuf>,
+    /// Spool pushed weights to a private temporary file as they arrive and
+    /// load the model from it memory-mapped (default true), instead of the
+    /// node holding the whole upload in memory.
+    pub spool_uploads: bool,
+    /// Where spooled uploads go (default: the system temporary directory).
+    pub temp_root: Option<PathBuf>,
 }
 
 impl Default for CandleConfig {
@@ -131,6 +138,8 @@ impl Default for CandleConfig {
             max_tokens_cap: 256,
             max_context: 4096,
             local_lm: None,
+            spool_uploads: true,
+            temp_root: None,
         }
     }
 }
@@ -190,12 +199,25 @@ impl CandleExecutor {
         self.local.as_ref().map(|l| &l.model)
     }
 
-    /// Loads a pushed model (what `mount` does).
-    pub fn load(&self, config_json: &str, weights: Vec<u8>) -> Result<CandleModel, String> {
-        if self.local.is_some() {
-            return Err("this node is local_lm: it answers prompts with its own model".to_owned());
-        }
+    /// Loads a pushed model from its bytes (what `mount` does with an upload held in memory).
+    pub fn load(&self, config_json: &str, weights: &[u8]) -> Result<CandleModel, String> {
+        self.refuse_on_local_lm()?;
         CandleModel::load(config_json, weights, &self.device, self.config.max_context)
+    }
+
+    /// Loads a pushed model from a safetensors file (what `mount` does with a spooled upload).
+    pub fn load_file(&self, config_json: &str, path: &Path) -> Result<CandleModel, String> {
+        self.refuse_on_local_lm()?;
+        CandleModel::load_file(config_json, path, &self.device, self.config.max_context)
+    }
+
+    fn refuse_on_local_lm(&self) -> Result<(), String> {
+        match self.local {
+            Some(_) => {
+                Err("this node is local_lm: it answers prompts with its own model".to_owned())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Tokens a job generates when it asks for `requested` (0 or less: `default`).
@@ -327,12 +349,25 @@ fn load_local(dir: &Path, device: &Device, max_context: usize) -> Result<LocalLm
 // The trait impl only delegates, so that it follows the trait's changes easily.
 impl Executor for CandleExecutor {
     type Model = CandleModel;
-    type Spool = NoSpool;
+    type Spool = WeightsFile;
 
-    fn mount(&self, config_json: String, weights: Weights<NoSpool>) -> Result<CandleModel, String> {
+    fn spools_uploads(&self) -> bool {
+        self.config.spool_uploads
+    }
+
+    fn open_spool(&self, upload: &UploadInfo) -> Result<WeightsFile, String> {
+        WeightsFile::create(self.config.temp_root.as_deref(), upload.weights_len, false)
+    }
+
+    /// The spooled file is removed once the model is built from it.
+    fn mount(
+        &self,
+        config_json: String,
+        weights: Weights<WeightsFile>,
+    ) -> Result<CandleModel, String> {
         match weights {
-            Weights::Memory(bytes) => self.load(&config_json, bytes),
-            Weights::Spooled(spool) => match spool {},
+            Weights::Memory(bytes) => self.load(&config_json, &bytes),
+            Weights::Spooled(file) => self.load_file(&config_json, file.path()),
         }
     }
 

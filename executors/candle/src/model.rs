@@ -50,21 +50,19 @@ impl CandleModel {
     /// bytes of a safetensors file, on `device`, with at most `max_context`
     /// positions (the smaller of this and `max_position_embeddings`).
     ///
-    /// `weights` is taken by value and dropped once every tensor has been
-    /// copied out of it: each tensor is copied exactly once (the bytes cannot
-    /// become tensor storage in place, a `Vec<u8>` is not aligned for `f32`
-    /// and is freed as bytes), so the peak is the file plus the `F32` tensors,
-    /// and afterwards only the tensors remain.
+    /// Each tensor is copied out of `weights` exactly once, straight into its
+    /// `F32` storage (bytes cannot become tensor storage in place: they are
+    /// not aligned for `f32`, and a file's bytes are not the model's dtype).
+    /// The caller may drop or unmap `weights` as soon as this returns.
     pub fn load(
         config_json: &str,
-        weights: Vec<u8>,
+        weights: &[u8],
         device: &Device,
         max_context: usize,
     ) -> Result<CandleModel, String> {
         let llama_config = parse_config(config_json)?;
         let expected = expected_tensors(&llama_config)?;
-        let tensors = load_tensors(&weights, &expected, device)?;
-        drop(weights);
+        let tensors = load_tensors(weights, &expected, device)?;
         let eos = match &llama_config.eos_token_id {
             None => Vec::new(),
             Some(LlamaEosToks::Single(id)) => vec![*id],
@@ -102,11 +100,29 @@ impl CandleModel {
         let config_path = dir.join("config.json");
         let config = std::fs::read_to_string(&config_path)
             .map_err(|e| format!("cannot read {}: {e}", config_path.display()))?;
-        let weights_path = dir.join("model.safetensors");
-        let weights = std::fs::read(&weights_path)
-            .map_err(|e| format!("cannot read {}: {e}", weights_path.display()))?;
-        CandleModel::load(&config, weights, device, max_context)
+        CandleModel::load_file(&config, &dir.join("model.safetensors"), device, max_context)
             .map_err(|e| format!("{}: {e}", dir.display()))
+    }
+
+    /// [`load`](CandleModel::load) from a safetensors file, memory-mapped
+    /// rather than read: its pages are the page cache's, not the node's heap,
+    /// and are released as soon as the tensors are built.
+    pub fn load_file(
+        config_json: &str,
+        path: &Path,
+        device: &Device,
+        max_context: usize,
+    ) -> Result<CandleModel, String> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: the mapping is only read, and only while this call runs.
+        // The files mapped are a spooled upload's (a private 0600 file in a
+        // 0700 directory that nothing writes once its upload is committed)
+        // or the operator's local_lm model; a file truncated underneath would
+        // fault, as with any mmap, but no Rust reference outlives the call.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+        CandleModel::load(config_json, &map, device, max_context)
     }
 
     /// Tokens the model knows: valid ids are `0..vocab_size`.

@@ -378,10 +378,50 @@ fn local_lm_directory_must_be_complete() {
         codes::UNSUPPORTED
     );
     let weights = safetensors_bytes(&TINY.random_tensors(1));
-    let model = plain.load(&TINY.config_json(), weights.clone()).unwrap();
+    let model = plain.load(&TINY.config_json(), &weights).unwrap();
     assert_eq!(
         executor.generate(&model, &[1], 1).unwrap_err().code,
         codes::UNSUPPORTED
     );
-    assert!(executor.load(&TINY.config_json(), weights).is_err());
+    assert!(executor.load(&TINY.config_json(), &weights).is_err());
+}
+
+/// What a directory holds (a spooled upload's private directory, say).
+fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn spooled_and_in_memory_uploads_give_the_same_model_and_leave_no_file() {
+    let tensors = TINY.random_tensors(11);
+    let (config_json, bytes) = (TINY.config_json(), safetensors_bytes(&tensors));
+    let root = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    for spool_uploads in [true, false] {
+        let server = node(CandleConfig {
+            spool_uploads,
+            temp_root: Some(root.path().to_owned()),
+            ..CandleConfig::default()
+        });
+        let mut client = Client::connect(server.local_addr()).unwrap();
+        client.push_model(&config_json, &bytes, true).unwrap();
+        // The model was built from the file, which went at once.
+        assert_eq!(entries(root.path()), Vec::<std::path::PathBuf>::new());
+        outputs.push(client.infer(&[3, 1, 4], 6).unwrap().output_ids);
+        // A refused upload leaves nothing either.
+        assert!(client.push_model(&config_json, &bytes[..100], false).is_err());
+        assert_eq!(entries(root.path()), Vec::<std::path::PathBuf>::new());
+        drop(client);
+        server.shutdown();
+    }
+    let direct = Direct::new(&config_json, &tensors);
+    let new = direct.generate(&[3, 1, 4], 6);
+    let expected: Vec<i32> = [3, 1, 4]
+        .into_iter()
+        .chain(new.iter().map(|&t| t as i32))
+        .collect();
+    assert_eq!(outputs, [expected.clone(), expected]);
 }
