@@ -534,3 +534,176 @@ fn a_silent_node_times_out() {
     assert!(started.elapsed() < LIMIT);
     drop(listener);
 }
+
+// ---------------------------------------------------------------------------
+// --executor candle
+
+#[cfg(not(feature = "candle"))]
+#[test]
+fn candle_executor_needs_the_feature() {
+    donate(&["serve", "--addr", "127.0.0.1:0", "--executor", "candle"])
+        .fails_with("built without the candle feature: cargo build --features candle");
+}
+
+/// With the `candle` feature: a tiny random llama written here (safetensors
+/// by hand) is pushed with `donate infer --model DIR` and `donate push --model
+/// DIR`, and the ids equal what donate-candle computes in process (itself
+/// checked against candle run directly in executors/candle/tests).
+#[cfg(feature = "candle")]
+mod candle {
+    use super::*;
+    use donate_candle::{CandleConfig, CandleExecutor};
+
+    const HIDDEN: usize = 32;
+    const INTER: usize = 64;
+    const LAYERS: usize = 2;
+    const VOCAB: usize = 256;
+
+    fn config_json() -> String {
+        format!(
+            r#"{{"model_type":"llama","hidden_size":{HIDDEN},"intermediate_size":{INTER},
+                "num_hidden_layers":{LAYERS},"num_attention_heads":4,"num_key_value_heads":4,
+                "vocab_size":{VOCAB},"max_position_embeddings":128,"rms_norm_eps":1e-5}}"#
+        )
+    }
+
+    /// A safetensors file of random F32 tensors, written by hand: an 8-byte
+    /// little-endian header length, the JSON header, then the data.
+    fn safetensors() -> Vec<u8> {
+        let mut tensors: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
+            ("model.norm.weight".into(), vec![HIDDEN]),
+            ("lm_head.weight".into(), vec![VOCAB, HIDDEN]),
+        ];
+        for l in 0..LAYERS {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("self_attn.q_proj", vec![HIDDEN, HIDDEN]),
+                ("self_attn.k_proj", vec![HIDDEN, HIDDEN]),
+                ("self_attn.v_proj", vec![HIDDEN, HIDDEN]),
+                ("self_attn.o_proj", vec![HIDDEN, HIDDEN]),
+                ("mlp.gate_proj", vec![INTER, HIDDEN]),
+                ("mlp.up_proj", vec![INTER, HIDDEN]),
+                ("mlp.down_proj", vec![HIDDEN, INTER]),
+                ("input_layernorm", vec![HIDDEN]),
+                ("post_attention_layernorm", vec![HIDDEN]),
+            ] {
+                tensors.push((format!("{p}.{name}.weight"), shape));
+            }
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut data = Vec::new();
+        let mut header = serde_json::Map::new();
+        for (name, shape) in tensors {
+            let start = data.len();
+            for _ in 0..shape.iter().product::<usize>() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                let value = if shape.len() == 1 {
+                    1.0 + 0.1 * unit
+                } else {
+                    unit * 0.3
+                };
+                data.extend_from_slice(&value.to_le_bytes());
+            }
+            header.insert(
+                name,
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header);
+        file.extend(data);
+        file
+    }
+
+    /// A fresh directory holding the tiny llama's config.json and model.safetensors.
+    fn llama_dir() -> PathBuf {
+        let dir = model_dir(0);
+        std::fs::write(dir.join("config.json"), config_json()).unwrap();
+        std::fs::write(dir.join("model.safetensors"), safetensors()).unwrap();
+        dir
+    }
+
+    /// What the executor computes in process for `ids`.
+    fn expected(ids: &[i32], max_tokens: i64) -> String {
+        let executor = CandleExecutor::new(CandleConfig::default()).unwrap();
+        let model = executor.load(&config_json(), &safetensors()).unwrap();
+        let out = executor.generate(&model, ids, max_tokens).unwrap();
+        assert_eq!(
+            out.len(),
+            ids.len()
+                + if max_tokens > 0 {
+                    max_tokens as usize
+                } else {
+                    8
+                }
+        );
+        out.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    #[test]
+    fn serve_candle_generates_over_the_cli() {
+        let dir = llama_dir();
+        let node = Node::start(&["--executor", "candle"]);
+        let infer = |extra: &[&str]| {
+            let args = [
+                &["infer", "--addr", &node.addr, "--model", path(&dir)][..],
+                extra,
+            ]
+            .concat();
+            donate(&args)
+        };
+        let out = infer(&["--ids", "3,1,4,1,5", "--max-tokens", "6"]);
+        assert_eq!(out.ok().trim(), expected(&[3, 1, 4, 1, 5], 6));
+        // The default is 8 tokens.
+        assert_eq!(infer(&["--ids", "9"]).ok().trim(), expected(&[9], 0));
+        // An id outside the vocabulary is a job error, reported as such.
+        let out = infer(&["--ids", "1,999", "--json"]);
+        assert!(!out.status.success());
+        let frame: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(frame["code"], "bad_input", "{frame}");
+
+        // push --model DIR mounts; a broken directory is refused with the reason.
+        let out = donate(&[
+            "push",
+            "--addr",
+            &node.addr,
+            "--model",
+            path(&dir),
+            "--json",
+        ]);
+        assert_eq!(out.json()["message"], "mounted");
+        let broken = model_dir(0);
+        std::fs::write(broken.join("config.json"), config_json()).unwrap();
+        std::fs::write(broken.join("model.safetensors"), &safetensors()[..1000]).unwrap();
+        donate(&["push", "--addr", &node.addr, "--model", path(&broken)])
+            .fails_with("not a valid safetensors file");
+        node.stop();
+    }
+
+    #[test]
+    fn serve_candle_refuses_what_it_cannot_load() {
+        let serve = |extra: &[&str]| {
+            donate(
+                &[
+                    &["serve", "--addr", "127.0.0.1:0", "--executor", "candle"][..],
+                    extra,
+                ]
+                .concat(),
+            )
+        };
+        serve(&["--mode", "local_lm"]).fails_with("needs --local-lm-path DIR");
+        // llama_dir has no tokenizer.json.
+        let dir = llama_dir();
+        serve(&["--mode", "local_lm", "--local-lm-path", path(&dir)])
+            .fails_with("tokenizer.json is missing");
+        serve(&["--candle-device", "tpu"]).fails_with("unknown device");
+    }
+}
