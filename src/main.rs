@@ -134,6 +134,11 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs,
           default_value_t = ServerConfig::default().backpressure_timeout.as_secs_f64())]
     backpressure_timeout: f64,
+    /// Bytes of an upload gathered before a worker takes them (to hash, or to
+    /// write to a cmd:/candle executor's file as they arrive).
+    #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().upload_stretch,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    upload_stretch: usize,
 }
 
 impl ServeArgs {
@@ -152,6 +157,7 @@ impl ServeArgs {
             idle_timeout: (self.idle_timeout > 0.0)
                 .then(|| Duration::from_secs_f64(self.idle_timeout)),
             backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
+            upload_stretch: self.upload_stretch,
             workers: self.workers,
             ..ServerConfig::default()
         }
@@ -415,6 +421,8 @@ mod tests {
             "0",
             "--backpressure-timeout",
             "3",
+            "--upload-stretch",
+            "65536",
         ])
         else {
             panic!("not serve");
@@ -429,6 +437,7 @@ mod tests {
         assert_eq!(config.stall_timeout, Duration::from_secs(2));
         assert_eq!(config.idle_timeout, None);
         assert_eq!(config.backpressure_timeout, Duration::from_secs(3));
+        assert_eq!(config.upload_stretch, 65536);
     }
 
     #[test]
