@@ -96,7 +96,8 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     candle_max_tokens: usize,
-    /// Seconds a job may run in a cmd: worker or an lm: program before it is killed.
+    /// Seconds a job may run in a cmd: worker or an lm: program before it is
+    /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
     /// Largest job output accepted: a cmd: worker's reply line (default 64 MiB)

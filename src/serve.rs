@@ -54,6 +54,7 @@ fn run_candle(args: &ServeArgs) -> CliResult {
     let config = CandleConfig {
         device,
         max_tokens_cap: args.candle_max_tokens,
+        job_timeout: Some(std::time::Duration::from_secs_f64(args.job_timeout)),
         local_lm,
         ..CandleConfig::default()
     };

@@ -26,13 +26,14 @@
 mod model;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use donate_exec::WeightsFile;
 use donate_proto::{Executor, JobError, UploadInfo, Weights};
 use tokenizers::Tokenizer;
 
-pub use model::CandleModel;
+pub use model::{CandleModel, GenerateError};
 
 /// Job error codes this executor reports (the `code` of a failed result).
 pub mod codes {
@@ -41,6 +42,9 @@ pub mod codes {
     pub const BAD_INPUT: &str = "bad_input";
     /// candle failed while generating (or the tokenizer failed).
     pub const MODEL_ERROR: &str = "model_error";
+    /// The job ran past [`CandleConfig::job_timeout`](crate::CandleConfig::job_timeout);
+    /// generation stopped.
+    pub const MODEL_TIMEOUT: &str = "model_timeout";
     /// A job this node does not run: a prompt on a `model_push` node, an
     /// `infer` on a `local_lm` one.
     pub const UNSUPPORTED: &str = "unsupported";
@@ -127,6 +131,9 @@ pub struct CandleConfig {
     pub spool_uploads: bool,
     /// Where spooled uploads go (default: the system temporary directory).
     pub temp_root: Option<PathBuf>,
+    /// Longest a job may generate (default 60 s, as `--job-timeout`); checked
+    /// before each token, so a job stops within one token of it. `None`: never.
+    pub job_timeout: Option<Duration>,
 }
 
 impl Default for CandleConfig {
@@ -140,6 +147,7 @@ impl Default for CandleConfig {
             local_lm: None,
             spool_uploads: true,
             temp_root: None,
+            job_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -220,6 +228,25 @@ impl CandleExecutor {
         }
     }
 
+    /// When a job starting now must stop.
+    fn deadline(&self) -> Option<Instant> {
+        self.config.job_timeout.map(|t| Instant::now() + t)
+    }
+
+    /// The job error for a generation that failed while making `n` tokens.
+    fn job_error(&self, e: GenerateError, n: usize) -> JobError {
+        match e {
+            GenerateError::Timeout { generated } => JobError::new(
+                codes::MODEL_TIMEOUT,
+                format!(
+                    "stopped after {generated} of {n} tokens: the job ran past its timeout of {:?}",
+                    self.config.job_timeout.unwrap_or_default()
+                ),
+            ),
+            GenerateError::Candle(message) => JobError::new(codes::MODEL_ERROR, message),
+        }
+    }
+
     /// Tokens a job generates when it asks for `requested` (0 or less: `default`).
     fn tokens_for(&self, requested: i64, default: usize) -> usize {
         let cap = self.config.max_tokens_cap;
@@ -262,8 +289,8 @@ impl CandleExecutor {
             .collect::<Result<Vec<u32>, JobError>>()?;
         check_fits(model, input.len(), n)?;
         let generated = model
-            .generate(&input, n, &[])
-            .map_err(|e| JobError::new(codes::MODEL_ERROR, e))?;
+            .generate(&input, n, &[], self.deadline())
+            .map_err(|e| self.job_error(e, n))?;
         let mut out = Vec::with_capacity(input_ids.len() + generated.len());
         out.extend_from_slice(input_ids);
         // Every id is below vocab_size, which fits an i32 (checked at load).
@@ -302,8 +329,8 @@ impl CandleExecutor {
         }
         check_fits(model, ids.len(), n)?;
         let generated = model
-            .generate(ids, n, model.eos_ids())
-            .map_err(|e| JobError::new(codes::MODEL_ERROR, e))?;
+            .generate(ids, n, model.eos_ids(), self.deadline())
+            .map_err(|e| self.job_error(e, n))?;
         local
             .tokenizer
             .decode(&generated, true)

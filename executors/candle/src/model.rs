@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::time::Instant;
 
 use candle_core::safetensors::Load as _;
 use candle_core::{DType, Device, Tensor, D};
@@ -146,16 +147,26 @@ impl CandleModel {
     }
 
     /// Greedy generation of `n` tokens after `input` (the generated ones only),
-    /// stopping early after any of `stop`. The caller checks the ids and the
-    /// context. The prompt runs in one forward pass, then one token at a time
-    /// through a KV cache of this call's own.
-    pub fn generate(&self, input: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, String> {
-        guarded("generating", || {
+    /// stopping early after any of `stop`, and with [`GenerateError::Timeout`]
+    /// if `deadline` passes before the next token. The caller checks the ids
+    /// and the context. The prompt runs in one forward pass, then one token at
+    /// a time through a KV cache of this call's own.
+    pub fn generate(
+        &self,
+        input: &[u32],
+        n: usize,
+        stop: &[u32],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u32>, GenerateError> {
+        let (out, finished) = guarded("generating", || {
             let mut cache = self.fresh_cache.clone();
             let mut out = Vec::with_capacity(n);
             let mut pos = 0;
             let mut step: Vec<u32> = input.to_vec();
             while out.len() < n {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok((out, false));
+                }
                 let x = Tensor::new(step.as_slice(), &self.device)?.unsqueeze(0)?;
                 let logits = self.llama.forward(&x, pos, &mut cache)?;
                 pos += step.len();
@@ -166,9 +177,28 @@ impl CandleModel {
                 }
                 step = vec![next];
             }
-            Ok(out)
+            Ok((out, true))
         })
+        .map_err(GenerateError::Candle)?;
+        match finished {
+            true => Ok(out),
+            false => Err(GenerateError::Timeout {
+                generated: out.len(),
+            }),
+        }
     }
+}
+
+/// Why [`CandleModel::generate`] gave no output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenerateError {
+    /// The deadline passed after `generated` tokens.
+    Timeout {
+        /// Tokens generated before it.
+        generated: usize,
+    },
+    /// candle failed (or panicked); the message says where.
+    Candle(String),
 }
 
 /// Runs a candle computation, turning its error, or a panic inside it, into a message.

@@ -412,7 +412,9 @@ fn spooled_and_in_memory_uploads_give_the_same_model_and_leave_no_file() {
         assert_eq!(entries(root.path()), Vec::<std::path::PathBuf>::new());
         outputs.push(client.infer(&[3, 1, 4], 6).unwrap().output_ids);
         // A refused upload leaves nothing either.
-        assert!(client.push_model(&config_json, &bytes[..100], false).is_err());
+        assert!(client
+            .push_model(&config_json, &bytes[..100], false)
+            .is_err());
         assert_eq!(entries(root.path()), Vec::<std::path::PathBuf>::new());
         drop(client);
         server.shutdown();
@@ -424,4 +426,30 @@ fn spooled_and_in_memory_uploads_give_the_same_model_and_leave_no_file() {
         .chain(new.iter().map(|&t| t as i32))
         .collect();
     assert_eq!(outputs, [expected.clone(), expected]);
+}
+
+#[test]
+fn a_job_past_its_timeout_stops_with_model_timeout() {
+    let server = node(CandleConfig {
+        job_timeout: Some(std::time::Duration::ZERO),
+        ..CandleConfig::default()
+    });
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    let tensors = TINY.random_tensors(1);
+    client
+        .push_model(&TINY.config_json(), &safetensors_bytes(&tensors), false)
+        .unwrap();
+    match client.infer(&[1, 2], 4) {
+        Err(Error::InferFailed(r)) => {
+            assert_eq!(r.code, codes::MODEL_TIMEOUT);
+            assert!(
+                r.error.contains("stopped after 0 of 4 tokens"),
+                "{}",
+                r.error
+            );
+        }
+        other => panic!("expected a timed-out job, got {other:?}"),
+    }
+    drop(client);
+    server.shutdown();
 }
