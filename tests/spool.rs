@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{bounded, start, AnyClient, ClientKind, ADAPTERS};
@@ -12,12 +14,21 @@ use donate_proto::{Executor, JobError, ServerConfig, Spool, Stub, UploadInfo, We
 use sha2::{Digest, Sha256};
 
 /// Spools into memory, sleeping on every stretch; mounts only if the bytes
-/// hash to the `config_json` (a hex SHA-256).
-struct SlowSpooler;
+/// hash to the `config_json` (a hex SHA-256). An `infer` of `[777]` takes
+/// 3 s, setting `long_job_started`, then noting in `spooled_by_job_end` how
+/// many bytes every spool had received by then.
+#[derive(Default)]
+struct SlowSpooler {
+    long_job_started: Arc<AtomicBool>,
+    spooled: Arc<AtomicUsize>,
+    spooled_by_job_end: Arc<AtomicUsize>,
+}
 
 struct SlowSpool {
+    spooled: Arc<AtomicUsize>,
     hash: Sha256,
     writes: usize,
+    received: usize,
 }
 
 impl Spool for SlowSpool {
@@ -25,6 +36,8 @@ impl Spool for SlowSpool {
         std::thread::sleep(Duration::from_millis(30));
         self.hash.update(bytes);
         self.writes += 1;
+        self.received += bytes.len();
+        self.spooled.fetch_add(bytes.len(), Ordering::SeqCst);
         Ok(())
     }
 }
@@ -39,8 +52,10 @@ impl Executor for SlowSpooler {
 
     fn open_spool(&self, _: &UploadInfo) -> Result<SlowSpool, String> {
         Ok(SlowSpool {
+            spooled: Arc::clone(&self.spooled),
             hash: Sha256::new(),
             writes: 0,
+            received: 0,
         })
     }
 
@@ -57,13 +72,20 @@ impl Executor for SlowSpooler {
         if got != config_json {
             return Err(format!("spooled bytes hash to {got}"));
         }
-        if spool.writes < 4 {
+        // A model of megabytes arrives in several stretches, not in one at commit.
+        if spool.received >= 1 << 20 && spool.writes < 4 {
             return Err(format!("only {} stretches", spool.writes));
         }
         Ok(())
     }
 
     fn infer(&self, m: &(), id: &str, ids: &[i32], max: i64) -> Result<Vec<i32>, JobError> {
+        if ids == [777] {
+            self.long_job_started.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs(3));
+            let spooled = self.spooled.load(Ordering::SeqCst);
+            self.spooled_by_job_end.store(spooled, Ordering::SeqCst);
+        }
         Stub::default().infer(m, id, ids, max)
     }
 
@@ -83,7 +105,7 @@ fn a_slow_spool_gets_every_byte_in_order_on_every_adapter() {
             upload_stretch: 64 * 1024,
             ..ServerConfig::default()
         };
-        let server = start(kind, config, SlowSpooler);
+        let server = start(kind, config, SlowSpooler::default());
         let addr = server.addr();
         let (weights, expected) = (weights.clone(), expected.clone());
         let status = bounded("slow spool upload", Duration::from_secs(30), move || {
@@ -97,4 +119,50 @@ fn a_slow_spool_gets_every_byte_in_order_on_every_adapter() {
         assert_eq!(status.1, [5, 1], "{kind:?}");
         server.shutdown();
     }
+}
+
+#[test]
+fn an_upload_goes_on_while_the_only_worker_runs_a_long_job() {
+    let executor = SlowSpooler::default();
+    let started = Arc::clone(&executor.long_job_started);
+    let spooled_by_job_end = Arc::clone(&executor.spooled_by_job_end);
+    let config = ServerConfig {
+        workers: 1,
+        upload_stretch: 64 * 1024,
+        ..ServerConfig::default()
+    };
+    let server = start(common::ServerKind::Std, config, executor);
+    let addr = server.addr();
+    let weights = vec![9u8; 4 * 1024 * 1024];
+    let (len, expected) = (weights.len(), common::sha256_hex(&weights));
+    let status = bounded(
+        "upload beside a long job",
+        Duration::from_secs(30),
+        move || {
+            let busy = std::thread::spawn(move || {
+                let mut busy = AnyClient::connect(ClientKind::Std, addr).unwrap();
+                busy.push_model(&common::sha256_hex(&[1]), &[1], false)
+                    .unwrap();
+                busy.infer(&[777], 1).unwrap()
+            });
+            // The only worker is running the long job.
+            while !started.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut uploader = AnyClient::connect(ClientKind::Std, addr).unwrap();
+            // Its mount waits for the worker; its bytes do not.
+            let status = uploader.push_model(&expected, &weights, true).unwrap();
+            busy.join().unwrap();
+            status
+        },
+    );
+    assert!(status.ok, "{}", status.message);
+    // All but the last stretches (written at mount) reached the spool while
+    // the worker was busy: the upload thread spooled them.
+    let spooled = spooled_by_job_end.load(Ordering::SeqCst);
+    assert!(
+        spooled >= len / 2,
+        "only {spooled} of {len} bytes spooled while the worker ran a long job"
+    );
+    server.shutdown();
 }

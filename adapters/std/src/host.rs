@@ -81,16 +81,21 @@ struct State<M> {
 /// A node shared by connection drivers and worker threads.
 pub struct Host<E: Executor> {
     state: Mutex<State<E::Model>>,
+    /// Mounts or jobs for the workers.
     work: Condvar,
+    /// Upload work for the upload thread.
+    upload_work: Condvar,
     idle: Condvar,
     executor: E,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl<E: Executor> Host<E> {
-    /// A host for a new node, with `config.workers` worker threads started.
-    /// Uploads' `weights_sha256` is hashed by the workers as the bytes arrive,
-    /// and uploads are spooled when the executor [spools](Executor::spools_uploads).
+    /// A host for a new node, with `config.workers` worker threads started for
+    /// jobs and mounts, and one upload thread: uploads' `weights_sha256` is
+    /// hashed there as the bytes arrive, and uploads are spooled there when the
+    /// executor [spools](Executor::spools_uploads), so a long job never holds
+    /// an upload up.
     pub fn start(mut config: ServerConfig, executor: E) -> Arc<Self> {
         config.digest_on_workers = true;
         config.spool_uploads = executor.spools_uploads();
@@ -104,11 +109,12 @@ impl<E: Executor> Host<E> {
                 stop_workers: false,
             }),
             work: Condvar::new(),
+            upload_work: Condvar::new(),
             idle: Condvar::new(),
             executor,
             workers: Mutex::new(Vec::new()),
         });
-        let handles = (0..workers)
+        let mut handles: Vec<_> = (0..workers)
             .map(|i| {
                 let host = Arc::clone(&host);
                 std::thread::Builder::new()
@@ -117,6 +123,13 @@ impl<E: Executor> Host<E> {
                     .expect("spawn worker thread")
             })
             .collect();
+        let uploads = Arc::clone(&host);
+        handles.push(
+            std::thread::Builder::new()
+                .name("donate-uploads".into())
+                .spawn(move || uploads.upload_loop())
+                .expect("spawn upload thread"),
+        );
         *host.workers.lock().expect("workers lock") = handles;
         host
     }
@@ -249,6 +262,7 @@ impl<E: Executor> Host<E> {
         state.stop_workers = true;
         drop(state);
         self.work.notify_all();
+        self.upload_work.notify_all();
         let handles = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
         for handle in handles {
             let _ = handle.join();
@@ -346,6 +360,9 @@ impl<E: Executor> Host<E> {
         for _ in 0..followup.work {
             self.work.notify_one();
         }
+        if followup.uploads > 0 {
+            self.upload_work.notify_one();
+        }
         for conn in followup.transmit {
             self.transmit(conn);
         }
@@ -356,7 +373,26 @@ impl<E: Executor> Host<E> {
         }
     }
 
-    /// A worker: takes mounts, then upload work, then jobs, and runs them unlocked.
+    /// The upload thread: runs upload work (hashing, spooling) unlocked.
+    fn upload_loop(&self) {
+        let mut state = self.lock();
+        loop {
+            if let Some(mut work) = state.uploads.pop_front() {
+                drop(state);
+                run_upload(&self.executor, &mut work);
+                state = self.lock();
+                state.node.upload_work_done(work, Instant::now());
+            } else if state.stop_workers {
+                return;
+            } else {
+                state = self.upload_work.wait(state).expect("host lock");
+                continue;
+            }
+            state = self.dispatch_events(state);
+        }
+    }
+
+    /// A worker: takes mounts, then jobs, and runs them unlocked.
     fn work_loop(&self) {
         let mut state = self.lock();
         loop {
@@ -365,11 +401,6 @@ impl<E: Executor> Host<E> {
                 let outcome = run_mount(&self.executor, mount);
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
-            } else if let Some(mut work) = state.uploads.pop_front() {
-                drop(state);
-                run_upload(&self.executor, &mut work);
-                state = self.lock();
-                state.node.upload_work_done(work, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
                 let outcome = run_job(&self.executor, &job);
@@ -391,6 +422,8 @@ impl<E: Executor> Host<E> {
 struct Followup {
     /// Pieces of work queued for the workers.
     work: usize,
+    /// Upload work queued for the upload thread.
+    uploads: usize,
     /// Connections with new output, to write from this thread.
     transmit: Vec<ConnectionId>,
     /// Connections with new output and more results coming: their writers
@@ -400,7 +433,10 @@ struct Followup {
 
 impl Followup {
     fn is_empty(&self) -> bool {
-        self.work == 0 && self.transmit.is_empty() && self.wake_writer.is_empty()
+        self.work == 0
+            && self.uploads == 0
+            && self.transmit.is_empty()
+            && self.wake_writer.is_empty()
     }
 }
 
@@ -429,7 +465,7 @@ fn take_events<M>(state: &mut State<M>) -> Followup {
             }
             Event::Upload(work) => {
                 state.uploads.push_back(work);
-                followup.work += 1;
+                followup.uploads += 1;
             }
         }
     }
