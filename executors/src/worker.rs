@@ -24,10 +24,9 @@ use tempfile::TempDir;
 
 use donate_proto::{Executor, JobError, Spool, UploadInfo, Weights};
 
-use crate::weights_file::WeightsFile;
-
 use crate::codes;
 use crate::process::{self, Line};
+use crate::weights_file::WeightsFile;
 
 /// Settings of a [`WorkerProcess`] pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +251,12 @@ impl Executor for WorkerProcess {
                 file
             }
         };
+        if !file.is_complete() {
+            return Err(format!(
+                "the weights file holds {} bytes, fewer than announced",
+                file.written()
+            ));
+        }
         let (dir, weights_path, weights_len, sha256) = file.close();
         let weights_path_str = weights_path
             .to_str()

@@ -25,8 +25,8 @@ pub trait Executor: Send + Sync + 'static {
         false
     }
 
-    /// Opens a spool for an upload (on a worker, when its first bytes are
-    /// handed over). `Err` fails the upload: its commit gets `model_status`
+    /// Opens a spool for an upload (off the I/O path, when its first bytes
+    /// are handed over, or at its commit if it is smaller than a stretch). `Err` fails the upload: its commit gets `model_status`
     /// ok:false with this message.
     fn open_spool(&self, upload: &UploadInfo) -> Result<Self::Spool, String> {
         let _ = upload;
