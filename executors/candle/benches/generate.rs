@@ -4,7 +4,7 @@
 //! ratio.
 //!
 //! ```text
-//! cargo bench -p donate-candle --bench generate            # tiny + ~100M random llamas
+//! cargo bench -p donate-candle --bench generate            # tiny + a 134M-parameter random llama
 //! cargo bench -p donate-candle --bench generate -- --quick # tiny only, briefly (a smoke run)
 //! ```
 
