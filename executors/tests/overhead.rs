@@ -48,14 +48,20 @@ fn direct<E: Executor>(executor: &E, jobs: u32) -> Duration {
     })
 }
 
-fn over_loopback<E: Executor>(executor: E, jobs: u32) -> Duration {
+/// A node on loopback running `executor`, and a client connected to it.
+fn node_and_client<E: Executor>(executor: E) -> (donate_std::Server, donate_std::Client) {
     let server = donate_std::serve(
         TcpListener::bind("127.0.0.1:0").unwrap(),
         ServerConfig::default(),
         executor,
     )
     .unwrap();
-    let mut client = donate_std::Client::connect(server.local_addr()).unwrap();
+    let client = donate_std::Client::connect(server.local_addr()).unwrap();
+    (server, client)
+}
+
+fn over_loopback<E: Executor>(executor: E, jobs: u32) -> Duration {
+    let (server, mut client) = node_and_client(executor);
     client.push_model("{}", &table(1), false).unwrap();
     let took = per_job(jobs, || {
         let out = client.infer(&INPUT, MAX_TOKENS).expect("infer").output_ids;
@@ -99,13 +105,7 @@ fn worker_overhead_against_stub() {
 
 /// Best of 3 pushes of `weights` to a node running `executor`, in MB/s.
 fn upload_rate<E: Executor>(executor: E, weights: &[u8]) -> f64 {
-    let server = donate_std::serve(
-        TcpListener::bind("127.0.0.1:0").unwrap(),
-        ServerConfig::default(),
-        executor,
-    )
-    .unwrap();
-    let mut client = donate_std::Client::connect(server.local_addr()).unwrap();
+    let (server, mut client) = node_and_client(executor);
     let best = (0..3)
         .map(|_| {
             let started = Instant::now();

@@ -103,15 +103,16 @@ pub fn run_upload<E: Executor>(executor: &E, work: &mut UploadWork) {
     if let Some(hash) = &mut work.carried.hash {
         hash.update(&work.data);
     }
-    if let Some(info) = &work.spool_info {
-        if work.carried.spool_error.is_none() {
-            let carried = &mut work.carried;
-            let written = take_spool(executor, carried.spool.take(), info)
-                .and_then(|mut spool| guarded_write(&mut spool, &work.data).map(|()| spool));
-            match written {
-                Ok(spool) => carried.spool = Some(Box::new(spool)),
-                Err(e) => carried.spool_error = Some(e),
-            }
+    if work.spooling && work.carried.spool_error.is_none() {
+        let carried = &mut work.carried;
+        let open_with = &mut work.open_with;
+        let written = take_spool(executor, carried.spool.take(), || {
+            open_with.take().unwrap_or_default()
+        })
+        .and_then(|mut spool| guarded_write(&mut spool, &work.data).map(|()| spool));
+        match written {
+            Ok(spool) => carried.spool = Some(Box::new(spool)),
+            Err(e) => carried.spool_error = Some(e),
         }
     }
     work.data.clear();
@@ -134,7 +135,7 @@ pub fn run_mount<E: Executor>(executor: &E, mount: Mount) -> MountOutcome<E::Mod
             if let Some(e) = failed {
                 return Err(e);
             }
-            let mut spool = take_spool(executor, spool, &info)?;
+            let mut spool = take_spool(executor, spool, || info)?;
             guarded_write(&mut spool, &model.weights)?;
             Ok(Weights::Spooled(spool))
         })
@@ -148,19 +149,22 @@ pub fn run_mount<E: Executor>(executor: &E, mount: Mount) -> MountOutcome<E::Mod
     MountOutcome { token, result }
 }
 
-/// The upload's spool: the one opened before, or a new one.
+/// The upload's spool: the one opened before, or a new one opened with `info()`.
 fn take_spool<E: Executor>(
     executor: &E,
     spool: Option<crate::upload::ErasedSpool>,
-    info: &UploadInfo,
+    info: impl FnOnce() -> UploadInfo,
 ) -> Result<E::Spool, String> {
     match spool {
         Some(spool) => spool
             .downcast::<E::Spool>()
             .map(|spool| *spool)
             .map_err(|_| "the upload was spooled by another executor".to_owned()),
-        None => catch_unwind(AssertUnwindSafe(|| executor.open_spool(info)))
-            .unwrap_or_else(|_| Err("executor panicked while opening a spool".to_owned())),
+        None => {
+            let info = info();
+            catch_unwind(AssertUnwindSafe(|| executor.open_spool(&info)))
+                .unwrap_or_else(|_| Err("executor panicked while opening a spool".to_owned()))
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use base64::Engine as _;
 pub(crate) type ErasedSpool = Box<dyn Any + Send>;
 
 /// What an executor learns of an upload when it opens a [`Spool`](crate::Spool) for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UploadInfo {
     /// The model's `config_json`.
     pub config_json: String,
@@ -62,8 +62,10 @@ impl std::fmt::Debug for Carried {
 pub struct UploadWork {
     pub(crate) conn: crate::ConnectionId,
     pub(crate) upload: u64,
-    /// Set when the bytes go to a spool (which is opened with it if `carried.spool` is `None`).
-    pub(crate) spool_info: Option<UploadInfo>,
+    /// The bytes go to a spool.
+    pub(crate) spooling: bool,
+    /// What opens the spool, while it is not open yet (`carried.spool` is `None`).
+    pub(crate) open_with: Option<UploadInfo>,
     pub(crate) carried: Carried,
     pub(crate) data: Vec<u8>,
 }
@@ -302,7 +304,9 @@ impl Upload {
         Some(UploadWork {
             conn,
             upload: self.id,
-            spool_info: self.spooling.then(|| UploadInfo {
+            spooling: self.spooling,
+            // Cloned once per upload, for the stretch that opens the spool.
+            open_with: (self.spooling && carried.spool.is_none()).then(|| UploadInfo {
                 config_json: self.config_json.clone(),
                 weights_len: self.weights_len,
             }),
