@@ -160,7 +160,6 @@ impl ServeArgs {
             backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
             upload_stretch: self.upload_stretch,
             workers: self.workers,
-            ..ServerConfig::default()
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The bad-input battery over a raw TCP stream, against a node of every adapter.
 //!
-//! Each case gets the answer PROTOCOL.md documents: a framing error (bad length)
+//! Each case gets the answer docs/PROTOCOL.md documents: a framing error (bad length)
 //! gets an error frame and a close; a well-framed body that is not a valid
 //! message gets an error frame and the connection keeps serving. After every
 //! case a fresh client runs a whole session (hello, push, infer) on the same

@@ -1,6 +1,6 @@
 //! Every adapter's client against every adapter's server over real loopback
 //! sockets: hello, push with and without sha256, infer, prompt on a local_lm
-//! node, queue_status, and the errors of PROTOCOL.md's "Server answers" table,
+//! node, queue_status, and the errors of the "What we answer and why" table of docs/PROTOCOL.md,
 //! word for word. The smol server runs on two executors (smol's and tokio's).
 //!
 //! Errors a well-behaved client cannot provoke (negative `weights_len`, bad
@@ -377,7 +377,7 @@ fn local_lm_session_bytes() {
     });
 }
 
-/// Every row of PROTOCOL.md's "Server answers" table on a `model_push` node.
+/// Every row of the "What we answer and why" table of docs/PROTOCOL.md on a `model_push` node.
 #[test]
 fn server_answers_table_model_push() {
     each_server(ServerConfig::default(), TestExec::default(), |node| {

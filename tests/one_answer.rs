@@ -1,4 +1,4 @@
-//! "One answer per request" (PROTOCOL.md): a raw client that behaves like the Go
+//! "One answer per request" (docs/PROTOCOL.md): a raw client that behaves like the Go
 //! client (writes `model_begin`, every chunk and `model_commit`, and only then
 //! reads one frame) stays in step after every kind of failed upload: it reads
 //! exactly one error frame, and its next requests get their own answers.

@@ -3,7 +3,7 @@
 use donate_proto::frame::encode_frame;
 use donate_proto::Message;
 
-/// The frames PROTOCOL.md shows the Go node writing, in session order.
+/// The frames docs/PROTOCOL.md shows the Go node writing, in session order.
 pub const GO_NODE_EXAMPLES: [&str; 4] = [
     r#"{"v":1,"type":"hello","mode":"model_push","role":"server","queue_capacity":64}"#,
     r#"{"v":1,"type":"model_status","ok":true,"message":"mounted"}"#,
@@ -11,7 +11,7 @@ pub const GO_NODE_EXAMPLES: [&str; 4] = [
     r#"{"error":"model not mounted","type":"error","v":1}"#,
 ];
 
-/// The frames PROTOCOL.md shows the Go client writing, in session order.
+/// The frames docs/PROTOCOL.md shows the Go client writing, in session order.
 pub const GO_CLIENT_EXAMPLES: [&str; 6] = [
     r#"{"v":1,"type":"hello","mode":"model_push","role":"client"}"#,
     r#"{"v":1,"type":"model_begin","config_json":"{\"ok\":true}","weights_len":4}"#,

@@ -1,4 +1,4 @@
-//! The seed corpora in `fuzz/corpus/<target>/`: valid sessions from PROTOCOL.md's
+//! The seed corpora in `fuzz/corpus/<target>/`: valid sessions from docs/PROTOCOL.md's
 //! examples and sessions recorded from a [`ClientConnection`] talking to a
 //! [`Node`] in memory, plus a few that reach the limits.
 //!
@@ -67,7 +67,7 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
     let now = Instant::now();
     let config = cfg.server_config();
     let stub = Stub::new(config.local_lm_path.clone());
-    let mut node: Node<()> = Node::new(config);
+    let mut node: Node<()> = Node::with_uploads(config, cfg.uploads().handling());
     let mut client = ClientConnection::new(ClientConfig {
         chunk_size: 256,
         ..ClientConfig::default()

@@ -8,7 +8,7 @@
 //!
 //! The harness keeps, per connection, a mirror of the node's input side (the
 //! same frame decoder and parser over the same bytes, plus the upload rules of
-//! PROTOCOL.md) to know which requests the node saw and how many answers each
+//! docs/PROTOCOL.md) to know which requests the node saw and how many answers each
 //! may get, and a client-side decoder over everything the node transmits.
 //!
 //! Asserted after every step: no panic; every transmitted byte belongs to a
@@ -34,7 +34,7 @@ use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prom
 use donate_proto::{
     run_job, run_mount, run_upload, ConnectionId, Event, Executor, Job, JobError, JobInput,
     JobOutcome, JobOutput, Message, Mode, Mount, MountOutcome, Node, ProtocolError, ServerConfig,
-    Spool, Stub, UploadInfo, UploadWork, Weights,
+    Spool, Stub, UploadHandling, UploadInfo, UploadWork, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -81,6 +81,17 @@ pub enum Uploads {
     HashedOnWorkers,
     /// Moved to [`FuzzExec`]'s spool by [`Event::Upload`] work as they arrive.
     Spooled,
+}
+
+impl Uploads {
+    /// The node's setting for it.
+    pub fn handling(self) -> UploadHandling {
+        match self {
+            Uploads::InMemory => UploadHandling::InMemory,
+            Uploads::HashedOnWorkers => UploadHandling::HashAsItArrives,
+            Uploads::Spooled => UploadHandling::Spool,
+        }
+    }
 }
 
 /// The stub, with a spool that checks what reaches it: never more than
@@ -180,8 +191,6 @@ impl Cfg {
         c.idle_timeout = (self.idle_ms != 0).then(|| ms(self.idle_ms));
         c.backpressure_timeout = ms(self.backpressure_ms);
         c.workers = self.workers();
-        c.digest_on_workers = self.uploads() == Uploads::HashedOnWorkers;
-        c.spool_uploads = self.uploads() == Uploads::Spooled;
         c.upload_stretch = 1 + (self.workers / 9 % 28) as usize;
         c
     }
@@ -509,7 +518,7 @@ pub fn run(data: &[u8]) {
 }
 
 /// What a `model_begin`…`model_commit` sequence looks like to the node's mirror:
-/// PROTOCOL.md's upload rules, written out independently of `donate_proto::upload`.
+/// docs/PROTOCOL.md's upload rules, written out independently of `donate_proto::upload`.
 #[derive(Debug, Default)]
 enum UploadMirror {
     #[default]
@@ -808,7 +817,7 @@ impl Harness {
             exec: FuzzExec {
                 stub: Stub::new(config.local_lm_path.clone()),
             },
-            node: Node::new(config.clone()),
+            node: Node::with_uploads(config.clone(), cfg.uploads().handling()),
             config,
             start,
             now: start,

@@ -16,8 +16,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use donate_proto::message::{encode_weights_chunk, Infer, ModelBegin};
-use donate_proto::upload::Upload;
 use donate_proto::Message;
+use donate_proto::Upload;
 
 const SMALL_FRAMES: usize = 10_000;
 const CHUNK_RAW: usize = 1024 * 1024;

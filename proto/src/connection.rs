@@ -1,77 +1,97 @@
 //! [`Connection`]: the server side of one byte stream.
 //!
 //! A connection turns the bytes a client sends into answers and requests:
-//! framing, parsing, the handshake, model upload assembly, the mode rules and
-//! its timers live here. What is shared between connections (the job queue,
-//! running jobs, mounts) is the [`Node`](crate::Node)'s, which owns every
-//! connection and reaches it by [`ConnectionId`].
+//! framing, parsing, the mode rules, upload assembly and its timers live
+//! here. It owns only its own state. What the node must act on (a job to
+//! queue, a model to mount, upload work, a reader to resume) it hands over as
+//! [`ToNode`] values; what the node decides (a result, a mount's outcome,
+//! returned upload work) comes back as values through its `pub(crate)`
+//! methods. The node never edits a connection's fields, and a connection never
+//! holds a reference into the node.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::config::Settings;
 use crate::error::{MountError, ProtocolError};
 use crate::frame::FrameDecoder;
-use crate::job::JobInput;
+use crate::id::ConnectionId;
+use crate::job::{result_frame, JobInput, JobKind, JobOutcome};
 use crate::message::{
-    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus,
+    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus, Prompt,
 };
-use crate::server::{Event, JobKind, ServerConfig, Shared};
-use crate::upload::{Upload, UploadWork};
+use crate::phase::Phase;
+use crate::queue::QueueRoom;
+use crate::upload::{CommittedModel, Upload, UploadWork};
 
-/// Names one connection of a [`Node`](crate::Node). Never reused by a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionId(pub(crate) u64);
+/// What a connection hands its node.
+#[derive(Debug)]
+pub(crate) enum ToNode<M> {
+    /// A job admitted against the [`QueueRoom`] the node handed in: queue it.
+    Job {
+        job_id: String,
+        kind: JobKind,
+        input: JobInput<M>,
+    },
+    /// A committed upload to verify and load.
+    Mount(CommittedModel),
+    /// A stretch of an upload to hash or spool.
+    Upload(UploadWork),
+    /// Input was refused while a spool was behind; it is wanted again.
+    Resume,
+}
 
-impl ConnectionId {
-    /// The raw number, unique for the node's lifetime.
-    pub fn as_u64(self) -> u64 {
-        self.0
+/// What the node's mode says of a frame: decided here and nowhere else.
+enum ModeRule {
+    Serve,
+    Ignore,
+    Refuse(ProtocolError),
+}
+
+fn mode_rule(mode: Mode, msg: &Message<'_>) -> ModeRule {
+    match (mode, msg) {
+        (Mode::LocalLm, Message::ModelBegin(_)) => {
+            ModeRule::Refuse(ProtocolError::ModelPushDisabled)
+        }
+        // The Go node ignores the rest of a refused upload silently.
+        (Mode::LocalLm, Message::WeightsChunk(_) | Message::ModelCommit) => ModeRule::Ignore,
+        (Mode::LocalLm, Message::Infer(_)) => ModeRule::Refuse(ProtocolError::InferOnLocalLm),
+        (Mode::ModelPush, Message::Prompt(_)) => ModeRule::Refuse(ProtocolError::PromptOnModelPush),
+        _ => ModeRule::Serve,
     }
 }
 
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conn#{}", self.0)
-    }
-}
-
-/// Where a connection's model upload stands.
+/// Commits being mounted, and what waits for them.
 #[derive(Debug, Default)]
-enum UploadState {
-    /// No upload since the last commit (or ever).
-    #[default]
-    Idle,
-    /// Between `model_begin` and `model_commit` (boxed: idle connections stay small).
-    Receiving(Box<Upload>),
-    /// Refused or failed: its remaining chunks and its commit get no answer.
-    Failed,
+struct Mounting {
+    /// Commits of this connection not answered yet.
+    in_flight: usize,
+    /// Committed uploads waiting for their upload work to come back.
+    waiting: VecDeque<Upload>,
+    /// `infer` jobs that arrived while a commit was being mounted.
+    parked: VecDeque<Infer>,
 }
 
 /// The server side of one connection. Owned by a [`Node`](crate::Node);
 /// read it with [`Node::connection`](crate::Node::connection).
 #[derive(Debug)]
 pub struct Connection<M> {
+    id: ConnectionId,
+    settings: Arc<Settings>,
+    phase: Phase,
     decoder: FrameDecoder,
     outbound: Vec<u8>,
-    upload: UploadState,
     model: Option<Arc<M>>,
     /// Jobs of this connection queued or running.
-    pub(crate) jobs_in_flight: usize,
-    /// Commits of this connection being mounted.
-    pub(crate) mounts_in_flight: usize,
-    received_frame: bool,
+    jobs_in_flight: usize,
+    mounting: Mounting,
     accepted_at: Instant,
     last_input: Instant,
     over_limit_since: Option<Instant>,
-    closing: Option<ProtocolError>,
-    /// `infer` jobs that arrived while a commit was being mounted.
-    parked: VecDeque<Infer>,
-    /// Committed uploads waiting for a worker to return their carried state.
-    committing: VecDeque<Upload>,
     /// Uploads begun, to number them.
     uploads_begun: u64,
+    to_node: VecDeque<ToNode<M>>,
 }
 
 impl<M> Connection<M> {
@@ -79,35 +99,37 @@ impl<M> Connection<M> {
     /// connection limit, or shutting down) it is created closing, with only an
     /// error frame queued.
     pub(crate) fn accept(
-        config: &ServerConfig,
+        id: ConnectionId,
+        settings: Arc<Settings>,
         now: Instant,
         refused: Option<ProtocolError>,
     ) -> Self {
         let mut conn = Connection {
-            decoder: FrameDecoder::new(config.max_frame_len),
+            id,
+            decoder: FrameDecoder::new(settings.config.max_frame_len),
+            settings,
+            phase: Phase::AwaitingHello,
             outbound: Vec::new(),
-            upload: UploadState::Idle,
             model: None,
             jobs_in_flight: 0,
-            mounts_in_flight: 0,
-            received_frame: false,
+            mounting: Mounting::default(),
             accepted_at: now,
             last_input: now,
             over_limit_since: None,
-            closing: None,
-            parked: VecDeque::new(),
-            committing: VecDeque::new(),
             uploads_begun: 0,
+            to_node: VecDeque::new(),
         };
         if let Some(reason) = refused {
             conn.close(reason);
         } else {
-            conn.send(&Message::Hello(Hello {
+            let config = &conn.settings.config;
+            let hello = Message::Hello(Hello {
                 mode: config.mode.as_str().to_owned(),
                 role: "server".to_owned(),
                 local_lm_path: config.local_lm_path.clone(),
                 queue_capacity: config.queue_capacity as i64,
-            }));
+            });
+            conn.send(&hello);
         }
         conn
     }
@@ -115,23 +137,22 @@ impl<M> Connection<M> {
     /// Whether the node wants more input from this peer: false while it is
     /// closing, while its unsent answers are over `max_outbound`, or while its
     /// spooled upload has gathered two stretches that a worker has not taken yet.
-    pub fn wants_read(&self, config: &ServerConfig) -> bool {
-        self.closing.is_none()
-            && self.outbound.len() < config.max_outbound
-            && !self.spool_backlogged(config)
+    pub fn wants_read(&self) -> bool {
+        self.phase.closing().is_none()
+            && self.outbound.len() < self.settings.config.max_outbound
+            && !self.spool_backlogged()
     }
 
     /// Whether the upload's spool is behind: the node waits for it, not the peer.
-    fn spool_backlogged(&self, config: &ServerConfig) -> bool {
-        match &self.upload {
-            UploadState::Receiving(upload) => upload.backlogged(2 * config.upload_stretch),
-            _ => false,
-        }
+    fn spool_backlogged(&self) -> bool {
+        self.phase
+            .upload()
+            .is_some_and(|u| u.backlogged(2 * self.settings.config.upload_stretch))
     }
 
     /// Why the connection is closing, once it is: flush its transmit bytes, then close.
     pub fn closing(&self) -> Option<&ProtocolError> {
-        self.closing.as_ref()
+        self.phase.closing()
     }
 
     /// Bytes waiting to be written to the peer.
@@ -144,6 +165,11 @@ impl<M> Connection<M> {
         self.jobs_in_flight
     }
 
+    /// Commits of this connection being mounted.
+    pub(crate) fn mounts_in_flight(&self) -> usize {
+        self.mounting.in_flight
+    }
+
     /// Whether a model is mounted on this connection.
     pub fn has_model(&self) -> bool {
         self.model.is_some()
@@ -151,37 +177,35 @@ impl<M> Connection<M> {
 
     /// Heap bytes held for this connection: input buffer, output buffer and uploads.
     pub fn allocated(&self) -> usize {
-        let upload = match &self.upload {
-            UploadState::Receiving(u) => u.allocated(),
-            _ => 0,
-        };
-        let committing: usize = self.committing.iter().map(Upload::allocated).sum();
-        self.decoder.allocated() + self.outbound.capacity() + upload + committing
+        let upload = self.phase.upload().map_or(0, Upload::allocated);
+        let waiting: usize = self.mounting.waiting.iter().map(Upload::allocated).sum();
+        self.decoder.allocated() + self.outbound.capacity() + upload + waiting
     }
 
     /// The earliest time at which [`Node::handle_timeout`](crate::Node::handle_timeout) has work here.
-    pub fn deadline(&self, config: &ServerConfig) -> Option<Instant> {
-        self.expiry(config).map(|(at, _)| at)
+    pub fn deadline(&self) -> Option<Instant> {
+        self.expiry().map(|(at, _)| at)
     }
 
     /// The earliest timer and what it closes with.
-    fn expiry(&self, config: &ServerConfig) -> Option<(Instant, ProtocolError)> {
-        if self.closing.is_some() {
+    fn expiry(&self) -> Option<(Instant, ProtocolError)> {
+        let config = &self.settings.config;
+        if self.phase.closing().is_some() {
             return None;
         }
-        let idle =
-            self.jobs_in_flight == 0 && self.mounts_in_flight == 0 && !self.decoder.has_partial();
+        let partial = self.decoder.has_partial();
+        let idle = self.jobs_in_flight == 0 && self.mounting.in_flight == 0 && !partial;
         [
             self.over_limit_since
                 .map(|t| (t + config.backpressure_timeout, ProtocolError::Backpressure)),
             // Not while the node itself holds the peer back.
-            (self.decoder.has_partial() && !self.spool_backlogged(config)).then(|| {
+            (partial && !self.spool_backlogged()).then(|| {
                 (
                     self.last_input + config.stall_timeout,
                     ProtocolError::Stalled,
                 )
             }),
-            (!self.received_frame).then(|| {
+            matches!(self.phase, Phase::AwaitingHello).then(|| {
                 (
                     self.accepted_at + config.handshake_timeout,
                     ProtocolError::HandshakeTimeout,
@@ -198,8 +222,8 @@ impl<M> Connection<M> {
     }
 
     /// Closes the connection if one of its timers expired by `now`.
-    pub(crate) fn handle_timeout(&mut self, config: &ServerConfig, now: Instant) -> bool {
-        match self.expiry(config) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> bool {
+        match self.expiry() {
             Some((at, reason)) if at <= now => {
                 self.close(reason);
                 true
@@ -208,30 +232,33 @@ impl<M> Connection<M> {
         }
     }
 
-    /// Marks the connection closing. A peer that is not reading or has closed
-    /// gets no last frame; any other gets an error frame saying why.
+    /// Starts closing. A peer that is not reading or has closed gets no last
+    /// frame; any other gets an error frame saying why.
     pub(crate) fn close(&mut self, reason: ProtocolError) {
-        if self.closing.is_some() {
-            return;
-        }
         match reason {
+            _ if self.phase.closing().is_some() => return,
             ProtocolError::Backpressure => self.outbound = Vec::new(),
             ProtocolError::PeerClosed => {}
             _ => self.send(&Message::Error(ErrorFrame::new(&reason, None))),
         }
         self.over_limit_since = None;
-        self.upload = UploadState::Idle;
-        self.closing = Some(reason);
+        self.phase.close(reason);
     }
 
-    /// Appends a frame to the transmit buffer.
-    pub(crate) fn send(&mut self, msg: &Message<'_>) {
+    /// The next value for the node.
+    pub(crate) fn poll_to_node(&mut self) -> Option<ToNode<M>> {
+        self.to_node.pop_front()
+    }
+
+    fn send(&mut self, msg: &Message<'_>) {
         msg.encode(&mut self.outbound);
     }
 
     /// Starts the backpressure timer when the transmit buffer crosses the limit.
-    pub(crate) fn note_output(&mut self, config: &ServerConfig, now: Instant) {
-        if self.over_limit_since.is_none() && self.outbound.len() >= config.max_outbound {
+    fn note_output(&mut self, now: Instant) {
+        if self.over_limit_since.is_none()
+            && self.outbound.len() >= self.settings.config.max_outbound
+        {
             self.over_limit_since = Some(now);
         }
     }
@@ -250,18 +277,39 @@ impl<M> Connection<M> {
         self.over_limit_since = None;
     }
 
-    /// Installs a mounted model and answers the commit (unless the connection is closing).
-    pub(crate) fn mounted(
+    // ---- values from the node ----
+
+    /// A job of this connection ended; its result is sent unless the connection is closing.
+    /// Returns whether it was.
+    pub(crate) fn job_done(
         &mut self,
-        id: ConnectionId,
+        kind: JobKind,
+        job_id: String,
+        queue_depth: usize,
+        outcome: JobOutcome,
+        now: Instant,
+    ) -> bool {
+        self.jobs_in_flight -= 1;
+        if self.phase.closing().is_some() {
+            return false;
+        }
+        self.send(&result_frame(kind, job_id, queue_depth, outcome));
+        self.note_output(now);
+        true
+    }
+
+    /// A commit was mounted (or refused): install the model and answer, unless closing.
+    pub(crate) fn mount_done(
+        &mut self,
         result: Result<Arc<M>, String>,
-        shared: &mut Shared<M>,
+        room: &mut QueueRoom,
+        now: Instant,
     ) {
-        self.mounts_in_flight -= 1;
-        if self.closing.is_some() {
-            self.parked.clear();
+        self.mounting.in_flight -= 1;
+        if self.phase.closing().is_some() {
             // Nothing follows the closing error (or a peer's close): the model
             // and its answer are dropped, as a closing connection's job results are.
+            self.mounting.parked.clear();
             return;
         }
         let status = match result {
@@ -275,125 +323,96 @@ impl<M> Connection<M> {
             Err(message) => ModelStatus { ok: false, message },
         };
         self.send(&Message::ModelStatus(status));
-        self.release_parked(id, shared);
+        self.release_parked(room);
+        self.note_output(now);
     }
 
-    /// Once no commit is being mounted, the `infer`s that waited for one run
-    /// (on whatever model is mounted now) or are refused.
-    fn release_parked(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
-        if self.mounts_in_flight == 0 {
-            for job in std::mem::take(&mut self.parked) {
-                self.infer(id, job, shared);
+    /// Upload work came back: a waiting commit proceeds, or receiving goes on.
+    pub(crate) fn upload_work_done(
+        &mut self,
+        work: UploadWork,
+        room: &mut QueueRoom,
+        now: Instant,
+    ) {
+        let waiting = self
+            .mounting
+            .waiting
+            .iter()
+            .position(|u| u.id == work.upload);
+        if let Some(i) = waiting {
+            let mut upload = self
+                .mounting
+                .waiting
+                .remove(i)
+                .expect("position is in range");
+            self.mounting.in_flight -= 1;
+            if self.phase.closing().is_some() {
+                return;
+            }
+            upload.work_returned(work);
+            self.commit(upload);
+            // A commit refused at once (no config, bytes missing) frees the parked jobs.
+            self.release_parked(room);
+        } else if self.phase.upload().is_some_and(|u| u.id == work.upload) {
+            // (A closing connection has no upload: its work is dropped here.)
+            let was_backlogged = self.spool_backlogged();
+            if let Some(upload) = self.phase.upload_mut() {
+                upload.work_returned(work);
+            }
+            self.send_upload_work();
+            if was_backlogged && self.wants_read() {
+                // The stall timer starts again from here.
+                self.last_input = now;
+                self.to_node.push_back(ToNode::Resume);
             }
         }
+        self.note_output(now);
     }
 
-    /// Feeds input bytes; frames are answered or turned into requests on `shared`.
-    pub(crate) fn handle_input(
-        &mut self,
-        id: ConnectionId,
-        data: &[u8],
-        now: Instant,
-        shared: &mut Shared<M>,
-    ) {
-        if self.closing.is_some() || data.is_empty() {
+    // ---- input ----
+
+    /// Feeds input bytes; frames are answered here or handed to the node.
+    /// Jobs are admitted against `room`, which the node reads back.
+    pub(crate) fn handle_input(&mut self, data: &[u8], now: Instant, room: &mut QueueRoom) {
+        if self.phase.closing().is_some() || data.is_empty() {
             return;
         }
         self.last_input = now;
         let mut decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0));
-        let fed = decoder.feed(data, |body| self.handle_frame(id, body, shared));
+        let fed = decoder.feed(data, |body| self.handle_frame(body, room));
         self.decoder = decoder;
         if let Err(e) = fed {
             self.close(e.into());
         }
-        self.note_output(&shared.config, now);
+        self.note_output(now);
     }
 
-    fn handle_frame(&mut self, id: ConnectionId, body: &[u8], shared: &mut Shared<M>) {
-        if self.closing.is_some() {
+    fn handle_frame(&mut self, body: &[u8], room: &mut QueueRoom) {
+        if self.phase.closing().is_some() {
             return;
         }
-        self.received_frame = true;
-        if self.fast_chunk(id, body, shared) {
+        self.phase.frame_received();
+        if self.fast_chunk(body) {
             return;
         }
         let msg = match Message::parse(body) {
             Ok(msg) => msg,
             Err(e) => return self.refuse(&e, salvage_job_id(body).as_deref()),
         };
-        let mode = shared.config.mode;
+        match mode_rule(self.settings.config.mode, &msg) {
+            ModeRule::Serve => {}
+            ModeRule::Ignore => return,
+            ModeRule::Refuse(e) => return self.refuse(&e, msg.job_id()),
+        }
         match msg {
             Message::Hello(_) => {}
-            Message::ModelBegin(_) if mode == Mode::LocalLm => {
-                self.upload = UploadState::Failed;
-                self.refuse(&ProtocolError::ModelPushDisabled, None);
+            Message::ModelBegin(_) | Message::WeightsChunk(_) | Message::ModelCommit => {
+                self.on_upload_frame(msg)
             }
-            Message::ModelBegin(begin) => match Upload::begin_with(
-                begin,
-                shared.config.max_model_len,
-                shared.config.digest_on_workers,
-                shared.config.spool_uploads,
-            ) {
-                Ok(mut upload) => {
-                    self.uploads_begun += 1;
-                    upload.id = self.uploads_begun;
-                    self.upload = UploadState::Receiving(Box::new(upload));
-                }
-                Err(e) => {
-                    self.upload = UploadState::Failed;
-                    self.refuse(&e, None);
-                }
-            },
-            Message::WeightsChunk(_) | Message::ModelCommit if mode == Mode::LocalLm => {}
-            Message::WeightsChunk(chunk) => {
-                let failure = match &mut self.upload {
-                    UploadState::Receiving(upload) => upload.chunk(&chunk).err(),
-                    UploadState::Failed => None,
-                    UploadState::Idle => Some(ProtocolError::ChunkWithoutBegin),
-                };
-                match failure {
-                    Some(e) => {
-                        self.upload = UploadState::Failed;
-                        self.refuse(&e, None);
-                    }
-                    None => self.send_upload_work(id, shared),
-                }
-            }
-            Message::ModelCommit => match std::mem::take(&mut self.upload) {
-                UploadState::Receiving(upload) => self.commit(id, *upload, shared),
-                UploadState::Failed => {}
-                UploadState::Idle => self.mount_failed(&MountError::CommitWithoutBegin),
-            },
-            Message::Infer(job) if mode == Mode::ModelPush && self.mounts_in_flight > 0 => {
-                // A pipelining client may send jobs right after its commit: they
-                // wait for the mount and run on the model it produces.
-                if self.parked.len() < shared.config.queue_capacity {
-                    self.parked.push_back(job);
-                } else {
-                    self.refuse(&ProtocolError::QueueFull, Some(&job.job_id));
-                }
-            }
-            Message::Infer(job) => self.infer(id, job, shared),
-            Message::Prompt(job) => {
-                let refused = match mode {
-                    Mode::ModelPush => Some(ProtocolError::PromptOnModelPush),
-                    Mode::LocalLm => {
-                        let input = JobInput::Prompt {
-                            prompt: job.prompt,
-                            max_out: job.max_out,
-                        };
-                        shared
-                            .admit(id, job.job_id.clone(), JobKind::Prompt, input)
-                            .err()
-                    }
-                };
-                match refused {
-                    Some(e) => self.refuse(&e, Some(&job.job_id)),
-                    None => self.jobs_in_flight += 1,
-                }
-            }
+            Message::Infer(job) => self.on_infer(job, room),
+            Message::Prompt(job) => self.on_prompt(job, room),
             Message::QueueStatusRequest | Message::QueueStatus(_) => {
-                self.send(&Message::QueueStatus(shared.queue_status()));
+                self.send(&Message::QueueStatus(room.status()));
             }
             Message::ModelStatus(_)
             | Message::InferResult(_)
@@ -404,105 +423,92 @@ impl<M> Connection<M> {
         }
     }
 
+    fn refuse(&mut self, e: &ProtocolError, job_id: Option<&str>) {
+        self.send(&Message::Error(ErrorFrame::new(e, job_id)));
+    }
+
+    // ---- uploads ----
+
     /// The hot path of an upload: a chunk in the canonical layout, decoded
     /// without a JSON parse. Anything unusual (including any error) returns
     /// false and takes the general path, which gives the precise answer.
-    fn fast_chunk(&mut self, id: ConnectionId, body: &[u8], shared: &mut Shared<M>) -> bool {
-        let (Mode::ModelPush, UploadState::Receiving(upload)) =
-            (shared.config.mode, &mut self.upload)
-        else {
+    fn fast_chunk(&mut self, body: &[u8]) -> bool {
+        let Some(upload) = self.phase.upload_mut() else {
             return false;
         };
         let appended = canonical_chunk(body)
             .is_some_and(|c| upload.append(c.index, c.last, c.data_b64).is_ok());
         if appended {
-            self.send_upload_work(id, shared);
+            self.send_upload_work();
         }
         appended
     }
 
-    /// Hands the upload's new bytes to a worker (to hash or spool) whenever its
-    /// carried state is home and enough have arrived.
-    fn send_upload_work(&mut self, id: ConnectionId, shared: &mut Shared<M>) {
-        if let UploadState::Receiving(upload) = &mut self.upload {
-            if let Some(work) = upload.upload_work(id, shared.config.upload_stretch) {
-                shared.events.push_back(Event::Upload(work));
+    fn on_upload_frame(&mut self, msg: Message<'_>) {
+        match msg {
+            Message::ModelBegin(begin) => {
+                let config = &self.settings.config;
+                match Upload::begin_with(begin, config.max_model_len, self.settings.uploads) {
+                    Ok(mut upload) => {
+                        self.uploads_begun += 1;
+                        upload.id = self.uploads_begun;
+                        self.phase = Phase::Uploading(Box::new(upload));
+                    }
+                    Err(e) => self.upload_failed(&e),
+                }
             }
+            Message::WeightsChunk(chunk) => {
+                let failure = match &mut self.phase {
+                    Phase::Uploading(upload) => upload.chunk(&chunk).err(),
+                    Phase::UploadFailed => None,
+                    _ => Some(ProtocolError::ChunkWithoutBegin),
+                };
+                match failure {
+                    Some(e) => self.upload_failed(&e),
+                    None => self.send_upload_work(),
+                }
+            }
+            Message::ModelCommit => match self.phase.end_upload(false) {
+                Phase::Uploading(upload) => self.commit(*upload),
+                Phase::UploadFailed => {}
+                _ => self.mount_failed(&MountError::CommitWithoutBegin),
+            },
+            _ => unreachable!("only upload frames come here"),
         }
     }
 
-    /// Answers a commit, or starts its mount; waits first if a worker holds its carried state.
-    fn commit(&mut self, id: ConnectionId, upload: Upload, shared: &mut Shared<M>) {
+    fn upload_failed(&mut self, e: &ProtocolError) {
+        self.phase.end_upload(true);
+        self.refuse(e, None);
+    }
+
+    /// Hands the upload's new bytes over (to hash or spool) whenever its
+    /// carried state is home and enough have arrived.
+    fn send_upload_work(&mut self) {
+        let (id, stretch) = (self.id, self.settings.config.upload_stretch);
+        if let Some(work) = self
+            .phase
+            .upload_mut()
+            .and_then(|u| u.upload_work(id, stretch))
+        {
+            self.to_node.push_back(ToNode::Upload(work));
+        }
+    }
+
+    /// Answers a commit, or starts its mount; waits first if its upload work is away.
+    fn commit(&mut self, upload: Upload) {
         if upload.work_away() {
-            self.mounts_in_flight += 1;
-            self.committing.push_back(upload);
+            self.mounting.in_flight += 1;
+            self.mounting.waiting.push_back(upload);
             return;
         }
         match upload.commit() {
             Ok(model) => {
-                self.mounts_in_flight += 1;
-                shared.mount(id, model);
+                self.mounting.in_flight += 1;
+                self.to_node.push_back(ToNode::Mount(model));
             }
             Err(e) => self.mount_failed(&e),
         }
-    }
-
-    /// A worker returns an upload's carried state: receiving goes on, or a waiting commit proceeds.
-    pub(crate) fn work_returned(
-        &mut self,
-        id: ConnectionId,
-        work: UploadWork,
-        now: Instant,
-        shared: &mut Shared<M>,
-    ) {
-        if let Some(i) = self.committing.iter().position(|u| u.id == work.upload) {
-            let mut upload = self.committing.remove(i).expect("position is in range");
-            self.mounts_in_flight -= 1;
-            if self.closing.is_none() {
-                upload.work_returned(work);
-                self.commit(id, upload, shared);
-                // A commit refused at once (no config, bytes missing) frees them.
-                self.release_parked(id, shared);
-            }
-        } else if let (None, UploadState::Receiving(upload)) = (&self.closing, &mut self.upload) {
-            if upload.id == work.upload {
-                let was_backlogged = self.spool_backlogged(&shared.config);
-                if let UploadState::Receiving(upload) = &mut self.upload {
-                    upload.work_returned(work);
-                }
-                self.send_upload_work(id, shared);
-                if was_backlogged && self.wants_read(&shared.config) {
-                    // The stall timer starts again from here.
-                    self.last_input = now;
-                    shared.events.push_back(Event::Resume(id));
-                }
-            }
-        }
-    }
-
-    fn infer(&mut self, id: ConnectionId, job: Infer, shared: &mut Shared<M>) {
-        let refused = match (&self.model, shared.config.mode) {
-            (_, Mode::LocalLm) => Some(ProtocolError::InferOnLocalLm),
-            (None, _) => Some(ProtocolError::ModelNotMounted),
-            (Some(model), Mode::ModelPush) => {
-                let input = JobInput::Infer {
-                    model: Arc::clone(model),
-                    input_ids: job.input_ids,
-                    max_tokens: job.max_tokens,
-                };
-                shared
-                    .admit(id, job.job_id.clone(), JobKind::Infer, input)
-                    .err()
-            }
-        };
-        match refused {
-            Some(e) => self.refuse(&e, Some(&job.job_id)),
-            None => self.jobs_in_flight += 1,
-        }
-    }
-
-    fn refuse(&mut self, e: &ProtocolError, job_id: Option<&str>) {
-        self.send(&Message::Error(ErrorFrame::new(e, job_id)));
     }
 
     fn mount_failed(&mut self, e: &MountError) {
@@ -510,5 +516,67 @@ impl<M> Connection<M> {
             ok: false,
             message: e.to_string(),
         }));
+    }
+
+    // ---- jobs ----
+
+    fn on_infer(&mut self, job: Infer, room: &mut QueueRoom) {
+        if self.mounting.in_flight > 0 {
+            // A pipelining client may send jobs right after its commit: they
+            // wait for the mount and run on the model it produces.
+            if self.mounting.parked.len() < self.settings.config.queue_capacity {
+                self.mounting.parked.push_back(job);
+            } else {
+                self.refuse(&ProtocolError::QueueFull, Some(&job.job_id));
+            }
+            return;
+        }
+        let Some(model) = &self.model else {
+            return self.refuse(&ProtocolError::ModelNotMounted, Some(&job.job_id));
+        };
+        let input = JobInput::Infer {
+            model: Arc::clone(model),
+            input_ids: job.input_ids,
+            max_tokens: job.max_tokens,
+        };
+        self.queue_job(job.job_id, JobKind::Infer, input, room);
+    }
+
+    fn on_prompt(&mut self, job: Prompt, room: &mut QueueRoom) {
+        let input = JobInput::Prompt {
+            prompt: job.prompt,
+            max_out: job.max_out,
+        };
+        self.queue_job(job.job_id, JobKind::Prompt, input, room);
+    }
+
+    fn queue_job(
+        &mut self,
+        job_id: String,
+        kind: JobKind,
+        input: JobInput<M>,
+        room: &mut QueueRoom,
+    ) {
+        match room.admit() {
+            Ok(()) => {
+                self.jobs_in_flight += 1;
+                self.to_node.push_back(ToNode::Job {
+                    job_id,
+                    kind,
+                    input,
+                });
+            }
+            Err(e) => self.refuse(&e, Some(&job_id)),
+        }
+    }
+
+    /// Once no commit is being mounted, the `infer`s that waited for one run
+    /// (on whatever model is mounted now) or are refused.
+    fn release_parked(&mut self, room: &mut QueueRoom) {
+        if self.mounting.in_flight == 0 {
+            for job in std::mem::take(&mut self.mounting.parked) {
+                self.on_infer(job, room);
+            }
+        }
     }
 }

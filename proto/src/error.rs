@@ -21,7 +21,7 @@ pub enum FrameError {
 
 /// An error a peer caused, as it goes into an `error` frame.
 ///
-/// The `Display` text of the variants in PROTOCOL.md's "Server answers" table is
+/// The `Display` text of the variants in the "What we answer and why" table of docs/PROTOCOL.md is
 /// the Go node's text, word for word, because Go clients compare it.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ProtocolError {

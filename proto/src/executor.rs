@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use sha2::Digest as _;
 
+use crate::config::UploadHandling;
 use crate::job::{Job, JobError, JobInput, JobOutcome, JobOutput};
-use crate::server::{Mount, MountOutcome};
+use crate::node::{Mount, MountOutcome};
 use crate::upload::{UploadInfo, UploadWork};
 
 /// Runs mounts and jobs. Plain synchronous Rust; adapters call it on worker threads.
@@ -20,7 +21,7 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Whether uploads are spooled: handed to [`open_spool`](Executor::open_spool)'s
     /// spool stretch by stretch as they arrive, so the node never holds a whole
-    /// model. Adapters set [`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads) from it.
+    /// model. Hosts pick [`UploadHandling::Spool`](crate::UploadHandling::Spool) from it.
     fn spools_uploads(&self) -> bool {
         false
     }
@@ -51,6 +52,18 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Runs a `prompt` job; `job_id` is the client's, as sent.
     fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError>;
+}
+
+impl UploadHandling {
+    /// What a driver that runs upload work offers `executor`: spooling when
+    /// it [spools](Executor::spools_uploads), else hashing as the bytes arrive.
+    pub fn for_executor<E: Executor>(executor: &E) -> Self {
+        if executor.spools_uploads() {
+            UploadHandling::Spool
+        } else {
+            UploadHandling::HashAsItArrives
+        }
+    }
 }
 
 /// Receives an upload's bytes in order, on worker threads, one stretch at a time.
@@ -176,7 +189,7 @@ fn guarded_write<S: Spool>(spool: &mut S, bytes: &[u8]) -> Result<(), String> {
         .unwrap_or_else(|_| Err("executor panicked while spooling".to_owned()))
 }
 
-/// Reproduces the Go node's stub outputs exactly (PROTOCOL.md).
+/// Reproduces the Go node's stub outputs exactly (docs/PROTOCOL.md).
 #[derive(Debug, Clone, Default)]
 pub struct Stub {
     local_lm_path: String,

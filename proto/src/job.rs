@@ -2,16 +2,8 @@
 
 use std::sync::Arc;
 
-/// Identifies a job taken by a worker, for [`Node::complete`](crate::Node::complete).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(pub(crate) u64);
-
-impl JobId {
-    /// The raw number, unique for the node's lifetime.
-    pub fn as_u64(self) -> u64 {
-        self.0
-    }
-}
+use crate::id::JobId;
+use crate::message::{InferResult, Message, PromptResult};
 
 /// A job for a worker, taken from the node with [`Node::next_job`](crate::Node::next_job).
 #[derive(Debug)]
@@ -78,3 +70,57 @@ impl JobError {
 
 /// What a worker reports for a job.
 pub type JobOutcome = Result<JobOutput, JobError>;
+
+/// Which result frame a job gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobKind {
+    Infer,
+    Prompt,
+}
+
+/// The result frame answering a job.
+pub(crate) fn result_frame(
+    kind: JobKind,
+    job_id: String,
+    queue_depth: usize,
+    outcome: JobOutcome,
+) -> Message<'static> {
+    let outcome = match (kind, outcome) {
+        (JobKind::Infer, Ok(JobOutput::Prompt(_))) | (JobKind::Prompt, Ok(JobOutput::Infer(_))) => {
+            Err(JobError::new(
+                "bad_output",
+                "executor returned the wrong kind of output",
+            ))
+        }
+        (_, outcome) => outcome,
+    };
+    let (ok, error, code) = match &outcome {
+        Ok(_) => (true, String::new(), String::new()),
+        Err(e) => (false, e.message.clone(), e.code.clone()),
+    };
+    let queue_depth = queue_depth as i64;
+    match kind {
+        JobKind::Infer => Message::InferResult(InferResult {
+            job_id,
+            ok,
+            output_ids: match outcome {
+                Ok(JobOutput::Infer(ids)) => ids,
+                _ => Vec::new(),
+            },
+            error,
+            code,
+            queue_depth,
+        }),
+        JobKind::Prompt => Message::PromptResult(PromptResult {
+            job_id,
+            ok,
+            text: match outcome {
+                Ok(JobOutput::Prompt(text)) => text,
+                _ => String::new(),
+            },
+            error,
+            code,
+            queue_depth,
+        }),
+    }
+}

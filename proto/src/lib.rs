@@ -1,6 +1,6 @@
 //! # donate-proto
 //!
-//! The sans-IO core of the donate-compute v1 protocol (see `PROTOCOL.md`): a
+//! The sans-IO core of the donate-compute v1 protocol (see `docs/PROTOCOL.md`): a
 //! donor node offers compute over TCP; clients push a model and send inference
 //! jobs, or send prompts to a local language model. This crate holds every
 //! protocol decision as pure state machines, with no sockets, threads, clocks
@@ -66,21 +66,27 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod client;
-pub mod connection;
+mod client;
+mod config;
+mod connection;
 pub mod error;
-pub mod executor;
+mod executor;
 pub mod frame;
-pub mod job;
+mod id;
+mod job;
 pub mod message;
-pub mod server;
-pub mod upload;
+mod node;
+mod phase;
+mod queue;
+mod upload;
 
 pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
-pub use connection::{Connection, ConnectionId};
+pub use config::{ServerConfig, UploadHandling};
+pub use connection::Connection;
 pub use error::{ClientError, FrameError, MountError, ProtocolError};
 pub use executor::{run_job, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights};
-pub use job::{Job, JobError, JobId, JobInput, JobOutcome, JobOutput};
+pub use id::{ConnectionId, JobId};
+pub use job::{Job, JobError, JobInput, JobOutcome, JobOutput};
 pub use message::{Message, Mode};
-pub use server::{Event, Mount, MountOutcome, MountToken, Node, ServerConfig};
-pub use upload::{UploadInfo, UploadWork};
+pub use node::{Event, Mount, MountOutcome, MountToken, Node};
+pub use upload::{hex, CommittedModel, Upload, UploadInfo, UploadWork};

@@ -1,4 +1,4 @@
-//! The eleven message types of PROTOCOL.md as typed values.
+//! The eleven message types of docs/PROTOCOL.md as typed values.
 //!
 //! Encoding writes `v` and `type` first, then the fields in the order the Go
 //! implementation writes them, with its omitempty rules; the `error` frame comes
@@ -387,6 +387,15 @@ impl<'a> Message<'a> {
             Message::PromptResult(_) => "prompt_result",
             Message::QueueStatusRequest | Message::QueueStatus(_) => "queue_status",
             Message::Error(_) => "error",
+        }
+    }
+
+    /// The client's `job_id` of a job request (`infer`, `prompt`).
+    pub(crate) fn job_id(&self) -> Option<&str> {
+        match self {
+            Message::Infer(job) => Some(&job.job_id),
+            Message::Prompt(job) => Some(&job.job_id),
+            _ => None,
         }
     }
 

@@ -6,18 +6,22 @@
 //! are buffered.
 //!
 //! Two kinds of work leave the I/O path as [`UploadWork`], run on a worker by
-//! [`run_upload`](crate::run_upload) while more bytes arrive: hashing
-//! `weights_sha256` ([`ServerConfig::digest_on_workers`](crate::ServerConfig::digest_on_workers)),
-//! and spooling ([`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads)),
-//! where the bytes are moved (not copied) to the executor's
-//! [`Spool`](crate::Spool), a file say, and the node keeps only the stretch not
-//! yet handed over.
+//! [`run_upload`](crate::run_upload) while more bytes arrive, as the node's
+//! [`UploadHandling`] says: hashing `weights_sha256`, and spooling, where the
+//! bytes are moved (not copied) to the executor's [`Spool`](crate::Spool), a
+//! file say, and the node keeps only the stretch not yet handed over.
+//!
+//! An upload's life: its carried state (running hash, spool) is [`Carrier::Home`]
+//! with the connection, or [`Carrier::Away`] with a worker while a stretch is
+//! hashed or spooled; a commit waits until it is home.
 
 use std::any::Any;
 
 use sha2::{Digest, Sha256};
 
+use crate::config::UploadHandling;
 use crate::error::{MountError, ProtocolError};
+use crate::id::ConnectionId;
 use crate::message::{decoded_len, ModelBegin, WeightsChunk, BASE64};
 use base64::Engine as _;
 
@@ -60,7 +64,7 @@ impl std::fmt::Debug for Carried {
 /// [`Node::upload_work_done`](crate::Node::upload_work_done).
 #[derive(Debug)]
 pub struct UploadWork {
-    pub(crate) conn: crate::ConnectionId,
+    pub(crate) conn: ConnectionId,
     pub(crate) upload: u64,
     /// The bytes go to a spool.
     pub(crate) spooling: bool,
@@ -84,7 +88,7 @@ impl UploadWork {
 
 /// Where the upload's carried state is.
 #[derive(Debug)]
-enum Carrier {
+pub(crate) enum Carrier {
     /// Here; bytes of `weights` before `hashed` are in the hash.
     Home { carried: Carried, hashed: usize },
     /// With a worker, which has the bytes up to `hashed` of `weights` (none
@@ -100,9 +104,9 @@ pub struct Upload {
     config_json: String,
     weights_len: u64,
     sha256: Option<[u8; 32]>,
-    /// Hash on workers (`digest_on_workers` and a `weights_sha256` given).
+    /// Hash on workers (not `InMemory`, and a `weights_sha256` given).
     hash_on_workers: bool,
-    /// Move the bytes to the executor's spool (`spool_uploads`).
+    /// Move the bytes to the executor's spool ([`UploadHandling::Spool`]).
     spooling: bool,
     carrier: Carrier,
     next_index: u64,
@@ -140,7 +144,7 @@ impl CommittedModel {
         self.weights_len
     }
 
-    /// Whether the weights go to the executor's spool ([`ServerConfig::spool_uploads`](crate::ServerConfig::spool_uploads)).
+    /// Whether the weights go to the executor's spool ([`UploadHandling::Spool`]).
     pub fn is_spooled(&self) -> bool {
         self.spooling
     }
@@ -183,16 +187,16 @@ impl Upload {
     /// Starts an upload held in memory, checking `weights_len` against
     /// `max_model_len` and the hash's form.
     pub fn begin(begin: ModelBegin, max_model_len: u64) -> Result<Upload, ProtocolError> {
-        Upload::begin_with(begin, max_model_len, false, false)
+        Upload::begin_with(begin, max_model_len, UploadHandling::InMemory)
     }
 
-    /// [`begin`](Upload::begin) with the node's `digest_on_workers` and `spool_uploads`.
+    /// [`begin`](Upload::begin) with the node's [`UploadHandling`].
     pub(crate) fn begin_with(
         begin: ModelBegin,
         max_model_len: u64,
-        digest_on_workers: bool,
-        spooling: bool,
+        handling: UploadHandling,
     ) -> Result<Upload, ProtocolError> {
+        let spooling = handling == UploadHandling::Spool;
         let weights_len = u64::try_from(begin.weights_len)
             .ok()
             .filter(|len| *len <= max_model_len)
@@ -202,7 +206,7 @@ impl Upload {
             text => Some(parse_sha256(text).ok_or(ProtocolError::BadWeightsSha256)?),
         };
         // Spooled bytes leave the node, so they are hashed on their way out.
-        let hash_on_workers = sha256.is_some() && (digest_on_workers || spooling);
+        let hash_on_workers = sha256.is_some() && handling != UploadHandling::InMemory;
         Ok(Upload {
             id: 0,
             config_json: begin.config_json,
@@ -276,11 +280,7 @@ impl Upload {
 
     /// Takes the carried state and at least `min` bytes not yet handed out, for
     /// a worker, if the state is here, there is work to do and that many are waiting.
-    pub(crate) fn upload_work(
-        &mut self,
-        conn: crate::ConnectionId,
-        min: usize,
-    ) -> Option<UploadWork> {
+    pub(crate) fn upload_work(&mut self, conn: ConnectionId, min: usize) -> Option<UploadWork> {
         if !(self.hash_on_workers || self.spooling) || self.spool_failed() {
             return None;
         }

@@ -12,7 +12,7 @@ use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptR
 use donate_proto::{
     run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent,
     ConnectionId, Event, Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount,
-    NoSpool, Node, RequestId, ServerConfig, Stub, UploadWork, Weights,
+    NoSpool, Node, RequestId, ServerConfig, Stub, UploadHandling, UploadWork, Weights,
 };
 use sha2::{Digest, Sha256};
 
@@ -77,11 +77,15 @@ type P = usize;
 
 impl Sim {
     fn new(config: ServerConfig) -> Sim {
+        Sim::with_uploads(config, UploadHandling::InMemory)
+    }
+
+    fn with_uploads(config: ServerConfig, uploads: UploadHandling) -> Sim {
         let base = base_instant();
         let stub = Stub::new(config.local_lm_path.clone());
         let workers = config.workers.max(1);
         Sim {
-            node: Node::new(config),
+            node: Node::with_uploads(config, uploads),
             stub,
             base,
             now: base,
@@ -1030,10 +1034,7 @@ fn workers_hash_an_upload_while_it_arrives() {
     let mut wrong = sha;
     wrong[0] ^= 1;
     for (expected, ok) in [(sha, true), (wrong, false)] {
-        let mut sim = Sim::new(ServerConfig {
-            digest_on_workers: true,
-            ..ServerConfig::default()
-        });
+        let mut sim = Sim::with_uploads(ServerConfig::default(), UploadHandling::HashAsItArrives);
         sim.hold_digests = true;
         let p = sim.client();
         sim.events(p);
@@ -1065,10 +1066,7 @@ fn workers_hash_an_upload_while_it_arrives() {
 
 #[test]
 fn hash_work_returned_after_its_connection_left_is_dropped() {
-    let mut sim = Sim::new(ServerConfig {
-        digest_on_workers: true,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::with_uploads(ServerConfig::default(), UploadHandling::HashAsItArrives);
     sim.hold_digests = true;
     let p = sim.client();
     sim.events(p);
@@ -1087,7 +1085,7 @@ fn hash_work_returned_after_its_connection_left_is_dropped() {
 }
 
 // ---------------------------------------------------------------------------
-// Server answers (PROTOCOL.md's table) and one answer per request
+// What we answer (docs/PROTOCOL.md §5) and one answer per request
 // ---------------------------------------------------------------------------
 
 /// Sends `request` from a fresh raw peer and returns the one error frame it gets.

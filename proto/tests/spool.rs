@@ -1,4 +1,4 @@
-//! Spooled uploads (`ServerConfig::spool_uploads`): the bytes leave the node
+//! Spooled uploads (`UploadHandling::Spool`): the bytes leave the node
 //! stretch by stretch as they arrive, reach the executor's spool in order, and
 //! the node never holds the whole model. No sockets: a node and a client core
 //! wired in memory, upload work run (or held) by the test.
@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use donate_proto::{
     run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent, ConnectionId,
-    Event, Executor, JobError, Node, RequestId, ServerConfig, Spool, UploadInfo, UploadWork,
-    Weights,
+    Event, Executor, JobError, Node, RequestId, ServerConfig, Spool, UploadHandling, UploadInfo,
+    UploadWork, Weights,
 };
 use sha2::{Digest, Sha256};
 
@@ -137,11 +137,11 @@ impl Harness {
         };
         #[allow(clippy::disallowed_methods)] // the one base instant; time never moves here
         let now = Instant::now();
-        let mut node = Node::new(ServerConfig {
-            spool_uploads: executor.spools_uploads(),
+        let config = ServerConfig {
             upload_stretch: stretch,
             ..ServerConfig::default()
-        });
+        };
+        let mut node = Node::with_uploads(config, UploadHandling::for_executor(&executor));
         let conn = node.accept(now);
         let mut h = Harness {
             node,

@@ -1,4 +1,4 @@
-//! Byte-exact test vectors from PROTOCOL.md, and the Stub's outputs.
+//! Byte-exact test vectors from docs/PROTOCOL.md, and the Stub's outputs.
 
 use std::borrow::Cow;
 

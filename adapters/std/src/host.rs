@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use donate_proto::{
     run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, ServerConfig,
-    UploadWork,
+    UploadHandling, UploadWork,
 };
 
 /// Called when a connection's writer must act: bytes it must wait to write, or a close.
@@ -96,13 +96,12 @@ impl<E: Executor> Host<E> {
     /// hashed there as the bytes arrive, and uploads are spooled there when the
     /// executor [spools](Executor::spools_uploads), so a long job never holds
     /// an upload up.
-    pub fn start(mut config: ServerConfig, executor: E) -> Arc<Self> {
-        config.digest_on_workers = true;
-        config.spool_uploads = executor.spools_uploads();
+    pub fn start(config: ServerConfig, executor: E) -> Arc<Self> {
+        let uploads = UploadHandling::for_executor(&executor);
         let workers = config.workers.max(1);
         let host = Arc::new(Host {
             state: Mutex::new(State {
-                node: Node::new(config),
+                node: Node::with_uploads(config, uploads),
                 slots: HashMap::new(),
                 mounts: VecDeque::new(),
                 uploads: VecDeque::new(),

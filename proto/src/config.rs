@@ -1,0 +1,87 @@
+//! [`ServerConfig`]: every limit a node's protocol behaviour depends on, and
+//! [`UploadHandling`]: how much of an upload's work the node's host takes over.
+
+use std::time::Duration;
+
+use crate::frame::DEFAULT_MAX_FRAME_LEN;
+use crate::message::Mode;
+
+/// Everything a node's protocol behaviour depends on. Every limit has a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `model_push` (default) or `local_lm`.
+    pub mode: Mode,
+    /// Informational path sent in `hello` on `local_lm` nodes.
+    pub local_lm_path: String,
+    /// Jobs that may wait in the queue (default 64).
+    pub queue_capacity: usize,
+    /// Largest frame body accepted (default 64 MiB).
+    pub max_frame_len: usize,
+    /// Largest `weights_len` accepted (default 6,710,886,400 as in Go).
+    pub max_model_len: u64,
+    /// Connections at once; more are sent an error and closed (default 1024).
+    pub max_connections: usize,
+    /// Unsent bytes per connection above which its input is paused (default 8 MiB).
+    pub max_outbound: usize,
+    /// Time allowed from accept to the first complete frame (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Time a partial frame may go without new bytes (default 10 s).
+    pub stall_timeout: Duration,
+    /// Time a connection with nothing in flight may stay silent (default 300 s; `None` = never).
+    pub idle_timeout: Option<Duration>,
+    /// Time a connection may stay over `max_outbound` (default 30 s).
+    pub backpressure_timeout: Duration,
+    /// Bytes an upload gathers before they go to the host as
+    /// [`Event::Upload`](crate::Event::Upload) work (default 4 MiB): larger
+    /// stretches mean fewer hand-offs, smaller ones less memory per upload.
+    pub upload_stretch: usize,
+    /// Worker threads a host runs for jobs and mounts (default 1, as in Go).
+    /// The node itself runs nothing; `in_progress` counts what workers took.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            mode: Mode::ModelPush,
+            local_lm_path: String::new(),
+            queue_capacity: 64,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_model_len: 100 * DEFAULT_MAX_FRAME_LEN as u64,
+            max_connections: 1024,
+            max_outbound: 8 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
+            backpressure_timeout: Duration::from_secs(30),
+            upload_stretch: 4 * 1024 * 1024,
+            workers: 1,
+        }
+    }
+}
+
+/// What a node does with an upload's bytes as they arrive. This is a promise
+/// by whoever drives the node, not a limit: anything but `InMemory` means the
+/// driver runs every [`Event::Upload`](crate::Event::Upload) and hands it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UploadHandling {
+    /// Keep the whole model in memory; `weights_sha256` is checked at the
+    /// commit by [`run_mount`](crate::run_mount). Needs no driver support.
+    #[default]
+    InMemory,
+    /// Keep the model in memory, but hash it on the driver's upload thread as
+    /// it arrives, so the commit does not wait for a whole-model hash.
+    HashAsItArrives,
+    /// Move each stretch, as it arrives, to the executor's
+    /// [`Spool`](crate::Spool) (hashing it on the way): the node never holds
+    /// a whole model. For executors whose
+    /// [`spools_uploads`](crate::Executor::spools_uploads) is true.
+    Spool,
+}
+
+/// A node's settings, shared by its connections.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) config: ServerConfig,
+    pub(crate) uploads: UploadHandling,
+}

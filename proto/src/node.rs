@@ -1,0 +1,326 @@
+//! [`Node`]: a donor node's whole protocol state, with no I/O.
+//!
+//! The node owns every [`Connection`] and the one FIFO job queue. The caller
+//! (a host or adapter) moves bytes and time in and out:
+//!
+//! - [`accept`](Node::accept) a connection; its `hello` is queued at once;
+//! - [`handle_input`](Node::handle_input) with the bytes it read and `now`;
+//! - [`poll_transmit`](Node::poll_transmit) for the bytes to write;
+//! - [`poll_event`](Node::poll_event) for work: wake a connection, run a job, mount a model;
+//! - [`next_job`](Node::next_job) on a worker, then [`complete`](Node::complete);
+//! - [`poll_timeout`](Node::poll_timeout) / [`handle_timeout`](Node::handle_timeout);
+//! - [`remove`](Node::remove) once the socket is gone.
+//!
+//! Each call on one connection hands it values (the queue's room, a job's
+//! outcome, a mount's outcome) and then takes what it hands back: jobs to
+//! queue, mounts, upload work. Neither holds a reference into the other.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{ServerConfig, Settings, UploadHandling};
+use crate::connection::{Connection, ToNode};
+use crate::error::ProtocolError;
+use crate::id::{ConnectionId, JobId};
+use crate::job::{Job, JobOutcome};
+use crate::message::QueueStatus;
+use crate::queue::{JobQueue, Route};
+use crate::upload::{CommittedModel, UploadWork};
+
+/// Something the caller must act on, from [`Node::poll_event`].
+#[derive(Debug)]
+pub enum Event {
+    /// A connection got bytes to transmit or started closing from outside its
+    /// own input (a result, a mount, a timeout, shutdown): wake its writer.
+    Wake(ConnectionId),
+    /// A connection that [`Node::wants_read`] refused (its spooled upload was
+    /// behind) wants input again: wake its reader.
+    Resume(ConnectionId),
+    /// A job was queued: a worker should call [`Node::next_job`].
+    JobQueued,
+    /// Only with an [`UploadHandling`] other than `InMemory`: part of an upload
+    /// to hash or spool with [`run_upload`](crate::run_upload), then hand back
+    /// with [`Node::upload_work_done`].
+    Upload(UploadWork),
+    /// A committed model to load: run it on a worker with
+    /// [`run_mount`](crate::run_mount) and hand the outcome to [`Node::mount_done`].
+    Mount(Mount),
+}
+
+/// Identifies one commit being mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountToken {
+    conn: ConnectionId,
+}
+
+/// A committed upload waiting to be verified and loaded.
+#[derive(Debug)]
+pub struct Mount {
+    /// Hand this back in the [`MountOutcome`].
+    pub token: MountToken,
+    /// The upload.
+    pub model: CommittedModel,
+}
+
+/// The result of loading a [`Mount`].
+#[derive(Debug)]
+pub struct MountOutcome<M> {
+    /// From the [`Mount`].
+    pub token: MountToken,
+    /// The loaded model, or the reason it was refused.
+    pub result: Result<Arc<M>, String>,
+}
+
+/// A donor node: every connection's state and the one FIFO job queue.
+///
+/// `M` is the executor's model type ([`Executor::Model`](crate::Executor::Model)).
+#[derive(Debug)]
+pub struct Node<M> {
+    settings: Arc<Settings>,
+    conns: HashMap<ConnectionId, Connection<M>>,
+    queue: JobQueue<M>,
+    events: VecDeque<Event>,
+    next_conn: u64,
+}
+
+impl<M> Node<M> {
+    /// A node that holds uploads in memory ([`UploadHandling::InMemory`]).
+    pub fn new(config: ServerConfig) -> Self {
+        Node::with_uploads(config, UploadHandling::InMemory)
+    }
+
+    /// A node whose driver takes over upload work as `uploads` says: it then
+    /// runs every [`Event::Upload`] and hands it back.
+    pub fn with_uploads(config: ServerConfig, uploads: UploadHandling) -> Self {
+        Node {
+            queue: JobQueue::new(config.queue_capacity),
+            settings: Arc::new(Settings { config, uploads }),
+            conns: HashMap::new(),
+            events: VecDeque::new(),
+            next_conn: 0,
+        }
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.settings.config
+    }
+
+    /// Registers a new connection and queues its `hello`. Over `max_connections`
+    /// or during shutdown the connection is created closing, with only an error
+    /// frame to send.
+    pub fn accept(&mut self, now: Instant) -> ConnectionId {
+        self.next_conn += 1;
+        let id = ConnectionId(self.next_conn);
+        let refused = if self.queue.is_closed() {
+            Some(ProtocolError::ShuttingDown)
+        } else if self.conns.len() >= self.settings.config.max_connections {
+            Some(ProtocolError::TooManyConnections)
+        } else {
+            None
+        };
+        let conn = Connection::accept(id, Arc::clone(&self.settings), now, refused);
+        self.conns.insert(id, conn);
+        id
+    }
+
+    /// Feeds bytes read from `conn`. Answers land in its transmit buffer; jobs
+    /// and mounts become events. Unknown ids are ignored.
+    pub fn handle_input(&mut self, conn: ConnectionId, data: &[u8], now: Instant) {
+        let mut room = self.queue.room();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.handle_input(data, now, &mut room);
+            self.take_from(conn);
+        }
+    }
+
+    /// Moves `conn`'s pending bytes into `out`. Call it again only once `out`
+    /// has been written: what sits in `out` is what the backpressure limit
+    /// cannot see.
+    pub fn poll_transmit(&mut self, conn: ConnectionId, out: &mut Vec<u8>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.poll_transmit(out);
+        }
+    }
+
+    /// Whether to read more from `conn` (false when closing, unknown, or backpressured).
+    pub fn wants_read(&self, conn: ConnectionId) -> bool {
+        self.conns.get(&conn).is_some_and(Connection::wants_read)
+    }
+
+    /// Whether `conn` should be closed once its pending bytes are written
+    /// (true for unknown ids).
+    pub fn is_closing(&self, conn: ConnectionId) -> bool {
+        self.conns.get(&conn).is_none_or(|c| c.closing().is_some())
+    }
+
+    /// A connection's state, for inspection.
+    pub fn connection(&self, conn: ConnectionId) -> Option<&Connection<M>> {
+        self.conns.get(&conn)
+    }
+
+    /// Ids of every connection not yet removed.
+    pub fn connections(&self) -> impl Iterator<Item = ConnectionId> + '_ {
+        self.conns.keys().copied()
+    }
+
+    /// The peer closed its side (end of stream): `conn` starts closing with no
+    /// error frame; answers already queued are still transmitted, later ones dropped.
+    pub fn peer_closed(&mut self, conn: ConnectionId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.close(ProtocolError::PeerClosed);
+        }
+    }
+
+    /// Forgets a connection whose socket is closed: its queued jobs are dropped,
+    /// results of its running jobs and mounts will be discarded.
+    pub fn remove(&mut self, conn: ConnectionId) {
+        if self.conns.remove(&conn).is_some() {
+            self.queue.forget(conn);
+            self.check_drained();
+        }
+    }
+
+    /// The next thing the caller must act on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Takes the oldest queued job for a worker.
+    pub fn next_job(&mut self) -> Option<Job<M>> {
+        self.queue.take()
+    }
+
+    /// Whether a job is waiting in the queue.
+    pub fn has_job(&self) -> bool {
+        self.queue.has_queued()
+    }
+
+    /// Hands back a job's outcome; its result frame is routed to the connection
+    /// that asked, or dropped if that connection is gone. Returns whether it was delivered.
+    pub fn complete(&mut self, job: JobId, outcome: JobOutcome, now: Instant) -> bool {
+        let Some((Route { conn, job_id, kind }, queue_depth)) = self.queue.finish(job) else {
+            return false;
+        };
+        let delivered = self
+            .conns
+            .get_mut(&conn)
+            .is_some_and(|c| c.job_done(kind, job_id, queue_depth, outcome, now));
+        if delivered {
+            self.events.push_back(Event::Wake(conn));
+        }
+        self.check_drained();
+        delivered
+    }
+
+    /// Hands back [`UploadWork`] that was run; dropped (with its spool) if its upload is gone.
+    pub fn upload_work_done(&mut self, work: UploadWork, now: Instant) {
+        let conn = work.conn;
+        let mut room = self.queue.room();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let before = c.pending_transmit();
+            c.upload_work_done(work, &mut room, now);
+            if c.pending_transmit() != before {
+                self.events.push_back(Event::Wake(conn));
+            }
+            self.take_from(conn);
+        }
+        self.check_drained();
+    }
+
+    /// Hands back a mount's outcome; `model_status` goes to the connection that committed.
+    pub fn mount_done(&mut self, outcome: MountOutcome<M>, now: Instant) {
+        let conn = outcome.token.conn;
+        let mut room = self.queue.room();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.mount_done(outcome.result, &mut room, now);
+            self.events.push_back(Event::Wake(conn));
+            self.take_from(conn);
+        }
+        self.check_drained();
+    }
+
+    /// The queue as a `queue_status` frame reports it.
+    pub fn queue_status(&self) -> QueueStatus {
+        self.queue.room().status()
+    }
+
+    /// The earliest deadline of any connection (a scan over all of them).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns.values().filter_map(Connection::deadline).min()
+    }
+
+    /// The earliest deadline of one connection, for adapters with a task per connection.
+    pub fn connection_timeout(&self, conn: ConnectionId) -> Option<Instant> {
+        self.conns.get(&conn)?.deadline()
+    }
+
+    /// Closes every connection whose timer expired by `now`, each with an error frame saying why.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (id, conn) in &mut self.conns {
+            if conn.handle_timeout(now) {
+                self.events.push_back(Event::Wake(*id));
+            }
+        }
+    }
+
+    /// Starts a graceful shutdown: no new jobs or connections; queued and
+    /// running jobs finish and are delivered; then every connection closes.
+    pub fn begin_shutdown(&mut self) {
+        self.queue.close();
+        self.check_drained();
+    }
+
+    /// Whether shutdown has begun and every job and mount is done.
+    pub fn is_drained(&self) -> bool {
+        self.queue.is_closed()
+            && self.queue.is_empty()
+            && self.conns.values().all(|c| c.mounts_in_flight() == 0)
+    }
+
+    /// Takes what `conn` handed over: jobs join the queue (the connection
+    /// admitted them against the room it was given), the rest become events.
+    fn take_from(&mut self, id: ConnectionId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while let Some(value) = conn.poll_to_node() {
+            let event = match value {
+                ToNode::Job {
+                    job_id,
+                    kind,
+                    input,
+                } => {
+                    let route = Route {
+                        conn: id,
+                        job_id,
+                        kind,
+                    };
+                    self.queue.push(route, input);
+                    Event::JobQueued
+                }
+                ToNode::Mount(model) => Event::Mount(Mount {
+                    token: MountToken { conn: id },
+                    model,
+                }),
+                ToNode::Upload(work) => Event::Upload(work),
+                ToNode::Resume => Event::Resume(id),
+            };
+            self.events.push_back(event);
+        }
+    }
+
+    /// During shutdown, closes every connection once nothing is left to deliver.
+    fn check_drained(&mut self) {
+        if !self.is_drained() {
+            return;
+        }
+        for (id, conn) in &mut self.conns {
+            if conn.closing().is_none() {
+                conn.close(ProtocolError::ShuttingDown);
+                self.events.push_back(Event::Wake(*id));
+            }
+        }
+    }
+}
