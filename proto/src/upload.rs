@@ -299,7 +299,11 @@ impl Upload {
             // Moved, not copied: the node keeps only what arrives from now on.
             std::mem::replace(&mut self.weights, std::mem::take(&mut self.spare))
         } else {
-            self.weights[hashed..].to_vec()
+            // Copied into the buffer the last stretch came back in: a fresh
+            // multi-MiB buffer per stretch would be a fresh mapping to fault in.
+            let mut copy = std::mem::take(&mut self.spare);
+            copy.extend_from_slice(&self.weights[hashed..]);
+            copy
         };
         Some(UploadWork {
             conn,
@@ -327,7 +331,7 @@ impl Upload {
             }
             let mut spare = work.data;
             spare.clear();
-            if self.spooling && !self.spool_failed() {
+            if !self.spool_failed() {
                 self.spare = spare;
             }
         }
