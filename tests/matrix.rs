@@ -55,6 +55,7 @@ fn model_push_flows(client: ClientKind, server: ServerKind) {
             role: "server".into(),
             local_lm_path: String::new(),
             queue_capacity: 64,
+            capabilities: Vec::new(),
         }
     );
     // queue_status
@@ -190,6 +191,7 @@ fn local_lm_flows(client: ClientKind, server: ServerKind) {
             role: "server".into(),
             local_lm_path: LM_PATH.into(),
             queue_capacity: 64,
+            capabilities: Vec::new(),
         }
     );
     let r = c.prompt("hello world", 0).expect("prompt");

@@ -270,6 +270,7 @@ impl Harness {
                     role: "server".to_owned(),
                     local_lm_path: String::new(),
                     queue_capacity: 64,
+                    capabilities: Vec::new(),
                 }));
             }
             ClientOp::Answer { kind, pick, ok } => self.answer(kind, pick, ok),

@@ -108,6 +108,7 @@ impl AnyMessage {
                 role: s(role),
                 local_lm_path: s(local_lm_path),
                 queue_capacity: *queue_capacity,
+                capabilities: Vec::new(),
             }),
             AnyMessage::ModelBegin {
                 config_json,

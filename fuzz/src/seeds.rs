@@ -164,6 +164,7 @@ fn one_of_each() -> Vec<u8> {
             role: "server".into(),
             local_lm_path: LM_PATH.into(),
             queue_capacity: 2,
+            capabilities: Vec::new(),
         }),
         Message::ModelStatus(ModelStatus {
             ok: false,

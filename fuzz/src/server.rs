@@ -1220,6 +1220,7 @@ impl Harness {
                 role: "server".to_owned(),
                 local_lm_path: config.local_lm_path.clone(),
                 queue_capacity: config.queue_capacity as i64,
+                capabilities: Vec::new(),
             });
             assert_eq!(
                 msg, expected,

@@ -16,6 +16,7 @@ use crate::message::{
     encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, Message, ModelBegin, ModelStatus,
     Prompt, PromptResult, QueueStatus,
 };
+use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
 
 /// Client-side settings.
@@ -116,6 +117,8 @@ pub struct ClientConnection {
     next_request: u64,
     failed: Option<ClientError>,
     closing: Option<ErrorFrame>,
+    /// Secure mode's layer under the framing.
+    secure: Option<Box<ClientSecure>>,
 }
 
 impl Default for ClientConnection {
@@ -138,7 +141,23 @@ impl ClientConnection {
             next_request: 0,
             failed: None,
             closing: None,
+            secure: None,
         }
+    }
+
+    /// A client that speaks only secure mode: it completes a Noise handshake
+    /// with a node whose key `secure` trusts before anything else, and fails
+    /// with [`ClientError::PlaintextNode`] on a node that does not offer it.
+    pub fn secure(config: ClientConfig, secure: SecureClientConfig) -> Self {
+        let mut client = ClientConnection::new(config);
+        client.secure = Some(Box::new(ClientSecure::new(secure)));
+        client
+    }
+
+    /// In secure mode, the node's key once the handshake is done (to record
+    /// it, for trust on first use).
+    pub fn node_key(&self) -> Option<&PublicKey> {
+        self.secure.as_ref()?.node()
     }
 
     /// The server's `hello`, once it arrived.
@@ -151,6 +170,17 @@ impl ClientConnection {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        let mut plain = Vec::new();
+        let data = match &mut self.secure {
+            None => data,
+            Some(secure) => {
+                if let Err(e) = secure.read(data, &mut plain) {
+                    self.failed = Some(e.clone());
+                    return Err(e);
+                }
+                &plain
+            }
+        };
         let mut decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0));
         let mut failure = None;
         let fed = decoder.feed(data, |body| {
@@ -191,7 +221,9 @@ impl ClientConnection {
 
     /// Moves the bytes waiting to be sent into `out` (swapping when `out` is empty).
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
+        if let Some(secure) = &mut self.secure {
+            secure.transmit(&mut self.outbound, out);
+        } else if out.is_empty() {
             std::mem::swap(out, &mut self.outbound);
         } else {
             out.append(&mut self.outbound);
@@ -200,7 +232,7 @@ impl ClientConnection {
 
     /// Bytes waiting to be sent.
     pub fn pending_transmit(&self) -> usize {
-        self.outbound.len()
+        self.outbound.len() + self.secure.as_ref().map_or(0, |s| s.pending())
     }
 
     /// Requests sent and not yet answered.
@@ -348,6 +380,7 @@ impl ClientConnection {
                         role: "client".to_owned(),
                         local_lm_path: String::new(),
                         queue_capacity: 0,
+                        capabilities: Vec::new(),
                     }));
                     self.hello = Some(hello.clone());
                     self.events.push_back(ClientEvent::Connected(hello));

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::frame::DEFAULT_MAX_FRAME_LEN;
 use crate::message::Mode;
+use crate::secure::SecureServerConfig;
 
 /// Everything a node's protocol behaviour depends on. Every limit has a default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +81,9 @@ pub enum UploadHandling {
 }
 
 /// A node's settings, shared by its connections.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) config: ServerConfig,
     pub(crate) uploads: UploadHandling,
+    pub(crate) secure: Option<SecureServerConfig>,
 }

@@ -23,6 +23,7 @@ use crate::message::{
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
+use crate::secure::{PublicKey, ServerSecure, CAPABILITY};
 use crate::upload::{CommittedModel, Upload, UploadWork};
 
 /// What a connection hands its node.
@@ -92,6 +93,10 @@ pub struct Connection<M> {
     /// Uploads begun, to number them.
     uploads_begun: u64,
     to_node: VecDeque<ToNode<M>>,
+    /// Secure mode's layer under the framing (boxed: most connections are plain).
+    secure: Option<Box<ServerSecure>>,
+    /// Decrypted input, reused between reads.
+    plain: Vec<u8>,
 }
 
 impl<M> Connection<M> {
@@ -118,18 +123,25 @@ impl<M> Connection<M> {
             over_limit_since: None,
             uploads_begun: 0,
             to_node: VecDeque::new(),
+            secure: None,
+            plain: Vec::new(),
         };
         if let Some(reason) = refused {
             conn.close(reason);
-        } else {
-            let config = &conn.settings.config;
-            let hello = Message::Hello(Hello {
-                mode: config.mode.as_str().to_owned(),
-                role: "server".to_owned(),
-                local_lm_path: config.local_lm_path.clone(),
-                queue_capacity: config.queue_capacity as i64,
-            });
-            conn.send(&hello);
+            return conn;
+        }
+        let (config, secure) = (&conn.settings.config, &conn.settings.secure);
+        let hello = Message::Hello(Hello {
+            mode: config.mode.as_str().to_owned(),
+            role: "server".to_owned(),
+            local_lm_path: config.local_lm_path.clone(),
+            queue_capacity: config.queue_capacity as i64,
+            capabilities: secure.iter().map(|_| CAPABILITY.to_owned()).collect(),
+        });
+        match secure {
+            // The hello goes out in plain text, ahead of the handshake it is bound into.
+            Some(secure) => conn.secure = Some(Box::new(ServerSecure::new(secure.clone(), &hello))),
+            None => conn.send(&hello),
         }
         conn
     }
@@ -157,7 +169,12 @@ impl<M> Connection<M> {
 
     /// Bytes waiting to be written to the peer.
     pub fn pending_transmit(&self) -> usize {
-        self.outbound.len()
+        self.outbound.len() + self.secure.as_ref().map_or(0, |s| s.pending())
+    }
+
+    /// In secure mode, the client's key once its handshake is done.
+    pub fn peer_key(&self) -> Option<&PublicKey> {
+        self.secure.as_ref()?.peer()
     }
 
     /// Jobs of this connection queued or running (answers still to come).
@@ -179,7 +196,8 @@ impl<M> Connection<M> {
     pub fn allocated(&self) -> usize {
         let upload = self.phase.upload().map_or(0, Upload::allocated);
         let waiting: usize = self.mounting.waiting.iter().map(Upload::allocated).sum();
-        self.decoder.allocated() + self.outbound.capacity() + upload + waiting
+        let secure = self.secure.as_ref().map_or(0, |s| s.allocated());
+        self.decoder.allocated() + self.outbound.capacity() + upload + waiting + secure
     }
 
     /// The earliest time at which [`Node::handle_timeout`](crate::Node::handle_timeout) has work here.
@@ -193,7 +211,8 @@ impl<M> Connection<M> {
         if self.phase.closing().is_some() {
             return None;
         }
-        let partial = self.decoder.has_partial();
+        let partial =
+            self.decoder.has_partial() || self.secure.as_ref().is_some_and(|s| s.has_partial());
         let idle = self.jobs_in_flight == 0 && self.mounting.in_flight == 0 && !partial;
         [
             self.over_limit_since
@@ -265,7 +284,9 @@ impl<M> Connection<M> {
 
     /// Moves the transmit bytes into `out` (swapping buffers when `out` is empty).
     pub(crate) fn poll_transmit(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
+        if let Some(secure) = &mut self.secure {
+            secure.transmit(&mut self.outbound, out);
+        } else if out.is_empty() {
             std::mem::swap(out, &mut self.outbound);
             // Keep a large buffer from circulating back once drained.
             if self.outbound.capacity() > 64 * 1024 {
@@ -378,13 +399,35 @@ impl<M> Connection<M> {
             return;
         }
         self.last_input = now;
+        match &mut self.secure {
+            None => self.feed_frames(data, room),
+            Some(secure) => {
+                let mut plain = std::mem::take(&mut self.plain);
+                match secure.read(data, &mut plain) {
+                    Ok(()) => self.feed_frames(&plain, room),
+                    Err(e) => self.close(e),
+                }
+                plain.clear();
+                // An idle connection keeps no large buffer.
+                if plain.capacity() <= 16 * 1024 {
+                    self.plain = plain;
+                }
+            }
+        }
+        self.note_output(now);
+    }
+
+    /// Feeds the v1 byte stream to the frame decoder.
+    fn feed_frames(&mut self, data: &[u8], room: &mut QueueRoom) {
+        if data.is_empty() {
+            return;
+        }
         let mut decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0));
         let fed = decoder.feed(data, |body| self.handle_frame(body, room));
         self.decoder = decoder;
         if let Err(e) = fed {
             self.close(e.into());
         }
-        self.note_output(now);
     }
 
     fn handle_frame(&mut self, body: &[u8], room: &mut QueueRoom) {

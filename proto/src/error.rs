@@ -105,6 +105,20 @@ pub enum ProtocolError {
     /// The peer closed its side; nothing is sent, pending answers are flushed.
     #[error("peer closed the connection")]
     PeerClosed,
+    /// A plain-text peer on a secure node.
+    #[error("this node requires an encrypted connection (donate secure mode)")]
+    SecureRequired,
+    /// A secure client whose key the node does not authorize.
+    #[error(
+        "this node does not know your key {0}; ask its owner to add it to its authorized keys"
+    )]
+    UnknownKey(String),
+    /// A record that does not decrypt: altered, replayed, reordered or truncated.
+    #[error("decryption failed: the connection was altered in transit")]
+    Decrypt,
+    /// The Noise handshake failed.
+    #[error("secure handshake failed: {0}")]
+    Handshake(String),
 }
 
 impl ProtocolError {
@@ -137,6 +151,10 @@ impl ProtocolError {
             IdleTimeout => "idle_timeout",
             Backpressure => "backpressure",
             PeerClosed => "peer_closed",
+            SecureRequired => "secure_required",
+            UnknownKey(_) => "unknown_key",
+            Decrypt => "decrypt_failed",
+            Handshake(_) => "handshake_failed",
         }
     }
 }
@@ -207,4 +225,22 @@ pub enum ClientError {
     /// An upload longer than `weights_len` (a signed 64-bit JSON int) can announce.
     #[error("an upload of {0} bytes is too large to announce")]
     UploadTooLarge(u64),
+    /// A secure client met a node that does not offer secure mode; it never
+    /// falls back to plain text.
+    #[error("the node does not offer an encrypted connection (donate secure mode); refusing to talk in plain text")]
+    PlaintextNode,
+    /// The node's key is not the pinned one.
+    #[error("the node presented key {got}, expected {expected}")]
+    NodeKeyMismatch {
+        /// The fingerprint of the key the node presented.
+        got: String,
+        /// The pinned fingerprint.
+        expected: String,
+    },
+    /// A record from the node that does not decrypt.
+    #[error("decryption failed: the connection was altered in transit")]
+    Decrypt,
+    /// The Noise handshake failed.
+    #[error("secure handshake failed: {0}")]
+    Handshake(String),
 }

@@ -78,6 +78,7 @@ pub mod message;
 mod node;
 mod phase;
 mod queue;
+mod secure;
 mod upload;
 
 pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
@@ -89,4 +90,7 @@ pub use id::{ConnectionId, JobId};
 pub use job::{Job, JobError, JobInput, JobOutcome, JobOutput};
 pub use message::{Message, Mode};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node};
+pub use secure::{
+    Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,
+};
 pub use upload::{hex, CommittedModel, Upload, UploadInfo, UploadWork};

@@ -81,6 +81,10 @@ pub struct Hello {
     /// The server's job queue capacity.
     #[serde(skip_serializing_if = "is_zero")]
     pub queue_capacity: i64,
+    /// Extensions the sender understands (docs/PROTOCOL.md, Extensions);
+    /// left out when empty, so a v1 hello stays byte for byte v1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// `model_begin`: starts a model upload.
@@ -255,6 +259,7 @@ struct Wire<'a> {
     role: Option<String>,
     local_lm_path: Option<String>,
     queue_capacity: Option<i64>,
+    capabilities: Option<Vec<String>>,
     config_json: Option<String>,
     weights_len: Option<i64>,
     weights_sha256: Option<String>,
@@ -310,6 +315,7 @@ impl<'a> Message<'a> {
                 role: wire.role.unwrap_or_default(),
                 local_lm_path: wire.local_lm_path.unwrap_or_default(),
                 queue_capacity: wire.queue_capacity.unwrap_or_default(),
+                capabilities: wire.capabilities.unwrap_or_default(),
             }),
             "model_begin" => Message::ModelBegin(ModelBegin {
                 config_json: wire.config_json.unwrap_or_default(),

@@ -26,6 +26,7 @@ use crate::id::{ConnectionId, JobId};
 use crate::job::{Job, JobOutcome};
 use crate::message::QueueStatus;
 use crate::queue::{JobQueue, Route};
+use crate::secure::SecureServerConfig;
 use crate::upload::{CommittedModel, UploadWork};
 
 /// Something the caller must act on, from [`Node::poll_event`].
@@ -95,11 +96,24 @@ impl<M> Node<M> {
     pub fn with_uploads(config: ServerConfig, uploads: UploadHandling) -> Self {
         Node {
             queue: JobQueue::new(config.queue_capacity),
-            settings: Arc::new(Settings { config, uploads }),
+            settings: Arc::new(Settings {
+                config,
+                uploads,
+                secure: None,
+            }),
             conns: HashMap::new(),
             events: VecDeque::new(),
             next_conn: 0,
         }
+    }
+
+    /// Secure mode for connections accepted from now on: each must complete
+    /// a Noise handshake with a key `secure` authorizes (docs/PROTOCOL.md, `secure`).
+    pub fn with_secure(mut self, secure: SecureServerConfig) -> Self {
+        let mut settings = (*self.settings).clone();
+        settings.secure = Some(secure);
+        self.settings = Arc::new(settings);
+        self
     }
 
     /// The node's configuration.

@@ -71,6 +71,7 @@ impl Arbitrary for Msg {
                 role: text(g),
                 local_lm_path: text(g),
                 queue_capacity: any_int(g),
+                capabilities: Vec::new(),
             }),
             1 => Message::ModelBegin(ModelBegin {
                 config_json: text(g),

@@ -499,6 +499,7 @@ fn hello_both_ways() {
             role: "server".into(),
             local_lm_path: String::new(),
             queue_capacity: 64,
+            capabilities: Vec::new(),
         })]
     );
     assert_eq!(sim.core(p).server_hello().unwrap().queue_capacity, 64);

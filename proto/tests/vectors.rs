@@ -38,6 +38,7 @@ fn go_node_examples() {
             role: "server".into(),
             local_lm_path: String::new(),
             queue_capacity: 64,
+            capabilities: Vec::new(),
         }),
         r#"{"v":1,"type":"hello","mode":"model_push","role":"server","queue_capacity":64}"#,
     );
@@ -123,6 +124,7 @@ fn the_other_messages_follow_the_field_table() {
             role: "server".into(),
             local_lm_path: "/m/x.gguf".into(),
             queue_capacity: 2,
+            capabilities: Vec::new(),
         }),
         r#"{"v":1,"type":"hello","mode":"local_lm","role":"server","local_lm_path":"/m/x.gguf","queue_capacity":2}"#,
     );
