@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 
 use async_io::Async;
 
-use donate_std::async_client::Dial;
+use donate_host::Dial;
 
 /// Dials with async-io's `Async<TcpStream>`.
 #[derive(Debug, Clone, Copy)]

@@ -4,7 +4,7 @@
 //! they run under smol, async-std, tokio or any executor: the node spawns its
 //! tasks through a [`Spawn`] you give it. All protocol decisions are made by
 //! [`donate_proto`]; this crate only moves bytes between sockets and the core
-//! (hosted by [`donate_std::host::Host`], whose worker threads run jobs).
+//! (hosted by [`donate_host::host::Host`], whose worker threads run jobs).
 //!
 //! ```
 //! use std::net::TcpListener;
@@ -31,8 +31,8 @@ mod server;
 mod signal;
 
 pub use dial::Smol;
-pub use donate_std::{Error, Result};
+pub use donate_host::{Error, Result};
 pub use server::{serve, Server, Spawn, Task};
 
 /// A client over async-io: the shared async client dialing with [`Smol`].
-pub type Client = donate_std::async_client::Client<Smol>;
+pub type Client = donate_host::Client<Smol>;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use async_io::{Async, Timer};
 use futures_lite::{future, AsyncWriteExt};
 
+use donate_host::host::{Host, Link, TryWrite, WriteStep};
+use donate_host::READ_BUFFER;
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{Host, Link, TryWrite, WriteStep};
-use donate_std::READ_BUFFER;
 
 use crate::signal::Signal;
 
@@ -80,7 +80,7 @@ pub fn serve<E: Executor>(
     spawner: impl Spawn,
 ) -> io::Result<Server> {
     let local_addr = listener.get_ref().local_addr()?;
-    donate_std::warn_if_exposed(local_addr);
+    donate_host::warn_if_exposed(local_addr);
     let host = Host::start(config, executor);
     let stopping = Arc::new(AtomicBool::new(false));
     let tasks = Arc::new(TaskCount::default());
@@ -113,7 +113,7 @@ impl Server {
     pub async fn shutdown(self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the accept loop with a connection of our own.
-        let _ = Async::<TcpStream>::connect(donate_std::loopback_of(self.local_addr)).await;
+        let _ = Async::<TcpStream>::connect(loopback_of(self.local_addr)).await;
         // The host's shutdown blocks until every connection is gone: run it off the executor.
         let done = Arc::new(Signal::default());
         let finished = Arc::clone(&done);
@@ -304,5 +304,13 @@ struct Direct(Arc<Async<TcpStream>>);
 impl TryWrite for Direct {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         self.0.get_ref().write(buf)
+    }
+}
+
+fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
     }
 }

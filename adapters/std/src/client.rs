@@ -9,8 +9,7 @@ use sha2::{Digest, Sha256};
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
 
-use crate::error::{answers, feed_read, Result};
-use crate::READ_BUFFER;
+use donate_host::{answers, feed_read, Result, READ_BUFFER};
 
 /// A connection to a donor node (ours or the Go one).
 ///

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
 
-use crate::host::{Host, Link, TryWrite, WriteStep};
-use crate::READ_BUFFER;
+use donate_host::host::{Host, Link, TryWrite, WriteStep};
+use donate_host::READ_BUFFER;
 
 /// A running node. Dropping it does not stop it; call [`shutdown`](Server::shutdown).
 pub struct Server {
@@ -27,7 +27,7 @@ pub fn serve<E: Executor>(
     executor: E,
 ) -> io::Result<Server> {
     let local_addr = listener.local_addr()?;
-    crate::warn_if_exposed(local_addr);
+    donate_host::warn_if_exposed(local_addr);
     let host = Host::start(config, executor);
     let stopping = Arc::new(AtomicBool::new(false));
     let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-use donate_std::async_client::Dial;
+use donate_host::Dial;
 
 /// Dials with tokio's `TcpStream`, seen through `futures-io` by tokio-util's compat layer.
 #[derive(Debug, Clone, Copy)]

@@ -3,7 +3,7 @@
 //! A donate-compute donor node and client over tokio. All protocol decisions
 //! are made by [`donate_proto`]; this crate only moves bytes between tokio
 //! sockets and the core (shared with the other adapters through
-//! [`donate_std::host::Host`], whose worker threads run jobs off the runtime).
+//! [`donate_host::host::Host`], whose worker threads run jobs off the runtime).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -28,8 +28,8 @@ mod dial;
 mod server;
 
 pub use dial::Tokio;
-pub use donate_std::{Error, Result};
+pub use donate_host::{Error, Result};
 
 /// A client over tokio: the shared async client dialing with [`Tokio`].
-pub type Client = donate_std::async_client::Client<Tokio>;
+pub type Client = donate_host::Client<Tokio>;
 pub use server::{serve, Server};

@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use donate_host::host::{Host, Link, TryWrite, WriteStep};
+use donate_host::READ_BUFFER;
 use donate_proto::{ConnectionId, Executor, ServerConfig};
-use donate_std::host::{Host, Link, TryWrite, WriteStep};
-use donate_std::READ_BUFFER;
 
 thread_local! {
     /// One read buffer per runtime thread: an idle connection holds none.
@@ -35,7 +35,7 @@ pub fn serve<E: Executor>(
     executor: E,
 ) -> io::Result<Server> {
     let local_addr = listener.local_addr()?;
-    donate_std::warn_if_exposed(local_addr);
+    donate_host::warn_if_exposed(local_addr);
     let host = Host::start(config, executor);
     let stop = Arc::new(Notify::new());
     let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&host), Arc::clone(&stop)));

@@ -35,12 +35,9 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Feeds the outcome of a socket read into a client core: end of stream is
-/// [`Error::Closed`] with the server's last error frame. Shared by both clients.
-pub(crate) fn feed_read(
-    core: &mut ClientConnection,
-    read: io::Result<usize>,
-    buf: &[u8],
-) -> Result<()> {
+/// [`Error::Closed`] with the server's last error frame. Shared by the async
+/// client and donate-std's blocking one, so both read alike.
+pub fn feed_read(core: &mut ClientConnection, read: io::Result<usize>, buf: &[u8]) -> Result<()> {
     match read {
         Ok(0) => Err(Error::Closed(core.closing_error().cloned())),
         Ok(n) => Ok(core.handle_input(&buf[..n])?),
