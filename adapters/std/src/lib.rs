@@ -29,8 +29,8 @@ mod server;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client};
-pub use donate_host::{answers, Error, Result};
-pub use server::{serve, Server};
+pub use donate_host::{answers, Error, NodeAddr, Result};
+pub use server::{serve, Listen, Server};
 
 /// The loopback address on `addr`'s port when `addr` is a wildcard, else `addr`.
 pub(crate) fn loopback_of(addr: SocketAddr) -> SocketAddr {
