@@ -97,8 +97,7 @@ impl<E: Executor> Host<E> {
     /// executor [spools](Executor::spools_uploads), so a long job never holds
     /// an upload up.
     pub fn start(mut config: ServerConfig, executor: E) -> Arc<Self> {
-        config.digest_on_workers = true;
-        config.spool_uploads = executor.spools_uploads();
+        upload_handling(&mut config, &executor);
         let workers = config.workers.max(1);
         let host = Arc::new(Host {
             state: Mutex::new(State {
@@ -415,6 +414,13 @@ impl<E: Executor> Host<E> {
             state = self.dispatch_events(state);
         }
     }
+}
+
+/// Uploads are hashed on the upload thread, and spooled there when the
+/// executor spools. (Kept apart: the core's upload settings are changing.)
+fn upload_handling<E: Executor>(config: &mut ServerConfig, executor: &E) {
+    config.digest_on_workers = true;
+    config.spool_uploads = executor.spools_uploads();
 }
 
 /// What the node's events ask for once the lock is released.
