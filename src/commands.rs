@@ -132,14 +132,15 @@ pub fn status(args: StatusArgs) -> CliResult {
 
 fn connect(args: &ClientArgs) -> Result<Client, Failure> {
     let connected = if args.timeout > 0.0 {
-        Client::connect_timeout(
-            args.addr.as_str(),
-            std::time::Duration::from_secs_f64(args.timeout),
-        )
+        Client::connect_timeout(&args.addr, std::time::Duration::from_secs_f64(args.timeout))
     } else {
-        Client::connect(args.addr.as_str())
+        Client::connect(&args.addr)
     };
-    connected.map_err(|e| Failure::from(format!("cannot connect to {}: {e}", args.addr)))
+    connected.map_err(|e| match e {
+        // The error names the address already.
+        Error::Connect { .. } => Failure::from(format!("cannot connect: {e}")),
+        e => Failure::from(format!("cannot connect to {}: {e}", args.addr)),
+    })
 }
 
 /// A model's config and an open weights file, streamed on upload.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use donate_exec::{ExecutorSpec, LmConfig, WorkerConfig};
+use donate_host::NodeAddr;
 use donate_proto::{Mode, ServerConfig};
 
 /// The address a node listens on and a client dials by default.
@@ -60,9 +61,11 @@ impl Runtime {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    /// Address to listen on: host:port (port 0 picks a free port; the chosen
+    /// address is printed) or unix:/path/node.sock (a stale socket file nothing
+    /// listens on is replaced; a live node's is refused).
     #[arg(long, default_value = DEFAULT_ADDR)]
-    addr: String,
+    addr: NodeAddr,
     /// What the node offers.
     #[arg(long, default_value = "model_push", value_parser = parse_mode)]
     mode: Mode,
@@ -196,9 +199,9 @@ impl ServeArgs {
 /// Where a model comes from: a config file and a weights file.
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
-    /// Node to talk to.
+    /// Node to talk to: host:port or unix:/path/node.sock.
     #[arg(long, default_value = DEFAULT_ADDR)]
-    addr: String,
+    addr: NodeAddr,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -385,7 +388,7 @@ mod tests {
         else {
             panic!("not serve");
         };
-        assert_eq!(args.addr, DEFAULT_ADDR);
+        assert_eq!(args.addr.to_string(), DEFAULT_ADDR);
         assert_eq!(args.runtime, Runtime::Std);
         assert_eq!(args.config(), ServerConfig::default());
     }

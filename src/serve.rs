@@ -1,9 +1,11 @@
 //! `donate serve`: a donor node until SIGINT/SIGTERM, then a graceful shutdown.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+
+use donate_host::NodeAddr;
 
 use donate_exec::{ExecutorSpec, LocalLmCommand, WorkerProcess};
 use donate_proto::{Executor, Mode, ServerConfig, Stub};
@@ -73,72 +75,128 @@ fn run_candle(_args: &ServeArgs) -> CliResult {
     Err("this donate was built without the candle feature: cargo build --features candle".into())
 }
 
-/// Runs the node with `executor` on the runtime `--runtime` names.
+/// Serves a std `$listener` on `$runtime` until the signal, then shuts down
+/// gracefully; `$to_tokio` makes the listener tokio's. A macro because each
+/// adapter takes its own listener types.
+macro_rules! serve_on {
+    ($runtime:expr, $listener:expr, $to_tokio:path, $config:expr, $executor:expr, $started:expr, $stop:expr) => {
+        match $runtime {
+            Runtime::Std => {
+                let server = donate_std::serve($listener, $config.clone(), $executor)
+                    .map_err(|e| format!("cannot start the node: {e}"))?;
+                $started.announce(&server.local_addr())?;
+                $stop.wait();
+                server.shutdown();
+            }
+            Runtime::Smol => {
+                let listener = async_io::Async::new($listener)
+                    .map_err(|e| format!("cannot register the listener: {e}"))?;
+                let smol = SmolThread::start();
+                let server =
+                    donate_smol::serve(listener, $config.clone(), $executor, smol.spawner())
+                        .map_err(|e| format!("cannot start the node: {e}"))?;
+                $started.announce(&server.local_addr())?;
+                $stop.wait();
+                smol::block_on(server.shutdown());
+                smol.stop();
+            }
+            Runtime::Tokio => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+                let listener = $listener;
+                let server = runtime.block_on(async {
+                    listener.set_nonblocking(true)?;
+                    donate_tokio::serve($to_tokio(listener)?, $config.clone(), $executor)
+                });
+                let server = server.map_err(|e| format!("cannot start the node: {e}"))?;
+                $started.announce(&server.local_addr())?;
+                $stop.wait();
+                runtime.block_on(server.shutdown());
+            }
+        }
+    };
+}
+
+/// Runs the node with `executor` on the runtime `--runtime` names, on a TCP
+/// or a Unix listener as `--addr` says.
 fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
     let config = args.config();
     let stop = Stop::install()?;
-    let listener = TcpListener::bind(&args.addr)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let started = Started {
         runtime: args.runtime,
         executor: &args.executor,
         config: &config,
     };
-    match args.runtime {
-        Runtime::Std => {
-            let server = donate_std::serve(listener, config.clone(), executor)
-                .map_err(|e| format!("cannot start the node: {e}"))?;
-            started.announce(server.local_addr())?;
-            stop.wait();
-            server.shutdown();
+    let cannot_listen = |e| format!("cannot listen on {}: {e}", args.addr);
+    match &args.addr {
+        NodeAddr::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(cannot_listen)?;
+            serve_on!(
+                args.runtime,
+                listener,
+                tokio::net::TcpListener::from_std,
+                config,
+                executor,
+                started,
+                stop
+            );
         }
-        Runtime::Smol => {
-            let listener = async_io::Async::new(listener)
-                .map_err(|e| format!("cannot register the listener: {e}"))?;
-            // One executor thread moves every connection's bytes (jobs run on
-            // the workers): measured, a second one only adds wake-ups between
-            // the two (sequential round trips 85 -> 39 us on 2 cores).
-            let executor_threads = 1;
-            let ex = std::sync::Arc::new(smol::Executor::new());
-            let (done, finished) = smol::channel::bounded::<()>(1);
-            let threads: Vec<_> = (0..executor_threads)
-                .map(|_| {
-                    let (ex, finished) = (std::sync::Arc::clone(&ex), finished.clone());
-                    std::thread::spawn(move || smol::block_on(ex.run(finished.recv())))
-                })
-                .collect();
-            let spawner = {
-                let ex = std::sync::Arc::clone(&ex);
-                move |task| ex.spawn(task).detach()
-            };
-            let server = donate_smol::serve(listener, config.clone(), executor, spawner)
-                .map_err(|e| format!("cannot start the node: {e}"))?;
-            started.announce(server.local_addr())?;
-            stop.wait();
-            smol::block_on(server.shutdown());
-            drop(done);
-            for thread in threads {
-                let _ = thread.join();
-            }
+        #[cfg(unix)]
+        NodeAddr::Unix(path) => {
+            let listener = donate_host::bind_unix(path).map_err(cannot_listen)?;
+            serve_on!(
+                args.runtime,
+                listener,
+                tokio::net::UnixListener::from_std,
+                config,
+                executor,
+                started,
+                stop
+            );
+            // The socket file is ours: leave no stale one behind.
+            let _ = std::fs::remove_file(path);
         }
-        Runtime::Tokio => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
-            let server = runtime.block_on(async {
-                listener.set_nonblocking(true)?;
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                donate_tokio::serve(listener, config.clone(), executor)
-            });
-            let server = server.map_err(|e| format!("cannot start the node: {e}"))?;
-            started.announce(server.local_addr())?;
-            stop.wait();
-            runtime.block_on(server.shutdown());
-        }
+        #[cfg(not(unix))]
+        NodeAddr::Unix(_) => return Err("unix: addresses need a Unix system".into()),
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The smol executor a `--runtime smol` node's tasks run on.
+struct SmolThread {
+    ex: Arc<smol::Executor<'static>>,
+    done: smol::channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SmolThread {
+    /// One executor thread moves every connection's bytes (jobs run on the
+    /// workers): measured, a second one only adds wake-ups between the two
+    /// (sequential round trips 85 -> 39 us on 2 cores).
+    fn start() -> SmolThread {
+        let ex = Arc::new(smol::Executor::new());
+        let (done, finished) = smol::channel::bounded::<()>(1);
+        let thread = {
+            let ex = Arc::clone(&ex);
+            std::thread::spawn(move || {
+                let _ = smol::block_on(ex.run(finished.recv()));
+            })
+        };
+        SmolThread { ex, done, thread }
+    }
+
+    fn spawner(&self) -> impl donate_smol::Spawn {
+        let ex = Arc::clone(&self.ex);
+        move |task| ex.spawn(task).detach()
+    }
+
+    fn stop(self) {
+        drop(self.done);
+        let _ = self.thread.join();
+    }
 }
 
 /// What a node reports once it listens.
@@ -151,7 +209,7 @@ struct Started<'a> {
 impl Started<'_> {
     /// Logs the node's settings and prints `listening on <addr>` on stdout, so a
     /// caller that asked for port 0 learns the port.
-    fn announce(&self, addr: SocketAddr) -> CliResult {
+    fn announce(&self, addr: &dyn std::fmt::Display) -> CliResult {
         let config = self.config;
         tracing::info!(
             %addr,

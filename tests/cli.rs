@@ -27,8 +27,13 @@ struct Node {
 impl Node {
     /// Starts `donate serve --addr 127.0.0.1:0 ARGS` and reads `listening on <addr>`.
     fn start(args: &[&str]) -> Node {
+        Node::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts `donate serve --addr ADDR ARGS` and reads `listening on <addr>`.
+    fn start_at(addr: &str, args: &[&str]) -> Node {
         let mut child = Command::new(BIN)
-            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(["serve", "--addr", addr])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -706,4 +711,38 @@ mod candle {
             .fails_with("tokenizer.json is missing");
         serve(&["--candle-device", "tpu"]).fails_with("unknown device");
     }
+}
+
+#[test]
+fn every_runtime_serves_a_unix_socket() {
+    let dir = model_dir(4);
+    let sock = dir.join("node.sock");
+    // A socket file left by a node that is gone: replaced, not refused.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let addr = format!("unix:{}", path(&sock));
+    for runtime in ["std", "smol", "tokio"] {
+        let node = Node::start_at(&addr, &["--runtime", runtime]);
+        assert_eq!(node.addr, addr, "{runtime}");
+        // A second node on the same socket is refused while the first listens.
+        let second = donate(&["serve", "--addr", &addr]);
+        second.fails_with("a node already listens on");
+        let status = donate(&["status", "--addr", &addr, "--json"]).json();
+        assert_eq!(status["hello"]["mode"], "model_push", "{runtime}");
+        let run = donate(&[
+            "infer",
+            "--addr",
+            &addr,
+            "--model",
+            path(&dir),
+            "--ids",
+            "9,9",
+        ]);
+        assert_eq!(run.ok(), "9,9,1,2,3,4,5,6,7,1\n", "{runtime}");
+        node.stop();
+        assert!(
+            !sock.exists(),
+            "{runtime}: the node removes its socket file"
+        );
+    }
+    donate(&["status", "--addr", &addr]).fails_with(&format!("connecting to {addr}"));
 }

@@ -219,6 +219,18 @@ impl ClientConnection {
         }
     }
 
+    /// Whether `request` is still to be answered, or answered and not yet
+    /// taken: false for a request already taken (by [`take_answer`](Self::take_answer)
+    /// or [`poll_event`](Self::poll_event)) or never made, so a caller can
+    /// refuse to wait for an answer that will never come.
+    pub fn is_pending(&self, request: RequestId) -> bool {
+        self.outstanding.iter().any(|o| o.request == request)
+            || self
+                .events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Answer { request: r, .. } if *r == request))
+    }
+
     /// Moves the bytes waiting to be sent into `out` (swapping when `out` is empty).
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) {
         if let Some(secure) = &mut self.secure {
@@ -451,5 +463,37 @@ fn kind_of(answer: &Answer) -> &'static str {
         Answer::Prompt(_) => "prompt_result",
         Answer::QueueStatus(_) => "queue_status",
         Answer::Error(_) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_pending_until_its_answer_is_taken() {
+        let mut client = ClientConnection::default();
+        let mut hello = Vec::new();
+        Message::Hello(Hello {
+            mode: "model_push".into(),
+            role: "server".into(),
+            ..Hello::default()
+        })
+        .encode(&mut hello);
+        client.handle_input(&hello).unwrap();
+        let request = client.infer(&[1], 1).unwrap();
+        assert!(client.is_pending(request), "sent, not answered");
+        let mut result = Vec::new();
+        Message::InferResult(InferResult {
+            job_id: format!("j{}", request.as_u64()),
+            ok: true,
+            ..InferResult::default()
+        })
+        .encode(&mut result);
+        client.handle_input(&result).unwrap();
+        assert!(client.is_pending(request), "answered, not taken");
+        assert!(client.take_answer(request).is_some());
+        assert!(!client.is_pending(request), "taken");
+        assert!(!client.is_pending(RequestId(99)), "never made");
     }
 }

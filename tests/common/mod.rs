@@ -719,11 +719,7 @@ impl AnyClient {
     }
 
     pub fn send_infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Res<RequestId> {
-        match self {
-            AnyClient::Std(c) => c.send_infer(input_ids, max_tokens),
-            AnyClient::Smol(c) => c.send_infer(input_ids, max_tokens),
-            AnyClient::Tokio(c, _) => c.send_infer(input_ids, max_tokens),
-        }
+        call!(self, c => c.send_infer(input_ids, max_tokens))
     }
 
     pub fn wait(&mut self, request: RequestId) -> Res<Answer> {

@@ -3,8 +3,12 @@
 //! A donate-compute donor node and client over async-io and futures-lite, so
 //! they run under smol, async-std, tokio or any executor: the node spawns its
 //! tasks through a [`Spawn`] you give it. All protocol decisions are made by
-//! [`donate_proto`]; this crate only moves bytes between sockets and the core
-//! (hosted by [`donate_std::host::Host`], whose worker threads run jobs).
+//! [`donate_proto`]; the connection loop is donate-host's, written once for
+//! every runtime: this crate only lends it async-io's timer and sockets.
+//!
+//! Nodes listen on TCP (`Async<TcpListener>`) or a Unix socket
+//! (`Async<UnixListener>`, see [`donate_host::bind_unix`]); clients connect
+//! to `host:port` or `unix:/path`.
 //!
 //! ```
 //! use std::net::TcpListener;
@@ -26,13 +30,55 @@
 //! ```
 #![warn(missing_docs)]
 
-mod dial;
-mod server;
-mod signal;
+mod runtime;
 
-pub use dial::Smol;
-pub use donate_std::{Error, Result};
-pub use server::{serve, Server, Spawn, Task};
+use std::io;
 
-/// A client over async-io: the shared async client dialing with [`Smol`].
-pub type Client = donate_std::async_client::Client<Smol>;
+use async_io::Async;
+use donate_host::runtime::Listener;
+use donate_proto::{ClientConfig, Executor, ServerConfig};
+
+pub use donate_host::runtime::Task;
+pub use donate_host::{Error, NodeAddr, Result, Server};
+pub use runtime::Spawn;
+
+/// Starts a node on `listener` (an `Async<TcpListener>` or, on Unix, an
+/// `Async<UnixListener>`) with `executor`; its tasks run on `spawner`. Jobs
+/// run on the node's own worker threads, never on the executor.
+pub fn serve<T, E: Executor>(
+    listener: Async<T>,
+    config: ServerConfig,
+    executor: E,
+    spawner: impl Spawn,
+) -> io::Result<Server<<runtime::Acceptor<T> as Listener>::Addr>>
+where
+    runtime::Acceptor<T>: Listener,
+{
+    donate_host::serve(
+        runtime::Smol(spawner),
+        runtime::Acceptor(listener),
+        config,
+        executor,
+    )
+}
+
+donate_host::runtime_client!(
+    /// A connection to a donor node over async-io, under any executor (even a
+    /// bare `block_on`): donate-host's [`Client`](donate_host::Client), whose
+    /// methods (`infer`, `push_model`, `send_infer`, `wait`…) it derefs to.
+    runtime::dial
+);
+
+impl Client {
+    /// Reads the node's `hello` over a stream you connected yourself (any
+    /// `futures-io` `AsyncRead + AsyncWrite`: a TLS stream, a pipe pair…).
+    pub async fn handshake(
+        stream: impl donate_host::AsyncStream + 'static,
+        config: ClientConfig,
+    ) -> Result<Client> {
+        Ok(Client(
+            donate_host::Client::handshake(Box::new(stream) as donate_host::BoxStream, config)
+                .await?,
+        ))
+    }
+}

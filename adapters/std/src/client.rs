@@ -4,13 +4,14 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use donate_host::{Error, NodeAddr, ToNodeAddr};
+
 use sha2::{Digest, Sha256};
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
 
-use crate::error::{answers, feed_read, Result};
-use crate::READ_BUFFER;
+use donate_host::{answers, feed_read, Result, READ_BUFFER};
 
 /// A connection to a donor node (ours or the Go one).
 ///
@@ -18,44 +19,37 @@ use crate::READ_BUFFER;
 /// [`send_infer`](Client::send_infer) / [`send_prompt`](Client::send_prompt) and
 /// then [`wait`](Client::wait) for each request.
 pub struct Client {
-    stream: TcpStream,
+    stream: Socket,
     core: ClientConnection,
     read_buf: Vec<u8>,
     out: Vec<u8>,
 }
 
 impl Client {
-    /// Connects and reads the server's `hello`.
-    pub fn connect(addr: impl ToSocketAddrs) -> Result<Client> {
+    /// Connects to `addr` (`host:port`, `ip:port`, `unix:/path`, a
+    /// `SocketAddr` or a [`NodeAddr`]) and reads the server's `hello`.
+    pub fn connect(addr: impl ToNodeAddr) -> Result<Client> {
         Client::connect_with(addr, ClientConfig::default())
     }
 
-    /// Connects with explicit client settings.
-    pub fn connect_with(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Client> {
-        Client::handshake(TcpStream::connect(addr)?, config, None)
+    /// Connects with explicit client settings. A failed connection's error
+    /// names the address ([`Error::Connect`]).
+    pub fn connect_with(addr: impl ToNodeAddr, config: ClientConfig) -> Result<Client> {
+        Client::handshake(Socket::connect(addr, None)?, config, None)
     }
 
     /// Connects, giving up on any connect, read or write that takes longer than
-    /// `timeout` (an [`Error::Io`](crate::Error::Io) of kind `WouldBlock` or `TimedOut`).
-    pub fn connect_timeout(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Client> {
-        let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolved to nothing");
-        for addr in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(stream) => {
-                    return Client::handshake(stream, ClientConfig::default(), Some(timeout))
-                }
-                Err(e) => last = e,
-            }
-        }
-        Err(last.into())
+    /// `timeout` (an [`Error::Io`] of kind `WouldBlock` or `TimedOut`).
+    pub fn connect_timeout(addr: impl ToNodeAddr, timeout: Duration) -> Result<Client> {
+        let stream = Socket::connect(addr, Some(timeout))?;
+        Client::handshake(stream, ClientConfig::default(), Some(timeout))
     }
 
     fn handshake(
-        stream: TcpStream,
+        stream: Socket,
         config: ClientConfig,
         timeout: Option<Duration>,
     ) -> Result<Client> {
-        stream.set_nodelay(true)?;
         stream.set_read_timeout(timeout)?;
         stream.set_write_timeout(timeout)?;
         let mut client = Client {
@@ -133,18 +127,33 @@ impl Client {
         answers::queue_status(self.wait(request)?)
     }
 
-    /// Queues an `infer` job without waiting; see [`wait`](Client::wait).
+    /// Queues an `infer` job without waiting for its answer; see [`wait`](Client::wait).
+    ///
+    /// At most the node's `queue_capacity` (from its `hello`) requests are in
+    /// flight: when that many are unanswered, this first sends what is queued
+    /// and reads answers until one arrives, so pipelining any number of jobs
+    /// never meets `queue_full` from this client alone (other clients share the
+    /// node's queue). Answers read meanwhile wait for their own [`wait`](Client::wait).
     pub fn send_infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<RequestId> {
+        self.make_room()?;
         Ok(self.core.infer(input_ids, max_tokens)?)
     }
 
-    /// Queues a `prompt` job without waiting; see [`wait`](Client::wait).
+    /// Queues a `prompt` job without waiting for its answer, keeping within the
+    /// node's queue capacity as [`send_infer`](Client::send_infer) does.
     pub fn send_prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId> {
+        self.make_room()?;
         Ok(self.core.prompt(prompt, max_out)?)
     }
 
     /// Sends what is queued and waits for the answer to `request`.
+    ///
+    /// Fails at once with [`Error::NotPending`] when `request`'s answer was
+    /// already taken or the request was never made on this connection.
     pub fn wait(&mut self, request: RequestId) -> Result<Answer> {
+        if !self.core.is_pending(request) {
+            return Err(Error::NotPending(request));
+        }
         self.flush()?;
         loop {
             if let Some(answer) = self.core.take_answer(request) {
@@ -166,6 +175,18 @@ impl Client {
         }
     }
 
+    /// Reads answers until fewer requests than the node's queue capacity are in flight.
+    fn make_room(&mut self) -> Result<()> {
+        let window = donate_host::window(self.hello());
+        if self.core.outstanding() >= window {
+            self.flush()?;
+        }
+        while self.core.outstanding() >= window {
+            self.read_some()?;
+        }
+        Ok(())
+    }
+
     /// Blocks for input and feeds it to the core.
     fn read_some(&mut self) -> Result<()> {
         let read = self.stream.read(&mut self.read_buf);
@@ -181,6 +202,95 @@ impl Client {
             Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
             read => feed_read(&mut self.core, read, &self.read_buf),
         }
+    }
+}
+
+/// The client's socket: TCP or, on Unix, a Unix domain socket.
+enum Socket {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Socket {
+    /// Connects to `addr`, within `timeout` if given; the error names the address.
+    fn connect(addr: impl ToNodeAddr, timeout: Option<Duration>) -> Result<Socket> {
+        let addr = addr.to_node_addr().map_err(|source| Error::Connect {
+            addr: "(unparsed address)".into(),
+            source,
+        })?;
+        Socket::open(&addr, timeout).map_err(|source| Error::Connect {
+            addr: addr.to_string(),
+            source,
+        })
+    }
+
+    fn open(addr: &NodeAddr, timeout: Option<Duration>) -> io::Result<Socket> {
+        let name = match addr {
+            NodeAddr::Tcp(name) => name,
+            #[cfg(unix)]
+            NodeAddr::Unix(path) => {
+                return Ok(Socket::Unix(std::os::unix::net::UnixStream::connect(path)?))
+            }
+            #[cfg(not(unix))]
+            NodeAddr::Unix(_) => return Err(ErrorKind::Unsupported.into()),
+        };
+        let mut last = io::Error::new(ErrorKind::InvalidInput, "resolved to nothing");
+        for addr in name.to_socket_addrs()? {
+            let stream = match timeout {
+                Some(timeout) => TcpStream::connect_timeout(&addr, timeout),
+                None => TcpStream::connect(addr),
+            };
+            match stream {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(Socket::Tcp(stream));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Calls the same method on either kind of socket.
+macro_rules! either {
+    ($socket:expr, $s:ident => $e:expr) => {
+        match $socket {
+            Socket::Tcp($s) => $e,
+            #[cfg(unix)]
+            Socket::Unix($s) => $e,
+        }
+    };
+}
+
+impl Socket {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        either!(self, s => s.set_read_timeout(timeout))
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        either!(self, s => s.set_write_timeout(timeout))
+    }
+
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        either!(self, s => s.set_nonblocking(nonblocking))
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        either!(self, s => s.read(buf))
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        either!(self, s => s.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        either!(self, s => s.flush())
     }
 }
 

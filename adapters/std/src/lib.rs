@@ -5,8 +5,8 @@
 //! [`donate_proto`]; this crate only moves bytes between sockets and the core,
 //! runs jobs on worker threads, and sleeps until the core's next timeout.
 //!
-//! [`host::Host`] (a node behind a lock, with worker threads) and [`Error`] are
-//! shared by the smol and tokio adapters.
+//! The node is hosted by [`donate_host::host::Host`] (a node behind a lock,
+//! with worker threads), as on every runtime; [`Error`] is donate-host's.
 //!
 //! ```
 //! use std::net::TcpListener;
@@ -23,30 +23,17 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod async_client;
 mod client;
-mod error;
-pub mod host;
 mod server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client};
-pub use error::{answers, Error, Result};
-pub use server::{serve, Server};
-
-/// Bytes read from a socket at once.
-pub const READ_BUFFER: usize = 256 * 1024;
-
-/// Logs a warning when `addr` is reachable from other machines: v1 has no authentication.
-pub fn warn_if_exposed(addr: SocketAddr) {
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening on a non-loopback address: donate v1 has no authentication, anyone who can reach it can use it");
-    }
-}
+pub use donate_host::{answers, Error, NodeAddr, Result};
+pub use server::{serve, Listen, Server};
 
 /// The loopback address on `addr`'s port when `addr` is a wildcard, else `addr`.
-pub fn loopback_of(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn loopback_of(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         let ip = match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),

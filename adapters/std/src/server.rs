@@ -1,5 +1,7 @@
-//! A donor node over `std::net`: one reader and one writer thread per connection.
+//! A donor node over `std::net` (or Unix sockets): one reader and one writer
+//! thread per connection.
 
+use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,25 +11,139 @@ use std::time::{Duration, Instant};
 
 use donate_proto::{ConnectionId, Executor, ServerConfig};
 
-use crate::host::{Host, Link, TryWrite, WriteStep};
-use crate::READ_BUFFER;
+use donate_host::host::{Host, Link, TryWrite, WriteStep};
+use donate_host::READ_BUFFER;
+
+/// A blocking listener a node can serve: [`TcpListener`] or, on Unix,
+/// [`UnixListener`](std::os::unix::net::UnixListener).
+pub trait Listen: Send + 'static {
+    /// The accepted connections.
+    #[doc(hidden)]
+    type Socket: Socket;
+    /// The listener's address: [`SocketAddr`] or a `unix:` [`NodeAddr`](donate_host::NodeAddr).
+    type Addr: Clone + fmt::Display + Send + Sync + 'static;
+    /// The address it is bound to.
+    fn local_addr(&self) -> io::Result<Self::Addr>;
+    #[doc(hidden)]
+    fn accept(&self) -> io::Result<(Self::Socket, Self::Addr)>;
+    /// Unblocks a thread blocked in `accept` on `addr` (by connecting to it).
+    #[doc(hidden)]
+    fn wake(addr: &Self::Addr);
+}
+
+/// What the connection threads need of a socket.
+#[doc(hidden)]
+pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// Writes what fits now, without blocking, from any thread.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+impl Listen for TcpListener {
+    type Socket = TcpStream;
+    type Addr = SocketAddr;
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpListener::local_addr(self)
+    }
+
+    fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self)?;
+        stream.set_nodelay(true)?;
+        Ok((stream, peer))
+    }
+
+    fn wake(addr: &SocketAddr) {
+        let _ = TcpStream::connect_timeout(&crate::loopback_of(*addr), Duration::from_secs(1));
+    }
+}
+
+#[cfg(unix)]
+impl Listen for std::os::unix::net::UnixListener {
+    type Socket = std::os::unix::net::UnixStream;
+    type Addr = donate_host::NodeAddr;
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(donate_host::unix_addr(
+            &std::os::unix::net::UnixListener::local_addr(self)?,
+        ))
+    }
+
+    fn accept(&self) -> io::Result<(Self::Socket, Self::Addr)> {
+        let (stream, peer) = std::os::unix::net::UnixListener::accept(self)?;
+        Ok((stream, donate_host::unix_addr(&peer)))
+    }
+
+    fn wake(addr: &Self::Addr) {
+        if let donate_host::NodeAddr::Unix(path) = addr {
+            let _ = std::os::unix::net::UnixStream::connect(path);
+        }
+    }
+}
+
+/// The same [`Socket`] for TCP and Unix streams: std gives both the same methods.
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn try_clone(&self) -> io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+
+            fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, timeout)
+            }
+
+            fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                <$t>::set_write_timeout(self, timeout)
+            }
+
+            fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+
+            #[cfg(unix)]
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                socket2::SockRef::from(self)
+                    .send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            }
+
+            #[cfg(not(unix))]
+            fn try_write(&self, _buf: &[u8]) -> io::Result<usize> {
+                // No per-call non-blocking send here: the writer thread writes everything.
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+    };
+}
+
+socket!(TcpStream);
+#[cfg(unix)]
+socket!(std::os::unix::net::UnixStream);
 
 /// A running node. Dropping it does not stop it; call [`shutdown`](Server::shutdown).
-pub struct Server {
-    local_addr: SocketAddr,
+///
+/// `A` is the listener's address type: [`SocketAddr`] for TCP, a `unix:`
+/// [`NodeAddr`](donate_host::NodeAddr) for a Unix socket.
+pub struct Server<A = SocketAddr> {
+    local_addr: A,
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
+    wake: fn(&A),
     stop: Box<dyn FnOnce() + Send>,
 }
 
-/// Starts a node on `listener` with `executor`, and returns at once.
-pub fn serve<E: Executor>(
-    listener: TcpListener,
+/// Starts a node on `listener` (a [`TcpListener`] or a Unix listener) with
+/// `executor`, and returns at once.
+pub fn serve<L: Listen, E: Executor>(
+    listener: L,
     config: ServerConfig,
     executor: E,
-) -> io::Result<Server> {
+) -> io::Result<Server<L::Addr>> {
     let local_addr = listener.local_addr()?;
-    crate::warn_if_exposed(local_addr);
+    donate_host::warn_if_exposed(&local_addr);
     let host = Host::start(config, executor);
     let stopping = Arc::new(AtomicBool::new(false));
     let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -51,14 +167,15 @@ pub fn serve<E: Executor>(
         local_addr,
         stopping,
         acceptor: Some(acceptor),
+        wake: L::wake,
         stop,
     })
 }
 
-impl Server {
+impl<A: Clone> Server<A> {
     /// The address the node listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    pub fn local_addr(&self) -> A {
+        self.local_addr.clone()
     }
 
     /// Graceful shutdown: stops accepting, lets queued and running jobs finish
@@ -67,10 +184,7 @@ impl Server {
     pub fn shutdown(mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the blocking accept with a connection of our own.
-        let _ = TcpStream::connect_timeout(
-            &crate::loopback_of(self.local_addr),
-            Duration::from_secs(1),
-        );
+        (self.wake)(&self.local_addr);
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
@@ -78,20 +192,23 @@ impl Server {
     }
 }
 
-fn accept_loop<E: Executor>(
-    listener: TcpListener,
+fn accept_loop<L: Listen, E: Executor>(
+    listener: L,
     host: Arc<Host<E>>,
     stopping: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
-    for stream in listener.incoming() {
+    loop {
+        let accepted = listener.accept();
         if stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Ok((stream, peer)) = accepted else {
+            continue;
+        };
         let mut threads = threads.lock().expect("threads lock");
         threads.retain(|t| !t.is_finished());
-        match spawn_connection(stream, Arc::clone(&host)) {
+        match spawn_connection(stream, peer, Arc::clone(&host)) {
             Ok(pair) => threads.extend(pair),
             Err(e) => tracing::warn!("cannot start connection threads: {e}"),
         }
@@ -134,11 +251,11 @@ impl Signal {
     }
 }
 
-fn spawn_connection<E: Executor>(
-    stream: TcpStream,
+fn spawn_connection<S: Socket, E: Executor>(
+    stream: S,
+    peer: impl fmt::Display + Send + 'static,
     host: Arc<Host<E>>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
-    stream.set_nodelay(true)?;
     // A peer that stops reading is closed by the node's backpressure timeout; a
     // write blocked that long gives up too.
     stream.set_write_timeout(Some(
@@ -146,7 +263,6 @@ fn spawn_connection<E: Executor>(
             .backpressure_timeout
             .max(Duration::from_millis(1)),
     ))?;
-    let peer = stream.peer_addr()?;
     let signal = Arc::new(Signal::default());
     let conn = host.accept(Link {
         waker: {
@@ -170,7 +286,8 @@ fn spawn_connection<E: Executor>(
     let writer = std::thread::Builder::new()
         .name(format!("donate-write-{}", conn.as_u64()))
         .spawn(move || {
-            write_loop(&stream, &host, conn, &signal);
+            let mut stream = stream;
+            write_loop(&mut stream, &host, conn, &signal);
             let _ = stream.shutdown(Shutdown::Both);
             host.remove(conn);
             tracing::info!(%conn, %peer, "connection closed");
@@ -179,8 +296,8 @@ fn spawn_connection<E: Executor>(
 }
 
 /// Reads into the node while it wants input; sleeps on the signal while it does not.
-fn read_loop<E: Executor>(
-    mut stream: TcpStream,
+fn read_loop<S: Socket, E: Executor>(
+    mut stream: S,
     host: &Host<E>,
     conn: ConnectionId,
     signal: &Signal,
@@ -221,8 +338,8 @@ fn read_loop<E: Executor>(
 
 /// Writes what the node has for `conn` when a non-blocking write could not
 /// (the socket was full), until the connection closes.
-fn write_loop<E: Executor>(
-    mut stream: &TcpStream,
+fn write_loop<S: Socket, E: Executor>(
+    stream: &mut S,
     host: &Host<E>,
     conn: ConnectionId,
     signal: &Signal,
@@ -247,18 +364,10 @@ fn write_loop<E: Executor>(
 }
 
 /// Non-blocking writes on the blocking socket the threads share.
-struct Direct(TcpStream);
+struct Direct<S>(S);
 
-impl TryWrite for Direct {
-    #[cfg(unix)]
+impl<S: Socket> TryWrite for Direct<S> {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(&self.0)
-            .send_with_flags(buf, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    }
-
-    #[cfg(not(unix))]
-    fn try_write(&self, _buf: &[u8]) -> io::Result<usize> {
-        // No per-call non-blocking send here: the writer thread writes everything.
-        Err(io::ErrorKind::WouldBlock.into())
+        self.0.try_write(buf)
     }
 }

@@ -1,9 +1,12 @@
 //! # donate-tokio
 //!
 //! A donate-compute donor node and client over tokio. All protocol decisions
-//! are made by [`donate_proto`]; this crate only moves bytes between tokio
-//! sockets and the core (shared with the other adapters through
-//! [`donate_std::host::Host`], whose worker threads run jobs off the runtime).
+//! are made by [`donate_proto`]; the connection loop is donate-host's, written
+//! once for every runtime: this crate only lends it tokio's spawner, timer and
+//! sockets (jobs run on the node's worker threads, off the runtime).
+//!
+//! Nodes listen on a `TcpListener` or a `UnixListener`; clients connect to
+//! `host:port` or `unix:/path`.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -24,12 +27,59 @@
 
 #[cfg(feature = "codec")]
 pub mod codec;
-mod dial;
-mod server;
+mod runtime;
 
-pub use dial::Tokio;
-pub use donate_std::{Error, Result};
+use std::io;
 
-/// A client over tokio: the shared async client dialing with [`Tokio`].
-pub type Client = donate_std::async_client::Client<Tokio>;
-pub use server::{serve, Server};
+use donate_host::runtime::Listener;
+use donate_proto::{ClientConfig, Executor, ServerConfig};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+pub use donate_host::{Error, NodeAddr, Result, Server};
+
+donate_host::runtime_client!(
+    /// A connection to a donor node over tokio: donate-host's
+    /// [`Client`](donate_host::Client), whose methods (`infer`, `push_model`,
+    /// `send_infer`, `wait`…) it derefs to.
+    runtime::dial
+);
+
+impl Client {
+    /// Reads the node's `hello` over a tokio stream you connected yourself
+    /// (any `tokio::io::AsyncRead + AsyncWrite`: a TLS stream, a duplex pipe…).
+    pub async fn handshake(
+        stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        config: ClientConfig,
+    ) -> Result<Client> {
+        let stream: donate_host::BoxStream = Box::new(stream.compat());
+        Ok(Client(
+            donate_host::Client::handshake(stream, config).await?,
+        ))
+    }
+}
+
+/// Starts a node on `listener` (a `TcpListener` or, on Unix, a
+/// `UnixListener`) with `executor`, its tasks spawned on the tokio runtime
+/// this is called from. Jobs run on the node's own worker threads.
+///
+/// # Errors
+/// Fails with an `io::Error` when called outside a tokio runtime (rather
+/// than panicking), or when the listener has no local address.
+pub fn serve<T, E: Executor>(
+    listener: T,
+    config: ServerConfig,
+    executor: E,
+) -> io::Result<Server<<runtime::Acceptor<T> as Listener>::Addr>>
+where
+    runtime::Acceptor<T>: Listener,
+{
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        io::Error::other("donate_tokio::serve must be called from within a tokio runtime")
+    })?;
+    donate_host::serve(
+        runtime::Tokio(handle),
+        runtime::Acceptor(listener),
+        config,
+        executor,
+    )
+}

@@ -3,14 +3,27 @@
 use std::io;
 
 use donate_proto::message::{ErrorFrame, InferResult, PromptResult};
-use donate_proto::{ClientConnection, ClientError};
+use donate_proto::{ClientConnection, ClientError, RequestId};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The socket failed (refused connection, reset, …).
+    /// Connecting to the address failed (refused, unreachable, no such socket…).
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The address as given (`host:port` or `unix:/path`).
+        addr: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The socket failed after the connection was made (reset, timed out…).
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// [`wait`](crate::Client::wait) was asked for a request whose answer was
+    /// already taken, or that this connection never made: no answer will come.
+    #[error("request {} is not pending: its answer was already taken, or it was never made", .0.as_u64())]
+    NotPending(RequestId),
     /// The server broke the protocol.
     #[error(transparent)]
     Protocol(#[from] ClientError),
@@ -35,12 +48,9 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Feeds the outcome of a socket read into a client core: end of stream is
-/// [`Error::Closed`] with the server's last error frame. Shared by both clients.
-pub(crate) fn feed_read(
-    core: &mut ClientConnection,
-    read: io::Result<usize>,
-    buf: &[u8],
-) -> Result<()> {
+/// [`Error::Closed`] with the server's last error frame. Shared by the async
+/// client and donate-std's blocking one, so both read alike.
+pub fn feed_read(core: &mut ClientConnection, read: io::Result<usize>, buf: &[u8]) -> Result<()> {
     match read {
         Ok(0) => Err(Error::Closed(core.closing_error().cloned())),
         Ok(n) => Ok(core.handle_input(&buf[..n])?),

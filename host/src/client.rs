@@ -1,0 +1,267 @@
+//! The async client, generic over any `futures-io` byte stream: donate-smol
+//! runs it on async-io's sockets, donate-tokio on tokio's through
+//! `tokio-util`'s compat layer. One implementation, so both answer alike.
+
+use std::io;
+
+use futures_lite::future::poll_once;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use sha2::Digest as _;
+
+use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
+use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
+
+use crate::error::{answers, feed_read, Error, Result};
+use crate::READ_BUFFER;
+
+/// A connection to a donor node (ours or the Go one) over any async byte stream.
+///
+/// Get one with [`handshake`](Client::handshake) over a stream you connected,
+/// or with a runtime adapter's `Client::connect` (donate-smol, donate-tokio).
+///
+/// For many jobs in flight, use [`send_infer`](Client::send_infer) /
+/// [`send_prompt`](Client::send_prompt) and then [`wait`](Client::wait) for each.
+pub struct Client<S> {
+    stream: S,
+    core: ClientConnection,
+    read_buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Reads the server's `hello` from a connected stream: a TCP or Unix
+    /// socket, a TLS stream, a pipe pair, anything that moves bytes.
+    pub async fn handshake(stream: S, config: ClientConfig) -> Result<Client<S>> {
+        let mut client = Client {
+            stream,
+            core: ClientConnection::new(config),
+            read_buf: vec![0; READ_BUFFER],
+            out: Vec::new(),
+        };
+        while client.core.server_hello().is_none() {
+            client.read_some().await?;
+        }
+        Ok(client)
+    }
+
+    /// The server's `hello`.
+    pub fn hello(&self) -> &Hello {
+        self.core.server_hello().expect("handshake waits for hello")
+    }
+
+    /// The stream the client talks over.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// Uploads a model from memory and waits until it is mounted.
+    pub async fn push_model(
+        &mut self,
+        config_json: &str,
+        weights: &[u8],
+        with_sha256: bool,
+    ) -> Result<ModelStatus> {
+        let sha256 = with_sha256.then(|| sha2::Sha256::digest(weights).into());
+        self.push_model_from(config_json, weights, weights.len() as u64, sha256, |_| {})
+            .await
+    }
+
+    /// Uploads `len` bytes from `reader` without holding them all, calling
+    /// `progress` with the bytes sent so far, and waits until the model is mounted.
+    pub async fn push_model_from(
+        &mut self,
+        config_json: &str,
+        mut reader: impl AsyncRead + Unpin,
+        len: u64,
+        sha256: Option<[u8; 32]>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ModelStatus> {
+        let request = self.core.begin_upload(config_json, len, sha256)?;
+        let mut chunk = Vec::new();
+        let mut sent = 0;
+        while self.core.is_uploading() {
+            let wanted = self.core.upload_wants();
+            if wanted == 0 {
+                self.flush().await?;
+                self.read_ready().await?; // notice a refusal without waiting for the end
+                continue;
+            }
+            chunk.resize(wanted, 0);
+            reader.read_exact(&mut chunk).await?;
+            self.core.upload_chunk(&chunk)?;
+            sent += wanted as u64;
+            progress(sent);
+        }
+        answers::model_status(self.wait(request).await?)
+    }
+
+    /// Runs an `infer` job and waits for its result.
+    pub async fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<InferResult> {
+        let request = self.send_infer(input_ids, max_tokens).await?;
+        answers::infer(self.wait(request).await?)
+    }
+
+    /// Runs a `prompt` job and waits for its result.
+    pub async fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<PromptResult> {
+        let request = self.send_prompt(prompt, max_out).await?;
+        answers::prompt(self.wait(request).await?)
+    }
+
+    /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
+    pub async fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
+        let request = self.core.queue_status()?;
+        answers::queue_status(self.wait(request).await?)
+    }
+
+    /// Queues an `infer` job without waiting for its answer; see [`wait`](Client::wait).
+    ///
+    /// At most the node's `queue_capacity` (from its `hello`) requests are in
+    /// flight: when that many are unanswered, this first sends what is queued
+    /// and reads answers until one arrives, so pipelining any number of jobs
+    /// never meets `queue_full` from this client alone (other clients share the
+    /// node's queue). Answers read meanwhile wait for their own [`wait`](Client::wait).
+    pub async fn send_infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.infer(input_ids, max_tokens)?)
+    }
+
+    /// Queues a `prompt` job without waiting for its answer, keeping within the
+    /// node's queue capacity as [`send_infer`](Client::send_infer) does.
+    pub async fn send_prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.prompt(prompt, max_out)?)
+    }
+
+    /// Sends what is queued and waits for the answer to `request`.
+    ///
+    /// Fails at once with [`Error::NotPending`] when `request`'s answer was
+    /// already taken or the request was never made on this connection.
+    pub async fn wait(&mut self, request: RequestId) -> Result<Answer> {
+        if !self.core.is_pending(request) {
+            return Err(Error::NotPending(request));
+        }
+        self.flush().await?;
+        loop {
+            if let Some(answer) = self.core.take_answer(request) {
+                return Ok(answer);
+            }
+            self.read_some().await?;
+        }
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        loop {
+            self.core.poll_transmit(&mut self.out);
+            if self.out.is_empty() {
+                return Ok(());
+            }
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+    }
+
+    /// Reads answers until fewer requests than the node's queue capacity are in flight.
+    async fn make_room(&mut self) -> Result<()> {
+        let window = window(self.hello());
+        if self.core.outstanding() >= window {
+            self.flush().await?;
+            while self.core.outstanding() >= window {
+                self.read_some().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_some(&mut self) -> Result<()> {
+        let read = self.stream.read(&mut self.read_buf).await;
+        feed_read(&mut self.core, read, &self.read_buf)
+    }
+
+    /// Feeds whatever input has already arrived, without waiting.
+    async fn read_ready(&mut self) -> Result<()> {
+        match poll_once(self.stream.read(&mut self.read_buf)).await {
+            Some(read) => feed_read(&mut self.core, read, &self.read_buf),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How many requests a client keeps in flight on a node that said `hello`:
+/// its queue capacity, or no limit from a node that announces none.
+pub fn window(hello: &Hello) -> usize {
+    usize::try_from(hello.queue_capacity)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(usize::MAX)
+}
+
+/// A byte stream a runtime's client can hold whatever its transport (TCP,
+/// Unix, yours): what `donate_smol::Client` and `donate_tokio::Client` talk over.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+/// A boxed [`AsyncStream`].
+pub type BoxStream = Box<dyn AsyncStream>;
+
+/// Defines a runtime adapter's `Client`: the shared [`Client`] over a
+/// [`BoxStream`], with `connect` / `connect_with` by address through `$dial`
+/// (`async fn(&NodeAddr) -> io::Result<BoxStream>`). Its methods show in the
+/// adapter's docs through `Deref`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! runtime_client {
+    ($(#[$meta:meta])* $dial:path) => {
+        $(#[$meta])*
+        pub struct Client($crate::Client<$crate::BoxStream>);
+
+        impl Client {
+            /// Connects to `addr` (`host:port`, `ip:port`, `unix:/path`, a
+            /// `SocketAddr` or a [`NodeAddr`]($crate::NodeAddr)) and reads the node's `hello`.
+            pub async fn connect(addr: impl $crate::ToNodeAddr) -> $crate::Result<Client> {
+                Client::connect_with(addr, ::std::default::Default::default()).await
+            }
+
+            /// Connects with explicit client settings. A failed connection's
+            /// error names the address ([`Error::Connect`]($crate::Error::Connect)).
+            pub async fn connect_with(
+                addr: impl $crate::ToNodeAddr,
+                config: $crate::ClientConfig,
+            ) -> $crate::Result<Client> {
+                let stream = $crate::dial_named(addr, |a| async move { $dial(&a).await }).await?;
+                Ok(Client($crate::Client::handshake(stream, config).await?))
+            }
+        }
+
+        impl ::std::ops::Deref for Client {
+            type Target = $crate::Client<$crate::BoxStream>;
+            fn deref(&self) -> &Self::Target {
+                &self.0
+            }
+        }
+
+        impl ::std::ops::DerefMut for Client {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.0
+            }
+        }
+    };
+}
+
+/// Resolves `addr` and opens a stream with `dial`, naming the address in any error.
+#[doc(hidden)]
+pub async fn dial_named<F, Fut>(addr: impl crate::ToNodeAddr, dial: F) -> Result<BoxStream>
+where
+    F: FnOnce(crate::NodeAddr) -> Fut,
+    Fut: std::future::Future<Output = io::Result<BoxStream>>,
+{
+    let node = addr.to_node_addr().map_err(|e| Error::Connect {
+        addr: String::from("(unparsed address)"),
+        source: e,
+    })?;
+    let name = node.to_string();
+    dial(node)
+        .await
+        .map_err(|source| Error::Connect { addr: name, source })
+}

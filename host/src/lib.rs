@@ -1,0 +1,45 @@
+//! # donate-host
+//!
+//! What every donate-compute runtime shares and that is not pure protocol:
+//! [`host::Host`], the [`donate_proto::Node`] behind a lock with the worker
+//! threads that run jobs, mounts and uploads off the I/O path; the one async
+//! connection driver ([`serve`]), written once against the small
+//! [`runtime`] traits; the async [`Client`], generic over any `futures-io`
+//! byte stream; the [`Error`] every client returns; and [`NodeAddr`].
+//!
+//! The runtime adapters only move bytes: donate-std with blocking threads,
+//! donate-smol and donate-tokio by implementing [`runtime::Runtime`],
+//! [`runtime::Listener`] and [`runtime::Stream`] for their own types.
+#![warn(missing_docs)]
+
+mod addr;
+mod client;
+mod error;
+pub mod host;
+pub mod runtime;
+mod server;
+mod signal;
+
+use std::net::SocketAddr;
+
+#[cfg(unix)]
+pub use addr::{bind_unix, unix_addr};
+pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
+pub use client::{dial_named, window, AsyncStream, BoxStream, Client};
+pub use donate_proto::ClientConfig;
+pub use error::{answers, feed_read, Error, Result};
+pub use server::{serve, Server};
+
+/// Bytes read from a socket at once.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// Logs a warning when `addr` (a listener's address, as displayed) is an IP
+/// address reachable from other machines: v1 has no authentication.
+pub fn warn_if_exposed(addr: &impl std::fmt::Display) {
+    let Ok(addr) = addr.to_string().parse::<SocketAddr>() else {
+        return; // a Unix socket, or a transport of the caller's
+    };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening on a non-loopback address: donate v1 has no authentication, anyone who can reach it can use it");
+    }
+}
