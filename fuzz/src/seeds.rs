@@ -1,19 +1,16 @@
 //! The seed corpora in `fuzz/corpus/<target>/`: valid sessions from docs/PROTOCOL.md's
-//! examples and sessions recorded from a [`ClientConnection`] talking to a
-//! [`Node`] in memory, plus a few that reach the limits.
+//! examples and sessions recorded from a [`ClientConnection`](donate_proto::ClientConnection)
+//! talking to a [`Node`](donate_proto::Node) in a [`Sim`], plus a few that reach the limits.
 //!
 //! `tests/corpus.rs` checks that the committed files match, and rewrites them
 //! when `DONATE_FUZZ_WRITE_SEEDS=1`.
-
-use std::time::Instant;
 
 use donate_proto::frame::encode_frame;
 use donate_proto::message::{
     ErrorFrame, Hello, InferResult, ModelStatus, PromptResult, QueueStatus,
 };
-use donate_proto::{
-    run_job, run_mount, ClientConfig, ClientConnection, ClientError, Event, Message, Node, Stub,
-};
+use donate_proto::sim::Sim;
+use donate_proto::{ClientConfig, ClientError, Message, Stub};
 
 use crate::client::{ClientCfg, ClientOp, ClientScript};
 use crate::common::{frames, GO_CLIENT_EXAMPLES, GO_NODE_EXAMPLES};
@@ -62,59 +59,31 @@ pub struct Recorded {
     pub hello_len: usize,
 }
 
-/// Runs `actions` from a [`ClientConnection`] against a [`Node`] with the [`Stub`], recording both streams.
+/// Runs `actions` from a [`ClientConnection`] against a node with the [`Stub`]
+/// in a [`Sim`], recording both streams.
 pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
-    let now = Instant::now();
     let config = cfg.server_config();
     let stub = Stub::new(config.local_lm_path.clone());
-    let mut node: Node<()> = Node::with_uploads(config, cfg.uploads().handling());
-    let mut client = ClientConnection::new(ClientConfig {
+    let mut sim = Sim::with_uploads(stub, config, cfg.uploads().handling());
+    let p = sim.client_with(ClientConfig {
         chunk_size: 256,
         ..ClientConfig::default()
     });
-    let conn = node.accept(now);
-    let mut rec = Recorded {
-        to_server: Vec::new(),
-        to_client: Vec::new(),
-        hello_len: 0,
-    };
-    let pump = |node: &mut Node<()>, client: &mut ClientConnection, rec: &mut Recorded| loop {
-        let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
-        node.poll_transmit(conn, &mut to_client);
-        client
-            .handle_input(&to_client)
-            .expect("the node's bytes are valid");
-        client.poll_transmit(&mut to_server);
-        node.handle_input(conn, &to_server, now);
-        while let Some(event) = node.poll_event() {
-            if let Event::Mount(mount) = event {
-                node.mount_done(run_mount(&stub, mount), now);
-            }
-        }
-        while let Some(job) = node.next_job() {
-            let outcome = run_job(&stub, &job);
-            node.complete(job.id, outcome, now);
-        }
-        if rec.hello_len == 0 {
-            rec.hello_len = to_client.len();
-        }
-        rec.to_client.extend_from_slice(&to_client);
-        rec.to_server.extend_from_slice(&to_server);
-        if to_client.is_empty() && to_server.is_empty() {
-            break;
-        }
-    };
-    pump(&mut node, &mut client, &mut rec);
     for action in actions {
+        let client = sim.client_core(p);
         match *action {
             Action::Upload(len) => {
-                let mut begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
-                if begun == Err(ClientError::UploadInProgress) {
+                if client.begin_upload(r#"{"ok":true}"#, len.into(), None)
+                    == Err(ClientError::UploadInProgress)
+                {
                     // One upload at a time: let the node answer the last one first.
-                    pump(&mut node, &mut client, &mut rec);
-                    begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
+                    sim.run();
+                    sim.client_core(p)
+                        .begin_upload(r#"{"ok":true}"#, len.into(), None)
+                        .expect("connected");
                 }
-                begun.expect("connected");
+                // Every chunk now, ahead of the requests that follow.
+                let client = sim.client_core(p);
                 while client.upload_wants() > 0 {
                     let n = client.upload_wants();
                     client.upload_chunk(&vec![0xab; n]).expect("upload chunk");
@@ -134,8 +103,15 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
             }
         }
     }
-    pump(&mut node, &mut client, &mut rec);
-    rec
+    sim.run();
+    assert_eq!(sim.client_error(p), None, "the node's bytes are valid");
+    let to_client = sim.received(p).to_vec();
+    let hello_len = 4 + u32::from_le_bytes(to_client[..4].try_into().expect("a hello")) as usize;
+    Recorded {
+        to_server: sim.sent(p).to_vec(),
+        to_client,
+        hello_len,
+    }
 }
 
 /// The model_push session the recorded seeds use.

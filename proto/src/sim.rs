@@ -70,8 +70,8 @@ enum Side {
         weights: VecDeque<u8>,
     },
     Raw {
-        /// Bytes delivered and not yet taken.
-        inbox: Vec<u8>,
+        /// Bytes of `received` already taken.
+        taken: usize,
         decoder: FrameDecoder,
     },
 }
@@ -89,7 +89,7 @@ struct PeerState {
     split_to_node: usize,
     split_to_peer: usize,
     sent: Vec<u8>,
-    received: usize,
+    received: Vec<u8>,
     closed: bool,
     peak_allocated: usize,
 }
@@ -233,7 +233,7 @@ impl<E: Executor> Sim<E> {
     /// or [`frames`](Sim::frames) what the node sent it. Accepted, nothing run.
     pub fn raw(&mut self) -> Peer {
         self.add(Side::Raw {
-            inbox: Vec::new(),
+            taken: 0,
             decoder: FrameDecoder::new(usize::MAX >> 1),
         })
     }
@@ -249,7 +249,7 @@ impl<E: Executor> Sim<E> {
             split_to_node: usize::MAX,
             split_to_peer: usize::MAX,
             sent: Vec::new(),
-            received: 0,
+            received: Vec::new(),
             closed: false,
             peak_allocated: 0,
         });
@@ -318,8 +318,13 @@ impl<E: Executor> Sim<E> {
 
     /// What the node delivered to a raw peer since the last call.
     pub fn take_received(&mut self, p: Peer) -> Vec<u8> {
-        match &mut self.peers[p.0].side {
-            Side::Raw { inbox, .. } => std::mem::take(inbox),
+        let peer = &mut self.peers[p.0];
+        match &mut peer.side {
+            Side::Raw { taken, .. } => {
+                let new = peer.received[*taken..].to_vec();
+                *taken = peer.received.len();
+                new
+            }
             Side::Client { .. } => panic!("{p:?} is a client"),
         }
     }
@@ -352,9 +357,9 @@ impl<E: Executor> Sim<E> {
         self.peers[p.0].to_node.len()
     }
 
-    /// Bytes delivered to `p` in all.
-    pub fn received(&self, p: Peer) -> usize {
-        self.peers[p.0].received
+    /// Everything delivered to `p`.
+    pub fn received(&self, p: Peer) -> &[u8] {
+        &self.peers[p.0].received
     }
 
     /// The most heap bytes `p`'s connection held after any read
@@ -500,6 +505,9 @@ impl<E: Executor> Sim<E> {
             return 0;
         }
         if peer.to_peer.is_empty() {
+            // A fresh buffer each time: `poll_transmit` swaps, and a recycled
+            // one's capacity would count in the connection's `allocated()`.
+            peer.to_peer = Vec::new();
             self.node.poll_transmit(peer.conn, &mut peer.to_peer);
         }
         let n = peer.split_to_peer.min(peer.to_peer.len());
@@ -507,15 +515,12 @@ impl<E: Executor> Sim<E> {
             return 0;
         }
         let data: Vec<u8> = peer.to_peer.drain(..n).collect();
-        peer.received += n;
-        match &mut peer.side {
-            Side::Client { core, error, .. } => {
-                if error.is_none() {
-                    *error = core.handle_input(&data).err();
-                }
+        if let Side::Client { core, error, .. } = &mut peer.side {
+            if error.is_none() {
+                *error = core.handle_input(&data).err();
             }
-            Side::Raw { inbox, .. } => inbox.extend_from_slice(&data),
         }
+        peer.received.extend_from_slice(&data);
         n
     }
 
@@ -532,10 +537,7 @@ impl<E: Executor> Sim<E> {
                     self.node.mount_done(outcome, self.now);
                 }
                 Event::Upload(work) if self.hold_uploads => self.held_uploads.push(work),
-                Event::Upload(mut work) => {
-                    run_upload(&self.executor, &mut work);
-                    self.node.upload_work_done(work, self.now);
-                }
+                Event::Upload(work) => self.upload_work_done(work),
                 Event::Wake(conn) => self.wakes.push(conn),
                 Event::Resume(conn) => self.resumes.push(conn),
                 Event::JobQueued => {}
@@ -597,8 +599,13 @@ impl<E: Executor> Sim<E> {
 
     /// Runs the `i`-th held upload work on the executor and hands it back.
     pub fn finish_upload(&mut self, i: usize) {
-        let mut work = self.held_uploads.remove(i);
+        let work = self.held_uploads.remove(i);
+        self.upload_work_done(work);
+    }
+
+    fn upload_work_done(&mut self, mut work: UploadWork) {
         run_upload(&self.executor, &mut work);
+        assert!(work.is_empty(), "run_upload kept the stretch's bytes");
         self.node.upload_work_done(work, self.now);
     }
 }
