@@ -13,10 +13,11 @@ use donate_proto::sim::Sim;
 use donate_proto::{ClientConfig, ClientError, Message, Stub};
 
 use crate::client::{ClientCfg, ClientOp, ClientScript};
+use crate::common::variant_tag;
 use crate::common::{frames, GO_CLIENT_EXAMPLES, GO_NODE_EXAMPLES};
 use crate::decode;
 use crate::roundtrip;
-use crate::server::{variant_tag, Cfg, Op, Script, LM_PATH};
+use crate::server::{Cfg, Op, Script, LM_PATH};
 
 /// A request a recorded session makes, in the client target's terms.
 #[derive(Debug, Clone, Copy)]
@@ -270,13 +271,13 @@ pub fn server_scripts() -> Vec<(String, Script)> {
     let mut seeds = vec![
         (
             "go-client-session".to_owned(),
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .input(0, &go_client)
                 .op(Op::Pump),
         ),
         ("go-client-stepwise".to_owned(), {
-            let mut s = Script::new(&push)
+            let mut s = Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Transmit { conn: 0 })
                 .input(0, &go_client);
@@ -297,13 +298,13 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         }),
         (
             "go-client-local-lm".to_owned(),
-            Script::new(&lm)
+            Script::new(lm.to_bytes())
                 .op(Op::Accept)
                 .input(0, &go_client)
                 .op(Op::Pump),
         ),
         ("uploads-with-flaws".to_owned(), {
-            let mut s = Script::new(&push)
+            let mut s = Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendHello { conn: 0 });
             for flaw in 0..10 {
@@ -325,7 +326,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("two-clients-queue-full".to_owned(), {
             let mut cfg = push.clone();
             cfg.queue_capacity = 1;
-            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Accept);
+            let mut s = Script::new(cfg.to_bytes()).op(Op::Accept).op(Op::Accept);
             for conn in 0..2 {
                 s = s.op(Op::SendUpload {
                     conn,
@@ -357,7 +358,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("local-lm-prompts".to_owned(), {
-            let mut s = Script::new(&lm)
+            let mut s = Script::new(lm.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendHello { conn: 0 });
             for which in 0..6 {
@@ -383,7 +384,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
             cfg.stall_ms = 50;
             cfg.idle_ms = 300;
             let partial = &go_client[..10];
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Accept)
                 .op(Op::Accept)
@@ -405,7 +406,9 @@ pub fn server_scripts() -> Vec<(String, Script)> {
             let mut cfg = push.clone();
             cfg.max_outbound = 300;
             cfg.backpressure_ms = 1000;
-            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Pause { conn: 0 });
+            let mut s = Script::new(cfg.to_bytes())
+                .op(Op::Accept)
+                .op(Op::Pause { conn: 0 });
             for _ in 0..8 {
                 s = s
                     .op(Op::SendQueueStatus { conn: 0 })
@@ -418,7 +421,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("shutdown-mid-job".to_owned(), {
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -453,7 +456,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("connection-limit".to_owned(), {
             let mut cfg = push.clone();
             cfg.max_connections = 0;
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Accept)
                 .op(Op::Transmit { conn: 1 })
@@ -465,7 +468,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("mount-after-stall".to_owned(), {
             let mut cfg = push.clone();
             cfg.stall_ms = 10;
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -482,7 +485,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("mount-after-peer-closed".to_owned(), {
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -506,7 +509,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         let rec = record(&cfg, &actions);
         seeds.push((
             name.to_owned(),
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .input(0, &rec.to_server)
                 .op(Op::Pump),
@@ -535,18 +538,18 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
     let mut seeds = vec![
         (
             "go-node-examples".to_owned(),
-            ClientScript::new(&cfg)
-                .input(&node[..hello_len])
+            ClientScript::new(cfg.to_bytes())
+                .input(0, &node[..hello_len])
                 .op(ClientOp::Infer {
                     ids: 2,
                     max_tokens: 3,
                 })
                 .op(ClientOp::Transmit)
-                .input(&node[hello_len..])
+                .input(0, &node[hello_len..])
                 .op(ClientOp::Events),
         ),
         ("answers".to_owned(), {
-            let mut s = ClientScript::new(&cfg)
+            let mut s = ClientScript::new(cfg.to_bytes())
                 .op(ClientOp::ServerHello { local_lm: false })
                 .op(ClientOp::BeginUpload {
                     len: 600,
@@ -575,26 +578,26 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
         }),
         (
             "huge-upload".to_owned(),
-            ClientScript::new(&cfg)
-                .input(&node[..hello_len])
+            ClientScript::new(cfg.to_bytes())
+                .input(0, &node[..hello_len])
                 .op(ClientOp::BeginHugeUpload { below_max: 0 })
                 .op(ClientOp::UploadChunk { len: 100 })
                 .op(ClientOp::Transmit),
         ),
         (
             "no-hello".to_owned(),
-            ClientScript::new(&cfg)
+            ClientScript::new(cfg.to_bytes())
                 .op(ClientOp::Infer {
                     ids: 1,
                     max_tokens: 1,
                 })
-                .input(&node[hello_len..])
-                .input(&node[..hello_len]),
+                .input(0, &node[hello_len..])
+                .input(0, &node[..hello_len]),
         ),
     ];
     for (name, server_cfg, actions) in recorded_sessions() {
         let rec = record(&server_cfg, &actions);
-        let mut s = ClientScript::new(&cfg).input(&rec.to_client[..rec.hello_len]);
+        let mut s = ClientScript::new(cfg.to_bytes()).input(0, &rec.to_client[..rec.hello_len]);
         for action in &actions {
             for op in action.client_ops() {
                 s = s.op(op);
@@ -602,7 +605,7 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
         }
         s = s
             .op(ClientOp::Transmit)
-            .input(&rec.to_client[rec.hello_len..])
+            .input(0, &rec.to_client[rec.hello_len..])
             .op(ClientOp::Events);
         seeds.push((name.to_owned(), s));
     }

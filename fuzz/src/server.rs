@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
@@ -39,7 +39,7 @@ use donate_proto::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::common::is_server_message;
+use crate::common::{is_server_message, variant_tag, Step, Steps};
 
 /// The node's configuration, as the fuzzer picks it.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -361,9 +361,19 @@ pub enum Op {
 /// Number of [`Op`] variants (for encoding seeds).
 const OP_VARIANTS: u64 = 20;
 
-impl Op {
-    /// The bytes `Op::arbitrary` reads back as `self` (without an `Input`'s payload).
-    pub fn to_bytes(&self) -> Vec<u8> {
+impl Step for Op {
+    fn payload_len(&self) -> Option<usize> {
+        match *self {
+            Op::Input { len, .. } => Some(len.into()),
+            _ => None,
+        }
+    }
+
+    fn input(conn: u8, len: u16) -> Self {
+        Op::Input { conn, len }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
         let (index, fields): (u64, Vec<u8>) = match *self {
             Op::Accept => (0, vec![]),
             Op::Input { conn, len } => (1, [&[conn][..], &len.to_le_bytes()].concat()),
@@ -401,81 +411,12 @@ impl Op {
     }
 }
 
-/// The `u32` that derived `Arbitrary` reads as variant `index` of `count`.
-pub fn variant_tag(index: u64, count: u64) -> [u8; 4] {
-    let tag = (index << 32).div_ceil(count);
-    (tag as u32).to_le_bytes()
-}
-
-/// Builds server-target inputs (for seeds).
-#[derive(Debug, Clone)]
-pub struct Script {
-    bytes: Vec<u8>,
-    ops: Vec<(Op, Vec<u8>)>,
-}
-
-impl Script {
-    /// A script for a node configured by `cfg`.
-    pub fn new(cfg: &Cfg) -> Script {
-        Script {
-            bytes: cfg.to_bytes(),
-            ops: Vec::new(),
-        }
-    }
-
-    /// Appends a step.
-    pub fn op(mut self, op: Op) -> Script {
-        assert!(!matches!(op, Op::Input { .. }), "use input()");
-        self.bytes.extend(op.to_bytes());
-        self.ops.push((op, Vec::new()));
-        self
-    }
-
-    /// Appends raw client bytes to `conn`'s send buffer.
-    pub fn input(mut self, conn: u8, data: &[u8]) -> Script {
-        for piece in data.chunks(u16::MAX as usize) {
-            let op = Op::Input {
-                conn,
-                len: piece.len() as u16,
-            };
-            self.bytes.extend(op.to_bytes());
-            self.bytes.extend_from_slice(piece);
-            self.ops.push((op, piece.to_vec()));
-        }
-        self
-    }
-
-    /// The steps so far, with their payloads.
-    pub fn ops(&self) -> &[(Op, Vec<u8>)] {
-        &self.ops
-    }
-
-    /// The fuzz input.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.bytes.clone()
-    }
-}
-
-/// A script's steps, each with the bytes that follow it.
-pub type Steps<'a, O> = Vec<(O, &'a [u8])>;
-
-/// Most steps a script runs.
-pub const MAX_OPS: usize = 2000;
+/// Builds server-target inputs (for seeds): `Script::new(cfg.to_bytes())`.
+pub type Script = crate::common::Script<Op>;
 
 /// Reads a script: the config, then steps with their payloads.
 pub fn parse(data: &[u8]) -> Option<(Cfg, Steps<'_, Op>)> {
-    let mut u = Unstructured::new(data);
-    let cfg = Cfg::arbitrary(&mut u).ok()?;
-    let mut ops = Vec::new();
-    while !u.is_empty() && ops.len() < MAX_OPS {
-        let Ok(op) = Op::arbitrary(&mut u) else { break };
-        let payload = match op {
-            Op::Input { len, .. } => u.bytes((len as usize).min(u.len())).ok()?,
-            _ => &[][..],
-        };
-        ops.push((op, payload));
-    }
-    Some((cfg, ops))
+    crate::common::parse(data)
 }
 
 /// The `server` target.
@@ -1433,7 +1374,7 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
     let chunk = 1 + (chunk % 32) as usize;
     let flaw = flaw % 10;
     let sha = match flaw {
-        1 => hex(&Sha256::digest(&weights)),
+        1 => donate_proto::hex(&Sha256::digest(&weights)),
         2 => "00".repeat(32),
         4 => "xyz".to_owned(),
         _ => String::new(),
@@ -1476,8 +1417,4 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
         Message::ModelCommit.encode(&mut out);
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
