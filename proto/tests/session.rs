@@ -1829,6 +1829,46 @@ fn a_mount_for_a_removed_connection_is_dropped() {
 }
 
 #[test]
+fn streams_split_into_small_reads_give_the_same_session() {
+    let mut sim = Sim::stub(ServerConfig::default());
+    let raw = sim.raw();
+    sim.split(raw, 1, 1);
+    sim.run();
+    assert!(sim.one_frame(raw).starts_with(r#"{"v":1,"type":"hello","#));
+    sim.assert_in_step(raw);
+    let p = sim.client();
+    sim.events(p);
+    sim.split(p, 3, 2);
+    sim.mount(p);
+    let job = sim.client_core(p).infer(&[9, 9], 3).unwrap();
+    sim.run();
+    assert_eq!(sim.answer(p, job), infer_ok("j2", vec![9, 9, 1, 2, 3], 0));
+    assert!(sim.client_error(p).is_none());
+}
+
+#[test]
+fn a_peer_that_vanishes_mid_upload_leaves_nothing_behind() {
+    let mut sim = Sim::stub(ServerConfig::default());
+    let gone = sim.client();
+    let stays = sim.client();
+    sim.events(gone);
+    sim.events(stays);
+    sim.split(gone, 100, usize::MAX);
+    sim.upload(gone, "{}", &[7; 10_000], None).unwrap();
+    for _ in 0..20 {
+        sim.step();
+    }
+    let conn = sim.conn(gone);
+    assert!(sim.unread(gone) > 0, "the upload is still under way");
+    sim.vanish(gone);
+    assert!(sim.is_closed(gone));
+    assert!(sim.node.connection(conn).is_none());
+    sim.run();
+    sim.mount(stays);
+    assert_eq!(sim.node.connections().count(), 1);
+}
+
+#[test]
 fn peer_closed_flushes_what_is_queued_and_drops_later_results() {
     let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_jobs = true;
