@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use donate_proto::message::{
@@ -21,8 +21,7 @@ use donate_proto::message::{
 };
 use donate_proto::{Answer, ClientConfig, ClientConnection, ClientEvent, Message, RequestId};
 
-use crate::common::is_client_message;
-use crate::server::variant_tag;
+use crate::common::{is_client_message, variant_tag, Step, Steps};
 
 /// The client's configuration, as the fuzzer picks it.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -118,9 +117,19 @@ pub enum ClientOp {
 
 const CLIENT_OP_VARIANTS: u64 = 11;
 
-impl ClientOp {
-    /// The bytes `ClientOp::arbitrary` reads back as `self` (without an `Input`'s payload).
-    pub fn to_bytes(&self) -> Vec<u8> {
+impl Step for ClientOp {
+    fn payload_len(&self) -> Option<usize> {
+        match *self {
+            ClientOp::Input { len } => Some(len.into()),
+            _ => None,
+        }
+    }
+
+    fn input(_: u8, len: u16) -> Self {
+        ClientOp::Input { len }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
         let (index, fields): (u64, Vec<u8>) = match *self {
             ClientOp::Input { len } => (0, len.to_le_bytes().to_vec()),
             ClientOp::ServerHello { local_lm } => (1, vec![local_lm as u8]),
@@ -142,70 +151,13 @@ impl ClientOp {
     }
 }
 
-/// Builds client-target inputs (for seeds).
-#[derive(Debug, Clone)]
-pub struct ClientScript {
-    bytes: Vec<u8>,
-    ops: Vec<(ClientOp, Vec<u8>)>,
-}
-
-impl ClientScript {
-    /// A script for a client configured by `cfg`.
-    pub fn new(cfg: &ClientCfg) -> ClientScript {
-        ClientScript {
-            bytes: cfg.to_bytes(),
-            ops: Vec::new(),
-        }
-    }
-
-    /// Appends a step.
-    pub fn op(mut self, op: ClientOp) -> ClientScript {
-        assert!(!matches!(op, ClientOp::Input { .. }), "use input()");
-        self.bytes.extend(op.to_bytes());
-        self.ops.push((op, Vec::new()));
-        self
-    }
-
-    /// Appends raw server bytes.
-    pub fn input(mut self, data: &[u8]) -> ClientScript {
-        for piece in data.chunks(u16::MAX as usize) {
-            let op = ClientOp::Input {
-                len: piece.len() as u16,
-            };
-            self.bytes.extend(op.to_bytes());
-            self.bytes.extend_from_slice(piece);
-            self.ops.push((op, piece.to_vec()));
-        }
-        self
-    }
-
-    /// The steps so far, with their payloads.
-    pub fn ops(&self) -> &[(ClientOp, Vec<u8>)] {
-        &self.ops
-    }
-
-    /// The fuzz input.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.bytes.clone()
-    }
-}
+/// Builds client-target inputs (for seeds): `ClientScript::new(cfg.to_bytes())`;
+/// its inputs' `to` is ignored.
+pub type ClientScript = crate::common::Script<ClientOp>;
 
 /// Reads a client script.
-pub fn parse(data: &[u8]) -> Option<(ClientCfg, crate::server::Steps<'_, ClientOp>)> {
-    let mut u = Unstructured::new(data);
-    let cfg = ClientCfg::arbitrary(&mut u).ok()?;
-    let mut ops = Vec::new();
-    while !u.is_empty() && ops.len() < crate::server::MAX_OPS {
-        let Ok(op) = ClientOp::arbitrary(&mut u) else {
-            break;
-        };
-        let payload = match op {
-            ClientOp::Input { len } => u.bytes((len as usize).min(u.len())).ok()?,
-            _ => &[][..],
-        };
-        ops.push((op, payload));
-    }
-    Some((cfg, ops))
+pub fn parse(data: &[u8]) -> Option<(ClientCfg, Steps<'_, ClientOp>)> {
+    crate::common::parse(data)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,25 +1,23 @@
 //! The seed corpora in `fuzz/corpus/<target>/`: valid sessions from docs/PROTOCOL.md's
-//! examples and sessions recorded from a [`ClientConnection`] talking to a
-//! [`Node`] in memory, plus a few that reach the limits.
+//! examples and sessions recorded from a [`ClientConnection`](donate_proto::ClientConnection)
+//! talking to a [`Node`](donate_proto::Node) in a [`Sim`], plus a few that reach the limits.
 //!
 //! `tests/corpus.rs` checks that the committed files match, and rewrites them
 //! when `DONATE_FUZZ_WRITE_SEEDS=1`.
-
-use std::time::Instant;
 
 use donate_proto::frame::encode_frame;
 use donate_proto::message::{
     ErrorFrame, Hello, InferResult, ModelStatus, PromptResult, QueueStatus,
 };
-use donate_proto::{
-    run_job, run_mount, ClientConfig, ClientConnection, ClientError, Event, Message, Node, Stub,
-};
+use donate_proto::sim::Sim;
+use donate_proto::{ClientConfig, ClientError, Message, Stub};
 
 use crate::client::{ClientCfg, ClientOp, ClientScript};
+use crate::common::variant_tag;
 use crate::common::{frames, GO_CLIENT_EXAMPLES, GO_NODE_EXAMPLES};
 use crate::decode;
 use crate::roundtrip;
-use crate::server::{variant_tag, Cfg, Op, Script, LM_PATH};
+use crate::server::{Cfg, Op, Script, LM_PATH};
 
 /// A request a recorded session makes, in the client target's terms.
 #[derive(Debug, Clone, Copy)]
@@ -62,59 +60,31 @@ pub struct Recorded {
     pub hello_len: usize,
 }
 
-/// Runs `actions` from a [`ClientConnection`] against a [`Node`] with the [`Stub`], recording both streams.
+/// Runs `actions` from a [`ClientConnection`] against a node with the [`Stub`]
+/// in a [`Sim`], recording both streams.
 pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
-    let now = Instant::now();
     let config = cfg.server_config();
     let stub = Stub::new(config.local_lm_path.clone());
-    let mut node: Node<()> = Node::with_uploads(config, cfg.uploads().handling());
-    let mut client = ClientConnection::new(ClientConfig {
+    let mut sim = Sim::with_uploads(stub, config, cfg.uploads().handling());
+    let p = sim.client_with(ClientConfig {
         chunk_size: 256,
         ..ClientConfig::default()
     });
-    let conn = node.accept(now);
-    let mut rec = Recorded {
-        to_server: Vec::new(),
-        to_client: Vec::new(),
-        hello_len: 0,
-    };
-    let pump = |node: &mut Node<()>, client: &mut ClientConnection, rec: &mut Recorded| loop {
-        let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
-        node.poll_transmit(conn, &mut to_client);
-        client
-            .handle_input(&to_client)
-            .expect("the node's bytes are valid");
-        client.poll_transmit(&mut to_server);
-        node.handle_input(conn, &to_server, now);
-        while let Some(event) = node.poll_event() {
-            if let Event::Mount(mount) = event {
-                node.mount_done(run_mount(&stub, mount), now);
-            }
-        }
-        while let Some(job) = node.next_job() {
-            let outcome = run_job(&stub, &job);
-            node.complete(job.id, outcome, now);
-        }
-        if rec.hello_len == 0 {
-            rec.hello_len = to_client.len();
-        }
-        rec.to_client.extend_from_slice(&to_client);
-        rec.to_server.extend_from_slice(&to_server);
-        if to_client.is_empty() && to_server.is_empty() {
-            break;
-        }
-    };
-    pump(&mut node, &mut client, &mut rec);
     for action in actions {
+        let client = sim.client_core(p);
         match *action {
             Action::Upload(len) => {
-                let mut begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
-                if begun == Err(ClientError::UploadInProgress) {
+                if client.begin_upload(r#"{"ok":true}"#, len.into(), None)
+                    == Err(ClientError::UploadInProgress)
+                {
                     // One upload at a time: let the node answer the last one first.
-                    pump(&mut node, &mut client, &mut rec);
-                    begun = client.begin_upload(r#"{"ok":true}"#, len.into(), None);
+                    sim.run();
+                    sim.client_core(p)
+                        .begin_upload(r#"{"ok":true}"#, len.into(), None)
+                        .expect("connected");
                 }
-                begun.expect("connected");
+                // Every chunk now, ahead of the requests that follow.
+                let client = sim.client_core(p);
                 while client.upload_wants() > 0 {
                     let n = client.upload_wants();
                     client.upload_chunk(&vec![0xab; n]).expect("upload chunk");
@@ -134,8 +104,15 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
             }
         }
     }
-    pump(&mut node, &mut client, &mut rec);
-    rec
+    sim.run();
+    assert_eq!(sim.client_error(p), None, "the node's bytes are valid");
+    let to_client = sim.received(p).to_vec();
+    let hello_len = 4 + u32::from_le_bytes(to_client[..4].try_into().expect("a hello")) as usize;
+    Recorded {
+        to_server: sim.sent(p).to_vec(),
+        to_client,
+        hello_len,
+    }
 }
 
 /// The model_push session the recorded seeds use.
@@ -295,13 +272,13 @@ pub fn server_scripts() -> Vec<(String, Script)> {
     let mut seeds = vec![
         (
             "go-client-session".to_owned(),
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .input(0, &go_client)
                 .op(Op::Pump),
         ),
         ("go-client-stepwise".to_owned(), {
-            let mut s = Script::new(&push)
+            let mut s = Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Transmit { conn: 0 })
                 .input(0, &go_client);
@@ -322,13 +299,13 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         }),
         (
             "go-client-local-lm".to_owned(),
-            Script::new(&lm)
+            Script::new(lm.to_bytes())
                 .op(Op::Accept)
                 .input(0, &go_client)
                 .op(Op::Pump),
         ),
         ("uploads-with-flaws".to_owned(), {
-            let mut s = Script::new(&push)
+            let mut s = Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendHello { conn: 0 });
             for flaw in 0..10 {
@@ -350,7 +327,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("two-clients-queue-full".to_owned(), {
             let mut cfg = push.clone();
             cfg.queue_capacity = 1;
-            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Accept);
+            let mut s = Script::new(cfg.to_bytes()).op(Op::Accept).op(Op::Accept);
             for conn in 0..2 {
                 s = s.op(Op::SendUpload {
                     conn,
@@ -382,7 +359,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("local-lm-prompts".to_owned(), {
-            let mut s = Script::new(&lm)
+            let mut s = Script::new(lm.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendHello { conn: 0 });
             for which in 0..6 {
@@ -408,7 +385,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
             cfg.stall_ms = 50;
             cfg.idle_ms = 300;
             let partial = &go_client[..10];
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Accept)
                 .op(Op::Accept)
@@ -430,7 +407,9 @@ pub fn server_scripts() -> Vec<(String, Script)> {
             let mut cfg = push.clone();
             cfg.max_outbound = 300;
             cfg.backpressure_ms = 1000;
-            let mut s = Script::new(&cfg).op(Op::Accept).op(Op::Pause { conn: 0 });
+            let mut s = Script::new(cfg.to_bytes())
+                .op(Op::Accept)
+                .op(Op::Pause { conn: 0 });
             for _ in 0..8 {
                 s = s
                     .op(Op::SendQueueStatus { conn: 0 })
@@ -443,7 +422,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("shutdown-mid-job".to_owned(), {
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -478,7 +457,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("connection-limit".to_owned(), {
             let mut cfg = push.clone();
             cfg.max_connections = 0;
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::Accept)
                 .op(Op::Transmit { conn: 1 })
@@ -490,7 +469,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         ("mount-after-stall".to_owned(), {
             let mut cfg = push.clone();
             cfg.stall_ms = 10;
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -507,7 +486,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Pump)
         }),
         ("mount-after-peer-closed".to_owned(), {
-            Script::new(&push)
+            Script::new(push.to_bytes())
                 .op(Op::Accept)
                 .op(Op::SendUpload {
                     conn: 0,
@@ -531,7 +510,7 @@ pub fn server_scripts() -> Vec<(String, Script)> {
         let rec = record(&cfg, &actions);
         seeds.push((
             name.to_owned(),
-            Script::new(&cfg)
+            Script::new(cfg.to_bytes())
                 .op(Op::Accept)
                 .input(0, &rec.to_server)
                 .op(Op::Pump),
@@ -560,18 +539,18 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
     let mut seeds = vec![
         (
             "go-node-examples".to_owned(),
-            ClientScript::new(&cfg)
-                .input(&node[..hello_len])
+            ClientScript::new(cfg.to_bytes())
+                .input(0, &node[..hello_len])
                 .op(ClientOp::Infer {
                     ids: 2,
                     max_tokens: 3,
                 })
                 .op(ClientOp::Transmit)
-                .input(&node[hello_len..])
+                .input(0, &node[hello_len..])
                 .op(ClientOp::Events),
         ),
         ("answers".to_owned(), {
-            let mut s = ClientScript::new(&cfg)
+            let mut s = ClientScript::new(cfg.to_bytes())
                 .op(ClientOp::ServerHello { local_lm: false })
                 .op(ClientOp::BeginUpload {
                     len: 600,
@@ -600,26 +579,26 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
         }),
         (
             "huge-upload".to_owned(),
-            ClientScript::new(&cfg)
-                .input(&node[..hello_len])
+            ClientScript::new(cfg.to_bytes())
+                .input(0, &node[..hello_len])
                 .op(ClientOp::BeginHugeUpload { below_max: 0 })
                 .op(ClientOp::UploadChunk { len: 100 })
                 .op(ClientOp::Transmit),
         ),
         (
             "no-hello".to_owned(),
-            ClientScript::new(&cfg)
+            ClientScript::new(cfg.to_bytes())
                 .op(ClientOp::Infer {
                     ids: 1,
                     max_tokens: 1,
                 })
-                .input(&node[hello_len..])
-                .input(&node[..hello_len]),
+                .input(0, &node[hello_len..])
+                .input(0, &node[..hello_len]),
         ),
     ];
     for (name, server_cfg, actions) in recorded_sessions() {
         let rec = record(&server_cfg, &actions);
-        let mut s = ClientScript::new(&cfg).input(&rec.to_client[..rec.hello_len]);
+        let mut s = ClientScript::new(cfg.to_bytes()).input(0, &rec.to_client[..rec.hello_len]);
         for action in &actions {
             for op in action.client_ops() {
                 s = s.op(op);
@@ -627,7 +606,7 @@ pub fn client_scripts() -> Vec<(String, ClientScript)> {
         }
         s = s
             .op(ClientOp::Transmit)
-            .input(&rec.to_client[rec.hello_len..])
+            .input(0, &rec.to_client[rec.hello_len..])
             .op(ClientOp::Events);
         seeds.push((name.to_owned(), s));
     }

@@ -25,21 +25,21 @@
 //! request.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
+use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Job, JobError, JobInput,
-    JobOutcome, JobOutput, Message, Mode, Mount, MountOutcome, Node, ProtocolError, ServerConfig,
-    Spool, Stub, UploadHandling, UploadInfo, UploadWork, Weights,
+    run_job, ConnectionId, Executor, JobError, JobInput, JobOutcome, JobOutput, Message, Mode,
+    MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling, UploadInfo, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::common::is_server_message;
+use crate::common::{is_server_message, variant_tag, Step, Steps};
 
 /// The node's configuration, as the fuzzer picks it.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -361,9 +361,19 @@ pub enum Op {
 /// Number of [`Op`] variants (for encoding seeds).
 const OP_VARIANTS: u64 = 20;
 
-impl Op {
-    /// The bytes `Op::arbitrary` reads back as `self` (without an `Input`'s payload).
-    pub fn to_bytes(&self) -> Vec<u8> {
+impl Step for Op {
+    fn payload_len(&self) -> Option<usize> {
+        match *self {
+            Op::Input { len, .. } => Some(len.into()),
+            _ => None,
+        }
+    }
+
+    fn input(conn: u8, len: u16) -> Self {
+        Op::Input { conn, len }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
         let (index, fields): (u64, Vec<u8>) = match *self {
             Op::Accept => (0, vec![]),
             Op::Input { conn, len } => (1, [&[conn][..], &len.to_le_bytes()].concat()),
@@ -401,81 +411,12 @@ impl Op {
     }
 }
 
-/// The `u32` that derived `Arbitrary` reads as variant `index` of `count`.
-pub fn variant_tag(index: u64, count: u64) -> [u8; 4] {
-    let tag = (index << 32).div_ceil(count);
-    (tag as u32).to_le_bytes()
-}
-
-/// Builds server-target inputs (for seeds).
-#[derive(Debug, Clone)]
-pub struct Script {
-    bytes: Vec<u8>,
-    ops: Vec<(Op, Vec<u8>)>,
-}
-
-impl Script {
-    /// A script for a node configured by `cfg`.
-    pub fn new(cfg: &Cfg) -> Script {
-        Script {
-            bytes: cfg.to_bytes(),
-            ops: Vec::new(),
-        }
-    }
-
-    /// Appends a step.
-    pub fn op(mut self, op: Op) -> Script {
-        assert!(!matches!(op, Op::Input { .. }), "use input()");
-        self.bytes.extend(op.to_bytes());
-        self.ops.push((op, Vec::new()));
-        self
-    }
-
-    /// Appends raw client bytes to `conn`'s send buffer.
-    pub fn input(mut self, conn: u8, data: &[u8]) -> Script {
-        for piece in data.chunks(u16::MAX as usize) {
-            let op = Op::Input {
-                conn,
-                len: piece.len() as u16,
-            };
-            self.bytes.extend(op.to_bytes());
-            self.bytes.extend_from_slice(piece);
-            self.ops.push((op, piece.to_vec()));
-        }
-        self
-    }
-
-    /// The steps so far, with their payloads.
-    pub fn ops(&self) -> &[(Op, Vec<u8>)] {
-        &self.ops
-    }
-
-    /// The fuzz input.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.bytes.clone()
-    }
-}
-
-/// A script's steps, each with the bytes that follow it.
-pub type Steps<'a, O> = Vec<(O, &'a [u8])>;
-
-/// Most steps a script runs.
-pub const MAX_OPS: usize = 2000;
+/// Builds server-target inputs (for seeds): `Script::new(cfg.to_bytes())`.
+pub type Script = crate::common::Script<Op>;
 
 /// Reads a script: the config, then steps with their payloads.
 pub fn parse(data: &[u8]) -> Option<(Cfg, Steps<'_, Op>)> {
-    let mut u = Unstructured::new(data);
-    let cfg = Cfg::arbitrary(&mut u).ok()?;
-    let mut ops = Vec::new();
-    while !u.is_empty() && ops.len() < MAX_OPS {
-        let Ok(op) = Op::arbitrary(&mut u) else { break };
-        let payload = match op {
-            Op::Input { len, .. } => u.bytes((len as usize).min(u.len())).ok()?,
-            _ => &[][..],
-        };
-        ops.push((op, payload));
-    }
-    Some((cfg, ops))
+    crate::common::parse(data)
 }
 
 /// The `server` target.
@@ -500,7 +441,7 @@ pub fn run(data: &[u8]) {
             eprintln!(
                 "{}: removed {} close {:?}\n  answered {:?}\n  owed {:?} (jobs {:?})",
                 c.id,
-                c.removed,
+                h.sim.is_closed(c.peer),
                 c.close,
                 c.answers,
                 (
@@ -760,12 +701,9 @@ struct Close {
 
 #[derive(Debug)]
 struct Conn {
+    peer: Peer,
     id: ConnectionId,
-    removed: bool,
-    paused: bool,
     created_closing: bool,
-    /// Bytes the client has written and the node has not read yet.
-    pending: Vec<u8>,
     mirror: Mirror,
     /// Client-side decoder of what the node transmits.
     out: FrameDecoder,
@@ -777,18 +715,13 @@ struct Conn {
     allowance: usize,
 }
 
+/// The script's node and raw peers in a [`Sim`] that holds every job, mount
+/// and upload work until an [`Op`] runs it; the accounts beside it.
 struct Harness {
     cfg: Cfg,
     config: ServerConfig,
-    workers: usize,
-    exec: FuzzExec,
-    node: Node<()>,
-    start: Instant,
-    now: Instant,
+    sim: Sim<FuzzExec>,
     conns: Vec<Conn>,
-    running: Vec<Job<()>>,
-    mounts: Vec<Mount>,
-    uploads: Vec<UploadWork>,
     /// Mounts and upload work run so far (progress that moves no byte).
     worked: usize,
     next_job_id: u64,
@@ -810,21 +743,18 @@ const PROMPTS: [&str; 6] = [
 impl Harness {
     fn new(cfg: &Cfg) -> Harness {
         let config = cfg.server_config();
-        let start = Instant::now();
+        let exec = FuzzExec {
+            stub: Stub::new(config.local_lm_path.clone()),
+        };
+        let mut sim = Sim::with_uploads(exec, config.clone(), cfg.uploads().handling());
+        sim.hold_jobs = true;
+        sim.hold_mounts = true;
+        sim.hold_uploads = true;
         Harness {
             cfg: cfg.clone(),
-            workers: cfg.workers(),
-            exec: FuzzExec {
-                stub: Stub::new(config.local_lm_path.clone()),
-            },
-            node: Node::with_uploads(config.clone(), cfg.uploads().handling()),
             config,
-            start,
-            now: start,
+            sim,
             conns: Vec::new(),
-            running: Vec::new(),
-            mounts: Vec::new(),
-            uploads: Vec::new(),
             worked: 0,
             next_job_id: 0,
             shutdown: false,
@@ -844,11 +774,7 @@ impl Harness {
     fn apply(&mut self, op: &Op, payload: &[u8]) {
         match *op {
             Op::Accept => self.accept(),
-            Op::Input { conn, .. } => {
-                if let Some(i) = self.pick(conn) {
-                    self.conns[i].pending.extend_from_slice(payload);
-                }
-            }
+            Op::Input { conn, .. } => self.write(conn, payload),
             Op::Feed { conn, max } => {
                 if let Some(i) = self.pick(conn) {
                     self.feed(i, max);
@@ -893,52 +819,43 @@ impl Harness {
                 len,
                 chunk,
                 flaw,
-            } => {
-                if let Some(i) = self.pick(conn) {
-                    let bytes = upload_bytes(len, chunk, flaw);
-                    self.conns[i].pending.extend(bytes);
-                }
-            }
+            } => self.write(conn, &upload_bytes(len, chunk, flaw)),
             Op::SendQueueStatus { conn } => self.send(conn, &Message::QueueStatusRequest),
-            Op::Advance { ms } => self.now += Duration::from_millis(ms.into()),
+            Op::Advance { ms } => self.sim.advance_clock(Duration::from_millis(ms.into())),
             Op::HandleTimeout => self.handle_timeout(),
             Op::PollEvents => self.poll_events(),
             Op::NextJob => {
-                let had_job = self.node.has_job();
-                if self.running.len() < self.workers {
-                    let job = self.node.next_job();
-                    assert_eq!(job.is_some(), had_job, "next_job disagrees with has_job");
-                    if let Some(job) = job {
-                        self.running.push(job);
-                    }
+                if self.sim.held_jobs.len() < self.sim.workers {
+                    let had_job = self.sim.node.has_job();
+                    let took = self.sim.take_job();
+                    assert_eq!(took, had_job, "next_job disagrees with has_job");
                 }
             }
             Op::Complete { pick, outcome } => self.complete(pick, outcome),
             Op::Mount { pick, ok } => self.mount(pick, ok),
             Op::Transmit { conn } => {
                 if let Some(i) = self.pick(conn) {
-                    if !self.conns[i].paused {
-                        self.transmit(i);
-                    }
+                    self.transmit(i);
                 }
             }
             Op::Pause { conn } => {
                 if let Some(i) = self.pick(conn) {
-                    self.conns[i].paused = !self.conns[i].paused;
+                    let peer = self.conns[i].peer;
+                    self.sim.set_reading(peer, !self.sim.is_reading(peer));
                 }
             }
             Op::Remove { conn } => {
                 if let Some(i) = self.pick(conn) {
-                    let id = self.conns[i].id;
-                    self.node.remove(id);
-                    self.conns[i].removed = true;
-                    assert!(self.node.connection(id).is_none());
-                    assert!(self.node.is_closing(id) && !self.node.wants_read(id));
+                    let (peer, id) = (self.conns[i].peer, self.conns[i].id);
+                    self.sim.vanish(peer);
+                    let node = &self.sim.node;
+                    assert!(node.connection(id).is_none());
+                    assert!(node.is_closing(id) && !node.wants_read(id));
                     self.allow_all(512);
                 }
             }
             Op::Shutdown => {
-                self.node.begin_shutdown();
+                self.sim.node.begin_shutdown();
                 self.shutdown = true;
                 self.allow_all(512);
             }
@@ -947,9 +864,8 @@ impl Harness {
             }
             Op::PeerClosed { conn } => {
                 if let Some(i) = self.pick(conn) {
-                    let id = self.conns[i].id;
-                    self.node.peer_closed(id);
-                    assert!(self.node.is_closing(id));
+                    self.sim.close(self.conns[i].peer);
+                    assert!(self.sim.node.is_closing(self.conns[i].id));
                 }
             }
         }
@@ -960,10 +876,16 @@ impl Harness {
         format!("h{}", self.next_job_id)
     }
 
-    fn send(&mut self, conn: u8, msg: &Message<'_>) {
+    fn write(&mut self, conn: u8, bytes: &[u8]) {
         if let Some(i) = self.pick(conn) {
-            msg.encode(&mut self.conns[i].pending);
+            self.sim.write(self.conns[i].peer, bytes);
         }
+    }
+
+    fn send(&mut self, conn: u8, msg: &Message<'_>) {
+        let mut bytes = Vec::new();
+        msg.encode(&mut bytes);
+        self.write(conn, &bytes);
     }
 
     fn allow_all(&mut self, bytes: usize) {
@@ -976,21 +898,20 @@ impl Harness {
         if self.conns.len() >= MAX_CONNS {
             return;
         }
-        let live = self.node.connections().count();
+        let live = self.sim.node.connections().count();
         let over_limit = live >= self.config.max_connections || self.shutdown;
-        let id = self.node.accept(self.now);
+        let peer = self.sim.raw();
+        let id = self.sim.conn(peer);
         assert!(
             self.conns.iter().all(|c| c.id != id),
             "connection id reused"
         );
-        let created_closing = self.node.is_closing(id);
+        let created_closing = self.sim.node.is_closing(id);
         assert_eq!(created_closing, over_limit, "connection limit not applied");
         self.conns.push(Conn {
+            peer,
             id,
-            removed: false,
-            paused: false,
             created_closing,
-            pending: Vec::new(),
             mirror: Mirror::new(&self.config),
             out: FrameDecoder::new(DEFAULT_MAX_FRAME_LEN),
             out_total: 0,
@@ -1004,17 +925,16 @@ impl Harness {
     /// Feeds up to `max` pending bytes (0: all) if the node wants to read them.
     fn feed(&mut self, i: usize, max: u16) {
         let c = &mut self.conns[i];
-        if c.removed || c.pending.is_empty() || !self.node.wants_read(c.id) {
+        let max = match max {
+            0 => usize::MAX,
+            m => m.into(),
+        };
+        let chunk = self.sim.feed(c.peer, max);
+        if chunk.is_empty() {
             return;
         }
-        let n = match max {
-            0 => c.pending.len(),
-            m => (m as usize).min(c.pending.len()),
-        };
-        let chunk: Vec<u8> = c.pending.drain(..n).collect();
         c.allowance += c.mirror.feed(&chunk, &self.config);
-        self.node.handle_input(c.id, &chunk, self.now);
-        let closing = self.node.connection(c.id).and_then(|k| k.closing());
+        let closing = self.sim.node.connection(c.id).and_then(|k| k.closing());
         if c.mirror.framing_failed {
             assert!(
                 matches!(closing, Some(ProtocolError::Frame(_))),
@@ -1029,61 +949,54 @@ impl Harness {
     }
 
     fn handle_timeout(&mut self) {
+        let node = &self.sim.node;
         let deadlines: Vec<_> = self
             .conns
             .iter()
-            .map(|c| {
-                let closing = self.node.is_closing(c.id);
-                (closing, self.node.connection_timeout(c.id))
-            })
+            .map(|c| (node.is_closing(c.id), node.connection_timeout(c.id)))
             .collect();
         let earliest = deadlines.iter().filter_map(|(_, d)| *d).min();
         assert_eq!(
-            self.node.poll_timeout(),
+            node.poll_timeout(),
             earliest,
             "poll_timeout is not the earliest deadline"
         );
-        self.node.handle_timeout(self.now);
+        self.sim.handle_timeout();
+        let (now, start) = (self.sim.now(), self.sim.at(Duration::ZERO));
         for (c, (was_closing, deadline)) in self.conns.iter().zip(deadlines) {
-            if c.removed || was_closing {
+            if self.sim.is_closed(c.peer) || was_closing {
                 continue;
             }
-            let due = deadline.is_some_and(|d| d <= self.now);
+            let due = deadline.is_some_and(|d| d <= now);
             assert_eq!(
-                self.node.is_closing(c.id),
+                self.sim.node.is_closing(c.id),
                 due,
                 "{} at {:?} with deadline {:?}",
                 c.id,
-                self.now - self.start,
-                deadline.map(|d| d - self.start)
+                now - start,
+                deadline.map(|d| d - start)
             );
         }
         self.allow_all(512);
     }
 
+    /// Takes every event: the simulation holds mounts and upload work.
     fn poll_events(&mut self) {
-        while let Some(event) = self.node.poll_event() {
-            #[allow(unreachable_patterns)]
-            match event {
-                Event::Mount(m) => self.mounts.push(m),
-                Event::Upload(work) => {
-                    assert_ne!(self.cfg.uploads(), Uploads::InMemory, "upload work unasked");
-                    self.uploads.push(work);
-                }
-                Event::Wake(_) | Event::Resume(_) | Event::JobQueued => {}
-                // Events this harness does not configure the node to emit.
-                other => panic!("unexpected event {other:?}"),
-            }
-        }
+        self.sim.poll_events();
+        assert!(
+            self.cfg.uploads() != Uploads::InMemory || self.sim.held_uploads.is_empty(),
+            "upload work unasked"
+        );
     }
 
     fn complete(&mut self, pick: u8, outcome: u8) {
-        if self.running.is_empty() {
+        let running = &mut self.sim.held_jobs;
+        if running.is_empty() {
             return;
         }
-        let job = self.running.remove(pick as usize % self.running.len());
+        let job = running.remove(pick as usize % running.len());
         let outcome: JobOutcome = match outcome % 4 {
-            0 | 1 => run_job(&self.exec, &job),
+            0 | 1 => run_job(&self.sim.executor, &job),
             2 => Err(JobError::new("executor_error", "the executor failed")),
             _ => match job.input {
                 JobInput::Infer { .. } => Ok(JobOutput::Prompt("wrong".to_owned())),
@@ -1095,53 +1008,51 @@ impl Harness {
             Ok(JobOutput::Prompt(text)) => 6 * text.len(),
             Err(e) => 6 * (e.message.len() + e.code.len()),
         };
-        self.node.complete(job.id, outcome, self.now);
+        let id = job.id;
+        self.sim.complete(job, outcome);
         assert!(
             !self
+                .sim
                 .node
-                .complete(job.id, Ok(JobOutput::Infer(vec![])), self.now),
+                .complete(id, Ok(JobOutput::Infer(vec![])), self.sim.now()),
             "a job completed twice"
         );
         self.allow_all(1024 + 2 * self.config.max_frame_len + size);
     }
 
     fn mount(&mut self, pick: u8, ok: bool) {
+        let (mounts, uploads) = (self.sim.held_mounts.len(), self.sim.held_uploads.len());
         // Upload work first, when some waits and `pick` is even (or no mount waits).
-        if !self.uploads.is_empty() && (pick % 2 == 0 || self.mounts.is_empty()) {
+        if uploads > 0 && (pick % 2 == 0 || mounts == 0) {
             self.worked += 1;
-            let mut work = self.uploads.remove(pick as usize / 2 % self.uploads.len());
-            run_upload(&self.exec, &mut work);
-            assert!(work.is_empty(), "run upload work kept its bytes");
-            self.node.upload_work_done(work, self.now);
+            self.sim.finish_upload(pick as usize / 2 % uploads);
             self.allow_all(1024 + 2 * self.config.max_frame_len);
             return;
         }
-        if self.mounts.is_empty() {
+        if mounts == 0 {
             return;
         }
-        let m = self.mounts.remove(pick as usize % self.mounts.len());
-        let outcome = if ok {
-            run_mount(&self.exec, m)
+        let i = pick as usize % mounts;
+        if ok {
+            self.sim.finish_mount(i);
         } else {
-            MountOutcome {
+            let m = self.sim.held_mounts.remove(i);
+            let refused = MountOutcome {
                 token: m.token,
                 result: Err("the executor refused the model".to_owned()),
-            }
-        };
-        self.node.mount_done(outcome, self.now);
+            };
+            self.sim.node.mount_done(refused, self.sim.now());
+        }
         // model_status, and the answers of `infer`s parked behind the mount.
         let parked = self.config.queue_capacity * (512 + 2 * self.config.max_frame_len);
         self.allow_all(1024 + parked);
     }
 
-    /// The client reads everything the node has for it.
+    /// The client reads everything the node has for it (unless it stopped reading).
     fn transmit(&mut self, i: usize) {
         let c = &mut self.conns[i];
-        if c.removed {
-            return;
-        }
-        let mut buf = Vec::new();
-        self.node.poll_transmit(c.id, &mut buf);
+        self.sim.transmit(c.peer);
+        let buf = self.sim.take_received(c.peer);
         let mut bodies = Vec::new();
         c.out
             .feed(&buf, |b| bodies.push(b.to_vec()))
@@ -1308,13 +1219,13 @@ impl Harness {
                 self.check();
             }
             self.poll_events();
-            while !self.mounts.is_empty() || !self.uploads.is_empty() {
+            while !self.sim.held_mounts.is_empty() || !self.sim.held_uploads.is_empty() {
                 self.mount(0, true);
                 self.check();
                 self.poll_events();
             }
-            while self.node.has_job() || !self.running.is_empty() {
-                if self.running.len() < self.workers && self.node.has_job() {
+            while self.sim.node.has_job() || !self.sim.held_jobs.is_empty() {
+                if self.sim.held_jobs.len() < self.sim.workers && self.sim.node.has_job() {
                     self.apply(&Op::NextJob, &[]);
                 } else {
                     self.complete(0, 0);
@@ -1323,7 +1234,7 @@ impl Harness {
             }
             self.poll_events();
             for i in 0..self.conns.len() {
-                if !self.conns[i].paused {
+                if self.sim.is_reading(self.conns[i].peer) {
                     self.transmit(i);
                     self.check();
                 }
@@ -1336,9 +1247,9 @@ impl Harness {
 
     fn progress(&self) -> (usize, usize, usize, usize) {
         (
-            self.conns.iter().map(|c| c.pending.len()).sum(),
+            self.conns.iter().map(|c| self.sim.unread(c.peer)).sum(),
             self.conns.iter().map(|c| c.out_total).sum(),
-            self.mounts.len() + self.running.len() + self.uploads.len(),
+            self.sim.held_mounts.len() + self.sim.held_jobs.len() + self.sim.held_uploads.len(),
             self.worked,
         )
     }
@@ -1347,10 +1258,11 @@ impl Harness {
     fn check(&mut self) {
         let config = &self.config;
         for c in &mut self.conns {
-            if c.removed {
+            if self.sim.is_closed(c.peer) {
                 continue;
             }
             let conn = self
+                .sim
                 .node
                 .connection(c.id)
                 .expect("a connection not removed is known");
@@ -1365,7 +1277,7 @@ impl Harness {
                         code,
                         seen: false,
                     });
-                    assert!(!self.node.wants_read(c.id));
+                    assert!(!self.sim.node.wants_read(c.id));
                 }
             }
             let pending = conn.pending_transmit();
@@ -1396,22 +1308,22 @@ impl Harness {
 
     /// Runs everything to the end: the client reads again, every byte goes in and out.
     fn settle(&mut self) {
-        for c in &mut self.conns {
-            c.paused = false;
+        for c in &self.conns {
+            self.sim.set_reading(c.peer, true);
         }
         self.pump(10_000);
     }
 
     fn final_checks(&self) {
         if self.shutdown {
-            assert!(self.node.is_drained(), "shutdown did not drain");
+            assert!(self.sim.node.is_drained(), "shutdown did not drain");
         }
         for c in &self.conns {
-            if c.removed {
+            if self.sim.is_closed(c.peer) {
                 continue;
             }
             assert!(
-                c.pending.is_empty() || self.node.is_closing(c.id),
+                self.sim.unread(c.peer) == 0 || self.sim.node.is_closing(c.id),
                 "{}: input left unread",
                 c.id
             );
@@ -1439,7 +1351,6 @@ impl Harness {
             assert_eq!(a.statuses, m.statuses, "{}: model_status answers", c.id);
             assert_eq!(a.queue, m.queue_requests, "{}: queue_status answers", c.id);
         }
-        let _ = &self.cfg;
     }
 }
 
@@ -1464,7 +1375,7 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
     let chunk = 1 + (chunk % 32) as usize;
     let flaw = flaw % 10;
     let sha = match flaw {
-        1 => hex(&Sha256::digest(&weights)),
+        1 => donate_proto::hex(&Sha256::digest(&weights)),
         2 => "00".repeat(32),
         4 => "xyz".to_owned(),
         _ => String::new(),
@@ -1507,8 +1418,4 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
         Message::ModelCommit.encode(&mut out);
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

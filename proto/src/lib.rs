@@ -12,6 +12,9 @@
 //!   owned by a [`Node`], which also holds the one FIFO job queue.
 //! - [`ClientConnection`]: the client side of one connection.
 //! - [`Executor`]: what a node's workers call, and [`Stub`], the Go node's stub.
+//! - `sim` (cargo feature `sim`, off by default): a simulated network, one node and
+//!   any number of client cores in memory with a virtual clock, for tests and fuzzing,
+//!   and the reference for driving the core by hand.
 //!
 //! Driving a node and a client by hand, with no sockets:
 //!
@@ -79,6 +82,8 @@ mod node;
 mod phase;
 mod queue;
 mod secure;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod upload;
 
 pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};

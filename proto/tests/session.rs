@@ -1,211 +1,94 @@
-//! Whole sessions with no sockets: one `Node<()>` wired to several peers in memory,
-//! in the spirit of quinn-proto's tests. A peer is either a `ClientConnection` or a
-//! raw byte pipe carrying hand-made frames (a Go client, or a hostile one). Time is
-//! a fake clock: a base `Instant` plus the `Duration`s a test adds.
+//! Whole sessions with no sockets, on `donate_proto::sim`: one `Node<()>` with the
+//! stub wired to several peers in memory. A peer is either a `ClientConnection` or
+//! a raw byte pipe carrying hand-made frames (a Go client, or a hostile one). Time
+//! is the simulation's clock: a base `Instant` plus the `Duration`s a test adds.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use donate_proto::error::{ClientError, FrameError};
 use donate_proto::frame::{encode_frame, FrameDecoder};
 use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptResult};
+use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent,
-    ConnectionId, Event, Executor, Job, JobError, JobOutcome, JobOutput, Message, Mode, Mount,
-    NoSpool, Node, RequestId, ServerConfig, Stub, UploadHandling, UploadWork, Weights,
+    run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent, Executor,
+    Job, JobError, JobOutcome, JobOutput, Message, Mode, NoSpool, RequestId, ServerConfig, Stub,
+    UploadHandling, Weights,
 };
 use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------
-// The harness
+// The tests' vocabulary on top of the simulation
 // ---------------------------------------------------------------------------
 
-/// The one place a test reads the clock: everything after is `base + Duration`.
-#[allow(clippy::disallowed_methods)]
-fn base_instant() -> Instant {
-    Instant::now()
+type P = Peer;
+
+fn local_lm(path: &str) -> Sim<Stub> {
+    Sim::stub(ServerConfig {
+        mode: Mode::LocalLm,
+        local_lm_path: path.to_owned(),
+        ..ServerConfig::default()
+    })
 }
 
-enum Side {
-    Client {
-        core: Box<ClientConnection>,
-        /// The fatal error `handle_input` returned, if any.
-        error: Option<ClientError>,
-        /// Weights still to hand to `upload_chunk` as the core asks for them.
-        upload: VecDeque<u8>,
-    },
-    Raw {
-        decoder: FrameDecoder,
-        frames: VecDeque<String>,
-    },
-}
-
-struct Peer {
-    conn: ConnectionId,
-    side: Side,
-    /// When false, the harness never calls `poll_transmit` for this connection.
-    reading: bool,
-    /// Bytes written by the peer that the node has not read yet.
-    to_server: Vec<u8>,
-    /// Everything the peer ever wrote.
-    sent: Vec<u8>,
-    /// Bytes the peer received.
-    received: usize,
-    /// The harness closed the socket (and removed the connection from the node).
-    closed: bool,
-}
-
-struct Sim {
-    node: Node<()>,
-    stub: Stub,
-    base: Instant,
-    now: Instant,
-    peers: Vec<Peer>,
-    /// Hold jobs: workers take them (up to `workers`) but do not run them.
-    hold: bool,
-    workers: usize,
-    held: Vec<Job<()>>,
-    hold_mounts: bool,
-    /// Keep `Event::Digest` work in `held_digests` instead of running it.
-    hold_digests: bool,
-    held_digests: Vec<UploadWork>,
-    held_mounts: Vec<Mount>,
-    wakes: Vec<ConnectionId>,
-}
-
-type P = usize;
-
-impl Sim {
-    fn new(config: ServerConfig) -> Sim {
-        Sim::with_uploads(config, UploadHandling::InMemory)
-    }
-
-    fn with_uploads(config: ServerConfig, uploads: UploadHandling) -> Sim {
-        let base = base_instant();
-        let stub = Stub::new(config.local_lm_path.clone());
-        let workers = config.workers.max(1);
-        Sim {
-            node: Node::with_uploads(config, uploads),
-            stub,
-            base,
-            now: base,
-            peers: Vec::new(),
-            hold: false,
-            workers,
-            held: Vec::new(),
-            hold_mounts: false,
-            hold_digests: false,
-            held_digests: Vec::new(),
-            held_mounts: Vec::new(),
-            wakes: Vec::new(),
-        }
-    }
-
-    fn default() -> Sim {
-        Sim::new(ServerConfig::default())
-    }
-
-    fn local_lm(path: &str) -> Sim {
-        Sim::new(ServerConfig {
-            mode: Mode::LocalLm,
-            local_lm_path: path.to_owned(),
-            ..ServerConfig::default()
-        })
-    }
-
-    fn at(&self, d: Duration) -> Instant {
-        self.base + d
-    }
-
-    fn add_peer(&mut self, side: Side) -> P {
-        let conn = self.node.accept(self.now);
-        self.peers.push(Peer {
-            conn,
-            side,
-            reading: true,
-            to_server: Vec::new(),
-            sent: Vec::new(),
-            received: 0,
-            closed: false,
-        });
-        self.peers.len() - 1
-    }
-
-    /// A `ClientConnection` peer, run until it is connected (or refused).
-    fn client(&mut self) -> P {
-        self.client_with(ClientConfig::default())
-    }
-
-    fn client_with(&mut self, config: ClientConfig) -> P {
-        let p = self.add_peer(Side::Client {
-            core: Box::new(ClientConnection::new(config)),
-            error: None,
-            upload: VecDeque::new(),
-        });
-        self.run();
-        p
-    }
-
-    /// A raw peer; nothing is run, so the server hello is still waiting for it.
-    fn raw(&mut self) -> P {
-        self.add_peer(Side::Raw {
-            decoder: FrameDecoder::new(usize::MAX >> 1),
-            frames: VecDeque::new(),
-        })
-    }
-
-    fn conn(&self, p: P) -> ConnectionId {
-        self.peers[p].conn
-    }
-
-    fn core(&mut self, p: P) -> &mut ClientConnection {
-        match &mut self.peers[p].side {
-            Side::Client { core, .. } => core,
-            Side::Raw { .. } => panic!("peer {p} is raw"),
-        }
-    }
-
-    fn client_error(&self, p: P) -> Option<&ClientError> {
-        match &self.peers[p].side {
-            Side::Client { error, .. } => error.as_ref(),
-            Side::Raw { .. } => panic!("peer {p} is raw"),
-        }
-    }
-
-    fn events(&mut self, p: P) -> Vec<ClientEvent> {
-        std::iter::from_fn(|| self.core(p).poll_event()).collect()
-    }
-
+/// What the tests say, in terms of the simulation's single steps and `run`.
+trait Session {
+    /// Every event of a client peer.
+    fn events(&mut self, p: P) -> Vec<ClientEvent>;
     /// The next event, which must be the answer to `request`.
+    fn answer(&mut self, p: P, request: RequestId) -> Answer;
+    /// Bytes from a peer, then run.
+    fn send(&mut self, p: P, bytes: &[u8]);
+    /// One frame holding `json` from a raw peer, then run.
+    fn send_json(&mut self, p: P, json: &str);
+    /// Exactly one frame arrived at a raw peer; returns it.
+    fn one_frame(&mut self, p: P) -> String;
+    /// Exactly one frame arrived, an error frame; returns it.
+    fn one_error(&mut self, p: P) -> ErrorFrame;
+    /// Proves a raw peer has no answer pending: a `queue_status` request must
+    /// be answered by the very next frame.
+    fn assert_in_step(&mut self, p: P);
+    /// A raw peer that has read the server hello.
+    fn raw_connected(&mut self) -> P;
+    /// Starts an upload on a client peer and runs.
+    fn send_upload(
+        &mut self,
+        p: P,
+        config: &str,
+        weights: &[u8],
+        sha: Option<[u8; 32]>,
+    ) -> RequestId;
+    /// Pushes a model and checks that it mounted.
+    fn mount(&mut self, p: P);
+    /// Advances the clock to `at`.
+    fn advance_to(&mut self, at: Instant);
+    /// Runs the `i`-th held job on the stub, then runs; returns whether its result was delivered.
+    fn finish(&mut self, i: usize) -> bool;
+    /// Hands back `outcome` for a held job, then runs.
+    fn finish_with(&mut self, job: Job<()>, outcome: JobOutcome) -> bool;
+}
+
+impl Session for Sim<Stub> {
+    fn events(&mut self, p: P) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| self.client_core(p).poll_event()).collect()
+    }
+
     #[track_caller]
     fn answer(&mut self, p: P, request: RequestId) -> Answer {
-        match self.core(p).poll_event() {
+        match self.client_core(p).poll_event() {
             Some(ClientEvent::Answer { request: r, answer }) if r == request => answer,
             other => panic!("expected the answer to {request:?}, got {other:?}"),
         }
     }
 
-    /// Queues bytes from a peer and runs.
     fn send(&mut self, p: P, bytes: &[u8]) {
-        self.peers[p].to_server.extend_from_slice(bytes);
-        self.peers[p].sent.extend_from_slice(bytes);
+        self.write(p, bytes);
         self.run();
     }
 
-    /// Sends one frame holding `json` from a raw peer.
     fn send_json(&mut self, p: P, json: &str) {
         self.send(p, &frame(json));
     }
 
-    /// Frames a raw peer received since the last call, as text.
-    fn frames(&mut self, p: P) -> Vec<String> {
-        match &mut self.peers[p].side {
-            Side::Raw { frames, .. } => frames.drain(..).collect(),
-            Side::Client { .. } => panic!("peer {p} is a client"),
-        }
-    }
-
-    /// Exactly one frame arrived at a raw peer; returns it.
     #[track_caller]
     fn one_frame(&mut self, p: P) -> String {
         let frames = self.frames(p);
@@ -213,7 +96,6 @@ impl Sim {
         frames.into_iter().next().unwrap()
     }
 
-    /// Exactly one frame arrived, an error frame; returns it.
     #[track_caller]
     fn one_error(&mut self, p: P) -> ErrorFrame {
         let text = self.one_frame(p);
@@ -223,8 +105,6 @@ impl Sim {
         }
     }
 
-    /// Proves a raw peer has no answer pending: a `queue_status` request must
-    /// be answered by the very next frame.
     #[track_caller]
     fn assert_in_step(&mut self, p: P) {
         self.send_json(p, r#"{"v":1,"type":"queue_status"}"#);
@@ -235,7 +115,6 @@ impl Sim {
         );
     }
 
-    /// A raw peer that has read the server hello.
     fn raw_connected(&mut self) -> P {
         let p = self.raw();
         self.run();
@@ -244,26 +123,20 @@ impl Sim {
         p
     }
 
-    fn is_closed(&self, p: P) -> bool {
-        self.peers[p].closed
-    }
-
-    /// Starts an upload on a client peer; `run` feeds the chunks as the core asks.
-    fn upload(&mut self, p: P, config: &str, weights: &[u8], sha: Option<[u8; 32]>) -> RequestId {
-        let request = self
-            .core(p)
-            .begin_upload(config, weights.len() as u64, sha)
-            .unwrap();
-        if let Side::Client { upload, .. } = &mut self.peers[p].side {
-            upload.extend(weights);
-        }
+    fn send_upload(
+        &mut self,
+        p: P,
+        config: &str,
+        weights: &[u8],
+        sha: Option<[u8; 32]>,
+    ) -> RequestId {
+        let request = self.upload(p, config, weights, sha).unwrap();
         self.run();
         request
     }
 
-    /// Pushes a model and checks that it mounted.
     fn mount(&mut self, p: P) {
-        let request = self.upload(p, r#"{"ok":true}"#, &[1, 2, 3, 4], None);
+        let request = self.send_upload(p, r#"{"ok":true}"#, &[1, 2, 3, 4], None);
         assert_eq!(
             self.answer(p, request),
             Answer::ModelStatus(ModelStatus {
@@ -273,135 +146,19 @@ impl Sim {
         );
     }
 
-    fn advance(&mut self, d: Duration) {
-        self.now += d;
-        self.node.handle_timeout(self.now);
-        self.run();
-    }
-
     fn advance_to(&mut self, at: Instant) {
-        assert!(at >= self.now);
-        self.advance(at - self.now);
+        assert!(at >= self.now());
+        self.advance(at - self.now());
     }
 
-    /// Moves bytes both ways and serves events until nothing moves.
-    fn run(&mut self) {
-        for _ in 0..100_000 {
-            if !self.step() {
-                return;
-            }
-        }
-        panic!("the session never went quiet");
-    }
-
-    fn step(&mut self) -> bool {
-        let mut progress = false;
-        for peer in &mut self.peers {
-            if peer.closed {
-                continue;
-            }
-            let conn = peer.conn;
-            // Node → peer.
-            if peer.reading {
-                let mut out = Vec::new();
-                self.node.poll_transmit(conn, &mut out);
-                if !out.is_empty() {
-                    progress = true;
-                    peer.received += out.len();
-                    match &mut peer.side {
-                        Side::Client { core, error, .. } => {
-                            if error.is_none() {
-                                *error = core.handle_input(&out).err();
-                            }
-                        }
-                        Side::Raw { decoder, frames } => decoder
-                            .feed(&out, |body| {
-                                frames.push_back(String::from_utf8(body.to_vec()).unwrap())
-                            })
-                            .unwrap(),
-                    }
-                }
-            }
-            // A closing connection is closed once its bytes are out (a peer that
-            // does not read never takes them; it is closed with nothing to send).
-            let pending = self
-                .node
-                .connection(conn)
-                .map_or(0, |c| c.pending_transmit());
-            if self.node.is_closing(conn) && pending == 0 {
-                peer.closed = true;
-                self.node.remove(conn);
-                progress = true;
-                continue;
-            }
-            // Peer → node.
-            if let Side::Client { core, upload, .. } = &mut peer.side {
-                loop {
-                    let want = core.upload_wants().min(upload.len());
-                    if want == 0 {
-                        break;
-                    }
-                    let chunk: Vec<u8> = upload.drain(..want).collect();
-                    core.upload_chunk(&chunk).unwrap();
-                }
-                if !core.is_uploading() {
-                    upload.clear();
-                }
-                let mut out = Vec::new();
-                core.poll_transmit(&mut out);
-                peer.sent.extend_from_slice(&out);
-                peer.to_server.extend_from_slice(&out);
-            }
-            if !peer.to_server.is_empty() && self.node.wants_read(conn) {
-                let data = std::mem::take(&mut peer.to_server);
-                self.node.handle_input(conn, &data, self.now);
-                progress = true;
-            }
-        }
-        while let Some(event) = self.node.poll_event() {
-            progress = true;
-            match event {
-                Event::Mount(mount) if self.hold_mounts => self.held_mounts.push(mount),
-                Event::Mount(mount) => {
-                    let outcome = run_mount(&self.stub, mount);
-                    self.node.mount_done(outcome, self.now);
-                }
-                Event::Wake(conn) | Event::Resume(conn) => self.wakes.push(conn),
-                Event::JobQueued => {}
-                Event::Upload(work) if self.hold_digests => self.held_digests.push(work),
-                Event::Upload(mut work) => {
-                    run_upload(&Stub::default(), &mut work);
-                    self.node.upload_work_done(work, self.now);
-                }
-            }
-        }
-        if self.hold {
-            while self.held.len() < self.workers {
-                let Some(job) = self.node.next_job() else {
-                    break;
-                };
-                self.held.push(job);
-                progress = true;
-            }
-        } else {
-            while let Some(job) = self.node.next_job() {
-                let outcome = run_job(&self.stub, &job);
-                self.node.complete(job.id, outcome, self.now);
-                progress = true;
-            }
-        }
-        progress
-    }
-
-    /// Runs the `i`-th held job on the stub; returns whether its result was delivered.
     fn finish(&mut self, i: usize) -> bool {
-        let job = self.held.remove(i);
-        let outcome = run_job(&self.stub, &job);
-        self.finish_with(job, outcome)
+        let delivered = self.finish_job(i);
+        self.run();
+        delivered
     }
 
     fn finish_with(&mut self, job: Job<()>, outcome: JobOutcome) -> bool {
-        let delivered = self.node.complete(job.id, outcome, self.now);
+        let delivered = self.complete(job, outcome);
         self.run();
         delivered
     }
@@ -489,7 +246,7 @@ const MS: Duration = Duration::from_millis(1);
 
 #[test]
 fn hello_both_ways() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client();
     let events = sim.events(p);
     assert_eq!(
@@ -502,10 +259,13 @@ fn hello_both_ways() {
             capabilities: Vec::new(),
         })]
     );
-    assert_eq!(sim.core(p).server_hello().unwrap().queue_capacity, 64);
+    assert_eq!(
+        sim.client_core(p).server_hello().unwrap().queue_capacity,
+        64
+    );
     // The client answered with the Go client's hello, byte for byte.
     assert_eq!(
-        split_frames(&sim.peers[p].sent),
+        split_frames(sim.sent(p)),
         [r#"{"v":1,"type":"hello","mode":"model_push","role":"client"}"#]
     );
     // The server's hello, byte for byte, as a raw peer sees it.
@@ -524,14 +284,14 @@ fn hello_both_ways() {
     assert_in_step_and_open(&mut sim, raw);
 }
 
-fn assert_in_step_and_open(sim: &mut Sim, p: P) {
+fn assert_in_step_and_open(sim: &mut Sim<Stub>, p: P) {
     sim.assert_in_step(p);
     assert!(!sim.is_closed(p));
 }
 
 #[test]
 fn local_lm_hello_names_its_path_and_the_client_echoes_the_mode() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         mode: Mode::LocalLm,
         local_lm_path: "/m/tiny.gguf".into(),
         queue_capacity: 3,
@@ -548,14 +308,14 @@ fn local_lm_hello_names_its_path_and_the_client_echoes_the_mode() {
     let p = sim.client();
     assert!(matches!(&sim.events(p)[..], [ClientEvent::Connected(h)] if h.mode == "local_lm"));
     assert_eq!(
-        split_frames(&sim.peers[p].sent),
+        split_frames(sim.sent(p)),
         [r#"{"v":1,"type":"hello","mode":"local_lm","role":"client"}"#]
     );
 }
 
 #[test]
 fn the_client_hello_is_optional() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let raw = sim.raw_connected();
     sim.send_json(
         raw,
@@ -571,7 +331,7 @@ fn the_client_hello_is_optional() {
 
 #[test]
 fn a_go_client_session_byte_for_byte() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let go = sim.raw_connected();
     // The Go client writes its hello and streams the model, then reads one answer.
     let mut upload = frame(r#"{"v":1,"type":"hello","mode":"model_push","role":"client"}"#);
@@ -606,27 +366,27 @@ fn a_go_client_session_byte_for_byte() {
 
 #[test]
 fn model_push_without_sha256_then_infer() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
     assert!(sim.node.connection(sim.conn(p)).unwrap().has_model());
-    let job = sim.core(p).infer(&[9, 9], 3).unwrap();
+    let job = sim.client_core(p).infer(&[9, 9], 3).unwrap();
     sim.run();
     assert_eq!(sim.answer(p, job), infer_ok("j2", vec![9, 9, 1, 2, 3], 0));
-    let job = sim.core(p).infer(&[1], 0).unwrap();
+    let job = sim.client_core(p).infer(&[1], 0).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(p, job),
         infer_ok("j3", vec![1, 1, 2, 3, 4, 5, 6, 7, 1], 0)
     );
-    assert_eq!(sim.core(p).outstanding(), 0);
+    assert_eq!(sim.client_core(p).outstanding(), 0);
     assert!(sim.client_error(p).is_none());
 }
 
 #[test]
 fn model_push_in_many_chunks_with_sha256() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client_with(ClientConfig {
         chunk_size: 3,
         upload_window: 8,
@@ -635,10 +395,10 @@ fn model_push_in_many_chunks_with_sha256() {
     sim.events(p);
     let weights: Vec<u8> = (0..10).collect();
     let sha: [u8; 32] = Sha256::digest(&weights).into();
-    let request = sim.upload(p, r#"{"layers":2}"#, &weights, Some(sha));
+    let request = sim.send_upload(p, r#"{"layers":2}"#, &weights, Some(sha));
     assert_eq!(sim.answer(p, request), status(true, "mounted"));
     // What went out: hello, begin with the hash, chunks 0..=3 of 3,3,3,1 bytes, commit.
-    let sent = split_frames(&sim.peers[p].sent);
+    let sent = split_frames(sim.sent(p));
     let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(
         sent[1],
@@ -660,12 +420,12 @@ fn model_push_in_many_chunks_with_sha256() {
 
 #[test]
 fn sha256_mismatch_is_refused_with_the_reason() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client();
     sim.events(p);
     let weights = [1u8, 2, 3, 4];
     let claimed: [u8; 32] = Sha256::digest(b"something else").into();
-    let request = sim.upload(p, r#"{"ok":true}"#, &weights, Some(claimed));
+    let request = sim.send_upload(p, r#"{"ok":true}"#, &weights, Some(claimed));
     let got: String = Sha256::digest(weights)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -679,7 +439,7 @@ fn sha256_mismatch_is_refused_with_the_reason() {
         )
     );
     assert!(!sim.node.connection(sim.conn(p)).unwrap().has_model());
-    let job = sim.core(p).infer(&[1], 1).unwrap();
+    let job = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(p, job),
@@ -689,7 +449,7 @@ fn sha256_mismatch_is_refused_with_the_reason() {
 
 #[test]
 fn sha256_in_upper_case_is_accepted_and_a_malformed_one_refused() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     let weights = [5u8, 6, 7];
     let hex: String = Sha256::digest(weights)
@@ -722,7 +482,7 @@ fn sha256_in_upper_case_is_accepted_and_a_malformed_one_refused() {
 
 #[test]
 fn wrong_chunk_order_fails_the_upload_once() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     sim.send_json(p, &begin(r#"{"ok":true}"#, 4));
     sim.send_json(p, &chunk(1, false, &[1, 2]));
@@ -767,7 +527,7 @@ fn wrong_chunk_order_fails_the_upload_once() {
 
 #[test]
 fn overflow_fails_the_upload_once() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     // One chunk too big.
     sim.send_json(p, &begin("{}", 4));
@@ -793,7 +553,7 @@ fn overflow_fails_the_upload_once() {
 
 #[test]
 fn nothing_may_follow_the_last_chunk() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     // Marked last with a byte missing, then one more chunk: refused once.
     sim.send_json(p, &begin("{}", 4));
@@ -827,7 +587,7 @@ fn nothing_may_follow_the_last_chunk() {
 
 #[test]
 fn missing_bytes_at_commit() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     sim.send_json(p, &begin("{}", 4));
     sim.send_json(p, &chunk(0, false, &[1, 2, 3]));
@@ -856,7 +616,7 @@ fn missing_bytes_at_commit() {
 
 #[test]
 fn empty_config_at_commit() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     sim.send_json(p, &begin("", 4));
     sim.send_json(p, &chunk(0, true, &[1, 2, 3, 4]));
@@ -868,26 +628,26 @@ fn empty_config_at_commit() {
     // Same through the client core.
     let c = sim.client();
     sim.events(c);
-    let request = sim.upload(c, "", &[1, 2, 3, 4], None);
+    let request = sim.send_upload(c, "", &[1, 2, 3, 4], None);
     assert_eq!(sim.answer(c, request), status(false, "no config"));
 }
 
 #[test]
 fn an_empty_model_mounts() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client();
     sim.events(p);
-    let request = sim.upload(p, "{}", &[], None);
+    let request = sim.send_upload(p, "{}", &[], None);
     assert_eq!(sim.answer(p, request), status(true, "mounted"));
     assert_eq!(
-        split_frames(&sim.peers[p].sent)[1..],
+        split_frames(sim.sent(p))[1..],
         [begin("{}", 0), COMMIT.to_owned()]
     );
 }
 
 #[test]
 fn a_huge_weights_len_allocates_nothing_up_front() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     let max = 100 * 64 * 1024 * 1024_i64;
     sim.send_json(p, &begin("{}", max));
@@ -909,30 +669,30 @@ fn a_huge_weights_len_allocates_nothing_up_front() {
 
 #[test]
 fn a_model_belongs_to_its_connection() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let a = sim.client();
     let b = sim.client();
     sim.events(a);
     sim.events(b);
     sim.mount(a);
-    let job = sim.core(b).infer(&[1], 1).unwrap();
+    let job = sim.client_core(b).infer(&[1], 1).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(b, job),
         error_answer("model_not_mounted", "model not mounted", "j1")
     );
-    let job = sim.core(a).infer(&[1], 1).unwrap();
+    let job = sim.client_core(a).infer(&[1], 1).unwrap();
     sim.run();
     assert_eq!(sim.answer(a, job), infer_ok("j2", vec![1, 1], 0));
 }
 
 #[test]
 fn a_slow_mount_is_answered_when_the_executor_is_done() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_mounts = true;
     let p = sim.client();
     sim.events(p);
-    let request = sim.upload(p, "{}", &[1, 2], None);
+    let request = sim.send_upload(p, "{}", &[1, 2], None);
     assert_eq!(sim.events(p), []);
     assert_eq!(sim.held_mounts.len(), 1);
     // Not idle while mounting: no idle deadline.
@@ -956,55 +716,55 @@ fn a_slow_mount_is_answered_when_the_executor_is_done() {
         }
     }
     let outcome = run_mount(&Refuses, mount);
-    sim.node.mount_done(outcome, sim.now);
+    sim.node.mount_done(outcome, sim.now());
     sim.run();
     assert_eq!(sim.answer(p, request), status(false, "cannot load 2 bytes"));
 }
 
 #[test]
 fn a_second_upload_waits_until_the_first_is_answered() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_mounts = true;
     let p = sim.client();
     sim.events(p);
-    let first = sim.upload(p, "{}", &[1], None);
+    let first = sim.send_upload(p, "{}", &[1], None);
     // Sent in full but unanswered: a refusal could not be told apart.
     assert_eq!(
-        sim.core(p).begin_upload("{}", 1, None),
+        sim.client_core(p).begin_upload("{}", 1, None),
         Err(ClientError::UploadInProgress)
     );
     let mount = sim.held_mounts.pop().unwrap();
     sim.node
-        .mount_done(run_mount(&Stub::default(), mount), sim.now);
+        .mount_done(run_mount(&Stub::default(), mount), sim.now());
     sim.run();
     assert_eq!(sim.answer(p, first), status(true, "mounted"));
-    assert!(sim.core(p).begin_upload("{}", 1, None).is_ok());
+    assert!(sim.client_core(p).begin_upload("{}", 1, None).is_ok());
 }
 
 #[test]
 fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_mounts = true;
     let p = sim.client();
     sim.events(p);
-    let first = sim.upload(p, "{}", &[1, 2], None);
-    let job = sim.core(p).infer(&[9, 9], 3).unwrap();
+    let first = sim.send_upload(p, "{}", &[1, 2], None);
+    let job = sim.client_core(p).infer(&[9, 9], 3).unwrap();
     sim.run();
     // Nothing answered yet: the job waits for the model, not "model not mounted".
     assert_eq!(sim.events(p), []);
     let mount = sim.held_mounts.pop().unwrap();
     sim.node
-        .mount_done(run_mount(&Stub::default(), mount), sim.now);
+        .mount_done(run_mount(&Stub::default(), mount), sim.now());
     sim.run();
     assert_eq!(sim.answer(p, first), status(true, "mounted"));
     assert_eq!(sim.answer(p, job), infer_ok("j2", vec![9, 9, 1, 2, 3], 0));
 
     // A refused mount refuses the jobs that waited for it.
-    let second = sim.upload(p, "", &[1], None);
+    let second = sim.send_upload(p, "", &[1], None);
     sim.run();
     assert_eq!(sim.answer(p, second), status(false, "no config"));
-    let failing = sim.upload(p, "{}", &[3], None);
-    let job = sim.core(p).infer(&[1], 1).unwrap();
+    let failing = sim.send_upload(p, "{}", &[3], None);
+    let job = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
     let mount = sim.held_mounts.pop().unwrap();
     struct Refuses;
@@ -1021,7 +781,7 @@ fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
             unreachable!()
         }
     }
-    sim.node.mount_done(run_mount(&Refuses, mount), sim.now);
+    sim.node.mount_done(run_mount(&Refuses, mount), sim.now());
     sim.run();
     assert_eq!(sim.answer(p, failing), status(false, "no"));
     // The earlier model is still mounted: the job runs on it.
@@ -1035,22 +795,26 @@ fn workers_hash_an_upload_while_it_arrives() {
     let mut wrong = sha;
     wrong[0] ^= 1;
     for (expected, ok) in [(sha, true), (wrong, false)] {
-        let mut sim = Sim::with_uploads(ServerConfig::default(), UploadHandling::HashAsItArrives);
-        sim.hold_digests = true;
+        let mut sim = Sim::with_uploads(
+            Stub::default(),
+            ServerConfig::default(),
+            UploadHandling::HashAsItArrives,
+        );
+        sim.hold_uploads = true;
         let p = sim.client();
         sim.events(p);
-        let request = sim.upload(p, "{}", &weights, Some(expected));
+        let request = sim.send_upload(p, "{}", &weights, Some(expected));
         // The hash state went to a worker after the first 4 MiB and the commit
         // waits for it to come back: no answer yet.
-        assert_eq!(sim.held_digests.len(), 1);
-        assert!(sim.held_digests[0].len() >= 4 * 1024 * 1024);
+        assert_eq!(sim.held_uploads.len(), 1);
+        assert!(sim.held_uploads[0].len() >= 4 * 1024 * 1024);
         assert_eq!(sim.events(p), []);
         // Hand the work back; the rest is hashed at mount time.
-        let mut work = sim.held_digests.pop().unwrap();
+        let mut work = sim.held_uploads.pop().unwrap();
         run_upload(&Stub::default(), &mut work);
         assert!(work.is_empty());
-        sim.node.upload_work_done(work, sim.now);
-        sim.hold_digests = false;
+        sim.node.upload_work_done(work, sim.now());
+        sim.hold_uploads = false;
         sim.run();
         let answer = sim.answer(p, request);
         match answer {
@@ -1067,18 +831,22 @@ fn workers_hash_an_upload_while_it_arrives() {
 
 #[test]
 fn hash_work_returned_after_its_connection_left_is_dropped() {
-    let mut sim = Sim::with_uploads(ServerConfig::default(), UploadHandling::HashAsItArrives);
-    sim.hold_digests = true;
+    let mut sim = Sim::with_uploads(
+        Stub::default(),
+        ServerConfig::default(),
+        UploadHandling::HashAsItArrives,
+    );
+    sim.hold_uploads = true;
     let p = sim.client();
     sim.events(p);
     let weights = vec![7u8; 5 * 1024 * 1024];
     let sha: [u8; 32] = Sha256::digest(&weights).into();
-    sim.upload(p, "{}", &weights, Some(sha));
-    let mut work = sim.held_digests.pop().unwrap();
+    sim.send_upload(p, "{}", &weights, Some(sha));
+    let mut work = sim.held_uploads.pop().unwrap();
     let conn = sim.conn(p);
     sim.node.remove(conn);
     run_upload(&Stub::default(), &mut work);
-    sim.node.upload_work_done(work, sim.now);
+    sim.node.upload_work_done(work, sim.now());
     assert!(sim.node.poll_event().is_none());
     // Shutdown is not held up by the dropped commit.
     sim.node.begin_shutdown();
@@ -1090,7 +858,7 @@ fn hash_work_returned_after_its_connection_left_is_dropped() {
 // ---------------------------------------------------------------------------
 
 /// Sends `request` from a fresh raw peer and returns the one error frame it gets.
-fn refusal(sim: &mut Sim, setup: &[String], request: &str) -> ErrorFrame {
+fn refusal(sim: &mut Sim<Stub>, setup: &[String], request: &str) -> ErrorFrame {
     let p = sim.raw_connected();
     for json in setup {
         sim.send_json(p, json);
@@ -1105,8 +873,8 @@ fn refusal(sim: &mut Sim, setup: &[String], request: &str) -> ErrorFrame {
 
 #[test]
 fn server_answers_table() {
-    let mut push = Sim::default();
-    let mut lm = Sim::local_lm("/m/x");
+    let mut push = Sim::stub(ServerConfig::default());
+    let mut lm = local_lm("/m/x");
     let none: &[String] = &[];
 
     let e = refusal(&mut lm, none, &begin("{}", 4));
@@ -1200,7 +968,7 @@ fn server_answers_table() {
 
 #[test]
 fn one_answer_per_request() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     // A refused model_begin: one error, then silence for its chunks and commit.
     sim.send_json(p, &begin("{}", -1));
@@ -1255,7 +1023,7 @@ fn one_answer_per_request() {
 
 #[test]
 fn chunks_and_commit_on_a_local_lm_node_get_no_answer() {
-    let mut sim = Sim::local_lm("/m/x");
+    let mut sim = local_lm("/m/x");
     let p = sim.raw_connected();
     sim.send_json(p, &begin("{}", 4));
     assert_eq!(
@@ -1278,12 +1046,12 @@ fn chunks_and_commit_on_a_local_lm_node_get_no_answer() {
 
 #[test]
 fn prompt_on_a_local_lm_node() {
-    let mut sim = Sim::local_lm("/models/tiny.gguf");
+    let mut sim = local_lm("/models/tiny.gguf");
     let p = sim.client();
     assert!(
         matches!(&sim.events(p)[..], [ClientEvent::Connected(h)] if h.local_lm_path == "/models/tiny.gguf")
     );
-    let job = sim.core(p).prompt("  hello   world  ", 0).unwrap();
+    let job = sim.client_core(p).prompt("  hello   world  ", 0).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(p, job),
@@ -1297,7 +1065,7 @@ fn prompt_on_a_local_lm_node() {
         })
     );
     // infer is refused, and the client matches the refusal to it.
-    let job = sim.core(p).infer(&[1], 1).unwrap();
+    let job = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(p, job),
@@ -1323,25 +1091,25 @@ fn prompt_on_a_local_lm_node() {
 
 #[test]
 fn queue_full_with_capacity_2_and_2_workers() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         queue_capacity: 2,
         workers: 2,
         ..ServerConfig::default()
     });
-    sim.hold = true;
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
     let running: Vec<RequestId> = (0..2)
-        .map(|i| sim.core(p).infer(&[i], 1).unwrap())
+        .map(|i| sim.client_core(p).infer(&[i], 1).unwrap())
         .collect();
     sim.run();
-    assert_eq!(sim.held.len(), 2);
+    assert_eq!(sim.held_jobs.len(), 2);
     let queued: Vec<RequestId> = (2..4)
-        .map(|i| sim.core(p).infer(&[i], 1).unwrap())
+        .map(|i| sim.client_core(p).infer(&[i], 1).unwrap())
         .collect();
     sim.run();
-    assert_eq!(sim.held.len(), 2);
+    assert_eq!(sim.held_jobs.len(), 2);
     assert!(sim.node.has_job());
     let status = sim.node.queue_status();
     assert_eq!(
@@ -1349,7 +1117,7 @@ fn queue_full_with_capacity_2_and_2_workers() {
         (2, 2, true)
     );
     // The fifth is refused at once, by its job_id.
-    let fifth = sim.core(p).infer(&[4], 1).unwrap();
+    let fifth = sim.client_core(p).infer(&[4], 1).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(p, fifth),
@@ -1366,13 +1134,13 @@ fn queue_full_with_capacity_2_and_2_workers() {
     assert!(sim.finish(0));
     // Both arrived in one read, so one was still waiting when a worker took the first.
     assert_eq!(sim.answer(p, running[0]), infer_ok("j2", vec![0, 1], 1));
-    assert_eq!(sim.held.len(), 2);
+    assert_eq!(sim.held_jobs.len(), 2);
     assert_eq!(sim.node.queue_status().depth, 1);
-    let sixth = sim.core(p).infer(&[5], 1).unwrap();
+    let sixth = sim.client_core(p).infer(&[5], 1).unwrap();
     sim.run();
     assert_eq!(sim.events(p), []);
     assert_eq!(sim.node.queue_status().depth, 2);
-    while !sim.held.is_empty() {
+    while !sim.held_jobs.is_empty() {
         assert!(sim.finish(0));
     }
     let answered: Vec<RequestId> = sim
@@ -1387,22 +1155,22 @@ fn queue_full_with_capacity_2_and_2_workers() {
         })
         .collect();
     assert_eq!(answered, [running[1], queued[0], queued[1], sixth]);
-    assert_eq!(sim.core(p).outstanding(), 0);
+    assert_eq!(sim.client_core(p).outstanding(), 0);
 }
 
 #[test]
 fn queue_depth_is_what_was_still_waiting() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
     let jobs: Vec<RequestId> = (0..3)
-        .map(|i| sim.core(p).infer(&[i], 1).unwrap())
+        .map(|i| sim.client_core(p).infer(&[i], 1).unwrap())
         .collect();
     sim.run();
-    assert_eq!(sim.held.len(), 1);
-    assert_eq!(sim.held[0].queue_depth, 2);
+    assert_eq!(sim.held_jobs.len(), 1);
+    assert_eq!(sim.held_jobs[0].queue_depth, 2);
     let mut depths = Vec::new();
     for job in jobs {
         sim.finish(0);
@@ -1416,25 +1184,25 @@ fn queue_depth_is_what_was_still_waiting() {
 
 #[test]
 fn queue_status_reports_depth_capacity_and_in_progress() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         queue_capacity: 5,
         ..ServerConfig::default()
     });
-    sim.hold = true;
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
-    let ask = |sim: &mut Sim| {
-        let request = sim.core(p).queue_status().unwrap();
+    let ask = |sim: &mut Sim<Stub>| {
+        let request = sim.client_core(p).queue_status().unwrap();
         sim.run();
-        match sim.core(p).take_answer(request).unwrap() {
+        match sim.client_core(p).take_answer(request).unwrap() {
             Answer::QueueStatus(s) => (s.depth, s.capacity, s.in_progress),
             other => panic!("{other:?}"),
         }
     };
     assert_eq!(ask(&mut sim), (0, 5, false));
     let jobs: Vec<RequestId> = (0..3)
-        .map(|i| sim.core(p).infer(&[i], 1).unwrap())
+        .map(|i| sim.client_core(p).infer(&[i], 1).unwrap())
         .collect();
     sim.run();
     assert_eq!(ask(&mut sim), (2, 5, true));
@@ -1455,20 +1223,20 @@ fn queue_status_reports_depth_capacity_and_in_progress() {
 
 #[test]
 fn pipelined_jobs_complete_out_of_order() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         workers: 3,
         ..ServerConfig::default()
     });
-    sim.hold = true;
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
-    let a = sim.core(p).infer(&[10], 1).unwrap();
-    let b = sim.core(p).infer(&[20], 2).unwrap();
-    let c = sim.core(p).infer(&[30], 3).unwrap();
+    let a = sim.client_core(p).infer(&[10], 1).unwrap();
+    let b = sim.client_core(p).infer(&[20], 2).unwrap();
+    let c = sim.client_core(p).infer(&[30], 3).unwrap();
     sim.run();
-    assert_eq!(sim.held.len(), 3);
-    assert_eq!(sim.core(p).outstanding(), 3);
+    assert_eq!(sim.held_jobs.len(), 3);
+    assert_eq!(sim.client_core(p).outstanding(), 3);
     let wakes = sim.wakes.len();
     assert!(sim.finish(2));
     // A delivered result wakes the connection's writer.
@@ -1498,15 +1266,15 @@ fn pipelined_jobs_complete_out_of_order() {
 
 #[test]
 fn job_errors_carry_job_id_and_code() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     // A refusal with two requests outstanding lands on the right one.
     sim.mount(p);
-    let first = sim.core(p).infer(&[1], 1).unwrap();
+    let first = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
-    let job = sim.held.pop().unwrap();
+    let job = sim.held_jobs.pop().unwrap();
     // An executor error goes into the result with its code.
     assert!(sim.finish_with(job, Err(JobError::new("bad_input", "ids out of range"))));
     assert_eq!(
@@ -1521,9 +1289,9 @@ fn job_errors_carry_job_id_and_code() {
         })
     );
     // The wrong kind of output is a job error too.
-    let second = sim.core(p).infer(&[1], 1).unwrap();
+    let second = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
-    let job = sim.held.pop().unwrap();
+    let job = sim.held_jobs.pop().unwrap();
     assert!(sim.finish_with(job, Ok(JobOutput::Prompt("text".into()))));
     match sim.answer(p, second) {
         Answer::Infer(r) => assert_eq!(
@@ -1547,9 +1315,9 @@ fn job_errors_carry_job_id_and_code() {
             unreachable!()
         }
     }
-    let third = sim.core(p).infer(&[1], 1).unwrap();
+    let third = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
-    let job = sim.held.pop().unwrap();
+    let job = sim.held_jobs.pop().unwrap();
     let outcome = run_job(&Panics, &job);
     assert!(sim.finish_with(job, outcome));
     assert_eq!(
@@ -1567,18 +1335,18 @@ fn job_errors_carry_job_id_and_code() {
 
 #[test]
 fn refusals_are_matched_by_job_id_among_pipelined_jobs() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         queue_capacity: 1,
         ..ServerConfig::default()
     });
-    sim.hold = true;
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
-    let a = sim.core(p).infer(&[1], 1).unwrap(); // running
+    let a = sim.client_core(p).infer(&[1], 1).unwrap(); // running
     sim.run();
-    let b = sim.core(p).infer(&[2], 1).unwrap(); // queued
-    let c = sim.core(p).infer(&[3], 1).unwrap(); // refused
+    let b = sim.client_core(p).infer(&[2], 1).unwrap(); // queued
+    let c = sim.client_core(p).infer(&[3], 1).unwrap(); // refused
     sim.run();
     assert_eq!(
         sim.events(p),
@@ -1599,7 +1367,7 @@ fn refusals_are_matched_by_job_id_among_pipelined_jobs() {
 
 #[test]
 fn bad_bodies_are_answered_and_the_connection_keeps_working() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.raw_connected();
     let cases: [(&[u8], &str, &str); 9] = [
         (b"{", "bad_json", ""),
@@ -1665,7 +1433,7 @@ fn bad_bodies_are_answered_and_the_connection_keeps_working() {
 #[test]
 fn framing_errors_close_the_connection_after_an_error_frame() {
     for (bad, len) in [(0u32, 0usize), (1025, 1025), (u32::MAX, u32::MAX as usize)] {
-        let mut sim = Sim::new(ServerConfig {
+        let mut sim = Sim::stub(ServerConfig {
             max_frame_len: 1024,
             ..ServerConfig::default()
         });
@@ -1691,7 +1459,7 @@ fn framing_errors_close_the_connection_after_an_error_frame() {
         assert!(sim.node.connection(sim.conn(p)).is_none());
     }
     // Exactly max_frame_len is fine.
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         max_frame_len: 64,
         ..ServerConfig::default()
     });
@@ -1709,13 +1477,13 @@ fn framing_errors_close_the_connection_after_an_error_frame() {
 
 #[test]
 fn input_after_a_framing_error_is_ignored() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let p = sim.raw_connected();
     let conn = sim.conn(p);
     // Keep the connection from being removed: stop reading so the harness leaves it.
-    sim.peers[p].reading = false;
-    sim.node.handle_input(conn, &header(0), sim.now);
+    sim.set_reading(p, false);
+    sim.node.handle_input(conn, &header(0), sim.now());
     assert!(sim.node.is_closing(conn));
     assert!(!sim.node.wants_read(conn));
     assert_eq!(
@@ -1724,7 +1492,7 @@ fn input_after_a_framing_error_is_ignored() {
     );
     let pending = sim.node.connection(conn).unwrap().pending_transmit();
     sim.node
-        .handle_input(conn, &frame(r#"{"v":1,"type":"queue_status"}"#), sim.now);
+        .handle_input(conn, &frame(r#"{"v":1,"type":"queue_status"}"#), sim.now());
     assert_eq!(
         sim.node.connection(conn).unwrap().pending_transmit(),
         pending
@@ -1749,7 +1517,7 @@ fn timeouts() -> ServerConfig {
 
 #[test]
 fn handshake_timeout() {
-    let mut sim = Sim::new(timeouts());
+    let mut sim = Sim::stub(timeouts());
     let p = sim.raw_connected();
     assert_eq!(sim.node.poll_timeout(), Some(sim.at(10 * SECOND)));
     sim.advance(3 * SECOND);
@@ -1782,7 +1550,7 @@ fn handshake_timeout() {
 
 #[test]
 fn a_first_frame_ends_the_handshake_timer() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         idle_timeout: None,
         ..timeouts()
     });
@@ -1797,9 +1565,9 @@ fn a_first_frame_ends_the_handshake_timer() {
     assert!(!sim.is_closed(p));
     // Bytes that are not yet a frame do not count as a first frame.
     let q = sim.raw_connected();
-    let deadline = sim.now + 10 * SECOND;
+    let deadline = sim.now() + 10 * SECOND;
     sim.send(q, &header(10));
-    assert_eq!(sim.node.poll_timeout(), Some(sim.now + 5 * SECOND));
+    assert_eq!(sim.node.poll_timeout(), Some(sim.now() + 5 * SECOND));
     sim.advance(4 * SECOND);
     sim.send(q, b"{}");
     sim.advance(4 * SECOND);
@@ -1811,17 +1579,17 @@ fn a_first_frame_ends_the_handshake_timer() {
 
 #[test]
 fn stall_timeout() {
-    let mut sim = Sim::new(timeouts());
+    let mut sim = Sim::stub(timeouts());
     let p = sim.raw_connected();
     sim.send_json(p, r#"{"v":1,"type":"hello"}"#);
     // Half a frame, then a trickle that keeps it alive.
     let whole = frame(r#"{"v":1,"type":"queue_status"}"#);
     sim.advance(SECOND);
     sim.send(p, &whole[..3]);
-    assert_eq!(sim.node.poll_timeout(), Some(sim.now + 5 * SECOND));
+    assert_eq!(sim.node.poll_timeout(), Some(sim.now() + 5 * SECOND));
     sim.advance(4 * SECOND);
     sim.send(p, &whole[3..10]);
-    assert_eq!(sim.node.poll_timeout(), Some(sim.now + 5 * SECOND));
+    assert_eq!(sim.node.poll_timeout(), Some(sim.now() + 5 * SECOND));
     sim.advance(5 * SECOND - MS);
     assert!(!sim.is_closed(p));
     sim.advance(MS);
@@ -1835,19 +1603,19 @@ fn stall_timeout() {
 
 #[test]
 fn idle_timeout() {
-    let mut sim = Sim::new(timeouts());
-    sim.hold = true;
+    let mut sim = Sim::stub(timeouts());
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
     let conn = sim.conn(p);
     assert_eq!(
         sim.node.connection_timeout(conn),
-        Some(sim.now + 60 * SECOND)
+        Some(sim.now() + 60 * SECOND)
     );
     sim.advance(50 * SECOND);
     // A job in flight: no idle timer, however long it runs.
-    let job = sim.core(p).infer(&[1], 1).unwrap();
+    let job = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
     assert_eq!(sim.node.connection_timeout(conn), None);
     sim.advance(600 * SECOND);
@@ -1874,7 +1642,7 @@ fn idle_timeout() {
 
 #[test]
 fn no_idle_timeout_when_disabled() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         idle_timeout: None,
         ..timeouts()
     });
@@ -1886,7 +1654,7 @@ fn no_idle_timeout_when_disabled() {
 
 #[test]
 fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         max_outbound: 300,
         ..timeouts()
     });
@@ -1897,15 +1665,15 @@ fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
     sim.mount(slow);
     sim.mount(fast);
     let slow_conn = sim.conn(slow);
-    sim.peers[slow].reading = false;
+    sim.set_reading(slow, false);
     // Results pile up for the slow peer until its input is paused.
     let mut sent = 0;
     while sim.node.wants_read(slow_conn) {
-        sim.core(slow).infer(&[1; 8], 8).unwrap();
+        sim.client_core(slow).infer(&[1; 8], 8).unwrap();
         sent += 1;
         sim.run();
         // Meanwhile the other connection is served as usual.
-        let job = sim.core(fast).infer(&[2], 1).unwrap();
+        let job = sim.client_core(fast).infer(&[2], 1).unwrap();
         sim.run();
         assert!(matches!(sim.answer(fast, job), Answer::Infer(r) if r.ok));
         assert!(sent < 100);
@@ -1913,21 +1681,21 @@ fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
     let pending = sim.node.connection(slow_conn).unwrap().pending_transmit();
     assert!(pending >= 300, "{pending}");
     // Requests sent now wait (the adapter does not read them).
-    sim.core(slow).infer(&[1], 1).unwrap();
+    sim.client_core(slow).infer(&[1], 1).unwrap();
     sim.run();
-    assert!(!sim.peers[slow].to_server.is_empty());
+    assert!(sim.unread(slow) > 0);
     assert_eq!(
         sim.node.connection(slow_conn).unwrap().pending_transmit(),
         pending
     );
-    let since = sim.now;
+    let since = sim.now();
     assert_eq!(
         sim.node.connection_timeout(slow_conn),
         Some(since + 30 * SECOND)
     );
     sim.advance(30 * SECOND - MS);
     assert!(!sim.is_closed(slow));
-    let job = sim.core(fast).infer(&[3], 1).unwrap();
+    let job = sim.client_core(fast).infer(&[3], 1).unwrap();
     sim.run();
     assert!(matches!(sim.answer(fast, job), Answer::Infer(r) if r.ok));
     sim.advance(MS);
@@ -1940,7 +1708,7 @@ fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
 
 #[test]
 fn reading_again_in_time_clears_backpressure() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         max_outbound: 200,
         ..timeouts()
     });
@@ -1948,18 +1716,18 @@ fn reading_again_in_time_clears_backpressure() {
     sim.events(p);
     sim.mount(p);
     let conn = sim.conn(p);
-    sim.peers[p].reading = false;
+    sim.set_reading(p, false);
     let mut jobs = Vec::new();
     while sim.node.wants_read(conn) {
-        jobs.push(sim.core(p).infer(&[1; 8], 8).unwrap());
+        jobs.push(sim.client_core(p).infer(&[1; 8], 8).unwrap());
         sim.run();
     }
     assert_eq!(
         sim.node.connection_timeout(conn),
-        Some(sim.now + 30 * SECOND)
+        Some(sim.now() + 30 * SECOND)
     );
     sim.advance(29 * SECOND);
-    sim.peers[p].reading = true;
+    sim.set_reading(p, true);
     sim.run();
     assert!(sim.node.wants_read(conn));
     assert_eq!(sim.node.connection_timeout(conn), Some(sim.at(60 * SECOND)));
@@ -1976,7 +1744,7 @@ fn reading_again_in_time_clears_backpressure() {
 
 #[test]
 fn max_connections() {
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         max_connections: 2,
         ..ServerConfig::default()
     });
@@ -2001,8 +1769,7 @@ fn max_connections() {
     );
     assert!(sim.is_closed(d));
     // A slot frees up when a connection goes.
-    sim.node.remove(sim.conn(a));
-    sim.peers[a].closed = true;
+    sim.vanish(a);
     let e = sim.client();
     assert!(matches!(&sim.events(e)[..], [ClientEvent::Connected(_)]));
     assert_eq!(sim.node.connections().count(), 2);
@@ -2010,23 +1777,22 @@ fn max_connections() {
 
 #[test]
 fn a_removed_connection_leaves_nothing_behind() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let gone = sim.client();
     let stays = sim.client();
     sim.events(gone);
     sim.events(stays);
     sim.mount(gone);
     sim.mount(stays);
-    sim.core(gone).infer(&[1], 1).unwrap(); // running
-    sim.core(gone).infer(&[2], 1).unwrap(); // queued
-    sim.core(gone).infer(&[3], 1).unwrap(); // queued
-    let kept = sim.core(stays).infer(&[4], 1).unwrap(); // queued
+    sim.client_core(gone).infer(&[1], 1).unwrap(); // running
+    sim.client_core(gone).infer(&[2], 1).unwrap(); // queued
+    sim.client_core(gone).infer(&[3], 1).unwrap(); // queued
+    let kept = sim.client_core(stays).infer(&[4], 1).unwrap(); // queued
     sim.run();
     assert_eq!(sim.node.queue_status().depth, 3);
     let gone_conn = sim.conn(gone);
-    sim.node.remove(gone_conn);
-    sim.peers[gone].closed = true;
+    sim.vanish(gone);
     assert!(sim.node.connection(gone_conn).is_none());
     assert!(sim.node.is_closing(gone_conn));
     assert!(!sim.node.wants_read(gone_conn));
@@ -2036,12 +1802,12 @@ fn a_removed_connection_leaves_nothing_behind() {
     // Its running job's result is discarded.
     assert!(!sim.finish(0));
     // The other connection's job runs next.
-    assert_eq!(sim.held.len(), 1);
+    assert_eq!(sim.held_jobs.len(), 1);
     assert!(sim.finish(0));
     assert_eq!(sim.answer(stays, kept), infer_ok("j2", vec![4, 1], 0));
     assert!(!sim.node.has_job());
     // Input and removal for an unknown id are ignored.
-    sim.node.handle_input(gone_conn, b"junk", sim.now);
+    sim.node.handle_input(gone_conn, b"junk", sim.now());
     sim.node.remove(gone_conn);
     let mut out = Vec::new();
     sim.node.poll_transmit(gone_conn, &mut out);
@@ -2050,40 +1816,79 @@ fn a_removed_connection_leaves_nothing_behind() {
 
 #[test]
 fn a_mount_for_a_removed_connection_is_dropped() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_mounts = true;
     let p = sim.client();
     sim.events(p);
-    sim.upload(p, "{}", &[1], None);
+    sim.send_upload(p, "{}", &[1], None);
     let mount = sim.held_mounts.pop().unwrap();
-    sim.node.remove(sim.conn(p));
-    sim.peers[p].closed = true;
-    let outcome = run_mount(&sim.stub, mount);
-    sim.node.mount_done(outcome, sim.now);
+    sim.vanish(p);
+    let outcome = run_mount(&sim.executor, mount);
+    sim.node.mount_done(outcome, sim.now());
     sim.run();
     assert_eq!(sim.node.connections().count(), 0);
 }
 
 #[test]
+fn streams_split_into_small_reads_give_the_same_session() {
+    let mut sim = Sim::stub(ServerConfig::default());
+    let raw = sim.raw();
+    sim.split(raw, 1, 1);
+    sim.run();
+    assert!(sim.one_frame(raw).starts_with(r#"{"v":1,"type":"hello","#));
+    sim.assert_in_step(raw);
+    let p = sim.client();
+    sim.events(p);
+    sim.split(p, 3, 2);
+    sim.mount(p);
+    let job = sim.client_core(p).infer(&[9, 9], 3).unwrap();
+    sim.run();
+    assert_eq!(sim.answer(p, job), infer_ok("j2", vec![9, 9, 1, 2, 3], 0));
+    assert!(sim.client_error(p).is_none());
+}
+
+#[test]
+fn a_peer_that_vanishes_mid_upload_leaves_nothing_behind() {
+    let mut sim = Sim::stub(ServerConfig::default());
+    let gone = sim.client();
+    let stays = sim.client();
+    sim.events(gone);
+    sim.events(stays);
+    sim.split(gone, 100, usize::MAX);
+    sim.upload(gone, "{}", &[7; 10_000], None).unwrap();
+    for _ in 0..20 {
+        sim.step();
+    }
+    let conn = sim.conn(gone);
+    assert!(sim.unread(gone) > 0, "the upload is still under way");
+    sim.vanish(gone);
+    assert!(sim.is_closed(gone));
+    assert!(sim.node.connection(conn).is_none());
+    sim.run();
+    sim.mount(stays);
+    assert_eq!(sim.node.connections().count(), 1);
+}
+
+#[test]
 fn peer_closed_flushes_what_is_queued_and_drops_later_results() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let p = sim.raw_connected();
     let conn = sim.conn(p);
     sim.send_json(p, &begin("{}", 1));
     sim.send_json(p, &chunk(0, true, &[1]));
     sim.send_json(p, COMMIT);
     sim.frames(p);
-    sim.peers[p].reading = false;
+    sim.set_reading(p, false);
     sim.send_json(p, r#"{"v":1,"type":"queue_status"}"#);
     sim.send_json(p, r#"{"v":1,"type":"infer","job_id":"a","input_ids":[1]}"#);
     sim.node.peer_closed(conn);
     assert!(sim.node.is_closing(conn));
     // No error frame: the queue_status answer is all there is to flush.
     let pending = sim.node.connection(conn).unwrap().pending_transmit();
-    sim.peers[p].reading = true;
+    sim.set_reading(p, true);
     sim.run();
-    assert_eq!(sim.peers[p].received > 0, pending > 0);
+    assert_eq!(!sim.received(p).is_empty(), pending > 0);
     let frames = sim.frames(p);
     assert_eq!(frames.len(), 1, "{frames:?}");
     assert!(frames[0].starts_with(r#"{"v":1,"type":"queue_status""#));
@@ -2097,8 +1902,8 @@ fn peer_closed_flushes_what_is_queued_and_drops_later_results() {
 
 #[test]
 fn graceful_shutdown() {
-    let mut sim = Sim::default();
-    sim.hold = true;
+    let mut sim = Sim::stub(ServerConfig::default());
+    sim.hold_jobs = true;
     let busy = sim.client();
     let idle = sim.client();
     let raw = sim.raw_connected();
@@ -2106,15 +1911,15 @@ fn graceful_shutdown() {
     sim.events(idle);
     sim.mount(busy);
     sim.mount(idle);
-    let running = sim.core(busy).infer(&[1], 1).unwrap();
-    let queued = sim.core(busy).infer(&[2], 2).unwrap();
+    let running = sim.client_core(busy).infer(&[1], 1).unwrap();
+    let queued = sim.client_core(busy).infer(&[2], 2).unwrap();
     sim.run();
     sim.node.begin_shutdown();
     sim.run();
     assert!(!sim.node.is_drained());
     assert!(!sim.is_closed(idle));
     // New jobs are refused, by job_id.
-    let late = sim.core(idle).infer(&[3], 1).unwrap();
+    let late = sim.client_core(idle).infer(&[3], 1).unwrap();
     sim.run();
     assert_eq!(
         sim.answer(idle, late),
@@ -2135,7 +1940,7 @@ fn graceful_shutdown() {
     assert!(sim.finish(0));
     assert_eq!(sim.answer(busy, running), infer_ok("j2", vec![1, 1], 1));
     assert!(!sim.is_closed(busy));
-    assert_eq!(sim.held.len(), 1);
+    assert_eq!(sim.held_jobs.len(), 1);
     assert!(sim.finish(0));
     assert_eq!(sim.answer(busy, queued), infer_ok("j3", vec![2, 1, 2], 0));
     // Then every connection closes, each told why.
@@ -2154,7 +1959,7 @@ fn graceful_shutdown() {
 
 #[test]
 fn shutdown_with_nothing_running_closes_at_once() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     let p = sim.client();
     sim.events(p);
     sim.node.begin_shutdown();
@@ -2166,18 +1971,18 @@ fn shutdown_with_nothing_running_closes_at_once() {
 
 #[test]
 fn shutdown_waits_for_a_mount() {
-    let mut sim = Sim::default();
+    let mut sim = Sim::stub(ServerConfig::default());
     sim.hold_mounts = true;
     let p = sim.client();
     sim.events(p);
-    let request = sim.upload(p, "{}", &[1], None);
+    let request = sim.send_upload(p, "{}", &[1], None);
     sim.node.begin_shutdown();
     sim.run();
     assert!(!sim.node.is_drained());
     assert!(!sim.is_closed(p));
     let mount = sim.held_mounts.pop().unwrap();
-    let outcome = run_mount(&sim.stub, mount);
-    sim.node.mount_done(outcome, sim.now);
+    let outcome = run_mount(&sim.executor, mount);
+    sim.node.mount_done(outcome, sim.now());
     sim.run();
     assert_eq!(sim.answer(p, request), status(true, "mounted"));
     assert!(matches!(&sim.events(p)[..], [ClientEvent::Closing(_)]));
@@ -2277,17 +2082,17 @@ fn client_matches_errors_without_job_id_to_the_oldest_request() {
 fn client_matches_an_upload_refusal_past_pipelined_jobs() {
     // A job is in flight when the next upload is refused: the error (which has no
     // job_id) answers the upload, and the job's result still finds its job.
-    let mut sim = Sim::new(ServerConfig {
+    let mut sim = Sim::stub(ServerConfig {
         max_model_len: 8,
         ..ServerConfig::default()
     });
-    sim.hold = true;
+    sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
-    let job = sim.core(p).infer(&[1], 1).unwrap();
+    let job = sim.client_core(p).infer(&[1], 1).unwrap();
     sim.run();
-    let upload = sim.upload(p, "{}", &[0; 20], None);
+    let upload = sim.send_upload(p, "{}", &[0; 20], None);
     assert_eq!(
         sim.events(p),
         [ClientEvent::Answer {
@@ -2295,11 +2100,11 @@ fn client_matches_an_upload_refusal_past_pipelined_jobs() {
             answer: error_answer("bad_weights_len", "bad weights_len", ""),
         }]
     );
-    assert!(!sim.core(p).is_uploading());
+    assert!(!sim.client_core(p).is_uploading());
     assert!(sim.finish(0));
     assert_eq!(sim.answer(p, job), infer_ok("j2", vec![1, 1], 0));
     assert!(sim.client_error(p).is_none());
-    assert_eq!(sim.core(p).outstanding(), 0);
+    assert_eq!(sim.client_core(p).outstanding(), 0);
 }
 
 #[test]

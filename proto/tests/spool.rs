@@ -1,20 +1,18 @@
 //! Spooled uploads (`UploadHandling::Spool`): the bytes leave the node
 //! stretch by stretch as they arrive, reach the executor's spool in order, and
 //! the node never holds the whole model. No sockets: a node and a client core
-//! wired in memory, upload work run (or held) by the test.
+//! in `donate_proto::sim`, upload work run (or held) by the test.
 // An executor must be Sync: the recorder shares what it saw behind a Mutex.
 #![allow(clippy::disallowed_types)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
+use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent, ConnectionId,
-    Event, Executor, JobError, Node, RequestId, ServerConfig, Spool, UploadHandling, UploadInfo,
-    UploadWork, Weights,
+    run_upload, Answer, ClientConfig, ClientEvent, Executor, JobError, RequestId, ServerConfig,
+    Spool, UploadHandling, UploadInfo, Weights,
 };
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 const STRETCH: usize = 64 * 1024;
 
@@ -107,151 +105,68 @@ impl Executor for Recorder {
     }
 }
 
-struct Harness {
-    node: Node<()>,
-    client: ClientConnection,
-    conn: ConnectionId,
-    executor: Recorder,
-    seen: Arc<Mutex<Seen>>,
-    now: Instant,
-    /// Upload work taken but not run yet (when `hold_work`).
-    held: Vec<UploadWork>,
-    hold_work: bool,
-    /// The most bytes the connection held at once.
-    peak_allocated: usize,
-    /// Bytes the client sent that the node has not read (it did not want them yet).
-    unread: Vec<u8>,
-    resumed: usize,
+/// A simulation with the recorder, a node that spools in stretches of
+/// `stretch` bytes, and one client peer sending chunks of `chunk_size`. The node
+/// reads at most 64 KiB at a time, as from a socket.
+fn with(fail_after: Option<usize>, stretch: usize, chunk_size: usize) -> (Sim<Recorder>, Peer) {
+    let executor = Recorder {
+        seen: Arc::new(Mutex::new(Seen::default())),
+        fail_after,
+    };
+    let uploads = UploadHandling::for_executor(&executor);
+    let config = ServerConfig {
+        upload_stretch: stretch,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::with_uploads(executor, config, uploads);
+    // Small chunks, so what the node holds is the upload's doing, not a frame's.
+    let p = sim.client_with(ClientConfig {
+        chunk_size,
+        upload_window: 256 * 1024,
+        ..ClientConfig::default()
+    });
+    sim.split(p, 64 * 1024, usize::MAX);
+    assert!(matches!(
+        sim.client_core(p).poll_event(),
+        Some(ClientEvent::Connected(_))
+    ));
+    (sim, p)
 }
 
-impl Harness {
-    fn new(fail_after: Option<usize>) -> Harness {
-        Harness::with(fail_after, STRETCH, 16 * 1024)
-    }
+fn harness(fail_after: Option<usize>) -> (Sim<Recorder>, Peer) {
+    with(fail_after, STRETCH, 16 * 1024)
+}
 
-    fn with(fail_after: Option<usize>, stretch: usize, chunk_size: usize) -> Harness {
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let executor = Recorder {
-            seen: Arc::clone(&seen),
-            fail_after,
-        };
-        #[allow(clippy::disallowed_methods)] // the one base instant; time never moves here
-        let now = Instant::now();
-        let config = ServerConfig {
-            upload_stretch: stretch,
-            ..ServerConfig::default()
-        };
-        let mut node = Node::with_uploads(config, UploadHandling::for_executor(&executor));
-        let conn = node.accept(now);
-        let mut h = Harness {
-            node,
-            // Small chunks, so what the node holds is the upload's doing, not a frame's.
-            client: ClientConnection::new(ClientConfig {
-                chunk_size,
-                upload_window: 256 * 1024,
-                ..ClientConfig::default()
-            }),
-            conn,
-            executor,
-            seen,
-            now,
-            held: Vec::new(),
-            hold_work: false,
-            peak_allocated: 0,
-            unread: Vec::new(),
-            resumed: 0,
-        };
-        h.pump(&mut Vec::new());
-        assert!(matches!(
-            h.client.poll_event(),
-            Some(ClientEvent::Connected(_))
-        ));
-        h
-    }
+fn upload(sim: &mut Sim<Recorder>, p: Peer, config: &str, weights: &[u8]) -> RequestId {
+    let request = sim.upload(p, config, weights, None).unwrap();
+    sim.run();
+    request
+}
 
-    /// Moves bytes both ways, feeding `weights` as the client asks, until
-    /// quiet. The node reads at most 64 KiB at a time, as from a socket.
-    fn pump(&mut self, weights: &mut Vec<u8>) {
-        loop {
-            let want = self.client.upload_wants().min(weights.len());
-            if want > 0 {
-                let chunk: Vec<u8> = weights.drain(..want).collect();
-                self.client.upload_chunk(&chunk).unwrap();
-            }
-            let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
-            self.node.poll_transmit(self.conn, &mut to_client);
-            self.client.handle_input(&to_client).unwrap();
-            self.client.poll_transmit(&mut to_server);
-            self.unread.extend_from_slice(&to_server);
-            let mut events = 0;
-            let mut fed = 0;
-            while !self.unread.is_empty() && self.node.wants_read(self.conn) {
-                let read: Vec<u8> = self
-                    .unread
-                    .drain(..self.unread.len().min(64 * 1024))
-                    .collect();
-                fed += read.len();
-                self.node.handle_input(self.conn, &read, self.now);
-                if let Some(c) = self.node.connection(self.conn) {
-                    self.peak_allocated = self.peak_allocated.max(c.allocated());
-                }
-                events += self.run_events();
-            }
-            events += self.run_events();
-            if to_client.is_empty() && fed == 0 && want == 0 && events == 0 {
-                break;
-            }
-        }
+fn status(sim: &mut Sim<Recorder>, p: Peer, request: RequestId) -> (bool, String) {
+    match sim.client_core(p).take_answer(request) {
+        Some(Answer::ModelStatus(s)) => (s.ok, s.message),
+        other => panic!("expected a model_status, got {other:?}"),
     }
+}
 
-    /// Runs (or holds) what the node asks for; returns how many events there were.
-    fn run_events(&mut self) -> usize {
-        let mut count = 0;
-        while let Some(event) = self.node.poll_event() {
-            count += 1;
-            match event {
-                Event::Upload(work) if self.hold_work => self.held.push(work),
-                Event::Upload(mut work) => {
-                    run_upload(&self.executor, &mut work);
-                    self.node.upload_work_done(work, self.now);
-                }
-                Event::Mount(mount) => {
-                    let outcome = run_mount(&self.executor, mount);
-                    self.node.mount_done(outcome, self.now);
-                }
-                Event::Resume(conn) => {
-                    assert_eq!(conn, self.conn);
-                    self.resumed += 1;
-                }
-                Event::Wake(_) | Event::JobQueued => {}
-            }
-        }
-        count
-    }
+fn mounted(sim: &Sim<Recorder>) -> Vec<Vec<u8>> {
+    let seen = sim.executor.seen.lock().unwrap();
+    let mounted = seen.mounted.lock().unwrap().clone();
+    mounted
+}
 
-    fn upload(&mut self, config: &str, weights: &[u8], sha256: Option<[u8; 32]>) -> RequestId {
-        let request = self
-            .client
-            .begin_upload(config, weights.len() as u64, sha256)
-            .unwrap();
-        self.pump(&mut weights.to_vec());
-        request
-    }
+fn dropped(sim: &Sim<Recorder>) -> usize {
+    sim.executor
+        .seen
+        .lock()
+        .unwrap()
+        .dropped
+        .load(Ordering::SeqCst)
+}
 
-    fn status(&mut self, request: RequestId) -> (bool, String) {
-        match self.client.take_answer(request) {
-            Some(Answer::ModelStatus(s)) => (s.ok, s.message),
-            other => panic!("expected a model_status, got {other:?}"),
-        }
-    }
-
-    fn mounted(&self) -> Vec<Vec<u8>> {
-        self.seen.lock().unwrap().mounted.lock().unwrap().clone()
-    }
-
-    fn dropped(&self) -> usize {
-        self.seen.lock().unwrap().dropped.load(Ordering::SeqCst)
-    }
+fn opened(sim: &Sim<Recorder>) -> Vec<UploadInfo> {
+    sim.executor.seen.lock().unwrap().opened.clone()
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -262,13 +177,13 @@ fn pattern(len: usize) -> Vec<u8> {
 fn a_spooled_upload_reaches_the_spool_in_order_and_is_never_held_whole() {
     let weights = pattern(3 * 1024 * 1024 + 123);
     let sha: [u8; 32] = Sha256::digest(&weights).into();
-    let mut h = Harness::new(None);
-    let request = h.upload(r#"{"m":1}"#, &weights, Some(sha));
-    assert_eq!(h.status(request), (true, "mounted".to_owned()));
-    assert_eq!(h.mounted(), std::slice::from_ref(&weights));
-    let seen = h.seen.lock().unwrap().opened.clone();
+    let (mut sim, p) = harness(None);
+    let request = sim.upload(p, r#"{"m":1}"#, &weights, Some(sha)).unwrap();
+    sim.run();
+    assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
+    assert_eq!(mounted(&sim), std::slice::from_ref(&weights));
     assert_eq!(
-        seen,
+        opened(&sim),
         [UploadInfo {
             config_json: r#"{"m":1}"#.to_owned(),
             weights_len: weights.len() as u64
@@ -276,9 +191,9 @@ fn a_spooled_upload_reaches_the_spool_in_order_and_is_never_held_whole() {
     );
     // A few stretches and one frame's buffers, not 3 MiB.
     assert!(
-        h.peak_allocated < 6 * STRETCH,
+        sim.peak_allocated(p) < 6 * STRETCH,
         "the node held {} bytes of a {} byte upload",
-        h.peak_allocated,
+        sim.peak_allocated(p),
         weights.len()
     );
 }
@@ -288,143 +203,152 @@ fn a_spooled_upload_with_a_wrong_hash_is_refused() {
     let weights = pattern(STRETCH * 5 + 1);
     let mut sha: [u8; 32] = Sha256::digest(&weights).into();
     sha[31] ^= 1;
-    let mut h = Harness::new(None);
-    let request = h.upload("{}", &weights, Some(sha));
-    let (ok, message) = h.status(request);
+    let (mut sim, p) = harness(None);
+    let request = sim.upload(p, "{}", &weights, Some(sha)).unwrap();
+    sim.run();
+    let (ok, message) = status(&mut sim, p, request);
     assert!(!ok);
     assert!(message.starts_with("weights_sha256 mismatch"), "{message}");
-    assert!(h.mounted().is_empty());
+    assert!(mounted(&sim).is_empty());
     // The refused upload's spool is gone.
-    assert_eq!(h.dropped(), 1);
+    assert_eq!(dropped(&sim), 1);
 }
 
 #[test]
 fn a_small_upload_opens_its_spool_at_commit() {
-    let mut h = Harness::new(None);
-    let request = h.upload("{}", &[1, 2, 3], None);
-    assert_eq!(h.status(request), (true, "mounted".to_owned()));
-    assert_eq!(h.mounted(), [vec![1, 2, 3]]);
-    let request = h.upload("{}", &[], None);
-    assert_eq!(h.status(request), (true, "mounted".to_owned()));
-    assert_eq!(h.mounted()[1], Vec::<u8>::new());
+    let (mut sim, p) = harness(None);
+    let request = upload(&mut sim, p, "{}", &[1, 2, 3]);
+    assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
+    assert_eq!(mounted(&sim), [vec![1, 2, 3]]);
+    let request = upload(&mut sim, p, "{}", &[]);
+    assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
+    assert_eq!(mounted(&sim)[1], Vec::<u8>::new());
 }
 
 #[test]
 fn a_spool_that_cannot_be_opened_fails_the_upload_with_its_reason() {
     for len in [10, STRETCH * 3] {
-        let mut h = Harness::new(None);
-        let request = h.upload(r#"{"refuse":true}"#, &pattern(len), None);
+        let (mut sim, p) = harness(None);
+        let request = upload(&mut sim, p, r#"{"refuse":true}"#, &pattern(len));
         assert_eq!(
-            h.status(request),
+            status(&mut sim, p, request),
             (false, "no room for this model".to_owned())
         );
         // The connection goes on: the next upload mounts.
-        let request = h.upload("{}", &[9], None);
-        assert_eq!(h.status(request), (true, "mounted".to_owned()));
+        let request = upload(&mut sim, p, "{}", &[9]);
+        assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
     }
 }
 
 #[test]
 fn a_spool_write_failure_fails_the_upload_and_drops_later_bytes() {
-    let mut h = Harness::new(Some(2 * STRETCH));
-    let request = h.upload("{}", &pattern(20 * STRETCH), None);
-    assert_eq!(h.status(request), (false, "disk full".to_owned()));
-    assert!(h.mounted().is_empty());
+    let (mut sim, p) = harness(Some(2 * STRETCH));
+    let request = upload(&mut sim, p, "{}", &pattern(20 * STRETCH));
+    assert_eq!(
+        status(&mut sim, p, request),
+        (false, "disk full".to_owned())
+    );
+    assert!(mounted(&sim).is_empty());
     assert!(
-        h.peak_allocated < 6 * STRETCH,
+        sim.peak_allocated(p) < 6 * STRETCH,
         "a failed spool's bytes were kept: {}",
-        h.peak_allocated
+        sim.peak_allocated(p)
     );
 }
 
 #[test]
 fn an_abandoned_upload_drops_its_spool_whether_it_is_home_or_away() {
     // Home: the connection closes mid-upload.
-    let mut h = Harness::new(None);
+    let (mut sim, p) = harness(None);
     let weights = pattern(4 * STRETCH);
-    h.client
+    sim.client_core(p)
         .begin_upload("{}", weights.len() as u64 + 1, None)
         .unwrap();
-    h.pump(&mut weights.clone());
-    assert_eq!(h.seen.lock().unwrap().opened.len(), 1);
-    assert_eq!(h.dropped(), 0);
-    h.node.peer_closed(h.conn);
-    h.node.remove(h.conn);
-    assert_eq!(h.dropped(), 1);
+    sim.push_weights(p, &weights);
+    sim.run();
+    assert_eq!(opened(&sim).len(), 1);
+    assert_eq!(dropped(&sim), 0);
+    sim.vanish(p);
+    assert_eq!(dropped(&sim), 1);
 
     // Away: a worker holds the spool when the connection goes.
-    let mut h = Harness::new(None);
-    h.hold_work = true;
-    h.client
+    let (mut sim, p) = harness(None);
+    sim.client_core(p)
         .begin_upload("{}", 10 * weights.len() as u64, None)
         .unwrap();
-    h.hold_work = false;
-    h.pump(&mut weights.clone());
-    h.hold_work = true;
-    h.pump(&mut pattern(2 * STRETCH));
-    let mut work = h.held.pop().expect("work handed out");
-    run_upload(&h.executor, &mut work);
-    h.node.remove(h.conn);
-    assert_eq!(h.dropped(), 0, "the spool is with the work");
-    h.node.upload_work_done(work, h.now);
-    assert_eq!(h.dropped(), 1);
-    h.node.begin_shutdown();
-    assert!(h.node.is_drained());
+    sim.push_weights(p, &weights);
+    sim.run();
+    sim.hold_uploads = true;
+    sim.push_weights(p, &pattern(2 * STRETCH));
+    sim.run();
+    let mut work = sim.held_uploads.pop().expect("work handed out");
+    run_upload(&sim.executor, &mut work);
+    sim.vanish(p);
+    assert_eq!(dropped(&sim), 0, "the spool is with the work");
+    sim.node.upload_work_done(work, sim.now());
+    assert_eq!(dropped(&sim), 1);
+    sim.node.begin_shutdown();
+    assert!(sim.node.is_drained());
 }
 
 #[test]
 fn a_commit_waits_for_its_spool_to_come_back() {
     let weights = pattern(3 * STRETCH);
-    let mut h = Harness::new(None);
-    h.hold_work = true;
-    let request = h.upload("{}", &weights, None);
-    assert!(h.client.take_answer(request).is_none(), "answered early");
-    assert_eq!(h.held.len(), 1);
-    let mut work = h.held.pop().unwrap();
-    assert!(work.len() >= STRETCH);
-    run_upload(&h.executor, &mut work);
-    h.node.upload_work_done(work, h.now);
-    h.hold_work = false;
-    h.pump(&mut Vec::new());
-    assert_eq!(h.status(request), (true, "mounted".to_owned()));
-    assert_eq!(h.mounted(), [weights]);
+    let (mut sim, p) = harness(None);
+    sim.hold_uploads = true;
+    let request = upload(&mut sim, p, "{}", &weights);
+    assert!(
+        sim.client_core(p).take_answer(request).is_none(),
+        "answered early"
+    );
+    assert_eq!(sim.held_uploads.len(), 1);
+    assert!(sim.held_uploads[0].len() >= STRETCH);
+    sim.hold_uploads = false;
+    sim.finish_upload(0);
+    sim.run();
+    assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
+    assert_eq!(mounted(&sim), [weights]);
 }
 
 #[test]
 fn a_slow_spool_holds_the_peer_back_instead_of_buffering() {
     let weights = pattern(20 * STRETCH);
-    let mut h = Harness::new(None);
-    h.hold_work = true;
-    let request = h
-        .client
-        .begin_upload("{}", weights.len() as u64, None)
-        .unwrap();
-    h.pump(&mut weights.clone());
+    let (mut sim, p) = harness(None);
+    sim.hold_uploads = true;
+    let request = upload(&mut sim, p, "{}", &weights);
     // One stretch is with a worker that has not finished; two more gathered
     // and the node stopped reading, so the rest waits at the peer.
-    assert_eq!(h.held.len(), 1);
-    assert!(!h.node.wants_read(h.conn));
-    assert!(!h.unread.is_empty());
-    assert!(h.peak_allocated < 6 * STRETCH, "held {}", h.peak_allocated);
+    assert_eq!(sim.held_uploads.len(), 1);
+    let conn = sim.conn(p);
+    assert!(!sim.node.wants_read(conn));
+    assert!(sim.unread(p) > 0);
+    assert!(
+        sim.peak_allocated(p) < 6 * STRETCH,
+        "held {}",
+        sim.peak_allocated(p)
+    );
     // The node's own pause is not the peer's stall.
     let stall = ServerConfig::default().stall_timeout;
-    h.node.handle_timeout(h.now + 2 * stall);
-    assert!(h.node.connection(h.conn).unwrap().closing().is_none());
+    sim.node.handle_timeout(sim.now() + 2 * stall);
+    assert!(sim.node.connection(conn).unwrap().closing().is_none());
 
-    let mut work = h.held.pop().unwrap();
-    run_upload(&h.executor, &mut work);
-    h.node.upload_work_done(work, h.now);
-    h.hold_work = false;
-    h.run_events();
+    sim.hold_uploads = false;
+    sim.finish_upload(0);
+    sim.poll_events();
     assert_eq!(
-        h.resumed, 1,
+        sim.resumes,
+        [conn],
         "the reader is woken once the spool catches up"
     );
-    assert!(h.node.wants_read(h.conn));
-    h.pump(&mut Vec::new());
-    assert_eq!(h.status(request), (true, "mounted".to_owned()));
-    assert_eq!(h.mounted(), [weights]);
-    assert!(h.peak_allocated < 6 * STRETCH, "held {}", h.peak_allocated);
+    assert!(sim.node.wants_read(conn));
+    sim.run();
+    assert_eq!(status(&mut sim, p, request), (true, "mounted".to_owned()));
+    assert_eq!(mounted(&sim), [weights]);
+    assert!(
+        sim.peak_allocated(p) < 6 * STRETCH,
+        "held {}",
+        sim.peak_allocated(p)
+    );
 }
 
 /// Found by the `server` fuzz target: a commit that waited for its spool
@@ -437,30 +361,30 @@ fn a_job_sent_after_a_failing_spooled_upload_is_answered() {
 }
 
 fn a_job_after_a_failing_upload(config: &str, fail_after: Option<usize>, reason: &str) {
-    let mut h = Harness::with(fail_after, 12, 26);
-    h.hold_work = true;
+    let (mut sim, p) = with(fail_after, 12, 26);
+    sim.hold_uploads = true;
     let weights = pattern(154);
-    let upload = h
-        .client
+    let client = sim.client_core(p);
+    let upload = client
         .begin_upload(config, weights.len() as u64, None)
         .unwrap();
     let mut rest = weights.clone();
     while !rest.is_empty() {
-        let want = h.client.upload_wants().min(rest.len());
+        let want = client.upload_wants().min(rest.len());
         let chunk: Vec<u8> = rest.drain(..want).collect();
-        h.client.upload_chunk(&chunk).unwrap();
+        client.upload_chunk(&chunk).unwrap();
     }
-    let job = h.client.infer(&[1], 1).unwrap();
-    h.pump(&mut Vec::new());
+    let job = client.infer(&[1], 1).unwrap();
+    sim.run();
     // The commit waits for the stretch a worker holds.
-    assert!(h.client.take_answer(upload).is_none());
-    let mut work = h.held.pop().expect("a stretch was handed out");
-    run_upload(&h.executor, &mut work);
-    h.node.upload_work_done(work, h.now);
-    h.hold_work = false;
-    h.pump(&mut Vec::new());
-    assert_eq!(h.status(upload), (false, reason.to_owned()));
-    match h.client.take_answer(job) {
+    assert!(sim.client_core(p).take_answer(upload).is_none());
+    assert!(!sim.held_uploads.is_empty(), "a stretch was handed out");
+    sim.hold_uploads = false;
+    let last = sim.held_uploads.len() - 1;
+    sim.finish_upload(last);
+    sim.run();
+    assert_eq!(status(&mut sim, p, upload), (false, reason.to_owned()));
+    match sim.client_core(p).take_answer(job) {
         Some(Answer::Error(e)) => assert_eq!(e.code, "model_not_mounted", "{e:?}"),
         other => panic!("the job got {other:?}"),
     }
