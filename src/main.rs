@@ -148,22 +148,22 @@ struct ServeArgs {
 impl ServeArgs {
     /// The node's settings from the flags.
     fn config(&self) -> ServerConfig {
-        ServerConfig {
-            mode: self.mode,
-            local_lm_path: self.local_lm_path.clone(),
-            queue_capacity: self.queue,
-            max_frame_len: self.max_frame,
-            max_model_len: self.max_model,
-            max_connections: self.max_connections,
-            max_outbound: self.max_outbound,
-            handshake_timeout: Duration::from_secs_f64(self.handshake_timeout),
-            stall_timeout: Duration::from_secs_f64(self.stall_timeout),
-            idle_timeout: (self.idle_timeout > 0.0)
-                .then(|| Duration::from_secs_f64(self.idle_timeout)),
-            backpressure_timeout: Duration::from_secs_f64(self.backpressure_timeout),
-            upload_stretch: self.upload_stretch,
-            workers: self.workers,
-        }
+        ServerConfig::default()
+            .mode(self.mode)
+            .local_lm_path(self.local_lm_path.clone())
+            .queue_capacity(self.queue)
+            .max_frame_len(self.max_frame)
+            .max_model_len(self.max_model)
+            .max_connections(self.max_connections)
+            .max_outbound(self.max_outbound)
+            .handshake_timeout(Duration::from_secs_f64(self.handshake_timeout))
+            .stall_timeout(Duration::from_secs_f64(self.stall_timeout))
+            .idle_timeout(
+                (self.idle_timeout > 0.0).then(|| Duration::from_secs_f64(self.idle_timeout)),
+            )
+            .backpressure_timeout(Duration::from_secs_f64(self.backpressure_timeout))
+            .upload_stretch(self.upload_stretch)
+            .workers(self.workers)
     }
 }
 

@@ -34,10 +34,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn config() -> ServerConfig {
-    ServerConfig {
-        stall_timeout: STALL,
-        ..ServerConfig::default()
-    }
+    ServerConfig::default().stall_timeout(STALL)
 }
 
 /// Runs `case` against a fresh node of every adapter, then checks the node
@@ -107,10 +104,7 @@ fn length_over_the_limit_is_a_framing_error() {
 /// A smaller configured limit is enforced the same way.
 #[test]
 fn configured_frame_limit_is_enforced() {
-    let config = ServerConfig {
-        max_frame_len: 1024,
-        ..config()
-    };
+    let config = config().max_frame_len(1024);
     each_adapter_with(config, |addr| {
         let mut raw = Raw::session(addr);
         raw.send(&fj(&format!(
@@ -463,10 +457,7 @@ fn jobs_before_hello() {
 
 #[test]
 fn prompt_before_hello_on_local_lm() {
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        ..config()
-    };
+    let config = config().mode(Mode::LocalLm);
     let _serial = serial();
     for kind in ADAPTERS {
         let config = config.clone();

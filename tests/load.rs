@@ -117,11 +117,7 @@ fn load_client(addr: SocketAddr, c: usize) -> Tally {
 
 fn load(kind: ServerKind) {
     let _serial = serial();
-    let config = ServerConfig {
-        queue_capacity: 64,
-        workers: 2,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().queue_capacity(64).workers(2);
     let exec = TestExec::slow(Duration::from_micros(20));
     let node = start(kind, config, exec.clone());
     let addr = node.addr();
@@ -182,11 +178,9 @@ fn round_trips(raw: &mut Raw, n: usize) -> Duration {
 fn never_reading_client(kind: ServerKind) {
     let _serial = serial();
     let backpressure = Duration::from_millis(600);
-    let config = ServerConfig {
-        max_outbound: 64 * 1024,
-        backpressure_timeout: backpressure,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .max_outbound(64 * 1024)
+        .backpressure_timeout(backpressure);
     // Its jobs are tiny, their results ~400 KB: the kernel's buffers fill at once.
     let exec = TestExec {
         flood: Some(200_000),
@@ -340,12 +334,10 @@ fn never_reading_client_tokio() {
 fn timers(kind: ServerKind) {
     let _serial = serial();
     let stall = Duration::from_millis(300);
-    let config = ServerConfig {
-        stall_timeout: stall,
-        handshake_timeout: Duration::from_millis(400),
-        idle_timeout: Some(Duration::from_millis(700)),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .stall_timeout(stall)
+        .handshake_timeout(Duration::from_millis(400))
+        .idle_timeout(Some(Duration::from_millis(700)));
     let node = start(kind, config, TestExec::default());
     let addr = node.addr();
     bounded("timers", Duration::from_secs(20), move || {
@@ -434,11 +426,9 @@ fn thousand_connections(kind: ServerKind) {
         eprintln!("open-file limit {fd_limit}: testing fewer than 1,000 connections");
         (fd_limit as usize - 200) / 2
     };
-    let config = ServerConfig {
-        max_connections: n,
-        queue_capacity: 1024,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .max_connections(n)
+        .queue_capacity(1024);
     let node = start(kind, config, TestExec::default());
     let addr = node.addr();
     bounded("1,000 connections", Duration::from_secs(60), move || {

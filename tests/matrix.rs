@@ -40,10 +40,7 @@ fn scenario(client: ClientKind, server: ServerKind) {
 }
 
 fn model_push_flows(client: ClientKind, server: ServerKind) {
-    let config = ServerConfig {
-        max_model_len: 2 * MIB as u64,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().max_model_len(2 * MIB as u64);
     let node = start(server, config, TestExec::default());
     let mut c = AnyClient::connect(client, node.addr()).expect("connect");
 
@@ -146,10 +143,7 @@ fn model_push_flows(client: ClientKind, server: ServerKind) {
 /// job runs and none meets `queue full` (the node's refusal itself is tested
 /// with raw frames in bad_input.rs and load.rs).
 fn pipelining_flow(client: ClientKind, server: ServerKind) {
-    let config = ServerConfig {
-        queue_capacity: 8,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().queue_capacity(8);
     let node = start(server, config, TestExec::slow(Duration::from_millis(1)));
     let mut c = AnyClient::connect(client, node.addr()).expect("connect");
     assert_eq!(c.hello().queue_capacity, 8);
@@ -175,11 +169,9 @@ fn pipelining_flow(client: ClientKind, server: ServerKind) {
 }
 
 fn local_lm_flows(client: ClientKind, server: ServerKind) {
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: LM_PATH.into(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path(LM_PATH.into());
     let node = start(server, config, TestExec::local_lm(LM_PATH));
     let mut c = AnyClient::connect(client, node.addr()).expect("connect");
     assert_eq!(
@@ -339,11 +331,9 @@ fn go_client_session_bytes() {
 
 #[test]
 fn local_lm_session_bytes() {
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: LM_PATH.into(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path(LM_PATH.into());
     each_server(config, TestExec::local_lm(LM_PATH), |node| {
         let mut raw = Raw::connect(node.addr());
         assert_eq!(
@@ -453,11 +443,9 @@ fn server_answers_table_model_push() {
 /// The rows that apply to a `local_lm` node.
 #[test]
 fn server_answers_table_local_lm() {
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: LM_PATH.into(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path(LM_PATH.into());
     each_server(config, TestExec::local_lm(LM_PATH), |node| {
         let mut raw = Raw::session(node.addr());
         raw.send(&begin(CONFIG, 4, None));
@@ -483,10 +471,7 @@ fn server_answers_table_local_lm() {
 /// `queue full` over a raw socket: three jobs in one write at a queue of one.
 #[test]
 fn server_answers_table_queue_full() {
-    let config = ServerConfig {
-        queue_capacity: 1,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().queue_capacity(1);
     each_server(config, TestExec::slow(Duration::from_millis(50)), |node| {
         let mut raw = Raw::session(node.addr());
         raw.mount();

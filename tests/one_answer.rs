@@ -54,10 +54,7 @@ fn each_server(mode: Mode, check: fn(SocketAddr)) {
             &format!("{kind:?} server"),
             Duration::from_secs(30),
             move || {
-                let config = ServerConfig {
-                    mode,
-                    ..ServerConfig::default()
-                };
+                let config = ServerConfig::default().mode(mode);
                 let node = start(kind, config, TestExec::default());
                 check(node.addr());
                 node.shutdown();

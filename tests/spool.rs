@@ -101,10 +101,7 @@ fn a_slow_spool_gets_every_byte_in_order_on_every_adapter() {
         .collect();
     let expected = common::sha256_hex(&weights);
     for kind in ADAPTERS {
-        let config = ServerConfig {
-            upload_stretch: 64 * 1024,
-            ..ServerConfig::default()
-        };
+        let config = ServerConfig::default().upload_stretch(64 * 1024);
         let server = start(kind, config, SlowSpooler::default());
         let addr = server.addr();
         let (weights, expected) = (weights.clone(), expected.clone());
@@ -126,11 +123,7 @@ fn an_upload_goes_on_while_the_only_worker_runs_a_long_job() {
     let executor = SlowSpooler::default();
     let started = Arc::clone(&executor.long_job_started);
     let spooled_by_job_end = Arc::clone(&executor.spooled_by_job_end);
-    let config = ServerConfig {
-        workers: 1,
-        upload_stretch: 64 * 1024,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().workers(1).upload_stretch(64 * 1024);
     let server = start(common::ServerKind::Std, config, executor);
     let addr = server.addr();
     let weights = vec![9u8; 4 * 1024 * 1024];

@@ -54,11 +54,9 @@ fn cat_returns_every_prompt_unchanged() {
 
 #[test]
 fn cat_over_sockets() {
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: "/models/m".into(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path("/models/m".into());
     let executor = lm(
         "cat",
         LmConfig {

@@ -17,11 +17,9 @@ use donate_std::{Client, Error, Server};
 fn node(argv: Vec<String>, workers: usize, config: WorkerConfig) -> Server {
     let executor =
         WorkerProcess::new(argv, WorkerConfig { workers, ..config }).expect("start workers");
-    let config = ServerConfig {
-        workers,
-        queue_capacity: 1024,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .workers(workers)
+        .queue_capacity(1024);
     donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).expect("serve")
 }
 
@@ -246,10 +244,7 @@ fn weights_are_written_as_they_arrive_and_an_abandoned_upload_leaves_nothing() {
         },
     )
     .unwrap();
-    let config = ServerConfig {
-        upload_stretch: 64 * 1024,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().upload_stretch(64 * 1024);
     let server =
         donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
     let mut raw = RawClient::connect(server.local_addr());

@@ -37,14 +37,13 @@ pub struct ClientCfg {
 impl ClientCfg {
     /// The [`ClientConfig`].
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            max_frame_len: match self.max_frame_len {
+        ClientConfig::default()
+            .max_frame_len(match self.max_frame_len {
                 0 => DEFAULT_MAX_FRAME_LEN,
                 n => n.into(),
-            },
-            chunk_size: 1 + self.chunk_size as usize,
-            upload_window: 1 + self.upload_window as usize,
-        }
+            })
+            .chunk_size(1 + self.chunk_size as usize)
+            .upload_window(1 + self.upload_window as usize)
     }
 
     /// The bytes `ClientCfg::arbitrary` reads back as `self`.

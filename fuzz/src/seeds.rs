@@ -66,10 +66,7 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
     let config = cfg.server_config();
     let stub = Stub::new(config.local_lm_path.clone());
     let mut sim = Sim::with_uploads(stub, config, cfg.uploads().handling());
-    let p = sim.client_with(ClientConfig {
-        chunk_size: 256,
-        ..ClientConfig::default()
-    });
+    let p = sim.client_with(ClientConfig::default().chunk_size(256));
     for action in actions {
         let client = sim.client_core(p);
         match *action {

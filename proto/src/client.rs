@@ -19,8 +19,10 @@ use crate::message::{
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
 
-/// Client-side settings.
+/// Client-side settings: start from [`Default`] and use the setters (one per
+/// field, named after it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Largest frame body accepted from the server (default 64 MiB).
     pub max_frame_len: usize,
@@ -39,6 +41,12 @@ impl Default for ClientConfig {
         }
     }
 }
+
+crate::config::setters!(ClientConfig {
+    max_frame_len: usize,
+    chunk_size: usize,
+    upload_window: usize,
+});
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -252,6 +260,39 @@ impl ClientConnection {
         self.outstanding.len()
     }
 
+    /// Sends an `infer` job under a `job_id` of the client's choosing (one
+    /// not outstanding on this connection, so its answer can be told apart).
+    pub fn infer_as(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+    ) -> Result<RequestId, ClientError> {
+        let request = self.request_as(Kind::Infer, job_id)?;
+        self.send(&Message::Infer(Infer {
+            job_id: job_id.to_owned(),
+            input_ids: input_ids.to_vec(),
+            max_tokens,
+        }));
+        Ok(request)
+    }
+
+    /// Sends a `prompt` job under a `job_id` of the client's choosing (see [`infer_as`](Self::infer_as)).
+    pub fn prompt_as(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+    ) -> Result<RequestId, ClientError> {
+        let request = self.request_as(Kind::Prompt, job_id)?;
+        self.send(&Message::Prompt(Prompt {
+            job_id: job_id.to_owned(),
+            prompt: prompt.to_owned(),
+            max_out,
+        }));
+        Ok(request)
+    }
+
     /// Sends an `infer` job; its answer is [`Answer::Infer`] or [`Answer::Error`].
     pub fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<RequestId, ClientError> {
         let (request, job_id) = self.request(Kind::Infer, "j")?;
@@ -378,6 +419,23 @@ impl ClientConnection {
         Ok((request, job_id))
     }
 
+    fn request_as(&mut self, kind: Kind, job_id: &str) -> Result<RequestId, ClientError> {
+        if job_id.is_empty() || self.outstanding.iter().any(|o| o.job_id == job_id) {
+            return Err(ClientError::JobIdInUse(job_id.to_owned()));
+        }
+        if self.hello.is_none() {
+            return Err(ClientError::NotConnected);
+        }
+        self.next_request += 1;
+        let request = RequestId(self.next_request);
+        self.outstanding.push_back(Outstanding {
+            request,
+            kind,
+            job_id: job_id.to_owned(),
+        });
+        Ok(request)
+    }
+
     fn send(&mut self, msg: &Message<'_>) {
         msg.encode(&mut self.outbound);
     }
@@ -495,5 +553,42 @@ mod tests {
         assert!(client.take_answer(request).is_some());
         assert!(!client.is_pending(request), "taken");
         assert!(!client.is_pending(RequestId(99)), "never made");
+    }
+
+    #[test]
+    fn a_client_chosen_job_id_is_used_once_at_a_time() {
+        let mut client = ClientConnection::default();
+        let mut hello = Vec::new();
+        Message::Hello(Hello {
+            mode: "model_push".into(),
+            role: "server".into(),
+            ..Hello::default()
+        })
+        .encode(&mut hello);
+        client.handle_input(&hello).unwrap();
+        let request = client.infer_as("batch-7", &[1], 1).unwrap();
+        assert_eq!(
+            client.prompt_as("batch-7", "hi", 1),
+            Err(ClientError::JobIdInUse("batch-7".into()))
+        );
+        assert!(client.infer_as("", &[1], 1).is_err());
+        let mut sent = Vec::new();
+        client.poll_transmit(&mut sent);
+        assert!(String::from_utf8_lossy(&sent).contains(r#""job_id":"batch-7""#));
+        let mut result = Vec::new();
+        Message::InferResult(InferResult {
+            job_id: "batch-7".into(),
+            ok: true,
+            ..InferResult::default()
+        })
+        .encode(&mut result);
+        client.handle_input(&result).unwrap();
+        assert!(
+            matches!(client.take_answer(request), Some(Answer::Infer(r)) if r.job_id == "batch-7")
+        );
+        assert!(
+            client.infer_as("batch-7", &[1], 1).is_ok(),
+            "free again once answered"
+        );
     }
 }

@@ -8,7 +8,19 @@ use crate::message::Mode;
 use crate::secure::SecureServerConfig;
 
 /// Everything a node's protocol behaviour depends on. Every limit has a default.
+///
+/// Start from [`Default`] and change what you need with the setters (one per
+/// field, named after it), so that a new limit is not a breaking change:
+///
+/// ```
+/// # use std::time::Duration;
+/// let config = donate_proto::ServerConfig::default()
+///     .queue_capacity(8)
+///     .idle_timeout(Some(Duration::from_secs(60)));
+/// assert_eq!(config.queue_capacity, 8);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// `model_push` (default) or `local_lm`.
     pub mode: Mode,
@@ -60,6 +72,39 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// Chaining setters, one per field, named after it.
+macro_rules! setters {
+    ($config:ty { $($field:ident: $ty:ty),* $(,)? }) => {
+        impl $config {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                #[must_use]
+                pub fn $field(mut self, value: $ty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use setters;
+
+setters!(ServerConfig {
+    mode: Mode,
+    local_lm_path: String,
+    queue_capacity: usize,
+    max_frame_len: usize,
+    max_model_len: u64,
+    max_connections: usize,
+    max_outbound: usize,
+    handshake_timeout: Duration,
+    stall_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    backpressure_timeout: Duration,
+    upload_stretch: usize,
+    workers: usize,
+});
 
 /// What a node does with an upload's bytes as they arrive. This is a promise
 /// by whoever drives the node, not a limit: anything but `InMemory` means the

@@ -5,6 +5,7 @@ use thiserror::Error;
 
 /// A framing error: the byte stream is out of sync and the connection must close.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// A header announced a body of 0 bytes or more than the limit.
     #[error("bad frame length {len} (must be 1..={max})")]
@@ -24,6 +25,7 @@ pub enum FrameError {
 /// The `Display` text of the variants in the "What we answer and why" table of docs/PROTOCOL.md is
 /// the Go node's text, word for word, because Go clients compare it.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// See [`FrameError`].
     #[error(transparent)]
@@ -161,6 +163,7 @@ impl ProtocolError {
 
 /// Why a commit did not mount: the `message` of a `model_status` with `ok:false`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum MountError {
     /// Bytes missing at commit (Go's text).
     #[error("weights size mismatch: got {got} expect {expected}")]
@@ -191,6 +194,7 @@ pub enum MountError {
 
 /// A misbehaving server as the client core sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// See [`FrameError`].
     #[error(transparent)]
@@ -225,6 +229,9 @@ pub enum ClientError {
     /// An upload longer than `weights_len` (a signed 64-bit JSON int) can announce.
     #[error("an upload of {0} bytes is too large to announce")]
     UploadTooLarge(u64),
+    /// A client-chosen `job_id` that is empty or already outstanding.
+    #[error("job_id {0:?} is empty or already in flight on this connection")]
+    JobIdInUse(String),
     /// A secure client met a node that does not offer secure mode; it never
     /// falls back to plain text.
     #[error("the node does not offer an encrypted connection (donate secure mode); refusing to talk in plain text")]

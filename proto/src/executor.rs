@@ -50,8 +50,15 @@ pub trait Executor: Send + Sync + 'static {
         max_tokens: i64,
     ) -> Result<Vec<i32>, JobError>;
 
-    /// Runs a `prompt` job; `job_id` is the client's, as sent.
-    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError>;
+    /// Runs a `prompt` job; `job_id` is the client's, as sent. By default an
+    /// executor has no language model: the job fails with `no_local_lm`.
+    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+        let _ = (job_id, prompt, max_out);
+        Err(JobError::new(
+            "no_local_lm",
+            "this node's executor does not answer prompts",
+        ))
+    }
 }
 
 impl UploadHandling {
@@ -89,6 +96,17 @@ pub enum Weights<S> {
     Memory(Vec<u8>),
     /// Every byte was written to this spool, in order.
     Spooled(S),
+}
+
+impl Weights<NoSpool> {
+    /// The bytes, for an executor that does not spool (its weights are
+    /// always in memory).
+    pub fn into_memory(self) -> Vec<u8> {
+        match self {
+            Weights::Memory(bytes) => bytes,
+            Weights::Spooled(never) => match never {},
+        }
+    }
 }
 
 /// Runs `job` on `executor`; a panic becomes an `executor_panicked` job error.

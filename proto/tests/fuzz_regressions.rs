@@ -64,10 +64,7 @@ fn take_mount(node: &mut Node<()>) -> Mount {
 #[test]
 fn mount_finishing_after_a_timeout_close_sends_nothing() {
     let now = base_instant();
-    let config = ServerConfig {
-        stall_timeout: Duration::from_millis(10),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().stall_timeout(Duration::from_millis(10));
     let mut node: Node<()> = Node::new(config);
     let conn = node.accept(now);
     let mut wire = upload_bytes();

@@ -344,17 +344,15 @@ fn serve(config: &ServerConfig, pieces: &[&[u8]]) -> (Vec<u8>, usize, usize, boo
 #[test]
 fn any_split_through_a_node_yields_the_same_answers() {
     fn prop(items: Vec<Item>, cuts: Vec<usize>, local_lm: bool, bad_end: bool) -> bool {
-        let config = ServerConfig {
-            mode: if local_lm {
+        let config = ServerConfig::default()
+            .mode(if local_lm {
                 Mode::LocalLm
             } else {
                 Mode::ModelPush
-            },
-            local_lm_path: if local_lm { "/m".into() } else { String::new() },
-            queue_capacity: 4,
-            max_frame_len: 1 << 20,
-            ..ServerConfig::default()
-        };
+            })
+            .local_lm_path(if local_lm { "/m".into() } else { String::new() })
+            .queue_capacity(4)
+            .max_frame_len(1 << 20);
         let mut bytes = stream(&items);
         if bad_end {
             bytes.extend_from_slice(&[0, 0, 0, 0, 1, 2]);
@@ -480,18 +478,16 @@ fn arbitrary_bytes_never_panic_the_decoder_and_memory_follows_input() {
 
 /// Limits small enough that the memory bound means something.
 fn hostile_config(local_lm: bool) -> ServerConfig {
-    ServerConfig {
-        mode: if local_lm {
+    ServerConfig::default()
+        .mode(if local_lm {
             Mode::LocalLm
         } else {
             Mode::ModelPush
-        },
-        queue_capacity: 3,
-        max_frame_len: 256,
-        max_outbound: 1024,
-        max_model_len: 512,
-        ..ServerConfig::default()
-    }
+        })
+        .queue_capacity(3)
+        .max_frame_len(256)
+        .max_outbound(1024)
+        .max_model_len(512)
 }
 
 /// What a connection may hold: a partial frame, a model buffer of at most

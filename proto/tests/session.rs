@@ -23,11 +23,11 @@ use sha2::{Digest, Sha256};
 type P = Peer;
 
 fn local_lm(path: &str) -> Sim<Stub> {
-    Sim::stub(ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: path.to_owned(),
-        ..ServerConfig::default()
-    })
+    Sim::stub(
+        ServerConfig::default()
+            .mode(Mode::LocalLm)
+            .local_lm_path(path.to_owned()),
+    )
 }
 
 /// What the tests say, in terms of the simulation's single steps and `run`.
@@ -291,12 +291,12 @@ fn assert_in_step_and_open(sim: &mut Sim<Stub>, p: P) {
 
 #[test]
 fn local_lm_hello_names_its_path_and_the_client_echoes_the_mode() {
-    let mut sim = Sim::stub(ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: "/m/tiny.gguf".into(),
-        queue_capacity: 3,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(
+        ServerConfig::default()
+            .mode(Mode::LocalLm)
+            .local_lm_path("/m/tiny.gguf".into())
+            .queue_capacity(3),
+    );
     let raw = sim.raw();
     sim.run();
     assert_eq!(
@@ -387,11 +387,7 @@ fn model_push_without_sha256_then_infer() {
 #[test]
 fn model_push_in_many_chunks_with_sha256() {
     let mut sim = Sim::stub(ServerConfig::default());
-    let p = sim.client_with(ClientConfig {
-        chunk_size: 3,
-        upload_window: 8,
-        ..ClientConfig::default()
-    });
+    let p = sim.client_with(ClientConfig::default().chunk_size(3).upload_window(8));
     sim.events(p);
     let weights: Vec<u8> = (0..10).collect();
     let sha: [u8; 32] = Sha256::digest(&weights).into();
@@ -1091,11 +1087,7 @@ fn prompt_on_a_local_lm_node() {
 
 #[test]
 fn queue_full_with_capacity_2_and_2_workers() {
-    let mut sim = Sim::stub(ServerConfig {
-        queue_capacity: 2,
-        workers: 2,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().queue_capacity(2).workers(2));
     sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
@@ -1184,10 +1176,7 @@ fn queue_depth_is_what_was_still_waiting() {
 
 #[test]
 fn queue_status_reports_depth_capacity_and_in_progress() {
-    let mut sim = Sim::stub(ServerConfig {
-        queue_capacity: 5,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().queue_capacity(5));
     sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
@@ -1223,10 +1212,7 @@ fn queue_status_reports_depth_capacity_and_in_progress() {
 
 #[test]
 fn pipelined_jobs_complete_out_of_order() {
-    let mut sim = Sim::stub(ServerConfig {
-        workers: 3,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().workers(3));
     sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
@@ -1335,10 +1321,7 @@ fn job_errors_carry_job_id_and_code() {
 
 #[test]
 fn refusals_are_matched_by_job_id_among_pipelined_jobs() {
-    let mut sim = Sim::stub(ServerConfig {
-        queue_capacity: 1,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().queue_capacity(1));
     sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
@@ -1433,10 +1416,7 @@ fn bad_bodies_are_answered_and_the_connection_keeps_working() {
 #[test]
 fn framing_errors_close_the_connection_after_an_error_frame() {
     for (bad, len) in [(0u32, 0usize), (1025, 1025), (u32::MAX, u32::MAX as usize)] {
-        let mut sim = Sim::stub(ServerConfig {
-            max_frame_len: 1024,
-            ..ServerConfig::default()
-        });
+        let mut sim = Sim::stub(ServerConfig::default().max_frame_len(1024));
         let p = sim.raw_connected();
         // A good frame, then the bad header, in one write: the first is answered.
         let mut bytes = frame(r#"{"v":1,"type":"queue_status"}"#);
@@ -1459,10 +1439,7 @@ fn framing_errors_close_the_connection_after_an_error_frame() {
         assert!(sim.node.connection(sim.conn(p)).is_none());
     }
     // Exactly max_frame_len is fine.
-    let mut sim = Sim::stub(ServerConfig {
-        max_frame_len: 64,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().max_frame_len(64));
     let p = sim.raw_connected();
     let pad = 64 - r#"{"v":1,"type":"queue_status","pad":""}"#.len();
     let body = format!(
@@ -1506,13 +1483,11 @@ fn input_after_a_framing_error_is_ignored() {
 // ---------------------------------------------------------------------------
 
 fn timeouts() -> ServerConfig {
-    ServerConfig {
-        handshake_timeout: 10 * SECOND,
-        stall_timeout: 5 * SECOND,
-        idle_timeout: Some(60 * SECOND),
-        backpressure_timeout: 30 * SECOND,
-        ..ServerConfig::default()
-    }
+    ServerConfig::default()
+        .handshake_timeout(10 * SECOND)
+        .stall_timeout(5 * SECOND)
+        .idle_timeout(Some(60 * SECOND))
+        .backpressure_timeout(30 * SECOND)
 }
 
 #[test]
@@ -1550,10 +1525,7 @@ fn handshake_timeout() {
 
 #[test]
 fn a_first_frame_ends_the_handshake_timer() {
-    let mut sim = Sim::stub(ServerConfig {
-        idle_timeout: None,
-        ..timeouts()
-    });
+    let mut sim = Sim::stub(timeouts().idle_timeout(None));
     let p = sim.raw_connected();
     sim.advance(9 * SECOND);
     sim.send_json(
@@ -1642,10 +1614,7 @@ fn idle_timeout() {
 
 #[test]
 fn no_idle_timeout_when_disabled() {
-    let mut sim = Sim::stub(ServerConfig {
-        idle_timeout: None,
-        ..timeouts()
-    });
+    let mut sim = Sim::stub(timeouts().idle_timeout(None));
     let p = sim.client();
     assert_eq!(sim.node.poll_timeout(), None);
     sim.advance(1_000_000 * SECOND);
@@ -1654,10 +1623,7 @@ fn no_idle_timeout_when_disabled() {
 
 #[test]
 fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
-    let mut sim = Sim::stub(ServerConfig {
-        max_outbound: 300,
-        ..timeouts()
-    });
+    let mut sim = Sim::stub(timeouts().max_outbound(300));
     let slow = sim.client();
     let fast = sim.client();
     sim.events(slow);
@@ -1708,10 +1674,7 @@ fn backpressure_closes_a_peer_that_stops_reading_without_a_frame() {
 
 #[test]
 fn reading_again_in_time_clears_backpressure() {
-    let mut sim = Sim::stub(ServerConfig {
-        max_outbound: 200,
-        ..timeouts()
-    });
+    let mut sim = Sim::stub(timeouts().max_outbound(200));
     let p = sim.client();
     sim.events(p);
     sim.mount(p);
@@ -1744,10 +1707,7 @@ fn reading_again_in_time_clears_backpressure() {
 
 #[test]
 fn max_connections() {
-    let mut sim = Sim::stub(ServerConfig {
-        max_connections: 2,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().max_connections(2));
     let a = sim.raw_connected();
     let _b = sim.raw_connected();
     let c = sim.raw();
@@ -2082,10 +2042,7 @@ fn client_matches_errors_without_job_id_to_the_oldest_request() {
 fn client_matches_an_upload_refusal_past_pipelined_jobs() {
     // A job is in flight when the next upload is refused: the error (which has no
     // job_id) answers the upload, and the job's result still finds its job.
-    let mut sim = Sim::stub(ServerConfig {
-        max_model_len: 8,
-        ..ServerConfig::default()
-    });
+    let mut sim = Sim::stub(ServerConfig::default().max_model_len(8));
     sim.hold_jobs = true;
     let p = sim.client();
     sim.events(p);
@@ -2163,11 +2120,7 @@ fn client_rejects_frames_that_answer_nothing() {
 
 #[test]
 fn client_upload_is_lazy_and_stops_when_refused() {
-    let mut client = connected_client(ClientConfig {
-        chunk_size: 10,
-        upload_window: 30,
-        ..ClientConfig::default()
-    });
+    let mut client = connected_client(ClientConfig::default().chunk_size(10).upload_window(30));
     assert_eq!(client.upload_wants(), 0);
     let request = client.begin_upload("{}", 100, None).unwrap();
     assert_eq!(

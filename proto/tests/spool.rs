@@ -114,17 +114,14 @@ fn with(fail_after: Option<usize>, stretch: usize, chunk_size: usize) -> (Sim<Re
         fail_after,
     };
     let uploads = UploadHandling::for_executor(&executor);
-    let config = ServerConfig {
-        upload_stretch: stretch,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().upload_stretch(stretch);
     let mut sim = Sim::with_uploads(executor, config, uploads);
     // Small chunks, so what the node holds is the upload's doing, not a frame's.
-    let p = sim.client_with(ClientConfig {
-        chunk_size,
-        upload_window: 256 * 1024,
-        ..ClientConfig::default()
-    });
+    let p = sim.client_with(
+        ClientConfig::default()
+            .chunk_size(chunk_size)
+            .upload_window(256 * 1024),
+    );
     sim.split(p, 64 * 1024, usize::MAX);
     assert!(matches!(
         sim.client_core(p).poll_event(),

@@ -76,10 +76,7 @@ fn bench(name: &str, dims: Dims, runs: usize) {
         .load(&config_json, &bytes)
         .expect("loads in process");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let config = ServerConfig {
-        max_model_len: 4 << 30,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().max_model_len(4 << 30);
     let node_executor = CandleExecutor::new(CandleConfig::default()).expect("executor");
     let server = donate_std::serve(listener, config, node_executor).expect("serve");
     let mut client = Client::connect(server.local_addr()).expect("connect");

@@ -329,11 +329,9 @@ fn local_lm_answers_prompts_with_the_directory_model() {
         ..CandleConfig::default()
     })
     .expect("the directory loads");
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: dir.path().display().to_string(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path(dir.path().display().to_string());
     let server =
         donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
     let mut client = Client::connect(server.local_addr()).unwrap();
