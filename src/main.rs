@@ -95,6 +95,37 @@ struct ServeArgs {
     /// (the GPUs need the candle-cuda or candle-metal feature).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     candle_device: String,
+    /// `--executor candle --mode local_lm`: the model answering prompts, a
+    /// GGUF file (its own tokenizer and chat template) or a safetensors
+    /// directory (as --local-lm-path DIR). docs/CANDLE.md.
+    #[arg(long, value_name = "FILE|DIR")]
+    model: Option<PathBuf>,
+    /// `--executor candle`: send prompts to the model as raw text instead of
+    /// a user turn rendered with the GGUF file's chat template.
+    #[arg(long)]
+    raw_prompt: bool,
+    /// `--executor candle` sampling for every job: temperature (0 = greedy, the default).
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    temperature: f64,
+    /// `--executor candle` sampling: nucleus probability (0 < P <= 1).
+    #[arg(long, value_name = "P")]
+    top_p: Option<f64>,
+    /// `--executor candle` sampling: keep the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// `--executor candle` sampling: repetition penalty over the last 64 tokens (1 = none).
+    #[arg(long, value_name = "R")]
+    repeat_penalty: Option<f32>,
+    /// `--executor candle` sampling: seed (the same seed gives the same tokens).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// `--executor candle`: a prompt's reply ends before this text (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// `--executor candle`: threads each job's matrix products use (default:
+    /// the cores divided by --workers, at least 1, so jobs do not oversubscribe).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    candle_threads: Option<usize>,
     /// Most tokens one `--executor candle` job generates, whatever it asks for.
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]

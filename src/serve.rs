@@ -40,31 +40,55 @@ pub fn run(args: ServeArgs) -> CliResult {
 /// in `--local-lm-path DIR`, run with candle (docs/CANDLE.md).
 #[cfg(feature = "candle")]
 fn run_candle(args: &ServeArgs) -> CliResult {
-    use donate_candle::{CandleConfig, CandleExecutor, DeviceChoice};
+    use donate_candle::{CandleConfig, CandleExecutor, DeviceChoice, Sampling};
 
-    let local_lm = match args.mode {
-        Mode::LocalLm if args.local_lm_path.is_empty() => {
+    let local_lm = match (args.mode, &args.model) {
+        (Mode::LocalLm, Some(model)) => Some(model.clone()),
+        (Mode::LocalLm, None) if args.local_lm_path.is_empty() => {
             return Err(
                 "--mode local_lm --executor candle needs --local-lm-path DIR \
-                 (DIR/config.json, DIR/model.safetensors, DIR/tokenizer.json)"
+                 (DIR/config.json, DIR/model.safetensors, DIR/tokenizer.json) or --model FILE.gguf"
                     .into(),
             )
         }
-        Mode::LocalLm => Some(std::path::PathBuf::from(&args.local_lm_path)),
-        Mode::ModelPush => None,
+        (Mode::LocalLm, None) => Some(std::path::PathBuf::from(&args.local_lm_path)),
+        (Mode::ModelPush, Some(_)) => {
+            return Err("--model names the local_lm model: add --mode local_lm".into())
+        }
+        (Mode::ModelPush, None) => None,
     };
     let device: DeviceChoice = args.candle_device.parse()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.candle_threads.unwrap_or((cores / args.workers).max(1));
+    donate_candle::set_threads(threads);
     let config = CandleConfig {
         device,
         max_tokens_cap: args.candle_max_tokens,
         job_timeout: Some(std::time::Duration::from_secs_f64(args.job_timeout)),
         local_lm,
+        raw_prompt: args.raw_prompt,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: None,
+            seed: args.seed,
+            stop: args.stop.clone(),
+        },
         ..CandleConfig::default()
     };
     let executor = CandleExecutor::new(config)
         .map_err(|e| format!("cannot start the candle executor: {e}"))?;
     if let Some(model) = executor.local_model() {
-        tracing::info!(path = %args.local_lm_path, params = model.param_count(), "local_lm model loaded");
+        tracing::info!(
+            format = model.format(),
+            params = model.param_count(),
+            weight_bytes = model.weight_bytes(),
+            chat_template = model.has_chat_template(),
+            threads,
+            "local_lm model loaded"
+        );
     }
     run_with(args, executor)
 }

@@ -1,11 +1,15 @@
 //! # donate-candle
 //!
 //! [`CandleExecutor`] (`donate serve --executor candle`, cargo feature
-//! `candle` of `donate`): a pushed model is a real llama transformer, loaded
-//! with [candle](https://github.com/huggingface/candle) from a Hugging Face
-//! `config.json` (`config_json`) and a safetensors file (the weights), and each
-//! `infer` job runs greedy generation with a KV cache. In `local_lm` mode, a
-//! model and `tokenizer.json` loaded from a directory at start answer prompts.
+//! `candle` of `donate`): a pushed model is a real transformer run with
+//! [candle](https://github.com/huggingface/candle): a Hugging Face llama
+//! (`config.json` as `config_json`, a safetensors file as the weights) or a
+//! quantized GGUF file (llama, qwen2, qwen3; `config_json` `{"format":"gguf"}`,
+//! or recognised by its magic bytes), and each `infer` job runs generation
+//! with a KV cache, greedy unless a [`Sampling`] says otherwise. In `local_lm`
+//! mode, a model loaded at start answers prompts: a GGUF file (its own
+//! tokenizer and chat template, so a prompt is a chat turn) or a directory
+//! with a safetensors llama and `tokenizer.json`.
 //!
 //! Everything runs on the CPU unless [`CandleConfig::device`] says otherwise
 //! (the `cuda` and `metal` features build candle's GPU backends). Nothing is
@@ -23,7 +27,10 @@
 //! ```
 #![warn(missing_docs)]
 
+mod chat;
+pub mod gguf;
 mod model;
+mod sampling;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,7 +40,22 @@ use donate_exec::WeightsFile;
 use donate_proto::{Executor, JobError, UploadInfo, Weights};
 use tokenizers::Tokenizer;
 
+pub use chat::{render_chat_template, ChatMessage};
 pub use model::{CandleModel, GenerateError};
+pub use sampling::Sampling;
+
+/// Sets how many threads candle's CPU kernels use, for the whole process
+/// (rayon's global pool, and `RAYON_NUM_THREADS`, which candle's F32 matrix
+/// products read). Call it once, before any model is loaded; later calls
+/// cannot resize a pool already built and do nothing.
+pub fn set_threads(n: usize) {
+    let n = n.max(1);
+    // Read by candle's gemm calls (candle_core::utils::get_num_threads).
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+}
 
 /// Job error codes this executor reports (the `code` of a failed result).
 pub mod codes {
@@ -109,7 +131,7 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 /// Settings of a [`CandleExecutor`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CandleConfig {
     /// Where models run.
     pub device: DeviceChoice,
@@ -122,9 +144,16 @@ pub struct CandleConfig {
     /// Most positions (input plus generated) a job may use, below the model's
     /// own `max_position_embeddings`: bounds the rotary tables and a job's work.
     pub max_context: usize,
-    /// `local_lm` mode: the directory holding `config.json`,
-    /// `model.safetensors` and `tokenizer.json`, loaded by [`CandleExecutor::new`].
+    /// `local_lm` mode: the model [`CandleExecutor::new`] loads, a GGUF file
+    /// or a directory holding `config.json`, `model.safetensors` and
+    /// `tokenizer.json`.
     pub local_lm: Option<PathBuf>,
+    /// `local_lm` with a GGUF model: send a prompt's text to the model as it
+    /// is, instead of as a user turn rendered with the file's chat template
+    /// (default false: chat). A model without a template always gets raw text.
+    pub raw_prompt: bool,
+    /// How jobs pick tokens when they do not say (default: greedy).
+    pub sampling: Sampling,
     /// Spool pushed weights to a private temporary file as they arrive and
     /// load the model from it memory-mapped (default true), instead of the
     /// node holding the whole upload in memory.
@@ -145,6 +174,8 @@ impl Default for CandleConfig {
             max_tokens_cap: 256,
             max_context: 4096,
             local_lm: None,
+            raw_prompt: false,
+            sampling: Sampling::default(),
             spool_uploads: true,
             temp_root: None,
             job_timeout: Some(Duration::from_secs(60)),
@@ -155,7 +186,8 @@ impl Default for CandleConfig {
 /// A model and its tokenizer, for prompts.
 struct LocalLm {
     model: CandleModel,
-    tokenizer: Tokenizer,
+    /// A safetensors directory's `tokenizer.json` (a GGUF model carries its own).
+    tokenizer: Option<Tokenizer>,
 }
 
 /// Runs pushed llama models with candle (`model_push`), or answers prompts
@@ -185,6 +217,10 @@ impl CandleExecutor {
     /// Opens the device and, with [`CandleConfig::local_lm`], loads that model
     /// and tokenizer.
     pub fn new(config: CandleConfig) -> Result<CandleExecutor, String> {
+        config
+            .sampling
+            .validate()
+            .map_err(|e| format!("bad sampling: {e}"))?;
         let device = config.device.open()?;
         let local = match &config.local_lm {
             Some(dir) => Some(load_local(dir, &device, config.max_context)?),
@@ -207,16 +243,39 @@ impl CandleExecutor {
         self.local.as_ref().map(|l| &l.model)
     }
 
-    /// Loads a pushed model from its bytes (what `mount` does with an upload held in memory).
+    /// Loads a pushed model from its bytes (what `mount` does with an upload
+    /// held in memory): GGUF when `config_json` says `{"format":"gguf"}` or
+    /// the bytes start with the GGUF magic, else a safetensors llama.
     pub fn load(&self, config_json: &str, weights: &[u8]) -> Result<CandleModel, String> {
         self.refuse_on_local_lm()?;
-        CandleModel::load(config_json, weights, &self.device, self.config.max_context)
+        let max = self.config.max_context;
+        if is_gguf_upload(config_json, weights)? {
+            let mut reader = std::io::Cursor::new(weights);
+            CandleModel::load_gguf(&mut reader, weights.len() as u64, &self.device, max, false)
+        } else {
+            CandleModel::load(config_json, weights, &self.device, max)
+        }
     }
 
-    /// Loads a pushed model from a safetensors file (what `mount` does with a spooled upload).
+    /// Loads a pushed model from a file (what `mount` does with a spooled
+    /// upload): GGUF or safetensors, as [`load`](CandleExecutor::load) decides.
     pub fn load_file(&self, config_json: &str, path: &Path) -> Result<CandleModel, String> {
         self.refuse_on_local_lm()?;
-        CandleModel::load_file(config_json, path, &self.device, self.config.max_context)
+        let max = self.config.max_context;
+        let mut head = [0u8; 4];
+        let head = match std::fs::File::open(path).and_then(|mut f| {
+            use std::io::Read;
+            let n = f.read(&mut head)?;
+            Ok(n)
+        }) {
+            Ok(n) => &head[..n],
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        if is_gguf_upload(config_json, head)? {
+            CandleModel::load_gguf_file(path, &self.device, max, false)
+        } else {
+            CandleModel::load_file(config_json, path, &self.device, max)
+        }
     }
 
     fn refuse_on_local_lm(&self) -> Result<(), String> {
@@ -257,13 +316,30 @@ impl CandleExecutor {
         }
     }
 
-    /// Runs an `infer` job: `input_ids` followed by the generated ids.
+    /// Runs an `infer` job with the node's [`CandleConfig::sampling`]:
+    /// `input_ids` followed by the generated ids.
     pub fn generate(
         &self,
         model: &CandleModel,
         input_ids: &[i32],
         max_tokens: i64,
     ) -> Result<Vec<i32>, JobError> {
+        self.generate_with(model, input_ids, max_tokens, &self.config.sampling)
+    }
+
+    /// Runs an `infer` job picking tokens as `sampling` says (its `stop`
+    /// strings do not apply: the output is ids). `input_ids` are fed exactly
+    /// as given: no BOS, no template.
+    pub fn generate_with(
+        &self,
+        model: &CandleModel,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &Sampling,
+    ) -> Result<Vec<i32>, JobError> {
+        sampling
+            .validate()
+            .map_err(|e| JobError::new(codes::BAD_INPUT, e))?;
         if self.local.is_some() {
             return Err(JobError::new(
                 codes::UNSUPPORTED,
@@ -289,7 +365,7 @@ impl CandleExecutor {
             .collect::<Result<Vec<u32>, JobError>>()?;
         check_fits(model, input.len(), n)?;
         let generated = model
-            .generate(&input, n, &[], self.deadline())
+            .generate_with(&input, n, &[], self.deadline(), sampling, |_| false)
             .map_err(|e| self.job_error(e, n))?;
         let mut out = Vec::with_capacity(input_ids.len() + generated.len());
         out.extend_from_slice(input_ids);
@@ -298,23 +374,58 @@ impl CandleExecutor {
         Ok(out)
     }
 
-    /// Runs a `prompt` job on the `local_lm` model: the generated text only.
+    /// Runs a `prompt` job on the `local_lm` model with the node's
+    /// [`CandleConfig::sampling`]: the generated text only.
     pub fn complete(&self, prompt: &str, max_out: i64) -> Result<String, JobError> {
+        self.complete_with(prompt, max_out, &self.config.sampling)
+    }
+
+    /// The token ids a prompt becomes on the `local_lm` model: for a GGUF
+    /// model the chat template rendered with one user turn (unless
+    /// [`CandleConfig::raw_prompt`]), then its tokenizer, with the BOS the
+    /// model wants, never twice; for a safetensors one, `tokenizer.json` with
+    /// its own special tokens.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, JobError> {
         let Some(local) = &self.local else {
             return Err(JobError::new(
                 codes::UNSUPPORTED,
-                "this candle node runs pushed models (model_push); prompts need --mode local_lm --local-lm-path DIR",
+                "this candle node runs pushed models (model_push); prompts need --mode local_lm --model FILE.gguf (or --local-lm-path DIR)",
             ));
+        };
+        let model_error = |e: String| JobError::new(codes::MODEL_ERROR, e);
+        match (&local.tokenizer, local.model.gguf_tokenizer()) {
+            (Some(tokenizer), _) => tokenizer
+                .encode(prompt, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| model_error(format!("cannot tokenize the prompt: {e}"))),
+            (None, Some(tokenizer)) => {
+                let text = tokenizer
+                    .prompt_text(prompt, !self.config.raw_prompt)
+                    .map_err(model_error)?;
+                tokenizer.encode(&text).map_err(model_error)
+            }
+            (None, None) => Err(model_error("the local model has no tokenizer".to_owned())),
+        }
+    }
+
+    /// Runs a `prompt` job picking tokens as `sampling` says; the reply stops
+    /// at the model's end-of-turn tokens, or before the first of
+    /// `sampling.stop` it contains.
+    pub fn complete_with(
+        &self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &Sampling,
+    ) -> Result<String, JobError> {
+        sampling
+            .validate()
+            .map_err(|e| JobError::new(codes::BAD_INPUT, e))?;
+        let ids = self.prompt_ids(prompt)?;
+        let Some(local) = &self.local else {
+            unreachable!("prompt_ids checked local_lm");
         };
         let n = self.tokens_for(max_out, self.config.default_max_out);
         let model = &local.model;
-        let encoding = local.tokenizer.encode(prompt, true).map_err(|e| {
-            JobError::new(
-                codes::MODEL_ERROR,
-                format!("cannot tokenize the prompt: {e}"),
-            )
-        })?;
-        let ids = encoding.get_ids();
         if ids.is_empty() {
             return Err(JobError::new(codes::BAD_INPUT, "the prompt has no tokens"));
         }
@@ -328,13 +439,42 @@ impl CandleExecutor {
             ));
         }
         check_fits(model, ids.len(), n)?;
+        let decode = |ids: &[u32]| -> Result<String, String> {
+            match (&local.tokenizer, model.gguf_tokenizer()) {
+                (Some(t), _) => t.decode(ids, true).map_err(|e| e.to_string()),
+                (None, Some(t)) => t.tokenizer.decode(ids, true).map_err(|e| e.to_string()),
+                (None, None) => Ok(String::new()),
+            }
+        };
+        let stops = &sampling.stop;
+        let halt = |so_far: &[u32]| {
+            !stops.is_empty()
+                && decode(so_far).is_ok_and(|text| stops.iter().any(|s| text.contains(s.as_str())))
+        };
         let generated = model
-            .generate(ids, n, model.eos_ids(), self.deadline())
+            .generate_with(&ids, n, model.eos_ids(), self.deadline(), sampling, halt)
             .map_err(|e| self.job_error(e, n))?;
-        local
-            .tokenizer
-            .decode(&generated, true)
-            .map_err(|e| JobError::new(codes::MODEL_ERROR, format!("cannot decode: {e}")))
+        let mut text = decode(&generated)
+            .map_err(|e| JobError::new(codes::MODEL_ERROR, format!("cannot decode: {e}")))?;
+        if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        Ok(text)
+    }
+}
+
+/// Whether a pushed model is GGUF: `config_json` `{"format":"gguf"}`, or
+/// weights that start with the GGUF magic (then any config is accepted).
+fn is_gguf_upload(config_json: &str, head: &[u8]) -> Result<bool, String> {
+    let format = serde_json::from_str::<serde_json::Value>(config_json)
+        .ok()
+        .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_owned));
+    match format.as_deref() {
+        Some("gguf") => Ok(true),
+        Some("safetensors") | None => Ok(gguf::is_gguf(head)),
+        Some(other) => Err(format!(
+            "unknown model format {other:?}: this node runs \"gguf\" and \"safetensors\" (a Hugging Face llama config.json)"
+        )),
     }
 }
 
@@ -358,19 +498,31 @@ fn check_fits(model: &CandleModel, input: usize, n: usize) -> Result<(), JobErro
     Ok(())
 }
 
-/// Loads `DIR/config.json`, `DIR/model.safetensors` and `DIR/tokenizer.json`.
-fn load_local(dir: &Path, device: &Device, max_context: usize) -> Result<LocalLm, String> {
-    let tokenizer_path = dir.join("tokenizer.json");
+/// Loads the `local_lm` model: a GGUF file (with its own tokenizer), or a
+/// directory with `config.json`, `model.safetensors` and `tokenizer.json`.
+fn load_local(path: &Path, device: &Device, max_context: usize) -> Result<LocalLm, String> {
+    if path.is_file() {
+        let model = CandleModel::load_gguf_file(path, device, max_context, true)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        return Ok(LocalLm {
+            model,
+            tokenizer: None,
+        });
+    }
+    let tokenizer_path = path.join("tokenizer.json");
     if !tokenizer_path.is_file() {
         return Err(format!(
-            "{} is missing: a local_lm directory needs config.json, model.safetensors and tokenizer.json",
+            "{} is missing: a local_lm model is a GGUF file, or a directory with config.json, model.safetensors and tokenizer.json",
             tokenizer_path.display()
         ));
     }
-    let model = CandleModel::load_dir(dir, device, max_context)?;
+    let model = CandleModel::load_dir(path, device, max_context)?;
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| format!("cannot load {}: {e}", tokenizer_path.display()))?;
-    Ok(LocalLm { model, tokenizer })
+    Ok(LocalLm {
+        model,
+        tokenizer: Some(tokenizer),
+    })
 }
 
 // The trait impl only delegates, so that it follows the trait's changes easily.

@@ -1,37 +1,66 @@
 //! [`CandleModel`]: a Hugging Face llama loaded from a config and safetensors
-//! bytes, checked against each other first, and greedy generation on it.
+//! bytes, checked against each other first, or a quantized GGUF model; and
+//! generation on it (greedy unless a [`Sampling`] says otherwise).
 
 use std::collections::HashMap;
+use std::io::{Read, Seek};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::MutexGuard;
 use std::time::Instant;
 
 use candle_core::safetensors::Load as _;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig, LlamaEosToks};
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
 use safetensors::{Dtype, SafeTensors};
 
-/// A llama ready to generate, shared by every job of the connection that pushed it.
+use crate::chat::GgufTokenizer;
+use crate::gguf::{self, QModel};
+use crate::sampling::{Sampler, Sampling};
+
+/// A model ready to generate, shared by every job of the connection that pushed it.
 ///
-/// Only `model_type: "llama"` configs are accepted, with the fields
-/// [`LlamaConfig`] reads (see docs/CANDLE.md). Weights are kept in `F32`
-/// whatever float dtype the file holds.
+/// Either a Hugging Face llama (`model_type: "llama"` config with the fields
+/// [`LlamaConfig`] reads, weights kept in `F32` whatever float dtype the file
+/// holds), or a GGUF file's quantized llama, qwen2 or qwen3 (weights kept in
+/// their quantized types). See docs/CANDLE.md.
 pub struct CandleModel {
-    llama: Llama,
-    /// A KV cache that has seen nothing, with the rotary tables computed once:
-    /// each job clones it (the tables are shared, the keys and values are not).
-    fresh_cache: Cache,
+    weights: ModelWeights,
     device: Device,
     vocab_size: usize,
     context: usize,
     params: usize,
     eos: Vec<u32>,
+    weight_bytes: u64,
+    /// A GGUF file's tokenizer, when it was asked for (local_lm).
+    tokenizer: Option<GgufTokenizer>,
+}
+
+/// The network itself.
+enum ModelWeights {
+    Llama {
+        llama: Llama,
+        /// A KV cache that has seen nothing, with the rotary tables computed once:
+        /// each job clones it (the tables are shared, the keys and values are not).
+        fresh_cache: Cache,
+    },
+    Gguf(QModel),
+}
+
+/// One job's view of the model: its own KV cache.
+enum Job<'a> {
+    Llama(Cache),
+    QLlama(Box<quantized_llama::ModelWeights>),
+    QQwen3(Box<quantized_qwen3::ModelWeights>),
+    QQwen2(MutexGuard<'a, quantized_qwen2::ModelWeights>),
 }
 
 impl std::fmt::Debug for CandleModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CandleModel")
+            .field("format", &self.format())
             .field("vocab_size", &self.vocab_size)
             .field("context", &self.context)
             .field("params", &self.params)
@@ -82,14 +111,100 @@ impl CandleModel {
         })?;
         let (llama, fresh_cache) = built;
         Ok(CandleModel {
-            llama,
-            fresh_cache,
+            weights: ModelWeights::Llama { llama, fresh_cache },
             device: device.clone(),
             vocab_size: config.vocab_size,
             context: config.max_position_embeddings,
             params,
             eos,
+            weight_bytes: params as u64 * 4,
+            tokenizer: None,
         })
+    }
+
+    /// Loads a quantized GGUF model (llama, qwen2 or qwen3) from `reader`, a
+    /// file of `len` bytes: the header is read and every tensor checked
+    /// against the file first (see [`gguf`](crate::gguf)), then the tensors
+    /// are read once each, straight into their quantized storage. With
+    /// `tokenizer`, the file must also carry a tokenizer this node can build
+    /// (needed for prompts, not for `infer`).
+    pub fn load_gguf<R: Read + Seek>(
+        reader: &mut R,
+        len: u64,
+        device: &Device,
+        max_context: usize,
+        tokenizer: bool,
+    ) -> Result<CandleModel, String> {
+        let (content, checked) = gguf::read_header(reader, len, max_context)?;
+        let tokenizer = match tokenizer {
+            true => Some(GgufTokenizer::from_metadata(
+                &content.metadata,
+                checked.vocab_size,
+            )?),
+            false => None,
+        };
+        let mut eos: Vec<u32> = match &tokenizer {
+            Some(t) => t.eog.clone(),
+            None => gguf::md_u32(&content.metadata, "tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
+        };
+        eos.retain(|&id| (id as usize) < checked.vocab_size);
+        let weights = gguf::load(content, &checked, reader, device)?;
+        Ok(CandleModel {
+            weights: ModelWeights::Gguf(weights),
+            device: device.clone(),
+            vocab_size: checked.vocab_size,
+            context: checked.context,
+            params: checked.params,
+            eos,
+            weight_bytes: checked.tensor_bytes,
+            tokenizer,
+        })
+    }
+
+    /// [`load_gguf`](CandleModel::load_gguf) from a file.
+    pub fn load_gguf_file(
+        path: &Path,
+        device: &Device,
+        max_context: usize,
+        tokenizer: bool,
+    ) -> Result<CandleModel, String> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        // Buffered: the header is tens of thousands of small reads (one per
+        // vocabulary string); each tensor is then one large read.
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+        CandleModel::load_gguf(&mut reader, len, device, max_context, tokenizer)
+    }
+
+    /// `"gguf"` or `"safetensors"`: what the model was loaded from.
+    pub fn format(&self) -> &'static str {
+        match self.weights {
+            ModelWeights::Llama { .. } => "safetensors",
+            ModelWeights::Gguf(_) => "gguf",
+        }
+    }
+
+    /// Whether the model carries a chat template (a GGUF file's
+    /// `tokenizer.chat_template`, when it was loaded with its tokenizer).
+    pub fn has_chat_template(&self) -> bool {
+        self.tokenizer.as_ref().is_some_and(|t| t.has_template())
+    }
+
+    /// Bytes of weights held in memory: a GGUF file's tensor data as stored
+    /// (quantized), or 4 per parameter for a safetensors model (`F32`).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// The GGUF file's tokenizer, when it was loaded with one.
+    pub(crate) fn gguf_tokenizer(&self) -> Option<&GgufTokenizer> {
+        self.tokenizer.as_ref()
     }
 
     /// Loads `DIR/config.json` and `DIR/model.safetensors`.
@@ -158,26 +273,42 @@ impl CandleModel {
         stop: &[u32],
         deadline: Option<Instant>,
     ) -> Result<Vec<u32>, GenerateError> {
+        self.generate_with(input, n, stop, deadline, &Sampling::default(), |_| false)
+    }
+
+    /// [`generate`](CandleModel::generate) with each token picked as
+    /// `sampling` says (its `stop` strings are the caller's: `halt` is asked
+    /// after each token, with the tokens so far, whether to stop there).
+    pub fn generate_with(
+        &self,
+        input: &[u32],
+        n: usize,
+        stop: &[u32],
+        deadline: Option<Instant>,
+        sampling: &Sampling,
+        mut halt: impl FnMut(&[u32]) -> bool,
+    ) -> Result<Vec<u32>, GenerateError> {
         let (out, finished) = guarded("generating", || {
-            let mut cache = self.fresh_cache.clone();
-            let mut out = Vec::with_capacity(n);
+            let mut job = self.start_job();
+            let mut sampler = Sampler::new(sampling);
+            let mut seen: Vec<u32> = Vec::with_capacity(input.len() + n);
+            seen.extend_from_slice(input);
             let mut pos = 0;
-            let mut step: Vec<u32> = input.to_vec();
-            while out.len() < n {
+            while seen.len() - input.len() < n {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok((out, false));
+                    return Ok((seen.split_off(input.len()), false));
                 }
-                let x = Tensor::new(step.as_slice(), &self.device)?.unsqueeze(0)?;
-                let logits = self.llama.forward(&x, pos, &mut cache)?;
-                pos += step.len();
-                let next = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
-                out.push(next);
-                if stop.contains(&next) {
+                let step = &seen[pos..];
+                let x = Tensor::new(step, &self.device)?.unsqueeze(0)?;
+                let logits = self.forward(&mut job, &x, pos)?;
+                pos = seen.len();
+                let next = sampler.next(&logits, &seen)?;
+                seen.push(next);
+                if stop.contains(&next) || halt(&seen[input.len()..]) {
                     break;
                 }
-                step = vec![next];
             }
-            Ok((out, true))
+            Ok((seen.split_off(input.len()), true))
         })
         .map_err(GenerateError::Candle)?;
         match finished {
@@ -185,6 +316,35 @@ impl CandleModel {
             false => Err(GenerateError::Timeout {
                 generated: out.len(),
             }),
+        }
+    }
+
+    /// A job's own state: a fresh KV cache (quantized models: a clone of the
+    /// weights' handles, which share the tensors).
+    fn start_job(&self) -> Job<'_> {
+        match &self.weights {
+            ModelWeights::Llama { fresh_cache, .. } => Job::Llama(fresh_cache.clone()),
+            ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(Box::new(m.clone())),
+            ModelWeights::Gguf(QModel::Qwen3(m)) => Job::QQwen3(Box::new(m.clone())),
+            ModelWeights::Gguf(QModel::Qwen2(m)) => {
+                // A job that panicked left a cache behind; it is cleared below.
+                let mut guard = m.lock().unwrap_or_else(|p| p.into_inner());
+                guard.clear_kv_cache();
+                Job::QQwen2(guard)
+            }
+        }
+    }
+
+    /// The logits after the tokens `x` (shape `[1, len]`) at position `pos`.
+    fn forward(&self, job: &mut Job<'_>, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match (job, &self.weights) {
+            (Job::Llama(cache), ModelWeights::Llama { llama, .. }) => llama.forward(x, pos, cache),
+            (Job::QLlama(m), _) => m.forward(x, pos),
+            (Job::QQwen3(m), _) => m.forward(x, pos),
+            (Job::QQwen2(m), _) => m.forward(x, pos),
+            (Job::Llama(_), ModelWeights::Gguf(_)) => {
+                candle_core::bail!("a llama job on a GGUF model")
+            }
         }
     }
 }
@@ -202,10 +362,17 @@ pub enum GenerateError {
 }
 
 /// Runs a candle computation, turning its error, or a panic inside it, into a message.
-fn guarded<T>(what: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, String> {
+pub(crate) fn guarded<T>(
+    what: &str,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("candle failed {what}: {e}")),
+        // One line: candle appends a backtrace when RUST_BACKTRACE is set.
+        Ok(Err(e)) => Err(format!(
+            "candle failed {what}: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        )),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()

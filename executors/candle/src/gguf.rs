@@ -1,0 +1,306 @@
+//! Quantized GGUF models (llama.cpp's format): the header read and checked
+//! before anything is loaded, then candle-transformers' quantized llama,
+//! qwen2 or qwen3 built from it, with the weights left quantized.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+
+/// The 4 bytes a GGUF file starts with.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// Architectures (`general.architecture`) this node runs.
+pub const SUPPORTED_ARCHITECTURES: &str =
+    "llama (Llama 1/2/3, SmolLM, Mistral, TinyLlama…), qwen2, qwen3";
+
+/// Tensor types (ggml dtypes) candle runs on the CPU.
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+
+/// Most layers a file may declare.
+const MAX_LAYERS: usize = 4096;
+
+/// Most positions a qwen file may declare: candle computes its rotary
+/// tables for all of them at load.
+const MAX_DECLARED_CONTEXT: usize = 1 << 18;
+
+/// Positions candle's quantized llama has rotary tables for.
+const LLAMA_MAX_SEQ: usize = quantized_llama::MAX_SEQ_LEN;
+
+/// A supported architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    fn key(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// The loaded weights of one architecture.
+pub(crate) enum QModel {
+    /// Cloned per job (the clone shares the quantized tensors, not the cache).
+    Llama(quantized_llama::ModelWeights),
+    /// Cloned per job, like llama.
+    Qwen3(quantized_qwen3::ModelWeights),
+    /// candle's qwen2 cannot be cloned: one job at a time runs on it.
+    Qwen2(std::sync::Mutex<quantized_qwen2::ModelWeights>),
+}
+
+/// What the header says, once checked.
+pub(crate) struct Checked {
+    pub(crate) arch: Arch,
+    pub(crate) vocab_size: usize,
+    pub(crate) context: usize,
+    pub(crate) params: usize,
+    /// Bytes of tensor data (the quantized weights held in memory once loaded).
+    pub(crate) tensor_bytes: u64,
+}
+
+/// Whether `bytes` start like a GGUF file.
+pub fn is_gguf(bytes: &[u8]) -> bool {
+    bytes.starts_with(GGUF_MAGIC)
+}
+
+/// Reads and checks a GGUF header from `reader` (`len` bytes in all): the
+/// magic, the metadata, the architecture and its sizes, and every tensor's
+/// type and extent inside the file. Nothing is loaded.
+pub(crate) fn read_header<R: Read + Seek>(
+    reader: &mut R,
+    len: u64,
+    max_context: usize,
+) -> Result<(Content, Checked), String> {
+    let mut magic = [0u8; 4];
+    reader
+        .read_exact(&mut magic)
+        .map_err(|_| format!("not a GGUF file: {len} bytes, shorter than its header"))?;
+    if &magic != GGUF_MAGIC {
+        return Err(format!(
+            "not a GGUF file: it starts with {magic:02x?}, not \"GGUF\""
+        ));
+    }
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
+    let content = crate::model::guarded("reading the GGUF header", || Content::read(reader))
+        .map_err(|e| {
+            if let Some(n) = e.split("unknown dtype for tensor ").nth(1) {
+                let n = n.trim();
+                format!(
+                    "unsupported GGUF tensor type {n} ({}): this node runs {SUPPORTED_TYPES}",
+                    ggml_type_name(n.parse().unwrap_or(u32::MAX))
+                )
+            } else {
+                format!("not a valid GGUF file: {e}")
+            }
+        })?;
+    let checked = check(&content, len, max_context)?;
+    Ok((content, checked))
+}
+
+/// Checks what [`read_header`] read; see there.
+fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, String> {
+    let md = &content.metadata;
+    let arch = match md.get("general.architecture") {
+        Some(Value::String(a)) => match a.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => {
+                return Err(format!(
+                "unsupported GGUF architecture {other:?}: this node runs {SUPPORTED_ARCHITECTURES}"
+            ))
+            }
+        },
+        _ => return Err("the GGUF file has no general.architecture string".to_owned()),
+    };
+    let p = arch.key();
+    let get = |key: &str| -> Result<usize, String> {
+        let full = format!("{p}.{key}");
+        match md.get(&full) {
+            None => Err(format!("the GGUF file lacks {full}")),
+            Some(v) => v
+                .to_u64()
+                .ok()
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| format!("{full} is not a whole number: {v:?}")),
+        }
+    };
+    let layers = get("block_count")?;
+    let hidden = get("embedding_length")?;
+    let heads = get("attention.head_count")?;
+    let kv_heads = get("attention.head_count_kv")?;
+    if layers == 0 || layers > MAX_LAYERS {
+        return Err(format!(
+            "{p}.block_count {layers} is outside 1..={MAX_LAYERS}"
+        ));
+    }
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!(
+            "{p}.attention.head_count {heads} must be a positive multiple of head_count_kv {kv_heads}"
+        ));
+    }
+    if hidden == 0 || hidden % heads != 0 {
+        return Err(format!(
+            "{p}.embedding_length {hidden} is not a positive multiple of the {heads} heads"
+        ));
+    }
+    if let Some(Value::F32(eps)) = md.get(&format!("{p}.attention.layer_norm_rms_epsilon")) {
+        if !(eps.is_finite() && *eps > 0.0) {
+            return Err(format!(
+                "{p}.attention.layer_norm_rms_epsilon {eps} is not positive"
+            ));
+        }
+    }
+    let declared = match arch {
+        Arch::Llama => get("context_length").unwrap_or(LLAMA_MAX_SEQ),
+        Arch::Qwen2 | Arch::Qwen3 => get("context_length")?,
+    };
+    if declared == 0 || declared > MAX_DECLARED_CONTEXT {
+        return Err(format!(
+            "{p}.context_length {declared} is outside 1..={MAX_DECLARED_CONTEXT}"
+        ));
+    }
+    let mut context = declared.min(max_context.max(1));
+    if arch == Arch::Llama {
+        context = context.min(LLAMA_MAX_SEQ);
+    }
+
+    // Every tensor inside the file, of a type candle runs.
+    let mut params = 0usize;
+    let mut tensor_bytes = 0u64;
+    // In file order, so that the message names the first bad tensor.
+    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(name, info)| (info.offset, *name));
+    for (name, info) in infos {
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor {name} has an impossible shape {:?}", info.shape))?;
+        let block = info.ggml_dtype.block_size();
+        if elems % block != 0 {
+            return Err(format!(
+                "tensor {name} has {elems} elements, not a multiple of its {:?} blocks of {block}",
+                info.ggml_dtype
+            ));
+        }
+        let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes));
+        match end {
+            Some(end) if end <= len => {}
+            _ => {
+                return Err(format!(
+                    "tensor {name} ({bytes} bytes at offset {}) lies past the end of the {len}-byte file",
+                    info.offset
+                ))
+            }
+        }
+        params = params.saturating_add(elems);
+        tensor_bytes = tensor_bytes.saturating_add(bytes);
+    }
+    let embd = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or("the GGUF file lacks tensor token_embd.weight")?;
+    let vocab_size = match embd.shape.dims() {
+        [vocab, h] if *h == hidden && *vocab > 0 => *vocab,
+        dims => {
+            return Err(format!(
+                "tensor token_embd.weight has shape {dims:?}; {p}.embedding_length needs [vocab, {hidden}]"
+            ))
+        }
+    };
+    if vocab_size > i32::MAX as usize {
+        return Err(format!(
+            "vocabulary of {vocab_size} tokens does not fit token ids (i32)"
+        ));
+    }
+    for info in content.tensor_infos.values() {
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::Q8_1 // candle cannot multiply by Q8_1 (llama.cpp never stores weights in it)
+        ) {
+            return Err(format!(
+                "unsupported GGUF tensor type Q8_1 (an activation type): this node runs {SUPPORTED_TYPES}"
+            ));
+        }
+    }
+    Ok(Checked {
+        arch,
+        vocab_size,
+        context,
+        params,
+        tensor_bytes,
+    })
+}
+
+/// Builds the model from a checked header; `reader` is the file again.
+pub(crate) fn load<R: Read + Seek>(
+    content: Content,
+    checked: &Checked,
+    reader: &mut R,
+    device: &Device,
+) -> Result<QModel, String> {
+    crate::model::guarded("loading the GGUF model", || {
+        Ok(match checked.arch {
+            Arch::Llama => QModel::Llama(quantized_llama::ModelWeights::from_gguf(
+                content, reader, device,
+            )?),
+            Arch::Qwen2 => QModel::Qwen2(std::sync::Mutex::new(
+                quantized_qwen2::ModelWeights::from_gguf(content, reader, device)?,
+            )),
+            Arch::Qwen3 => QModel::Qwen3(quantized_qwen3::ModelWeights::from_gguf(
+                content, reader, device,
+            )?),
+        })
+    })
+}
+
+/// A metadata value as a u32 token id, when it is one.
+pub(crate) fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
+    md.get(key)
+        .and_then(|v| v.to_u64().ok())
+        .and_then(|v| u32::try_from(v).ok())
+}
+
+/// ggml's name for a tensor type number (for messages).
+fn ggml_type_name(n: u32) -> &'static str {
+    match n {
+        4 | 5 => "Q4_2/Q4_3, removed from ggml",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "not a ggml type",
+    }
+}

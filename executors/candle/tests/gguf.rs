@@ -1,0 +1,403 @@
+//! GGUF files made on the spot: a tiny random quantized llama that a node
+//! mounts and runs exactly as candle run directly does, and every kind of bad
+//! file (wrong magic, cut short, unknown tensor type, lying offsets, unknown
+//! architecture) refused with a clear message, never a crash or a read past
+//! the file.
+
+use std::io::Cursor;
+use std::net::TcpListener;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use donate_candle::{CandleConfig, CandleExecutor, CandleModel, Sampling};
+use donate_proto::ServerConfig;
+use donate_std::{Client, Error};
+
+const HIDDEN: usize = 64;
+const FFN: usize = 128;
+const LAYERS: usize = 2;
+const HEADS: u32 = 4;
+const KV_HEADS: u32 = 2;
+const VOCAB: usize = 96;
+
+/// A metadata value as written.
+enum Md {
+    U32(u32),
+    F32(f32),
+    Str(&'static str),
+}
+
+/// A tensor as written: name, dims (candle order, outermost first), ggml type number, bytes.
+struct T {
+    name: String,
+    dims: Vec<usize>,
+    ty: u32,
+    data: Vec<u8>,
+    /// Written as the offset instead of the real one.
+    lie_offset: Option<u64>,
+}
+
+/// Writes a GGUF v3 file, as the spec lays it out, with alignment 32.
+fn write_gguf(md: &[(&str, Md)], tensors: &[T]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((md.len() as u64).to_le_bytes());
+    for (key, value) in md {
+        string(&mut out, key);
+        match value {
+            Md::U32(v) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Md::F32(v) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Md::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                string(&mut out, s);
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        string(&mut out, &t.name);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        for d in t.dims.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(t.ty.to_le_bytes());
+        out.extend(t.lie_offset.unwrap_or(offset).to_le_bytes());
+        offset += (t.data.len() as u64).div_ceil(32) * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for t in tensors {
+        out.extend(&t.data);
+        out.resize(out.len().div_ceil(32) * 32, 0);
+    }
+    out
+}
+
+/// Deterministic weights in ±scale.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn tensor(name: &str, dims: &[usize], seed: u64, ty: GgmlDType) -> T {
+    let n = dims.iter().product();
+    let (scale, offset) = if dims.len() == 1 {
+        (0.1, 1.0)
+    } else {
+        (0.3, 0.0)
+    };
+    let data: Vec<f32> = values(n, seed, scale).iter().map(|v| v + offset).collect();
+    let t = Tensor::from_vec(data, dims.to_vec(), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, ty).unwrap();
+    let number = match ty {
+        GgmlDType::F32 => 0,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q4_1 => 3,
+        other => panic!("{other:?}"),
+    };
+    T {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        ty: number,
+        data: q.data().unwrap().into_owned(),
+        lie_offset: None,
+    }
+}
+
+fn metadata(arch: &'static str) -> Vec<(&'static str, Md)> {
+    vec![
+        ("general.architecture", Md::Str(arch)),
+        ("llama.block_count", Md::U32(LAYERS as u32)),
+        ("llama.embedding_length", Md::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", Md::U32(FFN as u32)),
+        ("llama.attention.head_count", Md::U32(HEADS)),
+        ("llama.attention.head_count_kv", Md::U32(KV_HEADS)),
+        ("llama.rope.dimension_count", Md::U32(HIDDEN as u32 / HEADS)),
+        ("llama.attention.layer_norm_rms_epsilon", Md::F32(1e-5)),
+        ("llama.context_length", Md::U32(256)),
+    ]
+}
+
+/// A tiny llama: Q8_0 matrices (Q4_1 for the feed-forward), F32 norms, tied output.
+fn tensors() -> Vec<T> {
+    let q = GgmlDType::Q8_0;
+    let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
+    let mut list = vec![
+        tensor("token_embd.weight", &[VOCAB, HIDDEN], 1, q),
+        tensor("output_norm.weight", &[HIDDEN], 2, GgmlDType::F32),
+    ];
+    for l in 0..LAYERS {
+        let p = format!("blk.{l}");
+        let s = 10 * (l as u64 + 1);
+        list.extend([
+            tensor(&format!("{p}.attn_q.weight"), &[HIDDEN, HIDDEN], s, q),
+            tensor(&format!("{p}.attn_k.weight"), &[kv, HIDDEN], s + 1, q),
+            tensor(&format!("{p}.attn_v.weight"), &[kv, HIDDEN], s + 2, q),
+            tensor(
+                &format!("{p}.attn_output.weight"),
+                &[HIDDEN, HIDDEN],
+                s + 3,
+                q,
+            ),
+            tensor(
+                &format!("{p}.ffn_gate.weight"),
+                &[FFN, HIDDEN],
+                s + 4,
+                GgmlDType::Q4_1,
+            ),
+            tensor(
+                &format!("{p}.ffn_up.weight"),
+                &[FFN, HIDDEN],
+                s + 5,
+                GgmlDType::Q4_1,
+            ),
+            tensor(&format!("{p}.ffn_down.weight"), &[HIDDEN, FFN], s + 6, q),
+            tensor(
+                &format!("{p}.attn_norm.weight"),
+                &[HIDDEN],
+                s + 7,
+                GgmlDType::F32,
+            ),
+            tensor(
+                &format!("{p}.ffn_norm.weight"),
+                &[HIDDEN],
+                s + 8,
+                GgmlDType::F32,
+            ),
+        ]);
+    }
+    list
+}
+
+fn tiny_gguf() -> Vec<u8> {
+    write_gguf(&metadata("llama"), &tensors())
+}
+
+/// candle's quantized llama on the same bytes, greedy, with its own cache.
+fn direct(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
+    let mut reader = Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut model = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+    let mut tokens = input.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let x = Tensor::new(&tokens[pos..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&x, pos).unwrap();
+        pos = tokens.len();
+        let next = logits.flatten_all().unwrap().argmax(0).unwrap();
+        tokens.push(next.to_scalar::<u32>().unwrap());
+    }
+    tokens.split_off(input.len())
+}
+
+/// Loads `bytes` as a pushed model would be: both ways must agree.
+fn load(bytes: &[u8]) -> Result<CandleModel, String> {
+    let executor = CandleExecutor::new(CandleConfig::default()).unwrap();
+    let config = r#"{"format":"gguf"}"#;
+    let from_memory = executor.load(config, bytes);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let from_file = executor.load_file(config, &path);
+    match (&from_memory, &from_file) {
+        (Ok(_), Ok(_)) => {}
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        _ => panic!("memory and file disagree: {from_memory:?} / {from_file:?}"),
+    }
+    from_memory
+}
+
+fn refusal(bytes: &[u8]) -> String {
+    let e = load(bytes).expect_err("a bad file is refused");
+    assert!(!e.contains('\n'), "one line: {e}");
+    e
+}
+
+#[test]
+fn a_tiny_quantized_llama_runs_as_candle_runs_it() {
+    let bytes = tiny_gguf();
+    let model = load(&bytes).expect("the tiny GGUF loads");
+    assert_eq!((model.format(), model.vocab_size()), ("gguf", VOCAB));
+    assert_eq!(model.context(), 256);
+    let input = [3, 1, 4, 1, 5, 9, 2, 6];
+    let expected = direct(&bytes, &input, 12);
+    assert_eq!(model.generate(&input, 12, &[], None).unwrap(), expected);
+    // Twice: each job has its own cache.
+    assert_eq!(model.generate(&input, 12, &[], None).unwrap(), expected);
+    // The greedy default of Sampling is exactly generate.
+    let with = model
+        .generate_with(&input, 12, &[], None, &Sampling::default(), |_| false)
+        .unwrap();
+    assert_eq!(with, expected);
+    // Seeded sampling repeats.
+    let sampling = Sampling {
+        temperature: 1.0,
+        seed: Some(5),
+        ..Sampling::default()
+    };
+    let a = model
+        .generate_with(&input, 12, &[], None, &sampling, |_| false)
+        .unwrap();
+    let b = model
+        .generate_with(&input, 12, &[], None, &sampling, |_| false)
+        .unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_node_mounts_a_pushed_gguf_by_config_or_by_magic() {
+    let bytes = tiny_gguf();
+    let input = [7i32, 8, 9];
+    let expected: Vec<i32> = direct(&bytes, &[7, 8, 9], 8)
+        .into_iter()
+        .map(|t| t as i32)
+        .collect();
+    for (config, spooled) in [(r#"{"format":"gguf"}"#, true), ("{}", false), ("{}", true)] {
+        let executor = CandleExecutor::new(CandleConfig {
+            spool_uploads: spooled,
+            ..CandleConfig::default()
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = donate_std::serve(listener, ServerConfig::default(), executor).unwrap();
+        let mut client = Client::connect(server.local_addr()).unwrap();
+        client.push_model(config, &bytes, true).expect("mounted");
+        let out = client.infer(&input, 8).unwrap().output_ids;
+        assert_eq!(out[..3], input);
+        assert_eq!(out[3..], expected[..], "config {config:?}");
+        // A bad file after a good one: refused, the connection still usable.
+        let mut bad = bytes.clone();
+        bad.truncate(bytes.len() - 100);
+        match client.push_model(r#"{"format":"gguf"}"#, &bad, true) {
+            Err(Error::ModelRefused(m)) => assert!(m.contains("past the end"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        drop(client);
+        server.shutdown();
+    }
+}
+
+#[test]
+fn wrong_magic_and_unknown_formats_are_refused() {
+    let mut bytes = tiny_gguf();
+    bytes[..4].copy_from_slice(b"GGML");
+    let executor = CandleExecutor::new(CandleConfig::default()).unwrap();
+    let e = executor.load(r#"{"format":"gguf"}"#, &bytes).unwrap_err();
+    assert!(e.contains("not a GGUF file"), "{e}");
+    let e = executor
+        .load(r#"{"format":"onnx"}"#, &tiny_gguf())
+        .unwrap_err();
+    assert!(e.contains("unknown model format \"onnx\""), "{e}");
+    // Without a format and without the magic: a safetensors model, refused as one.
+    let e = executor.load("{}", &bytes).unwrap_err();
+    assert!(e.contains("model_type"), "{e}");
+}
+
+#[test]
+fn a_file_cut_anywhere_is_refused() {
+    let bytes = tiny_gguf();
+    let step = (bytes.len() / 97).max(1);
+    let mut cuts: Vec<usize> = (0..bytes.len()).step_by(step).collect();
+    cuts.extend([0, 1, 3, 4, 8, 23, 24, bytes.len() - 1]);
+    for cut in cuts {
+        let e = refusal(&bytes[..cut]);
+        assert!(
+            e.contains("GGUF") || e.contains("past the end") || e.contains("lacks"),
+            "cut at {cut}: {e}"
+        );
+    }
+}
+
+#[test]
+fn unknown_tensor_types_are_named() {
+    for (number, name) in [(39u32, "MXFP4"), (16, "IQ2_XXS"), (1000, "not a ggml type")] {
+        let mut list = tensors();
+        list[2].ty = number;
+        let e = refusal(&write_gguf(&metadata("llama"), &list));
+        assert!(e.contains(&format!("tensor type {number}")), "{e}");
+        assert!(e.contains(name), "{e}");
+        assert!(e.contains("Q4_K"), "names the supported list: {e}");
+    }
+}
+
+#[test]
+fn lying_offsets_and_shapes_are_refused_before_reading() {
+    for lie in [u64::MAX, u64::MAX - 31, 1 << 40, 64 * 1024 * 1024] {
+        let mut list = tensors();
+        list[3].lie_offset = Some(lie);
+        let e = refusal(&write_gguf(&metadata("llama"), &list));
+        assert!(e.contains("past the end"), "offset {lie}: {e}");
+        assert!(e.contains(&list[3].name), "{e}");
+    }
+    // A shape larger than its data.
+    let mut list = tensors();
+    list[4].dims = vec![HIDDEN * 1000, HIDDEN];
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(e.contains("past the end"), "{e}");
+    // A shape whose element count overflows.
+    let mut list = tensors();
+    list[4].dims = vec![1 << 40, 1 << 40, 1 << 40];
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(
+        e.contains("impossible shape") || e.contains("past the end"),
+        "{e}"
+    );
+    // A missing tensor.
+    let mut list = tensors();
+    list.retain(|t| t.name != "blk.1.ffn_up.weight");
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(e.contains("blk.1.ffn_up.weight"), "{e}");
+}
+
+#[test]
+fn unsupported_architectures_and_bad_sizes_are_named() {
+    let e = refusal(&write_gguf(&metadata("phi2"), &tensors()));
+    assert!(e.contains("unsupported GGUF architecture \"phi2\""), "{e}");
+    assert!(
+        e.contains("qwen2") && e.contains("llama"),
+        "names the list: {e}"
+    );
+    let with = |key: &'static str, value: Md| {
+        let mut md = metadata("llama");
+        md.retain(|(k, _)| *k != key);
+        md.push((key, value));
+        refusal(&write_gguf(&md, &tensors()))
+    };
+    for (key, value, says) in [
+        ("llama.attention.head_count_kv", Md::U32(0), "head_count"),
+        ("llama.attention.head_count", Md::U32(3), "head_count"),
+        ("llama.block_count", Md::U32(1 << 30), "block_count"),
+        ("llama.embedding_length", Md::U32(65), "embedding_length"),
+        ("llama.embedding_length", Md::U32(128), "token_embd"),
+        ("general.alignment", Md::U32(0), "GGUF"),
+        ("llama.block_count", Md::Str("two"), "block_count"),
+    ] {
+        let e = with(key, value);
+        assert!(e.contains(says), "{key}: {e}");
+    }
+    let mut md = metadata("llama");
+    md.retain(|(k, _)| *k != "llama.block_count");
+    let e = refusal(&write_gguf(&md, &tensors()));
+    assert!(e.contains("lacks llama.block_count"), "{e}");
+}
