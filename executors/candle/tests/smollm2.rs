@@ -186,10 +186,7 @@ fn pushed_gguf_runs_infer_jobs_with_the_ids_as_given() {
     })
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = ServerConfig {
-        max_model_len: 256 << 20,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default().max_model_len(256 << 20);
     let server = donate_std::serve(listener, config, executor).unwrap();
     let mut client = Client::connect(server.local_addr()).unwrap();
     let weights = std::fs::read(&path).unwrap();
@@ -212,11 +209,9 @@ fn pushed_gguf_runs_infer_jobs_with_the_ids_as_given() {
 fn a_local_gguf_node_answers_prompts_and_seeds_repeat() {
     let Some(path) = model_path() else { return };
     let executor = local(&path, false);
-    let config = ServerConfig {
-        mode: Mode::LocalLm,
-        local_lm_path: path.display().to_string(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path(path.display().to_string());
     let server =
         donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
     let mut client = Client::connect(server.local_addr()).unwrap();
