@@ -94,7 +94,7 @@ pub(crate) fn read_header<R: Read + Seek>(
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
-    let content = crate::model::guarded("reading the GGUF header", || Content::read(reader))
+    let content = crate::guard::guarded("reading the GGUF header", || Content::read(reader))
         .map_err(|e| {
             if let Some(n) = e.split("unknown dtype for tensor ").nth(1) {
                 let n = n.trim();
@@ -258,7 +258,7 @@ pub(crate) fn load<R: Read + Seek>(
     reader: &mut R,
     device: &Device,
 ) -> Result<QModel, String> {
-    crate::model::guarded("loading the GGUF model", || {
+    crate::guard::guarded("loading the GGUF model", || {
         Ok(match checked.arch {
             Arch::Llama => QModel::Llama(quantized_llama::ModelWeights::from_gguf(
                 content, reader, device,

@@ -29,6 +29,7 @@
 
 mod chat;
 pub mod gguf;
+mod guard;
 mod model;
 mod sampling;
 

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::MutexGuard;
 use std::time::Instant;
@@ -18,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::chat::GgufTokenizer;
 use crate::gguf::{self, QModel};
+use crate::guard::guarded;
 use crate::sampling::{Sampler, Sampling};
 
 /// A model ready to generate, shared by every job of the connection that pushed it.
@@ -359,29 +359,6 @@ pub enum GenerateError {
     },
     /// candle failed (or panicked); the message says where.
     Candle(String),
-}
-
-/// Runs a candle computation, turning its error, or a panic inside it, into a message.
-pub(crate) fn guarded<T>(
-    what: &str,
-    f: impl FnOnce() -> candle_core::Result<T>,
-) -> Result<T, String> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(value)) => Ok(value),
-        // One line: candle appends a backtrace when RUST_BACKTRACE is set.
-        Ok(Err(e)) => Err(format!(
-            "candle failed {what}: {}",
-            e.to_string().lines().next().unwrap_or_default()
-        )),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
-            Err(format!("candle panicked {what}: {message}"))
-        }
-    }
 }
 
 /// Parses a Hugging Face config, insisting on `model_type: "llama"`, and
