@@ -1,6 +1,8 @@
 //! # donate-proto
 //!
-//! The sans-IO core of the donate-compute v1 protocol (see `docs/PROTOCOL.md`): a
+//! The sans-IO core of the donate-compute v1 protocol (the wire contract is the
+//! repository's `docs/PROTOCOL.md`; how the crates fit together, and the call
+//! order for driving a [`Node`] by hand, is `docs/ARCHITECTURE.md`): a
 //! donor node offers compute over TCP; clients push a model and send inference
 //! jobs, or send prompts to a local language model. This crate holds every
 //! protocol decision as pure state machines, with no sockets, threads, clocks
@@ -12,6 +14,8 @@
 //!   owned by a [`Node`], which also holds the one FIFO job queue.
 //! - [`ClientConnection`]: the client side of one connection.
 //! - [`Executor`]: what a node's workers call, and [`Stub`], the Go node's stub.
+//! - Secure mode ([`SecureServerConfig`], [`SecureClientConfig`], [`Keypair`]):
+//!   Noise XX under the framing, for nodes reachable from a network.
 //! - `sim` (cargo feature `sim`, off by default): a simulated network, one node and
 //!   any number of client cores in memory with a virtual clock, for tests and fuzzing,
 //!   and the reference for driving the core by hand.
