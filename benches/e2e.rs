@@ -31,6 +31,12 @@ use sha2::{Digest, Sha256};
 type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
 
 const BIN: &str = env!("CARGO_BIN_EXE_donate");
+
+/// The `donate` binary whose node is measured: this build's, or another
+/// build's (`DONATE_E2E_SERVE=PATH`), to compare two versions in one run.
+fn serve_bin() -> String {
+    std::env::var("DONATE_E2E_SERVE").unwrap_or_else(|_| BIN.to_owned())
+}
 const RUNTIMES: [&str; 3] = ["std", "smol", "tokio"];
 const MIB: u64 = 1024 * 1024;
 /// Read/write timeout of every raw socket.
@@ -485,7 +491,7 @@ struct Node {
 impl Node {
     /// Starts `donate serve --addr 127.0.0.1:0 --runtime RUNTIME ARGS` and reads its address.
     fn start(runtime: &str, args: &[&str]) -> Result<Node> {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(serve_bin())
             .args(["serve", "--addr", "127.0.0.1:0", "--runtime", runtime])
             .args(args)
             .env("RUST_LOG", "error")
