@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Scenarios: `upload`, `memory`, `round-trips`, `many-clients`, `pipelining`,
-//! `idle`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
+//! `idle`, `secure`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
 //! bounded; a scenario that fails or times out is reported as a row and makes
 //! the run exit non-zero. Missing a goal does not: goals are what the table
 //! reports on.
@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, InferResult, ModelBegin};
-use donate_proto::Message;
+use donate_proto::{ClientConfig, Keypair, Message, NodeTrust, SecureClientConfig};
 use donate_std::Client;
 use sha2::{Digest, Sha256};
 
@@ -101,13 +101,14 @@ const PIPELINE_DEPTH: usize = 10_000;
 /// A scenario: its name on the command line and the function that runs it.
 type Scenario = (&'static str, fn(&Bench, &mut Table) -> Result<()>);
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     ("upload", upload),
     ("memory", memory),
     ("round-trips", round_trips),
     ("many-clients", many_clients),
     ("pipelining", pipelining),
     ("idle", idle_connections),
+    ("secure", secure),
 ];
 
 /// What this run does.
@@ -477,6 +478,101 @@ fn idle_connections(bench: &Bench, table: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// Secure mode's cost, each figure beside the plain one in the same run: upload
+/// MiB/s, 1-client round trips, and handshakes per second.
+fn secure(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let len = size.upload_len.min(256 * MIB);
+    let trips = size.round_trips / 2;
+    let handshakes = if bench.quick { 50 } else { 300 };
+    for &runtime in &bench.runtimes {
+        let plain = Node::start(runtime, &[])?;
+        let secure = Node::start_secure(runtime)?;
+        let (mut up_plain, mut up_secure) = (Vec::new(), Vec::new());
+        let (mut rt_plain, mut rt_secure) = (Vec::new(), Vec::new());
+        let (mut hs_plain, mut hs_secure) = (Vec::new(), Vec::new());
+        // Alternated, so that drifting load falls on both alike.
+        for _ in 0..size.upload_reps.max(2) {
+            up_plain.push(plain.push(len, None)?);
+            up_secure.push(secure.push(len, None)?);
+            rt_plain.push(sequential_rate(&plain, trips, size.warm_up)?);
+            rt_secure.push(sequential_rate(&secure, trips, size.warm_up)?);
+            hs_plain.push(connect_rate(&plain, handshakes)?);
+            hs_secure.push(connect_rate(&secure, handshakes)?);
+        }
+        plain.stop()?;
+        secure.stop()?;
+        let [up_plain, up_secure] = [up_plain, up_secure].map(Transfer::median);
+        let [rt_plain, rt_secure, hs_plain, hs_secure] =
+            [rt_plain, rt_secure, hs_plain, hs_secure].map(median);
+        let mib_s = |rate: f64| format!("{:.0} MiB/s", rate / MIB as f64);
+        table
+            .row(
+                "secure",
+                format!("{runtime}: encrypted upload, {}", bytes(len)),
+            )
+            .figure(format!(
+                "{}; {}",
+                mib_s(up_secure.rate),
+                up_secure.summary()
+            ))
+            .reference(
+                format!("plaintext {}", mib_s(up_plain.rate)),
+                up_secure.rate / up_plain.rate,
+            )
+            .goal(">= 0.5 x plaintext", up_secure.rate >= 0.5 * up_plain.rate);
+        table
+            .row(
+                "secure",
+                format!("{runtime}: encrypted 1-client round trips"),
+            )
+            .figure(format!("{rt_secure:.0} jobs/s"))
+            .reference(
+                format!("plaintext {rt_plain:.0} jobs/s"),
+                rt_secure / rt_plain,
+            )
+            .goal(">= 0.8 x plaintext", rt_secure >= 0.8 * rt_plain);
+        table
+            .row(
+                "secure",
+                format!("{runtime}: handshakes (connect + Noise XX + hello)"),
+            )
+            .figure(format!("{hs_secure:.0} connections/s"))
+            .reference(
+                format!("plaintext connect + hello {hs_plain:.0}/s"),
+                hs_secure / hs_plain,
+            )
+            .goal("reported", true);
+    }
+    table.note(format!("secure: a plain and a secure node of the same runtime, measured alternately ({} rounds, medians). Upload: {} from io::repeat with the std client, connect to model_status. Round trips: one std client, {trips} sequential infer jobs after {} warm-up. Handshakes: sequential connects by the std client until the node's hello is read (secure: the whole Noise XX handshake with a pinned key, the last message flushed), {handshakes} per round", size.upload_reps.max(2), bytes(len), size.warm_up));
+    Ok(())
+}
+
+/// Sequential infer jobs per second on one client of `node`.
+fn sequential_rate(node: &Node, jobs: usize, warm_up: usize) -> Result<f64> {
+    let mut client = node.client()?;
+    client.push_model("{}", &[1, 2, 3, 4, 5, 6, 7, 8], false)?;
+    within(job_limit(jobs + warm_up), "round trips", move || {
+        for _ in 0..warm_up {
+            client.infer(&INPUT_IDS, MAX_TOKENS)?;
+        }
+        let start = Instant::now();
+        for _ in 0..jobs {
+            client.infer(&INPUT_IDS, MAX_TOKENS)?;
+        }
+        Ok(jobs as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+/// Sequential connections (hello read, handshake done) per second to `node`.
+fn connect_rate(node: &Node, n: usize) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..n {
+        drop(node.client()?);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
 // ---------------------------------------------------------------------------
 // Node side: the `donate serve` process and clients of it
 // ---------------------------------------------------------------------------
@@ -486,6 +582,8 @@ struct Node {
     child: Child,
     addr: SocketAddr,
     runtime: String,
+    /// A secure node's client settings (`Node::start_secure`).
+    secure: Option<SecureClientConfig>,
 }
 
 impl Node {
@@ -504,6 +602,7 @@ impl Node {
             child,
             addr: ([127, 0, 0, 1], 0).into(),
             runtime: runtime.to_owned(),
+            secure: None,
         };
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
@@ -522,6 +621,49 @@ impl Node {
         Ok(node)
     }
 
+    /// A node in secure mode (`--key`, `--authorized-keys`) with fresh keys
+    /// in a temporary directory; its clients connect with [`Node::client`].
+    fn start_secure(runtime: &str) -> Result<Node> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = std::env::temp_dir().join(format!("donate-e2e-{}-{runtime}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let (node_key, client_key) = (Keypair::generate(), Keypair::generate());
+        let key_path = dir.join("node.key");
+        let _ = std::fs::remove_file(&key_path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)?
+            .write_all(node_key.secret_text().as_bytes())?;
+        let authorized = dir.join("authorized");
+        std::fs::write(&authorized, format!("{}\n", client_key.public()))?;
+        let mut node = Node::start(
+            runtime,
+            &[
+                "--key",
+                key_path.to_str().ok_or("temp path")?,
+                "--authorized-keys",
+                authorized.to_str().ok_or("temp path")?,
+            ],
+        )?;
+        node.secure = Some(SecureClientConfig {
+            keypair: client_key,
+            trust: NodeTrust::pin(&node_key.public().fingerprint())?,
+        });
+        Ok(node)
+    }
+
+    /// A std client of this node, secure if the node is.
+    fn client(&self) -> Result<Client> {
+        Ok(match &self.secure {
+            None => Client::connect(self.addr)?,
+            Some(secure) => {
+                Client::connect_secure(self.addr, ClientConfig::default(), secure.clone(), None)?
+            }
+        })
+    }
+
     /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.
     fn status_bytes(&self, field: &str) -> Result<u64> {
         proc_status_bytes(&format!("/proc/{}/status", self.child.id()), field)
@@ -529,10 +671,9 @@ impl Node {
 
     /// Pushes `len` bytes from `io::repeat` with the std client.
     fn push(&self, len: u64, sha256: Option<[u8; 32]>) -> Result<Transfer> {
-        let addr = self.addr;
         let server_before = process_cpu(self.child.id())?;
+        let mut client = self.client()?;
         let (elapsed, client_cpu) = within(upload_limit(len), "upload", move || {
-            let mut client = Client::connect(addr)?;
             let (start, cpu) = (Instant::now(), thread_cpu());
             let status =
                 client.push_model_from("{}", io::repeat(7).take(len), len, sha256, |_| {})?;

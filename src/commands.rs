@@ -17,7 +17,10 @@ use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::{CliResult, ClientArgs, Failure, InferArgs, PromptArgs, PushArgs, StatusArgs};
+use donate_proto::{ClientConfig, NodeTrust, SecureClientConfig};
+
+use crate::secure::{self, Trust};
+use crate::{exit, CliResult, ClientArgs, Failure, InferArgs, PromptArgs, PushArgs, StatusArgs};
 
 /// `donate push`: upload a model and report whether it mounted.
 pub fn push(args: PushArgs) -> CliResult {
@@ -37,7 +40,9 @@ pub fn push(args: PushArgs) -> CliResult {
             report.message, report.bytes, report.seconds, report.mib_s
         );
     }
-    pushed.result.map_err(|e| push_failure(&client, e))?;
+    pushed
+        .result
+        .map_err(|e| push_failure(&args.client, &client, e))?;
     Ok(())
 }
 
@@ -49,7 +54,7 @@ pub fn infer(args: InferArgs) -> CliResult {
     let mut client = connect(&args.client)?;
     upload(&mut client, &mut model, sha256, true)
         .result
-        .map_err(|e| push_failure(&client, e))?;
+        .map_err(|e| push_failure(&args.client, &client, e))?;
     let result = client.infer(&args.ids, args.max_tokens);
     let answer = match &result {
         Ok(r) | Err(Error::InferFailed(r)) => Some(Message::InferResult(r.clone())),
@@ -61,7 +66,7 @@ pub fn infer(args: InferArgs) -> CliResult {
             print_json(&answer.to_json())?;
         }
     }
-    let result = result.map_err(Failure::from)?;
+    let result = result.map_err(|e| failed(&args.client, "", &e))?;
     if !args.client.json {
         let ids: Vec<String> = result.output_ids.iter().map(i32::to_string).collect();
         println!("{}", ids.join(","));
@@ -83,7 +88,7 @@ pub fn prompt(args: PromptArgs) -> CliResult {
             print_json(&answer.to_json())?;
         }
     }
-    let result = result.map_err(Failure::from)?;
+    let result = result.map_err(|e| failed(&args.client, "", &e))?;
     if !args.client.json {
         println!("{}", result.text);
     }
@@ -96,7 +101,7 @@ pub fn status(args: StatusArgs) -> CliResult {
     let hello = client.hello().clone();
     let queue = client
         .queue_status()
-        .map_err(|e| format!("queue_status failed: {e}"))?;
+        .map_err(|e| failed(&args.client, "queue_status failed", &e))?;
     if args.client.json {
         let queue_json =
             queue.map_or_else(|| b"null".to_vec(), |q| Message::QueueStatus(q).to_json());
@@ -130,17 +135,77 @@ pub fn status(args: StatusArgs) -> CliResult {
     Ok(())
 }
 
+/// Connects as the flags say: in plain text, or with `--key` in secure mode,
+/// trusting the node's key from `--node-key`, `known_nodes` or (recording it)
+/// `--trust-on-first-use`.
 fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    let connected = if args.timeout > 0.0 {
-        Client::connect_timeout(&args.addr, std::time::Duration::from_secs_f64(args.timeout))
-    } else {
-        Client::connect(&args.addr)
+    let timeout = (args.timeout > 0.0).then(|| std::time::Duration::from_secs_f64(args.timeout));
+    let cannot_connect = |e: Error, trust: Option<&Trust>| {
+        if let Some((message, code)) = secure::classify(&e, &args.addr, trust) {
+            return Failure::with_code(message, code);
+        }
+        match e {
+            // The error names the address already.
+            Error::Connect { .. } => Failure::from(format!("cannot connect: {e}")),
+            e => Failure::from(format!("cannot connect to {}: {e}", args.addr)),
+        }
     };
-    connected.map_err(|e| match e {
-        // The error names the address already.
-        Error::Connect { .. } => Failure::from(format!("cannot connect: {e}")),
-        e => Failure::from(format!("cannot connect to {}: {e}", args.addr)),
-    })
+    let Some(key_path) = &args.key else {
+        let client = match timeout {
+            Some(timeout) => Client::connect_timeout(&args.addr, timeout),
+            None => Client::connect(&args.addr),
+        }
+        .map_err(|e| cannot_connect(e, None))?;
+        if client.hello().capabilities.iter().any(|c| c == "secure") {
+            return Err(Failure::with_code(
+                format!(
+                    "the node at {} requires an encrypted connection (donate secure mode): use --key PATH (and --node-key KEY)",
+                    args.addr
+                ),
+                exit::SECURE_REQUIRED,
+            ));
+        }
+        return Ok(client);
+    };
+    let keypair = secure::load_keypair(key_path)?;
+    let addr = args.addr.to_string();
+    let trust = match &args.node_key {
+        Some(key) => Trust::Given(NodeTrust::pin(key).map_err(|e| format!("--node-key: {e}"))?),
+        None => {
+            let file = secure::known_nodes_path().ok_or(
+                "cannot find your config directory for known_nodes: set HOME or XDG_CONFIG_HOME, or pass --node-key",
+            )?;
+            match secure::known_node(&file, &addr)? {
+                Some(key) => Trust::Known {
+                    trust: NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
+                    file,
+                },
+                None if args.trust_on_first_use => Trust::FirstUse(file),
+                None => Trust::Unknown,
+            }
+        }
+    };
+    let secure_config = SecureClientConfig {
+        keypair,
+        trust: trust.node_trust(),
+    };
+    let client =
+        Client::connect_secure(&args.addr, ClientConfig::default(), secure_config, timeout)
+            .map_err(|e| cannot_connect(e, Some(&trust)))?;
+    if let (Trust::FirstUse(file), Some(key)) = (&trust, client.node_key()) {
+        secure::record_node(file, &addr, key)?;
+    }
+    Ok(client)
+}
+
+/// A failed call after connecting: `what` and the error, with the exit
+/// status of a secure-mode failure when it is one.
+fn failed(args: &ClientArgs, what: &str, e: &Error) -> Failure {
+    match secure::classify(e, &args.addr, None) {
+        Some((message, code)) => Failure::with_code(message, code),
+        None if what.is_empty() => Failure::from(e),
+        None => Failure::from(format!("{what}: {e}")),
+    }
 }
 
 /// A model's config and an open weights file, streamed on upload.
@@ -249,7 +314,10 @@ impl PushReport {
 }
 
 /// A failed upload, with a hint when the node refused it for its mode.
-fn push_failure(client: &Client, e: Error) -> Failure {
+fn push_failure(args: &ClientArgs, client: &Client, e: Error) -> Failure {
+    if let Some((message, code)) = secure::classify(&e, &args.addr, None) {
+        return Failure::with_code(message, code);
+    }
     let hint = match (&e, client.hello().mode.as_str()) {
         (Error::Refused(_), "local_lm") => {
             " (this node is local_lm: send prompts with `donate prompt`)"

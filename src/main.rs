@@ -1,6 +1,7 @@
 //! `donate`: run a donor node, or talk to any node (ours or the Go one).
 
 mod commands;
+mod secure;
 mod serve;
 
 use std::path::PathBuf;
@@ -16,9 +17,39 @@ use donate_proto::{Mode, ServerConfig};
 /// The address a node listens on and a client dials by default.
 const DEFAULT_ADDR: &str = "127.0.0.1:17001";
 
+/// Exit statuses: one per failure a script may want to tell apart.
+const EXIT_CODES: &str = "\
+Exit status:
+  0   success
+  1   any other failure (cannot connect, refused request, bad file...)
+  2   usage error
+  10  the node does not know your key (ask its owner to add your .pub line)
+  11  the node's key is not the one pinned (--node-key or known_nodes)
+  12  the node is plain text; a secure client never falls back to it
+  13  the secure handshake timed out
+  14  a record or handshake message was altered in transit
+  15  the node requires secure mode and no --key was given
+  16  the node's key is not known: pass --node-key or --trust-on-first-use
+  17  the private key file cannot be used (unreadable, bad, or readable by others)
+  18  serve: a non-loopback address without --key (or --insecure)";
+
+/// The exit statuses in [`EXIT_CODES`].
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const UNKNOWN_KEY: u8 = 10;
+    pub const NODE_KEY_MISMATCH: u8 = 11;
+    pub const PLAINTEXT_NODE: u8 = 12;
+    pub const HANDSHAKE_TIMEOUT: u8 = 13;
+    pub const TAMPERED: u8 = 14;
+    pub const SECURE_REQUIRED: u8 = 15;
+    pub const UNKNOWN_NODE: u8 = 16;
+    pub const KEY_FILE: u8 = 17;
+    pub const EXPOSED: u8 = 18;
+}
+
 /// Donate compute: run a donor node, or push models and jobs to one.
 #[derive(Debug, Parser)]
-#[command(name = "donate", version, about, propagate_version = true)]
+#[command(name = "donate", version, about, propagate_version = true, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +67,19 @@ enum Command {
     Prompt(PromptArgs),
     /// Show a node's hello and queue status.
     Status(StatusArgs),
+    /// Write a new key pair for secure mode: the private key to PATH (mode
+    /// 0600), the public key to PATH.pub; print its fingerprint.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// Where the private key goes (refused if it or PATH.pub exists).
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+    /// The comment after the key in PATH.pub (default: user@host).
+    #[arg(long, value_name = "TEXT")]
+    comment: Option<String>,
 }
 
 /// Which adapter runs the node.
@@ -66,6 +110,19 @@ struct ServeArgs {
     /// listens on is replaced; a live node's is refused).
     #[arg(long, default_value = DEFAULT_ADDR)]
     addr: NodeAddr,
+    /// Secure mode: the node's private key (from `donate keygen`). Every
+    /// connection must then complete an encrypted, mutually authenticated
+    /// handshake with a key listed in --authorized-keys.
+    #[arg(long, value_name = "PATH", requires = "authorized_keys")]
+    key: Option<PathBuf>,
+    /// Secure mode: the client keys let in, one public key per line (`#`
+    /// comments and blank lines allowed), re-read for each new connection.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    authorized_keys: Option<PathBuf>,
+    /// Listen on an address other machines can reach without --key: anyone
+    /// who reaches it can use the node and read its traffic.
+    #[arg(long, conflicts_with = "key")]
+    insecure: bool,
     /// What the node offers.
     #[arg(long, default_value = "model_push", value_parser = parse_mode)]
     mode: Mode,
@@ -239,6 +296,17 @@ struct ClientArgs {
     /// Give up when connecting, or any single read or write, takes longer (seconds; 0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
     timeout: f64,
+    /// Secure mode: your private key (from `donate keygen`); the node must
+    /// list your public key in its authorized keys.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// Secure mode: the node's public key or its `SHA256:` fingerprint, pinned.
+    #[arg(long, value_name = "KEY", requires = "key")]
+    node_key: Option<String>,
+    /// Secure mode without --node-key: accept the key of a node not yet in
+    /// known_nodes and record it there; later connections pin it.
+    #[arg(long, requires = "key", conflicts_with = "node_key")]
+    trust_on_first_use: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -357,13 +425,25 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     Ok(secs)
 }
 
-/// A failure to report as `donate: <message>` with a non-zero exit.
+/// A failure to report as `donate: <message>` with a non-zero exit status.
 #[derive(Debug)]
-struct Failure(String);
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn with_code(message: impl Into<String>, code: u8) -> Self {
+        Failure {
+            message: message.into(),
+            code,
+        }
+    }
+}
 
 impl<T: std::fmt::Display> From<T> for Failure {
     fn from(message: T) -> Self {
-        Failure(message.to_string())
+        Failure::with_code(message.to_string(), exit::FAILURE)
     }
 }
 
@@ -391,12 +471,13 @@ fn main() -> ExitCode {
         Command::Infer(args) => commands::infer(args),
         Command::Prompt(args) => commands::prompt(args),
         Command::Status(args) => commands::status(args),
+        Command::Keygen(args) => secure::keygen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(message)) => {
+        Err(Failure { message, code }) => {
             eprintln!("donate: {message}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }
@@ -562,6 +643,19 @@ mod tests {
             &["donate", "push", "--model", "m", "w"],
             &["donate", "push", "--model", "m", "--config", "c", "w"],
             &["donate", "serve", "--candle-max-tokens", "0"],
+            &["donate", "serve", "--key", "k"],
+            &[
+                "donate",
+                "serve",
+                "--key",
+                "k",
+                "--authorized-keys",
+                "a",
+                "--insecure",
+            ],
+            &["donate", "status", "--node-key", "SHA256:x"],
+            &["donate", "status", "--trust-on-first-use"],
+            &["donate", "keygen"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
         }

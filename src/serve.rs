@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
-use donate_host::NodeAddr;
+use donate_host::{NodeAddr, NodeConfig};
 
 use donate_exec::{ExecutorSpec, LocalLmCommand, WorkerProcess};
 use donate_proto::{Executor, Mode, ServerConfig, Stub};
@@ -14,6 +14,7 @@ use crate::{CliResult, Failure, Runtime, ServeArgs};
 
 /// Runs the node the flags describe until a signal asks it to stop.
 pub fn run(args: ServeArgs) -> CliResult {
+    crate::secure::check_exposure(&args.addr, args.key.is_some(), args.insecure)?;
     keep_memory_flat();
     // `candle` is recognised here rather than by ExecutorSpec: it exists only
     // in builds with the `candle` feature.
@@ -146,12 +147,20 @@ macro_rules! serve_on {
 /// Runs the node with `executor` on the runtime `--runtime` names, on a TCP
 /// or a Unix listener as `--addr` says.
 fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
-    let config = args.config();
+    let server_config = args.config();
+    let config = match (&args.key, &args.authorized_keys) {
+        (Some(key), Some(authorized)) => {
+            let secure = crate::secure::server_config(key, authorized)?;
+            tracing::info!(node_key = %secure.keypair.public().fingerprint(), authorized_keys = %authorized.display(), "secure mode");
+            NodeConfig::secure(server_config.clone(), secure)
+        }
+        _ => NodeConfig::from(server_config.clone()),
+    };
     let stop = Stop::install()?;
     let started = Started {
         runtime: args.runtime,
         executor: &args.executor,
-        config: &config,
+        config: &server_config,
     };
     let cannot_listen = |e| format!("cannot listen on {}: {e}", args.addr);
     match &args.addr {

@@ -746,3 +746,367 @@ fn every_runtime_serves_a_unix_socket() {
     }
     donate(&["status", "--addr", &addr]).fails_with(&format!("connecting to {addr}"));
 }
+
+// ---------------------------------------------------------------------------
+// Secure mode: keygen, the exposure rule, trust on first use, exit statuses
+
+/// Runs `donate ARGS` with extra environment variables.
+fn donate_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Run {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn donate");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let stdout = thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).map(|_| s)
+    });
+    let stderr = thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).map(|_| s)
+    });
+    let status = wait_bounded(&mut child).unwrap_or_else(|| panic!("donate {args:?} timed out"));
+    Run {
+        status,
+        stdout: stdout.join().unwrap().expect("stdout is UTF-8"),
+        stderr: stderr.join().unwrap().expect("stderr is UTF-8"),
+    }
+}
+
+impl Run {
+    /// Asserts the exit status.
+    fn code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "stdout {:?} stderr {:?}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// An empty temporary directory.
+fn temp_dir() -> PathBuf {
+    let dir = model_dir(1);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// `donate keygen DIR/NAME`: the fingerprint it printed.
+fn keygen(dir: &std::path::Path, name: &str) -> String {
+    let run = donate(&["keygen", path(&dir.join(name))]);
+    run.ok().trim().to_owned()
+}
+
+#[test]
+fn keygen_writes_a_0600_key_and_a_pub_file_and_refuses_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir();
+    let key = dir.join("id");
+    let fingerprint = keygen(&dir, "id");
+    assert!(
+        fingerprint.starts_with("SHA256:") && fingerprint.len() == 50,
+        "{fingerprint}"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let secret = std::fs::read_to_string(&key).unwrap();
+    let public = std::fs::read_to_string(dir.join("id.pub")).unwrap();
+    assert!(secret.starts_with("donate-x25519-secret "), "{secret}");
+    assert!(public.starts_with("donate-x25519 "), "{public}");
+    let key_of = donate_proto::PublicKey::parse(&public).unwrap();
+    assert_eq!(key_of.fingerprint(), fingerprint);
+    donate(&["keygen", path(&key)]).fails_with("refusing to overwrite");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
+}
+
+#[test]
+fn serve_on_a_reachable_address_needs_key_or_insecure() {
+    let run = donate(&["serve", "--addr", "0.0.0.0:0"]);
+    run.fails_with("--key").fails_with("--insecure").code(18);
+    let node = Node::start_at("0.0.0.0:0", &["--insecure"]);
+    assert!(node.addr.starts_with("0.0.0.0:"), "{}", node.addr);
+    node.stop();
+    // Loopback and unix: need neither.
+    Node::start(&[]).stop();
+}
+
+/// A secure node with a node key and one authorized client key.
+struct SecureSetup {
+    dir: PathBuf,
+    node: Node,
+    node_fp: String,
+    client_key: String,
+}
+
+fn secure_node() -> SecureSetup {
+    let dir = temp_dir();
+    let node_fp = keygen(&dir, "node");
+    keygen(&dir, "client");
+    std::fs::copy(dir.join("client.pub"), dir.join("authorized")).unwrap();
+    let node = Node::start(&[
+        "--key",
+        path(&dir.join("node")),
+        "--authorized-keys",
+        path(&dir.join("authorized")),
+    ]);
+    let client_key = path(&dir.join("client")).to_owned();
+    SecureSetup {
+        dir,
+        node,
+        node_fp,
+        client_key,
+    }
+}
+
+#[test]
+fn secure_clients_and_their_exit_statuses() {
+    let s = secure_node();
+    let addr = s.node.addr.as_str();
+    let model = model_dir(8);
+    // Pinned by fingerprint: works end to end.
+    donate(&[
+        "status",
+        "--addr",
+        addr,
+        "--key",
+        &s.client_key,
+        "--node-key",
+        &s.node_fp,
+    ])
+    .ok();
+    let out = donate(&[
+        "infer",
+        "--addr",
+        addr,
+        "--key",
+        &s.client_key,
+        "--node-key",
+        &s.node_fp,
+        "--model",
+        path(&model),
+        "--ids",
+        "4,5",
+        "--max-tokens",
+        "2",
+    ]);
+    assert_eq!(out.ok().trim(), "4,5,1,2");
+    // Unknown client key.
+    let stranger = keygen(&s.dir, "stranger");
+    donate(&[
+        "status",
+        "--addr",
+        addr,
+        "--key",
+        path(&s.dir.join("stranger")),
+        "--node-key",
+        &s.node_fp,
+    ])
+    .fails_with(&format!(
+        "this node does not know your key {stranger}; ask its owner"
+    ))
+    .code(10);
+    // Node key mismatch.
+    donate(&[
+        "status",
+        "--addr",
+        addr,
+        "--key",
+        &s.client_key,
+        "--node-key",
+        &stranger,
+    ])
+    .fails_with(&format!(
+        "the node at {addr} presented key {}, expected {stranger}",
+        s.node_fp
+    ))
+    .code(11);
+    // A plain client meets the secure node.
+    donate(&["status", "--addr", addr])
+        .fails_with("requires an encrypted connection")
+        .code(15);
+    // A private key others can read.
+    let loose = s.dir.join("loose");
+    std::fs::copy(&s.client_key, &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    donate(&[
+        "status",
+        "--addr",
+        addr,
+        "--key",
+        path(&loose),
+        "--node-key",
+        &s.node_fp,
+    ])
+    .fails_with(&format!("chmod 600 {}", path(&loose)))
+    .code(17);
+    // A secure client meets a plain node.
+    let plain = Node::start(&[]);
+    donate(&[
+        "status",
+        "--addr",
+        &plain.addr,
+        "--key",
+        &s.client_key,
+        "--node-key",
+        &s.node_fp,
+    ])
+    .fails_with("does not offer an encrypted connection")
+    .code(12);
+    plain.stop();
+    s.node.stop();
+}
+
+#[test]
+fn trust_on_first_use_records_the_node_and_pins_it_later() {
+    let s = secure_node();
+    let addr = s.node.addr.clone();
+    let config = temp_dir();
+    let env = [("XDG_CONFIG_HOME", config.as_path())];
+    let status = |extra: &[&str]| {
+        let mut args = vec![
+            "status",
+            "--addr",
+            addr.as_str(),
+            "--key",
+            s.client_key.as_str(),
+        ];
+        args.extend(extra);
+        donate_env(&args, &env)
+    };
+    // Unknown and not trusted: stops at the node's key, naming it.
+    status(&[])
+        .fails_with(&format!("--node-key {}", s.node_fp))
+        .code(16);
+    status(&["--trust-on-first-use"]).ok();
+    let known = config.join("donate").join("known_nodes");
+    let text = std::fs::read_to_string(&known).unwrap();
+    let node_pub = std::fs::read_to_string(s.dir.join("node.pub")).unwrap();
+    let node_line = node_pub
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert_eq!(text, format!("{addr} {node_line}\n"));
+    // Pinned from now on, without the flag.
+    status(&[]).ok();
+    // A changed key for that address is an error that says so.
+    keygen(&s.dir, "impostor");
+    let impostor = std::fs::read_to_string(s.dir.join("impostor.pub")).unwrap();
+    let impostor_fp = donate_proto::PublicKey::parse(&impostor)
+        .unwrap()
+        .fingerprint();
+    let impostor_line = impostor
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&known, format!("{addr} {impostor_line}\n")).unwrap();
+    status(&["--trust-on-first-use"])
+        .fails_with(&format!(
+            "presented key {}, expected {impostor_fp}",
+            s.node_fp
+        ))
+        .fails_with(path(&known))
+        .code(11);
+    // HOME is the fallback when XDG_CONFIG_HOME is unset.
+    let home = temp_dir();
+    let mut args = vec![
+        "status",
+        "--addr",
+        addr.as_str(),
+        "--key",
+        s.client_key.as_str(),
+    ];
+    args.push("--trust-on-first-use");
+    let mut command = Command::new(BIN);
+    let out = command
+        .args(&args)
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(home.join(".config/donate/known_nodes").exists());
+    s.node.stop();
+}
+
+#[test]
+fn a_stalled_handshake_and_a_tampered_record_have_their_own_exit_statuses() {
+    let s = secure_node();
+    let client = [
+        "--key",
+        s.client_key.as_str(),
+        "--node-key",
+        s.node_fp.as_str(),
+    ];
+    // A node that says a secure hello, then nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let holder = thread::spawn(move || {
+        let (mut conn, _) = silent.accept().unwrap();
+        let hello = br#"{"v":1,"type":"hello","mode":"model_push","role":"server","capabilities":["secure"]}"#;
+        std::io::Write::write_all(&mut conn, &(hello.len() as u32).to_le_bytes()).unwrap();
+        std::io::Write::write_all(&mut conn, hello).unwrap();
+        thread::sleep(Duration::from_secs(3));
+    });
+    let mut args = vec!["status", "--addr", silent_addr.as_str(), "--timeout", "0.5"];
+    args.extend(client);
+    donate(&args).fails_with("handshake").code(13);
+    holder.join().unwrap();
+    // A proxy that flips one bit in the node's first record after the handshake.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    let node_addr = s.node.addr.clone();
+    thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut client, _) = proxy.accept().unwrap();
+        let mut node = std::net::TcpStream::connect(node_addr).unwrap();
+        let (mut c2, mut n2) = (client.try_clone().unwrap(), node.try_clone().unwrap());
+        thread::spawn(move || std::io::copy(&mut c2, &mut n2));
+        // hello frame, message 2, then records: alter the third unit.
+        for unit in 0.. {
+            let mut header = [0u8; 4];
+            if node.read_exact(&mut header).is_err() {
+                return;
+            }
+            let mut body = vec![0; u32::from_le_bytes(header) as usize];
+            node.read_exact(&mut body).unwrap();
+            if unit == 2 {
+                body[0] ^= 1;
+            }
+            let _ = client.write_all(&header);
+            let _ = client.write_all(&body);
+        }
+    });
+    let mut args = vec!["status", "--addr", proxy_addr.as_str()];
+    args.extend(client);
+    donate(&args)
+        .fails_with("decryption failed: the connection was altered in transit")
+        .code(14);
+    s.node.stop();
+}
+
+#[test]
+fn help_lists_the_exit_statuses() {
+    let out = donate(&["--help"]);
+    let help = out.ok();
+    for line in [
+        "Exit status:",
+        "10  the node does not know your key",
+        "14  a record",
+    ] {
+        assert!(help.contains(line), "{help}");
+    }
+}

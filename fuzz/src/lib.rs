@@ -8,11 +8,13 @@
 //!   and the message parser.
 //! - [`server::run`]: a whole [`Node`](donate_proto::Node) driven by a script.
 //! - [`client::run`]: a [`ClientConnection`](donate_proto::ClientConnection) fed server bytes.
+//! - [`secure::run`]: bytes on a secure node's byte path, before and after a real handshake.
 //! - [`roundtrip::run`]: structured messages encode and decode back equal.
 
 pub mod client;
 pub mod common;
 pub mod decode;
 pub mod roundtrip;
+pub mod secure;
 pub mod seeds;
 pub mod server;

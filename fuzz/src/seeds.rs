@@ -653,6 +653,7 @@ pub fn run(target: &str, data: &[u8]) {
         "server" => crate::server::run(data),
         "client" => crate::client::run(data),
         "roundtrip" => crate::roundtrip::run(data),
+        "secure" => crate::secure::run(data),
         other => panic!("no target {other}"),
     }
 }

@@ -9,7 +9,9 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use sha2::Digest as _;
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
+use donate_proto::{
+    Answer, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
+};
 
 use crate::error::{answers, feed_read, Error, Result};
 use crate::READ_BUFFER;
@@ -32,16 +34,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Reads the server's `hello` from a connected stream: a TCP or Unix
     /// socket, a TLS stream, a pipe pair, anything that moves bytes.
     pub async fn handshake(stream: S, config: ClientConfig) -> Result<Client<S>> {
+        Client::start(stream, ClientConnection::new(config), false).await
+    }
+
+    /// Completes a secure handshake over a connected stream: the node must
+    /// offer secure mode ([`ClientError::PlaintextNode`](donate_proto::ClientError::PlaintextNode)
+    /// otherwise, with nothing sent) and present a key `secure` trusts. It has
+    /// no timeout of its own: wrap it in your runtime's.
+    pub async fn handshake_secure(
+        stream: S,
+        config: ClientConfig,
+        secure: SecureClientConfig,
+    ) -> Result<Client<S>> {
+        Client::start(stream, ClientConnection::secure(config, secure), true).await
+    }
+
+    async fn start(stream: S, core: ClientConnection, secure: bool) -> Result<Client<S>> {
         let mut client = Client {
             stream,
-            core: ClientConnection::new(config),
+            core,
             read_buf: vec![0; READ_BUFFER],
             out: Vec::new(),
         };
         while client.core.server_hello().is_none() {
+            if secure {
+                client.flush().await?;
+            }
             client.read_some().await?;
         }
+        if secure {
+            // The handshake's last message: the node judges our key now.
+            client.flush().await?;
+        }
         Ok(client)
+    }
+
+    /// In secure mode, the node's authenticated key (to record it, for trust on first use).
+    pub fn node_key(&self) -> Option<&PublicKey> {
+        self.core.node_key()
     }
 
     /// The server's `hello`.
@@ -231,6 +261,20 @@ macro_rules! runtime_client {
             ) -> $crate::Result<Client> {
                 let stream = $crate::dial_named(addr, |a| async move { $dial(&a).await }).await?;
                 Ok(Client($crate::Client::handshake(stream, config).await?))
+            }
+
+            /// Connects in secure mode: a Noise handshake with a node whose key
+            /// `secure` trusts, or an error (a plain-text node is refused, nothing
+            /// is sent to it). No timeout of its own: wrap it in your runtime's.
+            pub async fn connect_secure(
+                addr: impl $crate::ToNodeAddr,
+                config: $crate::ClientConfig,
+                secure: $crate::SecureClientConfig,
+            ) -> $crate::Result<Client> {
+                let stream = $crate::dial_named(addr, |a| async move { $dial(&a).await }).await?;
+                Ok(Client(
+                    $crate::Client::handshake_secure(stream, config, secure).await?,
+                ))
             }
         }
 

@@ -39,6 +39,9 @@ pub enum Error {
     /// A `prompt` job ran and failed (`ok:false`); the frame as received.
     #[error("prompt failed: {}", .0.error)]
     PromptFailed(PromptResult),
+    /// A secure handshake that did not complete in time.
+    #[error("the secure handshake did not complete within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
     /// The server closed the connection before answering (with its last error frame, if any).
     #[error("connection closed by server{}", .0.as_ref().map(|e| format!(": {}", e.error)).unwrap_or_default())]
     Closed(Option<ErrorFrame>),

@@ -18,9 +18,48 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use donate_proto::{
-    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, ServerConfig,
-    UploadHandling, UploadWork,
+    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, PublicKey,
+    SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
 };
+
+/// What a node starts with: its protocol settings and, optionally, secure
+/// mode (docs/PROTOCOL.md, `secure`). Every adapter's `serve` takes one; a
+/// plain [`ServerConfig`] converts into a node without secure mode.
+#[derive(Debug, Clone, Default)]
+pub struct NodeConfig {
+    server: ServerConfig,
+    secure: Option<SecureServerConfig>,
+}
+
+impl NodeConfig {
+    /// A node in secure mode: every connection must complete a Noise
+    /// handshake with a client key `secure` authorizes.
+    pub fn secure(server: ServerConfig, secure: SecureServerConfig) -> Self {
+        NodeConfig {
+            server,
+            secure: Some(secure),
+        }
+    }
+
+    /// The protocol settings.
+    pub fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    /// Whether connections must be secure.
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
+    }
+}
+
+impl From<ServerConfig> for NodeConfig {
+    fn from(server: ServerConfig) -> Self {
+        NodeConfig {
+            server,
+            secure: None,
+        }
+    }
+}
 
 /// Called when a connection's writer must act: bytes it must wait to write, or a close.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -68,6 +107,8 @@ struct Slot {
     writing: AtomicBool,
     /// Bytes taken from the node and not yet written (only touched while `writing`).
     leftover: Mutex<Vec<u8>>,
+    /// In secure mode, the client's key once its handshake is done.
+    peer_key: std::sync::OnceLock<PublicKey>,
 }
 
 struct State<M> {
@@ -96,12 +137,19 @@ impl<E: Executor> Host<E> {
     /// hashed there as the bytes arrive, and uploads are spooled there when the
     /// executor [spools](Executor::spools_uploads), so a long job never holds
     /// an upload up.
-    pub fn start(config: ServerConfig, executor: E) -> Arc<Self> {
+    ///
+    /// `config` is a [`ServerConfig`] or, for secure mode, a [`NodeConfig`].
+    pub fn start(config: impl Into<NodeConfig>, executor: E) -> Arc<Self> {
+        let NodeConfig { server, secure } = config.into();
         let uploads = UploadHandling::for_executor(&executor);
-        let workers = config.workers.max(1);
+        let workers = server.workers.max(1);
+        let mut node = Node::with_uploads(server, uploads);
+        if let Some(secure) = secure {
+            node = node.with_secure(secure);
+        }
         let host = Arc::new(Host {
             state: Mutex::new(State {
-                node: Node::with_uploads(config, uploads),
+                node,
                 slots: HashMap::new(),
                 mounts: VecDeque::new(),
                 uploads: VecDeque::new(),
@@ -148,11 +196,18 @@ impl<E: Executor> Host<E> {
                 link,
                 writing: AtomicBool::new(false),
                 leftover: Mutex::new(Vec::new()),
+                peer_key: std::sync::OnceLock::new(),
             }),
         );
         drop(state);
         self.transmit(conn);
         conn
+    }
+
+    /// In secure mode, the key `conn`'s client authenticated with (whether
+    /// or not the node let it in): for logs and per-key decisions.
+    pub fn peer_key(&self, conn: ConnectionId) -> Option<PublicKey> {
+        self.slot(conn)?.peer_key.get().copied()
     }
 
     /// `conn`'s state as it stands.
@@ -166,6 +221,7 @@ impl<E: Executor> Host<E> {
     pub fn handle_input(&self, conn: ConnectionId, data: &[u8]) -> ConnState {
         let mut state = self.lock();
         state.node.handle_input(conn, data, Instant::now());
+        note_peer_key(&state, conn);
         let has_transmit = has_transmit(&state.node, conn);
         let conn_state = self.dispatch(state, conn);
         if has_transmit {
@@ -469,6 +525,22 @@ fn take_events<M>(state: &mut State<M>) -> Followup {
         }
     }
     followup
+}
+
+/// Records and logs `conn`'s client key the first time the node knows it.
+fn note_peer_key<M>(state: &State<M>, conn: ConnectionId) {
+    let (Some(slot), Some(c)) = (state.slots.get(&conn), state.node.connection(conn)) else {
+        return;
+    };
+    let Some(key) = c.peer_key() else { return };
+    if slot.peer_key.set(*key).is_ok() {
+        let peer_key = key.fingerprint();
+        if state.node.is_closing(conn) {
+            tracing::warn!(%conn, %peer_key, "secure handshake done; key not authorized, refused");
+        } else {
+            tracing::info!(%conn, %peer_key, "secure handshake done; client authenticated");
+        }
+    }
 }
 
 fn has_transmit<M>(node: &Node<M>, conn: ConnectionId) -> bool {

@@ -26,20 +26,22 @@ use std::net::SocketAddr;
 pub use addr::{bind_unix, unix_addr};
 pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
 pub use client::{dial_named, window, AsyncStream, BoxStream, Client};
-pub use donate_proto::ClientConfig;
+pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};
+pub use host::NodeConfig;
 pub use server::{serve, Server};
 
 /// Bytes read from a socket at once.
 pub const READ_BUFFER: usize = 256 * 1024;
 
 /// Logs a warning when `addr` (a listener's address, as displayed) is an IP
-/// address reachable from other machines: v1 has no authentication.
-pub fn warn_if_exposed(addr: &impl std::fmt::Display) {
+/// address reachable from other machines and the node is not in secure
+/// mode: v1 has no authentication.
+pub fn warn_if_exposed(addr: &impl std::fmt::Display, config: &NodeConfig) {
     let Ok(addr) = addr.to_string().parse::<SocketAddr>() else {
         return; // a Unix socket, or a transport of the caller's
     };
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && !config.is_secure() {
         tracing::warn!(%addr, "listening on a non-loopback address: donate v1 has no authentication, anyone who can reach it can use it");
     }
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 
-use donate_proto::{ConnectionId, Executor, ServerConfig};
+use donate_proto::{ConnectionId, Executor};
 
-use crate::host::{Host, Link, TryWrite, WriteStep};
+use crate::host::{Host, Link, NodeConfig, TryWrite, WriteStep};
 use crate::runtime::{Listener, Runtime, Stream, Timer};
 use crate::signal::Signal;
 use crate::READ_BUFFER;
@@ -37,17 +37,20 @@ pub struct Server<A = SocketAddr> {
 }
 
 /// Starts a node on `listener` with `executor`; its tasks run on `runtime`.
+/// `config` is a [`ServerConfig`](donate_proto::ServerConfig) or, for
+/// secure mode, a [`NodeConfig`].
 ///
 /// This is what each runtime adapter's `serve` calls; use it directly to serve
 /// a listener of your own.
 pub fn serve<R: Runtime, L: Listener, E: Executor>(
     runtime: R,
     listener: L,
-    config: ServerConfig,
+    config: impl Into<NodeConfig>,
     executor: E,
 ) -> io::Result<Server<L::Addr>> {
     let local_addr = listener.local_addr()?;
-    crate::warn_if_exposed(&local_addr);
+    let config = config.into();
+    crate::warn_if_exposed(&local_addr, &config);
     let host = Host::start(config, executor);
     let runtime = Arc::new(runtime);
     let (stop, accepting_done) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
@@ -201,8 +204,9 @@ async fn connection<R: Runtime, S: Stream, E: Executor>(
         writing.await;
     }
     stream.shutdown();
+    let peer_key = host.peer_key(conn).map(|k| k.fingerprint());
     host.remove(conn);
-    tracing::info!(%conn, %peer, "connection closed");
+    tracing::info!(%conn, %peer, peer_key, "connection closed");
 }
 
 /// Why the reader woke up.

@@ -36,18 +36,19 @@ use std::io;
 
 use async_io::Async;
 use donate_host::runtime::Listener;
-use donate_proto::{ClientConfig, Executor, ServerConfig};
+use donate_proto::{ClientConfig, Executor};
 
 pub use donate_host::runtime::Task;
-pub use donate_host::{Error, NodeAddr, Result, Server};
+pub use donate_host::{Error, NodeAddr, NodeConfig, Result, Server};
 pub use runtime::Spawn;
 
 /// Starts a node on `listener` (an `Async<TcpListener>` or, on Unix, an
 /// `Async<UnixListener>`) with `executor`; its tasks run on `spawner`. Jobs
-/// run on the node's own worker threads, never on the executor.
+/// run on the node's own worker threads, never on the executor. `config` is
+/// a [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
 pub fn serve<T, E: Executor>(
     listener: Async<T>,
-    config: ServerConfig,
+    config: impl Into<NodeConfig>,
     executor: E,
     spawner: impl Spawn,
 ) -> io::Result<Server<<runtime::Acceptor<T> as Listener>::Addr>>

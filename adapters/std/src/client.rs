@@ -9,9 +9,14 @@ use donate_host::{Error, NodeAddr, ToNodeAddr};
 use sha2::{Digest, Sha256};
 
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, ClientConfig, ClientConnection, RequestId};
+use donate_proto::{
+    Answer, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
+};
 
 use donate_host::{answers, feed_read, Result, READ_BUFFER};
+
+/// How long [`Client::connect_secure`] waits for the handshake without a timeout of the caller's.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection to a donor node (ours or the Go one).
 ///
@@ -45,6 +50,58 @@ impl Client {
         Client::handshake(stream, ClientConfig::default(), Some(timeout))
     }
 
+    /// Connects in secure mode: a Noise handshake with a node whose key
+    /// `secure` trusts (docs/PROTOCOL.md, `secure`). A node that does not
+    /// offer secure mode is refused with nothing sent to it. `timeout` bounds
+    /// the connect and every later read or write as in
+    /// [`connect_timeout`](Client::connect_timeout); the handshake must end
+    /// within it, or within [`HANDSHAKE_TIMEOUT`] without one
+    /// ([`Error::HandshakeTimeout`]).
+    pub fn connect_secure(
+        addr: impl ToNodeAddr,
+        config: ClientConfig,
+        secure: SecureClientConfig,
+        timeout: Option<Duration>,
+    ) -> Result<Client> {
+        let stream = Socket::connect(addr, timeout)?;
+        let limit = timeout.unwrap_or(HANDSHAKE_TIMEOUT);
+        stream.set_read_timeout(Some(limit))?;
+        stream.set_write_timeout(Some(limit))?;
+        let mut client = Client::new(stream, ClientConnection::secure(config, secure));
+        let deadline = std::time::Instant::now() + limit;
+        let timed_out = |e: &Error| matches!(e, Error::Io(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        while client.core.server_hello().is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::HandshakeTimeout(limit));
+            }
+            client.stream.set_read_timeout(Some(left))?;
+            match client.flush().and_then(|()| client.read_some()) {
+                Err(e) if timed_out(&e) => return Err(Error::HandshakeTimeout(limit)),
+                other => other?,
+            }
+        }
+        // The handshake's last message: the node judges our key now.
+        client.flush()?;
+        client.stream.set_read_timeout(timeout)?;
+        client.stream.set_write_timeout(timeout)?;
+        Ok(client)
+    }
+
+    /// In secure mode, the node's authenticated key (to record it, for trust on first use).
+    pub fn node_key(&self) -> Option<&PublicKey> {
+        self.core.node_key()
+    }
+
+    fn new(stream: Socket, core: ClientConnection) -> Client {
+        Client {
+            stream,
+            core,
+            read_buf: vec![0; READ_BUFFER],
+            out: Vec::new(),
+        }
+    }
+
     fn handshake(
         stream: Socket,
         config: ClientConfig,
@@ -52,12 +109,7 @@ impl Client {
     ) -> Result<Client> {
         stream.set_read_timeout(timeout)?;
         stream.set_write_timeout(timeout)?;
-        let mut client = Client {
-            stream,
-            core: ClientConnection::new(config),
-            read_buf: vec![0; READ_BUFFER],
-            out: Vec::new(),
-        };
+        let mut client = Client::new(stream, ClientConnection::new(config));
         while client.core.server_hello().is_none() {
             client.read_some()?;
         }

@@ -9,9 +9,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use donate_proto::{ConnectionId, Executor, ServerConfig};
+use donate_proto::{ConnectionId, Executor};
 
 use donate_host::host::{Host, Link, TryWrite, WriteStep};
+use donate_host::NodeConfig;
 use donate_host::READ_BUFFER;
 
 /// A blocking listener a node can serve: [`TcpListener`] or, on Unix,
@@ -136,14 +137,16 @@ pub struct Server<A = SocketAddr> {
 }
 
 /// Starts a node on `listener` (a [`TcpListener`] or a Unix listener) with
-/// `executor`, and returns at once.
+/// `executor`, and returns at once. `config` is a
+/// [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
 pub fn serve<L: Listen, E: Executor>(
     listener: L,
-    config: ServerConfig,
+    config: impl Into<NodeConfig>,
     executor: E,
 ) -> io::Result<Server<L::Addr>> {
     let local_addr = listener.local_addr()?;
-    donate_host::warn_if_exposed(&local_addr);
+    let config = config.into();
+    donate_host::warn_if_exposed(&local_addr, &config);
     let host = Host::start(config, executor);
     let stopping = Arc::new(AtomicBool::new(false));
     let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -289,8 +292,9 @@ fn spawn_connection<S: Socket, E: Executor>(
             let mut stream = stream;
             write_loop(&mut stream, &host, conn, &signal);
             let _ = stream.shutdown(Shutdown::Both);
+            let peer_key = host.peer_key(conn).map(|k| k.fingerprint());
             host.remove(conn);
-            tracing::info!(%conn, %peer, "connection closed");
+            tracing::info!(%conn, %peer, peer_key, "connection closed");
         })?;
     Ok([reader, writer])
 }

@@ -32,10 +32,10 @@ mod runtime;
 use std::io;
 
 use donate_host::runtime::Listener;
-use donate_proto::{ClientConfig, Executor, ServerConfig};
+use donate_proto::{ClientConfig, Executor};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-pub use donate_host::{Error, NodeAddr, Result, Server};
+pub use donate_host::{Error, NodeAddr, NodeConfig, Result, Server};
 
 donate_host::runtime_client!(
     /// A connection to a donor node over tokio: donate-host's
@@ -60,14 +60,15 @@ impl Client {
 
 /// Starts a node on `listener` (a `TcpListener` or, on Unix, a
 /// `UnixListener`) with `executor`, its tasks spawned on the tokio runtime
-/// this is called from. Jobs run on the node's own worker threads.
+/// this is called from. Jobs run on the node's own worker threads. `config`
+/// is a [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
 ///
 /// # Errors
 /// Fails with an `io::Error` when called outside a tokio runtime (rather
 /// than panicking), or when the listener has no local address.
 pub fn serve<T, E: Executor>(
     listener: T,
-    config: ServerConfig,
+    config: impl Into<NodeConfig>,
     executor: E,
 ) -> io::Result<Server<<runtime::Acceptor<T> as Listener>::Addr>>
 where

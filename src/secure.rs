@@ -1,0 +1,311 @@
+//! Secure mode in the CLI: `donate keygen`, key files, the authorized-keys
+//! file a node re-reads per connection, the exposure rule, the client's node
+//! trust (`--node-key`, `known_nodes` and `--trust-on-first-use`), and the
+//! exit status of each secure-mode failure.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use donate_host::NodeAddr;
+use donate_proto::{Keypair, NodeTrust, PublicKey, SecureServerConfig};
+use donate_std::Error;
+
+use crate::{exit, CliResult, Failure, KeygenArgs};
+
+/// `donate keygen PATH`: a new key pair in PATH (0600) and PATH.pub.
+pub fn keygen(args: KeygenArgs) -> CliResult {
+    let path = &args.path;
+    let public_path = pub_path(path);
+    for p in [path, &public_path] {
+        if p.exists() {
+            return Err(format!("{} already exists: refusing to overwrite it", p.display()).into());
+        }
+    }
+    let key = Keypair::generate();
+    let mut file =
+        create_private(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(key.secret_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let comment = args.comment.unwrap_or_else(default_comment);
+    std::fs::write(&public_path, format!("{} {comment}\n", key.public()))
+        .map_err(|e| format!("cannot write {}: {e}", public_path.display()))?;
+    println!("{}", key.public().fingerprint());
+    eprintln!(
+        "donate: wrote the private key to {} and the public key to {}",
+        path.display(),
+        public_path.display()
+    );
+    Ok(())
+}
+
+/// `PATH.pub`.
+fn pub_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+fn default_comment() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "donate".to_owned());
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    match host.trim() {
+        "" => user,
+        host => format!("{user}@{host}"),
+    }
+}
+
+/// Creates `path` for a private key: new, and readable by its owner only.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Reads a private key file, refusing one that group or others can read.
+pub fn load_keypair(path: &Path) -> Result<Keypair, Failure> {
+    let fail = |message: String| Failure::with_code(message, exit::KEY_FILE);
+    let meta = std::fs::metadata(path).map_err(|e| {
+        fail(format!(
+            "cannot read the private key {}: {e}",
+            path.display()
+        ))
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(fail(format!(
+                "the private key {} is readable by group or others (mode {mode:o}); fix it with: chmod 600 {}",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(format!(
+            "cannot read the private key {}: {e}",
+            path.display()
+        ))
+    })?;
+    Keypair::from_secret_text(&text).map_err(|e| fail(format!("{}: {e}", path.display())))
+}
+
+/// The node's secure mode: its key, and an `authorize` that re-reads
+/// `authorized` for each new connection (a key added or removed takes effect
+/// at the next connection). A file that cannot be read refuses everyone.
+pub fn server_config(key: &Path, authorized: &Path) -> Result<SecureServerConfig, Failure> {
+    let keypair = load_keypair(key)?;
+    // Read once now, so a typo in the path is reported at start.
+    if let Err(e) = std::fs::read_to_string(authorized) {
+        tracing::error!(file = %authorized.display(), "cannot read the authorized keys ({e}): every client is refused until it can be read");
+    }
+    let authorized = authorized.to_owned();
+    Ok(SecureServerConfig {
+        keypair,
+        authorize: Arc::new(move |key: &PublicKey| match read_authorized(&authorized) {
+            Ok(keys) => keys.contains(key),
+            Err(e) => {
+                tracing::error!(file = %authorized.display(), peer_key = %key.fingerprint(), "cannot read the authorized keys ({e}): client refused");
+                false
+            }
+        }),
+    })
+}
+
+/// The keys in an authorized-keys file: one per line, `#` comments and blank
+/// lines allowed; a line that is not a key is logged and skipped.
+fn read_authorized(path: &Path) -> std::io::Result<Vec<PublicKey>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#'))
+        .filter_map(|(n, line)| match PublicKey::parse(line) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), line = n + 1, "skipped: {e}");
+                None
+            }
+        })
+        .collect())
+}
+
+/// Whether a node on `addr` can be reached from other machines: anything
+/// but a loopback address or a `unix:` path (an address that does not
+/// resolve counts as exposed).
+pub fn is_exposed(addr: &NodeAddr) -> bool {
+    match addr {
+        NodeAddr::Unix(_) => false,
+        NodeAddr::Tcp(name) => match name.to_socket_addrs() {
+            Ok(mut addrs) => addrs.any(|a| !a.ip().is_loopback()),
+            Err(_) => true,
+        },
+    }
+}
+
+/// The exposure rule: a node reachable from other machines needs `--key`,
+/// or `--insecure` to accept the risk (then a warning is logged).
+pub fn check_exposure(addr: &NodeAddr, secure: bool, insecure: bool) -> CliResult {
+    if secure || !is_exposed(addr) {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(Failure::with_code(
+            format!(
+                "refusing to listen on {addr} without --key: anyone who can reach it could run jobs \
+                 and read every prompt and answer; use --key PATH --authorized-keys FILE \
+                 (secure mode), or --insecure to accept that risk"
+            ),
+            exit::EXPOSED,
+        ));
+    }
+    tracing::warn!(%addr, "--insecure: listening without authentication or encryption on an address other machines can reach: anyone who can reach it can push models, run jobs and read every prompt and answer");
+    Ok(())
+}
+
+/// The user's `known_nodes` file: `$XDG_CONFIG_HOME/donate/known_nodes` or
+/// `~/.config/donate/known_nodes`.
+pub fn known_nodes_path() -> Option<PathBuf> {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(config.join("donate").join("known_nodes"))
+}
+
+/// The key recorded for `addr` in `known_nodes`, if any.
+pub fn known_node(path: &Path, addr: &str) -> Result<Option<PublicKey>, Failure> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display()).into()),
+    };
+    for line in text.lines() {
+        let mut parts = line.trim().splitn(2, char::is_whitespace);
+        if parts.next() == Some(addr) {
+            let key = PublicKey::parse(parts.next().unwrap_or_default())
+                .map_err(|e| format!("{}: the line for {addr}: {e}", path.display()))?;
+            return Ok(Some(key));
+        }
+    }
+    Ok(None)
+}
+
+/// Records `key` for `addr` in `known_nodes`.
+pub fn record_node(path: &Path, addr: &str, key: &PublicKey) -> CliResult {
+    let cannot =
+        |e: std::io::Error| format!("cannot record the node's key in {}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(cannot)?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(cannot)?;
+    writeln!(file, "{addr} {key}").map_err(cannot)?;
+    eprintln!(
+        "donate: trusting the node at {addr} on first use: recorded its key {} in {}",
+        key.fingerprint(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Where a client's trust in the node's key comes from.
+pub enum Trust {
+    /// `--node-key`.
+    Given(NodeTrust),
+    /// The key `known_nodes` recorded for the address.
+    Known { trust: NodeTrust, file: PathBuf },
+    /// Not known: `--trust-on-first-use` records it.
+    FirstUse(PathBuf),
+    /// Not known and not to be trusted: the connection stops at the node's key.
+    Unknown,
+}
+
+impl Trust {
+    /// What the client core checks the node's key against.
+    pub fn node_trust(&self) -> NodeTrust {
+        match self {
+            Trust::Given(trust) | Trust::Known { trust, .. } => trust.clone(),
+            Trust::FirstUse(_) => NodeTrust::AnyKey,
+            // Matches no key: the handshake stops before the client's key is sent.
+            Trust::Unknown => NodeTrust::Pinned(String::new()),
+        }
+    }
+}
+
+/// The one-line message and exit status of a client failure in secure mode
+/// (or of a plain client meeting a secure node).
+pub fn classify(e: &Error, addr: &NodeAddr, trust: Option<&Trust>) -> Option<(String, u8)> {
+    use donate_proto::ClientError as C;
+    let frame_code = match e {
+        Error::Closed(Some(frame)) | Error::Refused(frame) => Some(frame),
+        _ => None,
+    };
+    if let Some(frame) = frame_code {
+        let code = match frame.code.as_str() {
+            "unknown_key" => exit::UNKNOWN_KEY,
+            "secure_required" => {
+                return Some((
+                    format!("{}: use --key PATH (and --node-key KEY)", frame.error),
+                    exit::SECURE_REQUIRED,
+                ))
+            }
+            "decrypt_failed" | "handshake_failed" => exit::TAMPERED,
+            "handshake_timeout" => exit::HANDSHAKE_TIMEOUT,
+            _ => return None,
+        };
+        return Some((frame.error.clone(), code));
+    }
+    Some(match e {
+        Error::Protocol(C::NodeKeyMismatch { got, expected }) => match trust {
+            Some(Trust::Unknown) => (
+                format!(
+                    "the node at {addr} is in secure mode with key {got}, which you have not pinned: \
+                     check it with the node's owner, then pass --node-key {got} (or --trust-on-first-use)"
+                ),
+                exit::UNKNOWN_NODE,
+            ),
+            Some(Trust::Known { file, .. }) => (
+                format!(
+                    "the node at {addr} presented key {got}, expected {expected} (recorded in {}); \
+                     if the node's key really changed, delete its line there",
+                    file.display()
+                ),
+                exit::NODE_KEY_MISMATCH,
+            ),
+            _ => (
+                format!("the node at {addr} presented key {got}, expected {expected}"),
+                exit::NODE_KEY_MISMATCH,
+            ),
+        },
+        Error::Protocol(C::PlaintextNode) => (
+            format!("the node at {addr} does not offer an encrypted connection (donate secure mode); refusing to talk to it in plain text"),
+            exit::PLAINTEXT_NODE,
+        ),
+        Error::HandshakeTimeout(limit) => (
+            format!("the secure handshake with {addr} did not complete within {:.1} s", limit.as_secs_f64()),
+            exit::HANDSHAKE_TIMEOUT,
+        ),
+        Error::Protocol(C::Decrypt) => (
+            "decryption failed: the connection was altered in transit".to_owned(),
+            exit::TAMPERED,
+        ),
+        Error::Protocol(C::Handshake(why)) => (
+            format!("the secure handshake with {addr} failed ({why}): the connection was altered in transit"),
+            exit::TAMPERED,
+        ),
+        _ => return None,
+    })
+}
