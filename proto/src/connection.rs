@@ -408,8 +408,9 @@ impl<M> Connection<M> {
                     Err(e) => self.close(e),
                 }
                 plain.clear();
-                // An idle connection keeps no large buffer.
-                if plain.capacity() <= 16 * 1024 {
+                // An upload keeps its buffer (a fresh one per read is a fresh
+                // mapping to fault in); an idle connection keeps no large one.
+                if plain.capacity() <= 16 * 1024 || self.phase.upload().is_some() {
                     self.plain = plain;
                 }
             }
