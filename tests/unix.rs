@@ -139,3 +139,39 @@ fn tokio_serve_outside_a_runtime_is_an_error() {
         .expect("no runtime here");
     assert!(err.to_string().contains("tokio runtime"), "{err}");
 }
+
+/// A stream the client cannot see into: only `Read + Write`.
+struct Opaque(std::os::unix::net::UnixStream);
+
+impl std::io::Read for Opaque {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for Opaque {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn the_blocking_client_talks_over_any_read_write_stream() {
+    let path = socket_path();
+    let listener = donate_host::bind_unix(&path).unwrap();
+    let server = donate_std::serve(listener, ServerConfig::default(), Stub::default()).unwrap();
+    let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let core = donate_proto::ClientConnection::new(donate_proto::ClientConfig::default());
+    let mut client = donate_std::Client::over(Opaque(stream), core).unwrap();
+    assert_eq!(client.hello().mode, "model_push");
+    client
+        .push_model(r#"{"ok":true}"#, &[1, 2, 3, 4], true)
+        .unwrap();
+    assert_eq!(client.infer(&[9], 2).unwrap().output_ids, [9, 1, 2]);
+    drop(client);
+    server.shutdown();
+}

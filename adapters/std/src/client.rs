@@ -93,6 +93,23 @@ impl Client {
         self.core.node_key()
     }
 
+    /// Talks to a node over a byte stream of the caller's (a pipe to a child
+    /// process, a TLS stream, a socket pair): `core` is a plain
+    /// [`ClientConnection::new`] or a secure [`ClientConnection::secure`] one.
+    /// Reads until the node's hello (and, in secure mode, the handshake) is done.
+    pub fn over(
+        stream: impl Read + Write + Send + 'static,
+        core: ClientConnection,
+    ) -> Result<Client> {
+        let mut client = Client::new(Socket::Other(Box::new(stream)), core);
+        while client.core.server_hello().is_none() {
+            client.flush()?;
+            client.read_some()?;
+        }
+        client.flush()?;
+        Ok(client)
+    }
+
     fn new(stream: Socket, core: ClientConnection) -> Client {
         Client {
             stream,
@@ -245,8 +262,12 @@ impl Client {
         feed_read(&mut self.core, read, &self.read_buf)
     }
 
-    /// Feeds whatever input has already arrived, without blocking.
+    /// Feeds whatever input has already arrived, without blocking (a
+    /// caller's stream cannot say: nothing is read then).
     fn read_ready(&mut self) -> Result<()> {
+        if matches!(self.stream, Socket::Other(_)) {
+            return Ok(());
+        }
         self.stream.set_nonblocking(true)?;
         let read = self.stream.read(&mut self.read_buf);
         self.stream.set_nonblocking(false)?;
@@ -257,11 +278,17 @@ impl Client {
     }
 }
 
-/// The client's socket: TCP or, on Unix, a Unix domain socket.
+/// A byte stream of the caller's, behind [`Client::over`].
+trait ByteStream: Read + Write + Send {}
+impl<T: Read + Write + Send> ByteStream for T {}
+
+/// The client's socket: TCP or, on Unix, a Unix domain socket, or any stream
+/// the caller brings (timeouts and readiness are then the stream's own affair).
 enum Socket {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(std::os::unix::net::UnixStream),
+    Other(Box<dyn ByteStream>),
 }
 
 impl Socket {
@@ -305,28 +332,33 @@ impl Socket {
     }
 }
 
-/// Calls the same method on either kind of socket.
+/// Calls the same method on either kind of socket; `$other` for a caller's stream.
 macro_rules! either {
-    ($socket:expr, $s:ident => $e:expr) => {
+    ($socket:expr, $s:ident => $e:expr, $other:expr) => {
         match $socket {
             Socket::Tcp($s) => $e,
             #[cfg(unix)]
             Socket::Unix($s) => $e,
+            #[allow(unused_variables)]
+            Socket::Other($s) => $other,
         }
+    };
+    ($socket:expr, $s:ident => $e:expr) => {
+        either!($socket, $s => $e, $e)
     };
 }
 
 impl Socket {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_read_timeout(timeout))
+        either!(self, s => s.set_read_timeout(timeout), Ok(()))
     }
 
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_write_timeout(timeout))
+        either!(self, s => s.set_write_timeout(timeout), Ok(()))
     }
 
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        either!(self, s => s.set_nonblocking(nonblocking))
+        either!(self, s => s.set_nonblocking(nonblocking), Err(ErrorKind::Unsupported.into()))
     }
 }
 
