@@ -151,28 +151,7 @@ impl Run {
 
 /// Runs `donate ARGS` with a bounded wait.
 fn donate(args: &[&str]) -> Run {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn donate");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let stdout = thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).map(|_| s)
-    });
-    let stderr = thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).map(|_| s)
-    });
-    let status = wait_bounded(&mut child).unwrap_or_else(|| panic!("donate {args:?} timed out"));
-    Run {
-        status,
-        stdout: stdout.join().unwrap().expect("stdout is UTF-8"),
-        stderr: stderr.join().unwrap().expect("stderr is UTF-8"),
-    }
+    donate_env(args, &[])
 }
 
 /// A fresh directory holding `config.json` and `model.safetensors` of `len` bytes.
