@@ -4,7 +4,7 @@
 //! The executor is plain synchronous Rust: the node calls it on its own worker
 //! threads, never on the runtime, so a slow job does not stall any connection.
 
-use donate_proto::{Executor, JobError, NoSpool, ServerConfig, Weights};
+use donate_proto::{Executor, JobContext, JobError, NoSpool, ServerConfig, Weights};
 
 /// A "model" that adds its weights' byte sum to every input id.
 struct Adder;
@@ -23,14 +23,19 @@ impl Executor for Adder {
     fn infer(
         &self,
         model: &i32,
-        _job_id: &str,
         input_ids: &[i32],
         _max_tokens: i64,
+        _job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         Ok(input_ids.iter().map(|id| id + model).collect())
     }
 
-    fn prompt(&self, _job_id: &str, _prompt: &str, _max_out: i64) -> Result<String, JobError> {
+    fn prompt(
+        &self,
+        _prompt: &str,
+        _max_out: i64,
+        _job: &JobContext<'_>,
+    ) -> Result<String, JobError> {
         Err(JobError::new(
             "unsupported",
             "this node runs pushed models only",

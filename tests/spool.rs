@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{bounded, start, AnyClient, ClientKind, ADAPTERS};
-use donate_proto::{Executor, JobError, ServerConfig, Spool, Stub, UploadInfo, Weights};
+use donate_proto::{
+    Executor, JobContext, JobError, ServerConfig, Spool, Stub, UploadInfo, Weights,
+};
 use sha2::{Digest, Sha256};
 
 /// Spools into memory, sleeping on every stretch; mounts only if the bytes
@@ -79,18 +81,24 @@ impl Executor for SlowSpooler {
         Ok(())
     }
 
-    fn infer(&self, m: &(), id: &str, ids: &[i32], max: i64) -> Result<Vec<i32>, JobError> {
+    fn infer(
+        &self,
+        m: &(),
+        ids: &[i32],
+        max: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
         if ids == [777] {
             self.long_job_started.store(true, Ordering::SeqCst);
             std::thread::sleep(Duration::from_secs(3));
             let spooled = self.spooled.load(Ordering::SeqCst);
             self.spooled_by_job_end.store(spooled, Ordering::SeqCst);
         }
-        Stub::default().infer(m, id, ids, max)
+        Stub::default().infer(m, ids, max, job)
     }
 
-    fn prompt(&self, id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
-        Stub::default().prompt(id, prompt, max_out)
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        Stub::default().prompt(prompt, max_out, job)
     }
 }
 

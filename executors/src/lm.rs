@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use donate_proto::{Executor, JobError, NoSpool, Weights};
+use donate_proto::{Executor, JobContext, JobError, NoSpool, Weights};
 
 use crate::codes;
 use crate::process;
@@ -235,9 +235,9 @@ impl Executor for LocalLmCommand {
     fn infer(
         &self,
         _model: &(),
-        _job_id: &str,
         _input_ids: &[i32],
         _max_tokens: i64,
+        _job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         Err(JobError::new(
             codes::UNSUPPORTED,
@@ -245,7 +245,12 @@ impl Executor for LocalLmCommand {
         ))
     }
 
-    fn prompt(&self, _job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(
+        &self,
+        prompt: &str,
+        max_out: i64,
+        _job: &JobContext<'_>,
+    ) -> Result<String, JobError> {
         self.run(prompt, max_out)
     }
 }

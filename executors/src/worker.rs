@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
-use donate_proto::{Executor, JobError, Spool, UploadInfo, Weights};
+use donate_proto::{Executor, JobContext, JobError, Spool, UploadInfo, Weights};
 
 use crate::codes;
 use crate::process::{self, Line};
@@ -286,9 +286,9 @@ impl Executor for WorkerProcess {
     fn infer(
         &self,
         model: &WorkerModel,
-        job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
+        job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         let pool = &self.pool;
         let mut slot = pool.checkout(Some(model.id));
@@ -308,7 +308,7 @@ impl Executor for WorkerProcess {
         }
         let request = Request::Infer {
             model: model.id,
-            job_id,
+            job_id: job.job_id(),
             input_ids,
             max_tokens,
         };
@@ -322,11 +322,11 @@ impl Executor for WorkerProcess {
         })
     }
 
-    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
         let pool = &self.pool;
         let mut slot = pool.checkout(None);
         let request = Request::Prompt {
-            job_id,
+            job_id: job.job_id(),
             prompt,
             max_out,
         };

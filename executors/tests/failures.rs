@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{python_worker, rust_worker, test_worker};
 use donate_exec::{WorkerConfig, WorkerModel, WorkerProcess};
-use donate_proto::{Executor, JobError, Weights};
+use donate_proto::{Executor, JobContext, JobError, Weights};
 
 fn flaky(config: WorkerConfig) -> (WorkerProcess, WorkerModel) {
     let executor = WorkerProcess::new(test_worker("flaky.py"), config).expect("start flaky.py");
@@ -20,7 +20,7 @@ fn flaky(config: WorkerConfig) -> (WorkerProcess, WorkerModel) {
 
 fn pid_of(executor: &WorkerProcess, model: &WorkerModel) -> i32 {
     let out = executor
-        .infer(model, "j1", &[1, 2], 0)
+        .infer(model, &[1, 2], 0, &JobContext::new("j1"))
         .expect("a normal job");
     assert_eq!(out[..2], [1, 2]);
     out[2]
@@ -34,7 +34,7 @@ fn failed(result: Result<Vec<i32>, JobError>) -> JobError {
 fn a_crash_mid_reply_is_worker_crashed() {
     let (executor, model) = flaky(WorkerConfig::default());
     let before = pid_of(&executor, &model);
-    let error = failed(executor.infer(&model, "j1", &[666], 0));
+    let error = failed(executor.infer(&model, &[666], 0, &JobContext::new("j1")));
     assert_eq!(error.code, "worker_crashed", "{error:?}");
     assert!(
         error.message.contains("exit status: 3"),
@@ -52,7 +52,7 @@ fn a_hang_is_worker_timeout() {
     });
     let before = pid_of(&executor, &model);
     let started = Instant::now();
-    let error = failed(executor.infer(&model, "j1", &[777], 0));
+    let error = failed(executor.infer(&model, &[777], 0, &JobContext::new("j1")));
     assert_eq!(error.code, "worker_timeout", "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     #[cfg(target_os = "linux")]
@@ -69,7 +69,7 @@ fn a_hang_is_worker_timeout() {
 #[test]
 fn garbage_is_worker_protocol() {
     let (executor, model) = flaky(WorkerConfig::default());
-    let error = failed(executor.infer(&model, "j1", &[888], 0));
+    let error = failed(executor.infer(&model, &[888], 0, &JobContext::new("j1")));
     assert_eq!(error.code, "worker_protocol", "{error:?}");
     assert!(
         error.message.contains("this is not the protocol"),
@@ -85,7 +85,7 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
         max_line: 1024 * 1024,
         ..WorkerConfig::default()
     });
-    let error = failed(executor.infer(&model, "j1", &[999], 0));
+    let error = failed(executor.infer(&model, &[999], 0, &JobContext::new("j1")));
     assert_eq!(error.code, "worker_protocol", "{error:?}");
     assert!(
         error.message.contains("longer than 1048576 bytes"),
@@ -97,7 +97,10 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
     // The same reply fits under the default limit (64 MiB).
     let (executor, model) = flaky(WorkerConfig::default());
     assert_eq!(
-        executor.infer(&model, "j1", &[999], 0).unwrap().len(),
+        executor
+            .infer(&model, &[999], 0, &JobContext::new("j1"))
+            .unwrap()
+            .len(),
         1024 * 1024 + 1
     );
 }
@@ -106,7 +109,7 @@ fn a_reply_over_the_line_limit_is_worker_protocol() {
 fn a_refusal_keeps_the_worker() {
     let (executor, model) = flaky(WorkerConfig::default());
     let before = pid_of(&executor, &model);
-    let error = failed(executor.infer(&model, "j1", &[555], 0));
+    let error = failed(executor.infer(&model, &[555], 0, &JobContext::new("j1")));
     assert_eq!(
         error,
         JobError::new("bad_input", "555 is not welcome"),
@@ -141,7 +144,7 @@ fn jobs_after_a_restart_get_the_model_replayed() {
         .mount("{}".into(), Weights::Memory(vec![2; 10]))
         .unwrap();
     for _ in 0..3 {
-        failed(executor.infer(&a, "j1", &[666], 0));
+        failed(executor.infer(&a, &[666], 0, &JobContext::new("j1")));
         pid_of(&executor, &a);
         pid_of(&executor, &b);
     }
@@ -176,17 +179,27 @@ fn example_workers_answer_prompts() {
         let executor = WorkerProcess::new(argv.clone(), WorkerConfig::default()).unwrap();
         // Pairs ab, bc (twice each) and ca: from the last c the text goes on a, b, c, a, b.
         assert_eq!(
-            executor.prompt("j1", "abcabc", 5).unwrap(),
+            executor
+                .prompt("abcabc", 5, &JobContext::new("j1"))
+                .unwrap(),
             "abcab",
             "{argv:?}"
         );
         assert_eq!(
-            executor.prompt("j1", "xy", 0).unwrap(),
+            executor.prompt("xy", 0, &JobContext::new("j1")).unwrap(),
             "",
             "{argv:?}: y is never followed"
         );
-        assert_eq!(executor.prompt("j1", "", 0).unwrap(), "", "{argv:?}");
-        assert_eq!(executor.prompt("j1", "ééé", 4).unwrap(), "éé", "{argv:?}");
+        assert_eq!(
+            executor.prompt("", 0, &JobContext::new("j1")).unwrap(),
+            "",
+            "{argv:?}"
+        );
+        assert_eq!(
+            executor.prompt("ééé", 4, &JobContext::new("j1")).unwrap(),
+            "éé",
+            "{argv:?}"
+        );
     }
 }
 
@@ -194,7 +207,10 @@ fn example_workers_answer_prompts() {
 fn prompts_reach_the_worker_unchanged() {
     let executor = WorkerProcess::new(test_worker("flaky.py"), WorkerConfig::default()).unwrap();
     let text = "quotes ' \" $(rm -rf /) `id` \\ \n\r\t\u{1}\u{1b}[31m\u{7f} é 日本 🦀";
-    assert_eq!(executor.prompt("j1", text, 0).unwrap(), text);
+    assert_eq!(
+        executor.prompt(text, 0, &JobContext::new("j1")).unwrap(),
+        text
+    );
 }
 
 #[cfg(target_os = "linux")]

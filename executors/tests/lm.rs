@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use donate_exec::{split_command, LmConfig, LocalLmCommand};
-use donate_proto::{Executor, Mode, ServerConfig, Weights};
+use donate_proto::{Executor, JobContext, Mode, ServerConfig, Weights};
 
 fn lm(command: &str, config: LmConfig) -> LocalLmCommand {
     LocalLmCommand::new(split_command(command).unwrap(), config).unwrap()
@@ -42,7 +42,7 @@ fn cat_returns_every_prompt_unchanged() {
         },
     );
     for prompt in nasty_prompts() {
-        let reply = cat.prompt("j1", &prompt, 0).unwrap();
+        let reply = cat.prompt(&prompt, 0, &JobContext::new("j1")).unwrap();
         assert!(
             reply == prompt,
             "changed: {:?}",
@@ -91,11 +91,14 @@ fn placeholders_fill_argv_elements_only() {
         config,
     );
     assert_eq!(
-        echo.prompt("j1", "ignored", 7).unwrap(),
+        echo.prompt("ignored", 7, &JobContext::new("j1")).unwrap(),
         "/models/my model; $(id)|-n7|7/models/my model; $(id)"
     );
     assert_eq!(
-        echo.prompt("j1", "ignored", 0).unwrap().split('|').nth(1),
+        echo.prompt("ignored", 0, &JobContext::new("j1"))
+            .unwrap()
+            .split('|')
+            .nth(1),
         Some("-n99")
     );
 }
@@ -106,7 +109,7 @@ fn a_failing_program_reports_its_stderr_tail() {
         r#"sh -c 'i=0; while [ $i -lt 500 ]; do echo "noise line $i" >&2; i=$((i+1)); done; echo "the real reason" >&2; exit 3'"#,
         LmConfig::default(),
     );
-    let error = noisy.prompt("j1", "hi", 0).unwrap_err();
+    let error = noisy.prompt("hi", 0, &JobContext::new("j1")).unwrap_err();
     assert_eq!(error.code, "lm_failed");
     assert!(
         error.message.contains("exit status: 3"),
@@ -122,7 +125,7 @@ fn a_failing_program_reports_its_stderr_tail() {
     assert!(error.message.len() < 2048 + 200, "{}", error.message.len());
 
     let silent = lm("false", LmConfig::default())
-        .prompt("j1", "hi", 0)
+        .prompt("hi", 0, &JobContext::new("j1"))
         .unwrap_err();
     assert_eq!(silent.code, "lm_failed");
     assert!(silent.message.contains("(no stderr)"), "{}", silent.message);
@@ -135,17 +138,23 @@ fn output_over_the_limit_fails() {
         ..LmConfig::default()
     };
     let exact = lm("head -c 1000 /dev/zero", config.clone());
-    assert_eq!(exact.prompt("j1", "", 0).unwrap().len(), 1000);
+    assert_eq!(
+        exact.prompt("", 0, &JobContext::new("j1")).unwrap().len(),
+        1000
+    );
     let over = lm("head -c 1001 /dev/zero", config.clone());
     assert_eq!(
-        over.prompt("j1", "", 0).unwrap_err().code,
+        over.prompt("", 0, &JobContext::new("j1")).unwrap_err().code,
         "lm_output_too_large"
     );
     // A program that never stops printing is stopped.
     let started = Instant::now();
     let endless = lm("yes", config);
     assert_eq!(
-        endless.prompt("j1", "", 0).unwrap_err().code,
+        endless
+            .prompt("", 0, &JobContext::new("j1"))
+            .unwrap_err()
+            .code,
         "lm_output_too_large"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -160,7 +169,7 @@ fn a_slow_program_is_killed_at_the_time_limit() {
     for command in ["sleep 30", "sh -c 'sleep 30; echo late'"] {
         let started = Instant::now();
         let error = lm(command, config.clone())
-            .prompt("j1", "hi", 0)
+            .prompt("hi", 0, &JobContext::new("j1"))
             .unwrap_err();
         assert_eq!(error.code, "lm_timeout", "{command}: {error:?}");
         assert!(started.elapsed() < Duration::from_secs(5), "{command}");
@@ -178,7 +187,7 @@ fn writing_a_lot_before_reading_does_not_deadlock() {
         config,
     );
     let prompt = "p".repeat(2 * 1024 * 1024);
-    let reply = chatty.prompt("j1", &prompt, 0).unwrap();
+    let reply = chatty.prompt(&prompt, 0, &JobContext::new("j1")).unwrap();
     assert_eq!(reply.len(), 1_000_000);
     assert!(reply.bytes().all(|b| b == b'x'));
 }
@@ -187,7 +196,8 @@ fn writing_a_lot_before_reading_does_not_deadlock() {
 fn a_program_that_ignores_stdin_is_fine() {
     let echo = lm("echo ok", LmConfig::default());
     assert_eq!(
-        echo.prompt("j1", &"ignored ".repeat(100_000), 0).unwrap(),
+        echo.prompt(&"ignored ".repeat(100_000), 0, &JobContext::new("j1"))
+            .unwrap(),
         "ok\n"
     );
 }
@@ -195,13 +205,16 @@ fn a_program_that_ignores_stdin_is_fine() {
 #[test]
 fn invalid_utf8_output_is_replaced() {
     let bad = lm(r#"printf '\377ok\300'"#, LmConfig::default());
-    assert_eq!(bad.prompt("j1", "", 0).unwrap(), "\u{fffd}ok\u{fffd}");
+    assert_eq!(
+        bad.prompt("", 0, &JobContext::new("j1")).unwrap(),
+        "\u{fffd}ok\u{fffd}"
+    );
 }
 
 #[test]
 fn a_missing_program_is_lm_spawn_failed() {
     let error = lm("/nonexistent/llm -m {path}", LmConfig::default())
-        .prompt("j1", "hi", 0)
+        .prompt("hi", 0, &JobContext::new("j1"))
         .unwrap_err();
     assert_eq!(error.code, "lm_spawn_failed");
     assert!(
@@ -216,7 +229,7 @@ fn models_and_infer_are_refused() {
     let cat = lm("cat", LmConfig::default());
     assert!(cat.mount("{}".into(), Weights::Memory(vec![1])).is_err());
     assert_eq!(
-        cat.infer(&(), "j1", &[1], 1).unwrap_err().code,
+        cat.infer(&(), &[1], 1, &JobContext::new("j1")).unwrap_err().code,
         "unsupported"
     );
 }

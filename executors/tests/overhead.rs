@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{python_worker, rust_worker, table};
 use donate_exec::{WorkerConfig, WorkerProcess};
-use donate_proto::{Executor, ServerConfig, Stub, Weights};
+use donate_proto::{Executor, JobContext, ServerConfig, Stub, Weights};
 
 const INPUT: [i32; 3] = [104, 105, 33];
 const MAX_TOKENS: i64 = 8;
@@ -42,7 +42,7 @@ fn direct<E: Executor>(executor: &E, jobs: u32) -> Duration {
         .expect("mount");
     per_job(jobs, || {
         let out = executor
-            .infer(&model, "j1", &INPUT, MAX_TOKENS)
+            .infer(&model, &INPUT, MAX_TOKENS, &JobContext::new("j1"))
             .expect("infer");
         assert_eq!(out.len(), INPUT.len() + MAX_TOKENS as usize);
     })

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{eventually, test_worker};
 use donate_exec::{WorkerConfig, WorkerProcess};
-use donate_proto::{Executor, Weights};
+use donate_proto::{Executor, JobContext, Weights};
 
 #[derive(Clone, Default)]
 struct Log(Arc<Mutex<Vec<u8>>>);
@@ -52,7 +52,9 @@ fn worker_stderr_is_logged_with_its_id() {
     let model = executor
         .mount("{}".into(), Weights::Memory(vec![1; 8]))
         .unwrap();
-    let out = executor.infer(&model, "j1", &[444], 0).unwrap();
+    let out = executor
+        .infer(&model, &[444], 0, &JobContext::new("j1"))
+        .unwrap();
     let pid = out[1];
     assert!(pids.contains(&(pid as u32)));
     let slot = if pid as u32 == pids[pids.len() - 1] {
@@ -82,9 +84,11 @@ fn worker_stderr_is_logged_with_its_id() {
     let model = executor
         .mount("{}".into(), Weights::Memory(vec![1; 8]))
         .unwrap();
-    let _ = executor.infer(&model, "j1", &[666], 0);
+    let _ = executor.infer(&model, &[666], 0, &JobContext::new("j1"));
     assert!(log.text().contains("worker_crashed"), "{}", log.text());
-    let out = executor.infer(&model, "j1", &[444], 0).unwrap();
+    let out = executor
+        .infer(&model, &[444], 0, &JobContext::new("j1"))
+        .unwrap();
     let restarted = format!("[{}]: hello from the worker", out[1]);
     assert!(
         eventually(Duration::from_secs(5), || log.text().contains(&restarted)),

@@ -32,7 +32,7 @@ use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
 use donate_proto::sim::{Peer, Sim};
-use donate_proto::{
+use donate_proto::{JobContext, 
     run_job, ConnectionId, Executor, JobError, JobInput, JobOutcome, JobOutput, Message, Mode,
     MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling, UploadInfo, Weights,
 };
@@ -152,12 +152,12 @@ impl Executor for FuzzExec {
         self.stub.mount(config_json, Weights::Memory(bytes))
     }
 
-    fn infer(&self, m: &(), job_id: &str, ids: &[i32], max: i64) -> Result<Vec<i32>, JobError> {
-        self.stub.infer(m, job_id, ids, max)
+    fn infer(&self, m: &(), ids: &[i32], max: i64, job: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
+        self.stub.infer(m, ids, max, job)
     }
 
-    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
-        self.stub.prompt(job_id, prompt, max_out)
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        self.stub.prompt(prompt, max_out, job)
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use crate::capability::{Capabilities, Capability};
 use crate::error::ClientError;
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
@@ -30,6 +31,9 @@ pub struct ClientConfig {
     pub chunk_size: usize,
     /// Upload chunks are produced only while fewer bytes than this wait to be sent (default 4 MiB).
     pub upload_window: usize,
+    /// Extensions this client opts into when the node offers them (docs/PROTOCOL.md
+    /// §10); default: those this client core implements.
+    pub capabilities: Capabilities,
 }
 
 impl Default for ClientConfig {
@@ -38,6 +42,7 @@ impl Default for ClientConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             chunk_size: 1024 * 1024,
             upload_window: 4 * 1024 * 1024,
+            capabilities: IMPLEMENTED,
         }
     }
 }
@@ -46,7 +51,11 @@ crate::config::setters!(ClientConfig {
     max_frame_len: usize,
     chunk_size: usize,
     upload_window: usize,
+    capabilities: Capabilities,
 });
+
+/// The extensions this client core implements, opted into by default.
+const IMPLEMENTED: Capabilities = Capabilities::NONE;
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,6 +136,8 @@ pub struct ClientConnection {
     closing: Option<ErrorFrame>,
     /// Secure mode's layer under the framing.
     secure: Option<Box<ClientSecure>>,
+    /// Extensions the node offered and this client opted into.
+    agreed: Capabilities,
 }
 
 impl Default for ClientConnection {
@@ -150,6 +161,7 @@ impl ClientConnection {
             failed: None,
             closing: None,
             secure: None,
+            agreed: Capabilities::NONE,
         }
     }
 
@@ -166,6 +178,13 @@ impl ClientConnection {
     /// it, for trust on first use).
     pub fn node_key(&self) -> Option<&PublicKey> {
         self.secure.as_ref()?.node()
+    }
+
+    /// The extensions in use on this connection: those the node's `hello`
+    /// offered that this client wants ([`ClientConfig::capabilities`]).
+    /// Empty with a v1 node, which is then sent exactly v1.
+    pub fn capabilities(&self) -> Capabilities {
+        self.agreed
     }
 
     /// The server's `hello`, once it arrived.
@@ -445,12 +464,15 @@ impl ClientConnection {
         if self.hello.is_none() {
             return match msg {
                 Message::Hello(hello) => {
+                    self.agreed = Capabilities::from_names(&hello.capabilities)
+                        .intersect(self.config.capabilities)
+                        .without(Capability::Secure);
                     self.send(&Message::Hello(Hello {
                         mode: hello.mode.clone(),
                         role: "client".to_owned(),
                         local_lm_path: String::new(),
                         queue_capacity: 0,
-                        capabilities: Vec::new(),
+                        capabilities: self.agreed.names(),
                     }));
                     self.hello = Some(hello.clone());
                     self.events.push_back(ClientEvent::Connected(hello));

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::capability::Capabilities;
 use crate::frame::DEFAULT_MAX_FRAME_LEN;
 use crate::message::Mode;
 use crate::secure::SecureServerConfig;
@@ -131,4 +132,16 @@ pub(crate) struct Settings {
     pub(crate) config: ServerConfig,
     pub(crate) uploads: UploadHandling,
     pub(crate) secure: Option<SecureServerConfig>,
+    /// Extensions offered to clients (never `secure`: that follows `secure`).
+    pub(crate) offered: Capabilities,
+}
+
+impl Settings {
+    /// The capabilities the node's `hello` lists.
+    pub(crate) fn advertised(&self) -> Capabilities {
+        match self.secure {
+            Some(_) => self.offered.with(crate::Capability::Secure),
+            None => self.offered,
+        }
+    }
 }

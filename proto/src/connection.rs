@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::capability::{Capabilities, Capability};
 use crate::config::Settings;
 use crate::error::{MountError, ProtocolError};
 use crate::frame::FrameDecoder;
@@ -23,7 +24,7 @@ use crate::message::{
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
-use crate::secure::{PublicKey, ServerSecure, CAPABILITY};
+use crate::secure::{PublicKey, ServerSecure};
 use crate::upload::{CommittedModel, Upload, UploadWork};
 
 /// What a connection hands its node.
@@ -97,6 +98,8 @@ pub struct Connection<M> {
     secure: Option<Box<ServerSecure>>,
     /// Decrypted input, reused between reads.
     plain: Vec<u8>,
+    /// Extensions both sides named in their `hello`s (none for a v1 client).
+    agreed: Capabilities,
 }
 
 impl<M> Connection<M> {
@@ -125,6 +128,7 @@ impl<M> Connection<M> {
             to_node: VecDeque::new(),
             secure: None,
             plain: Vec::new(),
+            agreed: Capabilities::NONE,
         };
         if let Some(reason) = refused {
             conn.close(reason);
@@ -136,7 +140,7 @@ impl<M> Connection<M> {
             role: "server".to_owned(),
             local_lm_path: config.local_lm_path.clone(),
             queue_capacity: config.queue_capacity as i64,
-            capabilities: secure.iter().map(|_| CAPABILITY.to_owned()).collect(),
+            capabilities: conn.settings.advertised().names(),
         });
         match secure {
             // The hello goes out in plain text, ahead of the handshake it is bound into.
@@ -175,6 +179,12 @@ impl<M> Connection<M> {
     /// In secure mode, the client's key once its handshake is done.
     pub fn peer_key(&self) -> Option<&PublicKey> {
         self.secure.as_ref()?.peer()
+    }
+
+    /// The extensions this connection's client opted into: those the node
+    /// offered that its `hello` named. Empty for a v1 client.
+    pub fn capabilities(&self) -> Capabilities {
+        self.agreed
     }
 
     /// Jobs of this connection queued or running (answers still to come).
@@ -435,7 +445,7 @@ impl<M> Connection<M> {
         if self.phase.closing().is_some() {
             return;
         }
-        self.phase.frame_received();
+        let first = self.phase.frame_received();
         if self.fast_chunk(body) {
             return;
         }
@@ -449,6 +459,12 @@ impl<M> Connection<M> {
             ModeRule::Refuse(e) => return self.refuse(&e, msg.job_id()),
         }
         match msg {
+            // Only a first-frame hello opts in: what a connection agreed never changes.
+            Message::Hello(hello) if first => {
+                self.agreed = Capabilities::from_names(&hello.capabilities)
+                    .intersect(self.settings.offered)
+                    .without(Capability::Secure);
+            }
             Message::Hello(_) => {}
             Message::ModelBegin(_) | Message::WeightsChunk(_) | Message::ModelCommit => {
                 self.on_upload_frame(msg)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sha2::Digest as _;
 
 use crate::config::UploadHandling;
-use crate::job::{Job, JobError, JobInput, JobOutcome, JobOutput};
+use crate::job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput};
 use crate::node::{Mount, MountOutcome};
 use crate::upload::{UploadInfo, UploadWork};
 
@@ -41,19 +41,20 @@ pub trait Executor: Send + Sync + 'static {
         weights: Weights<Self::Spool>,
     ) -> Result<Self::Model, String>;
 
-    /// Runs an `infer` job; `job_id` is the client's, as sent (it may be empty or repeated).
+    /// Runs an `infer` job; `job` says which (its `job_id`, cancellation,
+    /// where partial output goes).
     fn infer(
         &self,
         model: &Self::Model,
-        job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
+        job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError>;
 
-    /// Runs a `prompt` job; `job_id` is the client's, as sent. By default an
-    /// executor has no language model: the job fails with `no_local_lm`.
-    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
-        let _ = (job_id, prompt, max_out);
+    /// Runs a `prompt` job. By default an executor has no language model: the
+    /// job fails with `no_local_lm`.
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        let _ = (prompt, max_out, job);
         Err(JobError::new(
             "no_local_lm",
             "this node's executor does not answer prompts",
@@ -111,16 +112,17 @@ impl Weights<NoSpool> {
 
 /// Runs `job` on `executor`; a panic becomes an `executor_panicked` job error.
 pub fn run_job<E: Executor>(executor: &E, job: &Job<E::Model>) -> JobOutcome {
+    let context = JobContext::new(&job.job_id);
     catch_unwind(AssertUnwindSafe(|| match &job.input {
         JobInput::Infer {
             model,
             input_ids,
             max_tokens,
         } => executor
-            .infer(model, &job.job_id, input_ids, *max_tokens)
+            .infer(model, input_ids, *max_tokens, &context)
             .map(JobOutput::Infer),
         JobInput::Prompt { prompt, max_out } => executor
-            .prompt(&job.job_id, prompt, *max_out)
+            .prompt(prompt, *max_out, &context)
             .map(JobOutput::Prompt),
     }))
     .unwrap_or_else(|_| Err(JobError::new("executor_panicked", "executor panicked")))
@@ -279,14 +281,19 @@ impl Executor for Stub {
     fn infer(
         &self,
         _model: &(),
-        _job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
+        _job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         Ok(Stub::infer_ids(input_ids, max_tokens))
     }
 
-    fn prompt(&self, _job_id: &str, prompt: &str, _max_out: i64) -> Result<String, JobError> {
+    fn prompt(
+        &self,
+        prompt: &str,
+        _max_out: i64,
+        _job: &JobContext<'_>,
+    ) -> Result<String, JobError> {
         Ok(self.reply(prompt))
     }
 }

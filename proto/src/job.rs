@@ -1,5 +1,7 @@
 //! Jobs: what the node's FIFO queue holds and what a worker hands back.
 
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::id::JobId;
@@ -37,6 +39,80 @@ pub enum JobInput<M> {
         /// Output limit; 0 or less means the executor's default.
         max_out: i64,
     },
+}
+
+/// What a running job may consult and report besides its input: its id,
+/// whether it should stop early, and where its partial output goes. One
+/// place for what a job carries, so an extension adds a field here and not a
+/// parameter to every executor.
+pub struct JobContext<'a> {
+    job_id: &'a str,
+    cancelled: &'a AtomicBool,
+    partial: &'a (dyn Fn(Partial<'_>) + Sync),
+}
+
+/// Output a job produced so far, for [`JobContext::partial`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Partial<'a> {
+    /// New token ids of an `infer` job (only those since the last call).
+    Tokens(&'a [i32]),
+    /// New text of a `prompt` job (only that since the last call).
+    Text(&'a str),
+}
+
+static NEVER_CANCELLED: AtomicBool = AtomicBool::new(false);
+
+impl<'a> JobContext<'a> {
+    /// The context of a job named `job_id` that is never cancelled and whose
+    /// partial output goes nowhere (what a direct call of an executor needs).
+    pub fn new(job_id: &'a str) -> Self {
+        JobContext {
+            job_id,
+            cancelled: &NEVER_CANCELLED,
+            partial: &|_| {},
+        }
+    }
+
+    /// Cancellation read from `flag`: once it is set, the job should stop.
+    #[must_use]
+    pub fn with_cancel(mut self, flag: &'a AtomicBool) -> Self {
+        self.cancelled = flag;
+        self
+    }
+
+    /// Partial output handed to `sink` as it is produced.
+    #[must_use]
+    pub fn with_partial(mut self, sink: &'a (dyn Fn(Partial<'_>) + Sync)) -> Self {
+        self.partial = sink;
+        self
+    }
+
+    /// The client's `job_id`, as sent (it may be empty or repeated).
+    pub fn job_id(&self) -> &str {
+        self.job_id
+    }
+
+    /// Whether the job was cancelled: an executor checks it between steps
+    /// (tokens) and returns early; its result is then discarded.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Reports output produced so far. Cheap when nobody listens; an executor
+    /// that generates step by step calls it after each step.
+    pub fn partial(&self, output: Partial<'_>) {
+        (self.partial)(output)
+    }
+}
+
+impl fmt::Debug for JobContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobContext")
+            .field("job_id", &self.job_id)
+            .field("cancelled", &self.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A successful job's output.

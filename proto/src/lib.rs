@@ -73,6 +73,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod capability;
 mod client;
 mod config;
 mod connection;
@@ -90,13 +91,14 @@ mod secure;
 pub mod sim;
 mod upload;
 
+pub use capability::{Capabilities, Capability};
 pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
 pub use config::{ServerConfig, UploadHandling};
 pub use connection::Connection;
 pub use error::{ClientError, FrameError, MountError, ProtocolError};
 pub use executor::{run_job, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights};
 pub use id::{ConnectionId, JobId};
-pub use job::{Job, JobError, JobInput, JobOutcome, JobOutput};
+pub use job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node};
 pub use secure::{

@@ -19,6 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::capability::{Capabilities, Capability};
 use crate::config::{ServerConfig, Settings, UploadHandling};
 use crate::connection::{Connection, ToNode};
 use crate::error::ProtocolError;
@@ -100,6 +101,7 @@ impl<M> Node<M> {
                 config,
                 uploads,
                 secure: None,
+                offered: Capabilities::NONE,
             }),
             conns: HashMap::new(),
             events: VecDeque::new(),
@@ -112,6 +114,17 @@ impl<M> Node<M> {
     pub fn with_secure(mut self, secure: SecureServerConfig) -> Self {
         let mut settings = (*self.settings).clone();
         settings.secure = Some(secure);
+        self.settings = Arc::new(settings);
+        self
+    }
+
+    /// Offers `extensions` (docs/PROTOCOL.md §10) to connections accepted from
+    /// now on: the node's `hello` lists them, and each connection uses those its
+    /// client's `hello` names. Offer only what the driver and executor honour.
+    /// (`secure` is not offered here: [`with_secure`](Node::with_secure) requires it.)
+    pub fn offer(mut self, extensions: Capabilities) -> Self {
+        let mut settings = (*self.settings).clone();
+        settings.offered = extensions.without(Capability::Secure);
         self.settings = Arc::new(settings);
         self
     }

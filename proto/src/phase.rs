@@ -21,11 +21,13 @@ pub(crate) enum Phase {
 }
 
 impl Phase {
-    /// A complete frame arrived.
-    pub(crate) fn frame_received(&mut self) {
-        if matches!(self, Phase::AwaitingHello) {
+    /// A complete frame arrived; returns whether it is the connection's first.
+    pub(crate) fn frame_received(&mut self) -> bool {
+        let first = matches!(self, Phase::AwaitingHello);
+        if first {
             *self = Phase::Ready;
         }
+        first
     }
 
     pub(crate) fn closing(&self) -> Option<&ProtocolError> {

@@ -28,14 +28,13 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use snow::{HandshakeState, TransportState};
 
+use crate::capability::Capability;
 use crate::error::{ClientError, ProtocolError};
 use crate::frame::{encode_frame, FrameDecoder, HEADER_LEN};
 use crate::message::{Hello, Message};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
-/// The capability a secure node lists in its `hello`.
-pub const CAPABILITY: &str = "secure";
 const PROLOGUE_LABEL: &[u8] = b"donate secure v1\n";
 /// Largest record body: the largest Noise message.
 pub(crate) const MAX_RECORD: usize = 65535;
@@ -625,5 +624,8 @@ impl ClientSecure {
 }
 
 fn offers_secure(hello: &Hello) -> bool {
-    hello.capabilities.iter().any(|c| c == CAPABILITY)
+    hello
+        .capabilities
+        .iter()
+        .any(|c| c == Capability::Secure.as_str())
 }

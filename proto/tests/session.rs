@@ -11,8 +11,8 @@ use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptR
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
     run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent, Executor,
-    Job, JobError, JobOutcome, JobOutput, Message, Mode, NoSpool, RequestId, ServerConfig, Stub,
-    UploadHandling, Weights,
+    Job, JobContext, JobError, JobOutcome, JobOutput, Message, Mode, NoSpool, RequestId,
+    ServerConfig, Stub, UploadHandling, Weights,
 };
 use sha2::{Digest, Sha256};
 
@@ -704,10 +704,16 @@ fn a_slow_mount_is_answered_when_the_executor_is_done() {
             let Weights::Memory(weights) = weights;
             Err(format!("cannot load {} bytes", weights.len()))
         }
-        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(
+            &self,
+            _: &(),
+            _: &[i32],
+            _: i64,
+            _: &JobContext<'_>,
+        ) -> Result<Vec<i32>, JobError> {
             unreachable!()
         }
-        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: i64, _: &JobContext<'_>) -> Result<String, JobError> {
             unreachable!()
         }
     }
@@ -770,10 +776,16 @@ fn jobs_pipelined_after_a_commit_wait_for_the_mount() {
         fn mount(&self, _: String, _: Weights<NoSpool>) -> Result<(), String> {
             Err("no".into())
         }
-        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(
+            &self,
+            _: &(),
+            _: &[i32],
+            _: i64,
+            _: &JobContext<'_>,
+        ) -> Result<Vec<i32>, JobError> {
             unreachable!()
         }
-        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: i64, _: &JobContext<'_>) -> Result<String, JobError> {
             unreachable!()
         }
     }
@@ -1294,10 +1306,16 @@ fn job_errors_carry_job_id_and_code() {
         fn mount(&self, _: String, _: Weights<NoSpool>) -> Result<(), String> {
             Ok(())
         }
-        fn infer(&self, _: &(), _: &str, _: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+        fn infer(
+            &self,
+            _: &(),
+            _: &[i32],
+            _: i64,
+            _: &JobContext<'_>,
+        ) -> Result<Vec<i32>, JobError> {
             panic!("executor bug (expected by this test)")
         }
-        fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
+        fn prompt(&self, _: &str, _: i64, _: &JobContext<'_>) -> Result<String, JobError> {
             unreachable!()
         }
     }

@@ -7,8 +7,8 @@
 
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_upload, Answer, ClientConfig, ClientEvent, Executor, JobError, RequestId, ServerConfig,
-    Spool, UploadHandling, UploadInfo, Weights,
+    run_upload, Answer, ClientConfig, ClientEvent, Executor, JobContext, JobError, RequestId,
+    ServerConfig, Spool, UploadHandling, UploadInfo, Weights,
 };
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,11 +96,11 @@ impl Executor for Recorder {
         Ok(())
     }
 
-    fn infer(&self, _: &(), _: &str, ids: &[i32], _: i64) -> Result<Vec<i32>, JobError> {
+    fn infer(&self, _: &(), ids: &[i32], _: i64, _: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
         Ok(ids.to_vec())
     }
 
-    fn prompt(&self, _: &str, _: &str, _: i64) -> Result<String, JobError> {
+    fn prompt(&self, _: &str, _: i64, _: &JobContext<'_>) -> Result<String, JobError> {
         Ok(String::new())
     }
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
-use donate_proto::{Answer, Executor, JobError, NoSpool, RequestId, ServerConfig, Stub, Weights};
+use donate_proto::{
+    Answer, Executor, JobContext, JobError, NoSpool, RequestId, ServerConfig, Stub, Weights,
+};
 use serde_json::{json, Value};
 
 /// The longest any single wait in these tests may take.
@@ -106,20 +108,20 @@ impl Executor for TestExec {
     fn infer(
         &self,
         model: &(),
-        job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
+        job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         self.work();
         match self.flood {
             Some(n) if input_ids == [-1] => Ok(vec![7; n]),
-            _ => self.stub.infer(model, job_id, input_ids, max_tokens),
+            _ => self.stub.infer(model, input_ids, max_tokens, job),
         }
     }
 
-    fn prompt(&self, job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
         self.work();
-        self.stub.prompt(job_id, prompt, max_out)
+        self.stub.prompt(prompt, max_out, job)
     }
 }
 

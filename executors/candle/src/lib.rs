@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use donate_exec::WeightsFile;
-use donate_proto::{Executor, JobError, UploadInfo, Weights};
+use donate_proto::{Executor, JobContext, JobError, UploadInfo, Weights};
 use tokenizers::Tokenizer;
 
 pub use chat::{render_chat_template, ChatMessage};
@@ -554,14 +554,19 @@ impl Executor for CandleExecutor {
     fn infer(
         &self,
         model: &CandleModel,
-        _job_id: &str,
         input_ids: &[i32],
         max_tokens: i64,
+        _job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
         self.generate(model, input_ids, max_tokens)
     }
 
-    fn prompt(&self, _job_id: &str, prompt: &str, max_out: i64) -> Result<String, JobError> {
+    fn prompt(
+        &self,
+        prompt: &str,
+        max_out: i64,
+        _job: &JobContext<'_>,
+    ) -> Result<String, JobError> {
         self.complete(prompt, max_out)
     }
 }
