@@ -305,7 +305,7 @@ fn memory(bench: &Bench, table: &mut Table) -> Result<()> {
         let begin = frame(&Message::ModelBegin(ModelBegin {
             config_json: "{}".to_owned(),
             weights_len: 6_000_000_000,
-            weights_sha256: String::new(),
+            ..ModelBegin::default()
         }));
         for (what, bytes_sent) in [("64 MiB frame header", header), ("6 GB model_begin", begin)] {
             let node = Node::start(runtime, &patient)?;

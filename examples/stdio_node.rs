@@ -46,6 +46,7 @@ fn node() {
                     }
                 }
                 Event::Wake(_) | Event::Resume(_) => {} // output is written below
+                _ => {} // extensions this node does not offer (Node::offer)
             }
         }
         node.poll_transmit(conn, &mut out); // 4.

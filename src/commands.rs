@@ -17,26 +17,34 @@ use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use donate_proto::{ClientConfig, NodeTrust, SecureClientConfig};
+use donate_proto::{Capability, ClientConfig, NodeTrust, SecureClientConfig};
 
 use crate::secure::{self, Trust};
-use crate::{exit, CliResult, ClientArgs, Failure, InferArgs, PromptArgs, PushArgs, StatusArgs};
+use crate::{
+    exit, CliResult, ClientArgs, Failure, InferArgs, ModelsArgs, PromptArgs, PushArgs, StatusArgs,
+};
 
 /// `donate push`: upload a model and report whether it mounted.
 pub fn push(args: PushArgs) -> CliResult {
     let (config, weights) = args.model_files();
     let mut model = Model::open(&config, &weights)?;
-    let sha256 = args.sha256.then(|| model.sha256()).transpose()?;
     let mut client = connect(&args.client)?;
-    let pushed = upload(&mut client, &mut model, sha256, true);
+    let pushed = upload(&mut client, &mut model, args.sha256, true)?;
     let report = PushReport::new(&pushed);
     if args.client.json {
         if let Some(report) = &report {
             print_json(&serde_json::to_vec(report).expect("a push report serializes"))?;
         }
     } else if let Some(report) = report.as_ref().filter(|r| r.ok) {
+        let how = if report.reused {
+            " (the node held it: no weights sent)".to_owned()
+        } else if report.resumed_from > 0 {
+            format!(" (resumed at byte {})", report.resumed_from)
+        } else {
+            String::new()
+        };
         println!(
-            "{}: {} bytes in {:.2} s ({:.1} MiB/s)",
+            "{}: {} bytes in {:.2} s ({:.1} MiB/s){how}",
             report.message, report.bytes, report.seconds, report.mib_s
         );
     }
@@ -50,9 +58,8 @@ pub fn push(args: PushArgs) -> CliResult {
 pub fn infer(args: InferArgs) -> CliResult {
     let (config, weights) = args.model_files();
     let mut model = Model::open(&config, &weights)?;
-    let sha256 = args.sha256.then(|| model.sha256()).transpose()?;
     let mut client = connect(&args.client)?;
-    upload(&mut client, &mut model, sha256, true)
+    upload(&mut client, &mut model, args.sha256, true)?
         .result
         .map_err(|e| push_failure(&args.client, &client, e))?;
     let result = client.infer(&args.ids, args.max_tokens);
@@ -93,6 +100,54 @@ pub fn prompt(args: PromptArgs) -> CliResult {
         println!("{}", result.text);
     }
     Ok(())
+}
+
+/// `donate models`: what a node's model store holds.
+pub fn models(args: ModelsArgs) -> CliResult {
+    let mut client = connect(&args.client)?;
+    if !client.capabilities().contains(Capability::Store) {
+        return Err(format!(
+            "the node at {} has no model store (start it with `donate serve --store DIR`)",
+            args.client.addr
+        )
+        .into());
+    }
+    let inventory = client
+        .query_models(&[])
+        .map_err(|e| failed(&args.client, "model_query failed", &e))?;
+    if args.client.json {
+        return print_json(&Message::ModelInventory(inventory).to_json());
+    }
+    println!(
+        "{:<64}  {:>14}  {:>6}  last used",
+        "sha256", "bytes", "in use"
+    );
+    for model in &inventory.models {
+        println!(
+            "{:<64}  {:>14}  {:>6}  {}",
+            model.sha256,
+            model.size,
+            if model.in_use { "yes" } else { "no" },
+            utc(model.last_used)
+        );
+    }
+    println!(
+        "{} models; {} bytes free for uploads",
+        inventory.models.len(),
+        inventory.store_free
+    );
+    Ok(())
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC time (`-` for never).
+fn utc(secs: i64) -> String {
+    match u64::try_from(secs) {
+        Ok(secs) if secs > 0 => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        )
+        .to_string(),
+        _ => "-".to_owned(),
+    }
 }
 
 /// `donate status`: the node's hello and, when it answers one, its queue status.
@@ -234,13 +289,18 @@ impl Model {
         })
     }
 
-    /// SHA-256 of the weights file, read in pieces, with a bar on a terminal.
+    /// SHA-256 of the weights file, read in pieces, with a bar on a terminal
+    /// (or from the hash cache, when the file has not changed since).
     fn sha256(&mut self) -> Result<[u8; 32], Failure> {
+        if let Some(hash) = crate::hash_cache::lookup(&self.weights_path) {
+            return Ok(hash);
+        }
         let bar = progress_bar(self.len, "hashing");
         let hash = donate_std::sha256_of_reader(bar.wrap_read(&self.weights))
             .and_then(|hash| self.weights.rewind().map(|()| hash))
             .map_err(|e| format!("cannot hash {}: {e}", self.weights_path.display()))?;
         bar.finish_and_clear();
+        crate::hash_cache::store(&self.weights_path, &hash);
         Ok(hash)
     }
 }
@@ -248,12 +308,26 @@ impl Model {
 /// An upload's outcome and how long it took.
 struct Pushed {
     result: Result<ModelStatus, Error>,
+    /// Weight bytes sent.
     bytes: u64,
     seconds: f64,
+    /// The node held the model: nothing was sent.
+    reused: bool,
+    /// The upload resumed a broken one at this byte.
+    resumed_from: u64,
 }
 
-/// Streams `model` to the node and waits for it to be mounted.
-fn upload(client: &mut Client, model: &mut Model, sha256: Option<[u8; 32]>, bar: bool) -> Pushed {
+/// Makes `model` mounted on the node: on a node with a model store, hashes
+/// it (once per file version) and sends only what the node lacks; elsewhere
+/// streams it, hashed first when `sha256` asks.
+fn upload(
+    client: &mut Client,
+    model: &mut Model,
+    sha256: bool,
+    bar: bool,
+) -> Result<Pushed, Failure> {
+    let stored = client.capabilities().contains(Capability::Store);
+    let hash = (stored || sha256).then(|| model.sha256()).transpose()?;
     let bar = if bar {
         progress_bar(model.len, "pushing")
     } else {
@@ -261,25 +335,49 @@ fn upload(client: &mut Client, model: &mut Model, sha256: Option<[u8; 32]>, bar:
     };
     let start = Instant::now();
     let mut bytes = 0;
-    let result = client.push_model_from(
-        &model.config_json,
-        &model.weights,
-        model.len,
-        sha256,
-        |sent| {
-            bytes = sent;
-            bar.set_position(sent);
-        },
-    );
+    let progress = |sent| {
+        bytes = sent;
+        bar.set_position(sent);
+    };
+    let (result, reused, resumed_from) = match hash {
+        Some(hash) if stored => {
+            match client.push_stored(
+                &model.config_json,
+                &model.weights,
+                model.len,
+                hash,
+                progress,
+            ) {
+                Ok(pushed) => {
+                    bytes = pushed.sent;
+                    (Ok(pushed.status), pushed.reused, pushed.resumed_from)
+                }
+                Err(e) => (Err(e), false, 0),
+            }
+        }
+        _ => {
+            let result = client.push_model_from(
+                &model.config_json,
+                &model.weights,
+                model.len,
+                hash,
+                progress,
+            );
+            (result, false, 0)
+        }
+    };
     bar.finish_and_clear();
-    Pushed {
+    Ok(Pushed {
         result,
         bytes,
         seconds: start.elapsed().as_secs_f64(),
-    }
+        reused,
+        resumed_from,
+    })
 }
 
-/// `push --json`: `{"ok", "message", "bytes", "seconds", "mib_s"}`.
+/// `push --json`: `{"ok", "message", "bytes", "seconds", "mib_s", "reused", "resumed_from"}`;
+/// `bytes` counts the weight bytes sent.
 #[derive(Debug, Serialize)]
 struct PushReport {
     ok: bool,
@@ -287,6 +385,8 @@ struct PushReport {
     bytes: u64,
     seconds: f64,
     mib_s: f64,
+    reused: bool,
+    resumed_from: u64,
 }
 
 impl PushReport {
@@ -309,6 +409,8 @@ impl PushReport {
             } else {
                 0.0
             },
+            reused: pushed.reused,
+            resumed_from: pushed.resumed_from,
         })
     }
 }

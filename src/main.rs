@@ -1,6 +1,7 @@
 //! `donate`: run a donor node, or talk to any node (ours or the Go one).
 
 mod commands;
+mod hash_cache;
 mod secure;
 mod serve;
 
@@ -58,7 +59,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a donor node until SIGINT/SIGTERM, then shut down gracefully.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Upload a model to a node and report whether it mounted.
     Push(PushArgs),
     /// Upload a model, then run one infer job on it over the same connection.
@@ -67,6 +68,8 @@ enum Command {
     Prompt(PromptArgs),
     /// Show a node's hello and queue status.
     Status(StatusArgs),
+    /// List the models a node's store holds (nodes run with --store).
+    Models(ModelsArgs),
     /// Write a new key pair for secure mode: the private key to PATH (mode
     /// 0600), the public key to PATH.pub; print its fingerprint.
     Keygen(KeygenArgs),
@@ -231,6 +234,18 @@ struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().upload_stretch,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     upload_stretch: usize,
+    /// Keep pushed models in DIR, named by the SHA-256 of their weights: a
+    /// client that pushes the same model again (or after a restart) sends
+    /// nothing, a broken upload resumes, and connections share one mounted model.
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Most bytes the store keeps (models and broken uploads); the least
+    /// recently used models not in use are removed to stay under it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "20GiB", requires = "store")]
+    store_max: u64,
+    /// Seconds a broken upload's bytes are kept for the client to resume.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 3600.0, requires = "store")]
+    store_partial_ttl: f64,
 }
 
 impl ServeArgs {
@@ -323,9 +338,16 @@ struct PushArgs {
     /// A directory holding config.json and model.safetensors.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
     model: Option<PathBuf>,
-    /// Hash the weights first and send weights_sha256, so the node verifies them.
+    /// Hash the weights first and send weights_sha256, so the node verifies
+    /// them (always done for a node with a model store).
     #[arg(long)]
     sha256: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ModelsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -354,7 +376,7 @@ struct InferArgs {
     /// Tokens to generate (0 = the node's default).
     #[arg(long, value_name = "N", default_value_t = 0)]
     max_tokens: i64,
-    /// Send weights_sha256 with the upload.
+    /// Send weights_sha256 with the upload (always done for a node with a model store).
     #[arg(long)]
     sha256: bool,
 }
@@ -406,6 +428,39 @@ struct StatusArgs {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
+}
+
+/// A size like `20GiB`, `512MiB`, `1.5GB` or `1000000` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (like 20GiB, 512MiB or 1000000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
@@ -466,11 +521,12 @@ fn main() -> ExitCode {
         _ => "warn",
     });
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Push(args) => commands::push(args),
         Command::Infer(args) => commands::infer(args),
         Command::Prompt(args) => commands::prompt(args),
         Command::Status(args) => commands::status(args),
+        Command::Models(args) => commands::models(args),
         Command::Keygen(args) => secure::keygen(args),
     };
     match result {

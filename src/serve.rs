@@ -156,6 +156,16 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
         }
         _ => NodeConfig::from(server_config.clone()),
     };
+    let config = match &args.store {
+        Some(dir) => {
+            let store = donate_host::ModelStore::open(dir, args.store_max)
+                .map_err(|e| format!("cannot open the model store {}: {e}", dir.display()))?
+                .partial_ttl(std::time::Duration::from_secs_f64(args.store_partial_ttl));
+            tracing::info!(store = %dir.display(), models = store.len(), used_bytes = store.used_bytes(), max_bytes = args.store_max, "model store");
+            config.with_store(store)
+        }
+        None => config,
+    };
     let stop = Stop::install()?;
     let started = Started {
         runtime: args.runtime,

@@ -228,8 +228,10 @@ fn push_with_and_without_sha256() {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 5, "{report}");
+        assert_eq!(keys.len(), 7, "{report}");
         assert_eq!(report["ok"], true);
+        assert_eq!(report["reused"], false, "this node has no store");
+        assert_eq!(report["resumed_from"], 0);
         assert_eq!(report["message"], "mounted");
         assert_eq!(report["bytes"], len as u64);
         assert!(report["seconds"].as_f64().unwrap() >= 0.0);

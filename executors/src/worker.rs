@@ -216,6 +216,43 @@ impl Drop for WorkerProcess {
     }
 }
 
+impl WorkerProcess {
+    /// Mounts the weights at `weights_path` on a worker.
+    fn mount_path(
+        &self,
+        config_json: String,
+        weights_path: PathBuf,
+        weights_len: u64,
+        sha256: String,
+        dir: Option<TempDir>,
+    ) -> Result<WorkerModel, String> {
+        let pool = &self.pool;
+        let weights_path_str = weights_path
+            .to_str()
+            .ok_or("the weights file's path is not UTF-8")?
+            .to_owned();
+        let model = WorkerModel {
+            id: pool.next_model.fetch_add(1, Ordering::Relaxed),
+            config_json,
+            weights_path,
+            weights_path_str,
+            weights_len,
+            sha256,
+            dir,
+            pool: Arc::downgrade(pool),
+        };
+        let mut slot = pool.checkout(None);
+        match slot.call(&Request::mount(&model), pool.config.mount_timeout) {
+            Ok(reply) if reply.ok => {
+                slot.mounted.insert(model.id);
+                Ok(model)
+            }
+            Ok(reply) => Err(reply.error_text("the worker refused the model")),
+            Err(failure) => Err(slot.fail(pool, failure, "mount").message),
+        }
+    }
+}
+
 impl Executor for WorkerProcess {
     type Model = WorkerModel;
     type Spool = WeightsFile;
@@ -258,29 +295,26 @@ impl Executor for WorkerProcess {
             ));
         }
         let (dir, weights_path, weights_len, sha256) = file.close();
-        let weights_path_str = weights_path
-            .to_str()
-            .ok_or("the temporary directory's path is not UTF-8")?
-            .to_owned();
-        let model = WorkerModel {
-            id: pool.next_model.fetch_add(1, Ordering::Relaxed),
+        self.mount_path(
             config_json,
             weights_path,
-            weights_path_str,
             weights_len,
-            sha256: sha256.unwrap_or_default(),
-            dir: Some(dir),
-            pool: Arc::downgrade(pool),
-        };
-        let mut slot = pool.checkout(None);
-        match slot.call(&Request::mount(&model), pool.config.mount_timeout) {
-            Ok(reply) if reply.ok => {
-                slot.mounted.insert(model.id);
-                Ok(model)
-            }
-            Ok(reply) => Err(reply.error_text("the worker refused the model")),
-            Err(failure) => Err(slot.fail(pool, failure, "mount").message),
-        }
+            sha256.unwrap_or_default(),
+            Some(dir),
+        )
+    }
+
+    /// A stored file stays where the store keeps it (and pinned while mounted).
+    fn mount_file(&self, config_json: String, path: &Path) -> Result<WorkerModel, String> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read the stored model: {e}"))?
+            .len();
+        self.mount_path(config_json, path.to_owned(), len, String::new(), None)
+    }
+
+    /// Each worker mounts a model once and keeps it: any connection may use it.
+    fn shares_models(&self) -> bool {
+        true
     }
 
     fn infer(

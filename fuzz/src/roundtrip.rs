@@ -34,6 +34,7 @@ pub enum AnyMessage {
         config_json: String,
         weights_len: i64,
         weights_sha256: String,
+        offset: i64,
     },
     WeightsChunk {
         index: i64,
@@ -114,10 +115,12 @@ impl AnyMessage {
                 config_json,
                 weights_len,
                 weights_sha256,
+                offset,
             } => Message::ModelBegin(ModelBegin {
                 config_json: s(config_json),
                 weights_len: *weights_len,
                 weights_sha256: s(weights_sha256),
+                offset: *offset,
             }),
             AnyMessage::WeightsChunk {
                 index,

@@ -680,10 +680,14 @@ impl Mirror {
                 *self.prompt_ids.entry(job.job_id).or_default() += 1;
             }
             Message::QueueStatusRequest | Message::QueueStatus(_) => self.queue_requests += 1,
+            // The fuzzed node offers no extension: what a v1 node says.
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
-            | Message::Error(_) => self.refusals += 1,
+            | Message::Error(_)
+            | Message::ModelQuery(_)
+            | Message::ModelInventory(_)
+            | Message::ModelUse(_) => self.refusals += 1,
         }
     }
 }
@@ -1389,6 +1393,7 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
         },
         weights_len: if flaw == 5 { -1 } else { len.into() },
         weights_sha256: sha,
+        offset: 0,
     })
     .encode(&mut out);
     let pieces: Vec<&[u8]> = weights.chunks(chunk).collect();

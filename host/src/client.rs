@@ -16,6 +16,20 @@ use donate_proto::{
 use crate::error::{answers, feed_read, Error, Result};
 use crate::READ_BUFFER;
 
+/// How a model came to be mounted by a store-aware push (`push_stored`):
+/// what the node already held, and the weight bytes this client sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The node's answer (`ok` is true).
+    pub status: donate_proto::message::ModelStatus,
+    /// Weight bytes sent (0 when the node held the model).
+    pub sent: u64,
+    /// The node held the whole model: it was mounted from its store.
+    pub reused: bool,
+    /// The upload resumed a broken one at this byte (0: it started at the beginning).
+    pub resumed_from: u64,
+}
+
 /// A connection to a donor node (ours or the Go one) over any async byte stream.
 ///
 /// Get one with [`handshake`](Client::handshake) over a stream you connected,

@@ -65,7 +65,9 @@ pub fn feed_read(core: &mut ClientConnection, read: io::Result<usize>, buf: &[u8
 /// Turns the answer to a request into the typed result a client call returns.
 /// Shared by every adapter's client so they all answer alike.
 pub mod answers {
-    use donate_proto::message::{InferResult, ModelStatus, PromptResult, QueueStatus};
+    use donate_proto::message::{
+        InferResult, ModelInventory, ModelStatus, PromptResult, QueueStatus,
+    };
     use donate_proto::{Answer, ClientError};
 
     use super::{Error, Result};
@@ -99,6 +101,15 @@ pub mod answers {
         match answer {
             Answer::Prompt(r) if r.ok => Ok(r),
             Answer::Prompt(r) => Err(Error::PromptFailed(r)),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A `model_query` answer (extension `store`).
+    pub fn inventory(answer: Answer) -> Result<ModelInventory> {
+        match answer {
+            Answer::Inventory(i) => Ok(i),
             Answer::Error(e) => Err(Error::Refused(e)),
             other => Err(unexpected(&other)),
         }

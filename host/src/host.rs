@@ -18,9 +18,13 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use donate_proto::{
-    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, PublicKey,
-    SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
+    run_job, run_mount, run_upload, Capabilities, Capability, ConnectionId, Event, Executor, Mount,
+    MountOutcome, Node, PublicKey, SecureServerConfig, ServerConfig, StoredMount, UploadHandling,
+    UploadWork,
 };
+
+use crate::store::ModelStore;
+use crate::stored::Stored;
 
 /// What a node starts with: its protocol settings and, optionally, secure
 /// mode (docs/PROTOCOL.md, `secure`). Every adapter's `serve` takes one; a
@@ -29,6 +33,7 @@ use donate_proto::{
 pub struct NodeConfig {
     server: ServerConfig,
     secure: Option<SecureServerConfig>,
+    store: Option<ModelStore>,
 }
 
 impl NodeConfig {
@@ -38,7 +43,16 @@ impl NodeConfig {
         NodeConfig {
             server,
             secure: Some(secure),
+            store: None,
         }
+    }
+
+    /// Keeps pushed models in `store` (and offers the `store` extension,
+    /// docs/PROTOCOL.md): across connections and restarts, shared between
+    /// connections, resumable.
+    pub fn with_store(mut self, store: ModelStore) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// The protocol settings.
@@ -57,6 +71,7 @@ impl From<ServerConfig> for NodeConfig {
         NodeConfig {
             server,
             secure: None,
+            store: None,
         }
     }
 }
@@ -115,21 +130,26 @@ struct State<M> {
     node: Node<M>,
     slots: HashMap<ConnectionId, Arc<Slot>>,
     mounts: VecDeque<Mount>,
+    /// Stored models to mount (extension `store`).
+    uses: VecDeque<StoredMount>,
     uploads: VecDeque<UploadWork>,
     stop_workers: bool,
 }
 
 /// A node shared by connection drivers and worker threads.
 pub struct Host<E: Executor> {
-    state: Mutex<State<E::Model>>,
+    state: Mutex<State<Model<E>>>,
     /// Mounts or jobs for the workers.
     work: Condvar,
     /// Upload work for the upload thread.
     upload_work: Condvar,
     idle: Condvar,
-    executor: E,
+    executor: Stored<E>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// What the node holds per connection: the executor's model, maybe shared and from the store.
+type Model<E> = <Stored<E> as Executor>::Model;
 
 impl<E: Executor> Host<E> {
     /// A host for a new node, with `config.workers` worker threads started for
@@ -140,10 +160,19 @@ impl<E: Executor> Host<E> {
     ///
     /// `config` is a [`ServerConfig`] or, for secure mode, a [`NodeConfig`].
     pub fn start(config: impl Into<NodeConfig>, executor: E) -> Arc<Self> {
-        let NodeConfig { server, secure } = config.into();
+        let NodeConfig {
+            server,
+            secure,
+            store,
+        } = config.into();
+        let offer = match store {
+            Some(_) => Capabilities::NONE.with(Capability::Store),
+            None => Capabilities::NONE,
+        };
+        let executor = Stored::new(executor, store);
         let uploads = UploadHandling::for_executor(&executor);
         let workers = server.workers.max(1);
-        let mut node = Node::with_uploads(server, uploads);
+        let mut node = Node::with_uploads(server, uploads).offer(offer);
         if let Some(secure) = secure {
             node = node.with_secure(secure);
         }
@@ -152,6 +181,7 @@ impl<E: Executor> Host<E> {
                 node,
                 slots: HashMap::new(),
                 mounts: VecDeque::new(),
+                uses: VecDeque::new(),
                 uploads: VecDeque::new(),
                 stop_workers: false,
             }),
@@ -324,7 +354,7 @@ impl<E: Executor> Host<E> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State<E::Model>> {
+    fn lock(&self) -> MutexGuard<'_, State<Model<E>>> {
         lock(&self.state)
     }
 
@@ -381,7 +411,7 @@ impl<E: Executor> Host<E> {
     /// Acts on the node's events, then reports `conn`'s state.
     fn dispatch(
         &self,
-        mut state: MutexGuard<'_, State<E::Model>>,
+        mut state: MutexGuard<'_, State<Model<E>>>,
         conn: ConnectionId,
     ) -> ConnState {
         let followup = take_events(&mut state);
@@ -398,8 +428,8 @@ impl<E: Executor> Host<E> {
     /// Acts on the node's events, releasing the lock while it does.
     fn dispatch_events<'a>(
         &'a self,
-        mut state: MutexGuard<'a, State<E::Model>>,
-    ) -> MutexGuard<'a, State<E::Model>> {
+        mut state: MutexGuard<'a, State<Model<E>>>,
+    ) -> MutexGuard<'a, State<Model<E>>> {
         let followup = take_events(&mut state);
         if followup.is_empty() {
             return state;
@@ -418,6 +448,9 @@ impl<E: Executor> Host<E> {
         if followup.uploads > 0 {
             self.upload_work.notify_one();
         }
+        if !followup.queries.is_empty() {
+            self.answer_queries(followup.queries);
+        }
         for conn in followup.transmit {
             self.transmit(conn);
         }
@@ -426,6 +459,22 @@ impl<E: Executor> Host<E> {
                 (slot.link.waker)();
             }
         }
+    }
+
+    /// Answers `model_query`s from the store (a quick look at its index, off the lock).
+    fn answer_queries(&self, queries: Vec<(ConnectionId, Vec<[u8; 32]>)>) {
+        let Some(store) = self.executor.store() else {
+            return;
+        };
+        let answers: Vec<_> = queries
+            .into_iter()
+            .map(|(conn, hashes)| (conn, store.inventory(&hashes)))
+            .collect();
+        let mut state = self.lock();
+        for (conn, inventory) in answers {
+            state.node.inventory_done(conn, inventory, Instant::now());
+        }
+        drop(self.dispatch_events(state));
     }
 
     /// The upload thread: runs upload work (hashing, spooling) unlocked.
@@ -456,6 +505,11 @@ impl<E: Executor> Host<E> {
                 let outcome = run_mount(&self.executor, mount);
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
+            } else if let Some(stored) = state.uses.pop_front() {
+                drop(state);
+                let outcome = self.use_stored(stored);
+                state = self.lock();
+                state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
                 let outcome = run_job(&self.executor, &job);
@@ -472,6 +526,23 @@ impl<E: Executor> Host<E> {
     }
 }
 
+impl<E: Executor> Host<E> {
+    /// Mounts a stored model for a `model_use` (verifying it first if need be).
+    fn use_stored(&self, stored: StoredMount) -> MountOutcome<Model<E>> {
+        let StoredMount {
+            token,
+            sha256,
+            config_json,
+        } = stored;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.executor.use_stored(sha256, config_json)
+        }))
+        .unwrap_or_else(|_| Err("executor panicked while mounting".to_owned()))
+        .map(Arc::new);
+        MountOutcome { token, result }
+    }
+}
+
 /// What the node's events ask for once the lock is released.
 #[derive(Default)]
 struct Followup {
@@ -484,6 +555,8 @@ struct Followup {
     /// Connections with new output and more results coming: their writers
     /// send them, batched, while the workers go on (pipelining clients).
     wake_writer: Vec<ConnectionId>,
+    /// `model_query`s to answer from the store.
+    queries: Vec<(ConnectionId, Vec<[u8; 32]>)>,
 }
 
 impl Followup {
@@ -492,6 +565,7 @@ impl Followup {
             && self.uploads == 0
             && self.transmit.is_empty()
             && self.wake_writer.is_empty()
+            && self.queries.is_empty()
     }
 }
 
@@ -522,6 +596,13 @@ fn take_events<M>(state: &mut State<M>) -> Followup {
                 state.uploads.push_back(work);
                 followup.uploads += 1;
             }
+            Event::Query { conn, hashes } => followup.queries.push((conn, hashes)),
+            Event::UseStored(stored) => {
+                state.uses.push_back(stored);
+                followup.work += 1;
+            }
+            // Events of extensions the host does not offer.
+            _ => {}
         }
     }
     followup

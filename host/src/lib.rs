@@ -19,17 +19,20 @@ pub mod host;
 pub mod runtime;
 mod server;
 mod signal;
+mod store;
+mod stored;
 
 use std::net::SocketAddr;
 
 #[cfg(unix)]
 pub use addr::{bind_unix, unix_addr};
 pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
-pub use client::{dial_named, window, AsyncStream, BoxStream, Client};
+pub use client::{dial_named, window, AsyncStream, BoxStream, Client, Pushed};
 pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};
 pub use host::NodeConfig;
 pub use server::{serve, Server};
+pub use store::ModelStore;
 
 /// Bytes read from a socket at once.
 pub const READ_BUFFER: usize = 256 * 1024;

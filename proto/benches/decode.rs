@@ -92,7 +92,7 @@ fn new_upload() -> Upload {
     let begin = ModelBegin {
         config_json: "{}".to_owned(),
         weights_len: (CHUNKS * CHUNK_RAW) as i64,
-        weights_sha256: String::new(),
+        ..ModelBegin::default()
     };
     Upload::begin(begin, u64::MAX).expect("valid begin")
 }

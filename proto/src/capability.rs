@@ -60,11 +60,8 @@ impl Capability {
         ALL.into_iter().find(|c| c.as_str() == name)
     }
 
-    fn bit(self) -> u16 {
-        1 << ALL
-            .iter()
-            .position(|c| *c == self)
-            .expect("every capability is in ALL")
+    const fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
@@ -90,7 +87,7 @@ impl Capabilities {
 
     /// The set with `cap` added.
     #[must_use]
-    pub fn with(self, cap: Capability) -> Self {
+    pub const fn with(self, cap: Capability) -> Self {
         Capabilities(self.0 | cap.bit())
     }
 

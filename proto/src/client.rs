@@ -14,8 +14,8 @@ use crate::capability::{Capabilities, Capability};
 use crate::error::ClientError;
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
-    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, Message, ModelBegin, ModelStatus,
-    Prompt, PromptResult, QueueStatus,
+    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, Message, ModelBegin,
+    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult, QueueStatus,
 };
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
@@ -55,7 +55,7 @@ crate::config::setters!(ClientConfig {
 });
 
 /// The extensions this client core implements, opted into by default.
-const IMPLEMENTED: Capabilities = Capabilities::NONE;
+const IMPLEMENTED: Capabilities = Capabilities::NONE.with(Capability::Store);
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,6 +79,8 @@ pub enum Answer {
     Prompt(PromptResult),
     /// To a `queue_status` request.
     QueueStatus(QueueStatus),
+    /// To a `model_query` (extension `store`).
+    Inventory(ModelInventory),
     /// The request was refused.
     Error(ErrorFrame),
 }
@@ -105,6 +107,7 @@ enum Kind {
     Infer,
     Prompt,
     QueueStatus,
+    Query,
 }
 
 #[derive(Debug)]
@@ -353,6 +356,38 @@ impl ClientConnection {
         weights_len: u64,
         sha256: Option<[u8; 32]>,
     ) -> Result<RequestId, ClientError> {
+        self.upload_from(config_json, weights_len, sha256, 0)
+    }
+
+    /// Extension `store`: resumes a broken upload of the model whose weights
+    /// hash to `sha256`, of which the node holds the first `offset` bytes (its
+    /// `model_inventory` said `partial`). Feed the bytes from `offset` on, as
+    /// for [`begin_upload`](Self::begin_upload). Refused with
+    /// [`ClientError::NotOffered`] unless the node offered `store`.
+    pub fn resume_upload(
+        &mut self,
+        config_json: &str,
+        weights_len: u64,
+        sha256: [u8; 32],
+        offset: u64,
+    ) -> Result<RequestId, ClientError> {
+        self.require(Capability::Store)?;
+        if offset > weights_len {
+            return Err(ClientError::UploadOverflow {
+                len: usize::try_from(offset).unwrap_or(usize::MAX),
+                remaining: weights_len,
+            });
+        }
+        self.upload_from(config_json, weights_len, Some(sha256), offset)
+    }
+
+    fn upload_from(
+        &mut self,
+        config_json: &str,
+        weights_len: u64,
+        sha256: Option<[u8; 32]>,
+        offset: u64,
+    ) -> Result<RequestId, ClientError> {
         // One upload at a time, until it is answered: a refusal carries no
         // job_id, so two in flight could not be told apart.
         if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
@@ -365,16 +400,62 @@ impl ClientConnection {
             config_json: config_json.to_owned(),
             weights_len: wire_len,
             weights_sha256: sha256.map(|h| hex(&h)).unwrap_or_default(),
+            offset: offset as i64,
         }));
         self.upload = Some(ClientUpload {
             request,
-            remaining: weights_len,
+            remaining: weights_len - offset,
             next_index: 0,
         });
-        if weights_len == 0 {
+        if weights_len == offset {
             self.finish_upload();
         }
         Ok(request)
+    }
+
+    /// Extension `store`: asks which of these models (by the SHA-256 of their
+    /// weights; none: every one) the node holds. The answer is
+    /// [`Answer::Inventory`], one entry per hash in order.
+    pub fn query_models(&mut self, hashes: &[[u8; 32]]) -> Result<RequestId, ClientError> {
+        self.require(Capability::Store)?;
+        let (request, _) = self.request(Kind::Query, "")?;
+        self.send(&Message::ModelQuery(ModelQuery {
+            hashes: hashes.iter().map(|h| hex(h)).collect(),
+        }));
+        Ok(request)
+    }
+
+    /// Extension `store`: mounts the stored model whose weights hash to
+    /// `sha256`, with `config_json`, sending no weights. The answer is
+    /// [`Answer::ModelStatus`], as for an upload; `ok: false` when the node
+    /// does not hold it (upload it then).
+    pub fn use_model(
+        &mut self,
+        config_json: &str,
+        sha256: [u8; 32],
+    ) -> Result<RequestId, ClientError> {
+        self.require(Capability::Store)?;
+        if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
+            return Err(ClientError::UploadInProgress);
+        }
+        let (request, _) = self.request(Kind::Upload, "")?;
+        self.send(&Message::ModelUse(ModelUse {
+            config_json: config_json.to_owned(),
+            weights_sha256: hex(&sha256),
+        }));
+        Ok(request)
+    }
+
+    /// Fails unless this connection agreed `capability`.
+    fn require(&self, capability: Capability) -> Result<(), ClientError> {
+        if self.hello.is_none() {
+            return Err(ClientError::NotConnected);
+        }
+        if self.agreed.contains(capability) {
+            Ok(())
+        } else {
+            Err(ClientError::NotOffered(capability.as_str()))
+        }
     }
 
     /// How many raw bytes the next [`upload_chunk`](Self::upload_chunk) should
@@ -489,6 +570,7 @@ impl ClientConnection {
                 (self.find(Kind::Prompt, Some(&m.job_id)), Answer::Prompt(m))
             }
             Message::QueueStatus(m) => (self.find(Kind::QueueStatus, None), Answer::QueueStatus(m)),
+            Message::ModelInventory(m) => (self.find(Kind::Query, None), Answer::Inventory(m)),
             Message::Error(e) => {
                 let by_id = (!e.job_id.is_empty())
                     .then(|| self.outstanding.iter().position(|o| o.job_id == e.job_id))
@@ -542,6 +624,7 @@ fn kind_of(answer: &Answer) -> &'static str {
         Answer::Infer(_) => "infer_result",
         Answer::Prompt(_) => "prompt_result",
         Answer::QueueStatus(_) => "queue_status",
+        Answer::Inventory(_) => "model_inventory",
         Answer::Error(_) => "error",
     }
 }

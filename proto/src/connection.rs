@@ -20,12 +20,13 @@ use crate::frame::FrameDecoder;
 use crate::id::ConnectionId;
 use crate::job::{result_frame, JobInput, JobKind, JobOutcome};
 use crate::message::{
-    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelStatus, Prompt,
+    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelInventory,
+    ModelQuery, ModelStatus, ModelUse, Prompt,
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
 use crate::secure::{PublicKey, ServerSecure};
-use crate::upload::{CommittedModel, Upload, UploadWork};
+use crate::upload::{parse_store_hash, CommittedModel, Upload, UploadWork};
 
 /// What a connection hands its node.
 #[derive(Debug)]
@@ -42,7 +43,17 @@ pub(crate) enum ToNode<M> {
     Upload(UploadWork),
     /// Input was refused while a spool was behind; it is wanted again.
     Resume,
+    /// Extension `store`: which of these models the store holds.
+    Query(Vec<[u8; 32]>),
+    /// Extension `store`: mount a stored model.
+    Use {
+        sha256: [u8; 32],
+        config_json: String,
+    },
 }
+
+/// Hashes one `model_query` may ask about.
+pub(crate) const MAX_QUERY: usize = 1024;
 
 /// What the node's mode says of a frame: decided here and nowhere else.
 enum ModeRule {
@@ -60,6 +71,9 @@ fn mode_rule(mode: Mode, msg: &Message<'_>) -> ModeRule {
         (Mode::LocalLm, Message::WeightsChunk(_) | Message::ModelCommit) => ModeRule::Ignore,
         (Mode::LocalLm, Message::Infer(_)) => ModeRule::Refuse(ProtocolError::InferOnLocalLm),
         (Mode::ModelPush, Message::Prompt(_)) => ModeRule::Refuse(ProtocolError::PromptOnModelPush),
+        (Mode::LocalLm, Message::ModelQuery(_) | Message::ModelUse(_)) => {
+            ModeRule::Refuse(ProtocolError::ModelPushDisabled)
+        }
         _ => ModeRule::Serve,
     }
 }
@@ -474,9 +488,18 @@ impl<M> Connection<M> {
             Message::QueueStatusRequest | Message::QueueStatus(_) => {
                 self.send(&Message::QueueStatus(room.status()));
             }
+            Message::ModelQuery(_) | Message::ModelUse(_)
+                if !self.agreed.contains(Capability::Store) =>
+            {
+                // What a v1 node answers: the client did not opt in.
+                self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
+            }
+            Message::ModelQuery(query) => self.on_query(query),
+            Message::ModelUse(model) => self.on_use(model),
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
+            | Message::ModelInventory(_)
             | Message::Error(_) => {
                 self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
             }
@@ -508,7 +531,13 @@ impl<M> Connection<M> {
         match msg {
             Message::ModelBegin(begin) => {
                 let config = &self.settings.config;
-                match Upload::begin_with(begin, config.max_model_len, self.settings.uploads) {
+                let resumable = self.agreed.contains(Capability::Store);
+                match Upload::begin_with(
+                    begin,
+                    config.max_model_len,
+                    self.settings.uploads,
+                    resumable,
+                ) {
                     Ok(mut upload) => {
                         self.uploads_begun += 1;
                         upload.id = self.uploads_begun;
@@ -576,6 +605,42 @@ impl<M> Connection<M> {
             ok: false,
             message: e.to_string(),
         }));
+    }
+
+    // ---- the store (extension `store`) ----
+
+    fn on_query(&mut self, query: ModelQuery) {
+        if query.hashes.len() > MAX_QUERY {
+            return self.refuse(&ProtocolError::QueryTooLarge(MAX_QUERY), None);
+        }
+        let hashes: Option<Vec<_>> = query.hashes.iter().map(|h| parse_store_hash(h)).collect();
+        match hashes {
+            Some(hashes) => self.to_node.push_back(ToNode::Query(hashes)),
+            None => self.refuse(&ProtocolError::BadWeightsSha256, None),
+        }
+    }
+
+    fn on_use(&mut self, model: ModelUse) {
+        let Some(sha256) = parse_store_hash(&model.weights_sha256) else {
+            return self.refuse(&ProtocolError::BadWeightsSha256, None);
+        };
+        if model.config_json.is_empty() {
+            return self.mount_failed(&MountError::NoConfig);
+        }
+        // Mounted like a commit: jobs sent after it wait for it.
+        self.mounting.in_flight += 1;
+        self.to_node.push_back(ToNode::Use {
+            sha256,
+            config_json: model.config_json,
+        });
+    }
+
+    /// The store's answer to a `model_query`.
+    pub(crate) fn inventory(&mut self, inventory: ModelInventory, now: Instant) {
+        if self.phase.closing().is_none() {
+            self.send(&Message::ModelInventory(inventory));
+            self.note_output(now);
+        }
     }
 
     // ---- jobs ----

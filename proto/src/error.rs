@@ -54,6 +54,12 @@ pub enum ProtocolError {
     /// `weights_sha256` is not 64 hex digits.
     #[error("bad weights_sha256: want 64 hex digits")]
     BadWeightsSha256,
+    /// A `model_begin` `offset` the upload cannot resume from (extension `store`).
+    #[error("bad offset {0}: a resumed upload needs weights_sha256, a store, and 0 <= offset <= weights_len")]
+    BadOffset(i64),
+    /// A `model_query` asking for too many models at once (extension `store`).
+    #[error("model_query: at most {0} hashes per query")]
+    QueryTooLarge(usize),
     /// `data_b64` is not valid standard base64.
     #[error("weights b64 decode")]
     WeightsBase64,
@@ -137,6 +143,8 @@ impl ProtocolError {
             ModelPushDisabled => "model_push_disabled",
             BadWeightsLen => "bad_weights_len",
             BadWeightsSha256 => "bad_weights_sha256",
+            BadOffset(_) => "bad_offset",
+            QueryTooLarge(_) => "query_too_large",
             WeightsBase64 => "weights_b64",
             WeightsOverflow => "weights_overflow",
             ChunkOutOfOrder { .. } => "chunk_out_of_order",
@@ -250,4 +258,7 @@ pub enum ClientError {
     /// The Noise handshake failed.
     #[error("secure handshake failed: {0}")]
     Handshake(String),
+    /// A request of an extension the node did not offer (or this client did not want).
+    #[error("the node does not offer the {0} extension")]
+    NotOffered(&'static str),
 }

@@ -1,6 +1,7 @@
 //! The trait a node's workers call, and [`Stub`], the Go node's stub executor.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::Arc;
 
 use sha2::Digest as _;
@@ -40,6 +41,24 @@ pub trait Executor: Send + Sync + 'static {
         config_json: String,
         weights: Weights<Self::Spool>,
     ) -> Result<Self::Model, String>;
+
+    /// Loads a model from a file holding exactly its weights (a node's model
+    /// store keeps them so; the hash is verified). By default the file is read
+    /// into memory and handed to [`mount`](Executor::mount); an executor that
+    /// can map or stream a file should override it.
+    fn mount_file(&self, config_json: String, path: &Path) -> Result<Self::Model, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read the stored model: {e}"))?;
+        self.mount(config_json, Weights::Memory(bytes))
+    }
+
+    /// Whether one mounted model may serve several connections at once (a
+    /// node's model store then mounts a model once for every connection that
+    /// uses it). True only if [`infer`](Executor::infer) on one model is safe
+    /// and sensible from several threads.
+    fn shares_models(&self) -> bool {
+        false
+    }
 
     /// Runs an `infer` job; `job` says which (its `job_id`, cancellation,
     /// where partial output goes).

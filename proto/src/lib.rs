@@ -100,7 +100,7 @@ pub use executor::{run_job, run_mount, run_upload, Executor, NoSpool, Spool, Stu
 pub use id::{ConnectionId, JobId};
 pub use job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
-pub use node::{Event, Mount, MountOutcome, MountToken, Node};
+pub use node::{Event, Mount, MountOutcome, MountToken, Node, StoredMount};
 pub use secure::{
     Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,
 };

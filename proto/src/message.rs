@@ -97,6 +97,58 @@ pub struct ModelBegin {
     /// Lowercase hex SHA-256 of the weights, or empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub weights_sha256: String,
+    /// Extension `store`: the upload resumes a broken one, whose first
+    /// `offset` bytes the node holds; chunks carry the rest. Left out when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: i64,
+}
+
+/// `model_query` (extension `store`): which of these models the node holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ModelQuery {
+    /// Lowercase hex SHA-256s of model weights; empty asks for every model held.
+    pub hashes: Vec<String>,
+}
+
+/// `model_inventory` (extension `store`): the answer to `model_query`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ModelInventory {
+    /// One entry per hash asked for, in order (or every model held).
+    pub models: Vec<StoredModel>,
+    /// Bytes a new upload may take in the store (the cap less what is pinned).
+    pub store_free: i64,
+}
+
+/// One model in a `model_inventory`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoredModel {
+    /// Lowercase hex SHA-256 of the weights.
+    pub sha256: String,
+    /// Whether the node holds every byte: `model_use` mounts it.
+    pub stored: bool,
+    /// Size of the weights in bytes (0 when not held at all).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub size: i64,
+    /// Bytes held from a broken upload: `model_begin` with this `offset` resumes it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub partial: i64,
+    /// Whether a connection has it mounted now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub in_use: bool,
+    /// When it was last mounted, in seconds since the Unix epoch.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub last_used: i64,
+}
+
+/// `model_use` (extension `store`): mount a model the node holds, by hash,
+/// with no weights sent. Answered with `model_status`, like a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ModelUse {
+    /// The model's config, as a commit's `model_begin` carries it.
+    pub config_json: String,
+    /// Lowercase hex SHA-256 of the weights.
+    pub weights_sha256: String,
 }
 
 /// `weights_chunk`: one slice of the weights, base64 text borrowed from the frame when possible.
@@ -247,6 +299,12 @@ pub enum Message<'a> {
     QueueStatus(QueueStatus),
     /// `error`
     Error(ErrorFrame),
+    /// `model_query` (extension `store`)
+    ModelQuery(ModelQuery),
+    /// `model_inventory` (extension `store`)
+    ModelInventory(ModelInventory),
+    /// `model_use` (extension `store`)
+    ModelUse(ModelUse),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -282,6 +340,10 @@ struct Wire<'a> {
     depth: Option<i64>,
     capacity: Option<i64>,
     in_progress: Option<bool>,
+    offset: Option<i64>,
+    hashes: Option<Vec<String>>,
+    models: Option<Vec<StoredModel>>,
+    store_free: Option<i64>,
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -321,6 +383,7 @@ impl<'a> Message<'a> {
                 config_json: wire.config_json.unwrap_or_default(),
                 weights_len: wire.weights_len.unwrap_or_default(),
                 weights_sha256: wire.weights_sha256.unwrap_or_default(),
+                offset: wire.offset.unwrap_or_default(),
             }),
             "weights_chunk" => Message::WeightsChunk(WeightsChunk {
                 index: wire.index.unwrap_or_default(),
@@ -375,6 +438,17 @@ impl<'a> Message<'a> {
                 error: wire.error.unwrap_or_default(),
                 job_id: wire.job_id.unwrap_or_default(),
             }),
+            "model_query" => Message::ModelQuery(ModelQuery {
+                hashes: wire.hashes.unwrap_or_default(),
+            }),
+            "model_inventory" => Message::ModelInventory(ModelInventory {
+                models: wire.models.unwrap_or_default(),
+                store_free: wire.store_free.unwrap_or_default(),
+            }),
+            "model_use" => Message::ModelUse(ModelUse {
+                config_json: wire.config_json.unwrap_or_default(),
+                weights_sha256: wire.weights_sha256.unwrap_or_default(),
+            }),
             other => return Err(ProtocolError::UnknownType(other.to_owned())),
         })
     }
@@ -393,6 +467,9 @@ impl<'a> Message<'a> {
             Message::PromptResult(_) => "prompt_result",
             Message::QueueStatusRequest | Message::QueueStatus(_) => "queue_status",
             Message::Error(_) => "error",
+            Message::ModelQuery(_) => "model_query",
+            Message::ModelInventory(_) => "model_inventory",
+            Message::ModelUse(_) => "model_use",
         }
     }
 
@@ -419,6 +496,9 @@ impl<'a> Message<'a> {
             Message::Prompt(m) => write_tagged(kind, m, out),
             Message::PromptResult(m) => write_tagged(kind, m, out),
             Message::QueueStatus(m) => write_tagged(kind, m, out),
+            Message::ModelQuery(m) => write_tagged(kind, m, out),
+            Message::ModelInventory(m) => write_tagged(kind, m, out),
+            Message::ModelUse(m) => write_tagged(kind, m, out),
             Message::ModelCommit | Message::QueueStatusRequest => {
                 write_tagged(kind, &Empty {}, out)
             }
@@ -456,6 +536,9 @@ impl<'a> Message<'a> {
             Message::QueueStatusRequest => Message::QueueStatusRequest,
             Message::QueueStatus(m) => Message::QueueStatus(m),
             Message::Error(m) => Message::Error(m),
+            Message::ModelQuery(m) => Message::ModelQuery(m),
+            Message::ModelInventory(m) => Message::ModelInventory(m),
+            Message::ModelUse(m) => Message::ModelUse(m),
         }
     }
 }

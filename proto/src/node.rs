@@ -25,13 +25,15 @@ use crate::connection::{Connection, ToNode};
 use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
 use crate::job::{Job, JobOutcome};
-use crate::message::QueueStatus;
+use crate::message::{ModelInventory, QueueStatus};
 use crate::queue::{JobQueue, Route};
 use crate::secure::SecureServerConfig;
 use crate::upload::{CommittedModel, UploadWork};
 
-/// Something the caller must act on, from [`Node::poll_event`].
+/// Something the caller must act on, from [`Node::poll_event`]. Events of
+/// extensions come only from a node that [offers](Node::offer) them.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// A connection got bytes to transmit or started closing from outside its
     /// own input (a result, a mount, a timeout, shutdown): wake its writer.
@@ -48,6 +50,28 @@ pub enum Event {
     /// A committed model to load: run it on a worker with
     /// [`run_mount`](crate::run_mount) and hand the outcome to [`Node::mount_done`].
     Mount(Mount),
+    /// Extension `store`: a client asks which of these models the store
+    /// holds (empty: every one); answer with [`Node::inventory_done`].
+    Query {
+        /// The asking connection.
+        conn: ConnectionId,
+        /// SHA-256s of model weights.
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Extension `store`: mount a stored model (verify it if it was not
+    /// verified since the node started) and hand the outcome to [`Node::mount_done`].
+    UseStored(StoredMount),
+}
+
+/// A stored model to mount, from [`Event::UseStored`].
+#[derive(Debug)]
+pub struct StoredMount {
+    /// Hand this back in the [`MountOutcome`].
+    pub token: MountToken,
+    /// The SHA-256 of the weights: the store entry's name.
+    pub sha256: [u8; 32],
+    /// The config to mount it with.
+    pub config_json: String,
 }
 
 /// Identifies one commit being mounted.
@@ -268,6 +292,15 @@ impl<M> Node<M> {
         self.check_drained();
     }
 
+    /// Extension `store`: the answer to an [`Event::Query`] from `conn`
+    /// (dropped if it is gone).
+    pub fn inventory_done(&mut self, conn: ConnectionId, inventory: ModelInventory, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.inventory(inventory, now);
+            self.events.push_back(Event::Wake(conn));
+        }
+    }
+
     /// The queue as a `queue_status` frame reports it.
     pub fn queue_status(&self) -> QueueStatus {
         self.queue.room().status()
@@ -333,6 +366,15 @@ impl<M> Node<M> {
                 }),
                 ToNode::Upload(work) => Event::Upload(work),
                 ToNode::Resume => Event::Resume(id),
+                ToNode::Query(hashes) => Event::Query { conn: id, hashes },
+                ToNode::Use {
+                    sha256,
+                    config_json,
+                } => Event::UseStored(StoredMount {
+                    token: MountToken { conn: id },
+                    sha256,
+                    config_json,
+                }),
             };
             self.events.push_back(event);
         }

@@ -118,6 +118,11 @@ pub struct Sim<E: Executor> {
     pub held_mounts: Vec<Mount>,
     /// Upload work not run yet, oldest first.
     pub held_uploads: Vec<UploadWork>,
+    /// Extension `store`: `model_query`s, for the test to answer with
+    /// [`Node::inventory_done`] (the simulation has no store).
+    pub queries: Vec<(ConnectionId, Vec<[u8; 32]>)>,
+    /// Extension `store`: `model_use` mounts, for the test to answer with [`Node::mount_done`].
+    pub held_uses: Vec<crate::StoredMount>,
     /// Every [`Event::Wake`], in order.
     pub wakes: Vec<ConnectionId>,
     /// Every [`Event::Resume`], in order.
@@ -156,6 +161,8 @@ impl<E: Executor> Sim<E> {
             hold_uploads: false,
             held_jobs: Vec::new(),
             held_mounts: Vec::new(),
+            queries: Vec::new(),
+            held_uses: Vec::new(),
             held_uploads: Vec::new(),
             wakes: Vec::new(),
             resumes: Vec::new(),
@@ -541,6 +548,8 @@ impl<E: Executor> Sim<E> {
                 Event::Wake(conn) => self.wakes.push(conn),
                 Event::Resume(conn) => self.resumes.push(conn),
                 Event::JobQueued => {}
+                Event::Query { conn, hashes } => self.queries.push((conn, hashes)),
+                Event::UseStored(stored) => self.held_uses.push(stored),
             }
         }
         count

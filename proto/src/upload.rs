@@ -33,8 +33,14 @@ pub(crate) type ErasedSpool = Box<dyn Any + Send>;
 pub struct UploadInfo {
     /// The model's `config_json`.
     pub config_json: String,
-    /// `weights_len` from `model_begin`: the spool will receive exactly this many bytes.
+    /// `weights_len` from `model_begin`: the model's size.
     pub weights_len: u64,
+    /// `weights_sha256` from `model_begin`, when given.
+    pub sha256: Option<[u8; 32]>,
+    /// Extension `store`: the upload resumes a broken one whose first `offset`
+    /// bytes the node holds; the spool receives the other `weights_len - offset`
+    /// and must check the hash itself (the node hashes only what it receives).
+    pub offset: u64,
 }
 
 /// The state that travels with an [`UploadWork`] and comes back with it.
@@ -104,7 +110,9 @@ pub struct Upload {
     config_json: String,
     weights_len: u64,
     sha256: Option<[u8; 32]>,
-    /// Hash on workers (not `InMemory`, and a `weights_sha256` given).
+    /// Bytes the node already holds from a broken upload (extension `store`).
+    offset: u64,
+    /// Hash on workers (not `InMemory`, a `weights_sha256` given, not resumed).
     hash_on_workers: bool,
     /// Move the bytes to the executor's spool ([`UploadHandling::Spool`]).
     spooling: bool,
@@ -132,6 +140,8 @@ pub struct CommittedModel {
     /// `weights_sha256` from `model_begin`, when given.
     pub sha256: Option<[u8; 32]>,
     weights_len: u64,
+    /// Bytes held from a broken upload before this one (its spool checks the hash).
+    offset: u64,
     spooling: bool,
     carried: Carried,
     /// Bytes at the start of `weights` already in `carried.hash`.
@@ -151,8 +161,9 @@ impl CommittedModel {
 
     /// Checks `weights_sha256` when it was given, hashing what is not hashed
     /// yet. Runs off the I/O path, on a worker; [`run_mount`](crate::run_mount) calls it.
+    /// A resumed upload's bytes are not all here: its spool checks them.
     pub fn verify(&mut self) -> Result<(), MountError> {
-        let Some(expected) = self.sha256 else {
+        let Some(expected) = self.sha256.filter(|_| self.offset == 0) else {
             return Ok(());
         };
         let mut state = self.carried.hash.take().unwrap_or_default();
@@ -179,6 +190,8 @@ impl CommittedModel {
         UploadInfo {
             config_json: self.config_json.clone(),
             weights_len: self.weights_len,
+            sha256: self.sha256,
+            offset: self.offset,
         }
     }
 }
@@ -187,14 +200,16 @@ impl Upload {
     /// Starts an upload held in memory, checking `weights_len` against
     /// `max_model_len` and the hash's form.
     pub fn begin(begin: ModelBegin, max_model_len: u64) -> Result<Upload, ProtocolError> {
-        Upload::begin_with(begin, max_model_len, UploadHandling::InMemory)
+        Upload::begin_with(begin, max_model_len, UploadHandling::InMemory, false)
     }
 
-    /// [`begin`](Upload::begin) with the node's [`UploadHandling`].
+    /// [`begin`](Upload::begin) with the node's [`UploadHandling`]; `offset` is
+    /// read only when `resumable` (the connection agreed `store`).
     pub(crate) fn begin_with(
         begin: ModelBegin,
         max_model_len: u64,
         handling: UploadHandling,
+        resumable: bool,
     ) -> Result<Upload, ProtocolError> {
         let spooling = handling == UploadHandling::Spool;
         let weights_len = u64::try_from(begin.weights_len)
@@ -205,13 +220,25 @@ impl Upload {
             "" => None,
             text => Some(parse_sha256(text).ok_or(ProtocolError::BadWeightsSha256)?),
         };
+        let offset = match begin.offset {
+            0 => 0,
+            _ if !resumable => 0,
+            // Only a spool can hold the first bytes, and only a hash can prove them.
+            n if sha256.is_none() || !spooling => return Err(ProtocolError::BadOffset(n)),
+            n => u64::try_from(n)
+                .ok()
+                .filter(|n| *n <= weights_len)
+                .ok_or(ProtocolError::BadOffset(n))?,
+        };
         // Spooled bytes leave the node, so they are hashed on their way out.
-        let hash_on_workers = sha256.is_some() && handling != UploadHandling::InMemory;
+        let hash_on_workers =
+            sha256.is_some() && handling != UploadHandling::InMemory && offset == 0;
         Ok(Upload {
             id: 0,
             config_json: begin.config_json,
             weights_len,
             sha256,
+            offset,
             hash_on_workers,
             spooling,
             carrier: Carrier::Home {
@@ -223,7 +250,7 @@ impl Upload {
             },
             next_index: 0,
             last_seen: false,
-            received: 0,
+            received: offset,
             weights: Vec::new(),
             spare: Vec::new(),
         })
@@ -313,6 +340,8 @@ impl Upload {
             open_with: (self.spooling && carried.spool.is_none()).then(|| UploadInfo {
                 config_json: self.config_json.clone(),
                 weights_len: self.weights_len,
+                sha256: self.sha256,
+                offset: self.offset,
             }),
             carried,
             data,
@@ -368,13 +397,14 @@ impl Upload {
             weights: self.weights,
             sha256: self.sha256,
             weights_len: self.weights_len,
+            offset: self.offset,
             spooling: self.spooling,
             carried,
             hashed,
         })
     }
 
-    /// Bytes received so far.
+    /// Bytes received so far (counting those a resumed upload started with).
     pub fn received(&self) -> u64 {
         self.received
     }
@@ -394,6 +424,15 @@ impl Upload {
         let cap = (self.weights.capacity() * 2).max(needed).min(to_come);
         self.weights.reserve_exact(cap - self.weights.len());
     }
+}
+
+/// A store hash: exactly 64 lowercase hex digits (a store names files by it,
+/// so one spelling per hash).
+pub(crate) fn parse_store_hash(text: &str) -> Option<[u8; 32]> {
+    if !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    parse_sha256(text)
 }
 
 fn parse_sha256(text: &str) -> Option<[u8; 32]> {

@@ -41,7 +41,7 @@ fn upload_bytes() -> Vec<u8> {
     Message::ModelBegin(ModelBegin {
         config_json: r#"{"ok":true}"#.to_owned(),
         weights_len: 4,
-        weights_sha256: String::new(),
+        ..ModelBegin::default()
     })
     .encode(&mut wire);
     donate_proto::message::encode_weights_chunk(0, true, &[1, 2, 3, 4], &mut wire);

@@ -77,6 +77,7 @@ impl Arbitrary for Msg {
                 config_json: text(g),
                 weights_len: any_int(g),
                 weights_sha256: text(g),
+                offset: 0,
             }),
             2 => Message::WeightsChunk(WeightsChunk {
                 index: any_int(g),
@@ -335,6 +336,7 @@ fn serve(config: &ServerConfig, pieces: &[&[u8]]) -> (Vec<u8>, usize, usize, boo
                 run_upload(&Stub::default(), &mut work);
                 node.upload_work_done(work, now);
             }
+            other => panic!("no extension is offered: {other:?}"),
         }
     }
     node.poll_transmit(conn, &mut out);
@@ -383,7 +385,7 @@ fn a_valid_session_split_anywhere_mounts_and_answers() {
         Message::ModelBegin(ModelBegin {
             config_json: "{}".into(),
             weights_len: weights.len() as i64,
-            weights_sha256: String::new(),
+            ..ModelBegin::default()
         })
         .encode(&mut bytes);
         let n = weights.len().div_ceil(chunk);
@@ -545,6 +547,7 @@ fn arbitrary_bytes_never_panic_a_connection_and_memory_stays_bounded() {
                         run_upload(&Stub::default(), &mut work);
                         node.upload_work_done(work, now);
                     }
+                    other => panic!("no extension is offered: {other:?}"),
                 }
             }
             let Some(c) = node.connection(conn) else {

@@ -183,7 +183,9 @@ fn a_spooled_upload_reaches_the_spool_in_order_and_is_never_held_whole() {
         opened(&sim),
         [UploadInfo {
             config_json: r#"{"m":1}"#.to_owned(),
-            weights_len: weights.len() as u64
+            weights_len: weights.len() as u64,
+            sha256: Some(sha),
+            offset: 0,
         }]
     );
     // A few stretches and one frame's buffers, not 3 MiB.

@@ -85,6 +85,7 @@ fn go_client_examples() {
             config_json: r#"{"ok":true}"#.into(),
             weights_len: 4,
             weights_sha256: String::new(),
+            offset: 0,
         }),
         r#"{"v":1,"type":"model_begin","config_json":"{\"ok\":true}","weights_len":4}"#,
     );
@@ -134,6 +135,7 @@ fn the_other_messages_follow_the_field_table() {
             config_json: String::new(),
             weights_len: 0,
             weights_sha256: "ab".repeat(32),
+            offset: 0,
         }),
         &format!(
             r#"{{"v":1,"type":"model_begin","config_json":"","weights_len":0,"weights_sha256":"{}"}}"#,

@@ -1,16 +1,17 @@
 //! A blocking client over `std::net`.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use donate_host::{Error, NodeAddr, ToNodeAddr};
+use donate_host::{Error, NodeAddr, Pushed, ToNodeAddr};
 
 use sha2::{Digest, Sha256};
 
+use donate_proto::message::ModelInventory;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{
-    Answer, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
+    Answer, Capability, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
 };
 
 use donate_host::{answers, feed_read, Result, READ_BUFFER};
@@ -133,6 +134,12 @@ impl Client {
         Ok(client)
     }
 
+    /// The extensions in use on this connection (those the node offered
+    /// that this client wants; none with a v1 node).
+    pub fn capabilities(&self) -> donate_proto::Capabilities {
+        self.core.capabilities()
+    }
+
     /// The server's `hello`.
     pub fn hello(&self) -> &Hello {
         self.core.server_hello().expect("connect waits for hello")
@@ -154,12 +161,97 @@ impl Client {
     pub fn push_model_from(
         &mut self,
         config_json: &str,
-        mut reader: impl Read,
+        reader: impl Read,
         len: u64,
         sha256: Option<[u8; 32]>,
-        mut progress: impl FnMut(u64),
+        progress: impl FnMut(u64),
     ) -> Result<ModelStatus> {
         let request = self.core.begin_upload(config_json, len, sha256)?;
+        self.send_upload(request, reader, progress)
+    }
+
+    /// Mounts the model whose weights `reader` holds (`len` bytes hashing to
+    /// `sha256`), sending only what the node lacks: on a node with a model
+    /// store (extension `store`) it mounts a stored copy with no weights sent,
+    /// or resumes a broken upload where it stopped; elsewhere (a v1 node) it
+    /// uploads everything. `progress` gets the bytes sent so far.
+    pub fn push_stored(
+        &mut self,
+        config_json: &str,
+        mut reader: impl Read + Seek,
+        len: u64,
+        sha256: [u8; 32],
+        mut progress: impl FnMut(u64),
+    ) -> Result<Pushed> {
+        let mut resume_at = 0;
+        if self.core.capabilities().contains(Capability::Store) {
+            let held = self
+                .query_models(&[sha256])?
+                .models
+                .pop()
+                .unwrap_or_default();
+            if held.stored {
+                let request = self.core.use_model(config_json, sha256)?;
+                match answers::model_status(self.wait(request)?) {
+                    Ok(status) => {
+                        return Ok(Pushed {
+                            status,
+                            sent: 0,
+                            reused: true,
+                            resumed_from: 0,
+                        })
+                    }
+                    // Gone since (evicted, or dropped as corrupt): upload it.
+                    Err(Error::ModelRefused(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            resume_at = u64::try_from(held.partial).unwrap_or(0).min(len);
+        }
+        if resume_at > 0 {
+            reader.seek(SeekFrom::Start(resume_at))?;
+            let request = self
+                .core
+                .resume_upload(config_json, len, sha256, resume_at)?;
+            match self.send_upload(request, &mut reader, &mut progress) {
+                Ok(status) => {
+                    return Ok(Pushed {
+                        status,
+                        sent: len - resume_at,
+                        reused: false,
+                        resumed_from: resume_at,
+                    })
+                }
+                // The partial bytes expired meanwhile, say: start over once.
+                Err(Error::ModelRefused(_)) => {}
+                Err(e) => return Err(e),
+            }
+            reader.seek(SeekFrom::Start(0))?;
+        }
+        let request = self.core.begin_upload(config_json, len, Some(sha256))?;
+        let status = self.send_upload(request, reader, progress)?;
+        Ok(Pushed {
+            status,
+            sent: len,
+            reused: false,
+            resumed_from: 0,
+        })
+    }
+
+    /// Extension `store`: which of these models (by weights SHA-256; none:
+    /// every one) the node holds, and its store's free space.
+    pub fn query_models(&mut self, hashes: &[[u8; 32]]) -> Result<ModelInventory> {
+        let request = self.core.query_models(hashes)?;
+        answers::inventory(self.wait(request)?)
+    }
+
+    /// Sends an upload's bytes from `reader` as the core asks for them and waits for its answer.
+    fn send_upload(
+        &mut self,
+        request: RequestId,
+        mut reader: impl Read,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ModelStatus> {
         let mut chunk = Vec::new();
         let mut sent = 0;
         while self.core.is_uploading() {

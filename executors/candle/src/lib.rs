@@ -551,6 +551,15 @@ impl Executor for CandleExecutor {
         }
     }
 
+    fn mount_file(&self, config_json: String, path: &Path) -> Result<CandleModel, String> {
+        self.load_file(&config_json, path)
+    }
+
+    /// A mounted model's weights are read-only; each job keeps its own cache.
+    fn shares_models(&self) -> bool {
+        true
+    }
+
     fn infer(
         &self,
         model: &CandleModel,
