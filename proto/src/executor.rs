@@ -175,6 +175,10 @@ pub fn run_upload<E: Executor>(executor: &E, work: &mut UploadWork) {
 /// bytes are written to its spool first.
 pub fn run_mount<E: Executor>(executor: &E, mount: Mount) -> MountOutcome<E::Model> {
     let Mount { token, mut model } = mount;
+    if let Some(failure) = model.spool_failure() {
+        let result = Err(failure.to_owned());
+        return MountOutcome { token, result };
+    }
     let result = model
         .verify()
         .map_err(|e| e.to_string())

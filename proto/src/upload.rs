@@ -180,6 +180,12 @@ impl CommittedModel {
         }
     }
 
+    /// Why spooling failed, if it did: the commit is refused for that reason
+    /// (the bytes it dropped would only make the hash check fail).
+    pub(crate) fn spool_failure(&self) -> Option<&str> {
+        self.carried.spool_error.as_deref()
+    }
+
     /// Takes the spool state: the opened spool if any and a spooling failure if any.
     pub(crate) fn take_spool(&mut self) -> (Option<ErasedSpool>, Option<String>) {
         (self.carried.spool.take(), self.carried.spool_error.take())

@@ -1,0 +1,429 @@
+//! The model store over real sockets and files (`donate serve --store`,
+//! `NodeConfig::with_store`): nothing pushed twice, not even after a restart;
+//! broken uploads resume; corrupt files are caught; connections share a
+//! mounted model; one writer per model; a full disk fails one upload only.
+
+mod common;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{chunk, fj, Raw};
+use donate_host::{ModelStore, NodeConfig};
+use donate_proto::{
+    hex, Capability, Executor, JobContext, JobError, NoSpool, ServerConfig, Stub, Weights,
+};
+use donate_std::Client;
+use sha2::{Digest, Sha256};
+
+/// The stub, counting how models were mounted.
+#[derive(Clone, Default)]
+struct Counting {
+    mounts: Arc<AtomicUsize>,
+    file_mounts: Arc<AtomicUsize>,
+    shares: bool,
+}
+
+impl Executor for Counting {
+    type Model = usize;
+    type Spool = NoSpool;
+
+    fn mount(&self, _: String, weights: Weights<NoSpool>) -> Result<usize, String> {
+        self.mounts.fetch_add(1, Ordering::SeqCst);
+        Ok(weights.into_memory().len())
+    }
+
+    fn mount_file(&self, _: String, path: &Path) -> Result<usize, String> {
+        self.file_mounts.fetch_add(1, Ordering::SeqCst);
+        Ok(std::fs::metadata(path).map_err(|e| e.to_string())?.len() as usize)
+    }
+
+    fn shares_models(&self) -> bool {
+        self.shares
+    }
+
+    fn infer(
+        &self,
+        len: &usize,
+        ids: &[i32],
+        max: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
+        // The model's size says which model the job ran on.
+        let mut out = Stub::default().infer(&(), ids, max, job)?;
+        out.push(*len as i32);
+        Ok(out)
+    }
+}
+
+struct Node {
+    server: donate_std::Server,
+    addr: SocketAddr,
+}
+
+fn start(dir: &Path, max_bytes: u64, executor: Counting) -> Node {
+    let store = ModelStore::open(dir, max_bytes).expect("open the store");
+    let config =
+        NodeConfig::from(ServerConfig::default().upload_stretch(1 << 20)).with_store(store);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = donate_std::serve(listener, config, executor).expect("serve");
+    let addr = server.local_addr();
+    Node { server, addr }
+}
+
+fn weights(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+        .collect()
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn push(addr: SocketAddr, model: &[u8]) -> donate_host::Pushed {
+    push_to(addr, model, true)
+}
+
+/// Pushes `model` with the store-aware client and runs a job on it; on a
+/// [`Counting`] node (`counting`) the job says it ran on a model of that size.
+fn push_to(addr: SocketAddr, model: &[u8], counting: bool) -> donate_host::Pushed {
+    let mut client = Client::connect(addr).unwrap();
+    assert!(client.capabilities().contains(Capability::Store));
+    let pushed = client
+        .push_stored(
+            r#"{"m":1}"#,
+            std::io::Cursor::new(model),
+            model.len() as u64,
+            sha(model),
+            |_| {},
+        )
+        .unwrap();
+    // The mounted model is the one pushed.
+    let out = client.infer(&[5], 1).unwrap().output_ids;
+    let len = model.len() as i32;
+    assert_eq!(
+        out,
+        if counting {
+            vec![5, 1, len]
+        } else {
+            vec![5, 1]
+        }
+    );
+    pushed
+}
+
+#[test]
+fn a_second_push_sends_nothing_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = weights(3 << 20, 1);
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let first = push(node.addr, &model);
+    assert_eq!((first.sent, first.reused), (model.len() as u64, false));
+    let second = push(node.addr, &model);
+    assert_eq!((second.sent, second.reused), (0, true));
+    node.server.shutdown();
+
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let third = push(node.addr, &model);
+    assert_eq!(
+        (third.sent, third.reused),
+        (0, true),
+        "the store outlives the node"
+    );
+    let stored = std::fs::read(dir.path().join("models").join(hex(&sha(&model)))).unwrap();
+    assert!(
+        stored == model,
+        "the stored file is the weights, byte for byte"
+    );
+    node.server.shutdown();
+}
+
+#[test]
+fn a_corrupt_stored_model_is_caught_after_a_restart_and_uploaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = weights(1 << 20, 2);
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    push(node.addr, &model);
+    node.server.shutdown();
+
+    let path = dir.path().join("models").join(hex(&sha(&model)));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[12345] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let again = push(node.addr, &model);
+    assert_eq!((again.sent, again.reused), (model.len() as u64, false));
+    assert!(std::fs::read(&path).unwrap() == model, "re-uploaded, whole");
+    // And a truncated file is caught the same way.
+    std::fs::write(&path, &model[..1000]).unwrap();
+    let node2 = start(dir.path(), 1 << 30, Counting::default());
+    assert_eq!(push(node2.addr, &model).sent, model.len() as u64);
+    node2.server.shutdown();
+    node.server.shutdown();
+}
+
+#[test]
+fn a_broken_upload_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = weights(8 << 20, 3);
+    let hash = sha(&model);
+    let node = start(dir.path(), 1 << 30, Counting::default());
+
+    // A client that opted into `store` sends 5 MiB of 8 and vanishes.
+    let mut raw = Raw::connect(node.addr);
+    raw.frame();
+    raw.send(&fj(
+        r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+    ));
+    raw.send(&fj(&format!(
+        r#"{{"v":1,"type":"model_begin","config_json":"{{\"m\":1}}","weights_len":{},"weights_sha256":"{}"}}"#,
+        model.len(),
+        hex(&hash)
+    )));
+    for (i, piece) in model[..5 << 20].chunks(1 << 20).enumerate() {
+        raw.send(&chunk(i as i64, false, piece));
+    }
+    // Wait until the node wrote what it got, then break the connection.
+    let partial = |addr| {
+        let mut client = Client::connect(addr).unwrap();
+        client.query_models(&[hash]).unwrap().models[0].partial
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(raw);
+    let held = loop {
+        let held = partial(node.addr);
+        if held > 0 || Instant::now() > deadline {
+            break held as u64;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!((4 << 20..=5 << 20).contains(&held), "held {held}");
+
+    let resumed = push(node.addr, &model);
+    assert_eq!(resumed.resumed_from, held);
+    assert_eq!(resumed.sent, model.len() as u64 - held);
+    // The whole upload, first try and resume, sent the model once plus at most a stretch.
+    assert!((5 << 20) + resumed.sent <= model.len() as u64 + (1 << 20));
+    let stored = std::fs::read(dir.path().join("models").join(hex(&hash))).unwrap();
+    assert!(stored == model);
+    assert_eq!(push(node.addr, &model).sent, 0);
+    node.server.shutdown();
+}
+
+#[test]
+fn connections_share_one_mounted_model_when_the_executor_can() {
+    for shares in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let executor = Counting {
+            shares,
+            ..Counting::default()
+        };
+        let node = start(dir.path(), 1 << 30, executor.clone());
+        let model = weights(1 << 20, 4);
+        push(node.addr, &model);
+        // Two more connections use it while a first one holds it mounted.
+        let mut holder = Client::connect(node.addr).unwrap();
+        let hold = holder
+            .push_stored(
+                "{\"m\":1}",
+                std::io::Cursor::new(&model),
+                model.len() as u64,
+                sha(&model),
+                |_| {},
+            )
+            .unwrap();
+        assert!(hold.reused);
+        let start = Instant::now();
+        let mut other = Client::connect(node.addr).unwrap();
+        other
+            .push_stored(
+                "{\"m\":1}",
+                std::io::Cursor::new(&model),
+                model.len() as u64,
+                sha(&model),
+                |_| {},
+            )
+            .unwrap();
+        let first_answer = other.infer(&[1], 1).unwrap();
+        let latency = start.elapsed();
+        assert_eq!(first_answer.output_ids.last(), Some(&(model.len() as i32)));
+        let inventory = other.query_models(&[]).unwrap();
+        assert!(inventory.models[0].in_use);
+        // Each upload or use mounts from the store file; sharing mounts it once for all.
+        let file_mounts = executor.file_mounts.load(Ordering::SeqCst);
+        if shares {
+            assert_eq!(
+                file_mounts, 2,
+                "the first push, then the holder's mount serves the other"
+            );
+        } else {
+            assert_eq!(file_mounts, 3);
+        }
+        assert_eq!(
+            executor.mounts.load(Ordering::SeqCst),
+            0,
+            "never from memory"
+        );
+        eprintln!("shares={shares}: first answer {latency:?} after connect");
+        drop((holder, other));
+        node.server.shutdown();
+    }
+}
+
+#[test]
+fn one_upload_per_model_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = weights(4 << 20, 5);
+    let hash = sha(&model);
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let mut first = Raw::connect(node.addr);
+    first.frame();
+    first.send(&fj(
+        r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+    ));
+    first.send(&fj(&format!(
+        r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":{},"weights_sha256":"{}"}}"#,
+        model.len(),
+        hex(&hash)
+    )));
+    first.send(&chunk(0, false, &model[..2 << 20]));
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A second client pushing the same model meanwhile is told why it cannot.
+    let mut second = Client::connect(node.addr).unwrap();
+    let err = second
+        .push_stored(
+            "{}",
+            std::io::Cursor::new(&model),
+            model.len() as u64,
+            hash,
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("another connection is uploading this model"),
+        "{err}"
+    );
+
+    first.send(&chunk(1, true, &model[2 << 20..]));
+    first.send(&fj(r#"{"v":1,"type":"model_commit"}"#));
+    assert_eq!(first.expect_status(), (true, "mounted".to_owned()));
+    assert_eq!(push(node.addr, &model).sent, 0);
+    // Written once: the store holds one copy and no partial.
+    let partial = std::fs::read_dir(dir.path().join("partial"))
+        .unwrap()
+        .count();
+    assert_eq!(partial, 0);
+    node.server.shutdown();
+}
+
+#[test]
+fn a_full_disk_fails_that_upload_and_loses_no_other_model() {
+    // A node whose files may not grow past 3 MiB (RLIMIT_FSIZE, with SIGXFSZ
+    // ignored so a write fails with EFBIG, as on a full disk).
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let bin = env!("CARGO_BIN_EXE_donate");
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 3072; exec {bin} serve --addr 127.0.0.1:0 --store {}",
+            store.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = child.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while !line.ends_with('\n') && out.read(&mut byte).unwrap() == 1 {
+        line.push(byte[0] as char);
+    }
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+
+    let small = weights(1 << 20, 6);
+    assert_eq!(push_to(addr, &small, false).sent, small.len() as u64);
+    let big = weights(5 << 20, 7);
+    let mut client = Client::connect(addr).unwrap();
+    let err = client
+        .push_stored(
+            "{}",
+            std::io::Cursor::new(&big),
+            big.len() as u64,
+            sha(&big),
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot write the model store"),
+        "{err}"
+    );
+    // The node is fine, the other model is still there and whole, no partial is left.
+    assert_eq!(push_to(addr, &small, false).sent, 0);
+    assert_eq!(std::fs::read_dir(store.join("partial")).unwrap().count(), 0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn donate_models_and_push_json_report_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let (config, weights_file) = (dir.path().join("c.json"), dir.path().join("w.bin"));
+    std::fs::write(&config, r#"{"m":1}"#).unwrap();
+    let model = weights(2 << 20, 8);
+    std::fs::write(&weights_file, &model).unwrap();
+    let bin = env!("CARGO_BIN_EXE_donate");
+    let cache = dir.path().join("cache");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env("DONATE_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let addr = node.addr.to_string();
+    let push_args = [
+        "push",
+        "--addr",
+        &addr,
+        "--config",
+        config.to_str().unwrap(),
+        weights_file.to_str().unwrap(),
+        "--json",
+    ];
+    let first = run(&push_args);
+    assert_eq!(first["bytes"], model.len() as u64);
+    let second = run(&push_args);
+    assert_eq!(
+        (second["bytes"].as_u64(), second["reused"].as_bool()),
+        (Some(0), Some(true))
+    );
+    // The hash is cached by path, size and mtime.
+    let cached = std::fs::read_to_string(cache.join("hashes.json")).unwrap();
+    assert!(cached.contains(&hex(&sha(&model))), "{cached}");
+
+    let listed = run(&["models", "--addr", &addr, "--json"]);
+    assert_eq!(listed["models"][0]["sha256"], hex(&sha(&model)));
+    assert_eq!(listed["models"][0]["size"], model.len() as u64);
+    assert!(listed["store_free"].as_u64().unwrap() > 0);
+    node.server.shutdown();
+}
