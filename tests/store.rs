@@ -427,3 +427,36 @@ fn donate_models_and_push_json_report_what_was_sent() {
     assert!(listed["store_free"].as_u64().unwrap() > 0);
     node.server.shutdown();
 }
+
+#[test]
+fn the_async_clients_push_through_the_store_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1 << 30, Counting::default());
+    let model = weights(1 << 20, 9);
+    let push_async = |model: Vec<u8>| {
+        smol::block_on(async {
+            let mut client = donate_smol::Client::connect(node.addr).await.unwrap();
+            let len = model.len() as u64;
+            let hash = sha(&model);
+            let reader = smol::io::Cursor::new(model);
+            client
+                .push_stored("{\"m\":1}", reader, len, hash, |_| {})
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(push_async(model.clone()).sent, model.len() as u64);
+    let again = push_async(model.clone());
+    assert_eq!((again.sent, again.reused), (0, true));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = rt.block_on(async {
+        let mut client = donate_tokio::Client::connect(node.addr).await.unwrap();
+        client.query_models(&[]).await.unwrap()
+    });
+    assert_eq!(listed.models.len(), 1);
+    assert_eq!(listed.models[0].sha256, hex(&sha(&model)));
+    node.server.shutdown();
+}

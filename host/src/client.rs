@@ -5,12 +5,15 @@
 use std::io;
 
 use futures_lite::future::poll_once;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use sha2::Digest as _;
 
-use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
+use donate_proto::message::{
+    Hello, InferResult, ModelInventory, ModelStatus, PromptResult, QueueStatus,
+};
 use donate_proto::{
-    Answer, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
+    Answer, Capabilities, Capability, ClientConfig, ClientConnection, PublicKey, RequestId,
+    SecureClientConfig,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -21,13 +24,35 @@ use crate::READ_BUFFER;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
     /// The node's answer (`ok` is true).
-    pub status: donate_proto::message::ModelStatus,
+    pub status: ModelStatus,
     /// Weight bytes sent (0 when the node held the model).
     pub sent: u64,
     /// The node held the whole model: it was mounted from its store.
     pub reused: bool,
     /// The upload resumed a broken one at this byte (0: it started at the beginning).
     pub resumed_from: u64,
+}
+
+impl Pushed {
+    /// Mounted from the node's store: nothing sent.
+    pub fn reused(status: ModelStatus) -> Self {
+        Pushed {
+            status,
+            sent: 0,
+            reused: true,
+            resumed_from: 0,
+        }
+    }
+
+    /// Uploaded from `resumed_from` to `len`.
+    pub fn sent(status: ModelStatus, len: u64, resumed_from: u64) -> Self {
+        Pushed {
+            status,
+            sent: len - resumed_from,
+            reused: false,
+            resumed_from,
+        }
+    }
 }
 
 /// A connection to a donor node (ours or the Go one) over any async byte stream.
@@ -115,12 +140,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn push_model_from(
         &mut self,
         config_json: &str,
-        mut reader: impl AsyncRead + Unpin,
+        reader: impl AsyncRead + Unpin,
         len: u64,
         sha256: Option<[u8; 32]>,
-        mut progress: impl FnMut(u64),
+        progress: impl FnMut(u64),
     ) -> Result<ModelStatus> {
         let request = self.core.begin_upload(config_json, len, sha256)?;
+        self.send_upload(request, reader, progress).await
+    }
+
+    /// The extensions in use on this connection (none with a v1 node).
+    pub fn capabilities(&self) -> Capabilities {
+        self.core.capabilities()
+    }
+
+    /// Mounts the model whose weights `reader` holds (`len` bytes hashing to
+    /// `sha256`), sending only what the node lacks: on a node with a model
+    /// store it mounts a stored copy with no weights sent, or resumes a broken
+    /// upload where it stopped; elsewhere it uploads everything.
+    pub async fn push_stored(
+        &mut self,
+        config_json: &str,
+        mut reader: impl AsyncRead + AsyncSeek + Unpin,
+        len: u64,
+        sha256: [u8; 32],
+        mut progress: impl FnMut(u64),
+    ) -> Result<Pushed> {
+        let mut resume_at = 0;
+        if self.core.capabilities().contains(Capability::Store) {
+            let held = self
+                .query_models(&[sha256])
+                .await?
+                .models
+                .pop()
+                .unwrap_or_default();
+            if held.stored {
+                let request = self.core.use_model(config_json, sha256)?;
+                match answers::model_status(self.wait(request).await?) {
+                    Ok(status) => return Ok(Pushed::reused(status)),
+                    // Gone since (evicted, or dropped as corrupt): upload it.
+                    Err(Error::ModelRefused(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            resume_at = held.resume_point(len);
+        }
+        if resume_at > 0 {
+            reader.seek(io::SeekFrom::Start(resume_at)).await?;
+            let request = self
+                .core
+                .resume_upload(config_json, len, sha256, resume_at)?;
+            match self.send_upload(request, &mut reader, &mut progress).await {
+                Ok(status) => return Ok(Pushed::sent(status, len, resume_at)),
+                // The partial bytes expired meanwhile, say: start over once.
+                Err(Error::ModelRefused(_)) => {}
+                Err(e) => return Err(e),
+            }
+            reader.seek(io::SeekFrom::Start(0)).await?;
+        }
+        let request = self.core.begin_upload(config_json, len, Some(sha256))?;
+        let status = self.send_upload(request, reader, progress).await?;
+        Ok(Pushed::sent(status, len, 0))
+    }
+
+    /// Extension `store`: which of these models (by weights SHA-256; none:
+    /// every one) the node holds, and its store's free space.
+    pub async fn query_models(&mut self, hashes: &[[u8; 32]]) -> Result<ModelInventory> {
+        let request = self.core.query_models(hashes)?;
+        answers::inventory(self.wait(request).await?)
+    }
+
+    /// Sends an upload's bytes from `reader` as the core asks for them and waits for its answer.
+    async fn send_upload(
+        &mut self,
+        request: RequestId,
+        mut reader: impl AsyncRead + Unpin,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ModelStatus> {
         let mut chunk = Vec::new();
         let mut sent = 0;
         while self.core.is_uploading() {

@@ -141,6 +141,14 @@ pub struct StoredModel {
     pub last_used: i64,
 }
 
+impl StoredModel {
+    /// Where an upload of this model (`len` bytes) resumes: the bytes the node
+    /// holds from a broken upload, or 0 to start over.
+    pub fn resume_point(&self, len: u64) -> u64 {
+        u64::try_from(self.partial).map_or(0, |held| held.min(len))
+    }
+}
+
 /// `model_use` (extension `store`): mount a model the node holds, by hash,
 /// with no weights sent. Answered with `model_status`, like a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]

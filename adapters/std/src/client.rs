@@ -193,20 +193,13 @@ impl Client {
             if held.stored {
                 let request = self.core.use_model(config_json, sha256)?;
                 match answers::model_status(self.wait(request)?) {
-                    Ok(status) => {
-                        return Ok(Pushed {
-                            status,
-                            sent: 0,
-                            reused: true,
-                            resumed_from: 0,
-                        })
-                    }
+                    Ok(status) => return Ok(Pushed::reused(status)),
                     // Gone since (evicted, or dropped as corrupt): upload it.
                     Err(Error::ModelRefused(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
-            resume_at = u64::try_from(held.partial).unwrap_or(0).min(len);
+            resume_at = held.resume_point(len);
         }
         if resume_at > 0 {
             reader.seek(SeekFrom::Start(resume_at))?;
@@ -214,14 +207,7 @@ impl Client {
                 .core
                 .resume_upload(config_json, len, sha256, resume_at)?;
             match self.send_upload(request, &mut reader, &mut progress) {
-                Ok(status) => {
-                    return Ok(Pushed {
-                        status,
-                        sent: len - resume_at,
-                        reused: false,
-                        resumed_from: resume_at,
-                    })
-                }
+                Ok(status) => return Ok(Pushed::sent(status, len, resume_at)),
                 // The partial bytes expired meanwhile, say: start over once.
                 Err(Error::ModelRefused(_)) => {}
                 Err(e) => return Err(e),
@@ -230,12 +216,7 @@ impl Client {
         }
         let request = self.core.begin_upload(config_json, len, Some(sha256))?;
         let status = self.send_upload(request, reader, progress)?;
-        Ok(Pushed {
-            status,
-            sent: len,
-            reused: false,
-            resumed_from: 0,
-        })
+        Ok(Pushed::sent(status, len, 0))
     }
 
     /// Extension `store`: which of these models (by weights SHA-256; none:
