@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Scenarios: `upload`, `memory`, `round-trips`, `many-clients`, `pipelining`,
-//! `idle`, `secure`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
+//! `idle`, `secure`, `store`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
 //! bounded; a scenario that fails or times out is reported as a row and makes
 //! the run exit non-zero. Missing a goal does not: goals are what the table
 //! reports on.
@@ -101,7 +101,7 @@ const PIPELINE_DEPTH: usize = 10_000;
 /// A scenario: its name on the command line and the function that runs it.
 type Scenario = (&'static str, fn(&Bench, &mut Table) -> Result<()>);
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     ("upload", upload),
     ("memory", memory),
     ("round-trips", round_trips),
@@ -109,6 +109,7 @@ const SCENARIOS: [Scenario; 7] = [
     ("pipelining", pipelining),
     ("idle", idle_connections),
     ("secure", secure),
+    ("store", store),
 ];
 
 /// What this run does.
@@ -548,6 +549,211 @@ fn secure(bench: &Bench, table: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// The model store (`donate serve --store`): upload into it beside raw TCP
+/// and a node without a store, what a second push sends (also after a
+/// restart), the first answer on a model another connection has mounted, and
+/// a broken upload resumed.
+fn store(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let len = size.upload_len;
+    for &runtime in &bench.runtimes {
+        let dir =
+            std::env::temp_dir().join(format!("donate-e2e-store-{}-{runtime}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store_args = [
+            "--store",
+            dir.to_str().ok_or("temp path")?,
+            "--store-max",
+            "1TiB",
+        ];
+        let node = Node::start(runtime, &store_args)?;
+        let plain = Node::start(runtime, &[])?;
+        let (mut raw, mut without, mut into_store) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..size.upload_reps.max(2) {
+            // A new model each time, so each one is written to the store.
+            let fill = rep as u8 + 1;
+            let sha = donate_std::sha256_of_reader(io::repeat(fill).take(len))?;
+            raw.push(raw_upload(len)?);
+            without.push(plain.push_filled(len, fill, Some(sha))?);
+            into_store.push(node.push_filled(len, fill, Some(sha))?);
+        }
+        plain.stop()?;
+        let [raw, without, into_store] = [raw, without, into_store].map(Transfer::median);
+        table
+            .row(
+                "store",
+                format!("{runtime}: upload into the store, {}", bytes(len)),
+            )
+            .figure(into_store.summary())
+            .reference(
+                format!(
+                    "raw TCP {}; no store {}",
+                    mb_s(raw.rate),
+                    mb_s(without.rate)
+                ),
+                into_store.rate / raw.rate,
+            )
+            .goal(">= 1000 MB/s", into_store.rate >= 1e9);
+
+        // The last model again: nothing but the query and the use.
+        let fill = size.upload_reps.max(2) as u8;
+        let sha = donate_std::sha256_of_reader(io::repeat(fill).take(len))?;
+        let again = node.push_stored_counted(len, fill, sha)?;
+        node.stop()?;
+        let node = Node::start(runtime, &store_args)?;
+        let restarted = node.push_stored_counted(len, fill, sha)?;
+        table
+            .row("store", format!("{runtime}: the same model pushed again"))
+            .figure(format!(
+                "weights sent {} (wire {}); after a restart {} (wire {})",
+                bytes(again.weights),
+                bytes(again.wire),
+                bytes(restarted.weights),
+                bytes(restarted.wire)
+            ))
+            .reference(
+                format!("model {}", bytes(len)),
+                again.wire as f64 / len as f64,
+            )
+            .goal(
+                "<= 64 KiB, also after a restart",
+                again.wire.max(restarted.wire) <= 64 * 1024,
+            );
+
+        // A model held mounted by one connection; the first answer on another.
+        let mut holder = node.client()?;
+        holder.push_stored("{}", Filled::new(fill, len), len, sha, |_| {})?;
+        let mut latencies = Vec::new();
+        for _ in 0..20 {
+            let start = Instant::now();
+            let mut client = node.client()?;
+            client.push_stored("{}", Filled::new(fill, len), len, sha, |_| {})?;
+            client.infer(&INPUT_IDS, MAX_TOKENS)?;
+            latencies.push(start.elapsed());
+        }
+        drop(holder);
+        latencies.sort();
+        let first = latencies[latencies.len() / 2];
+        table
+            .row(
+                "store",
+                format!("{runtime}: first answer on a model another connection mounted"),
+            )
+            .figure(format!(
+                "median {:.1} ms (connect, query, use, infer)",
+                first.as_secs_f64() * 1e3
+            ))
+            .reference("20 connections", 1.0)
+            .goal("<= 50 ms", first <= Duration::from_millis(50));
+
+        // A broken upload: half sent, the connection dropped, then resumed.
+        let fill = 250;
+        let sha = donate_std::sha256_of_reader(io::repeat(fill).take(len))?;
+        let broken = node.break_upload(len, fill, sha)?;
+        let resumed = node.push_stored_counted(len, fill, sha)?;
+        let total = broken + resumed.wire;
+        let limit = len * 4 / 3 + 2 * MIB;
+        table
+            .row(
+                "store",
+                format!("{runtime}: a broken upload resumed, {}", bytes(len)),
+            )
+            .figure(format!(
+                "wire {} + {} = {} (resumed at byte {})",
+                bytes(broken),
+                bytes(resumed.wire),
+                bytes(total),
+                resumed.resumed_from
+            ))
+            .reference(
+                format!("model x 4/3 {}", bytes(len * 4 / 3)),
+                total as f64 / (len * 4 / 3) as f64,
+            )
+            .goal(
+                "<= model x 4/3 + one chunk",
+                total <= limit && resumed.resumed_from > 0,
+            );
+        node.stop()?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    table.note(format!("store: `donate serve --store DIR`. Upload: a new {} model per run (so each one is written to the store), payload MB/s from connect to model_status with weights_sha256, median of {} runs, beside raw TCP and a node without a store measured in the same rounds. Pushed again: bytes the client wrote on the socket (query, use) for a model the node holds, before and after a restart of the node on the same store. First answer: a fresh connection's connect, model_query, model_use and one infer while another connection holds the model mounted, median of 20. Resume: half the model sent and the connection closed, then push_stored; all bytes both clients wrote", bytes(len), size.upload_reps.max(2)));
+    Ok(())
+}
+
+/// What a store-aware push wrote on the socket.
+struct Counted {
+    /// Weight bytes (raw).
+    weights: u64,
+    /// Every byte written, frames and base64 included.
+    wire: u64,
+    resumed_from: u64,
+}
+
+/// A stream that counts the bytes written to it.
+struct CountingStream {
+    inner: TcpStream,
+    written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Read for CountingStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for CountingStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `len` bytes of `fill`, seekable (the bytes of `io::repeat(fill).take(len)`).
+struct Filled {
+    fill: u8,
+    len: u64,
+    pos: u64,
+}
+
+impl Filled {
+    fn new(fill: u8, len: u64) -> Filled {
+        Filled { fill, len, pos: 0 }
+    }
+}
+
+impl Read for Filled {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len - self.pos).min(buf.len() as u64) as usize;
+        buf[..n].fill(self.fill);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for Filled {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        self.pos = match to {
+            io::SeekFrom::Start(n) => n.min(self.len),
+            _ => return Err(io::Error::other("only SeekFrom::Start")),
+        };
+        Ok(self.pos)
+    }
+}
+
+/// Reads one frame's body.
+fn read_frame(conn: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut header = [0; 4];
+    conn.read_exact(&mut header)?;
+    let mut body = vec![0; u32::from_le_bytes(header) as usize];
+    conn.read_exact(&mut body)?;
+    Ok(body)
+}
+
 /// Sequential infer jobs per second on one client of `node`.
 fn sequential_rate(node: &Node, jobs: usize, warm_up: usize) -> Result<f64> {
     let mut client = node.client()?;
@@ -685,6 +891,82 @@ impl Node {
         })?;
         let server_cpu = process_cpu(self.child.id())? - server_before;
         Ok(Transfer::new(len, elapsed, server_cpu, client_cpu))
+    }
+
+    /// Pushes `len` bytes of `fill` (with `sha256`) with the std client.
+    fn push_filled(&self, len: u64, fill: u8, sha256: Option<[u8; 32]>) -> Result<Transfer> {
+        let server_before = process_cpu(self.child.id())?;
+        let mut client = self.client()?;
+        let (elapsed, client_cpu) = within(upload_limit(len), "upload", move || {
+            let (start, cpu) = (Instant::now(), thread_cpu());
+            let status =
+                client.push_model_from("{}", io::repeat(fill).take(len), len, sha256, |_| {})?;
+            let (elapsed, cpu) = (start.elapsed(), thread_cpu() - cpu);
+            if !status.ok {
+                return Err(format!("model refused: {}", status.message).into());
+            }
+            Ok((elapsed, cpu))
+        })?;
+        let server_cpu = process_cpu(self.child.id())? - server_before;
+        Ok(Transfer::new(len, elapsed, server_cpu, client_cpu))
+    }
+
+    /// A store-aware push of `len` bytes of `fill`, counting what went on the wire.
+    fn push_stored_counted(&self, len: u64, fill: u8, sha256: [u8; 32]) -> Result<Counted> {
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let inner = TcpStream::connect(self.addr)?;
+        set_timeouts(&inner)?;
+        let stream = CountingStream {
+            inner,
+            written: Arc::clone(&written),
+        };
+        let mut client = Client::over(stream, donate_proto::ClientConnection::default())?;
+        let pushed = within(upload_limit(len), "store push", move || {
+            Ok(client.push_stored("{}", Filled::new(fill, len), len, sha256, |_| {})?)
+        })?;
+        Ok(Counted {
+            weights: pushed.sent,
+            wire: written.load(std::sync::atomic::Ordering::Relaxed),
+            resumed_from: pushed.resumed_from,
+        })
+    }
+
+    /// Sends half of a `len`-byte model of `fill` as a store client, closes the
+    /// connection, and waits until the node holds what arrived. Returns the bytes written.
+    fn break_upload(&self, len: u64, fill: u8, sha256: [u8; 32]) -> Result<u64> {
+        let mut conn = TcpStream::connect(self.addr)?;
+        set_timeouts(&conn)?;
+        read_frame(&mut conn)?;
+        let mut out = Vec::new();
+        let hello = r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#;
+        donate_proto::frame::encode_frame(hello.as_bytes(), &mut out);
+        Message::ModelBegin(ModelBegin {
+            config_json: "{}".to_owned(),
+            weights_len: len as i64,
+            weights_sha256: donate_proto::hex(&sha256),
+            offset: 0,
+        })
+        .encode(&mut out);
+        let piece = vec![fill; MIB as usize];
+        for index in 0..len / MIB / 2 {
+            encode_weights_chunk(index as i64, false, &piece, &mut out);
+        }
+        conn.write_all(&out)?;
+        // Let the node take it in, then break the connection.
+        thread::sleep(SETTLE);
+        drop(conn);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut client = self.client()?;
+            let held = client.query_models(&[sha256])?.models[0].partial;
+            if held > 0 {
+                return Ok(out.len() as u64);
+            }
+            if Instant::now() > deadline {
+                return Err("the node kept nothing of the broken upload".into());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit.
@@ -1458,6 +1740,8 @@ fn mb_s(bytes_per_s: f64) -> String {
 fn bytes(n: u64) -> String {
     if n >= 1024 * MIB && n % (1024 * MIB) == 0 {
         format!("{} GiB", n / (1024 * MIB))
+    } else if n < MIB / 10 {
+        format!("{n} B")
     } else {
         format!("{:.1} MiB", n as f64 / MIB as f64)
     }

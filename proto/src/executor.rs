@@ -301,6 +301,15 @@ impl Executor for Stub {
         Ok(())
     }
 
+    /// The stub ignores weights: a stored model is not read back.
+    fn mount_file(&self, _config_json: String, _path: &Path) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn shares_models(&self) -> bool {
+        true
+    }
+
     fn infer(
         &self,
         _model: &(),
