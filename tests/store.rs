@@ -460,3 +460,39 @@ fn the_async_clients_push_through_the_store_too() {
     assert_eq!(listed.models[0].sha256, hex(&sha(&model)));
     node.server.shutdown();
 }
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_a_byte_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), 1 << 20, Counting::default());
+    let model = weights(2 << 20, 10);
+    let mut client = Client::connect(node.addr).unwrap();
+    let mut sent = 0;
+    let err = client
+        .push_stored(
+            "{}",
+            std::io::Cursor::new(&model),
+            model.len() as u64,
+            sha(&model),
+            |n| sent = n,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("has room for 1048576 bytes"),
+        "{err}"
+    );
+    assert_eq!(sent, 0);
+    // The same connection goes on: a model that fits is stored.
+    let small = weights(1 << 19, 11);
+    let pushed = client
+        .push_stored(
+            "{}",
+            std::io::Cursor::new(&small),
+            small.len() as u64,
+            sha(&small),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(pushed.sent, small.len() as u64);
+    node.server.shutdown();
+}

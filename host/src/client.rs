@@ -168,12 +168,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     ) -> Result<Pushed> {
         let mut resume_at = 0;
         if self.core.capabilities().contains(Capability::Store) {
-            let held = self
-                .query_models(&[sha256])
-                .await?
-                .models
-                .pop()
-                .unwrap_or_default();
+            let inventory = self.query_models(&[sha256]).await?;
+            let held = inventory.models.first().cloned().unwrap_or_default();
             if held.stored {
                 let request = self.core.use_model(config_json, sha256)?;
                 match answers::model_status(self.wait(request).await?) {
@@ -184,6 +180,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
             }
             resume_at = held.resume_point(len);
+            // Refused before a byte is sent, rather than at the commit.
+            inventory
+                .check_room(len - resume_at)
+                .map_err(Error::ModelRefused)?;
         }
         if resume_at > 0 {
             reader.seek(io::SeekFrom::Start(resume_at)).await?;

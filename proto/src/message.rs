@@ -141,6 +141,21 @@ pub struct StoredModel {
     pub last_used: i64,
 }
 
+impl ModelInventory {
+    /// Whether a new upload of `len` bytes fits in the node's store: a client
+    /// checks before it sends anything. `Err` says why not.
+    pub fn check_room(&self, len: u64) -> Result<(), String> {
+        let free = u64::try_from(self.store_free).unwrap_or(0);
+        if len <= free {
+            Ok(())
+        } else {
+            Err(format!(
+                "the node's model store has room for {free} bytes (its cap less the models in use); this model is {len} bytes"
+            ))
+        }
+    }
+}
+
 impl StoredModel {
     /// Where an upload of this model (`len` bytes) resumes: the bytes the node
     /// holds from a broken upload, or 0 to start over.

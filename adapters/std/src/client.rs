@@ -185,11 +185,8 @@ impl Client {
     ) -> Result<Pushed> {
         let mut resume_at = 0;
         if self.core.capabilities().contains(Capability::Store) {
-            let held = self
-                .query_models(&[sha256])?
-                .models
-                .pop()
-                .unwrap_or_default();
+            let inventory = self.query_models(&[sha256])?;
+            let held = inventory.models.first().cloned().unwrap_or_default();
             if held.stored {
                 let request = self.core.use_model(config_json, sha256)?;
                 match answers::model_status(self.wait(request)?) {
@@ -200,6 +197,10 @@ impl Client {
                 }
             }
             resume_at = held.resume_point(len);
+            // Refused before a byte is sent, rather than at the commit.
+            inventory
+                .check_room(len - resume_at)
+                .map_err(Error::ModelRefused)?;
         }
         if resume_at > 0 {
             reader.seek(SeekFrom::Start(resume_at))?;
