@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{IsTerminal, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use donate_proto::message::{ModelStatus, QueueStatus};
 use donate_proto::Message;
@@ -150,8 +150,102 @@ fn utc(secs: i64) -> String {
     }
 }
 
+/// `donate status --node A --node B…`: every donor's mode, queue and
+/// reachability in one table (`--json`: one object with a `nodes` array).
+fn status_of_many(args: &StatusArgs) -> CliResult {
+    #[derive(Serialize)]
+    struct Row {
+        node: String,
+        reachable: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        capabilities: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        queue_status: Option<QueueStatus>,
+    }
+    let timeout = (args.client.timeout > 0.0).then(|| Duration::from_secs_f64(args.client.timeout));
+    let rows: Vec<Row> = std::thread::scope(|scope| {
+        let probes: Vec<_> = args
+            .nodes
+            .iter()
+            .map(|addr| {
+                scope.spawn(move || {
+                    let probe =
+                        Client::connect_timeout(addr, timeout.unwrap_or(Duration::from_secs(10)))
+                            .and_then(|mut c| Ok((c.hello().clone(), c.queue_status()?)));
+                    match probe {
+                        Ok((hello, queue)) => Row {
+                            node: addr.to_string(),
+                            reachable: true,
+                            error: None,
+                            mode: Some(hello.mode),
+                            capabilities: Some(hello.capabilities),
+                            queue_status: queue,
+                        },
+                        Err(e) => Row {
+                            node: addr.to_string(),
+                            reachable: false,
+                            error: Some(e.to_string()),
+                            mode: None,
+                            capabilities: None,
+                            queue_status: None,
+                        },
+                    }
+                })
+            })
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| p.join().expect("a probe thread"))
+            .collect()
+    });
+    let all_up = rows.iter().all(|r| r.reachable);
+    if args.client.json {
+        print_json(
+            &serde_json::to_vec(&serde_json::json!({ "nodes": rows })).expect("rows serialize"),
+        )?;
+    } else {
+        println!(
+            "{:<28} {:<11} {:<10} {:>13}  extensions",
+            "node", "reachable", "mode", "queue"
+        );
+        for r in &rows {
+            let queue = match &r.queue_status {
+                Some(q) => format!(
+                    "{}/{}{}",
+                    q.depth,
+                    q.capacity,
+                    if q.in_progress { " busy" } else { "" }
+                ),
+                None => "-".to_owned(),
+            };
+            println!(
+                "{:<28} {:<11} {:<10} {:>13}  {}",
+                r.node,
+                if r.reachable { "yes" } else { "NO" },
+                r.mode.as_deref().unwrap_or("-"),
+                queue,
+                r.capabilities
+                    .as_ref()
+                    .map_or_else(|| r.error.clone().unwrap_or_default(), |c| c.join(","))
+            );
+        }
+    }
+    if all_up {
+        Ok(())
+    } else {
+        Err("some donors are unreachable".into())
+    }
+}
+
 /// `donate status`: the node's hello and, when it answers one, its queue status.
 pub fn status(args: StatusArgs) -> CliResult {
+    if !args.nodes.is_empty() {
+        return status_of_many(&args);
+    }
     let mut client = connect(&args.client)?;
     let hello = client.hello().clone();
     let queue = client

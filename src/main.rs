@@ -1,5 +1,6 @@
 //! `donate`: run a donor node, or talk to any node (ours or the Go one).
 
+mod batch;
 mod commands;
 mod hash_cache;
 mod secure;
@@ -70,6 +71,9 @@ enum Command {
     Status(StatusArgs),
     /// List the models a node's store holds (nodes run with --store).
     Models(ModelsArgs),
+    /// Run a file of jobs on many donors: each job answered once, donors that
+    /// fail or stall replaced by the others.
+    Batch(BatchArgs),
     /// Write a new key pair for secure mode: the private key to PATH (mode
     /// 0600), the public key to PATH.pub; print its fingerprint.
     Keygen(KeygenArgs),
@@ -345,6 +349,44 @@ struct PushArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct BatchArgs {
+    /// A donor (repeatable): host:port or unix:/path/node.sock.
+    #[arg(long = "node", value_name = "ADDR", required = true)]
+    nodes: Vec<NodeAddr>,
+    /// The model's config, for infer jobs (with --weights).
+    #[arg(long, value_name = "FILE", requires = "weights")]
+    config: Option<PathBuf>,
+    /// The weights file (with --config): each donor mounts it, pushed only where it is missing.
+    #[arg(long, value_name = "FILE", requires = "config")]
+    weights: Option<PathBuf>,
+    /// A directory holding config.json and model.safetensors.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    model: Option<PathBuf>,
+    /// Jobs, one JSON object per line: {"job_id":…, "input_ids":[…], "max_tokens":n}
+    /// or {"job_id":…, "prompt":"…", "max_out":n}.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// Where results go, one JSON object per job (default: stdout).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Seconds a job may be in flight on one donor before that donor counts
+    /// as stalled and its jobs go to others.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
+    job_deadline: f64,
+    /// Times a job is sent again after donor failures before it fails.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    max_attempts: u32,
+}
+
+impl BatchArgs {
+    /// The model files, when the batch has a model.
+    fn model_files(&self) -> Option<(PathBuf, PathBuf)> {
+        (self.model.is_some() || self.config.is_some())
+            .then(|| model_files(&self.model, &self.config, &self.weights))
+    }
+}
+
+#[derive(Debug, clap::Args)]
 struct ModelsArgs {
     #[command(flatten)]
     client: ClientArgs,
@@ -424,6 +466,10 @@ struct PromptArgs {
 struct StatusArgs {
     #[command(flatten)]
     client: ClientArgs,
+    /// Several donors (repeatable, instead of --addr): one table row each,
+    /// unreachable ones included.
+    #[arg(long = "node", value_name = "ADDR")]
+    nodes: Vec<NodeAddr>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -527,6 +573,7 @@ fn main() -> ExitCode {
         Command::Prompt(args) => commands::prompt(args),
         Command::Status(args) => commands::status(args),
         Command::Models(args) => commands::models(args),
+        Command::Batch(args) => batch::run(args),
         Command::Keygen(args) => secure::keygen(args),
     };
     match result {

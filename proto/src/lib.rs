@@ -16,6 +16,8 @@
 //! - [`Executor`]: what a node's workers call, and [`Stub`], the Go node's stub.
 //! - Secure mode ([`SecureServerConfig`], [`SecureClientConfig`], [`Keypair`]):
 //!   Noise XX under the framing, for nodes reachable from a network.
+//! - [`PoolCore`]: the decisions of a client spreading jobs over many donors
+//!   (placement, failures, retries, exactly-once delivery).
 //! - `sim` (cargo feature `sim`, off by default): a simulated network, one node and
 //!   any number of client cores in memory with a virtual clock, for tests and fuzzing,
 //!   and the reference for driving the core by hand.
@@ -85,6 +87,7 @@ mod job;
 pub mod message;
 mod node;
 mod phase;
+mod pool;
 mod queue;
 mod secure;
 #[cfg(feature = "sim")]
@@ -101,6 +104,7 @@ pub use id::{ConnectionId, JobId};
 pub use job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node, StoredMount};
+pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore};
 pub use secure::{
     Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,
 };

@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use donate_proto::message::ModelInventory;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{
-    Answer, Capability, ClientConfig, ClientConnection, PublicKey, RequestId, SecureClientConfig,
+    Answer, Capability, ClientConfig, ClientConnection, ClientEvent, PublicKey, RequestId,
+    SecureClientConfig,
 };
 
 use donate_host::{answers, feed_read, Result, READ_BUFFER};
@@ -27,6 +28,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Client {
     stream: Socket,
     core: ClientConnection,
+    /// The read timeout the caller asked for, restored after a [`Client::next_answer`].
+    io_timeout: Option<Duration>,
     read_buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -86,6 +89,7 @@ impl Client {
         client.flush()?;
         client.stream.set_read_timeout(timeout)?;
         client.stream.set_write_timeout(timeout)?;
+        client.io_timeout = timeout;
         Ok(client)
     }
 
@@ -115,6 +119,7 @@ impl Client {
         Client {
             stream,
             core,
+            io_timeout: None,
             read_buf: vec![0; READ_BUFFER],
             out: Vec::new(),
         }
@@ -128,6 +133,7 @@ impl Client {
         stream.set_read_timeout(timeout)?;
         stream.set_write_timeout(timeout)?;
         let mut client = Client::new(stream, ClientConnection::new(config));
+        client.io_timeout = timeout;
         while client.core.server_hello().is_none() {
             client.read_some()?;
         }
@@ -287,6 +293,59 @@ impl Client {
     pub fn send_prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId> {
         self.make_room()?;
         Ok(self.core.prompt(prompt, max_out)?)
+    }
+
+    /// Queues an `infer` job under a `job_id` of the caller's choosing (one not
+    /// in flight on this connection), keeping within the node's queue capacity.
+    pub fn send_infer_as(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self.core.infer_as(job_id, input_ids, max_tokens)?)
+    }
+
+    /// Queues a `prompt` job under a `job_id` of the caller's choosing.
+    pub fn send_prompt_as(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self.core.prompt_as(job_id, prompt, max_out)?)
+    }
+
+    /// Sends what is queued and waits up to `wait` for the next answer to any
+    /// request (for a caller with many requests in flight, in any order).
+    /// `None` when none came in time.
+    pub fn next_answer(&mut self, wait: Duration) -> Result<Option<(RequestId, Answer)>> {
+        self.flush()?;
+        loop {
+            while let Some(event) = self.core.poll_event() {
+                match event {
+                    ClientEvent::Answer { request, answer } => return Ok(Some((request, answer))),
+                    ClientEvent::Closing(frame) => return Err(Error::Refused(frame)),
+                    ClientEvent::Connected(_) => {}
+                }
+            }
+            if matches!(self.stream, Socket::Other(_)) {
+                self.read_some()?;
+                continue;
+            }
+            self.stream
+                .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+            let read = self.stream.read(&mut self.read_buf);
+            self.stream.set_read_timeout(self.io_timeout)?;
+            match read {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                read => feed_read(&mut self.core, read, &self.read_buf)?,
+            }
+        }
     }
 
     /// Sends what is queued and waits for the answer to `request`.

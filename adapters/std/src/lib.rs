@@ -24,12 +24,14 @@
 #![warn(missing_docs)]
 
 mod client;
+mod pool;
 mod server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client, HANDSHAKE_TIMEOUT};
 pub use donate_host::{answers, Error, NodeAddr, NodeConfig, Result};
+pub use pool::{Pool, PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use server::{serve, Listen, Server};
 
 /// The loopback address on `addr`'s port when `addr` is a wildcard, else `addr`.

@@ -1,0 +1,256 @@
+//! `donate batch`: a file of jobs over many donors, through [`donate_std::Pool`].
+//!
+//! Every input line is answered by exactly one output line (the result frame
+//! as a donor sent it, or an `error` object saying why the job failed), in the
+//! order jobs finish. Progress goes to stderr (a bar on a terminal, a line
+//! every few seconds otherwise), then a summary per donor. The exit status is
+//! 0 only if every job succeeded.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use donate_proto::message::ErrorFrame;
+use donate_proto::{Answer, Message, PoolConfig};
+use donate_std::{Pool, PoolJob, PoolModel, PoolResult, Work};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+
+use crate::{BatchArgs, CliResult, Failure};
+
+/// One input line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    job_id: String,
+    input_ids: Option<Vec<i32>>,
+    #[serde(default)]
+    max_tokens: i64,
+    prompt: Option<String>,
+    #[serde(default)]
+    max_out: i64,
+}
+
+/// Reads the jobs; a bad line or a repeated `job_id` fails before anything is sent.
+fn read_jobs(args: &BatchArgs) -> Result<Vec<PoolJob>, Failure> {
+    let file = std::fs::File::open(&args.input)
+        .map_err(|e| format!("cannot read {}: {e}", args.input.display()))?;
+    let mut jobs = Vec::new();
+    let mut seen = HashSet::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let at = || format!("{} line {}", args.input.display(), n + 1);
+        let line = line.map_err(|e| format!("{}: {e}", at()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: Line = serde_json::from_str(&line).map_err(|e| format!("{}: {e}", at()))?;
+        let work = match (parsed.input_ids, parsed.prompt) {
+            (Some(input_ids), None) => Work::Infer {
+                input_ids,
+                max_tokens: parsed.max_tokens,
+            },
+            (None, Some(prompt)) => Work::Prompt {
+                prompt,
+                max_out: parsed.max_out,
+            },
+            _ => return Err(format!("{}: give either input_ids or prompt", at()).into()),
+        };
+        if parsed.job_id.is_empty() || !seen.insert(parsed.job_id.clone()) {
+            return Err(format!(
+                "{}: job_id {:?} is empty or used twice; nothing was sent",
+                at(),
+                parsed.job_id
+            )
+            .into());
+        }
+        jobs.push(PoolJob {
+            job_id: parsed.job_id,
+            work,
+        });
+    }
+    Ok(jobs)
+}
+
+/// The model every donor mounts, hashed once (cached by path, size and time).
+fn model(args: &BatchArgs) -> Result<Option<PoolModel>, Failure> {
+    let Some((config, weights)) = args.model_files() else {
+        return Ok(None);
+    };
+    let config_json = std::fs::read_to_string(&config)
+        .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    let len = std::fs::metadata(&weights)
+        .map_err(|e| format!("cannot read weights {}: {e}", weights.display()))?
+        .len();
+    let sha256 = match crate::hash_cache::lookup(&weights) {
+        Some(hash) => hash,
+        None => {
+            let file = std::fs::File::open(&weights)
+                .map_err(|e| format!("cannot read weights {}: {e}", weights.display()))?;
+            let hash = donate_std::sha256_of_reader(file)
+                .map_err(|e| format!("cannot hash {}: {e}", weights.display()))?;
+            crate::hash_cache::store(&weights, &hash);
+            hash
+        }
+    };
+    Ok(Some(PoolModel {
+        config_json,
+        weights,
+        len,
+        sha256,
+    }))
+}
+
+/// `donate batch`.
+pub fn run(args: BatchArgs) -> CliResult {
+    let jobs = read_jobs(&args)?;
+    let total = jobs.len() as u64;
+    let model = model(&args)?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let config = PoolConfig::default()
+        .job_deadline(Duration::from_secs_f64(args.job_deadline))
+        .max_attempts(args.max_attempts);
+    let mut pool = Pool::new(args.nodes.clone(), config);
+    if let Some(model) = model {
+        pool = pool.model(model);
+    }
+    let progress = Progress::new(total);
+    let (mut done, mut failed) = (0u64, 0u64);
+    let mut write_error = None;
+    let summary = pool.run(
+        jobs,
+        |result| {
+            done += 1;
+            if !result.ok() {
+                failed += 1;
+            }
+
+            if write_error.is_none() {
+                let line = result_line(result);
+                write_error = out
+                    .write_all(&line)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .err();
+            }
+        },
+        |core| progress.update(core.delivered() as u64, core.live_donors(), core.retries()),
+    )?;
+    out.flush()
+        .map_err(|e| format!("cannot write the results: {e}"))?;
+    if let Some(e) = write_error {
+        return Err(format!("cannot write the results: {e}").into());
+    }
+    progress.finish();
+    eprintln!(
+        "{done} jobs, {failed} failed, {} re-sent after donor failures, {} late duplicates dropped",
+        summary.retries, summary.duplicates
+    );
+    eprintln!(
+        "{:<28} {:>8} {:>14} {:>9}  last error",
+        "donor", "jobs", "mean latency", "failures"
+    );
+    for (addr, stats) in args.nodes.iter().zip(&summary.donors) {
+        let mean = if stats.jobs > 0 {
+            format!(
+                "{:.1} ms",
+                stats.busy.as_secs_f64() * 1e3 / stats.jobs as f64
+            )
+        } else {
+            "-".to_owned()
+        };
+        eprintln!(
+            "{:<28} {:>8} {:>14} {:>9}  {}",
+            addr.to_string(),
+            stats.jobs,
+            mean,
+            stats.failures,
+            stats.last_error.as_deref().unwrap_or("")
+        );
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {done} jobs failed").into());
+    }
+    Ok(())
+}
+
+/// The output line of one job: the result frame as received, or an `error`
+/// object naming the job.
+fn result_line(result: PoolResult) -> Vec<u8> {
+    let job_id = result.job_id;
+    let message = match result.outcome {
+        Ok(Answer::Infer(r)) => Message::InferResult(r),
+        Ok(Answer::Prompt(r)) => Message::PromptResult(r),
+        Ok(Answer::Error(mut e)) => {
+            e.job_id = job_id;
+            Message::Error(e)
+        }
+        Ok(other) => Message::Error(ErrorFrame {
+            code: "unexpected_answer".to_owned(),
+            error: format!("unexpected answer {other:?}"),
+            job_id,
+        }),
+        Err(reason) => Message::Error(ErrorFrame {
+            code: "pool_failed".to_owned(),
+            error: reason,
+            job_id,
+        }),
+    };
+    message.to_json()
+}
+
+/// Progress on stderr: a bar on a terminal, else a line every 5 s.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    start: Instant,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("[{bar:30}] {pos}/{len} jobs {per_sec} {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            start: Instant::now(),
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
+    fn update(&self, done: u64, live: usize, retries: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(done);
+                bar.set_message(format!("{live} donors live, {retries} retries"));
+            }
+            None if self.last_line.get().elapsed() >= Duration::from_secs(5) => {
+                self.last_line.set(Instant::now());
+                let rate = done as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+                eprintln!(
+                    "{done}/{} jobs, {rate:.1}/s, {live} donors live, {retries} retries",
+                    self.total
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
