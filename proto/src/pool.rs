@@ -27,6 +27,10 @@ pub struct PoolConfig {
     pub backoff_max: Duration,
     /// Times a job is re-issued after donor failures before it fails (default 5).
     pub max_attempts: u32,
+    /// Jobs in flight per donor at most (default 8; a v1 node takes one): enough
+    /// to hide a round trip, few enough that no donor's queue holds the last
+    /// jobs of a batch while faster donors idle.
+    pub max_in_flight: usize,
 }
 
 impl Default for PoolConfig {
@@ -36,6 +40,7 @@ impl Default for PoolConfig {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             max_attempts: 5,
+            max_in_flight: 8,
         }
     }
 }
@@ -45,6 +50,7 @@ crate::config::setters!(PoolConfig {
     backoff_base: Duration,
     backoff_max: Duration,
     max_attempts: u32,
+    max_in_flight: usize,
 });
 
 /// A donor's index in the pool, in the order given.
@@ -184,7 +190,7 @@ impl PoolCore {
     pub fn donor_up(&mut self, donor: DonorId, window: usize) {
         let d = &mut self.donors[donor];
         d.health = Health::Up;
-        d.window = window.max(1);
+        d.window = window.clamp(1, self.config.max_in_flight.max(1));
         d.failures = 0;
         d.stats.up = true;
     }
@@ -480,7 +486,7 @@ mod tests {
     #[test]
     fn jobs_spread_within_each_donors_window() {
         let now = Instant::now();
-        let mut core = PoolCore::new(3, PoolConfig::default(), 7);
+        let mut core = PoolCore::new(3, PoolConfig::default().max_in_flight(16), 7);
         assert_eq!(drain(&mut core, now).len(), 3, "three connects");
         core.donor_up(0, 4);
         core.donor_up(1, 4);
@@ -586,7 +592,7 @@ mod tests {
     #[test]
     fn slower_donors_get_less_work() {
         let start = Instant::now();
-        let mut core = PoolCore::new(2, PoolConfig::default(), 11);
+        let mut core = PoolCore::new(2, PoolConfig::default().max_in_flight(8), 11);
         drain(&mut core, start);
         core.donor_up(0, 8);
         core.donor_up(1, 8);

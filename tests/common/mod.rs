@@ -5,6 +5,8 @@
 //! Every server listens on 127.0.0.1 port 0; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};

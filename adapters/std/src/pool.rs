@@ -360,7 +360,7 @@ fn donor_thread(
             None => {}
         }
         let Some(c) = client.as_mut() else { continue };
-        match c.next_answer(Duration::from_millis(5)) {
+        match c.next_answer(Duration::from_millis(1)) {
             Ok(Some((request, answer))) => {
                 if let Some(job_id) = in_flight.remove(&request) {
                     let _ = reports.send(Report::Answer {
