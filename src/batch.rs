@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use donate_proto::message::ErrorFrame;
-use donate_proto::{Answer, Message, PoolConfig};
+use donate_proto::{Answer, Message, NodeTrust, PoolConfig, SecureClientConfig};
 use donate_std::{Pool, PoolJob, PoolModel, PoolResult, Work};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
@@ -100,6 +100,39 @@ fn model(args: &BatchArgs) -> Result<Option<PoolModel>, Failure> {
     }))
 }
 
+/// A pool whose every donor is secure: the key of each checked against known_nodes.
+fn secure_pool(
+    args: &BatchArgs,
+    key: &std::path::Path,
+    config: PoolConfig,
+) -> Result<Pool, Failure> {
+    let keypair = crate::secure::load_keypair(key)?;
+    let known = crate::secure::known_nodes_path();
+    let mut pool = Pool::new(Vec::new(), config);
+    for addr in &args.nodes {
+        let recorded = match &known {
+            Some(file) => crate::secure::known_node(file, &addr.to_string())?,
+            None => None,
+        };
+        let trust = match recorded {
+            Some(key) => NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
+            None if args.trust_on_first_use => NodeTrust::AnyKey,
+            None => {
+                return Err(Failure::with_code(
+                    format!("the key of the node at {addr} is not known: add it to known_nodes (donate status --addr {addr} --key … --trust-on-first-use) or pass --trust-on-first-use"),
+                    crate::exit::UNKNOWN_NODE,
+                ))
+            }
+        };
+        let secure = SecureClientConfig {
+            keypair: keypair.clone(),
+            trust,
+        };
+        pool = pool.secure_donor(addr.clone(), secure);
+    }
+    Ok(pool)
+}
+
 /// `donate batch`.
 pub fn run(args: BatchArgs) -> CliResult {
     let jobs = read_jobs(&args)?;
@@ -115,7 +148,10 @@ pub fn run(args: BatchArgs) -> CliResult {
     let config = PoolConfig::default()
         .job_deadline(Duration::from_secs_f64(args.job_deadline))
         .max_attempts(args.max_attempts);
-    let mut pool = Pool::new(args.nodes.clone(), config);
+    let mut pool = match &args.key {
+        None => Pool::new(args.nodes.clone(), config),
+        Some(key) => secure_pool(&args, key, config)?,
+    };
     if let Some(model) = model {
         pool = pool.model(model);
     }

@@ -376,6 +376,13 @@ struct BatchArgs {
     /// Times a job is sent again after donor failures before it fails.
     #[arg(long, value_name = "N", default_value_t = 5)]
     max_attempts: u32,
+    /// Secure mode for every donor: your private key. Each donor's key must be
+    /// in known_nodes (as `donate status --key … --trust-on-first-use` records it).
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// Secure mode: accept donors whose keys are not in known_nodes (not recorded).
+    #[arg(long, requires = "key")]
+    trust_on_first_use: bool,
 }
 
 impl BatchArgs {

@@ -301,3 +301,35 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
     assert_eq!(v["nodes"][0]["mode"], "model_push");
     assert_eq!(v["nodes"][1]["reachable"], false);
 }
+
+#[test]
+fn secure_donors_are_reached_over_noise_and_a_wrong_key_is_marked_down() {
+    use donate_proto::{Keypair, NodeTrust, SecureClientConfig, SecureServerConfig};
+    use donate_std::NodeConfig;
+    let (node_key, client_key) = (Keypair::generate(), Keypair::generate());
+    let config = NodeConfig::secure(
+        ServerConfig::default(),
+        SecureServerConfig::with_keys(node_key.clone(), vec![*client_key.public()]),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = donate_std::serve(listener, config, TestExec::default()).unwrap();
+    let addr = NodeAddr::Tcp(server.local_addr().to_string());
+    let trust = |key: &Keypair| SecureClientConfig {
+        keypair: client_key.clone(),
+        trust: NodeTrust::pin(&key.public().fingerprint()).unwrap(),
+    };
+    let (_dir, model) = model();
+    let mut results = Vec::new();
+    // The same node twice: once pinned right, once pinned to another key.
+    let summary = Pool::new(Vec::new(), PoolConfig::default())
+        .secure_donor(addr.clone(), trust(&node_key))
+        .secure_donor(addr, trust(&Keypair::generate()))
+        .model(model)
+        .run(jobs(30), |r| results.push(r), |_| {})
+        .unwrap();
+    let per_donor = check_once(&results, 30);
+    assert_eq!(per_donor.get(&0), Some(&30));
+    let why = summary.donors[1].last_error.clone().unwrap_or_default();
+    assert!(why.contains("presented key"), "{why}");
+    server.shutdown();
+}

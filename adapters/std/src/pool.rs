@@ -10,7 +10,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use donate_host::{Error, NodeAddr};
-use donate_proto::{Answer, DonorId, DonorStats, PoolAction, PoolConfig, PoolCore, RequestId};
+use donate_proto::{
+    Answer, ClientConfig, DonorId, DonorStats, PoolAction, PoolConfig, PoolCore, RequestId,
+    SecureClientConfig,
+};
 
 use crate::Client;
 
@@ -90,7 +93,7 @@ pub struct PoolSummary {
 /// A client of many donors.
 #[derive(Debug, Clone)]
 pub struct Pool {
-    donors: Vec<NodeAddr>,
+    donors: Vec<(NodeAddr, Option<SecureClientConfig>)>,
     model: Option<PoolModel>,
     config: PoolConfig,
     connect_timeout: Duration,
@@ -121,14 +124,22 @@ enum Command {
 }
 
 impl Pool {
-    /// A pool over `donors` (`host:port`, `unix:/path`).
+    /// A pool over `donors` (`host:port`, `unix:/path`), in plain text.
     pub fn new(donors: Vec<NodeAddr>, config: PoolConfig) -> Pool {
         Pool {
-            donors,
+            donors: donors.into_iter().map(|addr| (addr, None)).collect(),
             model: None,
             config,
             connect_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Adds a donor in secure mode: its connection completes a Noise handshake
+    /// with `secure` (the client key, and the trust in that donor's key) and
+    /// never falls back to plain text.
+    pub fn secure_donor(mut self, addr: NodeAddr, secure: SecureClientConfig) -> Pool {
+        self.donors.push((addr, Some(secure)));
+        self
     }
 
     /// Every donor mounts `model` before it takes jobs.
@@ -159,13 +170,18 @@ impl Pool {
         }
         let (reports, inbox) = mpsc::channel();
         let mut links: Vec<(Sender<Command>, JoinHandle<()>)> = Vec::new();
-        for (donor, addr) in self.donors.iter().enumerate() {
+        for (donor, (addr, secure)) in self.donors.iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let reports = reports.clone();
-            let (addr, model, timeout) = (addr.clone(), self.model.clone(), self.connect_timeout);
+            let link = Link {
+                addr: addr.clone(),
+                secure: secure.clone(),
+                model: self.model.clone(),
+                timeout: self.connect_timeout,
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("donate-pool-{donor}"))
-                .spawn(move || donor_thread(donor, addr, model, timeout, rx, reports))
+                .spawn(move || donor_thread(donor, link, rx, reports))
                 .map_err(|e| format!("cannot start a pool thread: {e}"))?;
             links.push((tx, handle));
         }
@@ -285,15 +301,16 @@ fn refusal(answer: &Answer) -> Option<String> {
     now.then(|| format!("refused: {}", e.error))
 }
 
-/// One donor's connection: connects when told, sends jobs, reports answers.
-fn donor_thread(
-    donor: DonorId,
+/// How a donor's thread reaches its donor.
+struct Link {
     addr: NodeAddr,
+    secure: Option<SecureClientConfig>,
     model: Option<PoolModel>,
     timeout: Duration,
-    commands: Receiver<Command>,
-    reports: Sender<Report>,
-) {
+}
+
+/// One donor's connection: connects when told, sends jobs, reports answers.
+fn donor_thread(donor: DonorId, link: Link, commands: Receiver<Command>, reports: Sender<Report>) {
     let down = |reason: String| {
         let _ = reports.send(Report::Down { donor, reason });
     };
@@ -317,7 +334,7 @@ fn donor_thread(
             Some(Command::Connect) => {
                 in_flight.clear();
                 client = None;
-                match connect(&addr, model.as_ref(), timeout) {
+                match connect(&link) {
                     Ok((c, window)) => {
                         client = Some(c);
                         let _ = reports.send(Report::Up { donor, window });
@@ -383,14 +400,20 @@ fn donor_thread(
 /// Connects, mounts the model (from the donor's store when it holds it), and
 /// says how many jobs the donor may have in flight: its queue capacity for
 /// our nodes, one for a v1 node (it does not answer `queue_status`).
-fn connect(
-    addr: &NodeAddr,
-    model: Option<&PoolModel>,
-    timeout: Duration,
-) -> Result<(Client, usize), String> {
+fn connect(link: &Link) -> Result<(Client, usize), String> {
+    let addr = &link.addr;
     let named = |e: Error| format!("{addr}: {e}");
-    let mut client = Client::connect_timeout(addr, timeout).map_err(named)?;
-    if let Some(model) = model {
+    let mut client = match &link.secure {
+        None => Client::connect_timeout(addr, link.timeout),
+        Some(secure) => Client::connect_secure(
+            addr,
+            ClientConfig::default(),
+            secure.clone(),
+            Some(link.timeout),
+        ),
+    }
+    .map_err(named)?;
+    if let Some(model) = &link.model {
         let file = File::open(&model.weights)
             .map_err(|e| format!("cannot read {}: {e}", model.weights.display()))?;
         client
