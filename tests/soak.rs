@@ -27,16 +27,21 @@ const WARM_UP: usize = 2;
 /// node stays within ~1 MiB; glibc's defaults made it climb by 20+ MiB a round.
 const ALLOWED_GROWTH_KIB: u64 = 8 * 1024;
 
-/// A `donate serve` process on a loopback port.
+/// A `donate serve` process on a loopback port, with a model store.
 struct Serve {
     child: Child,
     addr: SocketAddr,
+    _store: tempfile::TempDir,
 }
 
 impl Serve {
     fn start(runtime: &str) -> Serve {
+        let store = tempfile::tempdir().expect("a store directory");
         let mut child = Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--runtime", runtime])
+            .arg("--store")
+            .arg(store.path())
+            .args(["--store-max", "64MiB"])
             // Short timers so that stalled peers are closed within a round.
             .args(["--stall-timeout", "1", "--handshake-timeout", "5"])
             .args(["--max-outbound", "1048576", "--backpressure-timeout", "1"])
@@ -55,7 +60,11 @@ impl Serve {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Serve { child, addr }
+        Serve {
+            child,
+            addr,
+            _store: store,
+        }
     }
 
     fn proc_path(&self, what: &str) -> String {
@@ -103,7 +112,84 @@ impl Drop for Serve {
 /// One hostile or normal peer. Each returns once its connection is closed.
 type Case = fn(SocketAddr);
 
-const CASES: [(&str, Case); 8] = [
+/// Which of four store models a store peer pushes: consecutive peers differ,
+/// and every model comes back in later rounds (mounted from the store then).
+static STORE_MODEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn store_model() -> Vec<u8> {
+    let seed = STORE_MODEL.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+    (0..MIB).map(|i| (i as usize * 7 + seed) as u8).collect()
+}
+
+const CASES: [(&str, Case); 11] = [
+    (
+        "store: a model pushed through the store, then 10 jobs",
+        |addr| {
+            let model = store_model();
+            let hash: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+                <sha2::Sha256 as sha2::Digest>::new(),
+                &model,
+            ))
+            .into();
+            let mut client = donate_std::Client::connect(addr).unwrap();
+            client
+                .push_stored(
+                    "{}",
+                    std::io::Cursor::new(&model),
+                    model.len() as u64,
+                    hash,
+                    |_| {},
+                )
+                .unwrap();
+            for _ in 0..10 {
+                assert_eq!(
+                    client.infer(&[9, 9], 3).unwrap().output_ids,
+                    [9, 9, 1, 2, 3]
+                );
+            }
+        },
+    ),
+    (
+        "store: an upload broken at 2 MiB of 4, then close",
+        |addr| {
+            let mut raw = Raw::connect(addr);
+            raw.frame();
+            raw.send(&fj(
+                r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+            ));
+            let hash = "5".repeat(64);
+            raw.send(&fj(&format!(
+            r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":{},"weights_sha256":"{hash}"}}"#,
+            4 * MIB
+        )));
+            let piece = vec![5u8; MIB as usize];
+            for index in 0..2 {
+                let _ = raw.try_send(&chunk(index, false, &piece));
+            }
+        },
+    ),
+    ("store: bad queries and an unknown model", |addr| {
+        let mut raw = Raw::connect(addr);
+        raw.frame();
+        raw.send(&fj(
+            r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+        ));
+        let many = vec![format!("\"{}\"", "a".repeat(64)); 1025].join(",");
+        raw.send(&fj(&format!(
+            r#"{{"v":1,"type":"model_query","hashes":[{many}]}}"#
+        )));
+        raw.expect_error_code("query_too_large", "model_query");
+        raw.send(&fj(
+            r#"{"v":1,"type":"model_query","hashes":["../../etc/passwd"]}"#,
+        ));
+        raw.expect_error_code("bad_weights_sha256", "bad weights_sha256");
+        raw.send(&fj(&format!(
+            r#"{{"v":1,"type":"model_use","config_json":"{{}}","weights_sha256":"{}"}}"#,
+            "0".repeat(64)
+        )));
+        let (ok, message) = raw.expect_status();
+        assert!(!ok && message.contains("upload it"), "{message}");
+    }),
     ("64 MiB header, then close", |addr| {
         let mut raw = Raw::connect(addr);
         raw.send(&header(64 * MIB));

@@ -13,14 +13,30 @@ const JOBS: usize = 12;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Up { donor: u8, window: u8 },
-    Down { donor: u8 },
+    Up {
+        donor: u8,
+        window: u8,
+    },
+    Down {
+        donor: u8,
+    },
     /// Answers the `n`-th job in flight on `donor`.
-    Answer { donor: u8, n: u8 },
+    Answer {
+        donor: u8,
+        n: u8,
+    },
     /// Answers a job the donor had before it went down (a late duplicate).
-    Late { donor: u8, job: u8 },
-    Refuse { donor: u8, n: u8 },
-    Tick { ms: u16 },
+    Late {
+        donor: u8,
+        job: u8,
+    },
+    Refuse {
+        donor: u8,
+        n: u8,
+    },
+    Tick {
+        ms: u16,
+    },
 }
 
 impl Arbitrary for Op {
