@@ -3,7 +3,7 @@
 # corpus on the ordinary test runner, then runs every target for a bounded time
 # (FUZZ_SECONDS each, default 30) and fails if any of them finds a crash.
 #
-#   fuzz/run-ci.sh                      # all five targets, 30 s each
+#   fuzz/run-ci.sh                      # all six targets, 30 s each
 #   FUZZ_SECONDS=300 fuzz/run-ci.sh     # longer
 #   FUZZ_TARGETS="server" fuzz/run-ci.sh
 #   FUZZ_SANITIZER=address fuzz/run-ci.sh   # with ASan (slower)
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 fuzz_dir="$PWD"
 seconds="${FUZZ_SECONDS:-30}"
-targets="${FUZZ_TARGETS:-decode server client roundtrip secure}"
+targets="${FUZZ_TARGETS:-decode server client roundtrip secure store}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz/run-ci.sh: the nightly toolchain is required (rustup toolchain install nightly)" >&2

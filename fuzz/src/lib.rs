@@ -10,6 +10,7 @@
 //! - [`client::run`]: a [`ClientConnection`](donate_proto::ClientConnection) fed server bytes.
 //! - [`secure::run`]: bytes on a secure node's byte path, before and after a real handshake.
 //! - [`roundtrip::run`]: structured messages encode and decode back equal.
+//! - [`store::run`]: a node offering the `store` extension, its host's answers played by the input.
 
 pub mod client;
 pub mod common;
@@ -18,3 +19,4 @@ pub mod roundtrip;
 pub mod secure;
 pub mod seeds;
 pub mod server;
+pub mod store;

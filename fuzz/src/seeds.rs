@@ -632,6 +632,46 @@ pub fn roundtrip() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
+/// Store sessions after the opted-in hello: queries, uses, a resumed upload,
+/// and jobs behind a use (no split points).
+pub fn store() -> Vec<(String, Vec<u8>)> {
+    let frames = |bodies: &[String]| {
+        let mut out = vec![0u8];
+        for body in bodies {
+            donate_proto::frame::encode_frame(body.as_bytes(), &mut out);
+        }
+        out
+    };
+    let (even, odd) = ("00".repeat(32), "01".repeat(32));
+    vec![
+        (
+            "query-and-use".to_owned(),
+            frames(&[
+                format!(r#"{{"v":1,"type":"model_query","hashes":["{even}","{odd}"]}}"#),
+                format!(
+                    r#"{{"v":1,"type":"model_use","config_json":"{{}}","weights_sha256":"{even}"}}"#
+                ),
+                r#"{"v":1,"type":"infer","job_id":"a","input_ids":[1],"max_tokens":2}"#.to_owned(),
+                format!(
+                    r#"{{"v":1,"type":"model_use","config_json":"{{}}","weights_sha256":"{odd}"}}"#
+                ),
+                r#"{"v":1,"type":"model_query","hashes":[]}"#.to_owned(),
+            ]),
+        ),
+        (
+            "resume".to_owned(),
+            frames(&[
+                format!(
+                    r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":8,"weights_sha256":"{even}","offset":4}}"#
+                ),
+                r#"{"v":1,"type":"weights_chunk","index":0,"last":true,"data_b64":"AQIDBA=="}"#
+                    .to_owned(),
+                r#"{"v":1,"type":"model_commit"}"#.to_owned(),
+            ]),
+        ),
+    ]
+}
+
 /// Every target's seeds: (target, name, bytes).
 pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -640,6 +680,7 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
         ("server", server()),
         ("client", client()),
         ("roundtrip", roundtrip()),
+        ("store", store()),
     ] {
         out.extend(seeds.into_iter().map(|(n, b)| (target, n, b)));
     }
@@ -654,6 +695,7 @@ pub fn run(target: &str, data: &[u8]) {
         "client" => crate::client::run(data),
         "roundtrip" => crate::roundtrip::run(data),
         "secure" => crate::secure::run(data),
+        "store" => crate::store::run(data),
         other => panic!("no target {other}"),
     }
 }

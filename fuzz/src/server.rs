@@ -32,9 +32,10 @@ use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
 use donate_proto::sim::{Peer, Sim};
-use donate_proto::{JobContext, 
-    run_job, ConnectionId, Executor, JobError, JobInput, JobOutcome, JobOutput, Message, Mode,
-    MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling, UploadInfo, Weights,
+use donate_proto::{
+    run_job, ConnectionId, Executor, JobContext, JobError, JobInput, JobOutcome, JobOutput,
+    Message, Mode, MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling,
+    UploadInfo, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -152,7 +153,13 @@ impl Executor for FuzzExec {
         self.stub.mount(config_json, Weights::Memory(bytes))
     }
 
-    fn infer(&self, m: &(), ids: &[i32], max: i64, job: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
+    fn infer(
+        &self,
+        m: &(),
+        ids: &[i32],
+        max: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
         self.stub.infer(m, ids, max, job)
     }
 

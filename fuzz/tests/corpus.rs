@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use donate_proto_fuzz::{client, seeds, server};
 
-const TARGETS: [&str; 5] = ["decode", "server", "client", "roundtrip", "secure"];
+const TARGETS: [&str; 6] = ["decode", "server", "client", "roundtrip", "secure", "store"];
 
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
