@@ -191,6 +191,15 @@ struct ServeArgs {
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
+    /// Seconds any job may take from its receipt to its answer, queue wait
+    /// included; a job past it is dropped or cancelled and answered
+    /// `deadline_exceeded` (default: no bound).
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    max_job_time: Option<f64>,
+    /// Seconds a cmd: worker may take to answer once its running job is
+    /// cancelled, before it is killed and restarted.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 2.0)]
+    cancel_grace: f64,
     /// Largest job output accepted: a cmd: worker's reply line (default 64 MiB)
     /// or an lm: program's stdout (default 1 MiB).
     #[arg(long, value_name = "BYTES",
@@ -252,6 +261,7 @@ impl ServeArgs {
             .backpressure_timeout(Duration::from_secs_f64(self.backpressure_timeout))
             .upload_stretch(self.upload_stretch)
             .workers(self.workers)
+            .max_job_time(self.max_job_time.map(Duration::from_secs_f64))
     }
 }
 
@@ -268,6 +278,7 @@ impl ServeArgs {
             workers: self.workers,
             job_timeout: Duration::from_secs_f64(self.job_timeout),
             max_line: self.max_output.unwrap_or(default.max_line),
+            cancel_grace: Duration::from_secs_f64(self.cancel_grace),
             ..default
         }
     }

@@ -156,6 +156,9 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
         }
         _ => NodeConfig::from(server_config.clone()),
     };
+    // What the core carries out for any executor (docs/PROTOCOL.md §10);
+    // v1 clients name none of it and see v1.
+    let config = config.offer(donate_host::HONOURED);
     let stop = Stop::install()?;
     let started = Started {
         runtime: args.runtime,

@@ -17,9 +17,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::metrics::{self, Metrics};
 use donate_proto::{
-    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, PublicKey,
-    SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
+    run_job, run_mount, run_upload, Capabilities, Capability, ConnectionId, Event, Executor, Mount,
+    Node, PublicKey, SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
 };
 
 /// What a node starts with: its protocol settings and, optionally, secure
@@ -29,6 +30,11 @@ use donate_proto::{
 pub struct NodeConfig {
     server: ServerConfig,
     secure: Option<SecureServerConfig>,
+    /// Extensions offered to clients (docs/PROTOCOL.md §10); none by default,
+    /// so the node's hello stays byte for byte v1.
+    offered: Capabilities,
+    /// Where the host counts what it does; none: nothing is counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl NodeConfig {
@@ -38,7 +44,27 @@ impl NodeConfig {
         NodeConfig {
             server,
             secure: Some(secure),
+            offered: Capabilities::NONE,
+            metrics: None,
         }
+    }
+
+    /// Counts connections, jobs, uploads and mounts into `metrics` (for
+    /// `/metrics` and `/healthz`). Without it the host counts nothing.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Offers `extensions` to clients (see [`Node::offer`]). The host honours
+    /// `cancel`, `deadline` and `queue_position` ([`HONOURED`]) with any
+    /// executor; a cancelled job stops early only if its executor looks at
+    /// its cancel flag.
+    #[must_use]
+    pub fn offer(mut self, extensions: Capabilities) -> Self {
+        self.offered = extensions;
+        self
     }
 
     /// The protocol settings.
@@ -57,9 +83,19 @@ impl From<ServerConfig> for NodeConfig {
         NodeConfig {
             server,
             secure: None,
+            offered: Capabilities::NONE,
+            metrics: None,
         }
     }
 }
+
+/// The extensions a host carries out whatever its executor, for
+/// [`NodeConfig::offer`]: `cancel`, `deadline`, `queue_position` (all decided
+/// in the core; a cancelled job stops early if its executor looks at its flag).
+pub const HONOURED: Capabilities = Capabilities::NONE
+    .with(Capability::Cancel)
+    .with(Capability::Deadline)
+    .with(Capability::QueuePosition);
 
 /// Called when a connection's writer must act: bytes it must wait to write, or a close.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -129,6 +165,7 @@ pub struct Host<E: Executor> {
     idle: Condvar,
     executor: E,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<E: Executor> Host<E> {
@@ -140,10 +177,15 @@ impl<E: Executor> Host<E> {
     ///
     /// `config` is a [`ServerConfig`] or, for secure mode, a [`NodeConfig`].
     pub fn start(config: impl Into<NodeConfig>, executor: E) -> Arc<Self> {
-        let NodeConfig { server, secure } = config.into();
+        let NodeConfig {
+            server,
+            secure,
+            offered,
+            metrics,
+        } = config.into();
         let uploads = UploadHandling::for_executor(&executor);
         let workers = server.workers.max(1);
-        let mut node = Node::with_uploads(server, uploads);
+        let mut node = Node::with_uploads(server, uploads).offer(offered);
         if let Some(secure) = secure {
             node = node.with_secure(secure);
         }
@@ -160,6 +202,7 @@ impl<E: Executor> Host<E> {
             idle: Condvar::new(),
             executor,
             workers: Mutex::new(Vec::new()),
+            metrics,
         });
         let mut handles: Vec<_> = (0..workers)
             .map(|i| {
@@ -190,6 +233,13 @@ impl<E: Executor> Host<E> {
     pub fn accept(&self, link: Link) -> ConnectionId {
         let mut state = self.lock();
         let conn = state.node.accept(Instant::now());
+        if let Some(m) = &self.metrics {
+            m.connections_total.inc();
+            m.connections_open.inc();
+            if state.node.is_closing(conn) {
+                m.connections_refused.inc();
+            }
+        }
         state.slots.insert(
             conn,
             Arc::new(Slot {
@@ -296,6 +346,13 @@ impl<E: Executor> Host<E> {
     /// Forgets a connection whose socket is closed.
     pub fn remove(&self, conn: ConnectionId) {
         let mut state = self.lock();
+        if let (Some(m), Some(c)) = (&self.metrics, state.node.connection(conn)) {
+            let reason = c.closing().map_or("open", |e| e.code());
+            m.connections_closed
+                .get_or_create(&metrics::Reason { reason })
+                .inc();
+            m.connections_open.dec();
+        }
         state.node.remove(conn);
         state.slots.remove(&conn);
         let state = self.dispatch_events(state);
@@ -308,6 +365,9 @@ impl<E: Executor> Host<E> {
     /// connection closes. Returns once every connection is removed and the
     /// workers have stopped.
     pub fn shutdown(&self) {
+        if let Some(m) = &self.metrics {
+            m.draining.store(true, Ordering::Relaxed);
+        }
         let mut state = self.lock();
         state.node.begin_shutdown();
         state = self.dispatch_events(state);
@@ -384,7 +444,7 @@ impl<E: Executor> Host<E> {
         mut state: MutexGuard<'_, State<E::Model>>,
         conn: ConnectionId,
     ) -> ConnState {
-        let followup = take_events(&mut state);
+        let followup = take_events(&mut state, self.metrics.as_deref());
         let conn_state = ConnState {
             wants_read: state.node.wants_read(conn),
             closing: state.node.is_closing(conn),
@@ -400,7 +460,7 @@ impl<E: Executor> Host<E> {
         &'a self,
         mut state: MutexGuard<'a, State<E::Model>>,
     ) -> MutexGuard<'a, State<E::Model>> {
-        let followup = take_events(&mut state);
+        let followup = take_events(&mut state, self.metrics.as_deref());
         if followup.is_empty() {
             return state;
         }
@@ -453,12 +513,24 @@ impl<E: Executor> Host<E> {
         loop {
             if let Some(mount) = state.mounts.pop_front() {
                 drop(state);
+                if let Some(m) = &self.metrics {
+                    m.upload_bytes.inc_by(mount.model.weights_len());
+                }
                 let outcome = run_mount(&self.executor, mount);
+                if let Some(m) = &self.metrics {
+                    match outcome.result {
+                        Ok(_) => m.models_mounted.inc(),
+                        Err(_) => m.mounts_failed.inc(),
+                    };
+                }
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
-                let outcome = run_job(&self.executor, &job);
+                let outcome = match &self.metrics {
+                    None => run_job(&self.executor, &job),
+                    Some(m) => counted_job(&self.executor, &job, m),
+                };
                 state = self.lock();
                 state.node.complete(job.id, outcome, Instant::now());
             } else if state.stop_workers {
@@ -495,8 +567,37 @@ impl Followup {
     }
 }
 
+/// Runs `job` and counts it: queue wait, run time, outcome (a job the node
+/// stopped counts as `cancelled`, as it is answered).
+fn counted_job<E: Executor>(
+    executor: &E,
+    job: &donate_proto::Job<E::Model>,
+    m: &Metrics,
+) -> donate_proto::JobOutcome {
+    let started = Instant::now();
+    m.queue_wait_seconds
+        .observe(started.saturating_duration_since(job.queued_at));
+    m.jobs_running.inc();
+    let outcome = run_job(executor, job);
+    m.jobs_running.dec();
+    let kind = match job.input {
+        donate_proto::JobInput::Infer { .. } => 0,
+        donate_proto::JobInput::Prompt { .. } => 1,
+    };
+    let code = match &outcome {
+        _ if job.cancel.load(Ordering::Relaxed) => Some(donate_proto::codes::CANCELLED),
+        Ok(_) => None,
+        Err(e) => Some(e.code.as_str()),
+    };
+    m.job_ended(kind, code, started.elapsed());
+    outcome
+}
+
 /// Takes the node's events: work goes to the workers' queues, output is noted.
-fn take_events<M>(state: &mut State<M>) -> Followup {
+fn take_events<M>(state: &mut State<M>, metrics: Option<&Metrics>) -> Followup {
+    if let Some(m) = metrics {
+        m.note_node(&state.node);
+    }
     let mut followup = Followup::default();
     while let Some(event) = state.node.poll_event() {
         match event {

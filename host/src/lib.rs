@@ -16,6 +16,7 @@ mod addr;
 mod client;
 mod error;
 pub mod host;
+mod metrics;
 pub mod runtime;
 mod server;
 mod signal;
@@ -28,7 +29,8 @@ pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
 pub use client::{dial_named, window, AsyncStream, BoxStream, Client};
 pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};
-pub use host::NodeConfig;
+pub use host::{NodeConfig, HONOURED};
+pub use metrics::Metrics;
 pub use server::{serve, Server};
 
 /// Bytes read from a socket at once.

@@ -250,4 +250,7 @@ pub enum ClientError {
     /// The Noise handshake failed.
     #[error("secure handshake failed: {0}")]
     Handshake(String),
+    /// A request of an extension the node did not agree to on this connection.
+    #[error("the node did not agree to the {0} extension on this connection")]
+    NotAgreed(&'static str),
 }

@@ -131,6 +131,11 @@ pub struct Infer {
     /// Tokens to generate; 0 or less means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_tokens: i64,
+    /// Extension `deadline` (docs/PROTOCOL.md §10): milliseconds from the
+    /// node's receipt of the job by which it must be answered; 0 = none.
+    /// Left out when 0, so a v1 job stays byte for byte v1.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deadline_ms: i64,
 }
 
 /// `infer_result`: the answer to `infer`.
@@ -163,6 +168,9 @@ pub struct Prompt {
     /// Output limit; 0 means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_out: i64,
+    /// Extension `deadline`: as [`Infer::deadline_ms`].
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deadline_ms: i64,
 }
 
 /// `prompt_result`: the answer to `prompt`.
@@ -194,6 +202,25 @@ pub struct QueueStatus {
     pub capacity: i64,
     /// Whether a worker is running a job.
     pub in_progress: bool,
+}
+
+/// A job named by its `job_id`: the body of `cancel` (extension `cancel`,
+/// docs/PROTOCOL.md §10) and of a client's `queue_position` request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct JobRef {
+    /// The job's `job_id`, as sent with it.
+    pub job_id: String,
+}
+
+/// A job's place in the queue (extension `queue_position`): sent as `queued`
+/// when a job is queued, and as `queue_position` to answer a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct QueuePosition {
+    /// The job's `job_id`.
+    pub job_id: String,
+    /// 1 = the next job a worker takes, 2 = the one after…; 0 = running;
+    /// -1 = not queued or running on this connection (answered, or never sent).
+    pub position: i64,
 }
 
 /// `error`: a refused request, or the reason a connection is about to close.
@@ -247,6 +274,14 @@ pub enum Message<'a> {
     QueueStatus(QueueStatus),
     /// `error`
     Error(ErrorFrame),
+    /// `cancel` (extension `cancel`)
+    Cancel(JobRef),
+    /// `queued` (extension `queue_position`): a job was queued, at this place.
+    Queued(QueuePosition),
+    /// `queue_position` sent by a client: where is this job?
+    QueuePositionRequest(JobRef),
+    /// `queue_position` sent by a node: the answer.
+    QueuePosition(QueuePosition),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -282,6 +317,8 @@ struct Wire<'a> {
     depth: Option<i64>,
     capacity: Option<i64>,
     in_progress: Option<bool>,
+    deadline_ms: Option<i64>,
+    position: Option<i64>,
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -336,6 +373,7 @@ impl<'a> Message<'a> {
                 job_id: wire.job_id.unwrap_or_default(),
                 input_ids: wire.input_ids.unwrap_or_default(),
                 max_tokens: wire.max_tokens.unwrap_or_default(),
+                deadline_ms: wire.deadline_ms.unwrap_or_default(),
             }),
             "infer_result" => Message::InferResult(InferResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -349,6 +387,7 @@ impl<'a> Message<'a> {
                 job_id: wire.job_id.unwrap_or_default(),
                 prompt: wire.prompt.unwrap_or_default(),
                 max_out: wire.max_out.unwrap_or_default(),
+                deadline_ms: wire.deadline_ms.unwrap_or_default(),
             }),
             "prompt_result" => Message::PromptResult(PromptResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -375,6 +414,20 @@ impl<'a> Message<'a> {
                 error: wire.error.unwrap_or_default(),
                 job_id: wire.job_id.unwrap_or_default(),
             }),
+            "cancel" => Message::Cancel(JobRef {
+                job_id: wire.job_id.unwrap_or_default(),
+            }),
+            "queued" => Message::Queued(QueuePosition {
+                job_id: wire.job_id.unwrap_or_default(),
+                position: wire.position.unwrap_or_default(),
+            }),
+            "queue_position" if wire.position.is_none() => Message::QueuePositionRequest(JobRef {
+                job_id: wire.job_id.unwrap_or_default(),
+            }),
+            "queue_position" => Message::QueuePosition(QueuePosition {
+                job_id: wire.job_id.unwrap_or_default(),
+                position: wire.position.unwrap_or_default(),
+            }),
             other => return Err(ProtocolError::UnknownType(other.to_owned())),
         })
     }
@@ -393,6 +446,9 @@ impl<'a> Message<'a> {
             Message::PromptResult(_) => "prompt_result",
             Message::QueueStatusRequest | Message::QueueStatus(_) => "queue_status",
             Message::Error(_) => "error",
+            Message::Cancel(_) => "cancel",
+            Message::Queued(_) => "queued",
+            Message::QueuePositionRequest(_) | Message::QueuePosition(_) => "queue_position",
         }
     }
 
@@ -422,6 +478,8 @@ impl<'a> Message<'a> {
             Message::ModelCommit | Message::QueueStatusRequest => {
                 write_tagged(kind, &Empty {}, out)
             }
+            Message::Cancel(m) | Message::QueuePositionRequest(m) => write_tagged(kind, m, out),
+            Message::Queued(m) | Message::QueuePosition(m) => write_tagged(kind, m, out),
         }
     }
 
@@ -456,6 +514,10 @@ impl<'a> Message<'a> {
             Message::QueueStatusRequest => Message::QueueStatusRequest,
             Message::QueueStatus(m) => Message::QueueStatus(m),
             Message::Error(m) => Message::Error(m),
+            Message::Cancel(m) => Message::Cancel(m),
+            Message::Queued(m) => Message::Queued(m),
+            Message::QueuePositionRequest(m) => Message::QueuePositionRequest(m),
+            Message::QueuePosition(m) => Message::QueuePosition(m),
         }
     }
 }
