@@ -191,6 +191,12 @@ struct ServeArgs {
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
+    /// Serve Prometheus metrics (`GET /metrics`) and a health check
+    /// (`GET /healthz`: 200, or 503 when draining or the executor failed) on
+    /// this host:port, over plain HTTP. A non-loopback address follows the
+    /// node's own rule: it needs --key or --insecure.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Seconds any job may take from its receipt to its answer, queue wait
     /// included; a job past it is dropped or cancelled and answered
     /// `deadline_exceeded` (default: no bound).

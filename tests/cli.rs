@@ -821,6 +821,51 @@ fn serve_on_a_reachable_address_needs_key_or_insecure() {
     Node::start(&[]).stop();
 }
 
+/// One HTTP GET to `addr` (host:port): the status and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to --metrics");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn serve_metrics_on_loopback_and_refuses_an_exposed_address() {
+    donate(&["serve", "--metrics", "0.0.0.0:0"])
+        .fails_with("refusing to serve --metrics")
+        .code(18);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let node = Node::start(&["--metrics", &metrics]);
+    assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".to_owned()));
+    donate(&["status", "--addr", &node.addr, "--json"]).json();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (code, body) = http_get(&metrics, "/metrics");
+        assert_eq!(code, 200);
+        if body.contains("\ndonate_connections_total 1\n")
+            && body.contains("\ndonate_connections_open 0\n")
+        {
+            assert!(body.ends_with("# EOF\n"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+}
+
 /// A secure node with a node key and one authorized client key.
 struct SecureSetup {
     dir: PathBuf,

@@ -17,6 +17,7 @@ mod client;
 mod error;
 pub mod host;
 mod metrics;
+mod metrics_http;
 pub mod runtime;
 mod server;
 mod signal;
@@ -31,6 +32,7 @@ pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};
 pub use host::{NodeConfig, HONOURED};
 pub use metrics::Metrics;
+pub use metrics_http::MetricsServer;
 pub use server::{serve, Server};
 
 /// Bytes read from a socket at once.
