@@ -191,6 +191,10 @@ struct ServeArgs {
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
+    /// Log lines as `text` (for people) or `json` (one object per line, for
+    /// log shippers; span fields such as conn, peer, job and job_id included).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Serve Prometheus metrics (`GET /metrics`) and a health check
     /// (`GET /healthz`: 200, or 503 when draining or the executor failed) on
     /// this host:port, over plain HTTP. A non-loopback address follows the
@@ -466,22 +470,39 @@ impl<T: std::fmt::Display> From<T> for Failure {
 
 type CliResult = Result<(), Failure>;
 
-fn init_logging(default: &str) {
+/// How `donate serve` writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    });
+    match &cli.command {
+        Command::Serve(args) => init_logging("info", args.log_format),
+        _ => init_logging("warn", LogFormat::Text),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Push(args) => commands::push(args),

@@ -527,10 +527,25 @@ impl<E: Executor> Host<E> {
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
-                let outcome = match &self.metrics {
-                    None => run_job(&self.executor, &job),
-                    Some(m) => counted_job(&self.executor, &job, m),
-                };
+                // Every line about this job (the executor's too) carries
+                // the node's job number, the client's job_id and the connection.
+                let span = tracing::info_span!(
+                    "job",
+                    job = job.id.as_u64(),
+                    job_id = %job.job_id,
+                    conn = %job.conn
+                );
+                let outcome = span.in_scope(|| {
+                    let outcome = match &self.metrics {
+                        None => run_job(&self.executor, &job),
+                        Some(m) => counted_job(&self.executor, &job, m),
+                    };
+                    match &outcome {
+                        Ok(_) => tracing::debug!("job done"),
+                        Err(e) => tracing::debug!(code = %e.code, "job failed: {e}"),
+                    }
+                    outcome
+                });
                 state = self.lock();
                 state.node.complete(job.id, outcome, Instant::now());
             } else if state.stop_workers {
@@ -636,6 +651,8 @@ fn note_peer_key<M>(state: &State<M>, conn: ConnectionId) {
     let Some(key) = c.peer_key() else { return };
     if slot.peer_key.set(*key).is_ok() {
         let peer_key = key.fingerprint();
+        // Called from the connection's reader, inside its span.
+        tracing::Span::current().record("peer_key", peer_key.as_str());
         if state.node.is_closing(conn) {
             tracing::warn!(%conn, %peer_key, "secure handshake done; key not authorized, refused");
         } else {

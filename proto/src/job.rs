@@ -26,6 +26,8 @@ pub struct Job<M> {
     pub cancel: Arc<AtomicBool>,
     /// When the node queued it (the `now` of the call that did), for queue-wait metrics.
     pub queued_at: Instant,
+    /// The connection that asked (for logs).
+    pub conn: crate::id::ConnectionId,
 }
 
 /// What a job asks for.

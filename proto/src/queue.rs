@@ -155,6 +155,7 @@ impl<M> JobQueue<M> {
         let queued = self.queued.pop_front()?;
         let queue_depth = self.queued.len();
         let job_id = queued.route.job_id.clone();
+        let conn = queued.route.conn;
         let cancel = Arc::new(AtomicBool::new(false));
         self.running.insert(
             queued.id,
@@ -173,6 +174,7 @@ impl<M> JobQueue<M> {
             queue_depth,
             cancel,
             queued_at: queued.at,
+            conn,
         })
     }
 
