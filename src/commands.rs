@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use donate_proto::message::{ModelStatus, QueueStatus};
-use donate_proto::Message;
+use donate_proto::{Answer, Message, RequestId};
 use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -55,7 +55,10 @@ pub fn infer(args: InferArgs) -> CliResult {
     upload(&mut client, &mut model, sha256, true)
         .result
         .map_err(|e| push_failure(&args.client, &client, e))?;
-    let result = client.infer(&args.ids, args.max_tokens);
+    let result = client
+        .send_infer(&args.ids, args.max_tokens)
+        .and_then(|request| given_up(&mut client, request))
+        .and_then(donate_host::answers::infer);
     let answer = match &result {
         Ok(r) | Err(Error::InferFailed(r)) => Some(Message::InferResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -77,7 +80,10 @@ pub fn infer(args: InferArgs) -> CliResult {
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.
 pub fn prompt(args: PromptArgs) -> CliResult {
     let mut client = connect(&args.client)?;
-    let result = client.prompt(&args.text, args.max_out);
+    let result = client
+        .send_prompt(&args.text, args.max_out)
+        .and_then(|request| given_up(&mut client, request))
+        .and_then(donate_host::answers::prompt);
     let answer = match &result {
         Ok(r) | Err(Error::PromptFailed(r)) => Some(Message::PromptResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -93,6 +99,17 @@ pub fn prompt(args: PromptArgs) -> CliResult {
         println!("{}", result.text);
     }
     Ok(())
+}
+
+/// Waits for a job's answer; if waiting fails (`--timeout` passed), cancels
+/// the job on the node before giving up, so it does not keep computing for
+/// nobody (closing the connection would too, once the node notices).
+fn given_up(client: &mut Client, request: RequestId) -> Result<Answer, Error> {
+    client.wait(request).inspect_err(|_| {
+        if let Ok(true) = client.cancel(request) {
+            tracing::info!("gave up waiting: the job was cancelled on the node");
+        }
+    })
 }
 
 /// `donate status`: the node's hello and, when it answers one, its queue status.

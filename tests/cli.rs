@@ -866,6 +866,47 @@ fn serve_metrics_on_loopback_and_refuses_an_exposed_address() {
     node.stop();
 }
 
+#[test]
+fn infer_that_times_out_cancels_its_job_on_the_node() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let worker = format!(
+        "cmd:python3 {}/executors/tests/workers/cancellable.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let node = Node::start(&["--executor", &worker, "--metrics", &metrics]);
+    let dir = model_dir(4);
+    // Input [5] keeps cancellable.py busy for 30 s unless it is cancelled.
+    let started = Instant::now();
+    donate(&[
+        "infer",
+        "--addr",
+        &node.addr,
+        "--model",
+        path(&dir),
+        "--ids",
+        "5",
+        "--timeout",
+        "1",
+    ])
+    .fails_with("donate: ");
+    loop {
+        let (_, body) = http_get(&metrics, "/metrics");
+        if body.contains("donate_jobs_failed_total{kind=\"infer\",code=\"cancelled\"} 1\n")
+            && body.contains("\ndonate_jobs_running 0\n")
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+}
+
 /// A secure node with a node key and one authorized client key.
 struct SecureSetup {
     dir: PathBuf,

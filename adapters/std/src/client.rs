@@ -190,6 +190,17 @@ impl Client {
         answers::prompt(self.wait(request)?)
     }
 
+    /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
+    /// `request` and sends it at once; its answer (`cancelled`, or its result
+    /// if it finished first) still comes, to [`wait`](Client::wait) for or
+    /// not. False when the job is not outstanding; [`Error::Client`] with
+    /// `NotAgreed` from a node that did not agree to `cancel`.
+    pub fn cancel(&mut self, request: RequestId) -> Result<bool> {
+        let sent = self.core.cancel(request)?;
+        self.flush()?;
+        Ok(sent)
+    }
+
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
     pub fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
         let request = self.core.queue_status()?;
