@@ -119,6 +119,9 @@ pub fn status(args: StatusArgs) -> CliResult {
     let queue = client
         .queue_status()
         .map_err(|e| failed(&args.client, "queue_status failed", &e))?;
+    let stats = client
+        .stats()
+        .map_err(|e| failed(&args.client, "stats failed", &e))?;
     if args.client.json {
         let queue_json =
             queue.map_or_else(|| b"null".to_vec(), |q| Message::QueueStatus(q).to_json());
@@ -126,6 +129,11 @@ pub fn status(args: StatusArgs) -> CliResult {
         out.extend(Message::Hello(hello).to_json());
         out.extend(b",\"queue_status\":");
         out.extend(queue_json);
+        if let Some(stats) = stats {
+            // Only from a node that offers `stats`: the v1 output is unchanged.
+            out.extend(b",\"stats\":");
+            out.extend(Message::Stats(stats).to_json());
+        }
         out.push(b'}');
         return print_json(&out);
     }
@@ -148,6 +156,16 @@ pub fn status(args: StatusArgs) -> CliResult {
             hello.queue_capacity
         ),
         None => println!("queue:   not reported by the node"),
+    }
+    if let Some(s) = stats {
+        println!(
+            "connections: {} open, {} accepted",
+            s.connections, s.connections_accepted
+        );
+        println!(
+            "jobs:    {} running, {} done, {} failed; removed from the queue: {} cancelled, {} past their deadline, {} with their connection",
+            s.jobs_running, s.jobs_done, s.jobs_failed, s.jobs_cancelled, s.jobs_expired, s.jobs_dropped
+        );
     }
     Ok(())
 }

@@ -56,6 +56,8 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run a donor node until SIGINT/SIGTERM, then shut down gracefully.
     Serve(ServeArgs),
@@ -191,6 +193,10 @@ struct ServeArgs {
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
+    /// Answer `stats` requests (extension `stats`): any client that can use
+    /// the node may then read its counters (`donate status` shows them).
+    #[arg(long)]
+    stats: bool,
     /// Log lines as `text` (for people) or `json` (one object per line, for
     /// log shippers; span fields such as conn, peer, job and job_id included).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -161,7 +161,11 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
     };
     // What the core carries out for any executor (docs/PROTOCOL.md §10);
     // v1 clients name none of it and see v1.
-    let mut config = config.offer(donate_host::HONOURED);
+    let offered = match args.stats {
+        true => donate_host::HONOURED.with(donate_proto::Capability::Stats),
+        false => donate_host::HONOURED,
+    };
+    let mut config = config.offer(offered);
     // Held until the node has stopped: /healthz says 503 while it drains.
     let _metrics = match &args.metrics {
         Some(addr) => {

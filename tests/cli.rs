@@ -197,12 +197,38 @@ fn status_reports_hello_and_queue() {
     assert_eq!(
         status,
         json!({
-            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 7},
+            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 7,
+                      "capabilities": ["cancel", "deadline", "queue_position"]},
             "queue_status": {"v": 1, "type": "queue_status", "depth": 0, "capacity": 7, "in_progress": false},
         })
     );
     let human = donate(&["status", "--addr", &node.addr]);
     assert!(human.ok().contains("model_push"), "{}", human.stdout);
+    assert!(
+        !human.stdout.contains("jobs:"),
+        "no stats offered: {}",
+        human.stdout
+    );
+    node.stop();
+}
+
+#[test]
+fn status_shows_the_counters_of_a_node_that_offers_stats() {
+    let node = Node::start(&["--stats", "--mode", "local_lm"]);
+    donate(&["prompt", "--addr", &node.addr, "hi"]).ok();
+    let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
+    assert_eq!(
+        status["stats"],
+        json!({"v": 1, "type": "stats", "connections": 1, "connections_accepted": 2, "depth": 0,
+               "jobs_running": 0, "jobs_done": 1, "jobs_failed": 0, "jobs_cancelled": 0,
+               "jobs_expired": 0, "jobs_dropped": 0})
+    );
+    let human = donate(&["status", "--addr", &node.addr]);
+    assert!(
+        human.ok().contains("jobs:    0 running, 1 done, 0 failed"),
+        "{}",
+        human.stdout
+    );
     node.stop();
 }
 

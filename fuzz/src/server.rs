@@ -800,6 +800,7 @@ impl Harness {
                         job_id,
                         input_ids: (0..(ids % 12) as i32).map(|i| i * 7 - 3).collect(),
                         max_tokens: max_tokens.into(),
+                        deadline_ms: 0,
                     }),
                 );
             }
@@ -811,6 +812,7 @@ impl Harness {
                         job_id,
                         prompt: PROMPTS[which as usize % PROMPTS.len()].to_owned(),
                         max_out: which.into(),
+                        deadline_ms: 0,
                     }),
                 );
             }

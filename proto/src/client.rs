@@ -15,7 +15,7 @@ use crate::error::ClientError;
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
     encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, JobRef, Message, ModelBegin,
-    ModelStatus, Prompt, PromptResult, QueuePosition, QueueStatus,
+    ModelStatus, Prompt, PromptResult, QueuePosition, QueueStatus, Stats,
 };
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
@@ -63,7 +63,8 @@ crate::config::setters!(ClientConfig {
 const IMPLEMENTED: Capabilities = Capabilities::NONE
     .with(Capability::Cancel)
     .with(Capability::Deadline)
-    .with(Capability::QueuePosition);
+    .with(Capability::QueuePosition)
+    .with(Capability::Stats);
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,6 +91,8 @@ pub enum Answer {
     /// To a [`queue_position`](ClientConnection::queue_position) request
     /// (extension `queue_position`).
     QueuePosition(QueuePosition),
+    /// To a [`stats`](ClientConnection::stats) request (extension `stats`).
+    Stats(Stats),
     /// The request was refused.
     Error(ErrorFrame),
 }
@@ -117,6 +120,7 @@ enum Kind {
     Prompt,
     QueueStatus,
     QueuePosition,
+    Stats,
 }
 
 #[derive(Debug)]
@@ -404,6 +408,17 @@ impl ClientConnection {
             .position
     }
 
+    /// Extension `stats`: asks for the node's counters; the answer is
+    /// [`Answer::Stats`].
+    pub fn stats(&mut self) -> Result<RequestId, ClientError> {
+        if !self.agreed.contains(Capability::Stats) {
+            return Err(ClientError::NotAgreed("stats"));
+        }
+        let (request, _) = self.request(Kind::Stats, "")?;
+        self.send(&Message::StatsRequest);
+        Ok(request)
+    }
+
     /// The `deadline_ms` jobs carry: only to a node that agreed `deadline`.
     fn deadline_ms(&self) -> i64 {
         match self.config.job_deadline {
@@ -575,6 +590,9 @@ impl ClientConnection {
                 self.find(Kind::QueuePosition, Some(&m.job_id)),
                 Answer::QueuePosition(m),
             ),
+            Message::Stats(m) if self.agreed.contains(Capability::Stats) => {
+                (self.find(Kind::Stats, None), Answer::Stats(m))
+            }
             Message::Queued(m) if self.agreed.contains(Capability::QueuePosition) => {
                 // Not an answer: a job's place, kept with the job.
                 let job = self
@@ -644,6 +662,7 @@ fn kind_of(answer: &Answer) -> &'static str {
         Answer::Prompt(_) => "prompt_result",
         Answer::QueueStatus(_) => "queue_status",
         Answer::QueuePosition(_) => "queue_position",
+        Answer::Stats(_) => "stats",
         Answer::Error(_) => "error",
     }
 }

@@ -43,6 +43,8 @@ pub(crate) enum ToNode<M> {
     Cancel(String),
     /// Extension `queue_position`: answer where this job is.
     QueuePosition(String),
+    /// Extension `stats`: answer with the node's counters.
+    Stats,
     /// A committed upload to verify and load.
     Mount(CommittedModel),
     /// A stretch of an upload to hash or spool.
@@ -495,10 +497,15 @@ impl<M> Connection<M> {
             {
                 self.to_node.push_back(ToNode::QueuePosition(job.job_id));
             }
+            Message::StatsRequest if self.agreed.contains(Capability::Stats) => {
+                self.to_node.push_back(ToNode::Stats);
+            }
             Message::Cancel(_)
             | Message::QueuePositionRequest(_)
             | Message::Queued(_)
-            | Message::QueuePosition(_) => self.unknown_extension(&msg),
+            | Message::QueuePosition(_)
+            | Message::StatsRequest
+            | Message::Stats(_) => self.unknown_extension(&msg),
         }
     }
 
@@ -708,6 +715,12 @@ impl<M> Connection<M> {
     /// Extension `queue_position`: the answer to a request.
     pub(crate) fn send_position(&mut self, job_id: String, position: i64, now: Instant) {
         self.send(&Message::QueuePosition(QueuePosition { job_id, position }));
+        self.note_output(now);
+    }
+
+    /// Extension `stats`: the answer to a request.
+    pub(crate) fn send_stats(&mut self, stats: crate::message::Stats, now: Instant) {
+        self.send(&Message::Stats(stats));
         self.note_output(now);
     }
 

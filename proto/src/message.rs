@@ -223,6 +223,29 @@ pub struct QueuePosition {
     pub position: i64,
 }
 
+/// `stats` sent by a node (extension `stats`, docs/PROTOCOL.md §10.5): its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: i64,
+    /// Connections accepted since the node started (refused ones included).
+    pub connections_accepted: i64,
+    /// Jobs waiting in the queue.
+    pub depth: i64,
+    /// Jobs workers are running.
+    pub jobs_running: i64,
+    /// Jobs answered `ok:true`.
+    pub jobs_done: i64,
+    /// Jobs run and answered `ok:false` (stopped ones included).
+    pub jobs_failed: i64,
+    /// Queued jobs removed by `cancel`.
+    pub jobs_cancelled: i64,
+    /// Queued jobs removed at their deadline.
+    pub jobs_expired: i64,
+    /// Queued jobs dropped with their connection.
+    pub jobs_dropped: i64,
+}
+
 /// `error`: a refused request, or the reason a connection is about to close.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct ErrorFrame {
@@ -282,6 +305,10 @@ pub enum Message<'a> {
     QueuePositionRequest(JobRef),
     /// `queue_position` sent by a node: the answer.
     QueuePosition(QueuePosition),
+    /// `stats` sent by a client (extension `stats`): a request, with no fields.
+    StatsRequest,
+    /// `stats` sent by a node: its counters.
+    Stats(Stats),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -319,6 +346,14 @@ struct Wire<'a> {
     in_progress: Option<bool>,
     deadline_ms: Option<i64>,
     position: Option<i64>,
+    connections: Option<i64>,
+    connections_accepted: Option<i64>,
+    jobs_running: Option<i64>,
+    jobs_done: Option<i64>,
+    jobs_failed: Option<i64>,
+    jobs_cancelled: Option<i64>,
+    jobs_expired: Option<i64>,
+    jobs_dropped: Option<i64>,
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -428,6 +463,20 @@ impl<'a> Message<'a> {
                 job_id: wire.job_id.unwrap_or_default(),
                 position: wire.position.unwrap_or_default(),
             }),
+            "stats" if wire.jobs_done.is_none() && wire.connections.is_none() => {
+                Message::StatsRequest
+            }
+            "stats" => Message::Stats(Stats {
+                connections: wire.connections.unwrap_or_default(),
+                connections_accepted: wire.connections_accepted.unwrap_or_default(),
+                depth: wire.depth.unwrap_or_default(),
+                jobs_running: wire.jobs_running.unwrap_or_default(),
+                jobs_done: wire.jobs_done.unwrap_or_default(),
+                jobs_failed: wire.jobs_failed.unwrap_or_default(),
+                jobs_cancelled: wire.jobs_cancelled.unwrap_or_default(),
+                jobs_expired: wire.jobs_expired.unwrap_or_default(),
+                jobs_dropped: wire.jobs_dropped.unwrap_or_default(),
+            }),
             other => return Err(ProtocolError::UnknownType(other.to_owned())),
         })
     }
@@ -449,6 +498,7 @@ impl<'a> Message<'a> {
             Message::Cancel(_) => "cancel",
             Message::Queued(_) => "queued",
             Message::QueuePositionRequest(_) | Message::QueuePosition(_) => "queue_position",
+            Message::StatsRequest | Message::Stats(_) => "stats",
         }
     }
 
@@ -480,6 +530,8 @@ impl<'a> Message<'a> {
             }
             Message::Cancel(m) | Message::QueuePositionRequest(m) => write_tagged(kind, m, out),
             Message::Queued(m) | Message::QueuePosition(m) => write_tagged(kind, m, out),
+            Message::StatsRequest => write_tagged(kind, &Empty {}, out),
+            Message::Stats(m) => write_tagged(kind, m, out),
         }
     }
 
@@ -518,6 +570,8 @@ impl<'a> Message<'a> {
             Message::Queued(m) => Message::Queued(m),
             Message::QueuePositionRequest(m) => Message::QueuePositionRequest(m),
             Message::QueuePosition(m) => Message::QueuePosition(m),
+            Message::StatsRequest => Message::StatsRequest,
+            Message::Stats(m) => Message::Stats(m),
         }
     }
 }

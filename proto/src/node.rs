@@ -86,6 +86,12 @@ pub struct NodeStats {
     pub expired_queued: u64,
     /// Dropped with their connection.
     pub dropped_queued: u64,
+    /// Connections accepted (refused ones included).
+    pub connections_accepted: u64,
+    /// Jobs handed back ok.
+    pub jobs_done: u64,
+    /// Jobs handed back failed, or stopped by the node.
+    pub jobs_failed: u64,
 }
 
 /// A donor node: every connection's state and the one FIFO job queue.
@@ -155,6 +161,7 @@ impl<M> Node<M> {
     /// frame to send.
     pub fn accept(&mut self, now: Instant) -> ConnectionId {
         self.next_conn += 1;
+        self.stats.connections_accepted += 1;
         let id = ConnectionId(self.next_conn);
         let refused = if self.queue.is_closed() {
             Some(ProtocolError::ShuttingDown)
@@ -273,6 +280,10 @@ impl<M> Node<M> {
             Some(why) => Err(why.error()),
             None => outcome,
         };
+        match outcome {
+            Ok(_) => self.stats.jobs_done += 1,
+            Err(_) => self.stats.jobs_failed += 1,
+        }
         let delivered = self
             .conns
             .get_mut(&conn)
@@ -385,6 +396,7 @@ impl<M> Node<M> {
     /// Takes what `conn` handed over: jobs join the queue (the connection
     /// admitted them against the room it was given), the rest become events.
     fn take_from(&mut self, id: ConnectionId, now: Instant) {
+        let open_conns = self.conns.len() as u64;
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -416,6 +428,25 @@ impl<M> Node<M> {
                         // job's answer is already on its way (or never was).
                         Cancelled::Running | Cancelled::None => {}
                     }
+                    continue;
+                }
+                ToNode::Stats => {
+                    let stats = self.stats;
+                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    conn.send_stats(
+                        crate::message::Stats {
+                            connections: n(open_conns),
+                            connections_accepted: n(stats.connections_accepted),
+                            depth: n(self.queue.depth() as u64),
+                            jobs_running: n(self.queue.running() as u64),
+                            jobs_done: n(stats.jobs_done),
+                            jobs_failed: n(stats.jobs_failed),
+                            jobs_cancelled: n(stats.cancelled_queued),
+                            jobs_expired: n(stats.expired_queued),
+                            jobs_dropped: n(stats.dropped_queued),
+                        },
+                        now,
+                    );
                     continue;
                 }
                 ToNode::QueuePosition(job_id) => {

@@ -287,6 +287,11 @@ impl<M> JobQueue<M> {
             .map_or(-1, |i| i as i64 + 1)
     }
 
+    /// Jobs workers are running now.
+    pub(crate) fn running(&self) -> usize {
+        self.running.len()
+    }
+
     /// Jobs waiting now.
     pub(crate) fn depth(&self) -> usize {
         self.queued.len()

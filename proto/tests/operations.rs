@@ -481,3 +481,39 @@ fn extension_messages_encode_and_parse_exactly() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// stats
+// ---------------------------------------------------------------------------
+
+#[test]
+fn stats_are_answered_to_a_client_that_named_them_only() {
+    let mut sim = node(config(), OPS.with(Capability::Stats));
+    let v1 = raw(&mut sim, "");
+    let p = raw(&mut sim, r#""stats","cancel""#);
+    send(&mut sim, p, &prompt("a")); // running
+    send(&mut sim, p, &prompt("b")); // queued
+    send(&mut sim, p, r#"{"v":1,"type":"cancel","job_id":"b"}"#);
+    sim.frames(p);
+    send(&mut sim, p, r#"{"v":1,"type":"stats"}"#);
+    assert_eq!(
+        sim.frames(p),
+        [
+            r#"{"v":1,"type":"stats","connections":2,"connections_accepted":2,"depth":0,"jobs_running":1,"jobs_done":0,"jobs_failed":0,"jobs_cancelled":1,"jobs_expired":0,"jobs_dropped":0}"#
+        ]
+    );
+    send(&mut sim, v1, r#"{"v":1,"type":"stats"}"#);
+    assert_eq!(
+        sim.frames(v1),
+        [r#"{"code":"unknown_type","error":"unknown type: stats","type":"error","v":1}"#]
+    );
+    // The client core asks and reads them.
+    let c = sim.client();
+    sim.run();
+    let asked = sim.client_core(c).stats().unwrap();
+    sim.run();
+    match sim.client_core(c).take_answer(asked) {
+        Some(Answer::Stats(s)) => assert_eq!((s.connections, s.jobs_running), (3, 1)),
+        other => panic!("{other:?}"),
+    }
+}

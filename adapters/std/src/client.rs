@@ -201,6 +201,26 @@ impl Client {
         Ok(sent)
     }
 
+    /// Extension `stats` (docs/PROTOCOL.md §10.5): the node's counters;
+    /// `None` from a node that did not agree to `stats`.
+    pub fn stats(&mut self) -> Result<Option<donate_proto::message::Stats>> {
+        if !self
+            .core
+            .capabilities()
+            .contains(donate_proto::Capability::Stats)
+        {
+            return Ok(None);
+        }
+        let request = self.core.stats()?;
+        match self.wait(request)? {
+            donate_proto::Answer::Stats(stats) => Ok(Some(stats)),
+            donate_proto::Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(Error::Protocol(donate_proto::ClientError::Unexpected(
+                format!("{other:?}"),
+            ))),
+        }
+    }
+
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
     pub fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
         let request = self.core.queue_status()?;
