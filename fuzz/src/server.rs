@@ -30,11 +30,14 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
-use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
+use donate_proto::message::{
+    encode_weights_chunk, Hello, Infer, JobRef, ModelBegin, Prompt, QueuePosition, WeightsChunk,
+};
 use donate_proto::sim::{Peer, Sim};
-use donate_proto::{JobContext, 
-    run_job, ConnectionId, Executor, JobError, JobInput, JobOutcome, JobOutput, Message, Mode,
-    MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling, UploadInfo, Weights,
+use donate_proto::{
+    run_job, ConnectionId, Executor, JobContext, JobError, JobInput, JobOutcome, JobOutput,
+    Message, Mode, MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling,
+    UploadInfo, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -152,7 +155,13 @@ impl Executor for FuzzExec {
         self.stub.mount(config_json, Weights::Memory(bytes))
     }
 
-    fn infer(&self, m: &(), ids: &[i32], max: i64, job: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
+    fn infer(
+        &self,
+        m: &(),
+        ids: &[i32],
+        max: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
         self.stub.infer(m, ids, max, job)
     }
 
@@ -684,6 +693,22 @@ impl Mirror {
             | Message::InferResult(_)
             | Message::PromptResult(_)
             | Message::Error(_) => self.refusals += 1,
+            // Extensions these v1 connections never opted into: refused as
+            // unknown types, naming the job as a v1 node's parse error did.
+            Message::Cancel(JobRef { job_id })
+            | Message::QueuePositionRequest(JobRef { job_id })
+            | Message::Queued(QueuePosition { job_id, .. })
+            | Message::QueuePosition(QueuePosition { job_id, .. })
+                if !job_id.is_empty() =>
+            {
+                *self.jobs.entry(job_id).or_default() += 1
+            }
+            Message::Cancel(_)
+            | Message::QueuePositionRequest(_)
+            | Message::Queued(_)
+            | Message::QueuePosition(_)
+            | Message::StatsRequest
+            | Message::Stats(_) => self.refusals += 1,
         }
     }
 }

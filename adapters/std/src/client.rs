@@ -193,7 +193,7 @@ impl Client {
     /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
     /// `request` and sends it at once; its answer (`cancelled`, or its result
     /// if it finished first) still comes, to [`wait`](Client::wait) for or
-    /// not. False when the job is not outstanding; [`Error::Client`] with
+    /// not. False when the job is not outstanding; [`Error::Protocol`] with
     /// `NotAgreed` from a node that did not agree to `cancel`.
     pub fn cancel(&mut self, request: RequestId) -> Result<bool> {
         let sent = self.core.cancel(request)?;
