@@ -163,7 +163,7 @@ fn metrics_count_exactly_what_a_scripted_exchange_did() {
 
     let (mut a, _) = Raw::hello(server.local_addr());
     a.send(&fj(
-        r#"{"v":1,"type":"hello","mode":"local_lm","role":"client","capabilities":["cancel"]}"#,
+        r#"{"v":1,"type":"hello","mode":"local_lm","role":"client","capabilities":["cancel","deadline"]}"#,
     ));
     let mut b = Raw::session(server.local_addr());
     // A third connection is over max_connections: refused.
@@ -185,6 +185,11 @@ fn metrics_count_exactly_what_a_scripted_exchange_did() {
     assert_eq!(a.frame()["code"], "cancelled");
     a.send(&fj(r#"{"v":1,"type":"cancel","job_id":"4"}"#));
     assert_eq!(a.frame()["code"], "cancelled");
+    // Stopped by its deadline while running: counted under that code.
+    a.send(&fj(
+        r#"{"v":1,"type":"prompt","job_id":"6","prompt":"spin","deadline_ms":50}"#,
+    ));
+    assert_eq!(a.frame()["code"], "deadline_exceeded");
     drop((a, b, refused));
 
     let scrape = || parse(&get(http.local_addr(), "/metrics").1);
@@ -216,9 +221,13 @@ fn metrics_count_exactly_what_a_scripted_exchange_did() {
             r#"donate_jobs_removed_queued_total{why="connection_closed"}"#,
             0.0,
         ),
-        ("donate_job_seconds_count", 4.0),
-        ("donate_queue_wait_seconds_count", 4.0),
-        (r#"donate_job_seconds_bucket{le="+Inf"}"#, 4.0),
+        (
+            r#"donate_jobs_failed_total{kind="prompt",code="deadline_exceeded"}"#,
+            1.0,
+        ),
+        ("donate_job_seconds_count", 5.0),
+        ("donate_queue_wait_seconds_count", 5.0),
+        (r#"donate_job_seconds_bucket{le="+Inf"}"#, 5.0),
         ("donate_upload_bytes_total", 0.0),
         ("donate_models_mounted_total", 0.0),
     ];

@@ -535,10 +535,11 @@ impl<E: Executor> Host<E> {
                     job_id = %job.job_id,
                     conn = %job.conn
                 );
+                let started = Instant::now();
                 let outcome = span.in_scope(|| {
                     let outcome = match &self.metrics {
                         None => run_job(&self.executor, &job),
-                        Some(m) => counted_job(&self.executor, &job, m),
+                        Some(m) => counted_job(&self.executor, &job, m, started),
                     };
                     match &outcome {
                         Ok(_) => tracing::debug!("job done"),
@@ -547,6 +548,18 @@ impl<E: Executor> Host<E> {
                     outcome
                 });
                 state = self.lock();
+                if let Some(m) = &self.metrics {
+                    // Counted as answered: a job the node stopped by its code.
+                    let code = state
+                        .node
+                        .stop_code(job.id)
+                        .or_else(|| outcome.as_ref().err().map(|e| e.code.as_str()));
+                    let kind = match job.input {
+                        donate_proto::JobInput::Infer { .. } => 0,
+                        donate_proto::JobInput::Prompt { .. } => 1,
+                    };
+                    m.job_ended(kind, code, started.elapsed());
+                }
                 state.node.complete(job.id, outcome, Instant::now());
             } else if state.stop_workers {
                 return;
@@ -582,29 +595,19 @@ impl Followup {
     }
 }
 
-/// Runs `job` and counts it: queue wait, run time, outcome (a job the node
-/// stopped counts as `cancelled`, as it is answered).
+/// Runs `job`, counting its queue wait and keeping the running gauge; its
+/// end is counted once the node says how it is answered.
 fn counted_job<E: Executor>(
     executor: &E,
     job: &donate_proto::Job<E::Model>,
     m: &Metrics,
+    started: Instant,
 ) -> donate_proto::JobOutcome {
-    let started = Instant::now();
     m.queue_wait_seconds
         .observe(started.saturating_duration_since(job.queued_at));
     m.jobs_running.inc();
     let outcome = run_job(executor, job);
     m.jobs_running.dec();
-    let kind = match job.input {
-        donate_proto::JobInput::Infer { .. } => 0,
-        donate_proto::JobInput::Prompt { .. } => 1,
-    };
-    let code = match &outcome {
-        _ if job.cancel.load(Ordering::Relaxed) => Some(donate_proto::codes::CANCELLED),
-        Ok(_) => None,
-        Err(e) => Some(e.code.as_str()),
-    };
-    m.job_ended(kind, code, started.elapsed());
     outcome
 }
 

@@ -164,6 +164,14 @@ pub(crate) enum Stop {
 }
 
 impl Stop {
+    /// The code of its job error.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Stop::Cancelled => codes::CANCELLED,
+            Stop::DeadlineExceeded => codes::DEADLINE_EXCEEDED,
+        }
+    }
+
     /// The job error its result frame carries.
     pub(crate) fn error(self) -> JobError {
         match self {

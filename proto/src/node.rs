@@ -268,6 +268,13 @@ impl<M> Node<M> {
         self.queue.has_queued()
     }
 
+    /// The code a running job will be answered with because the node stopped
+    /// it (`cancelled`, `deadline_exceeded`), whatever it returns; `None` if
+    /// it was not stopped (for a driver's metrics, before [`complete`](Node::complete)).
+    pub fn stop_code(&self, job: JobId) -> Option<&'static str> {
+        self.queue.stopped(job).map(Stop::code)
+    }
+
     /// Hands back a job's outcome; its result frame is routed to the connection
     /// that asked, or dropped if that connection is gone. Returns whether it was delivered.
     pub fn complete(&mut self, job: JobId, outcome: JobOutcome, now: Instant) -> bool {

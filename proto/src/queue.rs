@@ -287,6 +287,11 @@ impl<M> JobQueue<M> {
             .map_or(-1, |i| i as i64 + 1)
     }
 
+    /// Why the node stopped running job `job`, if it did.
+    pub(crate) fn stopped(&self, job: JobId) -> Option<Stop> {
+        self.running.get(&job)?.stopped
+    }
+
     /// Jobs workers are running now.
     pub(crate) fn running(&self) -> usize {
         self.running.len()
