@@ -101,7 +101,7 @@ const PIPELINE_DEPTH: usize = 10_000;
 /// A scenario: its name on the command line and the function that runs it.
 type Scenario = (&'static str, fn(&Bench, &mut Table) -> Result<()>);
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     ("upload", upload),
     ("memory", memory),
     ("round-trips", round_trips),
@@ -110,6 +110,7 @@ const SCENARIOS: [Scenario; 8] = [
     ("idle", idle_connections),
     ("secure", secure),
     ("store", store),
+    ("metrics", metrics),
 ];
 
 /// What this run does.
@@ -754,6 +755,37 @@ fn read_frame(conn: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(body)
 }
 
+/// One-client round trips on a node counting into `--metrics` beside the
+/// same node without: what counting costs on the hot path.
+fn metrics(bench: &Bench, table: &mut Table) -> Result<()> {
+    let size = bench.size;
+    let trips = size.round_trips / 2;
+    let rounds = if bench.quick { 3 } else { 7 };
+    for &runtime in &bench.runtimes {
+        let off = Node::start(runtime, &[])?;
+        let on = Node::start(runtime, &["--metrics", "127.0.0.1:0"])?;
+        let (mut rt_off, mut rt_on) = (Vec::new(), Vec::new());
+        // Alternated, so that drifting load falls on both alike.
+        for _ in 0..rounds {
+            rt_off.push(sequential_rate(&off, trips, size.warm_up)?);
+            rt_on.push(sequential_rate(&on, trips, size.warm_up)?);
+        }
+        off.stop()?;
+        on.stop()?;
+        let [rt_off, rt_on] = [rt_off, rt_on].map(median);
+        table
+            .row(
+                "metrics",
+                format!("{runtime}: 1-client round trips, --metrics on"),
+            )
+            .figure(format!("{rt_on:.0} jobs/s"))
+            .reference(format!("metrics off {rt_off:.0} jobs/s"), rt_on / rt_off)
+            .goal(">= 0.97 x metrics off", rt_on >= 0.97 * rt_off);
+    }
+    table.note(format!("metrics: a node with --metrics 127.0.0.1:0 (every job, connection and mount counted; nothing scrapes) and one without, measured alternately ({rounds} rounds, medians of one std client's {trips} sequential infer jobs after {} warm-up)", size.warm_up));
+    Ok(())
+}
+
 /// Sequential infer jobs per second on one client of `node`.
 fn sequential_rate(node: &Node, jobs: usize, warm_up: usize) -> Result<f64> {
     let mut client = node.client()?;
@@ -1336,6 +1368,7 @@ fn job_frame_sizes() -> (usize, usize) {
         job_id: job_id.clone(),
         input_ids: INPUT_IDS.to_vec(),
         max_tokens: MAX_TOKENS,
+        deadline_ms: 0,
     }));
     let output_ids = INPUT_IDS
         .iter()

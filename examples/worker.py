@@ -94,7 +94,12 @@ def main():
     out = sys.stdout
     for line in sys.stdin.buffer:
         try:
-            reply = handle(json.loads(line))
+            req = json.loads(line)
+            if req.get("op") == "cancel":
+                # This worker answers each request before reading the next, so
+                # a cancel always comes too late: it is not answered.
+                continue
+            reply = handle(req)
         except Exception as e:  # every request gets exactly one reply
             reply = {"ok": False, "error": str(e)}
         out.write(json.dumps(reply) + "\n")

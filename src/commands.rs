@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use donate_proto::message::{ModelStatus, QueueStatus};
-use donate_proto::Message;
+use donate_proto::{Answer, Message, RequestId};
 use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -62,7 +62,10 @@ pub fn infer(args: InferArgs) -> CliResult {
     upload(&mut client, &mut model, args.sha256, true)?
         .result
         .map_err(|e| push_failure(&args.client, &client, e))?;
-    let result = client.infer(&args.ids, args.max_tokens);
+    let result = client
+        .send_infer(&args.ids, args.max_tokens)
+        .and_then(|request| given_up(&mut client, request))
+        .and_then(donate_host::answers::infer);
     let answer = match &result {
         Ok(r) | Err(Error::InferFailed(r)) => Some(Message::InferResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -84,7 +87,10 @@ pub fn infer(args: InferArgs) -> CliResult {
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.
 pub fn prompt(args: PromptArgs) -> CliResult {
     let mut client = connect(&args.client)?;
-    let result = client.prompt(&args.text, args.max_out);
+    let result = client
+        .send_prompt(&args.text, args.max_out)
+        .and_then(|request| given_up(&mut client, request))
+        .and_then(donate_host::answers::prompt);
     let answer = match &result {
         Ok(r) | Err(Error::PromptFailed(r)) => Some(Message::PromptResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -241,6 +247,17 @@ fn status_of_many(args: &StatusArgs) -> CliResult {
     }
 }
 
+/// Waits for a job's answer; if waiting fails (`--timeout` passed), cancels
+/// the job on the node before giving up, so it does not keep computing for
+/// nobody (closing the connection would too, once the node notices).
+fn given_up(client: &mut Client, request: RequestId) -> Result<Answer, Error> {
+    client.wait(request).inspect_err(|_| {
+        if let Ok(true) = client.cancel(request) {
+            tracing::info!("gave up waiting: the job was cancelled on the node");
+        }
+    })
+}
+
 /// `donate status`: the node's hello and, when it answers one, its queue status.
 pub fn status(args: StatusArgs) -> CliResult {
     if !args.nodes.is_empty() {
@@ -251,6 +268,9 @@ pub fn status(args: StatusArgs) -> CliResult {
     let queue = client
         .queue_status()
         .map_err(|e| failed(&args.client, "queue_status failed", &e))?;
+    let stats = client
+        .stats()
+        .map_err(|e| failed(&args.client, "stats failed", &e))?;
     if args.client.json {
         let queue_json =
             queue.map_or_else(|| b"null".to_vec(), |q| Message::QueueStatus(q).to_json());
@@ -258,6 +278,11 @@ pub fn status(args: StatusArgs) -> CliResult {
         out.extend(Message::Hello(hello).to_json());
         out.extend(b",\"queue_status\":");
         out.extend(queue_json);
+        if let Some(stats) = stats {
+            // Only from a node that offers `stats`: the v1 output is unchanged.
+            out.extend(b",\"stats\":");
+            out.extend(Message::Stats(stats).to_json());
+        }
         out.push(b'}');
         return print_json(&out);
     }
@@ -280,6 +305,16 @@ pub fn status(args: StatusArgs) -> CliResult {
             hello.queue_capacity
         ),
         None => println!("queue:   not reported by the node"),
+    }
+    if let Some(s) = stats {
+        println!(
+            "connections: {} open, {} accepted",
+            s.connections, s.connections_accepted
+        );
+        println!(
+            "jobs:    {} running, {} done, {} failed; removed from the queue: {} cancelled, {} past their deadline, {} with their connection",
+            s.jobs_running, s.jobs_done, s.jobs_failed, s.jobs_cancelled, s.jobs_expired, s.jobs_dropped
+        );
     }
     Ok(())
 }

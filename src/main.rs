@@ -58,6 +58,8 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run a donor node until SIGINT/SIGTERM, then shut down gracefully.
     Serve(Box<ServeArgs>),
@@ -198,6 +200,29 @@ struct ServeArgs {
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
     job_timeout: f64,
+    /// Answer `stats` requests (extension `stats`): any client that can use
+    /// the node may then read its counters (`donate status` shows them).
+    #[arg(long)]
+    stats: bool,
+    /// Log lines as `text` (for people) or `json` (one object per line, for
+    /// log shippers; span fields such as conn, peer, job and job_id included).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Serve Prometheus metrics (`GET /metrics`) and a health check
+    /// (`GET /healthz`: 200, or 503 when draining or the executor failed) on
+    /// this host:port, over plain HTTP. A non-loopback address follows the
+    /// node's own rule: it needs --key or --insecure.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Seconds any job may take from its receipt to its answer, queue wait
+    /// included; a job past it is dropped or cancelled and answered
+    /// `deadline_exceeded` (default: no bound).
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    max_job_time: Option<f64>,
+    /// Seconds a cmd: worker may take to answer once its running job is
+    /// cancelled, before it is killed and restarted.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 2.0)]
+    cancel_grace: f64,
     /// Largest job output accepted: a cmd: worker's reply line (default 64 MiB)
     /// or an lm: program's stdout (default 1 MiB).
     #[arg(long, value_name = "BYTES",
@@ -271,6 +296,7 @@ impl ServeArgs {
             .backpressure_timeout(Duration::from_secs_f64(self.backpressure_timeout))
             .upload_stretch(self.upload_stretch)
             .workers(self.workers)
+            .max_job_time(self.max_job_time.map(Duration::from_secs_f64))
     }
 }
 
@@ -287,6 +313,7 @@ impl ServeArgs {
             workers: self.workers,
             job_timeout: Duration::from_secs_f64(self.job_timeout),
             max_line: self.max_output.unwrap_or(default.max_line),
+            cancel_grace: Duration::from_secs_f64(self.cancel_grace),
             ..default
         }
     }
@@ -557,22 +584,39 @@ impl<T: std::fmt::Display> From<T> for Failure {
 
 type CliResult = Result<(), Failure>;
 
-fn init_logging(default: &str) {
+/// How `donate serve` writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    });
+    match &cli.command {
+        Command::Serve(args) => init_logging("info", args.log_format),
+        _ => init_logging("warn", LogFormat::Text),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Push(args) => commands::push(args),

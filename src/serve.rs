@@ -15,6 +15,9 @@ use crate::{CliResult, Failure, Runtime, ServeArgs};
 /// Runs the node the flags describe until a signal asks it to stop.
 pub fn run(args: ServeArgs) -> CliResult {
     crate::secure::check_exposure(&args.addr, args.key.is_some(), args.insecure)?;
+    if let Some(addr) = &args.metrics {
+        check_metrics_exposure(addr, args.key.is_some() || args.insecure)?;
+    }
     keep_memory_flat();
     // `candle` is recognised here rather than by ExecutorSpec: it exists only
     // in builds with the `candle` feature.
@@ -166,6 +169,27 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
         }
         None => config,
     };
+    // What the core carries out for any executor (docs/PROTOCOL.md §10);
+    // v1 clients name none of it and see v1.
+    let offered = match args.stats {
+        true => donate_host::HONOURED.with(donate_proto::Capability::Stats),
+        false => donate_host::HONOURED,
+    };
+    let mut config = config.offer(offered);
+    // Held until the node has stopped: /healthz says 503 while it drains.
+    let _metrics = match &args.metrics {
+        Some(addr) => {
+            let metrics = Arc::new(donate_host::Metrics::default());
+            config = config.metrics(Arc::clone(&metrics));
+            let listener = TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr} for --metrics: {e}"))?;
+            let server = donate_host::MetricsServer::start(listener, metrics)
+                .map_err(|e| format!("cannot serve --metrics: {e}"))?;
+            tracing::info!(addr = %server.local_addr(), "metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     let stop = Stop::install()?;
     let started = Started {
         runtime: args.runtime,
@@ -205,6 +229,22 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
         NodeAddr::Unix(_) => return Err("unix: addresses need a Unix system".into()),
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--metrics ADDR` is plain, unauthenticated HTTP: an address other
+/// machines can reach is allowed only where the node's own could be (with
+/// `--key` or `--insecure`).
+fn check_metrics_exposure(addr: &str, node_may_be_exposed: bool) -> CliResult {
+    let exposed = crate::secure::is_exposed(&NodeAddr::Tcp(addr.to_owned()));
+    if exposed && !node_may_be_exposed {
+        return Err(Failure::with_code(
+            format!(
+                "refusing to serve --metrics on {addr}: other machines could read the node's                  counters; use a loopback address (127.0.0.1:PORT), or --key / --insecure as                  for the node's own address"
+            ),
+            crate::exit::EXPOSED,
+        ));
+    }
     Ok(())
 }
 

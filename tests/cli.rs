@@ -197,12 +197,38 @@ fn status_reports_hello_and_queue() {
     assert_eq!(
         status,
         json!({
-            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 7},
+            "hello": {"v": 1, "type": "hello", "mode": "model_push", "role": "server", "queue_capacity": 7,
+                      "capabilities": ["cancel", "deadline", "queue_position"]},
             "queue_status": {"v": 1, "type": "queue_status", "depth": 0, "capacity": 7, "in_progress": false},
         })
     );
     let human = donate(&["status", "--addr", &node.addr]);
     assert!(human.ok().contains("model_push"), "{}", human.stdout);
+    assert!(
+        !human.stdout.contains("jobs:"),
+        "no stats offered: {}",
+        human.stdout
+    );
+    node.stop();
+}
+
+#[test]
+fn status_shows_the_counters_of_a_node_that_offers_stats() {
+    let node = Node::start(&["--stats", "--mode", "local_lm"]);
+    donate(&["prompt", "--addr", &node.addr, "hi"]).ok();
+    let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
+    assert_eq!(
+        status["stats"],
+        json!({"v": 1, "type": "stats", "connections": 1, "connections_accepted": 2, "depth": 0,
+               "jobs_running": 0, "jobs_done": 1, "jobs_failed": 0, "jobs_cancelled": 0,
+               "jobs_expired": 0, "jobs_dropped": 0})
+    );
+    let human = donate(&["status", "--addr", &node.addr]);
+    assert!(
+        human.ok().contains("jobs:    0 running, 1 done, 0 failed"),
+        "{}",
+        human.stdout
+    );
     node.stop();
 }
 
@@ -821,6 +847,92 @@ fn serve_on_a_reachable_address_needs_key_or_insecure() {
     node.stop();
     // Loopback and unix: need neither.
     Node::start(&[]).stop();
+}
+
+/// One HTTP GET to `addr` (host:port): the status and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to --metrics");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn serve_metrics_on_loopback_and_refuses_an_exposed_address() {
+    donate(&["serve", "--metrics", "0.0.0.0:0"])
+        .fails_with("refusing to serve --metrics")
+        .code(18);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let node = Node::start(&["--metrics", &metrics]);
+    assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".to_owned()));
+    donate(&["status", "--addr", &node.addr, "--json"]).json();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (code, body) = http_get(&metrics, "/metrics");
+        assert_eq!(code, 200);
+        if body.contains("\ndonate_connections_total 1\n")
+            && body.contains("\ndonate_connections_open 0\n")
+        {
+            assert!(body.ends_with("# EOF\n"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+}
+
+#[test]
+fn infer_that_times_out_cancels_its_job_on_the_node() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let worker = format!(
+        "cmd:python3 {}/executors/tests/workers/cancellable.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let node = Node::start(&["--executor", &worker, "--metrics", &metrics]);
+    let dir = model_dir(4);
+    // Input [5] keeps cancellable.py busy for 30 s unless it is cancelled.
+    let started = Instant::now();
+    donate(&[
+        "infer",
+        "--addr",
+        &node.addr,
+        "--model",
+        path(&dir),
+        "--ids",
+        "5",
+        "--timeout",
+        "1",
+    ])
+    .fails_with("donate: ");
+    loop {
+        let (_, body) = http_get(&metrics, "/metrics");
+        if body.contains("donate_jobs_failed_total{kind=\"infer\",code=\"cancelled\"} 1\n")
+            && body.contains("\ndonate_jobs_running 0\n")
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
 }
 
 /// A secure node with a node key and one authorized client key.

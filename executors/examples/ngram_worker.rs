@@ -137,6 +137,9 @@ fn main() -> io::Result<()> {
     for line in stdin.lines() {
         let line = line?;
         let reply = match serde_json::from_str::<Value>(&line) {
+            // Requests are answered one at a time, so a cancel always comes
+            // after the job it names was answered: it gets no reply.
+            Ok(request) if request["op"] == "cancel" => continue,
             Ok(request) => handle(&mut models, &request)
                 .unwrap_or_else(|error| json!({"ok": false, "error": error})),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),

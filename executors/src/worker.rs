@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     /// Longest a worker may take to exit once its stdin is closed, when the
     /// executor is dropped, before it is killed.
     pub exit_grace: Duration,
+    /// Longest a worker may take to answer once it was sent a `cancel` line
+    /// for the job it runs, before it is killed and restarted (default 2 s).
+    pub cancel_grace: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +62,7 @@ impl Default for WorkerConfig {
             max_line: 64 * 1024 * 1024,
             temp_root: None,
             exit_grace: Duration::from_secs(2),
+            cancel_grace: Duration::from_secs(2),
         }
     }
 }
@@ -346,7 +350,7 @@ impl Executor for WorkerProcess {
             input_ids,
             max_tokens,
         };
-        let reply = slot.job(pool, &request, "infer")?;
+        let reply = slot.job(pool, &request, "infer", job)?;
         reply.output_ids.ok_or_else(|| {
             slot.fail(
                 pool,
@@ -364,7 +368,7 @@ impl Executor for WorkerProcess {
             prompt,
             max_out,
         };
-        let reply = slot.job(pool, &request, "prompt")?;
+        let reply = slot.job(pool, &request, "prompt", job)?;
         reply.text.ok_or_else(|| {
             slot.fail(
                 pool,
@@ -399,6 +403,10 @@ enum Request<'a> {
     },
     Unmount {
         model: u64,
+    },
+    /// Sent while a job runs, when it is cancelled; answered by the job's reply.
+    Cancel {
+        job_id: &'a str,
     },
 }
 
@@ -444,7 +452,14 @@ enum Failure {
     Timeout(Duration),
     Protocol(String),
     Unavailable(String),
+    /// The job was cancelled and the worker answered within the grace period.
+    Cancelled,
+    /// The job was cancelled and the worker did not answer within the grace period.
+    CancelIgnored(Duration),
 }
+
+/// How often a running job's cancel flag is looked at while its reply is awaited.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
 
 struct Pool {
     argv: Vec<String>,
@@ -623,9 +638,22 @@ impl Slot {
         }
     }
 
-    /// Sends a job request; an `ok:false` reply is the job's error.
-    fn job(&mut self, pool: &Pool, request: &Request<'_>, what: &str) -> Result<Reply, JobError> {
-        match self.call(request, pool.config.job_timeout) {
+    /// Sends a job request; an `ok:false` reply is the job's error. A
+    /// cancelled job is sent a `cancel` line; a worker that does not answer
+    /// within the grace period is killed and restarted.
+    fn job(
+        &mut self,
+        pool: &Pool,
+        request: &Request<'_>,
+        what: &str,
+        job: &JobContext<'_>,
+    ) -> Result<Reply, JobError> {
+        let cancel = Some((job, pool.config.cancel_grace));
+        match self.call_cancellable(request, pool.config.job_timeout, cancel) {
+            Err(Failure::Cancelled) => Err(JobError::new(
+                donate_proto::codes::CANCELLED,
+                format!("{what} cancelled; worker {} stopped it", self.name()),
+            )),
             Ok(reply) if reply.ok => Ok(reply),
             Ok(reply) => Err(JobError::new(
                 reply
@@ -641,6 +669,17 @@ impl Slot {
 
     /// Sends one request and waits up to `timeout` for its reply line.
     fn call(&mut self, request: &Request<'_>, timeout: Duration) -> Result<Reply, Failure> {
+        self.call_cancellable(request, timeout, None)
+    }
+
+    /// [`call`](Slot::call), watching `cancel`'s job: once it is cancelled the
+    /// worker is sent a `cancel` line and given the grace period to answer.
+    fn call_cancellable(
+        &mut self,
+        request: &Request<'_>,
+        timeout: Duration,
+        cancel: Option<(&JobContext<'_>, Duration)>,
+    ) -> Result<Reply, Failure> {
         let name = self.name();
         let Some(proc) = self.proc.as_mut() else {
             return Err(Failure::Unavailable(format!("{name} is not running")));
@@ -651,9 +690,29 @@ impl Slot {
             return Err(Failure::Crashed(proc.exit_report()));
         }
         let deadline = process::deadline(timeout);
+        // Once the cancel line is sent: until when the worker may answer it.
+        let mut grace_until: Option<Instant> = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match proc.replies.recv_timeout(left) {
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            let wait = match (cancel, grace_until) {
+                (_, Some(until)) => until.saturating_duration_since(now),
+                (Some((job, grace)), None) if job.is_cancelled() => {
+                    let mut line = serde_json::to_vec(&Request::Cancel {
+                        job_id: job.job_id(),
+                    })
+                    .expect("requests serialize");
+                    line.push(b'\n');
+                    if proc.send(line).is_err() {
+                        return Err(Failure::Crashed(proc.exit_report()));
+                    }
+                    grace_until = Some(now + grace);
+                    continue;
+                }
+                (Some(_), None) => left.min(CANCEL_POLL),
+                (None, None) => left,
+            };
+            let line = match proc.replies.recv_timeout(wait) {
                 Ok(Line::Text(line)) => line,
                 Ok(Line::TooLong) => {
                     return Err(Failure::Protocol(format!(
@@ -667,10 +726,21 @@ impl Slot {
                 Ok(Line::Failed(e)) => {
                     return Err(Failure::Crashed(format!("reading its stdout failed: {e}")))
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => return Err(Failure::Timeout(timeout)),
+                Err(mpsc::RecvTimeoutError::Timeout) => match grace_until {
+                    Some(until) if Instant::now() >= until => {
+                        let grace = cancel.map(|(_, g)| g).unwrap_or_default();
+                        return Err(Failure::CancelIgnored(grace));
+                    }
+                    _ if Instant::now() >= deadline => return Err(Failure::Timeout(timeout)),
+                    _ => continue,
+                },
             };
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
+            }
+            if grace_until.is_some() {
+                // Whatever it says, the worker stopped and is in step again.
+                return Err(Failure::Cancelled);
             }
             return serde_json::from_slice::<Reply>(&line)
                 .map_err(|e| Failure::Protocol(format!("{e} in reply line {}", preview(&line))));
@@ -694,6 +764,11 @@ impl Slot {
                 format!("worker {name} broke the protocol during {what}: {what_broke}"),
             ),
             Failure::Unavailable(why) => (codes::WORKER_UNAVAILABLE, why),
+            Failure::CancelIgnored(grace) => (
+                donate_proto::codes::CANCELLED,
+                format!("{what} cancelled; worker {name} did not stop within {grace:?}"),
+            ),
+            Failure::Cancelled => (donate_proto::codes::CANCELLED, format!("{what} cancelled")),
         };
         tracing::warn!(code, "{message}; restarting it");
         self.restart(pool);
@@ -868,6 +943,10 @@ mod tests {
         assert_eq!(
             line(&Request::Unmount { model: 1 }),
             r#"{"op":"unmount","model":1}"#
+        );
+        assert_eq!(
+            line(&Request::Cancel { job_id: "j7" }),
+            r#"{"op":"cancel","job_id":"j7"}"#
         );
     }
 }

@@ -151,6 +151,7 @@ impl AnyMessage {
                 job_id: s(job_id),
                 input_ids: input_ids.clone(),
                 max_tokens: *max_tokens,
+                deadline_ms: 0,
             }),
             AnyMessage::InferResult {
                 job_id,
@@ -175,6 +176,7 @@ impl AnyMessage {
                 job_id: s(job_id),
                 prompt: s(prompt),
                 max_out: *max_out,
+                deadline_ms: 0,
             }),
             AnyMessage::PromptResult {
                 job_id,

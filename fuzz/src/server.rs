@@ -30,7 +30,9 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
-use donate_proto::message::{encode_weights_chunk, Hello, Infer, ModelBegin, Prompt, WeightsChunk};
+use donate_proto::message::{
+    encode_weights_chunk, Hello, Infer, JobRef, ModelBegin, Prompt, QueuePosition, WeightsChunk,
+};
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
     run_job, ConnectionId, Executor, JobContext, JobError, JobInput, JobOutcome, JobOutput,
@@ -691,7 +693,23 @@ impl Mirror {
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
-            | Message::Error(_)
+            | Message::Error(_) => self.refusals += 1,
+            // Extensions these v1 connections never opted into: refused as
+            // unknown types, naming the job as a v1 node's parse error did.
+            Message::Cancel(JobRef { job_id })
+            | Message::QueuePositionRequest(JobRef { job_id })
+            | Message::Queued(QueuePosition { job_id, .. })
+            | Message::QueuePosition(QueuePosition { job_id, .. })
+                if !job_id.is_empty() =>
+            {
+                *self.jobs.entry(job_id).or_default() += 1
+            }
+            Message::Cancel(_)
+            | Message::QueuePositionRequest(_)
+            | Message::Queued(_)
+            | Message::QueuePosition(_)
+            | Message::StatsRequest
+            | Message::Stats(_)
             | Message::ModelQuery(_)
             | Message::ModelInventory(_)
             | Message::ModelUse(_) => self.refusals += 1,
@@ -811,6 +829,7 @@ impl Harness {
                         job_id,
                         input_ids: (0..(ids % 12) as i32).map(|i| i * 7 - 3).collect(),
                         max_tokens: max_tokens.into(),
+                        deadline_ms: 0,
                     }),
                 );
             }
@@ -822,6 +841,7 @@ impl Harness {
                         job_id,
                         prompt: PROMPTS[which as usize % PROMPTS.len()].to_owned(),
                         max_out: which.into(),
+                        deadline_ms: 0,
                     }),
                 );
             }

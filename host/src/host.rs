@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::metrics::{self, Metrics};
 use donate_proto::{
     run_job, run_mount, run_upload, Capabilities, Capability, ConnectionId, Event, Executor, Mount,
     MountOutcome, Node, PublicKey, SecureServerConfig, ServerConfig, StoredMount, UploadHandling,
@@ -34,6 +35,11 @@ pub struct NodeConfig {
     server: ServerConfig,
     secure: Option<SecureServerConfig>,
     store: Option<ModelStore>,
+    /// Extensions offered to clients (docs/PROTOCOL.md §10); none by default,
+    /// so the node's hello stays byte for byte v1. (`store` is offered with a store.)
+    offered: Capabilities,
+    /// Where the host counts what it does; none: nothing is counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl NodeConfig {
@@ -44,7 +50,27 @@ impl NodeConfig {
             server,
             secure: Some(secure),
             store: None,
+            offered: Capabilities::NONE,
+            metrics: None,
         }
+    }
+
+    /// Counts connections, jobs, uploads and mounts into `metrics` (for
+    /// `/metrics` and `/healthz`). Without it the host counts nothing.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Offers `extensions` to clients (see [`Node::offer`]). The host honours
+    /// `cancel`, `deadline` and `queue_position` ([`HONOURED`]) with any
+    /// executor; a cancelled job stops early only if its executor looks at
+    /// its cancel flag.
+    #[must_use]
+    pub fn offer(mut self, extensions: Capabilities) -> Self {
+        self.offered = extensions;
+        self
     }
 
     /// Keeps pushed models in `store` (and offers the `store` extension,
@@ -72,9 +98,19 @@ impl From<ServerConfig> for NodeConfig {
             server,
             secure: None,
             store: None,
+            offered: Capabilities::NONE,
+            metrics: None,
         }
     }
 }
+
+/// The extensions a host carries out whatever its executor, for
+/// [`NodeConfig::offer`]: `cancel`, `deadline`, `queue_position` (all decided
+/// in the core; a cancelled job stops early if its executor looks at its flag).
+pub const HONOURED: Capabilities = Capabilities::NONE
+    .with(Capability::Cancel)
+    .with(Capability::Deadline)
+    .with(Capability::QueuePosition);
 
 /// Called when a connection's writer must act: bytes it must wait to write, or a close.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -146,6 +182,7 @@ pub struct Host<E: Executor> {
     idle: Condvar,
     executor: Stored<E>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What the node holds per connection: the executor's model, maybe shared and from the store.
@@ -164,15 +201,17 @@ impl<E: Executor> Host<E> {
             server,
             secure,
             store,
+            offered,
+            metrics,
         } = config.into();
-        let offer = match store {
-            Some(_) => Capabilities::NONE.with(Capability::Store),
-            None => Capabilities::NONE,
+        let offered = match store {
+            Some(_) => offered.with(Capability::Store),
+            None => offered,
         };
         let executor = Stored::new(executor, store);
         let uploads = UploadHandling::for_executor(&executor);
         let workers = server.workers.max(1);
-        let mut node = Node::with_uploads(server, uploads).offer(offer);
+        let mut node = Node::with_uploads(server, uploads).offer(offered);
         if let Some(secure) = secure {
             node = node.with_secure(secure);
         }
@@ -190,6 +229,7 @@ impl<E: Executor> Host<E> {
             idle: Condvar::new(),
             executor,
             workers: Mutex::new(Vec::new()),
+            metrics,
         });
         let mut handles: Vec<_> = (0..workers)
             .map(|i| {
@@ -220,6 +260,13 @@ impl<E: Executor> Host<E> {
     pub fn accept(&self, link: Link) -> ConnectionId {
         let mut state = self.lock();
         let conn = state.node.accept(Instant::now());
+        if let Some(m) = &self.metrics {
+            m.connections_total.inc();
+            m.connections_open.inc();
+            if state.node.is_closing(conn) {
+                m.connections_refused.inc();
+            }
+        }
         state.slots.insert(
             conn,
             Arc::new(Slot {
@@ -326,6 +373,13 @@ impl<E: Executor> Host<E> {
     /// Forgets a connection whose socket is closed.
     pub fn remove(&self, conn: ConnectionId) {
         let mut state = self.lock();
+        if let (Some(m), Some(c)) = (&self.metrics, state.node.connection(conn)) {
+            let reason = c.closing().map_or("open", |e| e.code());
+            m.connections_closed
+                .get_or_create(&metrics::Reason { reason })
+                .inc();
+            m.connections_open.dec();
+        }
         state.node.remove(conn);
         state.slots.remove(&conn);
         let state = self.dispatch_events(state);
@@ -338,6 +392,9 @@ impl<E: Executor> Host<E> {
     /// connection closes. Returns once every connection is removed and the
     /// workers have stopped.
     pub fn shutdown(&self) {
+        if let Some(m) = &self.metrics {
+            m.draining.store(true, Ordering::Relaxed);
+        }
         let mut state = self.lock();
         state.node.begin_shutdown();
         state = self.dispatch_events(state);
@@ -414,7 +471,7 @@ impl<E: Executor> Host<E> {
         mut state: MutexGuard<'_, State<Model<E>>>,
         conn: ConnectionId,
     ) -> ConnState {
-        let followup = take_events(&mut state);
+        let followup = take_events(&mut state, self.metrics.as_deref());
         let conn_state = ConnState {
             wants_read: state.node.wants_read(conn),
             closing: state.node.is_closing(conn),
@@ -430,7 +487,7 @@ impl<E: Executor> Host<E> {
         &'a self,
         mut state: MutexGuard<'a, State<Model<E>>>,
     ) -> MutexGuard<'a, State<Model<E>>> {
-        let followup = take_events(&mut state);
+        let followup = take_events(&mut state, self.metrics.as_deref());
         if followup.is_empty() {
             return state;
         }
@@ -502,7 +559,16 @@ impl<E: Executor> Host<E> {
         loop {
             if let Some(mount) = state.mounts.pop_front() {
                 drop(state);
+                if let Some(m) = &self.metrics {
+                    m.upload_bytes.inc_by(mount.model.weights_len());
+                }
                 let outcome = run_mount(&self.executor, mount);
+                if let Some(m) = &self.metrics {
+                    match outcome.result {
+                        Ok(_) => m.models_mounted.inc(),
+                        Err(_) => m.mounts_failed.inc(),
+                    };
+                }
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(stored) = state.uses.pop_front() {
@@ -512,8 +578,39 @@ impl<E: Executor> Host<E> {
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
                 drop(state);
-                let outcome = run_job(&self.executor, &job);
+                // Every line about this job (the executor's too) carries
+                // the node's job number, the client's job_id and the connection.
+                let span = tracing::info_span!(
+                    "job",
+                    job = job.id.as_u64(),
+                    job_id = %job.job_id,
+                    conn = %job.conn
+                );
+                let started = Instant::now();
+                let outcome = span.in_scope(|| {
+                    let outcome = match &self.metrics {
+                        None => run_job(&self.executor, &job),
+                        Some(m) => counted_job(&self.executor, &job, m, started),
+                    };
+                    match &outcome {
+                        Ok(_) => tracing::debug!("job done"),
+                        Err(e) => tracing::debug!(code = %e.code, "job failed: {e}"),
+                    }
+                    outcome
+                });
                 state = self.lock();
+                if let Some(m) = &self.metrics {
+                    // Counted as answered: a job the node stopped by its code.
+                    let code = state
+                        .node
+                        .stop_code(job.id)
+                        .or_else(|| outcome.as_ref().err().map(|e| e.code.as_str()));
+                    let kind = match job.input {
+                        donate_proto::JobInput::Infer { .. } => 0,
+                        donate_proto::JobInput::Prompt { .. } => 1,
+                    };
+                    m.job_ended(kind, code, started.elapsed());
+                }
                 state.node.complete(job.id, outcome, Instant::now());
             } else if state.stop_workers {
                 return;
@@ -569,8 +666,27 @@ impl Followup {
     }
 }
 
+/// Runs `job`, counting its queue wait and keeping the running gauge; its
+/// end is counted once the node says how it is answered.
+fn counted_job<E: Executor>(
+    executor: &E,
+    job: &donate_proto::Job<E::Model>,
+    m: &Metrics,
+    started: Instant,
+) -> donate_proto::JobOutcome {
+    m.queue_wait_seconds
+        .observe(started.saturating_duration_since(job.queued_at));
+    m.jobs_running.inc();
+    let outcome = run_job(executor, job);
+    m.jobs_running.dec();
+    outcome
+}
+
 /// Takes the node's events: work goes to the workers' queues, output is noted.
-fn take_events<M>(state: &mut State<M>) -> Followup {
+fn take_events<M>(state: &mut State<M>, metrics: Option<&Metrics>) -> Followup {
+    if let Some(m) = metrics {
+        m.note_node(&state.node);
+    }
     let mut followup = Followup::default();
     while let Some(event) = state.node.poll_event() {
         match event {
@@ -616,6 +732,8 @@ fn note_peer_key<M>(state: &State<M>, conn: ConnectionId) {
     let Some(key) = c.peer_key() else { return };
     if slot.peer_key.set(*key).is_ok() {
         let peer_key = key.fingerprint();
+        // Called from the connection's reader, inside its span.
+        tracing::Span::current().record("peer_key", peer_key.as_str());
         if state.node.is_closing(conn) {
             tracing::warn!(%conn, %peer_key, "secure handshake done; key not authorized, refused");
         } else {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
+use tracing::Instrument;
 
 use donate_proto::{ConnectionId, Executor};
 
@@ -146,10 +147,21 @@ async fn accept_loop<R: Runtime, L: Listener, E: Executor>(
                 let (host, tasks_for_conn, rt) =
                     (Arc::clone(&host), Arc::clone(&tasks), Arc::clone(&runtime));
                 tasks.start();
-                runtime.spawn(Box::pin(async move {
-                    connection(&*rt, stream, peer, host).await;
-                    tasks_for_conn.end();
-                }));
+                // Every line about this connection carries its peer, its
+                // id and (secure mode) the client's key once known.
+                let span = tracing::info_span!(
+                    "conn",
+                    %peer,
+                    conn = tracing::field::Empty,
+                    peer_key = tracing::field::Empty
+                );
+                runtime.spawn(Box::pin(
+                    async move {
+                        connection(&*rt, stream, peer, host).await;
+                        tasks_for_conn.end();
+                    }
+                    .instrument(span),
+                ));
             }
             Some(Err(e)) => tracing::debug!("accept failed: {e}"),
         }
@@ -174,6 +186,7 @@ async fn connection<R: Runtime, S: Stream, E: Executor>(
         },
         direct: Arc::new(Direct(Arc::clone(&stream))),
     });
+    tracing::Span::current().record("conn", tracing::field::display(conn));
     tracing::info!(%conn, %peer, "connection accepted");
     let write_timeout = host.config().backpressure_timeout;
     let writing = write_loop(

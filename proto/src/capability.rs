@@ -60,6 +60,7 @@ impl Capability {
         ALL.into_iter().find(|c| c.as_str() == name)
     }
 
+    /// Its bit: its place in `ALL` (a const, for const sets).
     const fn bit(self) -> u16 {
         1 << self as u16
     }

@@ -14,8 +14,9 @@ use crate::capability::{Capabilities, Capability};
 use crate::error::ClientError;
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
-    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, Message, ModelBegin,
-    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult, QueueStatus,
+    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, JobRef, Message, ModelBegin,
+    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult, QueuePosition,
+    QueueStatus, Stats,
 };
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
@@ -34,6 +35,9 @@ pub struct ClientConfig {
     /// Extensions this client opts into when the node offers them (docs/PROTOCOL.md
     /// §10); default: those this client core implements.
     pub capabilities: Capabilities,
+    /// Extension `deadline`: every job asks to be answered within this time
+    /// (its `deadline_ms`) when the node agreed; default `None`.
+    pub job_deadline: Option<std::time::Duration>,
 }
 
 impl Default for ClientConfig {
@@ -43,6 +47,7 @@ impl Default for ClientConfig {
             chunk_size: 1024 * 1024,
             upload_window: 4 * 1024 * 1024,
             capabilities: IMPLEMENTED,
+            job_deadline: None,
         }
     }
 }
@@ -52,10 +57,16 @@ crate::config::setters!(ClientConfig {
     chunk_size: usize,
     upload_window: usize,
     capabilities: Capabilities,
+    job_deadline: Option<std::time::Duration>,
 });
 
 /// The extensions this client core implements, opted into by default.
-const IMPLEMENTED: Capabilities = Capabilities::NONE.with(Capability::Store);
+const IMPLEMENTED: Capabilities = Capabilities::NONE
+    .with(Capability::Store)
+    .with(Capability::Cancel)
+    .with(Capability::Deadline)
+    .with(Capability::QueuePosition)
+    .with(Capability::Stats);
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,6 +92,11 @@ pub enum Answer {
     QueueStatus(QueueStatus),
     /// To a `model_query` (extension `store`).
     Inventory(ModelInventory),
+    /// To a [`queue_position`](ClientConnection::queue_position) request
+    /// (extension `queue_position`).
+    QueuePosition(QueuePosition),
+    /// To a [`stats`](ClientConnection::stats) request (extension `stats`).
+    Stats(Stats),
     /// The request was refused.
     Error(ErrorFrame),
 }
@@ -108,6 +124,8 @@ enum Kind {
     Prompt,
     QueueStatus,
     Query,
+    QueuePosition,
+    Stats,
 }
 
 #[derive(Debug)]
@@ -115,6 +133,8 @@ struct Outstanding {
     request: RequestId,
     kind: Kind,
     job_id: String,
+    /// A job's place in the queue, from the node's `queued`.
+    position: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -295,6 +315,7 @@ impl ClientConnection {
             job_id: job_id.to_owned(),
             input_ids: input_ids.to_vec(),
             max_tokens,
+            deadline_ms: self.deadline_ms(),
         }));
         Ok(request)
     }
@@ -311,6 +332,7 @@ impl ClientConnection {
             job_id: job_id.to_owned(),
             prompt: prompt.to_owned(),
             max_out,
+            deadline_ms: self.deadline_ms(),
         }));
         Ok(request)
     }
@@ -322,6 +344,7 @@ impl ClientConnection {
             job_id,
             input_ids: input_ids.to_vec(),
             max_tokens,
+            deadline_ms: self.deadline_ms(),
         }));
         Ok(request)
     }
@@ -333,8 +356,82 @@ impl ClientConnection {
             job_id,
             prompt: prompt.to_owned(),
             max_out,
+            deadline_ms: self.deadline_ms(),
         }));
         Ok(request)
+    }
+
+    /// Extension `cancel`: asks the node to stop job `request` (queued or
+    /// running). Its answer still comes, as a result with code `cancelled`
+    /// (or its real result, if it finished first). Returns false when the job
+    /// is not outstanding (already answered, or not a job).
+    pub fn cancel(&mut self, request: RequestId) -> Result<bool, ClientError> {
+        if !self.agreed.contains(Capability::Cancel) {
+            return Err(ClientError::NotOffered("cancel"));
+        }
+        let Some(job) = self
+            .outstanding
+            .iter()
+            .find(|o| o.request == request && matches!(o.kind, Kind::Infer | Kind::Prompt))
+        else {
+            return Ok(false);
+        };
+        let job_id = job.job_id.clone();
+        self.send(&Message::Cancel(JobRef { job_id }));
+        Ok(true)
+    }
+
+    /// Extension `queue_position`: asks where job `request` is in the node's
+    /// queue; the answer is [`Answer::QueuePosition`]. `None` when the job is
+    /// not outstanding.
+    pub fn queue_position(&mut self, request: RequestId) -> Result<Option<RequestId>, ClientError> {
+        if !self.agreed.contains(Capability::QueuePosition) {
+            return Err(ClientError::NotOffered("queue_position"));
+        }
+        let Some(job) = self
+            .outstanding
+            .iter()
+            .find(|o| o.request == request && matches!(o.kind, Kind::Infer | Kind::Prompt))
+        else {
+            return Ok(None);
+        };
+        let job_id = job.job_id.clone();
+        let (asked, _) = self.request(Kind::QueuePosition, "")?;
+        if let Some(o) = self.outstanding.iter_mut().find(|o| o.request == asked) {
+            o.job_id.clone_from(&job_id);
+        }
+        self.send(&Message::QueuePositionRequest(JobRef { job_id }));
+        Ok(Some(asked))
+    }
+
+    /// Extension `queue_position`: job `request`'s place in the queue as the
+    /// node last said in its `queued` (1 = next to run), while it is outstanding.
+    pub fn position(&self, request: RequestId) -> Option<i64> {
+        self.outstanding
+            .iter()
+            .find(|o| o.request == request)?
+            .position
+    }
+
+    /// Extension `stats`: asks for the node's counters; the answer is
+    /// [`Answer::Stats`].
+    pub fn stats(&mut self) -> Result<RequestId, ClientError> {
+        if !self.agreed.contains(Capability::Stats) {
+            return Err(ClientError::NotOffered("stats"));
+        }
+        let (request, _) = self.request(Kind::Stats, "")?;
+        self.send(&Message::StatsRequest);
+        Ok(request)
+    }
+
+    /// The `deadline_ms` jobs carry: only to a node that agreed `deadline`.
+    fn deadline_ms(&self) -> i64 {
+        match self.config.job_deadline {
+            Some(d) if self.agreed.contains(Capability::Deadline) => {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+            }
+            _ => 0,
+        }
     }
 
     /// Asks for the queue's state; the answer is [`Answer::QueueStatus`], or
@@ -515,6 +612,7 @@ impl ClientConnection {
             request,
             kind,
             job_id: job_id.clone(),
+            position: None,
         });
         Ok((request, job_id))
     }
@@ -532,6 +630,7 @@ impl ClientConnection {
             request,
             kind,
             job_id: job_id.to_owned(),
+            position: None,
         });
         Ok(request)
     }
@@ -571,9 +670,31 @@ impl ClientConnection {
             }
             Message::QueueStatus(m) => (self.find(Kind::QueueStatus, None), Answer::QueueStatus(m)),
             Message::ModelInventory(m) => (self.find(Kind::Query, None), Answer::Inventory(m)),
+            Message::QueuePosition(m) if self.agreed.contains(Capability::QueuePosition) => (
+                self.find(Kind::QueuePosition, Some(&m.job_id)),
+                Answer::QueuePosition(m),
+            ),
+            Message::Stats(m) if self.agreed.contains(Capability::Stats) => {
+                (self.find(Kind::Stats, None), Answer::Stats(m))
+            }
+            Message::Queued(m) if self.agreed.contains(Capability::QueuePosition) => {
+                // Not an answer: a job's place, kept with the job.
+                let job = self
+                    .outstanding
+                    .iter_mut()
+                    .find(|o| o.job_id == m.job_id && matches!(o.kind, Kind::Infer | Kind::Prompt));
+                if let Some(job) = job {
+                    job.position = Some(m.position);
+                }
+                return Ok(());
+            }
             Message::Error(e) => {
                 let by_id = (!e.job_id.is_empty())
-                    .then(|| self.outstanding.iter().position(|o| o.job_id == e.job_id))
+                    .then(|| {
+                        self.outstanding
+                            .iter()
+                            .position(|o| o.job_id == e.job_id && o.kind != Kind::QueuePosition)
+                    })
                     .flatten();
                 // Without a job_id it answers a request that has none (an upload,
                 // a queue_status): our node names the job of every job error, so a
@@ -625,6 +746,8 @@ fn kind_of(answer: &Answer) -> &'static str {
         Answer::Prompt(_) => "prompt_result",
         Answer::QueueStatus(_) => "queue_status",
         Answer::Inventory(_) => "model_inventory",
+        Answer::QueuePosition(_) => "queue_position",
+        Answer::Stats(_) => "stats",
         Answer::Error(_) => "error",
     }
 }

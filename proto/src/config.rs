@@ -52,6 +52,10 @@ pub struct ServerConfig {
     /// Worker threads a host runs for jobs and mounts (default 1, as in Go).
     /// The node itself runs nothing; `in_progress` counts what workers took.
     pub workers: usize,
+    /// Longest a job may take from its receipt to its answer, queue wait
+    /// included (default `None`: no bound). A job still queued then is
+    /// dropped, a running one cancelled; either is answered `deadline_exceeded`.
+    pub max_job_time: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             backpressure_timeout: Duration::from_secs(30),
             upload_stretch: 4 * 1024 * 1024,
             workers: 1,
+            max_job_time: None,
         }
     }
 }
@@ -105,6 +110,7 @@ setters!(ServerConfig {
     backpressure_timeout: Duration,
     upload_stretch: usize,
     workers: usize,
+    max_job_time: Option<Duration>,
 });
 
 /// What a node does with an upload's bytes as they arrive. This is a promise

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::capability::{Capabilities, Capability};
 use crate::config::Settings;
@@ -21,7 +21,7 @@ use crate::id::ConnectionId;
 use crate::job::{result_frame, JobInput, JobKind, JobOutcome};
 use crate::message::{
     canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelInventory,
-    ModelQuery, ModelStatus, ModelUse, Prompt,
+    ModelQuery, ModelStatus, ModelUse, Prompt, QueuePosition,
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
@@ -36,7 +36,15 @@ pub(crate) enum ToNode<M> {
         job_id: String,
         kind: JobKind,
         input: JobInput<M>,
+        /// When it must be answered (`deadline_ms`, `max_job_time`).
+        deadline: Option<Instant>,
     },
+    /// Extension `cancel`: stop this connection's job with this `job_id`.
+    Cancel(String),
+    /// Extension `queue_position`: answer where this job is.
+    QueuePosition(String),
+    /// Extension `stats`: answer with the node's counters.
+    Stats,
     /// A committed upload to verify and load.
     Mount(CommittedModel),
     /// A stretch of an upload to hash or spool.
@@ -503,7 +511,38 @@ impl<M> Connection<M> {
             | Message::Error(_) => {
                 self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
             }
+            Message::Cancel(job) if self.agreed.contains(Capability::Cancel) => {
+                self.to_node.push_back(ToNode::Cancel(job.job_id));
+            }
+            Message::QueuePositionRequest(job)
+                if self.agreed.contains(Capability::QueuePosition) =>
+            {
+                self.to_node.push_back(ToNode::QueuePosition(job.job_id));
+            }
+            Message::StatsRequest if self.agreed.contains(Capability::Stats) => {
+                self.to_node.push_back(ToNode::Stats);
+            }
+            Message::Cancel(_)
+            | Message::QueuePositionRequest(_)
+            | Message::Queued(_)
+            | Message::QueuePosition(_)
+            | Message::StatsRequest
+            | Message::Stats(_) => self.unknown_extension(&msg),
         }
+    }
+
+    /// An extension message from a client that did not opt into it (or one
+    /// only a node sends): answered exactly as v1 answers a type it does not
+    /// know, so a v1 peer sees v1 bytes.
+    fn unknown_extension(&mut self, msg: &Message<'_>) {
+        let job_id = match msg {
+            Message::Cancel(j) | Message::QueuePositionRequest(j) => &j.job_id,
+            Message::Queued(p) | Message::QueuePosition(p) => &p.job_id,
+            _ => "",
+        };
+        let e = ProtocolError::UnknownType(msg.kind().to_owned());
+        let job_id = (!job_id.is_empty()).then(|| job_id.to_owned());
+        self.refuse(&e, job_id.as_deref());
     }
 
     fn refuse(&mut self, e: &ProtocolError, job_id: Option<&str>) {
@@ -664,7 +703,7 @@ impl<M> Connection<M> {
             input_ids: job.input_ids,
             max_tokens: job.max_tokens,
         };
-        self.queue_job(job.job_id, JobKind::Infer, input, room);
+        self.queue_job(job.job_id, JobKind::Infer, input, job.deadline_ms, room);
     }
 
     fn on_prompt(&mut self, job: Prompt, room: &mut QueueRoom) {
@@ -672,7 +711,7 @@ impl<M> Connection<M> {
             prompt: job.prompt,
             max_out: job.max_out,
         };
-        self.queue_job(job.job_id, JobKind::Prompt, input, room);
+        self.queue_job(job.job_id, JobKind::Prompt, input, job.deadline_ms, room);
     }
 
     fn queue_job(
@@ -680,8 +719,13 @@ impl<M> Connection<M> {
         job_id: String,
         kind: JobKind,
         input: JobInput<M>,
+        deadline_ms: i64,
         room: &mut QueueRoom,
     ) {
+        let deadline = match self.job_deadline(deadline_ms) {
+            Ok(deadline) => deadline,
+            Err(e) => return self.refuse(&e, Some(&job_id)),
+        };
         match room.admit() {
             Ok(()) => {
                 self.jobs_in_flight += 1;
@@ -689,10 +733,64 @@ impl<M> Connection<M> {
                     job_id,
                     kind,
                     input,
+                    deadline,
                 });
             }
             Err(e) => self.refuse(&e, Some(&job_id)),
         }
+    }
+
+    /// When a job received now must be answered: its `deadline_ms` (read
+    /// only from a client that opted into `deadline`) or the node's
+    /// `max_job_time`, whichever comes first.
+    fn job_deadline(&self, deadline_ms: i64) -> Result<Option<Instant>, ProtocolError> {
+        let received = self.last_input;
+        let asked = match deadline_ms {
+            _ if !self.agreed.contains(Capability::Deadline) => None,
+            0 => None,
+            ms if ms < 0 => {
+                return Err(ProtocolError::BadField(format!(
+                    "deadline_ms must be positive, got {ms}"
+                )))
+            }
+            // A deadline past what the clock can hold is no deadline.
+            ms => received.checked_add(Duration::from_millis(ms as u64)),
+        };
+        let bound = self
+            .settings
+            .config
+            .max_job_time
+            .and_then(|t| received.checked_add(t));
+        Ok(asked.into_iter().chain(bound).min())
+    }
+
+    // ---- extension answers from the node ----
+
+    /// Extension `queue_position`: a job was queued at `position`.
+    pub(crate) fn job_queued(&mut self, job_id: &str, position: usize) {
+        if self.agreed.contains(Capability::QueuePosition) {
+            self.send(&Message::Queued(QueuePosition {
+                job_id: job_id.to_owned(),
+                position: position as i64,
+            }));
+        }
+    }
+
+    /// Extension `queue_position`: the answer to a request.
+    pub(crate) fn send_position(&mut self, job_id: String, position: i64, now: Instant) {
+        self.send(&Message::QueuePosition(QueuePosition { job_id, position }));
+        self.note_output(now);
+    }
+
+    /// Extension `stats`: the answer to a request.
+    pub(crate) fn send_stats(&mut self, stats: crate::message::Stats, now: Instant) {
+        self.send(&Message::Stats(stats));
+        self.note_output(now);
+    }
+
+    /// `n` queued jobs of this closing connection were dropped unanswered.
+    pub(crate) fn jobs_dropped(&mut self, n: usize) {
+        self.jobs_in_flight -= n;
     }
 
     /// Once no commit is being mounted, the `infer`s that waited for one run

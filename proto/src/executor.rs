@@ -131,7 +131,7 @@ impl Weights<NoSpool> {
 
 /// Runs `job` on `executor`; a panic becomes an `executor_panicked` job error.
 pub fn run_job<E: Executor>(executor: &E, job: &Job<E::Model>) -> JobOutcome {
-    let context = JobContext::new(&job.job_id);
+    let context = JobContext::new(&job.job_id).with_cancel(&job.cancel);
     catch_unwind(AssertUnwindSafe(|| match &job.input {
         JobInput::Infer {
             model,

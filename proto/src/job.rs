@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::id::JobId;
 use crate::message::{InferResult, Message, PromptResult};
@@ -18,6 +19,15 @@ pub struct Job<M> {
     pub input: JobInput<M>,
     /// Jobs still waiting in the queue when this one was taken.
     pub queue_depth: usize,
+    /// Set by the node when the job is cancelled or passes its deadline:
+    /// [`run_job`](crate::run_job) hands it to the executor through
+    /// [`JobContext::is_cancelled`]; whatever the job returns then is
+    /// replaced by the node's `cancelled` / `deadline_exceeded` answer.
+    pub cancel: Arc<AtomicBool>,
+    /// When the node queued it (the `now` of the call that did), for queue-wait metrics.
+    pub queued_at: Instant,
+    /// The connection that asked (for logs).
+    pub conn: crate::id::ConnectionId,
 }
 
 /// What a job asks for.
@@ -142,6 +152,43 @@ impl JobError {
             message: message.into(),
         }
     }
+}
+
+/// Why the node stopped a job before its executor finished it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The client cancelled it, or went away.
+    Cancelled,
+    /// Its `deadline_ms` or the node's `max_job_time` passed.
+    DeadlineExceeded,
+}
+
+impl Stop {
+    /// The code of its job error.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Stop::Cancelled => codes::CANCELLED,
+            Stop::DeadlineExceeded => codes::DEADLINE_EXCEEDED,
+        }
+    }
+
+    /// The job error its result frame carries.
+    pub(crate) fn error(self) -> JobError {
+        match self {
+            Stop::Cancelled => JobError::new(codes::CANCELLED, "job cancelled"),
+            Stop::DeadlineExceeded => {
+                JobError::new(codes::DEADLINE_EXCEEDED, "job deadline exceeded")
+            }
+        }
+    }
+}
+
+/// Codes of the job errors the node itself gives (docs/PROTOCOL.md §10).
+pub mod codes {
+    /// The client cancelled the job (`cancel`), or it was dropped with its connection.
+    pub const CANCELLED: &str = "cancelled";
+    /// The job's `deadline_ms`, or the node's `max_job_time`, passed first.
+    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
 }
 
 /// What a worker reports for a job.

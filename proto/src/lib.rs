@@ -101,9 +101,9 @@ pub use connection::Connection;
 pub use error::{ClientError, FrameError, MountError, ProtocolError};
 pub use executor::{run_job, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights};
 pub use id::{ConnectionId, JobId};
-pub use job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
+pub use job::{codes, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
-pub use node::{Event, Mount, MountOutcome, MountToken, Node, StoredMount};
+pub use node::{Event, Mount, MountOutcome, MountToken, Node, NodeStats, StoredMount};
 pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore};
 pub use secure::{
     Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,

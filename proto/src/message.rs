@@ -206,6 +206,11 @@ pub struct Infer {
     /// Tokens to generate; 0 or less means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_tokens: i64,
+    /// Extension `deadline` (docs/PROTOCOL.md §10): milliseconds from the
+    /// node's receipt of the job by which it must be answered; 0 = none.
+    /// Left out when 0, so a v1 job stays byte for byte v1.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deadline_ms: i64,
 }
 
 /// `infer_result`: the answer to `infer`.
@@ -238,6 +243,9 @@ pub struct Prompt {
     /// Output limit; 0 means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_out: i64,
+    /// Extension `deadline`: as [`Infer::deadline_ms`].
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deadline_ms: i64,
 }
 
 /// `prompt_result`: the answer to `prompt`.
@@ -269,6 +277,48 @@ pub struct QueueStatus {
     pub capacity: i64,
     /// Whether a worker is running a job.
     pub in_progress: bool,
+}
+
+/// A job named by its `job_id`: the body of `cancel` (extension `cancel`,
+/// docs/PROTOCOL.md §10) and of a client's `queue_position` request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct JobRef {
+    /// The job's `job_id`, as sent with it.
+    pub job_id: String,
+}
+
+/// A job's place in the queue (extension `queue_position`): sent as `queued`
+/// when a job is queued, and as `queue_position` to answer a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct QueuePosition {
+    /// The job's `job_id`.
+    pub job_id: String,
+    /// 1 = the next job a worker takes, 2 = the one after…; 0 = running;
+    /// -1 = not queued or running on this connection (answered, or never sent).
+    pub position: i64,
+}
+
+/// `stats` sent by a node (extension `stats`, docs/PROTOCOL.md §10.5): its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: i64,
+    /// Connections accepted since the node started (refused ones included).
+    pub connections_accepted: i64,
+    /// Jobs waiting in the queue.
+    pub depth: i64,
+    /// Jobs workers are running.
+    pub jobs_running: i64,
+    /// Jobs answered `ok:true`.
+    pub jobs_done: i64,
+    /// Jobs run and answered `ok:false` (stopped ones included).
+    pub jobs_failed: i64,
+    /// Queued jobs removed by `cancel`.
+    pub jobs_cancelled: i64,
+    /// Queued jobs removed at their deadline.
+    pub jobs_expired: i64,
+    /// Queued jobs dropped with their connection.
+    pub jobs_dropped: i64,
 }
 
 /// `error`: a refused request, or the reason a connection is about to close.
@@ -328,6 +378,18 @@ pub enum Message<'a> {
     ModelInventory(ModelInventory),
     /// `model_use` (extension `store`)
     ModelUse(ModelUse),
+    /// `cancel` (extension `cancel`)
+    Cancel(JobRef),
+    /// `queued` (extension `queue_position`): a job was queued, at this place.
+    Queued(QueuePosition),
+    /// `queue_position` sent by a client: where is this job?
+    QueuePositionRequest(JobRef),
+    /// `queue_position` sent by a node: the answer.
+    QueuePosition(QueuePosition),
+    /// `stats` sent by a client (extension `stats`): a request, with no fields.
+    StatsRequest,
+    /// `stats` sent by a node: its counters.
+    Stats(Stats),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -367,6 +429,16 @@ struct Wire<'a> {
     hashes: Option<Vec<String>>,
     models: Option<Vec<StoredModel>>,
     store_free: Option<i64>,
+    deadline_ms: Option<i64>,
+    position: Option<i64>,
+    connections: Option<i64>,
+    connections_accepted: Option<i64>,
+    jobs_running: Option<i64>,
+    jobs_done: Option<i64>,
+    jobs_failed: Option<i64>,
+    jobs_cancelled: Option<i64>,
+    jobs_expired: Option<i64>,
+    jobs_dropped: Option<i64>,
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -422,6 +494,7 @@ impl<'a> Message<'a> {
                 job_id: wire.job_id.unwrap_or_default(),
                 input_ids: wire.input_ids.unwrap_or_default(),
                 max_tokens: wire.max_tokens.unwrap_or_default(),
+                deadline_ms: wire.deadline_ms.unwrap_or_default(),
             }),
             "infer_result" => Message::InferResult(InferResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -435,6 +508,7 @@ impl<'a> Message<'a> {
                 job_id: wire.job_id.unwrap_or_default(),
                 prompt: wire.prompt.unwrap_or_default(),
                 max_out: wire.max_out.unwrap_or_default(),
+                deadline_ms: wire.deadline_ms.unwrap_or_default(),
             }),
             "prompt_result" => Message::PromptResult(PromptResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -472,6 +546,34 @@ impl<'a> Message<'a> {
                 config_json: wire.config_json.unwrap_or_default(),
                 weights_sha256: wire.weights_sha256.unwrap_or_default(),
             }),
+            "cancel" => Message::Cancel(JobRef {
+                job_id: wire.job_id.unwrap_or_default(),
+            }),
+            "queued" => Message::Queued(QueuePosition {
+                job_id: wire.job_id.unwrap_or_default(),
+                position: wire.position.unwrap_or_default(),
+            }),
+            "queue_position" if wire.position.is_none() => Message::QueuePositionRequest(JobRef {
+                job_id: wire.job_id.unwrap_or_default(),
+            }),
+            "queue_position" => Message::QueuePosition(QueuePosition {
+                job_id: wire.job_id.unwrap_or_default(),
+                position: wire.position.unwrap_or_default(),
+            }),
+            "stats" if wire.jobs_done.is_none() && wire.connections.is_none() => {
+                Message::StatsRequest
+            }
+            "stats" => Message::Stats(Stats {
+                connections: wire.connections.unwrap_or_default(),
+                connections_accepted: wire.connections_accepted.unwrap_or_default(),
+                depth: wire.depth.unwrap_or_default(),
+                jobs_running: wire.jobs_running.unwrap_or_default(),
+                jobs_done: wire.jobs_done.unwrap_or_default(),
+                jobs_failed: wire.jobs_failed.unwrap_or_default(),
+                jobs_cancelled: wire.jobs_cancelled.unwrap_or_default(),
+                jobs_expired: wire.jobs_expired.unwrap_or_default(),
+                jobs_dropped: wire.jobs_dropped.unwrap_or_default(),
+            }),
             other => return Err(ProtocolError::UnknownType(other.to_owned())),
         })
     }
@@ -493,6 +595,10 @@ impl<'a> Message<'a> {
             Message::ModelQuery(_) => "model_query",
             Message::ModelInventory(_) => "model_inventory",
             Message::ModelUse(_) => "model_use",
+            Message::Cancel(_) => "cancel",
+            Message::Queued(_) => "queued",
+            Message::QueuePositionRequest(_) | Message::QueuePosition(_) => "queue_position",
+            Message::StatsRequest | Message::Stats(_) => "stats",
         }
     }
 
@@ -525,6 +631,10 @@ impl<'a> Message<'a> {
             Message::ModelCommit | Message::QueueStatusRequest => {
                 write_tagged(kind, &Empty {}, out)
             }
+            Message::Cancel(m) | Message::QueuePositionRequest(m) => write_tagged(kind, m, out),
+            Message::Queued(m) | Message::QueuePosition(m) => write_tagged(kind, m, out),
+            Message::StatsRequest => write_tagged(kind, &Empty {}, out),
+            Message::Stats(m) => write_tagged(kind, m, out),
         }
     }
 
@@ -562,6 +672,12 @@ impl<'a> Message<'a> {
             Message::ModelQuery(m) => Message::ModelQuery(m),
             Message::ModelInventory(m) => Message::ModelInventory(m),
             Message::ModelUse(m) => Message::ModelUse(m),
+            Message::Cancel(m) => Message::Cancel(m),
+            Message::Queued(m) => Message::Queued(m),
+            Message::QueuePositionRequest(m) => Message::QueuePositionRequest(m),
+            Message::QueuePosition(m) => Message::QueuePosition(m),
+            Message::StatsRequest => Message::StatsRequest,
+            Message::Stats(m) => Message::Stats(m),
         }
     }
 }

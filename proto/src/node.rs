@@ -24,9 +24,9 @@ use crate::config::{ServerConfig, Settings, UploadHandling};
 use crate::connection::{Connection, ToNode};
 use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
-use crate::job::{Job, JobOutcome};
+use crate::job::{Job, JobOutcome, Stop};
 use crate::message::{ModelInventory, QueueStatus};
-use crate::queue::{JobQueue, Route};
+use crate::queue::{Cancelled, JobQueue, Route};
 use crate::secure::SecureServerConfig;
 use crate::upload::{CommittedModel, UploadWork};
 
@@ -41,7 +41,8 @@ pub enum Event {
     /// A connection that [`Node::wants_read`] refused (its spooled upload was
     /// behind) wants input again: wake its reader.
     Resume(ConnectionId),
-    /// A job was queued: a worker should call [`Node::next_job`].
+    /// A job was queued: a worker should call [`Node::next_job`] (which
+    /// finds nothing if the job was cancelled or dropped in the meantime).
     JobQueued,
     /// Only with an [`UploadHandling`] other than `InMemory`: part of an upload
     /// to hash or spool with [`run_upload`](crate::run_upload), then hand back
@@ -98,6 +99,25 @@ pub struct MountOutcome<M> {
     pub result: Result<Arc<M>, String>,
 }
 
+/// What the core did that its driver cannot see, for metrics: queued jobs
+/// removed before they ran. From [`Node::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct NodeStats {
+    /// Removed by a client's `cancel`.
+    pub cancelled_queued: u64,
+    /// Removed when their deadline passed.
+    pub expired_queued: u64,
+    /// Dropped with their connection.
+    pub dropped_queued: u64,
+    /// Connections accepted (refused ones included).
+    pub connections_accepted: u64,
+    /// Jobs handed back ok.
+    pub jobs_done: u64,
+    /// Jobs handed back failed, or stopped by the node.
+    pub jobs_failed: u64,
+}
+
 /// A donor node: every connection's state and the one FIFO job queue.
 ///
 /// `M` is the executor's model type ([`Executor::Model`](crate::Executor::Model)).
@@ -108,6 +128,7 @@ pub struct Node<M> {
     queue: JobQueue<M>,
     events: VecDeque<Event>,
     next_conn: u64,
+    stats: NodeStats,
 }
 
 impl<M> Node<M> {
@@ -130,6 +151,7 @@ impl<M> Node<M> {
             conns: HashMap::new(),
             events: VecDeque::new(),
             next_conn: 0,
+            stats: NodeStats::default(),
         }
     }
 
@@ -163,6 +185,7 @@ impl<M> Node<M> {
     /// frame to send.
     pub fn accept(&mut self, now: Instant) -> ConnectionId {
         self.next_conn += 1;
+        self.stats.connections_accepted += 1;
         let id = ConnectionId(self.next_conn);
         let refused = if self.queue.is_closed() {
             Some(ProtocolError::ShuttingDown)
@@ -182,7 +205,8 @@ impl<M> Node<M> {
         let mut room = self.queue.room();
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handle_input(data, now, &mut room);
-            self.take_from(conn);
+            self.take_from(conn, now);
+            self.abandon_if_closing(conn);
         }
     }
 
@@ -221,14 +245,34 @@ impl<M> Node<M> {
     pub fn peer_closed(&mut self, conn: ConnectionId) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.close(ProtocolError::PeerClosed);
+            self.abandon_if_closing(conn);
         }
     }
 
     /// Forgets a connection whose socket is closed: its queued jobs are dropped,
-    /// results of its running jobs and mounts will be discarded.
+    /// its running jobs cancelled (their results, and its mounts', are discarded).
     pub fn remove(&mut self, conn: ConnectionId) {
         if self.conns.remove(&conn).is_some() {
-            self.queue.forget(conn);
+            self.stats.dropped_queued += self.queue.forget(conn) as u64;
+            self.check_drained();
+        }
+    }
+
+    /// Counts of what the core did on its own (see [`NodeStats`]).
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+
+    /// A closing connection's answers would be dropped: its queued jobs go
+    /// without running, its running ones are cancelled (docs/PROTOCOL.md §10, `cancel`).
+    fn abandon_if_closing(&mut self, conn: ConnectionId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closing().is_some() && c.jobs_in_flight() > 0 {
+            let dropped = self.queue.forget(conn);
+            c.jobs_dropped(dropped);
+            self.stats.dropped_queued += dropped as u64;
             self.check_drained();
         }
     }
@@ -248,12 +292,29 @@ impl<M> Node<M> {
         self.queue.has_queued()
     }
 
+    /// The code a running job will be answered with because the node stopped
+    /// it (`cancelled`, `deadline_exceeded`), whatever it returns; `None` if
+    /// it was not stopped (for a driver's metrics, before [`complete`](Node::complete)).
+    pub fn stop_code(&self, job: JobId) -> Option<&'static str> {
+        self.queue.stopped(job).map(Stop::code)
+    }
+
     /// Hands back a job's outcome; its result frame is routed to the connection
     /// that asked, or dropped if that connection is gone. Returns whether it was delivered.
     pub fn complete(&mut self, job: JobId, outcome: JobOutcome, now: Instant) -> bool {
-        let Some((Route { conn, job_id, kind }, queue_depth)) = self.queue.finish(job) else {
+        let Some((Route { conn, job_id, kind }, queue_depth, stopped)) = self.queue.finish(job)
+        else {
             return false;
         };
+        // A job the node stopped is answered as stopped, whatever it returned.
+        let outcome = match stopped {
+            Some(why) => Err(why.error()),
+            None => outcome,
+        };
+        match outcome {
+            Ok(_) => self.stats.jobs_done += 1,
+            Err(_) => self.stats.jobs_failed += 1,
+        }
         let delivered = self
             .conns
             .get_mut(&conn)
@@ -275,7 +336,7 @@ impl<M> Node<M> {
             if c.pending_transmit() != before {
                 self.events.push_back(Event::Wake(conn));
             }
-            self.take_from(conn);
+            self.take_from(conn, now);
         }
         self.check_drained();
     }
@@ -287,7 +348,7 @@ impl<M> Node<M> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.mount_done(outcome.result, &mut room, now);
             self.events.push_back(Event::Wake(conn));
-            self.take_from(conn);
+            self.take_from(conn, now);
         }
         self.check_drained();
     }
@@ -306,22 +367,55 @@ impl<M> Node<M> {
         self.queue.room().status()
     }
 
-    /// The earliest deadline of any connection (a scan over all of them).
+    /// The earliest deadline of any connection or job (a scan over all of them).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns.values().filter_map(Connection::deadline).min()
+        let conns = self.conns.values().filter_map(Connection::deadline).min();
+        conns
+            .into_iter()
+            .chain(self.queue.next_deadline(None))
+            .min()
     }
 
-    /// The earliest deadline of one connection, for adapters with a task per connection.
+    /// The earliest deadline of one connection and its jobs, for adapters with a task per connection.
     pub fn connection_timeout(&self, conn: ConnectionId) -> Option<Instant> {
-        self.conns.get(&conn)?.deadline()
+        let own = self.conns.get(&conn)?.deadline();
+        own.into_iter()
+            .chain(self.queue.next_deadline(Some(conn)))
+            .min()
     }
 
-    /// Closes every connection whose timer expired by `now`, each with an error frame saying why.
+    /// Closes every connection whose timer expired by `now`, each with an
+    /// error frame saying why; answers `deadline_exceeded` for each queued job
+    /// past its deadline and cancels each running one.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let mut closed = Vec::new();
         for (id, conn) in &mut self.conns {
             if conn.handle_timeout(now) {
                 self.events.push_back(Event::Wake(*id));
+                closed.push(*id);
             }
+        }
+        for id in closed {
+            self.abandon_if_closing(id);
+        }
+        let expired = self.queue.expire(now);
+        self.stats.expired_queued += expired.len() as u64;
+        let depth = self.queue.depth();
+        for route in expired {
+            self.answer_stopped(route, depth, Stop::DeadlineExceeded, now);
+        }
+        self.check_drained();
+    }
+
+    /// Answers a job the node removed from the queue before it ran.
+    fn answer_stopped(&mut self, route: Route, depth: usize, why: Stop, now: Instant) {
+        let Route { conn, job_id, kind } = route;
+        let delivered = self
+            .conns
+            .get_mut(&conn)
+            .is_some_and(|c| c.job_done(kind, job_id, depth, Err(why.error()), now));
+        if delivered {
+            self.events.push_back(Event::Wake(conn));
         }
     }
 
@@ -341,7 +435,8 @@ impl<M> Node<M> {
 
     /// Takes what `conn` handed over: jobs join the queue (the connection
     /// admitted them against the room it was given), the rest become events.
-    fn take_from(&mut self, id: ConnectionId) {
+    fn take_from(&mut self, id: ConnectionId, now: Instant) {
+        let open_conns = self.conns.len() as u64;
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -351,14 +446,53 @@ impl<M> Node<M> {
                     job_id,
                     kind,
                     input,
+                    deadline,
                 } => {
+                    conn.job_queued(&job_id, self.queue.depth() + 1);
                     let route = Route {
                         conn: id,
                         job_id,
                         kind,
                     };
-                    self.queue.push(route, input);
+                    self.queue.push(route, input, deadline, now);
                     Event::JobQueued
+                }
+                ToNode::Cancel(job_id) => {
+                    match self.queue.cancel(id, &job_id, Stop::Cancelled) {
+                        Cancelled::Queued(Route { job_id, kind, .. }) => {
+                            self.stats.cancelled_queued += 1;
+                            let depth = self.queue.depth();
+                            conn.job_done(kind, job_id, depth, Err(Stop::Cancelled.error()), now);
+                        }
+                        // Answered when its worker hands it back; an unknown
+                        // job's answer is already on its way (or never was).
+                        Cancelled::Running | Cancelled::None => {}
+                    }
+                    continue;
+                }
+                ToNode::Stats => {
+                    let stats = self.stats;
+                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    conn.send_stats(
+                        crate::message::Stats {
+                            connections: n(open_conns),
+                            connections_accepted: n(stats.connections_accepted),
+                            depth: n(self.queue.depth() as u64),
+                            jobs_running: n(self.queue.running() as u64),
+                            jobs_done: n(stats.jobs_done),
+                            jobs_failed: n(stats.jobs_failed),
+                            jobs_cancelled: n(stats.cancelled_queued),
+                            jobs_expired: n(stats.expired_queued),
+                            jobs_dropped: n(stats.dropped_queued),
+                        },
+                        now,
+                    );
+                    continue;
+                }
+                ToNode::QueuePosition(job_id) => {
+                    let position = self.queue.position(id, &job_id);
+                    conn.send_position(job_id, position, now);
+                    continue;
                 }
                 ToNode::Mount(model) => Event::Mount(Mount {
                     token: MountToken { conn: id },

@@ -1,4 +1,4 @@
-//! The `store` extension in the core (docs/PROTOCOL.md §10.2), on the
+//! The `store` extension in the core (docs/PROTOCOL.md §10.6), on the
 //! simulated network: what a store client may ask, what the node hands its
 //! host, and that a v1 client on the same node sees exactly v1.
 

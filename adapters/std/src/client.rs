@@ -270,6 +270,37 @@ impl Client {
         answers::prompt(self.wait(request)?)
     }
 
+    /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
+    /// `request` and sends it at once; its answer (`cancelled`, or its result
+    /// if it finished first) still comes, to [`wait`](Client::wait) for or
+    /// not. False when the job is not outstanding; [`Error::Protocol`] with
+    /// `NotOffered` from a node that did not agree to `cancel`.
+    pub fn cancel(&mut self, request: RequestId) -> Result<bool> {
+        let sent = self.core.cancel(request)?;
+        self.flush()?;
+        Ok(sent)
+    }
+
+    /// Extension `stats` (docs/PROTOCOL.md §10.5): the node's counters;
+    /// `None` from a node that did not agree to `stats`.
+    pub fn stats(&mut self) -> Result<Option<donate_proto::message::Stats>> {
+        if !self
+            .core
+            .capabilities()
+            .contains(donate_proto::Capability::Stats)
+        {
+            return Ok(None);
+        }
+        let request = self.core.stats()?;
+        match self.wait(request)? {
+            donate_proto::Answer::Stats(stats) => Ok(Some(stats)),
+            donate_proto::Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(Error::Protocol(donate_proto::ClientError::Unexpected(
+                format!("{other:?}"),
+            ))),
+        }
+    }
+
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
     pub fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
         let request = self.core.queue_status()?;

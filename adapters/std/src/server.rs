@@ -275,11 +275,16 @@ fn spawn_connection<S: Socket, E: Executor>(
         direct: Arc::new(Direct(stream.try_clone()?)),
     });
     tracing::info!(%conn, %peer, "connection accepted");
+    // Every line about this connection carries its id, its peer and (secure
+    // mode) the client's key once known, on both of its threads.
+    let span = tracing::info_span!("conn", %conn, %peer, peer_key = tracing::field::Empty);
     let reader = {
         let (host, signal, stream) = (Arc::clone(&host), Arc::clone(&signal), stream.try_clone()?);
+        let span = span.clone();
         std::thread::Builder::new()
             .name(format!("donate-read-{}", conn.as_u64()))
             .spawn(move || {
+                let _in_span = span.enter();
                 read_loop(stream, &host, conn, &signal);
                 // Whatever stopped the reader, the connection is over once flushed.
                 host.peer_closed(conn);
@@ -289,6 +294,7 @@ fn spawn_connection<S: Socket, E: Executor>(
     let writer = std::thread::Builder::new()
         .name(format!("donate-write-{}", conn.as_u64()))
         .spawn(move || {
+            let _in_span = span.enter();
             let mut stream = stream;
             write_loop(&mut stream, &host, conn, &signal);
             let _ = stream.shutdown(Shutdown::Both);

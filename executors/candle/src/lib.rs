@@ -338,6 +338,19 @@ impl CandleExecutor {
         max_tokens: i64,
         sampling: &Sampling,
     ) -> Result<Vec<i32>, JobError> {
+        self.generate_job(model, input_ids, max_tokens, sampling, &JobContext::new(""))
+    }
+
+    /// [`generate_with`](Self::generate_with) for a job of the node: it stops
+    /// between tokens once `job` is cancelled.
+    fn generate_job(
+        &self,
+        model: &CandleModel,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &Sampling,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
         sampling
             .validate()
             .map_err(|e| JobError::new(codes::BAD_INPUT, e))?;
@@ -366,8 +379,11 @@ impl CandleExecutor {
             .collect::<Result<Vec<u32>, JobError>>()?;
         check_fits(model, input.len(), n)?;
         let generated = model
-            .generate_with(&input, n, &[], self.deadline(), sampling, |_| false)
+            .generate_with(&input, n, &[], self.deadline(), sampling, |_| {
+                job.is_cancelled()
+            })
             .map_err(|e| self.job_error(e, n))?;
+        stopped_if_cancelled(job)?;
         let mut out = Vec::with_capacity(input_ids.len() + generated.len());
         out.extend_from_slice(input_ids);
         // Every id is below vocab_size, which fits an i32 (checked at load).
@@ -418,6 +434,18 @@ impl CandleExecutor {
         max_out: i64,
         sampling: &Sampling,
     ) -> Result<String, JobError> {
+        self.complete_job(prompt, max_out, sampling, &JobContext::new(""))
+    }
+
+    /// [`complete_with`](Self::complete_with) for a job of the node: it stops
+    /// between tokens once `job` is cancelled.
+    fn complete_job(
+        &self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &Sampling,
+        job: &JobContext<'_>,
+    ) -> Result<String, JobError> {
         sampling
             .validate()
             .map_err(|e| JobError::new(codes::BAD_INPUT, e))?;
@@ -449,12 +477,15 @@ impl CandleExecutor {
         };
         let stops = &sampling.stop;
         let halt = |so_far: &[u32]| {
-            !stops.is_empty()
-                && decode(so_far).is_ok_and(|text| stops.iter().any(|s| text.contains(s.as_str())))
+            job.is_cancelled()
+                || !stops.is_empty()
+                    && decode(so_far)
+                        .is_ok_and(|text| stops.iter().any(|s| text.contains(s.as_str())))
         };
         let generated = model
             .generate_with(&ids, n, model.eos_ids(), self.deadline(), sampling, halt)
             .map_err(|e| self.job_error(e, n))?;
+        stopped_if_cancelled(job)?;
         let mut text = decode(&generated)
             .map_err(|e| JobError::new(codes::MODEL_ERROR, format!("cannot decode: {e}")))?;
         if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -565,18 +596,26 @@ impl Executor for CandleExecutor {
         model: &CandleModel,
         input_ids: &[i32],
         max_tokens: i64,
-        _job: &JobContext<'_>,
+        job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
-        self.generate(model, input_ids, max_tokens)
+        self.generate_job(model, input_ids, max_tokens, &self.config.sampling, job)
     }
 
-    fn prompt(
-        &self,
-        prompt: &str,
-        max_out: i64,
-        _job: &JobContext<'_>,
-    ) -> Result<String, JobError> {
-        self.complete(prompt, max_out)
+    fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        self.complete_job(prompt, max_out, &self.config.sampling, job)
+    }
+}
+
+/// A job stopped between tokens because it was cancelled fails `cancelled`
+/// (the node answers it so anyway; this keeps a direct caller from taking a
+/// cut-short output for a whole one).
+fn stopped_if_cancelled(job: &JobContext<'_>) -> Result<(), JobError> {
+    match job.is_cancelled() {
+        true => Err(JobError::new(
+            donate_proto::codes::CANCELLED,
+            "job cancelled; generation stopped",
+        )),
+        false => Ok(()),
     }
 }
 

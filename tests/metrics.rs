@@ -1,0 +1,254 @@
+//! `/metrics` and `/healthz` (donate_host::MetricsServer) after a scripted
+//! exchange with a real node: the text parses with a strict parser of the
+//! Prometheus / OpenMetrics text format, and every counter is exact.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{fj, prompt, Raw};
+use donate_host::{Metrics, MetricsServer, NodeConfig, HONOURED};
+use donate_proto::{Executor, JobContext, JobError, Mode, ServerConfig, Weights};
+
+/// `local_lm`: "fail" fails with code `boom`, "spin" works until cancelled,
+/// anything else answers at once.
+#[derive(Clone, Default)]
+struct Exec {
+    started: Arc<AtomicUsize>,
+}
+
+impl Executor for Exec {
+    type Model = ();
+    type Spool = donate_proto::NoSpool;
+
+    fn mount(&self, _: String, _: Weights<Self::Spool>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn infer(&self, _: &(), _: &[i32], _: i64, _: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
+        Err(JobError::new("unsupported", "prompts only"))
+    }
+
+    fn prompt(&self, prompt: &str, _: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        match prompt {
+            "fail" => Err(JobError::new("boom", "failed on purpose")),
+            "spin" => {
+                while !job.is_cancelled() {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(JobError::new("cancelled", "stopped"))
+            }
+            other => Ok(other.to_owned()),
+        }
+    }
+}
+
+/// One GET; the status code and body.
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// A strict parser of the text exposition: every line is `# HELP`, `# TYPE`,
+/// `# UNIT`, a sample `name{label="value",…} number`, or the final `# EOF`.
+/// Returns samples keyed `name{labels}` (labels as written).
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    let mut samples = BTreeMap::new();
+    let mut lines = text.lines().peekable();
+    let mut typed = Vec::new();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" {
+            assert!(lines.peek().is_none(), "text after # EOF");
+            return samples;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap(), parts.next().expect("a name"));
+            assert!(
+                matches!(kind, "HELP" | "TYPE" | "UNIT"),
+                "bad comment: {line}"
+            );
+            assert!(name.starts_with("donate_"), "unprefixed: {line}");
+            if kind == "TYPE" {
+                let t = parts.next().expect("a type");
+                assert!(
+                    matches!(t, "counter" | "gauge" | "histogram"),
+                    "bad type: {line}"
+                );
+                typed.push(name.to_owned());
+            }
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("name and value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = key.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad name: {line}"
+        );
+        if let Some(labels) = key.strip_prefix(name) {
+            if !labels.is_empty() {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .unwrap_or_else(|| panic!("bad labels: {line}"));
+                for pair in inner.split(',') {
+                    let (k, v) = pair.split_once('=').expect("label=value");
+                    assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                    assert!(
+                        v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                        "{line}"
+                    );
+                }
+            }
+        }
+        assert!(
+            typed.iter().any(|t| name.starts_with(t.as_str())),
+            "sample before its TYPE: {line}"
+        );
+        assert!(
+            samples.insert(key.to_owned(), value).is_none(),
+            "twice: {line}"
+        );
+    }
+    panic!("no # EOF at the end");
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn metrics_count_exactly_what_a_scripted_exchange_did() {
+    let metrics = Arc::new(Metrics::default());
+    let exec = Exec::default();
+    let config = ServerConfig::default()
+        .mode(Mode::LocalLm)
+        .local_lm_path("/m".into())
+        .max_connections(2);
+    let node = NodeConfig::from(config)
+        .offer(HONOURED)
+        .metrics(Arc::clone(&metrics));
+    let server = donate_std::serve(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        node,
+        exec.clone(),
+    )
+    .expect("serve");
+    let http = MetricsServer::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Arc::clone(&metrics),
+    )
+    .unwrap();
+    assert_eq!(get(http.local_addr(), "/healthz"), (200, "ok\n".to_owned()));
+
+    let (mut a, _) = Raw::hello(server.local_addr());
+    a.send(&fj(
+        r#"{"v":1,"type":"hello","mode":"local_lm","role":"client","capabilities":["cancel","deadline"]}"#,
+    ));
+    let mut b = Raw::session(server.local_addr());
+    // A third connection is over max_connections: refused.
+    let mut refused = Raw::connect(server.local_addr());
+    assert_eq!(refused.frame()["code"], "too_many_connections");
+
+    a.send(&prompt("1", "ok"));
+    assert_eq!(a.frame()["ok"], true);
+    a.send(&prompt("2", "fail"));
+    assert_eq!(a.frame()["code"], "boom");
+    b.send(&prompt("3", "ok"));
+    assert_eq!(b.frame()["ok"], true);
+    a.send(&prompt("4", "spin"));
+    wait_for("the spin to start", || {
+        exec.started.load(Ordering::SeqCst) == 4
+    });
+    a.send(&prompt("5", "never"));
+    a.send(&fj(r#"{"v":1,"type":"cancel","job_id":"5"}"#));
+    assert_eq!(a.frame()["code"], "cancelled");
+    a.send(&fj(r#"{"v":1,"type":"cancel","job_id":"4"}"#));
+    assert_eq!(a.frame()["code"], "cancelled");
+    // Stopped by its deadline while running: counted under that code.
+    a.send(&fj(
+        r#"{"v":1,"type":"prompt","job_id":"6","prompt":"spin","deadline_ms":50}"#,
+    ));
+    assert_eq!(a.frame()["code"], "deadline_exceeded");
+    drop((a, b, refused));
+
+    let scrape = || parse(&get(http.local_addr(), "/metrics").1);
+    wait_for("every connection to be removed", || {
+        scrape()["donate_connections_open"] == 0.0
+    });
+    let m = scrape();
+    let expect = [
+        ("donate_connections_total", 3.0),
+        ("donate_connections_refused_total", 1.0),
+        ("donate_jobs_queued", 0.0),
+        ("donate_jobs_running", 0.0),
+        (r#"donate_jobs_done_total{kind="prompt"}"#, 2.0),
+        (r#"donate_jobs_done_total{kind="infer"}"#, 0.0),
+        (
+            r#"donate_jobs_failed_total{kind="prompt",code="boom"}"#,
+            1.0,
+        ),
+        (
+            r#"donate_jobs_failed_total{kind="prompt",code="cancelled"}"#,
+            1.0,
+        ),
+        (r#"donate_jobs_removed_queued_total{why="cancelled"}"#, 1.0),
+        (
+            r#"donate_jobs_removed_queued_total{why="deadline_exceeded"}"#,
+            0.0,
+        ),
+        (
+            r#"donate_jobs_removed_queued_total{why="connection_closed"}"#,
+            0.0,
+        ),
+        (
+            r#"donate_jobs_failed_total{kind="prompt",code="deadline_exceeded"}"#,
+            1.0,
+        ),
+        ("donate_job_seconds_count", 5.0),
+        ("donate_queue_wait_seconds_count", 5.0),
+        (r#"donate_job_seconds_bucket{le="+Inf"}"#, 5.0),
+        ("donate_upload_bytes_total", 0.0),
+        ("donate_models_mounted_total", 0.0),
+    ];
+    for (key, value) in expect {
+        assert_eq!(m.get(key), Some(&value), "{key} in {m:#?}");
+    }
+    let closed: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("donate_connections_closed_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(closed, 3.0, "{m:#?}");
+    assert_eq!(
+        m.get(r#"donate_connections_closed_total{reason="too_many_connections"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(get(http.local_addr(), "/nope").0, 404);
+
+    server.shutdown();
+    assert_eq!(
+        get(http.local_addr(), "/healthz"),
+        (503, "draining\n".to_owned())
+    );
+}
