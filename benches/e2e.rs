@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Scenarios: `upload`, `memory`, `round-trips`, `many-clients`, `pipelining`,
-//! `idle`, `secure`, `store`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
+//! `idle`, `secure`, `store`, `store-memory` (needs `--features candle`). Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
 //! bounded; a scenario that fails or times out is reported as a row and makes
 //! the run exit non-zero. Missing a goal does not: goals are what the table
 //! reports on.
@@ -101,7 +101,7 @@ const PIPELINE_DEPTH: usize = 10_000;
 /// A scenario: its name on the command line and the function that runs it.
 type Scenario = (&'static str, fn(&Bench, &mut Table) -> Result<()>);
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     ("upload", upload),
     ("memory", memory),
     ("round-trips", round_trips),
@@ -111,6 +111,7 @@ const SCENARIOS: [Scenario; 9] = [
     ("secure", secure),
     ("store", store),
     ("metrics", metrics),
+    ("store-memory", store_memory),
 ];
 
 /// What this run does.
@@ -679,6 +680,141 @@ fn store(bench: &Bench, table: &mut Table) -> Result<()> {
     }
     table.note(format!("store: `donate serve --store DIR`. Upload: a new {} model per run (so each one is written to the store), payload MB/s from connect to model_status with weights_sha256, median of {} runs, beside raw TCP and a node without a store measured in the same rounds. Pushed again: bytes the client wrote on the socket (query, use) for a model the node holds, before and after a restart of the node on the same store. First answer: a fresh connection's connect, model_query, model_use and one infer while another connection holds the model mounted, median of 20. Resume: half the model sent and the connection closed, then push_stored; all bytes both clients wrote", bytes(len), size.upload_reps.max(2)));
     Ok(())
+}
+
+/// Two connections on one ~240 MiB F32 llama with the candle executor and a
+/// store: the node's RSS, against the model's size. Needs a `donate` built
+/// with the `candle` feature (`cargo bench --bench e2e --features candle`);
+/// without it the row says so.
+fn store_memory(bench: &Bench, table: &mut Table) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("donate-e2e-store-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (config_json, weights) = write_llama(&dir.join("model.safetensors"))?;
+    let len = std::fs::metadata(&weights)?.len();
+    let sha = donate_std::sha256_of_reader(std::fs::File::open(&weights)?)?;
+    let store = dir.join("store");
+    for &runtime in &bench.runtimes {
+        let args = [
+            "--executor",
+            "candle",
+            "--store",
+            store.to_str().ok_or("temp path")?,
+        ];
+        let node = match Node::start(runtime, &args) {
+            Ok(node) => node,
+            Err(e) => {
+                table
+                    .row(
+                        "store-memory",
+                        format!("{runtime}: two connections on one model"),
+                    )
+                    .figure(format!("not measured: {e}"))
+                    .goal("needs --features candle", true);
+                continue;
+            }
+        };
+        let push = |client: &mut Client| -> Result<donate_host::Pushed> {
+            let file = std::fs::File::open(&weights)?;
+            Ok(client.push_stored(&config_json, file, len, sha, |_| {})?)
+        };
+        let mut first = node.client()?;
+        push(&mut first)?;
+        thread::sleep(SETTLE);
+        let one = node.status_bytes("VmRSS")?;
+        let mut second = node.client()?;
+        let pushed = push(&mut second)?;
+        second.infer(&[1, 2, 3], 2)?;
+        first.infer(&[1, 2, 3], 2)?;
+        thread::sleep(SETTLE);
+        let two = node.status_bytes("VmRSS")?;
+        drop((first, second));
+        node.stop()?;
+        let limit = 1.2 * len as f64 + (64 * MIB) as f64;
+        table
+            .row(
+                "store-memory",
+                format!(
+                    "{runtime}: candle node RSS, two connections on one {} model",
+                    bytes(len)
+                ),
+            )
+            .figure(format!(
+                "{} ({} with one connection; the second mounted from the store, reused: {})",
+                bytes(two),
+                bytes(one),
+                pushed.reused
+            ))
+            .reference(format!("model {}", bytes(len)), two as f64 / len as f64)
+            .goal("<= 1.2 x model + 64 MiB", (two as f64) <= limit);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    table.note("store-memory: a random F32 llama (hidden 1024, 3 layers, vocab 12000) written as safetensors, pushed by one connection into `donate serve --executor candle --store DIR`, then used by a second; VmRSS of the node with both holding it mounted and each having run a job");
+    Ok(())
+}
+
+/// Writes a random-ish F32 llama as safetensors; returns its config and path.
+fn write_llama(path: &std::path::Path) -> Result<(String, std::path::PathBuf)> {
+    let (h, i, v, layers, heads) = (1024usize, 2816usize, 12_000usize, 3usize, 16usize);
+    let config = format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":{h},"intermediate_size":{i},"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{heads},"vocab_size":{v},"max_position_embeddings":256,"rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,"torch_dtype":"float32"}}"#
+    );
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+        ("lm_head.weight".into(), vec![v, h]),
+    ];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.k_proj.weight", vec![h, h]),
+            ("self_attn.v_proj.weight", vec![h, h]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            tensors.push((format!("{p}.{name}"), shape));
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in &tensors {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut file = io::BufWriter::new(std::fs::File::create(path)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())?;
+    file.write_all(&header)?;
+    // Small values that vary, so no page is all zeros.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = offset;
+    while left > 0 {
+        for word in block.chunks_exact_mut(4) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(block.len());
+        file.write_all(&block[..n])?;
+        left -= n;
+    }
+    file.flush()?;
+    Ok((config, path.to_owned()))
 }
 
 /// What a store-aware push wrote on the socket.
