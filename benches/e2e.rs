@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Scenarios: `upload`, `memory`, `round-trips`, `many-clients`, `pipelining`,
-//! `idle`, `secure`, `store`, `store-memory` (needs `--features candle`). Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
+//! `idle`, `secure`, `store`, `store-memory` (needs `--features candle`), `metrics`. Linux only (RSS comes from `/proc/<pid>/status`). Every wait is
 //! bounded; a scenario that fails or times out is reported as a row and makes
 //! the run exit non-zero. Missing a goal does not: goals are what the table
 //! reports on.

@@ -252,3 +252,54 @@ fn metrics_count_exactly_what_a_scripted_exchange_did() {
         (503, "draining\n".to_owned())
     );
 }
+
+#[test]
+fn a_store_counts_hits_misses_and_its_size() {
+    let metrics = Arc::new(Metrics::default());
+    let dir = tempfile::tempdir().unwrap();
+    let store = donate_host::ModelStore::open(dir.path(), 1 << 30).unwrap();
+    let node = NodeConfig::from(ServerConfig::default())
+        .with_store(store)
+        .metrics(Arc::clone(&metrics));
+    let server = donate_std::serve(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        node,
+        donate_proto::Stub::default(),
+    )
+    .expect("serve");
+    let scrape = || parse(&metrics.encode());
+    assert_eq!(scrape()["donate_store_models"], 0.0);
+    let model = vec![3u8; 100_000];
+    let hash: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &model,
+    ))
+    .into();
+    let push = || {
+        let mut client = donate_std::Client::connect(server.local_addr()).unwrap();
+        client
+            .push_stored("{}", std::io::Cursor::new(&model), 100_000, hash, |_| {})
+            .unwrap()
+    };
+    assert!(!push().reused);
+    assert!(push().reused);
+    assert!(push().reused);
+    // A use of a model the store does not hold is a miss.
+    let mut raw = Raw::connect(server.local_addr());
+    raw.frame();
+    raw.send(&fj(
+        r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+    ));
+    raw.send(&fj(&format!(
+        r#"{{"v":1,"type":"model_use","config_json":"{{}}","weights_sha256":"{}"}}"#,
+        "0".repeat(64)
+    )));
+    assert!(!raw.expect_status().0);
+    let samples = scrape();
+    assert_eq!(samples["donate_store_hits_total"], 2.0, "{samples:?}");
+    assert_eq!(samples["donate_store_misses_total"], 1.0);
+    assert_eq!(samples["donate_store_models"], 1.0);
+    assert_eq!(samples["donate_store_bytes"], 100_000.0);
+    drop(raw);
+    server.shutdown();
+}

@@ -248,6 +248,7 @@ impl<E: Executor> Host<E> {
                 .expect("spawn upload thread"),
         );
         *host.workers.lock().expect("workers lock") = handles;
+        host.note_store();
         host
     }
 
@@ -569,11 +570,19 @@ impl<E: Executor> Host<E> {
                         Err(_) => m.mounts_failed.inc(),
                     };
                 }
+                self.note_store();
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(stored) = state.uses.pop_front() {
                 drop(state);
                 let outcome = self.use_stored(stored);
+                if let Some(m) = &self.metrics {
+                    match outcome.result {
+                        Ok(_) => m.store_hits.inc(),
+                        Err(_) => m.store_misses.inc(),
+                    };
+                }
+                self.note_store();
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
@@ -624,6 +633,14 @@ impl<E: Executor> Host<E> {
 }
 
 impl<E: Executor> Host<E> {
+    /// Updates the store's size in the metrics (after anything that may change it).
+    fn note_store(&self) {
+        if let (Some(m), Some(store)) = (&self.metrics, self.executor.store()) {
+            m.store_bytes.set(store.used_bytes() as i64);
+            m.store_models.set(store.len() as i64);
+        }
+    }
+
     /// Mounts a stored model for a `model_use` (verifying it first if need be).
     fn use_stored(&self, stored: StoredMount) -> MountOutcome<Model<E>> {
         let StoredMount {

@@ -42,6 +42,12 @@ pub struct Metrics {
     pub(crate) upload_bytes: Counter,
     pub(crate) models_mounted: Counter,
     pub(crate) mounts_failed: Counter,
+    /// `model_use`s mounted from the store, and those it could not serve.
+    pub(crate) store_hits: Counter,
+    pub(crate) store_misses: Counter,
+    /// The store's size: bytes (models and partial uploads) and models, when there is one.
+    pub(crate) store_bytes: Gauge,
+    pub(crate) store_models: Gauge,
     pub(crate) draining: AtomicBool,
     /// The last job ended with an executor failure (`executor_panicked`,
     /// `worker_unavailable`); cleared by the next job that does not.
@@ -148,6 +154,27 @@ impl Metrics {
             "mounts_failed",
             "Uploads refused at mount",
             self.mounts_failed.clone(),
+        );
+        registry.register(
+            "store_hits",
+            "model_use requests mounted from the model store",
+            self.store_hits.clone(),
+        );
+        registry.register(
+            "store_misses",
+            "model_use requests the model store could not serve (not held, or corrupt)",
+            self.store_misses.clone(),
+        );
+        registry.register_with_unit(
+            "store",
+            "Bytes the model store holds (models and broken uploads)",
+            prometheus_client::registry::Unit::Bytes,
+            self.store_bytes.clone(),
+        );
+        registry.register(
+            "store_models",
+            "Models the model store holds",
+            self.store_models.clone(),
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)
