@@ -1054,6 +1054,7 @@ fn job_frame_sizes() -> (usize, usize) {
         job_id: job_id.clone(),
         input_ids: INPUT_IDS.to_vec(),
         max_tokens: MAX_TOKENS,
+        sampling: Default::default(),
     }));
     let output_ids = INPUT_IDS
         .iter()

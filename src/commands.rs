@@ -17,7 +17,7 @@ use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use donate_proto::{ClientConfig, NodeTrust, SecureClientConfig};
+use donate_proto::{ClientConfig, NodeTrust, PartialOutput, SecureClientConfig};
 
 use crate::secure::{self, Trust};
 use crate::{exit, CliResult, ClientArgs, Failure, InferArgs, PromptArgs, PushArgs, StatusArgs};
@@ -55,7 +55,7 @@ pub fn infer(args: InferArgs) -> CliResult {
     upload(&mut client, &mut model, sha256, true)
         .result
         .map_err(|e| push_failure(&args.client, &client, e))?;
-    let result = client.infer(&args.ids, args.max_tokens);
+    let result = client.infer_with(&args.ids, args.max_tokens, &args.sampling.params());
     let answer = match &result {
         Ok(r) | Err(Error::InferFailed(r)) => Some(Message::InferResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -77,7 +77,21 @@ pub fn infer(args: InferArgs) -> CliResult {
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.
 pub fn prompt(args: PromptArgs) -> CliResult {
     let mut client = connect(&args.client)?;
-    let result = client.prompt(&args.text, args.max_out);
+    let mut streamed = String::new();
+    let result = client
+        .send_prompt_with(&args.text, args.max_out, &args.sampling.params())
+        .and_then(|request| {
+            // Partial text (extension `stream`) is printed as it arrives,
+            // unless stdout must hold exactly one JSON object.
+            let answer = client.wait_streaming(request, |partial| {
+                if let (false, PartialOutput::Text(text)) = (args.client.json, partial) {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    streamed.push_str(&text);
+                }
+            })?;
+            donate_std::answers::prompt(answer)
+        });
     let answer = match &result {
         Ok(r) | Err(Error::PromptFailed(r)) => Some(Message::PromptResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -88,9 +102,16 @@ pub fn prompt(args: PromptArgs) -> CliResult {
             print_json(&answer.to_json())?;
         }
     }
+    if result.is_err() && !streamed.is_empty() {
+        println!();
+    }
     let result = result.map_err(|e| failed(&args.client, "", &e))?;
     if !args.client.json {
-        println!("{}", result.text);
+        // The final text is the authority: whatever the partials left out.
+        match result.text.strip_prefix(streamed.as_str()) {
+            Some(rest) => println!("{rest}"),
+            None => println!("\n{}", result.text),
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `donate`: run a donor node, or talk to any node (ours or the Go one).
 
 mod commands;
+mod sampling;
 mod secure;
 mod serve;
 
@@ -357,6 +358,8 @@ struct InferArgs {
     /// Send weights_sha256 with the upload.
     #[arg(long)]
     sha256: bool,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
 }
 
 impl InferArgs {
@@ -396,6 +399,8 @@ struct PromptArgs {
     /// The prompt text.
     #[arg(value_name = "TEXT")]
     text: String,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
 }
 
 #[derive(Debug, clap::Args)]

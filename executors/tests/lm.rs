@@ -229,7 +229,9 @@ fn models_and_infer_are_refused() {
     let cat = lm("cat", LmConfig::default());
     assert!(cat.mount("{}".into(), Weights::Memory(vec![1])).is_err());
     assert_eq!(
-        cat.infer(&(), &[1], 1, &JobContext::new("j1")).unwrap_err().code,
+        cat.infer(&(), &[1], 1, &JobContext::new("j1"))
+            .unwrap_err()
+            .code,
         "unsupported"
     );
 }

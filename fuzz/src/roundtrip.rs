@@ -148,6 +148,7 @@ impl AnyMessage {
                 job_id: s(job_id),
                 input_ids: input_ids.clone(),
                 max_tokens: *max_tokens,
+                sampling: Default::default(),
             }),
             AnyMessage::InferResult {
                 job_id,
@@ -172,6 +173,7 @@ impl AnyMessage {
                 job_id: s(job_id),
                 prompt: s(prompt),
                 max_out: *max_out,
+                sampling: Default::default(),
             }),
             AnyMessage::PromptResult {
                 job_id,

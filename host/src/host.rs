@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use donate_proto::{
-    run_job, run_mount, run_upload, ConnectionId, Event, Executor, Mount, Node, PublicKey,
-    SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
+    run_job_in, run_mount, run_upload, ConnectionId, Event, Executor, Job, JobContext, JobOutcome,
+    Mount, Node, Partial, PublicKey, SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
 };
 
 /// What a node starts with: its protocol settings and, optionally, secure
@@ -147,6 +147,9 @@ impl<E: Executor> Host<E> {
         if let Some(secure) = secure {
             node = node.with_secure(secure);
         }
+        // What the executor honours (sampling, stream): the workers below
+        // pass a job's sampling and deliver its partials.
+        node = node.offer(executor.extensions());
         let host = Arc::new(Host {
             state: Mutex::new(State {
                 node,
@@ -457,8 +460,9 @@ impl<E: Executor> Host<E> {
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
+                let streams = state.node.wants_partials(job.id);
                 drop(state);
-                let outcome = run_job(&self.executor, &job);
+                let outcome = self.run_job(&job, streams);
                 state = self.lock();
                 state.node.complete(job.id, outcome, Instant::now());
             } else if state.stop_workers {
@@ -468,6 +472,28 @@ impl<E: Executor> Host<E> {
                 continue;
             }
             state = self.dispatch_events(state);
+        }
+    }
+}
+
+impl<E: Executor> Host<E> {
+    /// Runs a job with its sampling and, when its client agreed `stream`, a
+    /// sink that hands each partial output to the node and writes it.
+    fn run_job(&self, job: &Job<E::Model>, streams: bool) -> JobOutcome {
+        let sink = |output: Partial<'_>| self.deliver_partial(job, output);
+        let mut context = JobContext::new(&job.job_id).with_sampling(&job.sampling);
+        if streams {
+            context = context.with_partial(&sink);
+        }
+        run_job_in(&self.executor, job, &context)
+    }
+
+    /// A partial output frame for `job`'s connection (if still wanted), sent
+    /// by its writer so the worker goes straight back to the job.
+    fn deliver_partial(&self, job: &Job<E::Model>, output: Partial<'_>) {
+        let mut state = self.lock();
+        if state.node.partial(job.id, output, Instant::now()) {
+            drop(self.dispatch_events(state));
         }
     }
 }

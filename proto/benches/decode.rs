@@ -31,6 +31,7 @@ fn infer_frames() -> Vec<u8> {
             job_id: format!("j{i}"),
             input_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
             max_tokens: 8,
+            sampling: Default::default(),
         })
         .encode(&mut wire);
     }

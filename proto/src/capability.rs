@@ -94,6 +94,18 @@ impl Capabilities {
         Capabilities(self.0 | cap.bit())
     }
 
+    /// [`with`](Self::with) for constants.
+    pub(crate) const fn with_const(self, cap: Capability) -> Self {
+        let mut i = 0;
+        while i < ALL.len() {
+            if ALL[i] as u8 == cap as u8 {
+                return Capabilities(self.0 | 1 << i);
+            }
+            i += 1;
+        }
+        self
+    }
+
     /// The set without `cap`.
     #[must_use]
     pub fn without(self, cap: Capability) -> Self {

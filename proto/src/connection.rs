@@ -24,6 +24,7 @@ use crate::message::{
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
+use crate::sampling::SamplingParams;
 use crate::secure::{PublicKey, ServerSecure};
 use crate::upload::{CommittedModel, Upload, UploadWork};
 
@@ -35,6 +36,7 @@ pub(crate) enum ToNode<M> {
         job_id: String,
         kind: JobKind,
         input: JobInput<M>,
+        sampling: SamplingParams,
     },
     /// A committed upload to verify and load.
     Mount(CommittedModel),
@@ -477,6 +479,8 @@ impl<M> Connection<M> {
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
+            | Message::InferPartial(_)
+            | Message::PromptPartial(_)
             | Message::Error(_) => {
                 self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
             }
@@ -599,7 +603,8 @@ impl<M> Connection<M> {
             input_ids: job.input_ids,
             max_tokens: job.max_tokens,
         };
-        self.queue_job(job.job_id, JobKind::Infer, input, room);
+        let sampling = self.sampling_of(job.sampling);
+        self.queue_job(job.job_id, JobKind::Infer, input, sampling, room);
     }
 
     fn on_prompt(&mut self, job: Prompt, room: &mut QueueRoom) {
@@ -607,7 +612,30 @@ impl<M> Connection<M> {
             prompt: job.prompt,
             max_out: job.max_out,
         };
-        self.queue_job(job.job_id, JobKind::Prompt, input, room);
+        let sampling = self.sampling_of(job.sampling);
+        self.queue_job(job.job_id, JobKind::Prompt, input, sampling, room);
+    }
+
+    /// A job's sampling fields, read only from a client that agreed `sampling`
+    /// (a v1 client's stray fields of the same names mean nothing).
+    fn sampling_of(&self, sent: SamplingParams) -> SamplingParams {
+        if self.agreed.contains(Capability::Sampling) {
+            sent
+        } else {
+            SamplingParams::default()
+        }
+    }
+
+    /// A running job's partial output (extension `stream`): sent when this
+    /// connection agreed `stream` and is not closing. It counts against
+    /// `max_outbound` as results do. Returns whether it was sent.
+    pub(crate) fn partial(&mut self, msg: &Message<'_>, now: Instant) -> bool {
+        if !self.agreed.contains(Capability::Stream) || self.phase.closing().is_some() {
+            return false;
+        }
+        self.send(msg);
+        self.note_output(now);
+        true
     }
 
     fn queue_job(
@@ -615,6 +643,7 @@ impl<M> Connection<M> {
         job_id: String,
         kind: JobKind,
         input: JobInput<M>,
+        sampling: SamplingParams,
         room: &mut QueueRoom,
     ) {
         match room.admit() {
@@ -624,6 +653,7 @@ impl<M> Connection<M> {
                     job_id,
                     kind,
                     input,
+                    sampling,
                 });
             }
             Err(e) => self.refuse(&e, Some(&job_id)),

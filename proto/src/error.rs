@@ -250,4 +250,8 @@ pub enum ClientError {
     /// The Noise handshake failed.
     #[error("secure handshake failed: {0}")]
     Handshake(String),
+    /// A request that needs an extension the node did not offer (a v1 node
+    /// would silently ignore it), so it was not sent.
+    #[error("the node does not offer the {0:?} extension (an older or Go node?): leave out what needs it")]
+    NotOffered(&'static str),
 }

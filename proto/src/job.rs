@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::id::JobId;
 use crate::message::{InferResult, Message, PromptResult};
+use crate::sampling::SamplingParams;
 
 /// A job for a worker, taken from the node with [`Node::next_job`](crate::Node::next_job).
 #[derive(Debug)]
@@ -18,6 +19,9 @@ pub struct Job<M> {
     pub input: JobInput<M>,
     /// Jobs still waiting in the queue when this one was taken.
     pub queue_depth: usize,
+    /// How the job asks its tokens to be picked (extension `sampling`; empty
+    /// for a connection that did not agree it).
+    pub sampling: SamplingParams,
 }
 
 /// What a job asks for.
@@ -49,6 +53,9 @@ pub struct JobContext<'a> {
     job_id: &'a str,
     cancelled: &'a AtomicBool,
     partial: &'a (dyn Fn(Partial<'_>) + Sync),
+    /// Whether someone listens to `partial`.
+    streams: bool,
+    sampling: &'a SamplingParams,
 }
 
 /// Output a job produced so far, for [`JobContext::partial`].
@@ -63,6 +70,15 @@ pub enum Partial<'a> {
 
 static NEVER_CANCELLED: AtomicBool = AtomicBool::new(false);
 
+static NODE_DEFAULT: SamplingParams = SamplingParams {
+    temperature: None,
+    top_p: None,
+    top_k: None,
+    repeat_penalty: None,
+    seed: None,
+    stop: Vec::new(),
+};
+
 impl<'a> JobContext<'a> {
     /// The context of a job named `job_id` that is never cancelled and whose
     /// partial output goes nowhere (what a direct call of an executor needs).
@@ -71,6 +87,8 @@ impl<'a> JobContext<'a> {
             job_id,
             cancelled: &NEVER_CANCELLED,
             partial: &|_| {},
+            streams: false,
+            sampling: &NODE_DEFAULT,
         }
     }
 
@@ -85,7 +103,28 @@ impl<'a> JobContext<'a> {
     #[must_use]
     pub fn with_partial(mut self, sink: &'a (dyn Fn(Partial<'_>) + Sync)) -> Self {
         self.partial = sink;
+        self.streams = true;
         self
+    }
+
+    /// The job's own sampling fields (extension `sampling`).
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: &'a SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// How the job asks its tokens to be picked; fields left out take the
+    /// executor's defaults (all empty: the node's default, greedy unless its
+    /// operator said otherwise).
+    pub fn sampling(&self) -> &SamplingParams {
+        self.sampling
+    }
+
+    /// Whether partial output is wanted (the job's client agreed `stream`): an
+    /// executor may skip the work of preparing partials when it is not.
+    pub fn streams(&self) -> bool {
+        self.streams
     }
 
     /// The client's `job_id`, as sent (it may be empty or repeated).
@@ -111,6 +150,8 @@ impl fmt::Debug for JobContext<'_> {
         f.debug_struct("JobContext")
             .field("job_id", &self.job_id)
             .field("cancelled", &self.is_cancelled())
+            .field("streams", &self.streams)
+            .field("sampling", &self.sampling)
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProtocolError;
 use crate::frame::encode_frame_with;
+use crate::sampling::SamplingParams;
 
 /// The protocol version this crate speaks.
 pub const VERSION: i64 = 1;
@@ -131,6 +132,9 @@ pub struct Infer {
     /// Tokens to generate; 0 or less means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_tokens: i64,
+    /// The `sampling` extension's fields (docs/PROTOCOL.md §10.2); absent when empty.
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
 }
 
 /// `infer_result`: the answer to `infer`.
@@ -163,6 +167,9 @@ pub struct Prompt {
     /// Output limit; 0 means the executor's default.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_out: i64,
+    /// The `sampling` extension's fields (docs/PROTOCOL.md §10.2); absent when empty.
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
 }
 
 /// `prompt_result`: the answer to `prompt`.
@@ -183,6 +190,26 @@ pub struct PromptResult {
     pub code: String,
     /// Jobs still waiting when this one was taken.
     pub queue_depth: i64,
+}
+
+/// `infer_partial` (extension `stream`, docs/PROTOCOL.md §10.3): token ids
+/// an `infer` job generated since its last partial, before its `infer_result`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct InferPartial {
+    /// The job's id.
+    pub job_id: String,
+    /// The new ids (the result's `output_ids` end with every partial's, in order).
+    pub output_ids: Vec<i32>,
+}
+
+/// `prompt_partial` (extension `stream`, docs/PROTOCOL.md §10.3): text a
+/// `prompt` job produced since its last partial, before its `prompt_result`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct PromptPartial {
+    /// The job's id.
+    pub job_id: String,
+    /// The new text (the partials, joined in order, are the result's `text`).
+    pub text: String,
 }
 
 /// `queue_status`: the node's queue as the server reports it.
@@ -247,6 +274,10 @@ pub enum Message<'a> {
     QueueStatus(QueueStatus),
     /// `error`
     Error(ErrorFrame),
+    /// `infer_partial` (extension `stream`)
+    InferPartial(InferPartial),
+    /// `prompt_partial` (extension `stream`)
+    PromptPartial(PromptPartial),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -282,6 +313,26 @@ struct Wire<'a> {
     depth: Option<i64>,
     capacity: Option<i64>,
     in_progress: Option<bool>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<u32>,
+    repeat_penalty: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+}
+
+impl Wire<'_> {
+    /// The `sampling` extension's fields, taken out of the one pass.
+    fn sampling(&mut self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.take(),
+            top_p: self.top_p.take(),
+            top_k: self.top_k.take(),
+            repeat_penalty: self.repeat_penalty.take(),
+            seed: self.seed.take(),
+            stop: self.stop.take().unwrap_or_default(),
+        }
+    }
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -304,7 +355,8 @@ struct JobIdOnly {
 impl<'a> Message<'a> {
     /// Parses one frame body.
     pub fn parse(body: &'a [u8]) -> Result<Message<'a>, ProtocolError> {
-        let wire: Wire<'a> = serde_json::from_slice(body).map_err(|e| classify(body, e))?;
+        let mut wire: Wire<'a> = serde_json::from_slice(body).map_err(|e| classify(body, e))?;
+        let sampling = wire.sampling();
         if let Some(v) = wire.v.filter(|v| *v != VERSION) {
             return Err(ProtocolError::BadVersion(v));
         }
@@ -333,6 +385,7 @@ impl<'a> Message<'a> {
                 message: wire.message.unwrap_or_default(),
             }),
             "infer" => Message::Infer(Infer {
+                sampling,
                 job_id: wire.job_id.unwrap_or_default(),
                 input_ids: wire.input_ids.unwrap_or_default(),
                 max_tokens: wire.max_tokens.unwrap_or_default(),
@@ -346,9 +399,18 @@ impl<'a> Message<'a> {
                 queue_depth: wire.queue_depth.unwrap_or_default(),
             }),
             "prompt" => Message::Prompt(Prompt {
+                sampling,
                 job_id: wire.job_id.unwrap_or_default(),
                 prompt: wire.prompt.unwrap_or_default(),
                 max_out: wire.max_out.unwrap_or_default(),
+            }),
+            "infer_partial" => Message::InferPartial(InferPartial {
+                job_id: wire.job_id.unwrap_or_default(),
+                output_ids: wire.output_ids.unwrap_or_default(),
+            }),
+            "prompt_partial" => Message::PromptPartial(PromptPartial {
+                job_id: wire.job_id.unwrap_or_default(),
+                text: wire.text.unwrap_or_default(),
             }),
             "prompt_result" => Message::PromptResult(PromptResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -393,6 +455,8 @@ impl<'a> Message<'a> {
             Message::PromptResult(_) => "prompt_result",
             Message::QueueStatusRequest | Message::QueueStatus(_) => "queue_status",
             Message::Error(_) => "error",
+            Message::InferPartial(_) => "infer_partial",
+            Message::PromptPartial(_) => "prompt_partial",
         }
     }
 
@@ -419,6 +483,8 @@ impl<'a> Message<'a> {
             Message::Prompt(m) => write_tagged(kind, m, out),
             Message::PromptResult(m) => write_tagged(kind, m, out),
             Message::QueueStatus(m) => write_tagged(kind, m, out),
+            Message::InferPartial(m) => write_tagged(kind, m, out),
+            Message::PromptPartial(m) => write_tagged(kind, m, out),
             Message::ModelCommit | Message::QueueStatusRequest => {
                 write_tagged(kind, &Empty {}, out)
             }
@@ -456,6 +522,8 @@ impl<'a> Message<'a> {
             Message::QueueStatusRequest => Message::QueueStatusRequest,
             Message::QueueStatus(m) => Message::QueueStatus(m),
             Message::Error(m) => Message::Error(m),
+            Message::InferPartial(m) => Message::InferPartial(m),
+            Message::PromptPartial(m) => Message::PromptPartial(m),
         }
     }
 }

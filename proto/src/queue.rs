@@ -7,6 +7,7 @@ use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
 use crate::job::{Job, JobInput, JobKind};
 use crate::message::QueueStatus;
+use crate::sampling::SamplingParams;
 
 /// Who asked for a job, under which id, for which result frame.
 #[derive(Debug)]
@@ -21,6 +22,7 @@ struct Queued<M> {
     id: JobId,
     route: Route,
     input: JobInput<M>,
+    sampling: SamplingParams,
 }
 
 /// Queued and running jobs of every connection.
@@ -89,12 +91,13 @@ impl<M> JobQueue<M> {
     }
 
     /// Queues a job its connection admitted against [`room`](Self::room).
-    pub(crate) fn push(&mut self, route: Route, input: JobInput<M>) {
+    pub(crate) fn push(&mut self, route: Route, input: JobInput<M>, sampling: SamplingParams) {
         self.next_id += 1;
         self.queued.push_back(Queued {
             id: JobId(self.next_id),
             route,
             input,
+            sampling,
         });
     }
 
@@ -109,7 +112,13 @@ impl<M> JobQueue<M> {
             job_id,
             input: queued.input,
             queue_depth,
+            sampling: queued.sampling,
         })
+    }
+
+    /// The route of a running job.
+    pub(crate) fn running_route(&self, job: JobId) -> Option<&Route> {
+        self.running.get(&job).map(|(route, _)| route)
     }
 
     /// Ends a running job: who asked, and the depth when it was taken.

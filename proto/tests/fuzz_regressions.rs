@@ -102,6 +102,7 @@ fn mount_finishing_after_the_peer_closed_sends_nothing() {
         job_id: "j1".to_owned(),
         input_ids: vec![1],
         max_tokens: 1,
+        sampling: Default::default(),
     })
     .encode(&mut wire);
     node.handle_input(conn, &wire, now); // the infer waits for the mount

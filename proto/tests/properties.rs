@@ -92,6 +92,7 @@ impl Arbitrary for Msg {
                 job_id: text(g),
                 input_ids: Vec::arbitrary(g),
                 max_tokens: any_int(g),
+                sampling: Default::default(),
             }),
             6 => Message::InferResult(InferResult {
                 job_id: text(g),
@@ -105,6 +106,7 @@ impl Arbitrary for Msg {
                 job_id: text(g),
                 prompt: text(g),
                 max_out: any_int(g),
+                sampling: Default::default(),
             }),
             8 => Message::PromptResult(PromptResult {
                 job_id: text(g),
@@ -422,6 +424,7 @@ fn a_valid_session_split_anywhere_mounts_and_answers() {
                 job_id: format!("j{i}"),
                 input_ids: ids.clone(),
                 max_tokens: i as i64,
+                sampling: Default::default(),
             })
             .encode(&mut jobs);
         }

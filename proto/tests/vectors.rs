@@ -102,6 +102,7 @@ fn go_client_examples() {
             job_id: "j1".into(),
             input_ids: vec![9, 9],
             max_tokens: 3,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":"j1","input_ids":[9,9],"max_tokens":3}"#,
     );
@@ -110,6 +111,7 @@ fn go_client_examples() {
             job_id: "p1".into(),
             prompt: "hello world".into(),
             max_out: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"prompt","job_id":"p1","prompt":"hello world"}"#,
     );
@@ -160,6 +162,7 @@ fn the_other_messages_follow_the_field_table() {
             job_id: String::new(),
             input_ids: vec![],
             max_tokens: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":""}"#,
     );
@@ -168,6 +171,7 @@ fn the_other_messages_follow_the_field_table() {
             job_id: "j".into(),
             input_ids: vec![-1, i32::MAX, i32::MIN],
             max_tokens: -5,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":"j","input_ids":[-1,2147483647,-2147483648],"max_tokens":-5}"#,
     );
@@ -188,6 +192,7 @@ fn the_other_messages_follow_the_field_table() {
             job_id: "p2".into(),
             prompt: String::new(),
             max_out: 12,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"prompt","job_id":"p2","prompt":"","max_out":12}"#,
     );
@@ -342,6 +347,7 @@ fn unknown_fields_are_ignored() {
             job_id: "j1".into(),
             input_ids: vec![9, 9],
             max_tokens: 3,
+            sampling: Default::default(),
         })
     );
     // Fields of other message types are unknown fields here too.
@@ -485,6 +491,7 @@ fn go_escapes_read_the_same() {
             job_id: "p1".into(),
             prompt: "a <b> & c".into(),
             max_out: 0,
+            sampling: Default::default(),
         })
     );
     // And escaped base64 text is still read.
