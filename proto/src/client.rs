@@ -693,6 +693,81 @@ mod tests {
         assert!(!client.is_pending(RequestId(99)), "never made");
     }
 
+    fn connected(capabilities: &[&str]) -> ClientConnection {
+        let mut client = ClientConnection::default();
+        let mut hello = Vec::new();
+        Message::Hello(Hello {
+            mode: "local_lm".into(),
+            role: "server".into(),
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+            ..Hello::default()
+        })
+        .encode(&mut hello);
+        client.handle_input(&hello).unwrap();
+        client
+    }
+
+    fn partial(job_id: &str, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        Message::PromptPartial(crate::message::PromptPartial {
+            job_id: job_id.into(),
+            text: text.into(),
+        })
+        .encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn partials_are_events_of_their_request_and_go_with_its_answer() {
+        let mut client = connected(&["stream", "sampling"]);
+        let a = client.prompt("a", 0).unwrap();
+        let b = client.prompt("b", 0).unwrap();
+        client.handle_input(&partial("p1", "x")).unwrap();
+        client.handle_input(&partial("p2", "y")).unwrap();
+        client.handle_input(&partial("p1", "z")).unwrap();
+        assert_eq!(
+            client.take_partial(a),
+            Some(PartialOutput::Text("x".into()))
+        );
+        let mut result = Vec::new();
+        Message::PromptResult(PromptResult {
+            job_id: "p1".into(),
+            ok: true,
+            text: "xz".into(),
+            ..PromptResult::default()
+        })
+        .encode(&mut result);
+        client.handle_input(&result).unwrap();
+        assert!(client.take_answer(a).is_some());
+        assert_eq!(client.take_partial(a), None, "dropped with the answer");
+        assert_eq!(
+            client.take_partial(b),
+            Some(PartialOutput::Text("y".into()))
+        );
+        // A partial for no outstanding job is a protocol error.
+        assert!(client.handle_input(&partial("p9", "?")).is_err());
+    }
+
+    #[test]
+    fn extension_frames_and_fields_need_the_nodes_offer() {
+        let mut client = connected(&[]);
+        assert_eq!(client.capabilities(), Capabilities::NONE);
+        let sampling = SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        assert_eq!(
+            client.prompt_with("a", 0, &sampling),
+            Err(ClientError::NotOffered("sampling"))
+        );
+        assert_eq!(client.outstanding(), 0, "nothing sent");
+        client.prompt("a", 0).unwrap();
+        assert!(
+            client.handle_input(&partial("p1", "x")).is_err(),
+            "a partial from a node that did not agree stream"
+        );
+    }
+
     #[test]
     fn a_client_chosen_job_id_is_used_once_at_a_time() {
         let mut client = ClientConnection::default();

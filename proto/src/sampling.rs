@@ -82,6 +82,57 @@ impl Eq for SamplingParams {}
 mod tests {
     use super::*;
 
+    use crate::message::{Infer, Message, Prompt};
+
+    #[test]
+    fn fields_go_after_the_v1_ones_and_only_when_set() {
+        let mut infer = Infer {
+            job_id: "j1".into(),
+            input_ids: vec![1, 2],
+            max_tokens: 8,
+            sampling: SamplingParams::default(),
+        };
+        let v1 = r#"{"v":1,"type":"infer","job_id":"j1","input_ids":[1,2],"max_tokens":8}"#;
+        assert_eq!(Message::Infer(infer.clone()).to_json(), v1.as_bytes());
+        infer.sampling = SamplingParams {
+            temperature: Some(0.8),
+            seed: Some(u64::MAX),
+            ..SamplingParams::default()
+        };
+        let json = Message::Infer(infer.clone()).to_json();
+        assert_eq!(
+            String::from_utf8_lossy(&json),
+            r#"{"v":1,"type":"infer","job_id":"j1","input_ids":[1,2],"max_tokens":8,"temperature":0.8,"seed":18446744073709551615}"#
+        );
+        assert_eq!(Message::parse(&json).unwrap(), Message::Infer(infer));
+        let prompt = Prompt {
+            job_id: "p1".into(),
+            prompt: "Hi".into(),
+            max_out: 0,
+            sampling: SamplingParams {
+                top_p: Some(0.9),
+                top_k: Some(40),
+                repeat_penalty: Some(1.1),
+                stop: vec!["\n\n".into()],
+                ..SamplingParams::default()
+            },
+        };
+        let json = Message::Prompt(prompt.clone()).to_json();
+        assert_eq!(
+            String::from_utf8_lossy(&json),
+            r#"{"v":1,"type":"prompt","job_id":"p1","prompt":"Hi","top_p":0.9,"top_k":40,"repeat_penalty":1.1,"stop":["\n\n"]}"#
+        );
+        assert_eq!(Message::parse(&json).unwrap(), Message::Prompt(prompt));
+        // A field of the wrong type is a bad body, not a silent default.
+        for bad in [
+            r#"{"v":1,"type":"infer","job_id":"j","top_k":-1}"#,
+            r#"{"v":1,"type":"infer","job_id":"j","seed":"7"}"#,
+            r#"{"v":1,"type":"prompt","job_id":"p","stop":"x"}"#,
+        ] {
+            assert!(Message::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn a_jobs_fields_override_the_nodes_one_by_one() {
         let node = SamplingParams {
