@@ -308,5 +308,70 @@ mod gguf {
         }
         drop((plain, streaming));
         server.shutdown();
+        if let Some(dir) = std::env::var_os("DONATE_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
+            llama_cpp(Path::new(&dir), path, &prompt, &reference, runs, rates[1].1);
+        }
+    }
+
+    /// Runs llama.cpp (node-llama-cpp installed in `dir`) on the same file,
+    /// ids and threads, right after the measurements above; prints its rates,
+    /// the node's generation rate over it, and how many greedy ids agree.
+    fn llama_cpp(
+        dir: &Path,
+        model: &Path,
+        prompt: &[u32],
+        reference: &[u32],
+        runs: usize,
+        node_gen: f64,
+    ) {
+        let script = dir.join("donate-bench-llama-cpp.mjs");
+        std::fs::write(&script, include_str!("llama_cpp.mjs")).expect("write the script");
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        let output = std::process::Command::new("node")
+            .arg(&script)
+            .arg(model)
+            .arg(ids.join(","))
+            .arg(GENERATE.to_string())
+            .arg(runs.to_string())
+            .arg(candle_core::utils::get_num_threads().to_string())
+            .output()
+            .expect("run node");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "llama.cpp failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = |tag: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(tag))
+                .unwrap_or_else(|| panic!("no {tag:?} line in {stdout}"))
+                .to_owned()
+        };
+        let theirs: Vec<u32> = line("ids ")
+            .split(',')
+            .map(|t| t.parse().expect("an id"))
+            .collect();
+        let agree = theirs
+            .iter()
+            .zip(reference)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let rates: Vec<f64> = line("rates ")
+            .split(' ')
+            .map(|r| r.parse().expect("a rate"))
+            .collect();
+        println!(
+            "{:<22} {:>14.1} {:>14.1}   node gen / llama.cpp gen {:.3}",
+            "llama.cpp",
+            rates[0],
+            rates[1],
+            node_gen / rates[1]
+        );
+        println!(
+            "greedy ids equal to llama.cpp's (F32 KV cache): first {agree} of {}",
+            reference.len()
+        );
     }
 }
