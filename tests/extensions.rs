@@ -74,11 +74,11 @@ impl Executor for Scripted {
 }
 
 fn node(mode: Mode) -> common::TestServer {
-    start(
-        ServerKind::Std,
-        ServerConfig::default().mode(mode),
-        Scripted,
-    )
+    node_on(ServerKind::Std, mode)
+}
+
+fn node_on(kind: ServerKind, mode: Mode) -> common::TestServer {
+    start(kind, ServerConfig::default().mode(mode), Scripted)
 }
 
 fn plain_config() -> ClientConfig {
@@ -118,6 +118,48 @@ fn streaming_and_plain_clients_side_by_side() {
     assert_eq!(streaming.prompt("again", 0).unwrap().text, REPLY.concat());
     drop((streaming, plain));
     server.shutdown();
+}
+
+/// Every runtime's node streams, and the async client (smol's and tokio's)
+/// hands the partials over as the blocking one does.
+#[test]
+fn every_runtime_streams_to_the_async_client() {
+    let expected: Vec<_> = REPLY
+        .iter()
+        .map(|s| PartialOutput::Text((*s).to_owned()))
+        .collect();
+    for kind in common::ADAPTERS {
+        let server = node_on(kind, Mode::LocalLm);
+        let addr = server.addr();
+        let (parts, text) = smol::block_on(async {
+            let mut client = donate_smol::Client::connect(addr).await.unwrap();
+            let request = client.send_prompt("hi", 0).await.unwrap();
+            let mut parts = Vec::new();
+            let answer = client
+                .wait_streaming(request, |p| parts.push(p))
+                .await
+                .unwrap();
+            (parts, donate_std::answers::prompt(answer).unwrap().text)
+        });
+        assert_eq!(parts, expected, "{kind:?}");
+        assert_eq!(text, REPLY.concat());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let parts = rt.block_on(async {
+            let mut client = donate_tokio::Client::connect(addr).await.unwrap();
+            let request = client.send_prompt("hi", 0).await.unwrap();
+            let mut parts = Vec::new();
+            client
+                .wait_streaming(request, |p| parts.push(p))
+                .await
+                .unwrap();
+            parts
+        });
+        assert_eq!(parts, expected, "{kind:?}");
+        server.shutdown();
+    }
 }
 
 #[test]
