@@ -683,6 +683,8 @@ impl Mirror {
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
+            | Message::InferPartial(_)
+            | Message::PromptPartial(_)
             | Message::Error(_) => self.refusals += 1,
         }
     }
@@ -800,6 +802,7 @@ impl Harness {
                         job_id,
                         input_ids: (0..(ids % 12) as i32).map(|i| i * 7 - 3).collect(),
                         max_tokens: max_tokens.into(),
+                        sampling: Default::default(),
                     }),
                 );
             }
@@ -811,6 +814,7 @@ impl Harness {
                         job_id,
                         prompt: PROMPTS[which as usize % PROMPTS.len()].to_owned(),
                         max_out: which.into(),
+                        sampling: Default::default(),
                     }),
                 );
             }
