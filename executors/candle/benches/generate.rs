@@ -179,7 +179,7 @@ mod gguf {
     /// Tokens in each job's prompt.
     const PROMPT: usize = 32;
     /// Tokens each long job generates.
-    const GENERATE: usize = 64;
+    const GENERATE: usize = 32;
 
     /// Greedy generation the way candle's own quantized example does it: the
     /// prompt in one forward pass, then one token at a time.
