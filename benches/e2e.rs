@@ -1505,6 +1505,7 @@ fn job_frame_sizes() -> (usize, usize) {
         input_ids: INPUT_IDS.to_vec(),
         max_tokens: MAX_TOKENS,
         deadline_ms: 0,
+        sampling: Default::default(),
     }));
     let output_ids = INPUT_IDS
         .iter()

@@ -17,7 +17,7 @@ use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use donate_proto::{Capability, ClientConfig, NodeTrust, SecureClientConfig};
+use donate_proto::{Capability, ClientConfig, NodeTrust, PartialOutput, SecureClientConfig};
 
 use crate::secure::{self, Trust};
 use crate::{
@@ -63,7 +63,7 @@ pub fn infer(args: InferArgs) -> CliResult {
         .result
         .map_err(|e| push_failure(&args.client, &client, e))?;
     let result = client
-        .send_infer(&args.ids, args.max_tokens)
+        .send_infer_with(&args.ids, args.max_tokens, &args.sampling.params())
         .and_then(|request| given_up(&mut client, request))
         .and_then(donate_host::answers::infer);
     let answer = match &result {
@@ -87,10 +87,21 @@ pub fn infer(args: InferArgs) -> CliResult {
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.
 pub fn prompt(args: PromptArgs) -> CliResult {
     let mut client = connect(&args.client)?;
+    let mut streamed = String::new();
     let result = client
-        .send_prompt(&args.text, args.max_out)
-        .and_then(|request| given_up(&mut client, request))
-        .and_then(donate_host::answers::prompt);
+        .send_prompt_with(&args.text, args.max_out, &args.sampling.params())
+        .and_then(|request| {
+            // Partial text (extension `stream`) is printed as it arrives,
+            // unless stdout must hold exactly one JSON object.
+            let answer = given_up_streaming(&mut client, request, |partial| {
+                if let (false, PartialOutput::Text(text)) = (args.client.json, partial) {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    streamed.push_str(&text);
+                }
+            })?;
+            donate_std::answers::prompt(answer)
+        });
     let answer = match &result {
         Ok(r) | Err(Error::PromptFailed(r)) => Some(Message::PromptResult(r.clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
@@ -101,9 +112,16 @@ pub fn prompt(args: PromptArgs) -> CliResult {
             print_json(&answer.to_json())?;
         }
     }
+    if result.is_err() && !streamed.is_empty() {
+        println!();
+    }
     let result = result.map_err(|e| failed(&args.client, "", &e))?;
     if !args.client.json {
-        println!("{}", result.text);
+        // The final text is the authority: whatever the partials left out.
+        match result.text.strip_prefix(streamed.as_str()) {
+            Some(rest) => println!("{rest}"),
+            None => println!("\n{}", result.text),
+        }
     }
     Ok(())
 }
@@ -245,6 +263,19 @@ fn status_of_many(args: &StatusArgs) -> CliResult {
     } else {
         Err("some donors are unreachable".into())
     }
+}
+
+/// [`given_up`] for a job whose partial output (extension `stream`) goes to `on_partial`.
+fn given_up_streaming(
+    client: &mut Client,
+    request: RequestId,
+    on_partial: impl FnMut(PartialOutput),
+) -> Result<Answer, Error> {
+    client.wait_streaming(request, on_partial).inspect_err(|_| {
+        if let Ok(true) = client.cancel(request) {
+            tracing::info!("gave up waiting: the job was cancelled on the node");
+        }
+    })
 }
 
 /// Waits for a job's answer; if waiting fails (`--timeout` passed), cancels

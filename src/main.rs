@@ -3,6 +3,7 @@
 mod batch;
 mod commands;
 mod hash_cache;
+mod sampling;
 mod secure;
 mod serve;
 
@@ -455,6 +456,8 @@ struct InferArgs {
     /// Send weights_sha256 with the upload (always done for a node with a model store).
     #[arg(long)]
     sha256: bool,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
 }
 
 impl InferArgs {
@@ -494,6 +497,8 @@ struct PromptArgs {
     /// The prompt text.
     #[arg(value_name = "TEXT")]
     text: String,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -353,6 +353,9 @@ fn prompt_on_a_local_lm_node() {
     let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
     assert_eq!(status["hello"]["mode"], "local_lm");
     assert_eq!(status["hello"]["local_lm_path"], "/models/m");
+    // The stub does not sample: sampling flags are refused before sending.
+    donate(&["prompt", "--addr", &node.addr, "--seed", "7", "hi"])
+        .fails_with("does not offer the sampling extension");
     node.stop();
 }
 

@@ -464,6 +464,10 @@ impl Harness {
                     }
                 }
                 ClientEvent::Closing(_) => {}
+                ClientEvent::Partial { request, .. } => assert!(
+                    self.outstanding.iter().any(|(r, _, _)| *r == request),
+                    "a partial for a request not outstanding"
+                ),
             }
         }
     }

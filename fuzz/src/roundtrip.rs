@@ -152,6 +152,7 @@ impl AnyMessage {
                 input_ids: input_ids.clone(),
                 max_tokens: *max_tokens,
                 deadline_ms: 0,
+                sampling: Default::default(),
             }),
             AnyMessage::InferResult {
                 job_id,
@@ -177,6 +178,7 @@ impl AnyMessage {
                 prompt: s(prompt),
                 max_out: *max_out,
                 deadline_ms: 0,
+                sampling: Default::default(),
             }),
             AnyMessage::PromptResult {
                 job_id,

@@ -693,6 +693,8 @@ impl Mirror {
             Message::ModelStatus(_)
             | Message::InferResult(_)
             | Message::PromptResult(_)
+            | Message::InferPartial(_)
+            | Message::PromptPartial(_)
             | Message::Error(_) => self.refusals += 1,
             // Extensions these v1 connections never opted into: refused as
             // unknown types, naming the job as a v1 node's parse error did.
@@ -830,6 +832,7 @@ impl Harness {
                         input_ids: (0..(ids % 12) as i32).map(|i| i * 7 - 3).collect(),
                         max_tokens: max_tokens.into(),
                         deadline_ms: 0,
+                        sampling: Default::default(),
                     }),
                 );
             }
@@ -842,6 +845,7 @@ impl Harness {
                         prompt: PROMPTS[which as usize % PROMPTS.len()].to_owned(),
                         max_out: which.into(),
                         deadline_ms: 0,
+                        sampling: Default::default(),
                     }),
                 );
             }

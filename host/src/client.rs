@@ -12,8 +12,8 @@ use donate_proto::message::{
     Hello, InferResult, ModelInventory, ModelStatus, PromptResult, QueueStatus,
 };
 use donate_proto::{
-    Answer, Capabilities, Capability, ClientConfig, ClientConnection, PublicKey, RequestId,
-    SecureClientConfig,
+    Answer, Capabilities, Capability, ClientConfig, ClientConnection, PartialOutput, PublicKey,
+    RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -245,6 +245,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<PromptResult> {
         let request = self.send_prompt(prompt, max_out).await?;
         answers::prompt(self.wait(request).await?)
+    }
+
+    /// [`infer`](Client::infer) with sampling fields (extension `sampling`;
+    /// refused with [`ClientError::NotOffered`](donate_proto::ClientError::NotOffered)
+    /// by a node that does not offer it, nothing sent).
+    pub async fn infer_with(
+        &mut self,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<InferResult> {
+        let request = self
+            .send_infer_with(input_ids, max_tokens, sampling)
+            .await?;
+        answers::infer(self.wait(request).await?)
+    }
+
+    /// [`prompt`](Client::prompt) with sampling fields, as [`infer_with`](Client::infer_with).
+    pub async fn prompt_with(
+        &mut self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<PromptResult> {
+        let request = self.send_prompt_with(prompt, max_out, sampling).await?;
+        answers::prompt(self.wait(request).await?)
+    }
+
+    /// [`send_infer`](Client::send_infer) with sampling fields.
+    pub async fn send_infer_with(
+        &mut self,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.infer_with(input_ids, max_tokens, sampling)?)
+    }
+
+    /// [`send_prompt`](Client::send_prompt) with sampling fields.
+    pub async fn send_prompt_with(
+        &mut self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.prompt_with(prompt, max_out, sampling)?)
+    }
+
+    /// [`wait`](Client::wait), handing `request`'s partial output to
+    /// `on_partial` as it arrives (extension `stream`: from a node that
+    /// offers it; any other sends only the answer).
+    pub async fn wait_streaming(
+        &mut self,
+        request: RequestId,
+        mut on_partial: impl FnMut(PartialOutput),
+    ) -> Result<Answer> {
+        if !self.core.is_pending(request) {
+            return Err(Error::NotPending(request));
+        }
+        self.flush().await?;
+        loop {
+            while let Some(partial) = self.core.take_partial(request) {
+                on_partial(partial);
+            }
+            if let Some(answer) = self.core.take_answer(request) {
+                return Ok(answer);
+            }
+            self.read_some().await?;
+        }
     }
 
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).

@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use crate::metrics::{self, Metrics};
 use donate_proto::{
-    run_job, run_mount, run_upload, Capabilities, Capability, ConnectionId, Event, Executor, Mount,
-    MountOutcome, Node, PublicKey, SecureServerConfig, ServerConfig, StoredMount, UploadHandling,
-    UploadWork,
+    run_job_in, run_mount, run_upload, Capabilities, Capability, ConnectionId, Event, Executor,
+    Job, JobContext, JobOutcome, Mount, MountOutcome, Node, Partial, PublicKey, SecureServerConfig,
+    ServerConfig, StoredMount, UploadHandling, UploadWork,
 };
 
 use crate::store::ModelStore;
@@ -209,6 +209,9 @@ impl<E: Executor> Host<E> {
             None => offered,
         };
         let executor = Stored::new(executor, store);
+        // And what the executor honours (sampling, stream): the workers below
+        // pass a job's sampling and deliver its partials.
+        let offered = offered.union(executor.extensions());
         let uploads = UploadHandling::for_executor(&executor);
         let workers = server.workers.max(1);
         let mut node = Node::with_uploads(server, uploads).offer(offered);
@@ -586,6 +589,7 @@ impl<E: Executor> Host<E> {
                 state = self.lock();
                 state.node.mount_done(outcome, Instant::now());
             } else if let Some(job) = state.node.next_job() {
+                let streams = state.node.wants_partials(job.id);
                 drop(state);
                 // Every line about this job (the executor's too) carries
                 // the node's job number, the client's job_id and the connection.
@@ -598,8 +602,8 @@ impl<E: Executor> Host<E> {
                 let started = Instant::now();
                 let outcome = span.in_scope(|| {
                     let outcome = match &self.metrics {
-                        None => run_job(&self.executor, &job),
-                        Some(m) => counted_job(&self.executor, &job, m, started),
+                        None => self.run_job(&job, streams),
+                        Some(m) => counted_job(&job, m, started, || self.run_job(&job, streams)),
                     };
                     match &outcome {
                         Ok(_) => tracing::debug!("job done"),
@@ -655,6 +659,28 @@ impl<E: Executor> Host<E> {
         .map(Arc::new);
         MountOutcome { token, result }
     }
+
+    /// Runs a job with its sampling and, when its client agreed `stream`, a
+    /// sink that hands each partial output to the node and writes it.
+    fn run_job(&self, job: &Job<Model<E>>, streams: bool) -> JobOutcome {
+        let sink = |output: Partial<'_>| self.deliver_partial(job, output);
+        let mut context = JobContext::new(&job.job_id)
+            .with_cancel(&job.cancel)
+            .with_sampling(&job.sampling);
+        if streams {
+            context = context.with_partial(&sink);
+        }
+        run_job_in(&self.executor, job, &context)
+    }
+
+    /// A partial output frame for `job`'s connection (if still wanted), sent
+    /// by its writer so the worker goes straight back to the job.
+    fn deliver_partial(&self, job: &Job<Model<E>>, output: Partial<'_>) {
+        let mut state = self.lock();
+        if state.node.partial(job.id, output, Instant::now()) {
+            drop(self.dispatch_events(state));
+        }
+    }
 }
 
 /// What the node's events ask for once the lock is released.
@@ -685,16 +711,16 @@ impl Followup {
 
 /// Runs `job`, counting its queue wait and keeping the running gauge; its
 /// end is counted once the node says how it is answered.
-fn counted_job<E: Executor>(
-    executor: &E,
-    job: &donate_proto::Job<E::Model>,
+fn counted_job<M>(
+    job: &Job<M>,
     m: &Metrics,
     started: Instant,
-) -> donate_proto::JobOutcome {
+    run: impl FnOnce() -> JobOutcome,
+) -> JobOutcome {
     m.queue_wait_seconds
         .observe(started.saturating_duration_since(job.queued_at));
     m.jobs_running.inc();
-    let outcome = run_job(executor, job);
+    let outcome = run();
     m.jobs_running.dec();
     outcome
 }

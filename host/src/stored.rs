@@ -175,6 +175,10 @@ impl<E: Executor> Executor for Stored<E> {
         self.inner.shares_models()
     }
 
+    fn extensions(&self) -> donate_proto::Capabilities {
+        self.inner.extensions()
+    }
+
     fn infer(
         &self,
         model: &Self::Model,

@@ -32,6 +32,7 @@ fn infer_frames() -> Vec<u8> {
             input_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
             max_tokens: 8,
             deadline_ms: 0,
+            sampling: Default::default(),
         })
         .encode(&mut wire);
     }

@@ -98,6 +98,12 @@ impl Capabilities {
         Capabilities(self.0 & !cap.bit())
     }
 
+    /// What either set holds.
+    #[must_use]
+    pub const fn union(self, other: Capabilities) -> Self {
+        Capabilities(self.0 | other.0)
+    }
+
     /// What both sets hold.
     #[must_use]
     pub fn intersect(self, other: Capabilities) -> Self {

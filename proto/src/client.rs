@@ -18,6 +18,7 @@ use crate::message::{
     ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult, QueuePosition,
     QueueStatus, Stats,
 };
+use crate::sampling::SamplingParams;
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
 use crate::upload::hex;
 
@@ -60,13 +61,19 @@ crate::config::setters!(ClientConfig {
     job_deadline: Option<std::time::Duration>,
 });
 
-/// The extensions this client core implements, opted into by default.
+/// The extensions this client core implements, opted into by default:
+/// `sampling` (fields sent only when a job sets them) and `stream` (partial
+/// results, [`ClientEvent::Partial`]; a caller that only waits for answers
+/// never sees them, and [`ClientConnection::take_answer`] drops a job's
+/// partials with its answer), and the rest only when called for.
 const IMPLEMENTED: Capabilities = Capabilities::NONE
     .with(Capability::Store)
     .with(Capability::Cancel)
     .with(Capability::Deadline)
     .with(Capability::QueuePosition)
-    .with(Capability::Stats);
+    .with(Capability::Stats)
+    .with(Capability::Sampling)
+    .with(Capability::Stream);
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,6 +122,23 @@ pub enum ClientEvent {
     },
     /// An error frame that answers nothing: the server is about to close.
     Closing(ErrorFrame),
+    /// Output of a job still running (extension `stream`), in order, before
+    /// its answer: new token ids of an `infer`, new text of a `prompt`.
+    Partial {
+        /// The request (an `infer` or a `prompt`).
+        request: RequestId,
+        /// What it produced since its last partial.
+        partial: PartialOutput,
+    },
+}
+
+/// A running job's new output, from [`ClientEvent::Partial`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartialOutput {
+    /// New token ids of an `infer` job (its result's `output_ids` end with them).
+    Tokens(Vec<i32>),
+    /// New text of a `prompt` job (joined in order, the result's `text`).
+    Text(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,14 +281,32 @@ impl ClientConnection {
         self.events.pop_front()
     }
 
-    /// Takes the answer to `request` if it has arrived, leaving other events queued.
+    /// Takes the answer to `request` if it has arrived, leaving other events
+    /// queued (except `request`'s partials not taken yet: the answer holds
+    /// their output).
     pub fn take_answer(&mut self, request: RequestId) -> Option<Answer> {
         let i = self
             .events
             .iter()
             .position(|e| matches!(e, ClientEvent::Answer { request: r, .. } if *r == request))?;
+        let answer = match self.events.remove(i) {
+            Some(ClientEvent::Answer { answer, .. }) => answer,
+            _ => return None,
+        };
+        self.events
+            .retain(|e| !matches!(e, ClientEvent::Partial { request: r, .. } if *r == request));
+        Some(answer)
+    }
+
+    /// Takes `request`'s oldest partial output not taken yet (extension
+    /// `stream`), leaving other events queued.
+    pub fn take_partial(&mut self, request: RequestId) -> Option<PartialOutput> {
+        let i = self
+            .events
+            .iter()
+            .position(|e| matches!(e, ClientEvent::Partial { request: r, .. } if *r == request))?;
         match self.events.remove(i) {
-            Some(ClientEvent::Answer { answer, .. }) => Some(answer),
+            Some(ClientEvent::Partial { partial, .. }) => Some(partial),
             _ => None,
         }
     }
@@ -316,6 +358,7 @@ impl ClientConnection {
             input_ids: input_ids.to_vec(),
             max_tokens,
             deadline_ms: self.deadline_ms(),
+            sampling: SamplingParams::default(),
         }));
         Ok(request)
     }
@@ -333,30 +376,58 @@ impl ClientConnection {
             prompt: prompt.to_owned(),
             max_out,
             deadline_ms: self.deadline_ms(),
+            sampling: SamplingParams::default(),
         }));
         Ok(request)
     }
 
     /// Sends an `infer` job; its answer is [`Answer::Infer`] or [`Answer::Error`].
     pub fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<RequestId, ClientError> {
+        self.infer_with(input_ids, max_tokens, &SamplingParams::default())
+    }
+
+    /// Sends a `prompt` job; its answer is [`Answer::Prompt`] or [`Answer::Error`].
+    pub fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId, ClientError> {
+        self.prompt_with(prompt, max_out, &SamplingParams::default())
+    }
+
+    /// [`infer`](Self::infer) with sampling fields (extension `sampling`).
+    /// Fields set for a node that did not offer `sampling` (a v1 node would
+    /// ignore them and answer greedily) fail with
+    /// [`ClientError::NotOffered`], nothing sent.
+    pub fn infer_with(
+        &mut self,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId, ClientError> {
+        self.check_sampling(sampling)?;
         let (request, job_id) = self.request(Kind::Infer, "j")?;
         self.send(&Message::Infer(Infer {
             job_id,
             input_ids: input_ids.to_vec(),
             max_tokens,
             deadline_ms: self.deadline_ms(),
+            sampling: sampling.clone(),
         }));
         Ok(request)
     }
 
-    /// Sends a `prompt` job; its answer is [`Answer::Prompt`] or [`Answer::Error`].
-    pub fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId, ClientError> {
+    /// [`prompt`](Self::prompt) with sampling fields, as [`infer_with`](Self::infer_with).
+    pub fn prompt_with(
+        &mut self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId, ClientError> {
+        self.check_sampling(sampling)?;
         let (request, job_id) = self.request(Kind::Prompt, "p")?;
         self.send(&Message::Prompt(Prompt {
             job_id,
             prompt: prompt.to_owned(),
             max_out,
             deadline_ms: self.deadline_ms(),
+            sampling: sampling.clone(),
         }));
         Ok(request)
     }
@@ -432,6 +503,17 @@ impl ClientConnection {
             }
             _ => 0,
         }
+    }
+
+    /// Sampling fields go only to a node that agreed `sampling`.
+    fn check_sampling(&self, sampling: &SamplingParams) -> Result<(), ClientError> {
+        if self.hello.is_none() {
+            return Err(ClientError::NotConnected);
+        }
+        if !sampling.is_empty() && !self.agreed.contains(Capability::Sampling) {
+            return Err(ClientError::NotOffered(Capability::Sampling.as_str()));
+        }
+        Ok(())
     }
 
     /// Asks for the queue's state; the answer is [`Answer::QueueStatus`], or
@@ -688,6 +770,16 @@ impl ClientConnection {
                 }
                 return Ok(());
             }
+            Message::InferPartial(m) => {
+                return self.on_partial(
+                    Kind::Infer,
+                    &m.job_id,
+                    PartialOutput::Tokens(m.output_ids),
+                );
+            }
+            Message::PromptPartial(m) => {
+                return self.on_partial(Kind::Prompt, &m.job_id, PartialOutput::Text(m.text));
+            }
             Message::Error(e) => {
                 let by_id = (!e.job_id.is_empty())
                     .then(|| {
@@ -729,6 +821,30 @@ impl ClientConnection {
             request: answered.request,
             answer,
         });
+        Ok(())
+    }
+
+    /// A partial result: only from a node that agreed `stream`, and only for
+    /// a job still outstanding.
+    fn on_partial(
+        &mut self,
+        kind: Kind,
+        job_id: &str,
+        partial: PartialOutput,
+    ) -> Result<(), ClientError> {
+        let kind_name = match kind {
+            Kind::Infer => "infer_partial",
+            _ => "prompt_partial",
+        };
+        if !self.agreed.contains(Capability::Stream) {
+            return Err(ClientError::Unexpected(kind_name.to_owned()));
+        }
+        let Some(i) = self.find(kind, Some(job_id)) else {
+            return Err(ClientError::Unexpected(kind_name.to_owned()));
+        };
+        let request = self.outstanding[i].request;
+        self.events
+            .push_back(ClientEvent::Partial { request, partial });
         Ok(())
     }
 
@@ -781,6 +897,81 @@ mod tests {
         assert!(client.take_answer(request).is_some());
         assert!(!client.is_pending(request), "taken");
         assert!(!client.is_pending(RequestId(99)), "never made");
+    }
+
+    fn connected(capabilities: &[&str]) -> ClientConnection {
+        let mut client = ClientConnection::default();
+        let mut hello = Vec::new();
+        Message::Hello(Hello {
+            mode: "local_lm".into(),
+            role: "server".into(),
+            capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+            ..Hello::default()
+        })
+        .encode(&mut hello);
+        client.handle_input(&hello).unwrap();
+        client
+    }
+
+    fn partial(job_id: &str, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        Message::PromptPartial(crate::message::PromptPartial {
+            job_id: job_id.into(),
+            text: text.into(),
+        })
+        .encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn partials_are_events_of_their_request_and_go_with_its_answer() {
+        let mut client = connected(&["stream", "sampling"]);
+        let a = client.prompt("a", 0).unwrap();
+        let b = client.prompt("b", 0).unwrap();
+        client.handle_input(&partial("p1", "x")).unwrap();
+        client.handle_input(&partial("p2", "y")).unwrap();
+        client.handle_input(&partial("p1", "z")).unwrap();
+        assert_eq!(
+            client.take_partial(a),
+            Some(PartialOutput::Text("x".into()))
+        );
+        let mut result = Vec::new();
+        Message::PromptResult(PromptResult {
+            job_id: "p1".into(),
+            ok: true,
+            text: "xz".into(),
+            ..PromptResult::default()
+        })
+        .encode(&mut result);
+        client.handle_input(&result).unwrap();
+        assert!(client.take_answer(a).is_some());
+        assert_eq!(client.take_partial(a), None, "dropped with the answer");
+        assert_eq!(
+            client.take_partial(b),
+            Some(PartialOutput::Text("y".into()))
+        );
+        // A partial for no outstanding job is a protocol error.
+        assert!(client.handle_input(&partial("p9", "?")).is_err());
+    }
+
+    #[test]
+    fn extension_frames_and_fields_need_the_nodes_offer() {
+        let mut client = connected(&[]);
+        assert_eq!(client.capabilities(), Capabilities::NONE);
+        let sampling = SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        assert_eq!(
+            client.prompt_with("a", 0, &sampling),
+            Err(ClientError::NotOffered("sampling"))
+        );
+        assert_eq!(client.outstanding(), 0, "nothing sent");
+        client.prompt("a", 0).unwrap();
+        assert!(
+            client.handle_input(&partial("p1", "x")).is_err(),
+            "a partial from a node that did not agree stream"
+        );
     }
 
     #[test]

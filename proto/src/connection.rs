@@ -25,6 +25,7 @@ use crate::message::{
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
+use crate::sampling::SamplingParams;
 use crate::secure::{PublicKey, ServerSecure};
 use crate::upload::{parse_store_hash, CommittedModel, Upload, UploadWork};
 
@@ -38,6 +39,7 @@ pub(crate) enum ToNode<M> {
         input: JobInput<M>,
         /// When it must be answered (`deadline_ms`, `max_job_time`).
         deadline: Option<Instant>,
+        sampling: SamplingParams,
     },
     /// Extension `cancel`: stop this connection's job with this `job_id`.
     Cancel(String),
@@ -508,6 +510,8 @@ impl<M> Connection<M> {
             | Message::InferResult(_)
             | Message::PromptResult(_)
             | Message::ModelInventory(_)
+            | Message::InferPartial(_)
+            | Message::PromptPartial(_)
             | Message::Error(_) => {
                 self.refuse(&ProtocolError::UnknownType(msg.kind().to_owned()), None);
             }
@@ -703,7 +707,15 @@ impl<M> Connection<M> {
             input_ids: job.input_ids,
             max_tokens: job.max_tokens,
         };
-        self.queue_job(job.job_id, JobKind::Infer, input, job.deadline_ms, room);
+        let sampling = self.sampling_of(job.sampling);
+        self.queue_job(
+            job.job_id,
+            JobKind::Infer,
+            input,
+            job.deadline_ms,
+            sampling,
+            room,
+        );
     }
 
     fn on_prompt(&mut self, job: Prompt, room: &mut QueueRoom) {
@@ -711,7 +723,37 @@ impl<M> Connection<M> {
             prompt: job.prompt,
             max_out: job.max_out,
         };
-        self.queue_job(job.job_id, JobKind::Prompt, input, job.deadline_ms, room);
+        let sampling = self.sampling_of(job.sampling);
+        self.queue_job(
+            job.job_id,
+            JobKind::Prompt,
+            input,
+            job.deadline_ms,
+            sampling,
+            room,
+        );
+    }
+
+    /// A job's sampling fields, read only from a client that agreed `sampling`
+    /// (a v1 client's stray fields of the same names mean nothing).
+    fn sampling_of(&self, sent: SamplingParams) -> SamplingParams {
+        if self.agreed.contains(Capability::Sampling) {
+            sent
+        } else {
+            SamplingParams::default()
+        }
+    }
+
+    /// A running job's partial output (extension `stream`): sent when this
+    /// connection agreed `stream` and is not closing. It counts against
+    /// `max_outbound` as results do. Returns whether it was sent.
+    pub(crate) fn partial(&mut self, msg: &Message<'_>, now: Instant) -> bool {
+        if !self.agreed.contains(Capability::Stream) || self.phase.closing().is_some() {
+            return false;
+        }
+        self.send(msg);
+        self.note_output(now);
+        true
     }
 
     fn queue_job(
@@ -720,6 +762,7 @@ impl<M> Connection<M> {
         kind: JobKind,
         input: JobInput<M>,
         deadline_ms: i64,
+        sampling: SamplingParams,
         room: &mut QueueRoom,
     ) {
         let deadline = match self.job_deadline(deadline_ms) {
@@ -734,6 +777,7 @@ impl<M> Connection<M> {
                     kind,
                     input,
                     deadline,
+                    sampling,
                 });
             }
             Err(e) => self.refuse(&e, Some(&job_id)),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use sha2::Digest as _;
 
+use crate::capability::Capabilities;
 use crate::config::UploadHandling;
 use crate::job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput};
 use crate::node::{Mount, MountOutcome};
@@ -70,6 +71,14 @@ pub trait Executor: Send + Sync + 'static {
         job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError>;
 
+    /// The protocol extensions this executor honours (docs/PROTOCOL.md §10),
+    /// for the node to offer: `sampling` when it reads
+    /// [`JobContext::sampling`], `stream` when it reports
+    /// [`JobContext::partial`] output. By default none.
+    fn extensions(&self) -> Capabilities {
+        Capabilities::NONE
+    }
+
     /// Runs a `prompt` job. By default an executor has no language model: the
     /// job fails with `no_local_lm`.
     fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
@@ -131,17 +140,30 @@ impl Weights<NoSpool> {
 
 /// Runs `job` on `executor`; a panic becomes an `executor_panicked` job error.
 pub fn run_job<E: Executor>(executor: &E, job: &Job<E::Model>) -> JobOutcome {
-    let context = JobContext::new(&job.job_id).with_cancel(&job.cancel);
+    let context = JobContext::new(&job.job_id)
+        .with_cancel(&job.cancel)
+        .with_sampling(&job.sampling);
+    run_job_in(executor, job, &context)
+}
+
+/// [`run_job`] with a context the driver built (a partial-output sink, a
+/// cancel flag); the context's sampling should be the job's own
+/// ([`JobContext::with_sampling`] of [`Job::sampling`]).
+pub fn run_job_in<E: Executor>(
+    executor: &E,
+    job: &Job<E::Model>,
+    context: &JobContext<'_>,
+) -> JobOutcome {
     catch_unwind(AssertUnwindSafe(|| match &job.input {
         JobInput::Infer {
             model,
             input_ids,
             max_tokens,
         } => executor
-            .infer(model, input_ids, *max_tokens, &context)
+            .infer(model, input_ids, *max_tokens, context)
             .map(JobOutput::Infer),
         JobInput::Prompt { prompt, max_out } => executor
-            .prompt(prompt, *max_out, &context)
+            .prompt(prompt, *max_out, context)
             .map(JobOutput::Prompt),
     }))
     .unwrap_or_else(|_| Err(JobError::new("executor_panicked", "executor panicked")))

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::id::JobId;
 use crate::message::{InferResult, Message, PromptResult};
+use crate::sampling::SamplingParams;
 
 /// A job for a worker, taken from the node with [`Node::next_job`](crate::Node::next_job).
 #[derive(Debug)]
@@ -28,6 +29,9 @@ pub struct Job<M> {
     pub queued_at: Instant,
     /// The connection that asked (for logs).
     pub conn: crate::id::ConnectionId,
+    /// How the job asks its tokens to be picked (extension `sampling`; empty
+    /// for a connection that did not agree it).
+    pub sampling: SamplingParams,
 }
 
 /// What a job asks for.
@@ -59,6 +63,9 @@ pub struct JobContext<'a> {
     job_id: &'a str,
     cancelled: &'a AtomicBool,
     partial: &'a (dyn Fn(Partial<'_>) + Sync),
+    /// Whether someone listens to `partial`.
+    streams: bool,
+    sampling: &'a SamplingParams,
 }
 
 /// Output a job produced so far, for [`JobContext::partial`].
@@ -73,6 +80,15 @@ pub enum Partial<'a> {
 
 static NEVER_CANCELLED: AtomicBool = AtomicBool::new(false);
 
+static NODE_DEFAULT: SamplingParams = SamplingParams {
+    temperature: None,
+    top_p: None,
+    top_k: None,
+    repeat_penalty: None,
+    seed: None,
+    stop: Vec::new(),
+};
+
 impl<'a> JobContext<'a> {
     /// The context of a job named `job_id` that is never cancelled and whose
     /// partial output goes nowhere (what a direct call of an executor needs).
@@ -81,6 +97,8 @@ impl<'a> JobContext<'a> {
             job_id,
             cancelled: &NEVER_CANCELLED,
             partial: &|_| {},
+            streams: false,
+            sampling: &NODE_DEFAULT,
         }
     }
 
@@ -95,7 +113,28 @@ impl<'a> JobContext<'a> {
     #[must_use]
     pub fn with_partial(mut self, sink: &'a (dyn Fn(Partial<'_>) + Sync)) -> Self {
         self.partial = sink;
+        self.streams = true;
         self
+    }
+
+    /// The job's own sampling fields (extension `sampling`).
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: &'a SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// How the job asks its tokens to be picked; fields left out take the
+    /// executor's defaults (all empty: the node's default, greedy unless its
+    /// operator said otherwise).
+    pub fn sampling(&self) -> &SamplingParams {
+        self.sampling
+    }
+
+    /// Whether partial output is wanted (the job's client agreed `stream`): an
+    /// executor may skip the work of preparing partials when it is not.
+    pub fn streams(&self) -> bool {
+        self.streams
     }
 
     /// The client's `job_id`, as sent (it may be empty or repeated).
@@ -121,6 +160,8 @@ impl fmt::Debug for JobContext<'_> {
         f.debug_struct("JobContext")
             .field("job_id", &self.job_id)
             .field("cancelled", &self.is_cancelled())
+            .field("streams", &self.streams)
+            .field("sampling", &self.sampling)
             .finish_non_exhaustive()
     }
 }

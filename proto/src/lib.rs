@@ -89,22 +89,26 @@ mod node;
 mod phase;
 mod pool;
 mod queue;
+mod sampling;
 mod secure;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod upload;
 
 pub use capability::{Capabilities, Capability};
-pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, RequestId};
+pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, PartialOutput, RequestId};
 pub use config::{ServerConfig, UploadHandling};
 pub use connection::Connection;
 pub use error::{ClientError, FrameError, MountError, ProtocolError};
-pub use executor::{run_job, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights};
+pub use executor::{
+    run_job, run_job_in, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights,
+};
 pub use id::{ConnectionId, JobId};
 pub use job::{codes, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node, NodeStats, StoredMount};
 pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore};
+pub use sampling::SamplingParams;
 pub use secure::{
     Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,
 };

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProtocolError;
 use crate::frame::encode_frame_with;
+use crate::sampling::SamplingParams;
 
 /// The protocol version this crate speaks.
 pub const VERSION: i64 = 1;
@@ -211,6 +212,9 @@ pub struct Infer {
     /// Left out when 0, so a v1 job stays byte for byte v1.
     #[serde(skip_serializing_if = "is_zero")]
     pub deadline_ms: i64,
+    /// The `sampling` extension's fields (docs/PROTOCOL.md §10.7); absent when empty.
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
 }
 
 /// `infer_result`: the answer to `infer`.
@@ -246,6 +250,9 @@ pub struct Prompt {
     /// Extension `deadline`: as [`Infer::deadline_ms`].
     #[serde(skip_serializing_if = "is_zero")]
     pub deadline_ms: i64,
+    /// The `sampling` extension's fields (docs/PROTOCOL.md §10.7); absent when empty.
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
 }
 
 /// `prompt_result`: the answer to `prompt`.
@@ -266,6 +273,26 @@ pub struct PromptResult {
     pub code: String,
     /// Jobs still waiting when this one was taken.
     pub queue_depth: i64,
+}
+
+/// `infer_partial` (extension `stream`, docs/PROTOCOL.md §10.8): token ids
+/// an `infer` job generated since its last partial, before its `infer_result`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct InferPartial {
+    /// The job's id.
+    pub job_id: String,
+    /// The new ids (the result's `output_ids` end with every partial's, in order).
+    pub output_ids: Vec<i32>,
+}
+
+/// `prompt_partial` (extension `stream`, docs/PROTOCOL.md §10.8): text a
+/// `prompt` job produced since its last partial, before its `prompt_result`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct PromptPartial {
+    /// The job's id.
+    pub job_id: String,
+    /// The new text (the partials, joined in order, are the result's `text`).
+    pub text: String,
 }
 
 /// `queue_status`: the node's queue as the server reports it.
@@ -390,6 +417,10 @@ pub enum Message<'a> {
     StatsRequest,
     /// `stats` sent by a node: its counters.
     Stats(Stats),
+    /// `infer_partial` (extension `stream`)
+    InferPartial(InferPartial),
+    /// `prompt_partial` (extension `stream`)
+    PromptPartial(PromptPartial),
 }
 
 /// Every field of every message, as read off the wire in one pass.
@@ -439,6 +470,26 @@ struct Wire<'a> {
     jobs_cancelled: Option<i64>,
     jobs_expired: Option<i64>,
     jobs_dropped: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<u32>,
+    repeat_penalty: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+}
+
+impl Wire<'_> {
+    /// The `sampling` extension's fields, taken out of the one pass.
+    fn sampling(&mut self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.take(),
+            top_p: self.top_p.take(),
+            top_k: self.top_k.take(),
+            repeat_penalty: self.repeat_penalty.take(),
+            seed: self.seed.take(),
+            stop: self.stop.take().unwrap_or_default(),
+        }
+    }
 }
 
 /// An optional string borrowed from the input when it has no escapes. (serde's own
@@ -461,7 +512,8 @@ struct JobIdOnly {
 impl<'a> Message<'a> {
     /// Parses one frame body.
     pub fn parse(body: &'a [u8]) -> Result<Message<'a>, ProtocolError> {
-        let wire: Wire<'a> = serde_json::from_slice(body).map_err(|e| classify(body, e))?;
+        let mut wire: Wire<'a> = serde_json::from_slice(body).map_err(|e| classify(body, e))?;
+        let sampling = wire.sampling();
         if let Some(v) = wire.v.filter(|v| *v != VERSION) {
             return Err(ProtocolError::BadVersion(v));
         }
@@ -491,6 +543,7 @@ impl<'a> Message<'a> {
                 message: wire.message.unwrap_or_default(),
             }),
             "infer" => Message::Infer(Infer {
+                sampling,
                 job_id: wire.job_id.unwrap_or_default(),
                 input_ids: wire.input_ids.unwrap_or_default(),
                 max_tokens: wire.max_tokens.unwrap_or_default(),
@@ -505,10 +558,19 @@ impl<'a> Message<'a> {
                 queue_depth: wire.queue_depth.unwrap_or_default(),
             }),
             "prompt" => Message::Prompt(Prompt {
+                sampling,
                 job_id: wire.job_id.unwrap_or_default(),
                 prompt: wire.prompt.unwrap_or_default(),
                 max_out: wire.max_out.unwrap_or_default(),
                 deadline_ms: wire.deadline_ms.unwrap_or_default(),
+            }),
+            "infer_partial" => Message::InferPartial(InferPartial {
+                job_id: wire.job_id.unwrap_or_default(),
+                output_ids: wire.output_ids.unwrap_or_default(),
+            }),
+            "prompt_partial" => Message::PromptPartial(PromptPartial {
+                job_id: wire.job_id.unwrap_or_default(),
+                text: wire.text.unwrap_or_default(),
             }),
             "prompt_result" => Message::PromptResult(PromptResult {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -599,6 +661,8 @@ impl<'a> Message<'a> {
             Message::Queued(_) => "queued",
             Message::QueuePositionRequest(_) | Message::QueuePosition(_) => "queue_position",
             Message::StatsRequest | Message::Stats(_) => "stats",
+            Message::InferPartial(_) => "infer_partial",
+            Message::PromptPartial(_) => "prompt_partial",
         }
     }
 
@@ -628,6 +692,8 @@ impl<'a> Message<'a> {
             Message::ModelQuery(m) => write_tagged(kind, m, out),
             Message::ModelInventory(m) => write_tagged(kind, m, out),
             Message::ModelUse(m) => write_tagged(kind, m, out),
+            Message::InferPartial(m) => write_tagged(kind, m, out),
+            Message::PromptPartial(m) => write_tagged(kind, m, out),
             Message::ModelCommit | Message::QueueStatusRequest => {
                 write_tagged(kind, &Empty {}, out)
             }
@@ -678,6 +744,8 @@ impl<'a> Message<'a> {
             Message::QueuePosition(m) => Message::QueuePosition(m),
             Message::StatsRequest => Message::StatsRequest,
             Message::Stats(m) => Message::Stats(m),
+            Message::InferPartial(m) => Message::InferPartial(m),
+            Message::PromptPartial(m) => Message::PromptPartial(m),
         }
     }
 }

@@ -24,8 +24,8 @@ use crate::config::{ServerConfig, Settings, UploadHandling};
 use crate::connection::{Connection, ToNode};
 use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
-use crate::job::{Job, JobOutcome, Stop};
-use crate::message::{ModelInventory, QueueStatus};
+use crate::job::{Job, JobKind, JobOutcome, Partial, Stop};
+use crate::message::{InferPartial, Message, ModelInventory, PromptPartial, QueueStatus};
 use crate::queue::{Cancelled, JobQueue, Route};
 use crate::secure::SecureServerConfig;
 use crate::upload::{CommittedModel, UploadWork};
@@ -326,6 +326,52 @@ impl<M> Node<M> {
         delivered
     }
 
+    /// Whether a running job's partial output is wanted: its connection is
+    /// still here, not closing, and agreed `stream` (docs/PROTOCOL.md §10.8).
+    /// A driver asks once when it takes the job, to give the executor a sink
+    /// only then.
+    pub fn wants_partials(&self, job: JobId) -> bool {
+        self.queue.running_route(job).is_some_and(|route| {
+            self.conns.get(&route.conn).is_some_and(|c| {
+                c.capabilities().contains(Capability::Stream) && c.closing().is_none()
+            })
+        })
+    }
+
+    /// Hands over a running job's partial output: an `infer_partial` /
+    /// `prompt_partial` frame goes to its connection if that agreed `stream`
+    /// (else, or once the job or connection is gone, it is dropped).
+    /// Returns whether it was queued to send (an [`Event::Wake`] follows).
+    pub fn partial(&mut self, job: JobId, output: Partial<'_>, now: Instant) -> bool {
+        let Some(route) = self.queue.running_route(job) else {
+            return false;
+        };
+        let Some(conn) = self.conns.get_mut(&route.conn) else {
+            return false;
+        };
+        let msg = match (route.kind, output) {
+            (JobKind::Infer, Partial::Tokens(ids)) if !ids.is_empty() => {
+                Message::InferPartial(InferPartial {
+                    job_id: route.job_id.clone(),
+                    output_ids: ids.to_vec(),
+                })
+            }
+            (JobKind::Prompt, Partial::Text(text)) if !text.is_empty() => {
+                Message::PromptPartial(PromptPartial {
+                    job_id: route.job_id.clone(),
+                    text: text.to_owned(),
+                })
+            }
+            // The wrong kind for its job, or empty: nothing to say.
+            _ => return false,
+        };
+        let sent = conn.partial(&msg, now);
+        if sent {
+            self.events.push_back(Event::Wake(route.conn));
+        }
+        sent
+    }
+
     /// Hands back [`UploadWork`] that was run; dropped (with its spool) if its upload is gone.
     pub fn upload_work_done(&mut self, work: UploadWork, now: Instant) {
         let conn = work.conn;
@@ -447,6 +493,7 @@ impl<M> Node<M> {
                     kind,
                     input,
                     deadline,
+                    sampling,
                 } => {
                     conn.job_queued(&job_id, self.queue.depth() + 1);
                     let route = Route {
@@ -454,7 +501,7 @@ impl<M> Node<M> {
                         job_id,
                         kind,
                     };
-                    self.queue.push(route, input, deadline, now);
+                    self.queue.push(route, input, deadline, now, sampling);
                     Event::JobQueued
                 }
                 ToNode::Cancel(job_id) => {

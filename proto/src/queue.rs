@@ -10,6 +10,7 @@ use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
 use crate::job::{Job, JobInput, JobKind, Stop};
 use crate::message::QueueStatus;
+use crate::sampling::SamplingParams;
 
 /// Who asked for a job, under which id, for which result frame.
 #[derive(Debug)]
@@ -24,6 +25,7 @@ struct Queued<M> {
     id: JobId,
     route: Route,
     input: JobInput<M>,
+    sampling: SamplingParams,
     /// When it must be answered (extension `deadline`, or `max_job_time`).
     deadline: Option<Instant>,
     /// When it was queued.
@@ -137,6 +139,7 @@ impl<M> JobQueue<M> {
         input: JobInput<M>,
         deadline: Option<Instant>,
         now: Instant,
+        sampling: SamplingParams,
     ) -> usize {
         self.next_id += 1;
         self.deadlines |= deadline.is_some();
@@ -146,6 +149,7 @@ impl<M> JobQueue<M> {
             input,
             deadline,
             at: now,
+            sampling,
         });
         self.queued.len()
     }
@@ -175,7 +179,13 @@ impl<M> JobQueue<M> {
             cancel,
             queued_at: queued.at,
             conn,
+            sampling: queued.sampling,
         })
+    }
+
+    /// The route of a running job.
+    pub(crate) fn running_route(&self, job: JobId) -> Option<&Route> {
+        self.running.get(&job).map(|r| &r.route)
     }
 
     /// Ends a running job: who asked, the depth when it was taken, and why

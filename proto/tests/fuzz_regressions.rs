@@ -103,6 +103,7 @@ fn mount_finishing_after_the_peer_closed_sends_nothing() {
         input_ids: vec![1],
         max_tokens: 1,
         deadline_ms: 0,
+        sampling: Default::default(),
     })
     .encode(&mut wire);
     node.handle_input(conn, &wire, now); // the infer waits for the mount

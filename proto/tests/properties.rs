@@ -94,6 +94,7 @@ impl Arbitrary for Msg {
                 input_ids: Vec::arbitrary(g),
                 max_tokens: any_int(g),
                 deadline_ms: 0,
+                sampling: Default::default(),
             }),
             6 => Message::InferResult(InferResult {
                 job_id: text(g),
@@ -108,6 +109,7 @@ impl Arbitrary for Msg {
                 prompt: text(g),
                 max_out: any_int(g),
                 deadline_ms: 0,
+                sampling: Default::default(),
             }),
             8 => Message::PromptResult(PromptResult {
                 job_id: text(g),
@@ -428,6 +430,7 @@ fn a_valid_session_split_anywhere_mounts_and_answers() {
                 input_ids: ids.clone(),
                 max_tokens: i as i64,
                 deadline_ms: 0,
+                sampling: Default::default(),
             })
             .encode(&mut jobs);
         }

@@ -104,6 +104,7 @@ fn go_client_examples() {
             input_ids: vec![9, 9],
             max_tokens: 3,
             deadline_ms: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":"j1","input_ids":[9,9],"max_tokens":3}"#,
     );
@@ -113,6 +114,7 @@ fn go_client_examples() {
             prompt: "hello world".into(),
             max_out: 0,
             deadline_ms: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"prompt","job_id":"p1","prompt":"hello world"}"#,
     );
@@ -165,6 +167,7 @@ fn the_other_messages_follow_the_field_table() {
             input_ids: vec![],
             max_tokens: 0,
             deadline_ms: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":""}"#,
     );
@@ -174,6 +177,7 @@ fn the_other_messages_follow_the_field_table() {
             input_ids: vec![-1, i32::MAX, i32::MIN],
             max_tokens: -5,
             deadline_ms: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"infer","job_id":"j","input_ids":[-1,2147483647,-2147483648],"max_tokens":-5}"#,
     );
@@ -195,6 +199,7 @@ fn the_other_messages_follow_the_field_table() {
             prompt: String::new(),
             max_out: 12,
             deadline_ms: 0,
+            sampling: Default::default(),
         }),
         r#"{"v":1,"type":"prompt","job_id":"p2","prompt":"","max_out":12}"#,
     );
@@ -350,6 +355,7 @@ fn unknown_fields_are_ignored() {
             input_ids: vec![9, 9],
             max_tokens: 3,
             deadline_ms: 0,
+            sampling: Default::default(),
         })
     );
     // Fields of other message types are unknown fields here too.
@@ -494,6 +500,7 @@ fn go_escapes_read_the_same() {
             prompt: "a <b> & c".into(),
             max_out: 0,
             deadline_ms: 0,
+            sampling: Default::default(),
         })
     );
     // And escaped base64 text is still read.

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use donate_proto::message::ModelInventory;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{
-    Answer, Capability, ClientConfig, ClientConnection, ClientEvent, PublicKey, RequestId,
-    SecureClientConfig,
+    Answer, Capability, ClientConfig, ClientConnection, ClientEvent, PartialOutput, PublicKey,
+    RequestId, SamplingParams, SecureClientConfig,
 };
 
 use donate_host::{answers, feed_read, Result, READ_BUFFER};
@@ -301,6 +301,75 @@ impl Client {
         }
     }
 
+    /// [`infer`](Client::infer) with sampling fields (extension `sampling`;
+    /// refused with [`ClientError::NotOffered`](donate_proto::ClientError::NotOffered)
+    /// by a node that does not offer it, nothing sent).
+    pub fn infer_with(
+        &mut self,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<InferResult> {
+        let request = self.send_infer_with(input_ids, max_tokens, sampling)?;
+        answers::infer(self.wait(request)?)
+    }
+
+    /// [`prompt`](Client::prompt) with sampling fields, as [`infer_with`](Client::infer_with).
+    pub fn prompt_with(
+        &mut self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<PromptResult> {
+        let request = self.send_prompt_with(prompt, max_out, sampling)?;
+        answers::prompt(self.wait(request)?)
+    }
+
+    /// [`send_infer`](Client::send_infer) with sampling fields.
+    pub fn send_infer_with(
+        &mut self,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self.core.infer_with(input_ids, max_tokens, sampling)?)
+    }
+
+    /// [`send_prompt`](Client::send_prompt) with sampling fields.
+    pub fn send_prompt_with(
+        &mut self,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self.core.prompt_with(prompt, max_out, sampling)?)
+    }
+
+    /// [`wait`](Client::wait), handing `request`'s partial output to
+    /// `on_partial` as it arrives (extension `stream`: from a node that
+    /// offers it; any other sends only the answer).
+    pub fn wait_streaming(
+        &mut self,
+        request: RequestId,
+        mut on_partial: impl FnMut(PartialOutput),
+    ) -> Result<Answer> {
+        if !self.core.is_pending(request) {
+            return Err(Error::NotPending(request));
+        }
+        self.flush()?;
+        loop {
+            while let Some(partial) = self.core.take_partial(request) {
+                on_partial(partial);
+            }
+            if let Some(answer) = self.core.take_answer(request) {
+                return Ok(answer);
+            }
+            self.read_some()?;
+        }
+    }
+
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
     pub fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
         let request = self.core.queue_status()?;
@@ -359,7 +428,8 @@ impl Client {
                 match event {
                     ClientEvent::Answer { request, answer } => return Ok(Some((request, answer))),
                     ClientEvent::Closing(frame) => return Err(Error::Refused(frame)),
-                    ClientEvent::Connected(_) => {}
+                    // Partial output (extension `stream`) is not an answer.
+                    ClientEvent::Connected(_) | ClientEvent::Partial { .. } => {}
                 }
             }
             if matches!(self.stream, Socket::Other(_)) {

@@ -26,6 +26,12 @@ const GENERATE: usize = 32;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if let Some(path) = std::env::var_os("DONATE_TEST_GGUF").filter(|p| !p.is_empty()) {
+        gguf::bench(std::path::Path::new(&path), if quick { 2 } else { 7 });
+        if std::env::args().any(|a| a == "--gguf-only") {
+            return;
+        }
+    }
     println!(
         "greedy generation of {GENERATE} tokens after an {PROMPT}-token prompt, F32 on the CPU, \
          {} candle threads; medians",
@@ -149,4 +155,223 @@ fn bench(name: &str, dims: Dims, runs: usize) {
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();
     times[times.len() / 2]
+}
+
+/// A quantized GGUF llama (SmolLM2-135M Q4_1 in CI: `DONATE_TEST_GGUF`):
+/// prompt processing and generation tokens/s through a node against
+/// candle-transformers' `quantized_llama` driven directly, in one process on
+/// the same rayon pool (so the same threads).
+mod gguf {
+    use std::fs::File;
+    use std::io::BufReader;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use candle_core::quantized::gguf_file;
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    use donate_candle::{CandleConfig, CandleExecutor};
+    use donate_proto::{Capabilities, Capability, ClientConfig, ServerConfig};
+    use donate_std::Client;
+
+    use super::median;
+
+    /// Tokens in each job's prompt.
+    const PROMPT: usize = 32;
+    /// Tokens each long job generates.
+    const GENERATE: usize = 32;
+
+    /// Greedy generation the way candle's own quantized example does it: the
+    /// prompt in one forward pass, then one token at a time.
+    fn direct(base: &ModelWeights, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut model = base.clone();
+        let mut out = Vec::with_capacity(n);
+        let mut pos = 0;
+        let mut step = prompt.to_vec();
+        while out.len() < n {
+            let x = Tensor::new(step.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&x, pos).unwrap();
+            pos += step.len();
+            let next = logits
+                .flatten_all()
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            out.push(next);
+            step = vec![next];
+        }
+        out
+    }
+
+    pub fn bench(path: &Path, runs: usize) {
+        let file_len = std::fs::metadata(path).expect("the GGUF file").len();
+        let mut reader = BufReader::new(File::open(path).expect("open"));
+        let content = gguf_file::Content::read(&mut reader).expect("a GGUF file");
+        let base = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("llama");
+        let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| 100 + i * 37 % 5000).collect();
+        let prompt_i32: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let executor = CandleExecutor::new(CandleConfig {
+            max_tokens_cap: GENERATE,
+            ..CandleConfig::default()
+        })
+        .expect("executor");
+        let config = ServerConfig::default().max_model_len(4 << 30);
+        let server = donate_std::serve(listener, config, executor).expect("serve");
+        let connect = |caps: Capabilities| {
+            let mut client = Client::connect_with(
+                server.local_addr(),
+                ClientConfig::default().capabilities(caps),
+            )
+            .expect("connect");
+            let file = File::open(path).expect("open");
+            client
+                .push_model_from(r#"{"format":"gguf"}"#, file, file_len, None, |_| {})
+                .expect("mounted");
+            client
+        };
+        let mut plain = connect(Capabilities::NONE);
+        let mut streaming = connect(Capabilities::NONE.with(Capability::Stream));
+
+        // Warm-up, and all ways must agree token for token.
+        let reference = direct(&base, &prompt, GENERATE);
+        let node_ids = |client: &mut Client, n: usize| {
+            let request = client.send_infer(&prompt_i32, n as i64).expect("infer");
+            let mut partials = 0;
+            let answer = client
+                .wait_streaming(request, |_| partials += 1)
+                .expect("answer");
+            let ids = donate_std::answers::infer(answer).expect("ok").output_ids;
+            (
+                ids[PROMPT..].iter().map(|&t| t as u32).collect::<Vec<_>>(),
+                partials,
+            )
+        };
+        let (by_node, none) = node_ids(&mut plain, GENERATE);
+        assert_eq!(by_node, reference, "the node and candle disagree");
+        assert_eq!(none, 0);
+        let (by_stream, partials) = node_ids(&mut streaming, GENERATE);
+        assert_eq!(
+            by_stream, reference,
+            "the streaming node and candle disagree"
+        );
+        assert_eq!(partials, GENERATE, "one partial per token");
+
+        // [way][short, long]: a 1-token job is prompt processing (and one
+        // token); the long job minus it is generation.
+        let mut times: [[Vec<Duration>; 2]; 3] = Default::default();
+        for run in 0..runs {
+            for way in (0..3).map(|k| (k + run) % 3) {
+                for (i, n) in [1, GENERATE].into_iter().enumerate() {
+                    let start = Instant::now();
+                    match way {
+                        0 => drop(std::hint::black_box(direct(&base, &prompt, n))),
+                        1 => drop(std::hint::black_box(node_ids(&mut plain, n))),
+                        _ => drop(std::hint::black_box(node_ids(&mut streaming, n))),
+                    }
+                    times[way][i].push(start.elapsed());
+                }
+            }
+        }
+        let rates = times.map(|[mut short, mut long]| {
+            let (s, l) = (median(&mut short), median(&mut long));
+            let prompt_rate = PROMPT as f64 / s.as_secs_f64();
+            let gen_rate = (GENERATE - 1) as f64 / (l.as_secs_f64() - s.as_secs_f64());
+            (prompt_rate, gen_rate)
+        });
+        println!(
+            "GGUF {} ({:.1} MiB), greedy, {PROMPT}-token prompt, {GENERATE} tokens, {} candle threads, {runs} runs, medians",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            file_len as f64 / (1 << 20) as f64,
+            candle_core::utils::get_num_threads()
+        );
+        println!(
+            "{:<22} {:>14} {:>14} {:>12} {:>12}",
+            "way", "prompt tok/s", "gen tok/s", "prompt/direct", "gen/direct"
+        );
+        let (dp, dg) = rates[0];
+        for (name, (p, g)) in ["candle direct", "node", "node, streaming"]
+            .into_iter()
+            .zip(rates)
+        {
+            println!(
+                "{name:<22} {p:>14.1} {g:>14.1} {:>12.3} {:>12.3}",
+                p / dp,
+                g / dg
+            );
+        }
+        drop((plain, streaming));
+        server.shutdown();
+        if let Some(dir) = std::env::var_os("DONATE_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
+            llama_cpp(Path::new(&dir), path, &prompt, &reference, runs, rates[1].1);
+        }
+    }
+
+    /// Runs llama.cpp (node-llama-cpp installed in `dir`) on the same file,
+    /// ids and threads, right after the measurements above; prints its rates,
+    /// the node's generation rate over it, and how many greedy ids agree.
+    fn llama_cpp(
+        dir: &Path,
+        model: &Path,
+        prompt: &[u32],
+        reference: &[u32],
+        runs: usize,
+        node_gen: f64,
+    ) {
+        let script = dir.join("donate-bench-llama-cpp.mjs");
+        std::fs::write(&script, include_str!("llama_cpp.mjs")).expect("write the script");
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        let output = std::process::Command::new("node")
+            .arg(&script)
+            .arg(model)
+            .arg(ids.join(","))
+            .arg(GENERATE.to_string())
+            .arg(runs.to_string())
+            .arg(candle_core::utils::get_num_threads().to_string())
+            .output()
+            .expect("run node");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "llama.cpp failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = |tag: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(tag))
+                .unwrap_or_else(|| panic!("no {tag:?} line in {stdout}"))
+                .to_owned()
+        };
+        let theirs: Vec<u32> = line("ids ")
+            .split(',')
+            .map(|t| t.parse().expect("an id"))
+            .collect();
+        let agree = theirs
+            .iter()
+            .zip(reference)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let rates: Vec<f64> = line("rates ")
+            .split(' ')
+            .map(|r| r.parse().expect("a rate"))
+            .collect();
+        println!(
+            "{:<22} {:>14.1} {:>14.1}   node gen / llama.cpp gen {:.3}",
+            "llama.cpp",
+            rates[0],
+            rates[1],
+            node_gen / rates[1]
+        );
+        println!(
+            "greedy ids equal to llama.cpp's (F32 KV cache): first {agree} of {}",
+            reference.len()
+        );
+    }
 }

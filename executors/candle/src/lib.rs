@@ -38,7 +38,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use donate_exec::WeightsFile;
-use donate_proto::{Executor, JobContext, JobError, UploadInfo, Weights};
+use donate_proto::{
+    Capabilities, Capability, Executor, JobContext, JobError, Partial, SamplingParams, UploadInfo,
+    Weights,
+};
 use tokenizers::Tokenizer;
 
 pub use chat::{render_chat_template, ChatMessage};
@@ -341,8 +344,31 @@ impl CandleExecutor {
         self.generate_job(model, input_ids, max_tokens, sampling, &JobContext::new(""))
     }
 
-    /// [`generate_with`](Self::generate_with) for a job of the node: it stops
-    /// between tokens once `job` is cancelled.
+    /// The sampling of a job: its own fields (extension `sampling`) over the
+    /// node's [`CandleConfig::sampling`], field by field.
+    pub fn job_sampling(&self, job: &SamplingParams) -> Sampling {
+        let base = &self.config.sampling;
+        Sampling {
+            temperature: job.temperature.unwrap_or(base.temperature),
+            top_p: job.top_p.or(base.top_p),
+            top_k: job
+                .top_k
+                .map(|k| usize::try_from(k).unwrap_or(usize::MAX))
+                .or(base.top_k),
+            repeat_penalty: job.repeat_penalty.map(|r| r as f32).or(base.repeat_penalty),
+            repeat_last_n: base.repeat_last_n,
+            seed: job.seed.or(base.seed),
+            stop: if job.stop.is_empty() {
+                base.stop.clone()
+            } else {
+                job.stop.clone()
+            },
+        }
+    }
+
+    /// [`generate_with`](CandleExecutor::generate_with) for a job of the node:
+    /// each new token reported to `job` as it is made, when its client
+    /// streams; stopped between tokens once `job` is cancelled.
     fn generate_job(
         &self,
         model: &CandleModel,
@@ -379,7 +405,11 @@ impl CandleExecutor {
             .collect::<Result<Vec<u32>, JobError>>()?;
         check_fits(model, input.len(), n)?;
         let generated = model
-            .generate_with(&input, n, &[], self.deadline(), sampling, |_| {
+            .generate_with(&input, n, &[], self.deadline(), sampling, |so_far| {
+                if let (true, Some(&last)) = (job.streams(), so_far.last()) {
+                    // Below vocab_size, which fits an i32 (checked at load).
+                    job.partial(Partial::Tokens(&[last as i32]));
+                }
                 job.is_cancelled()
             })
             .map_err(|e| self.job_error(e, n))?;
@@ -437,8 +467,11 @@ impl CandleExecutor {
         self.complete_job(prompt, max_out, sampling, &JobContext::new(""))
     }
 
-    /// [`complete_with`](Self::complete_with) for a job of the node: it stops
-    /// between tokens once `job` is cancelled.
+    /// [`complete_with`](CandleExecutor::complete_with) reporting the reply's
+    /// new text to `job` as it is made, when its client streams: only whole
+    /// UTF-8 characters, never text a stop string may still take back, so
+    /// that the partials joined are the final reply. Stopped between tokens
+    /// once `job` is cancelled.
     fn complete_job(
         &self,
         prompt: &str,
@@ -476,11 +509,28 @@ impl CandleExecutor {
             }
         };
         let stops = &sampling.stop;
+        let streams = job.streams();
+        // The reply's text handed to `job` so far.
+        let mut sent = String::new();
         let halt = |so_far: &[u32]| {
-            job.is_cancelled()
-                || !stops.is_empty()
-                    && decode(so_far)
-                        .is_ok_and(|text| stops.iter().any(|s| text.contains(s.as_str())))
+            if job.is_cancelled() {
+                return true;
+            }
+            if stops.is_empty() && !streams {
+                return false;
+            }
+            let Ok(text) = decode(so_far) else {
+                return false;
+            };
+            let stopped = stops.iter().any(|s| text.contains(s.as_str()));
+            if streams && !stopped {
+                let ready = settled(&text, stops);
+                if ready.len() > sent.len() && ready.starts_with(sent.as_str()) {
+                    job.partial(Partial::Text(&ready[sent.len()..]));
+                    sent.replace_range(.., ready);
+                }
+            }
+            stopped
         };
         let generated = model
             .generate_with(&ids, n, model.eos_ids(), self.deadline(), sampling, halt)
@@ -491,8 +541,30 @@ impl CandleExecutor {
         if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(cut);
         }
+        if streams && text.len() > sent.len() && text.starts_with(sent.as_str()) {
+            job.partial(Partial::Text(&text[sent.len()..]));
+        }
         Ok(text)
     }
+}
+
+/// The part of a reply decoded so far that no later token changes: without
+/// a trailing replacement character (a UTF-8 sequence the next byte token
+/// completes) and without a trailing start of a stop string (the reply may
+/// yet end before it).
+fn settled<'t>(text: &'t str, stops: &[String]) -> &'t str {
+    let text = text.trim_end_matches('\u{FFFD}');
+    let held = stops
+        .iter()
+        .filter_map(|stop| {
+            (1..stop.len())
+                .rev()
+                .filter(|&k| stop.is_char_boundary(k))
+                .find(|&k| text.ends_with(&stop[..k]))
+        })
+        .max()
+        .unwrap_or(0);
+    &text[..text.len() - held]
 }
 
 /// Whether a pushed model is GGUF: `config_json` `{"format":"gguf"}`, or
@@ -591,6 +663,13 @@ impl Executor for CandleExecutor {
         true
     }
 
+    /// Per-job sampling fields and partial results.
+    fn extensions(&self) -> Capabilities {
+        Capabilities::NONE
+            .with(Capability::Sampling)
+            .with(Capability::Stream)
+    }
+
     fn infer(
         &self,
         model: &CandleModel,
@@ -598,11 +677,13 @@ impl Executor for CandleExecutor {
         max_tokens: i64,
         job: &JobContext<'_>,
     ) -> Result<Vec<i32>, JobError> {
-        self.generate_job(model, input_ids, max_tokens, &self.config.sampling, job)
+        let sampling = self.job_sampling(job.sampling());
+        self.generate_job(model, input_ids, max_tokens, &sampling, job)
     }
 
     fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
-        self.complete_job(prompt, max_out, &self.config.sampling, job)
+        let sampling = self.job_sampling(job.sampling());
+        self.complete_job(prompt, max_out, &sampling, job)
     }
 }
 
@@ -641,6 +722,43 @@ mod tests {
         assert!(DeviceChoice::Cuda(0).open().unwrap_err().contains("cuda:0"));
         #[cfg(not(feature = "metal"))]
         assert!(DeviceChoice::Metal(0).open().is_err());
+    }
+
+    #[test]
+    fn streamed_text_holds_back_what_may_change() {
+        let stops = ["</s>".to_owned(), "\n\nUser".to_owned()];
+        assert_eq!(settled("Hello", &stops), "Hello");
+        assert_eq!(settled("Hello <", &stops), "Hello ");
+        assert_eq!(settled("Hello </", &stops), "Hello ");
+        assert_eq!(settled("a\n\nUs", &stops), "a");
+        assert_eq!(settled("caf\u{FFFD}", &[]), "caf");
+        assert_eq!(settled("x<", &[]), "x<");
+    }
+
+    #[test]
+    fn a_jobs_sampling_overrides_the_nodes_field_by_field() {
+        let executor = CandleExecutor::new(CandleConfig {
+            sampling: Sampling {
+                temperature: 0.5,
+                top_k: Some(10),
+                stop: vec!["x".into()],
+                ..Sampling::default()
+            },
+            ..CandleConfig::default()
+        })
+        .unwrap();
+        let job = SamplingParams {
+            seed: Some(3),
+            top_k: Some(2),
+            ..SamplingParams::default()
+        };
+        let s = executor.job_sampling(&job);
+        assert_eq!((s.temperature, s.top_k, s.seed), (0.5, Some(2), Some(3)));
+        assert_eq!(s.stop, ["x"]);
+        assert_eq!(
+            executor.job_sampling(&SamplingParams::default()),
+            executor.config().sampling
+        );
     }
 
     #[test]

@@ -3,13 +3,19 @@
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
+/// Most stop strings a job may name (each is searched for after every token).
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_LEN: usize = 256;
+
 /// How a job picks each next token. [`Sampling::default`] is greedy (argmax,
 /// no penalty): the executor's output before sampling existed, token for token.
 ///
-/// The wire fields for it come with the protocol; until then a node sets one
-/// for all its jobs (`donate serve --temperature … --seed …`), and
+/// A node sets one for all its jobs (`donate serve --temperature … --seed …`);
+/// a job's own fields (extension `sampling`, docs/PROTOCOL.md §10.7) override
+/// it field by field ([`CandleExecutor::job_sampling`](crate::CandleExecutor::job_sampling)), and
 /// [`CandleExecutor::generate_with`](crate::CandleExecutor::generate_with) /
-/// [`complete_with`](crate::CandleExecutor::complete_with) take one per job.
+/// [`complete_with`](crate::CandleExecutor::complete_with) take one per call.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Sampling {
     /// Softmax temperature; 0 or less (the default) is greedy argmax, and then
@@ -50,6 +56,22 @@ impl Sampling {
         }
         if self.top_k == Some(0) {
             return Err("top_k is 0: at least one token must be kept".to_owned());
+        }
+        if self.stop.len() > MAX_STOPS {
+            return Err(format!(
+                "{} stop strings: at most {MAX_STOPS}",
+                self.stop.len()
+            ));
+        }
+        if let Some(bad) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
+            return Err(format!(
+                "stop string of {} bytes: each must have 1 to {MAX_STOP_LEN}",
+                bad.len()
+            ));
         }
         if let Some(r) = self.repeat_penalty {
             if !(r.is_finite() && r > 0.0) {

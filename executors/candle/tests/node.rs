@@ -451,3 +451,116 @@ fn a_job_past_its_timeout_stops_with_model_timeout() {
     drop(client);
     server.shutdown();
 }
+
+/// The `sampling` extension over the wire: a seed gives the same tokens on
+/// any connection, another seed others, no fields the greedy output; and
+/// with `stream`, each token arrives as a partial before the result.
+#[test]
+fn sampling_by_seed_is_reproducible_over_the_wire_and_tokens_stream() {
+    let tensors = TINY.random_tensors(5);
+    let config_json = TINY.config_json();
+    let direct = Direct::new(&config_json, &tensors);
+    let server = node(CandleConfig::default());
+    let connect = || {
+        let mut client = Client::connect(server.local_addr()).unwrap();
+        client
+            .push_model(&config_json, &safetensors_bytes(&tensors), false)
+            .expect("mounted");
+        client
+    };
+    let seeded = |seed| donate_proto::SamplingParams {
+        temperature: Some(2.0),
+        top_k: Some(200),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let input = [3, 1, 4, 1, 5];
+    let mut first = connect();
+    let mut streamed = Vec::new();
+    let request = first.send_infer_with(&input, 12, &seeded(7)).unwrap();
+    let answer = first
+        .wait_streaming(request, |p| match p {
+            donate_proto::PartialOutput::Tokens(ids) => streamed.extend(ids),
+            other => panic!("{other:?}"),
+        })
+        .unwrap();
+    let a = donate_std::answers::infer(answer).unwrap().output_ids;
+    assert_eq!(a[5..], streamed[..], "the partials are the generated ids");
+    let b = connect()
+        .infer_with(&input, 12, &seeded(7))
+        .unwrap()
+        .output_ids;
+    assert_eq!(a, b, "same seed, same tokens, on another connection");
+    let c = first.infer_with(&input, 12, &seeded(8)).unwrap().output_ids;
+    assert_ne!(a, c, "another seed");
+    let greedy: Vec<i32> = input
+        .iter()
+        .copied()
+        .chain(
+            direct
+                .generate(&[3, 1, 4, 1, 5], 12)
+                .iter()
+                .map(|&t| t as i32),
+        )
+        .collect();
+    assert_ne!(a, greedy, "sampled, not argmax");
+    assert_eq!(first.infer(&input, 12).unwrap().output_ids, greedy);
+    let bad = donate_proto::SamplingParams {
+        top_p: Some(1.5),
+        ..Default::default()
+    };
+    match first.infer_with(&input, 2, &bad) {
+        Err(Error::InferFailed(r)) => {
+            assert_eq!(r.code, codes::BAD_INPUT);
+            assert!(r.error.contains("top_p"), "{}", r.error);
+        }
+        other => panic!("expected bad_input, got {other:?}"),
+    }
+    drop(first);
+    server.shutdown();
+}
+
+/// A prompt's partial text, joined, is exactly its reply: with a byte-level
+/// tokenizer and random weights the reply has split UTF-8 sequences, and a
+/// stop string cuts it.
+#[test]
+fn streamed_prompt_text_joins_to_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = TINY.random_tensors(11);
+    TINY.write(dir.path(), &tensors);
+    std::fs::write(dir.path().join("tokenizer.json"), byte_tokenizer_json()).unwrap();
+    let executor = CandleExecutor::new(CandleConfig {
+        local_lm: Some(dir.path().to_owned()),
+        ..CandleConfig::default()
+    })
+    .expect("the directory loads");
+    let config = ServerConfig::default().mode(Mode::LocalLm);
+    let server =
+        donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    let mut run = |sampling: &donate_proto::SamplingParams| {
+        let request = client.send_prompt_with("hello", 40, sampling).unwrap();
+        let mut parts = Vec::new();
+        let answer = client
+            .wait_streaming(request, |p| match p {
+                donate_proto::PartialOutput::Text(t) => parts.push(t),
+                other => panic!("{other:?}"),
+            })
+            .unwrap();
+        (donate_std::answers::prompt(answer).unwrap().text, parts)
+    };
+    let (full, parts) = run(&Default::default());
+    assert!(parts.len() > 1, "{parts:?}");
+    assert_eq!(parts.concat(), full);
+    // Cut at a stop string taken from the middle of the reply.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let (cut, parts) = run(&donate_proto::SamplingParams {
+        stop: vec![stop.clone()],
+        ..Default::default()
+    });
+    assert_eq!(cut, full[..full.find(&stop).unwrap()]);
+    assert_eq!(parts.concat(), cut);
+    drop(client);
+    server.shutdown();
+}
