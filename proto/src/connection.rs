@@ -295,6 +295,17 @@ impl<M> Connection<M> {
             _ => self.send(&Message::Error(ErrorFrame::new(&reason, None))),
         }
         self.over_limit_since = None;
+        // A spooling upload's buffered tail goes to its spool before the upload
+        // is dropped: a model store keeps it with the partial upload, to resume from.
+        let id = self.id;
+        if let Some(work) = self
+            .phase
+            .upload_mut()
+            .filter(|u| u.is_spooling())
+            .and_then(|u| u.upload_work(id, 1))
+        {
+            self.to_node.push_back(ToNode::Upload(work));
+        }
         self.phase.close(reason);
     }
 

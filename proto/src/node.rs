@@ -269,6 +269,12 @@ impl<M> Node<M> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        // What closing handed over: a spooling upload's tail, to spool.
+        while let Some(value) = c.poll_to_node() {
+            if let ToNode::Upload(work) = value {
+                self.events.push_back(Event::Upload(work));
+            }
+        }
         if c.closing().is_some() && c.jobs_in_flight() > 0 {
             let dropped = self.queue.forget(conn);
             c.jobs_dropped(dropped);

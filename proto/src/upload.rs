@@ -378,6 +378,11 @@ impl Upload {
         self.spooling && self.work_away() && self.weights.len() >= limit
     }
 
+    /// Whether the bytes go to the executor's spool.
+    pub(crate) fn is_spooling(&self) -> bool {
+        self.spooling
+    }
+
     /// Whether a worker holds the carried state (the commit must wait for it).
     pub(crate) fn work_away(&self) -> bool {
         matches!(self.carrier, Carrier::Away { .. })
