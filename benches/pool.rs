@@ -1,6 +1,7 @@
 //! Donor pool benchmark (issue 16): simulated donors in this process (each a
 //! node with one worker whose jobs take a fixed time), each behind a proxy that
-//! can kill it, and one `donate_std::Pool` spreading jobs over them.
+//! can kill it, and one pool spreading jobs over them: `donate_std::Pool`
+//! (blocking), and the async pool of donate-host on tokio and on smol.
 //!
 //! ```text
 //! cargo bench --bench pool              # 10,000 jobs per scenario
@@ -18,10 +19,11 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use donate_host::ModelStore;
 use donate_proto::{
     Executor, JobContext, JobError, NoSpool, PoolConfig, ServerConfig, Stub, Weights,
 };
-use donate_std::{NodeAddr, Pool, PoolJob, PoolModel, Work};
+use donate_std::{NodeAddr, NodeConfig, Pool, PoolJob, PoolModel, Work};
 use proxy::Proxy;
 use sha2::{Digest, Sha256};
 
@@ -58,14 +60,19 @@ struct Donors {
 }
 
 fn donors(times_ms: &[u64]) -> Donors {
+    donors_with(times_ms, |_| NodeConfig::from(ServerConfig::default()))
+}
+
+/// Donors whose node configs `config` makes (by index).
+fn donors_with(times_ms: &[u64], config: impl Fn(usize) -> NodeConfig) -> Donors {
     let mut servers = Vec::new();
     let mut proxies = Vec::new();
-    for &ms in times_ms {
+    for (i, &ms) in times_ms.iter().enumerate() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let executor = Fixed {
             time: Duration::from_millis(ms),
         };
-        let server = donate_std::serve(listener, ServerConfig::default(), executor).unwrap();
+        let server = donate_std::serve(listener, config(i), executor).unwrap();
         proxies.push(Proxy::new(server.local_addr()));
         servers.push(server);
     }
@@ -95,11 +102,36 @@ fn pool(donors: &Donors, model: &PoolModel) -> Pool {
         .iter()
         .map(|p| NodeAddr::Tcp(p.addr.to_string()))
         .collect();
-    Pool::new(
-        addrs,
-        PoolConfig::default().job_deadline(Duration::from_secs(2)),
-    )
-    .model(model.clone())
+    Pool::new(addrs, config()).model(model.clone())
+}
+
+fn config() -> PoolConfig {
+    PoolConfig::default().job_deadline(Duration::from_secs(2))
+}
+
+/// The same pool, for the async drivers.
+fn async_pool(donors: &Donors, model: &PoolModel) -> donate_host::Pool {
+    let addrs = donors
+        .proxies
+        .iter()
+        .map(|p| NodeAddr::Tcp(p.addr.to_string()))
+        .collect();
+    donate_host::Pool::new(addrs, config()).model(model.clone())
+}
+
+/// Runs `n` jobs on a started async pool; jobs/s, each checked answered once.
+async fn async_throughput(handle: donate_host::PoolHandle, n: usize) -> f64 {
+    let start = Instant::now();
+    let results = handle.run(jobs(n)).await.unwrap();
+    let mut seen = HashSet::new();
+    while let Ok(r) = results.recv().await {
+        assert!(r.ok(), "{r:?}");
+        assert!(seen.insert(r.job_id), "answered twice");
+    }
+    assert_eq!(seen.len(), n);
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    handle.close().await;
+    rate
 }
 
 fn row(what: &str, figure: String, reference: String, ratio: f64, goal: &str, met: bool) {
@@ -152,7 +184,73 @@ fn main() {
         ">= 0.9 x capacity",
         rate >= 0.9 * same.capacity,
     );
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let on_tokio = tokio.block_on(async {
+        async_throughput(
+            donate_tokio::start_pool(async_pool(&same, &model)).unwrap(),
+            n,
+        )
+        .await
+    });
+    row(
+        &format!("the same on the async pool, tokio, {n} jobs"),
+        format!("{on_tokio:.0} jobs/s"),
+        format!("std pool {rate:.0} jobs/s"),
+        on_tokio / rate,
+        ">= 0.9 x capacity",
+        on_tokio >= 0.9 * same.capacity,
+    );
+    let on_smol = smol::block_on(async_throughput(
+        donate_smol::start_pool(async_pool(&same, &model), |task| smol::spawn(task).detach()),
+        n,
+    ));
+    row(
+        &format!("the same on the async pool, smol, {n} jobs"),
+        format!("{on_smol:.0} jobs/s"),
+        format!("std pool {rate:.0} jobs/s"),
+        on_smol / rate,
+        ">= 0.9 x capacity",
+        on_smol >= 0.9 * same.capacity,
+    );
     drop_all(same);
+
+    // A second run against the same 8 donors, each with a store: nothing resent.
+    let stores = tempfile::tempdir().unwrap();
+    let stored = donors_with(&[5; 8], |i| {
+        let store = ModelStore::open(stores.path().join(i.to_string()), 1 << 30).unwrap();
+        NodeConfig::from(ServerConfig::default()).with_store(store)
+    });
+    let big = dir.path().join("big.bin");
+    let weights: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&big, &weights).unwrap();
+    let big = PoolModel {
+        config_json: "{}".to_owned(),
+        weights: big,
+        len: weights.len() as u64,
+        sha256: Sha256::digest(&weights).into(),
+    };
+    let sent = |what: &str| {
+        let summary = pool(&stored, &big)
+            .run(jobs(80), |r| assert!(r.ok(), "{what}: {r:?}"), |_| {})
+            .unwrap();
+        summary.weights_sent
+    };
+    let (first, second) = (sent("first run"), sent("second run"));
+    row(
+        "8 donors with a store, a 4 MiB model: weight bytes of a second run",
+        format!("{second} bytes"),
+        format!("first run {first} bytes"),
+        second as f64 / first as f64,
+        "<= 8 x 64 KiB",
+        second <= 8 * 64 * 1024 && first >= 8 * weights.len() as u64,
+    );
+    drop_all(stored);
 
     let mixed = donors(&[20, 20, 20, 10, 10, 10, 5, 5]);
     let rate = throughput(&mixed, &model, n);
@@ -223,7 +321,7 @@ fn main() {
     );
     drop_all(eight);
     println!();
-    println!("- simulated donors: in-process nodes (one worker, queue 64) whose jobs sleep a fixed time, each behind a TCP proxy; one std Pool; capacity = sum over donors of 1 / job time");
+    println!("- simulated donors: in-process nodes (one worker, queue 64) whose jobs sleep a fixed time, each behind a TCP proxy; one pool (std unless named); capacity = sum over donors of 1 / job time");
 }
 
 fn drop_all(donors: Donors) {

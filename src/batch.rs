@@ -1,12 +1,13 @@
 //! `donate batch`: a file of jobs over many donors, through [`donate_std::Pool`].
 //!
 //! Every input line is answered by exactly one output line (the result frame
-//! as a donor sent it, or an `error` object saying why the job failed), in the
-//! order jobs finish. Progress goes to stderr (a bar on a terminal, a line
+//! as a donor sent it, or an `error` object saying why the job failed), in
+//! input order: a result that finishes early waits for those before it, so
+//! the file is the same whichever donor ran what. Progress goes to stderr (a bar on a terminal, a line
 //! every few seconds otherwise), then a summary per donor. The exit status is
 //! 0 only if every job succeeded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,12 @@ pub fn run(args: BatchArgs) -> CliResult {
     let progress = Progress::new(total);
     let (mut done, mut failed) = (0u64, 0u64);
     let mut write_error = None;
+    let position: HashMap<String, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| (job.job_id.clone(), i))
+        .collect();
+    let mut in_order = InOrder::new(jobs.len());
     let summary = pool.run(
         jobs,
         |result| {
@@ -165,13 +172,14 @@ pub fn run(args: BatchArgs) -> CliResult {
             if !result.ok() {
                 failed += 1;
             }
-
-            if write_error.is_none() {
-                let line = result_line(result);
-                write_error = out
-                    .write_all(&line)
-                    .and_then(|()| out.write_all(b"\n"))
-                    .err();
+            let at = position[&result.job_id];
+            for line in in_order.put(at, result_line(result)) {
+                if write_error.is_none() {
+                    write_error = out
+                        .write_all(&line)
+                        .and_then(|()| out.write_all(b"\n"))
+                        .err();
+                }
             }
         },
         |core| progress.update(core.delivered() as u64, core.live_donors(), core.retries()),
@@ -183,8 +191,8 @@ pub fn run(args: BatchArgs) -> CliResult {
     }
     progress.finish();
     eprintln!(
-        "{done} jobs, {failed} failed, {} re-sent after donor failures, {} late duplicates dropped",
-        summary.retries, summary.duplicates
+        "{done} jobs, {failed} failed, {} re-sent after donor failures, {} late duplicates dropped, {} weight bytes sent",
+        summary.retries, summary.duplicates, summary.weights_sent
     );
     eprintln!(
         "{:<28} {:>8} {:>14} {:>9}  last error",
@@ -212,6 +220,32 @@ pub fn run(args: BatchArgs) -> CliResult {
         return Err(format!("{failed} of {done} jobs failed").into());
     }
     Ok(())
+}
+
+/// Lines that arrive in any order, let out in input order.
+struct InOrder {
+    lines: Vec<Option<Vec<u8>>>,
+    next: usize,
+}
+
+impl InOrder {
+    fn new(n: usize) -> InOrder {
+        InOrder {
+            lines: vec![None; n],
+            next: 0,
+        }
+    }
+
+    /// Holds line `at`; returns every line now ready, in order.
+    fn put(&mut self, at: usize, line: Vec<u8>) -> Vec<Vec<u8>> {
+        self.lines[at] = Some(line);
+        let mut ready = Vec::new();
+        while let Some(line) = self.lines.get_mut(self.next).and_then(Option::take) {
+            ready.push(line);
+            self.next += 1;
+        }
+        ready
+    }
 }
 
 /// The output line of one job: the result frame as received, or an `error`
@@ -288,5 +322,19 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+
+    #[test]
+    fn lines_finishing_out_of_order_are_let_out_in_input_order() {
+        let mut order = InOrder::new(4);
+        assert!(order.put(2, b"c".to_vec()).is_empty());
+        assert!(order.put(1, b"b".to_vec()).is_empty());
+        assert_eq!(order.put(0, b"a".to_vec()), [b"a", b"b", b"c"]);
+        assert_eq!(order.put(3, b"d".to_vec()), [b"d"]);
     }
 }

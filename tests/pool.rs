@@ -22,6 +22,15 @@ fn node(executor: TestExec) -> (donate_std::Server, Proxy) {
     node_with(ServerConfig::default(), executor)
 }
 
+/// The same pool as [`pool`], for the async drivers.
+fn async_pool(proxies: &[&Proxy], config: PoolConfig) -> (tempfile::TempDir, donate_host::Pool) {
+    let (dir, model) = model();
+    (
+        dir,
+        donate_host::Pool::new(addrs(proxies), config).model(model),
+    )
+}
+
 fn node_with(config: ServerConfig, executor: TestExec) -> (donate_std::Server, Proxy) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server = donate_std::serve(listener, config, executor).unwrap();
@@ -218,7 +227,7 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
     let b = node(TestExec::default());
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("jobs.jsonl");
-    let mut lines: Vec<String> = (0..20)
+    let mut lines: Vec<String> = (0..1000)
         .map(|i| format!(r#"{{"job_id":"j{i}","input_ids":[{i}],"max_tokens":2}}"#))
         .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
@@ -255,7 +264,7 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
         String::from_utf8_lossy(&done.stderr)
     );
     let out = std::fs::read_to_string(&output).unwrap();
-    let mut ids: Vec<String> = out
+    let ids: Vec<String> = out
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -264,12 +273,11 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
             v["job_id"].as_str().unwrap().to_owned()
         })
         .collect();
-    ids.sort();
-    let mut want: Vec<String> = (0..20).map(|i| format!("j{i}")).collect();
-    want.sort();
+    // In input order, whichever donor finished what first.
+    let want: Vec<String> = (0..1000).map(|i| format!("j{i}")).collect();
     assert_eq!(ids, want);
     let stderr = String::from_utf8_lossy(&done.stderr);
-    assert!(stderr.contains("20 jobs, 0 failed"), "{stderr}");
+    assert!(stderr.contains("1000 jobs, 0 failed"), "{stderr}");
 
     lines.push(lines[3].clone());
     let dup = dir.path().join("dup.jsonl");
@@ -312,7 +320,9 @@ fn secure_donors_are_reached_over_noise_and_a_wrong_key_is_marked_down() {
         SecureServerConfig::with_keys(node_key.clone(), vec![*client_key.public()]),
     );
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = donate_std::serve(listener, config, TestExec::default()).unwrap();
+    // Slow enough that the batch outlasts the wrong key's handshake.
+    let executor = TestExec::slow(Duration::from_millis(3));
+    let server = donate_std::serve(listener, config, executor).unwrap();
     let addr = NodeAddr::Tcp(server.local_addr().to_string());
     let trust = |key: &Keypair| SecureClientConfig {
         keypair: client_key.clone(),
@@ -332,4 +342,302 @@ fn secure_donors_are_reached_over_noise_and_a_wrong_key_is_marked_down() {
     let why = summary.donors[1].last_error.clone().unwrap_or_default();
     assert!(why.contains("presented key"), "{why}");
     server.shutdown();
+}
+
+/// The async pool's batch: results as they finish; the first donor killed
+/// after `kill_at` of them.
+async fn async_batch(
+    handle: donate_host::PoolHandle,
+    n: usize,
+    kill_at: usize,
+    victim: &Proxy,
+) -> (Vec<PoolResult>, donate_host::PoolSummary) {
+    let results = handle.run(jobs(n)).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(result) = results.recv().await {
+        got.push(result);
+        if got.len() == kill_at {
+            victim.kill();
+        }
+    }
+    (got, handle.close().await)
+}
+
+type Submit = std::pin::Pin<Box<dyn std::future::Future<Output = PoolResult> + Send>>;
+
+/// Single jobs from many tasks at once through `submit`; an id may be used
+/// again once its job is answered.
+async fn async_submits<T>(handle: &donate_host::PoolHandle, spawn: impl Fn(Submit) -> T)
+where
+    T: std::future::Future<Output = PoolResult>,
+{
+    let tasks: Vec<T> = jobs(40)
+        .into_iter()
+        .map(|job| {
+            let handle = handle.clone();
+            spawn(Box::pin(async move { handle.submit(job).await }))
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await);
+    }
+    check_once(&results, 40);
+    let again = handle.submit(jobs(1).remove(0)).await;
+    assert!(again.ok(), "{again:?}");
+}
+
+#[test]
+fn the_async_pool_on_smol_survives_a_lost_donor_and_answers_each_job_once() {
+    let nodes: Vec<_> = (0..3)
+        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
+        .collect();
+    let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
+    let (_dir, pool) = async_pool(&proxies, PoolConfig::default());
+    smol::block_on(async {
+        let handle = donate_smol::start_pool(pool, |task| smol::spawn(task).detach());
+        async_submits(&handle, smol::spawn).await;
+        let (results, summary) = async_batch(handle, 300, 90, proxies[0]).await;
+        check_once(&results, 300);
+        assert!(summary.donors[0].failures >= 1, "{summary:?}");
+        let late = results[100..].iter().filter(|r| r.donor == Some(0)).count();
+        assert!(
+            late <= 10,
+            "the lost donor answered {late} jobs after it died"
+        );
+    });
+}
+
+#[test]
+fn the_async_pool_on_tokio_survives_a_lost_donor_and_answers_each_job_once() {
+    let nodes: Vec<_> = (0..3)
+        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
+        .collect();
+    let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
+    let (_dir, pool) = async_pool(&proxies, PoolConfig::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let handle = donate_tokio::start_pool(pool).unwrap();
+        async_submits(&handle, |f| {
+            let task = tokio::spawn(f);
+            async move { task.await.unwrap() }
+        })
+        .await;
+        let (results, summary) = async_batch(handle, 300, 90, proxies[0]).await;
+        check_once(&results, 300);
+        assert!(summary.donors[0].failures >= 1, "{summary:?}");
+    });
+}
+
+#[test]
+fn the_async_pool_reissues_a_stalled_donor_s_jobs_on_tokio() {
+    let nodes: Vec<_> = (0..2)
+        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
+        .collect();
+    let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
+    let config = PoolConfig::default()
+        .job_deadline(Duration::from_millis(300))
+        .backoff_base(Duration::from_secs(5));
+    let (_dir, pool) = async_pool(&proxies, config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let handle = donate_tokio::start_pool(pool).unwrap();
+        let results = handle.run(jobs(200)).await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(result) = results.recv().await {
+            got.push(result);
+            if got.len() == 50 {
+                proxies[0].stall(true);
+            }
+        }
+        proxies[0].stall(false);
+        check_once(&got, 200);
+        let summary = handle.close().await;
+        let why = summary.donors[0].last_error.clone().unwrap_or_default();
+        assert!(why.contains("stalled"), "{summary:?}");
+    });
+}
+
+/// A Go node as bytes on the wire: a v1 `hello`, an `unknown type` error for
+/// `queue_status`, a reader and one worker answering jobs in order (the Go
+/// stub's output). Records the most jobs it ever had in flight.
+struct GoDonor {
+    addr: std::net::SocketAddr,
+    most_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl GoDonor {
+    fn start() -> GoDonor {
+        use std::io::{Read, Write};
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let most_in_flight = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (most, done) = (most_in_flight.clone(), answered.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut reader) = conn else { return };
+                let writer = std::sync::Mutex::new(reader.try_clone().unwrap());
+                let write = move |body: &str| {
+                    let mut w = writer.lock().unwrap();
+                    let _ = w.write_all(&(body.len() as u32).to_le_bytes());
+                    let _ = w.write_all(body.as_bytes());
+                };
+                write(
+                    r#"{"v":1,"type":"hello","mode":"model_push","role":"server","queue_capacity":64}"#,
+                );
+                let write = Arc::new(write);
+                let in_flight = Arc::new(AtomicUsize::new(0));
+                let (jobs, queue) = std::sync::mpsc::channel::<serde_json::Value>();
+                let (w, inf, done) = (write.clone(), in_flight.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for job in queue {
+                        std::thread::sleep(Duration::from_millis(1));
+                        let mut ids: Vec<i64> = job["input_ids"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_i64().unwrap())
+                            .collect();
+                        ids.extend(1..=job["max_tokens"].as_i64().unwrap());
+                        let body = serde_json::json!({"v":1,"type":"infer_result","job_id":job["job_id"],"ok":true,"output_ids":ids,"queue_depth":0});
+                        inf.fetch_sub(1, Ordering::SeqCst);
+                        done.fetch_add(1, Ordering::SeqCst);
+                        w(&body.to_string());
+                    }
+                });
+                let most = most.clone();
+                std::thread::spawn(move || loop {
+                    let mut len = [0u8; 4];
+                    if reader.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let mut body = vec![0; u32::from_le_bytes(len) as usize];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let frame: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    match frame["type"].as_str().unwrap_or("") {
+                        "infer" => {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let _ = jobs.send(frame);
+                        }
+                        "model_commit" => {
+                            write(r#"{"v":1,"type":"model_status","ok":true,"message":"mounted"}"#)
+                        }
+                        "hello" | "model_begin" | "weights_chunk" => {}
+                        other => write(&format!(
+                            r#"{{"error":"unknown type: {other}","type":"error","v":1}}"#
+                        )),
+                    }
+                });
+            }
+        });
+        GoDonor {
+            addr,
+            most_in_flight,
+            answered,
+        }
+    }
+}
+
+#[test]
+fn a_go_v1_donor_in_the_pool_gets_one_job_at_a_time() {
+    let ours = node(TestExec::slow(Duration::from_millis(2)));
+    let go = GoDonor::start();
+    let (_dir, model) = model();
+    let donors = vec![
+        NodeAddr::Tcp(ours.1.addr.to_string()),
+        NodeAddr::Tcp(go.addr.to_string()),
+    ];
+    let mut results = Vec::new();
+    let summary = Pool::new(donors, PoolConfig::default())
+        .model(model)
+        .run(jobs(200), |r| results.push(r), |_| {})
+        .unwrap();
+    let per_donor = check_once(&results, 200);
+    assert!(per_donor.get(&1).is_some_and(|&n| n > 0), "{per_donor:?}");
+    assert_eq!(go.most_in_flight.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        go.answered.load(Ordering::SeqCst) as u64,
+        summary.donors[1].jobs
+    );
+    assert_eq!(summary.retries, 0, "{summary:?}");
+}
+
+/// A real `donate serve` process stopped with SIGSTOP mid-batch: its jobs are
+/// re-issued after the job deadline, and when it resumes nothing reaches the
+/// caller twice.
+#[cfg(unix)]
+#[test]
+fn a_sigstopped_donor_process_has_its_jobs_reissued_and_no_duplicate_delivered() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_donate"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--executor", "stub"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let stopped_addr = line
+        .trim_end()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let pid = child.id() as i32;
+    let other = node(TestExec::slow(Duration::from_millis(2)));
+    let config = PoolConfig::default()
+        .job_deadline(Duration::from_millis(300))
+        .backoff_base(Duration::from_millis(100));
+    let (_dir, model) = model();
+    let mut results = Vec::new();
+    let mut stopped_at = None;
+    let summary = Pool::new(
+        vec![
+            NodeAddr::Tcp(stopped_addr),
+            NodeAddr::Tcp(other.1.addr.to_string()),
+        ],
+        config,
+    )
+    .model(model)
+    .run(
+        jobs(600),
+        |r| {
+            results.push(r);
+            if results.len() == 100 {
+                // SAFETY: signalling our own child.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+                stopped_at = Some(std::time::Instant::now());
+            }
+            if stopped_at.is_some_and(|at| at.elapsed() > Duration::from_millis(700)) {
+                stopped_at = None;
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+            }
+        },
+        |_| {},
+    )
+    .unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let _ = child.kill();
+    let _ = child.wait();
+    check_once(&results, 600);
+    let why = summary.donors[0].last_error.clone().unwrap_or_default();
+    assert!(why.contains("stalled"), "{summary:?}");
+    assert!(summary.retries >= 1, "{summary:?}");
 }

@@ -12,8 +12,8 @@ use donate_proto::message::{
     Hello, InferResult, ModelInventory, ModelStatus, PromptResult, QueueStatus,
 };
 use donate_proto::{
-    Answer, Capabilities, Capability, ClientConfig, ClientConnection, PartialOutput, PublicKey,
-    RequestId, SamplingParams, SecureClientConfig,
+    Answer, Capabilities, Capability, ClientConfig, ClientConnection, ClientEvent, PartialOutput,
+    PublicKey, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -341,6 +341,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn send_prompt(&mut self, prompt: &str, max_out: i64) -> Result<RequestId> {
         self.make_room().await?;
         Ok(self.core.prompt(prompt, max_out)?)
+    }
+
+    /// Queues an `infer` job under a `job_id` of the caller's choosing (unique
+    /// among its requests in flight), within the node's queue capacity as
+    /// [`send_infer`](Client::send_infer) does. Sent by the next
+    /// [`flush`](Client::flush) or wait.
+    pub async fn send_infer_as(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.infer_as(job_id, input_ids, max_tokens)?)
+    }
+
+    /// Queues a `prompt` job under a `job_id` of the caller's choosing.
+    pub async fn send_prompt_as(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.prompt_as(job_id, prompt, max_out)?)
+    }
+
+    /// The next answer to any request, in the order they arrive (for a caller
+    /// with many requests in flight). It only reads, so it is cancel-safe:
+    /// [`flush`](Client::flush) what was queued first. Partial output is skipped.
+    pub async fn next_answer(&mut self) -> Result<(RequestId, Answer)> {
+        loop {
+            while let Some(event) = self.core.poll_event() {
+                match event {
+                    ClientEvent::Answer { request, answer } => return Ok((request, answer)),
+                    ClientEvent::Closing(frame) => return Err(Error::Refused(frame)),
+                    ClientEvent::Connected(_) | ClientEvent::Partial { .. } => {}
+                }
+            }
+            self.read_some().await?;
+        }
     }
 
     /// Sends what is queued and waits for the answer to `request`.

@@ -18,6 +18,7 @@ mod error;
 pub mod host;
 mod metrics;
 mod metrics_http;
+pub mod pool;
 pub mod runtime;
 mod server;
 mod signal;
@@ -35,6 +36,7 @@ pub use error::{answers, feed_read, Error, Result};
 pub use host::{NodeConfig, HONOURED};
 pub use metrics::Metrics;
 pub use metrics_http::MetricsServer;
+pub use pool::{Pool, PoolHandle, PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use server::{serve, Server};
 pub use store::ModelStore;
 

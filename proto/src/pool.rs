@@ -135,6 +135,8 @@ pub struct PoolCore {
     jobs: HashMap<String, JobState>,
     queue: VecDeque<String>,
     delivered: HashSet<String>,
+    /// Jobs delivered so far, forgotten ones included.
+    delivered_total: usize,
     actions: VecDeque<PoolAction>,
     /// xorshift state for the two random choices and the jitter.
     rng: u64,
@@ -161,6 +163,7 @@ impl PoolCore {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             delivered: HashSet::new(),
+            delivered_total: 0,
             actions: VecDeque::new(),
             rng: seed | 1,
             retries: 0,
@@ -239,12 +242,7 @@ impl PoolCore {
         let d = &mut self.donors[donor];
         d.stats.jobs += 1;
         d.stats.busy += now.saturating_duration_since(sent);
-        self.jobs.remove(job_id);
-        self.delivered.insert(job_id.to_owned());
-        self.actions.push_back(PoolAction::Deliver {
-            job_id: job_id.to_owned(),
-            outcome: Ok(donor),
-        });
+        self.deliver(job_id.to_owned(), Ok(donor));
         true
     }
 
@@ -269,6 +267,15 @@ impl PoolCore {
         sent
     }
 
+    /// The job's final outcome, once.
+    fn deliver(&mut self, job_id: String, outcome: Result<DonorId, String>) {
+        self.jobs.remove(&job_id);
+        self.delivered.insert(job_id.clone());
+        self.delivered_total += 1;
+        self.actions
+            .push_back(PoolAction::Deliver { job_id, outcome });
+    }
+
     fn reissue(&mut self, job_id: String, reason: &str) {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
@@ -277,15 +284,11 @@ impl PoolCore {
         job.attempts += 1;
         self.retries += 1;
         if job.attempts > self.config.max_attempts {
-            self.jobs.remove(&job_id);
-            self.delivered.insert(job_id.clone());
-            self.actions.push_back(PoolAction::Deliver {
-                job_id,
-                outcome: Err(format!(
-                    "gave up after {} attempts; the last: {reason}",
-                    self.config.max_attempts + 1
-                )),
-            });
+            let reason = format!(
+                "gave up after {} attempts; the last: {reason}",
+                self.config.max_attempts + 1
+            );
+            self.deliver(job_id, Err(reason));
         } else {
             // Ahead of new jobs: it has waited longest.
             self.queue.push_front(job_id);
@@ -405,17 +408,19 @@ impl PoolCore {
         let mut left: Vec<String> = self.jobs.keys().cloned().collect();
         left.sort();
         for job_id in left {
-            self.jobs.remove(&job_id);
-            self.delivered.insert(job_id.clone());
-            self.actions.push_back(PoolAction::Deliver {
-                job_id,
-                outcome: Err(reason.to_owned()),
-            });
+            self.deliver(job_id, Err(reason.to_owned()));
         }
         self.queue.clear();
         for d in &mut self.donors {
             d.in_flight.clear();
         }
+    }
+
+    /// Forgets that `job_id` was delivered, so the id may be submitted again
+    /// (a long-lived pool). Late answers to it are still dropped: they match
+    /// no job in flight.
+    pub fn forget(&mut self, job_id: &str) {
+        self.delivered.remove(job_id);
     }
 
     /// Donors up now.
@@ -433,7 +438,7 @@ impl PoolCore {
 
     /// Jobs delivered.
     pub fn delivered(&self) -> usize {
-        self.delivered.len()
+        self.delivered_total
     }
 
     /// Jobs re-issued to another donor so far.

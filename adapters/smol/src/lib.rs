@@ -38,8 +38,9 @@ use async_io::Async;
 use donate_host::runtime::Listener;
 use donate_proto::{ClientConfig, Executor};
 
+pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use donate_host::runtime::Task;
-pub use donate_host::{Error, NodeAddr, NodeConfig, Result, Server};
+pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
 pub use runtime::Spawn;
 
 /// Starts a node on `listener` (an `Async<TcpListener>` or, on Unix, an
@@ -61,6 +62,13 @@ where
         config,
         executor,
     )
+}
+
+/// Starts a donor [`Pool`] whose tasks run on `spawner` (a task per donor and
+/// one coordinating them), over async-io's sockets and timers. Submit jobs
+/// through the handle from any task.
+pub fn start_pool(pool: Pool, spawner: impl Spawn) -> PoolHandle {
+    pool.start(runtime::Smol(spawner))
 }
 
 donate_host::runtime_client!(

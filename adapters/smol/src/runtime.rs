@@ -8,6 +8,7 @@ use std::time::Instant;
 use async_io::Async;
 use futures_lite::FutureExt;
 
+use donate_host::pool::Connect;
 use donate_host::runtime::{Listener, Runtime, Stream, Task, Timer};
 
 /// Runs tasks on an executor: `|task| { smol::spawn(task).detach(); }`,
@@ -35,6 +36,12 @@ impl<S: Spawn> Runtime for Smol<S> {
 
     fn timer(&self) -> SmolTimer {
         SmolTimer(async_io::Timer::never())
+    }
+}
+
+impl<S: Spawn> Connect for Smol<S> {
+    async fn connect(&self, addr: &donate_host::NodeAddr) -> io::Result<donate_host::BoxStream> {
+        dial(addr).await
     }
 }
 

@@ -35,7 +35,20 @@ use donate_host::runtime::Listener;
 use donate_proto::{ClientConfig, Executor};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-pub use donate_host::{Error, NodeAddr, NodeConfig, Result, Server};
+pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
+pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
+
+/// Starts a donor [`Pool`] on the tokio runtime this is called from (a task
+/// per donor and one coordinating them). Submit jobs through the handle.
+///
+/// # Errors
+/// Fails when called outside a tokio runtime.
+pub fn start_pool(pool: Pool) -> io::Result<PoolHandle> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        io::Error::other("donate_tokio::start_pool must be called from within a tokio runtime")
+    })?;
+    Ok(pool.start(runtime::Tokio(handle)))
+}
 
 donate_host::runtime_client!(
     /// A connection to a donor node over tokio: donate-host's

@@ -12,6 +12,7 @@ use tokio::runtime::Handle;
 use tokio::time::Sleep;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
+use donate_host::pool::Connect;
 use donate_host::runtime::{Listener, Runtime, Stream, Task, Timer};
 
 /// A tokio runtime, by its handle.
@@ -28,6 +29,12 @@ impl Runtime for Tokio {
         // Unset: far away, and the driver does not poll it until it sets it.
         let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
         TokioTimer(Box::pin(tokio::time::sleep_until(far)))
+    }
+}
+
+impl Connect for Tokio {
+    async fn connect(&self, addr: &donate_host::NodeAddr) -> io::Result<donate_host::BoxStream> {
+        dial(addr).await
     }
 }
 
