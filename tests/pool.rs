@@ -287,6 +287,42 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("used twice; nothing was sent"), "{stderr}");
 
+    // Every donor down: each job gets an error line, and the exit status says so.
+    let dead_addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    std::fs::write(&input, lines[..3].join("\n")).unwrap();
+    let down = std::process::Command::new(bin)
+        .args([
+            "batch",
+            "--node",
+            &dead_addr,
+            "--max-attempts",
+            "1",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(stderr.contains("3 of 3 jobs failed"), "{stderr}");
+    let out = std::fs::read_to_string(&output).unwrap();
+    let codes: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    assert_eq!(codes.len(), 3, "{out}");
+    for (i, v) in codes.iter().enumerate() {
+        assert_eq!(v["job_id"], format!("j{i}"));
+        assert_eq!(v["code"], "pool_failed", "{v}");
+        assert_eq!(v["error"], "every donor is down", "{v}");
+    }
+
     // donate status over both donors and a dead one.
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
