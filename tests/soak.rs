@@ -80,6 +80,20 @@ impl Serve {
             .expect("VmRSS")
     }
 
+    /// The lowest RSS seen within `wait`, returning early once it is at most
+    /// `limit`: memory still held by a connection that just closed (its task
+    /// ends a moment after its socket) must not read as growth, while memory
+    /// that stays is still seen.
+    fn rss_settled_kib(&self, limit: u64, wait: Duration) -> u64 {
+        let deadline = Instant::now() + wait;
+        let mut lowest = self.rss_kib();
+        while lowest > limit && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            lowest = lowest.min(self.rss_kib());
+        }
+        lowest
+    }
+
     fn count(&self, dir: &str) -> usize {
         std::fs::read_dir(self.proc_path(dir)).expect(dir).count()
     }
@@ -302,7 +316,10 @@ fn soak(runtime: &str) {
             after, idle,
             "{runtime}: threads and fds after round {i}, against idle"
         );
-        let rss = node.rss_kib();
+        let rss = match baseline {
+            Some(base) => node.rss_settled_kib(base + ALLOWED_GROWTH_KIB, Duration::from_secs(3)),
+            None => node.rss_settled_kib(0, Duration::from_millis(500)),
+        };
         trace.push(rss / 1024);
         match baseline {
             None if i + 1 == WARM_UP => baseline = Some(rss),
