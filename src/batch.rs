@@ -77,8 +77,7 @@ fn model(args: &BatchArgs) -> Result<Option<PoolModel>, Failure> {
     let Some((config, weights)) = args.model_files() else {
         return Ok(None);
     };
-    let config_json = std::fs::read_to_string(&config)
-        .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    let config_json = config.read(&weights)?;
     let len = std::fs::metadata(&weights)
         .map_err(|e| format!("cannot read weights {}: {e}", weights.display()))?
         .len();

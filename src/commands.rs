@@ -27,7 +27,7 @@ use crate::{
 /// `donate push`: upload a model and report whether it mounted.
 pub fn push(args: PushArgs) -> CliResult {
     let (config, weights) = args.model_files();
-    let mut model = Model::open(&config, &weights)?;
+    let mut model = Model::open(config.read(&weights)?, &weights)?;
     let mut client = connect(&args.client)?;
     let pushed = upload(&mut client, &mut model, args.sha256, true)?;
     let report = PushReport::new(&pushed);
@@ -57,7 +57,7 @@ pub fn push(args: PushArgs) -> CliResult {
 /// `donate infer`: push the model, then run one job on it over the same connection.
 pub fn infer(args: InferArgs) -> CliResult {
     let (config, weights) = args.model_files();
-    let mut model = Model::open(&config, &weights)?;
+    let mut model = Model::open(config.read(&weights)?, &weights)?;
     let mut client = connect(&args.client)?;
     upload(&mut client, &mut model, args.sha256, true)?
         .result
@@ -432,9 +432,7 @@ struct Model {
 }
 
 impl Model {
-    fn open(config: &Path, weights: &Path) -> Result<Model, Failure> {
-        let config_json = std::fs::read_to_string(config)
-            .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    fn open(config_json: String, weights: &Path) -> Result<Model, Failure> {
         let cannot = |e: std::io::Error| format!("cannot read weights {}: {e}", weights.display());
         let file = File::open(weights).map_err(cannot)?;
         let meta = file.metadata().map_err(cannot)?;

@@ -7,7 +7,7 @@ mod sampling;
 mod secure;
 mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -367,8 +367,9 @@ struct PushArgs {
     /// The weights file, streamed in chunks (with --config).
     #[arg(value_name = "WEIGHTS", requires = "config")]
     weights: Option<PathBuf>,
-    /// A directory holding config.json and model.safetensors.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    /// A GGUF file (sent with config {"format":"gguf"}), or a directory
+    /// holding config.json and model.safetensors.
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["config", "weights"])]
     model: Option<PathBuf>,
     /// Hash the weights first and send weights_sha256, so the node verifies
     /// them (always done for a node with a model store).
@@ -387,8 +388,9 @@ struct BatchArgs {
     /// The weights file (with --config): each donor mounts it, pushed only where it is missing.
     #[arg(long, value_name = "FILE", requires = "config")]
     weights: Option<PathBuf>,
-    /// A directory holding config.json and model.safetensors.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    /// A GGUF file (sent with config {"format":"gguf"}), or a directory
+    /// holding config.json and model.safetensors.
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["config", "weights"])]
     model: Option<PathBuf>,
     /// Jobs, one JSON object per line: {"job_id":…, "input_ids":[…], "max_tokens":n}
     /// or {"job_id":…, "prompt":"…", "max_out":n}.
@@ -415,7 +417,7 @@ struct BatchArgs {
 
 impl BatchArgs {
     /// The model files, when the batch has a model.
-    fn model_files(&self) -> Option<(PathBuf, PathBuf)> {
+    fn model_files(&self) -> Option<(ModelConfig, PathBuf)> {
         (self.model.is_some() || self.config.is_some())
             .then(|| model_files(&self.model, &self.config, &self.weights))
     }
@@ -438,8 +440,9 @@ struct InferArgs {
     /// The weights file (with --config).
     #[arg(long, value_name = "FILE", requires = "config")]
     weights: Option<PathBuf>,
-    /// A directory holding config.json and model.safetensors.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "weights"])]
+    /// A GGUF file (sent with config {"format":"gguf"}), or a directory
+    /// holding config.json and model.safetensors.
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["config", "weights"])]
     model: Option<PathBuf>,
     /// Input token ids, comma separated.
     #[arg(
@@ -462,27 +465,65 @@ struct InferArgs {
 
 impl InferArgs {
     /// The config and weights files to push.
-    fn model_files(&self) -> (PathBuf, PathBuf) {
+    fn model_files(&self) -> (ModelConfig, PathBuf) {
         model_files(&self.model, &self.config, &self.weights)
     }
 }
 
 impl PushArgs {
     /// The config and weights files to push.
-    fn model_files(&self) -> (PathBuf, PathBuf) {
+    fn model_files(&self) -> (ModelConfig, PathBuf) {
         model_files(&self.model, &self.config, &self.weights)
     }
 }
 
-/// `--model DIR` (DIR/config.json, DIR/model.safetensors) or `--config` with the weights.
+/// Where a pushed model's `config_json` comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum ModelConfig {
+    /// A JSON file (`--config`, or config.json in a `--model` directory).
+    File(PathBuf),
+    /// `--model FILE.gguf`: `{"format":"gguf"}`.
+    Gguf,
+}
+
+impl ModelConfig {
+    /// The `config_json` to send with `weights`; a `--model` file that is not
+    /// GGUF is refused here, before anything is sent.
+    fn read(&self, weights: &Path) -> Result<String, String> {
+        match self {
+            ModelConfig::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config {}: {e}", path.display())),
+            ModelConfig::Gguf => {
+                let mut magic = [0u8; 4];
+                std::fs::File::open(weights)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                    .map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
+                if &magic != b"GGUF" {
+                    return Err(format!(
+                        "{} is neither a GGUF file nor a directory holding config.json and model.safetensors",
+                        weights.display()
+                    ));
+                }
+                Ok(r#"{"format":"gguf"}"#.to_owned())
+            }
+        }
+    }
+}
+
+/// `--model FILE.gguf`, `--model DIR` (DIR/config.json, DIR/model.safetensors)
+/// or `--config` with the weights.
 fn model_files(
     model: &Option<PathBuf>,
     config: &Option<PathBuf>,
     weights: &Option<PathBuf>,
-) -> (PathBuf, PathBuf) {
+) -> (ModelConfig, PathBuf) {
     match (model, config, weights) {
-        (Some(dir), _, _) => (dir.join("config.json"), dir.join("model.safetensors")),
-        (None, Some(config), Some(weights)) => (config.clone(), weights.clone()),
+        (Some(dir), _, _) if dir.is_dir() => (
+            ModelConfig::File(dir.join("config.json")),
+            dir.join("model.safetensors"),
+        ),
+        (Some(file), _, _) => (ModelConfig::Gguf, file.clone()),
+        (None, Some(config), Some(weights)) => (ModelConfig::File(config.clone()), weights.clone()),
         _ => unreachable!("clap requires --model or --config with the weights"),
     }
 }
@@ -831,16 +872,36 @@ mod tests {
             };
             args.model_files()
         };
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().to_str().unwrap();
         assert_eq!(
-            push(&["--model", "m"]),
+            push(&["--model", m]),
             (
-                PathBuf::from("m/config.json"),
-                PathBuf::from("m/model.safetensors")
+                ModelConfig::File(dir.path().join("config.json")),
+                dir.path().join("model.safetensors")
             )
         );
         assert_eq!(
+            push(&["--model", "m.gguf"]),
+            (ModelConfig::Gguf, PathBuf::from("m.gguf"))
+        );
+        assert_eq!(
             push(&["--config", "c.json", "w.bin"]),
-            (PathBuf::from("c.json"), PathBuf::from("w.bin"))
+            (
+                ModelConfig::File(PathBuf::from("c.json")),
+                PathBuf::from("w.bin")
+            )
+        );
+        // A file that is not GGUF is refused before anything is sent.
+        let not_gguf = dir.path().join("w.safetensors");
+        std::fs::write(&not_gguf, b"{}  ").unwrap();
+        let why = ModelConfig::Gguf.read(&not_gguf).unwrap_err();
+        assert!(why.contains("neither a GGUF file"), "{why}");
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+        assert_eq!(
+            ModelConfig::Gguf.read(&gguf).unwrap(),
+            r#"{"format":"gguf"}"#
         );
     }
 
@@ -861,9 +922,11 @@ mod tests {
 
     #[test]
     fn infer_model_dir_names_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().to_str().unwrap();
         let Cli {
             command: Command::Infer(args),
-        } = Cli::parse_from(["donate", "infer", "--model", "m", "--ids", "1,-2,3"])
+        } = Cli::parse_from(["donate", "infer", "--model", m, "--ids", "1,-2,3"])
         else {
             panic!("not infer");
         };
@@ -871,8 +934,8 @@ mod tests {
         assert_eq!(
             args.model_files(),
             (
-                PathBuf::from("m/config.json"),
-                PathBuf::from("m/model.safetensors")
+                ModelConfig::File(dir.path().join("config.json")),
+                dir.path().join("model.safetensors")
             )
         );
     }

@@ -14,28 +14,35 @@ const BIN: &str = env!("CARGO_BIN_EXE_donate");
 /// llama.cpp's 48 greedy tokens for the chat prompt, as text.
 const FRANCE: &str = "L'\u{c9}toile, la Marseillaise, la femme, la femme au martyre, la femme au martyre, la femme au martyre, la femme au martyre, la femme au";
 
-#[test]
-fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
-    let path = match std::env::var("DONATE_TEST_GGUF") {
-        Ok(path) => path,
+/// The chat-rendered prompt ids of "What is the capital of France?" and
+/// llama.cpp's first 8 greedy tokens after them (executors/candle/tests/smollm2.rs).
+const FRANCE_IDS: [i32; 37] = [
+    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531,
+    198,
+];
+const FRANCE_NEXT: [i32; 8] = [60, 23, 39614, 1141, 552, 28, 2618, 2828];
+
+/// The real model's path, or `None` (the test is skipped) outside CI.
+fn gguf() -> Option<String> {
+    match std::env::var("DONATE_TEST_GGUF") {
+        Ok(path) => Some(path),
         Err(_) if std::env::var_os("CI").is_some() => {
             panic!("CI is set but DONATE_TEST_GGUF is not: .ci/run fetches the SmolLM2 GGUF")
         }
         Err(_) => {
             eprintln!("note: skipped, DONATE_TEST_GGUF is unset (docs/CANDLE.md)");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// `donate serve --executor candle ARGS`, and the address it printed.
+fn serve(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"])
-        .args([
-            "--executor",
-            "candle",
-            "--model",
-            &path,
-            "--job-timeout",
-            "600",
-        ])
+        .args(["serve", "--addr", "127.0.0.1:0", "--executor", "candle"])
+        .args(["--job-timeout", "600"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -51,6 +58,13 @@ fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
+    (child, addr)
+}
+
+#[test]
+fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
+    let Some(path) = gguf() else { return };
+    let (mut child, addr) = serve(&["--mode", "local_lm", "--model", &path]);
     let out = Command::new(BIN)
         .args(["prompt", "--addr", &addr, "--max-out", "48"])
         .arg("What is the capital of France?")
@@ -64,4 +78,26 @@ fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), FRANCE);
+}
+
+#[test]
+fn donate_infer_pushes_a_gguf_file_and_answers_as_llama_cpp_does() {
+    let Some(path) = gguf() else { return };
+    let (mut child, addr) = serve(&[]);
+    let ids: Vec<String> = FRANCE_IDS.iter().map(i32::to_string).collect();
+    let out = Command::new(BIN)
+        .args(["infer", "--addr", &addr, "--json", "--model", &path])
+        .args(["--max-tokens", "8", "--ids", &ids.join(",")])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Vec<i32> = FRANCE_IDS.iter().chain(&FRANCE_NEXT).copied().collect();
+    assert_eq!(v["output_ids"], serde_json::json!(want), "{v}");
 }
