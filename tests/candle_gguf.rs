@@ -61,42 +61,41 @@ fn serve(args: &[&str]) -> (std::process::Child, String) {
     (child, addr)
 }
 
-#[test]
-fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
-    let Some(path) = gguf() else { return };
-    let (mut child, addr) = serve(&["--mode", "local_lm", "--model", &path]);
-    let out = Command::new(BIN)
-        .args(["prompt", "--addr", &addr, "--max-out", "48"])
-        .arg("What is the capital of France?")
-        .output()
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+/// Stops the node, then checks that the client command succeeded.
+fn stop(mut node: std::process::Child, out: &std::process::Output) {
+    let _ = node.kill();
+    let _ = node.wait();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
+    let Some(path) = gguf() else { return };
+    let (child, addr) = serve(&["--mode", "local_lm", "--model", &path]);
+    let out = Command::new(BIN)
+        .args(["prompt", "--addr", &addr, "--max-out", "48"])
+        .arg("What is the capital of France?")
+        .output()
+        .unwrap();
+    stop(child, &out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), FRANCE);
 }
 
 #[test]
 fn donate_infer_pushes_a_gguf_file_and_answers_as_llama_cpp_does() {
     let Some(path) = gguf() else { return };
-    let (mut child, addr) = serve(&[]);
+    let (child, addr) = serve(&[]);
     let ids: Vec<String> = FRANCE_IDS.iter().map(i32::to_string).collect();
     let out = Command::new(BIN)
         .args(["infer", "--addr", &addr, "--json", "--model", &path])
         .args(["--max-tokens", "8", "--ids", &ids.join(",")])
         .output()
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop(child, &out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let want: Vec<i32> = FRANCE_IDS.iter().chain(&FRANCE_NEXT).copied().collect();
     assert_eq!(v["output_ids"], serde_json::json!(want), "{v}");
