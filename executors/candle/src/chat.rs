@@ -6,13 +6,21 @@
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 use crate::gguf::md_u32;
 
@@ -149,12 +157,6 @@ impl GgufTokenizer {
             Some(Value::String(m)) => m.as_str(),
             _ => return Err("the GGUF file has no tokenizer (tokenizer.ggml.model)".to_owned()),
         };
-        if model != "gpt2" {
-            return Err(format!(
-                "unsupported GGUF tokenizer {model:?}: prompts need \"gpt2\" (byte-level BPE); \
-                 infer jobs with token ids do not need one"
-            ));
-        }
         let tokens = strings(md, "tokenizer.ggml.tokens")?;
         if tokens.len() > vocab_size {
             return Err(format!(
@@ -162,14 +164,6 @@ impl GgufTokenizer {
                 tokens.len()
             ));
         }
-        let merges = strings(md, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| format!("tokenizer.ggml.merges holds {m:?}, not \"a b\""))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => items
                 .iter()
@@ -177,51 +171,16 @@ impl GgufTokenizer {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(Value::String(p)) => p.as_str(),
-            _ => "default",
-        };
-        let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
-        let split = |regex: &str| -> Result<PreTokenizerWrapper, String> {
-            let pattern = SplitPattern::Regex(regex.to_owned());
-            Split::new(pattern, SplitDelimiterBehavior::Isolated, false)
-                .map(Into::into)
-                .map_err(|e| format!("pre-tokenizer regex: {e}"))
-        };
-        let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre {
-            "default" | "gpt2" => (byte_level(true).into(), false),
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva" => (
-                Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into(),
-                false,
-            ),
-            "llama-bpe" | "llama3" | "llama-v3" => (
-                Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false).into()]).into(),
-                true,
-            ),
-            "qwen2" | "deepseek-r1-qwen" => (
-                Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into(),
-                false,
-            ),
+        let (mut tokenizer, default_add_bos) = match model {
+            "gpt2" => byte_level_bpe(md, &tokens)?,
+            "llama" => (sentencepiece(md, &tokens, &types)?, true),
             other => {
                 return Err(format!(
-                    "unsupported GGUF pre-tokenizer {other:?}: this node knows {SUPPORTED_PRE_TOKENIZERS}"
+                    "unsupported GGUF tokenizer {other:?}: prompts need \"gpt2\" (byte-level BPE) \
+                     or \"llama\" (SentencePiece); infer jobs with token ids do not need one"
                 ))
             }
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| ((*t).to_owned(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| format!("cannot build the BPE tokenizer: {e}"))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched whole in the
         // text, as llama.cpp does with parse_special; control ones are
         // skipped when decoding.
@@ -229,7 +188,9 @@ impl GgufTokenizer {
             .iter()
             .zip(&types)
             .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(text, &t)| AddedToken::from(*text, t == 3))
+            // Matched in the raw text: a SentencePiece normalizer must not
+            // touch them, and the text after one starts a new segment.
+            .map(|(text, &t)| AddedToken::from(*text, t == 3).normalized(false))
             .collect();
         tokenizer
             .add_special_tokens(specials)
@@ -244,7 +205,7 @@ impl GgufTokenizer {
         let eos = id("tokenizer.ggml.eos_token_id");
         let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
             Some(Value::Bool(b)) => *b,
-            _ => ignore_merges, // llama.cpp: on for llama3's BPE, off for other BPE
+            _ => default_add_bos,
         } && bos.is_some();
         let mut eog: Vec<u32> = [
             eos,
@@ -311,6 +272,157 @@ impl GgufTokenizer {
     }
 }
 
+/// A byte-level BPE tokenizer (`tokenizer.ggml.model` `gpt2`) from the
+/// vocabulary, merges and pre-tokenizer name, and whether llama.cpp adds a BOS
+/// by default (for llama3's BPE only).
+fn byte_level_bpe(
+    md: &HashMap<String, Value>,
+    tokens: &[&str],
+) -> Result<(Tokenizer, bool), String> {
+    let merges = strings(md, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| format!("tokenizer.ggml.merges holds {m:?}, not \"a b\""))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let pre = match md.get("tokenizer.ggml.pre") {
+        Some(Value::String(p)) => p.as_str(),
+        _ => "default",
+    };
+    let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, String> {
+        let pattern = SplitPattern::Regex(regex.to_owned());
+        Split::new(pattern, SplitDelimiterBehavior::Isolated, false)
+            .map(Into::into)
+            .map_err(|e| format!("pre-tokenizer regex: {e}"))
+    };
+    let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre {
+        "default" | "gpt2" => (byte_level(true).into(), false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => (
+            Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into(),
+            false,
+        ),
+        "llama-bpe" | "llama3" | "llama-v3" => (
+            Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false).into()]).into(),
+            true,
+        ),
+        "qwen2" | "deepseek-r1-qwen" => (
+            Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into(),
+            false,
+        ),
+        other => return Err(format!(
+            "unsupported GGUF pre-tokenizer {other:?}: this node knows {SUPPORTED_PRE_TOKENIZERS}"
+        )),
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_owned(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| format!("cannot build the BPE tokenizer: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    // llama.cpp: a BOS by default for llama3's BPE, not for other BPE.
+    Ok((tokenizer, ignore_merges))
+}
+
+/// A SentencePiece tokenizer (`tokenizer.ggml.model` `llama`: Llama 2,
+/// Mistral, TinyLlama…) as llama.cpp runs it: spaces become `▁` with one in
+/// front of the text and after each special token (`add_space_prefix`), the
+/// adjacent pair whose joined piece scores highest is merged first, and
+/// characters outside the vocabulary become `<0xNN>` byte tokens. Built as a
+/// BPE whose merges are ranked by the joined piece's score, as `transformers`
+/// converts these models.
+fn sentencepiece(
+    md: &HashMap<String, Value>,
+    tokens: &[&str],
+    types: &[i64],
+) -> Result<Tokenizer, String> {
+    let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+        Some(Value::Array(items)) if items.len() == tokens.len() => items
+            .iter()
+            .map(|v| {
+                v.to_f32()
+                    .map_err(|_| "tokenizer.ggml.scores holds a non-float".to_owned())
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(
+                "a SentencePiece GGUF needs tokenizer.ggml.scores, one per token".to_owned(),
+            )
+        }
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_owned(), i as u32))
+        .collect();
+    // Every way a piece splits into two pieces, the best-scoring piece's first
+    // (llama.cpp merges whatever pair forms a piece; byte and unknown tokens
+    // are never formed).
+    let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if matches!(types.get(id), Some(2 | 6)) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(at);
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                ranked.push((scores[id], id as u32, a.to_owned(), b.to_owned()));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let unk = md_u32(md, "tokenizer.ggml.unknown_token_id")
+        .or_else(|| types.iter().position(|&t| t == 2).map(|i| i as u32))
+        .and_then(|id| tokens.get(id as usize));
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token((*unk).to_owned());
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| format!("cannot build the SentencePiece tokenizer: {e}"))?;
+    let space_prefix = !matches!(
+        md.get("tokenizer.ggml.add_space_prefix"),
+        Some(Value::Bool(false))
+    );
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| format!("decoder: {e}"))?
+            .into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if space_prefix {
+        normalizers.push(Prepend::new("\u{2581}".to_owned()).into());
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    normalizers.push(
+        Replace::new(" ", "\u{2581}")
+            .map_err(|e| format!("normalizer: {e}"))?
+            .into(),
+    );
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(|e| format!("cannot set the SentencePiece normalizer: {e}"))?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tokenizer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +449,117 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
 {% if add_generation_prompt %}
 <|im_start|>assistant
 {% endif %}";
+
+    /// llama.cpp's ids (special tokens parsed, no BOS) for the cases of
+    /// tests/data/spm_vocab.json, recorded by tests/data/spm_record.py.
+    const SPM_IDS: [(&str, &[u32]); 7] = [
+        ("the cat sat on the mat", &[264, 270, 272, 276, 264, 279]),
+        ("Hello, world!", &[304, 315, 313, 314]),
+        ("banana caf\u{e9} \u{2603}", &[288, 293, 259, 229, 155, 134]),
+        (
+            "  two  spaces",
+            &[316, 260, 307, 273, 259, 271, 115, 267, 280, 262, 281],
+        ),
+        ("<s>the cat</s>the mat", &[1, 264, 270, 2, 264, 279]),
+        ("hello<|im_end|>\nworld", &[301, 319, 259, 317, 307, 312]),
+        ("", &[]),
+    ];
+
+    /// The metadata of a vocab-only SentencePiece GGUF for spm_vocab.json,
+    /// laid out as spm_record.py writes it.
+    fn spm_metadata() -> HashMap<String, Value> {
+        let spec: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/data/spm_vocab.json")).unwrap();
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+        let mut scores = vec![0.0f32; 3];
+        let mut types = vec![2, 3, 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            scores.push(0.0);
+            types.push(6);
+        }
+        for piece in spec["pieces"].as_array().unwrap() {
+            tokens.push(piece[0].as_str().unwrap().to_owned());
+            scores.push(piece[1].as_f64().unwrap() as f32);
+            types.push(1);
+        }
+        for special in spec["special"].as_array().unwrap() {
+            tokens.push(special.as_str().unwrap().to_owned());
+            scores.push(0.0);
+            types.push(4);
+        }
+        let cases: Vec<&str> = spec["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(cases, SPM_IDS.map(|(text, _)| text), "the recorded cases");
+        HashMap::from([
+            (
+                "tokenizer.ggml.model".to_owned(),
+                Value::String("llama".to_owned()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_owned(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores".to_owned(),
+                Value::Array(scores.into_iter().map(Value::F32).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_owned(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.unknown_token_id".to_owned(), Value::U32(0)),
+            ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(2)),
+        ])
+    }
+
+    #[test]
+    fn sentencepiece_tokenizes_as_llama_cpp_does() {
+        let md = spm_metadata();
+        let spm = GgufTokenizer::from_metadata(&md, 400).unwrap();
+        for (text, ids) in SPM_IDS {
+            let got = spm
+                .tokenizer
+                .encode(text, false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(got, ids, "{text:?}");
+        }
+        // A BOS by default for SentencePiece, once.
+        assert_eq!(spm.encode("the cat").unwrap(), [1, 264, 270]);
+        assert_eq!(spm.encode("<s>the cat").unwrap(), [1, 264, 270]);
+        // Decoding gives the text back (no leading space, bytes fused).
+        let ids = spm
+            .tokenizer
+            .encode("banana caf\u{e9} \u{2603}", false)
+            .unwrap();
+        let text = spm.tokenizer.decode(ids.get_ids(), true).unwrap();
+        assert_eq!(text, "banana caf\u{e9} \u{2603}");
+    }
+
+    #[test]
+    fn an_unknown_tokenizer_is_refused_naming_the_supported_ones() {
+        let mut md = spm_metadata();
+        md.insert(
+            "tokenizer.ggml.model".to_owned(),
+            Value::String("rwkv".to_owned()),
+        );
+        let e = GgufTokenizer::from_metadata(&md, 400).unwrap_err();
+        assert!(e.contains("\"rwkv\"") && e.contains("SentencePiece"), "{e}");
+        md.insert(
+            "tokenizer.ggml.model".to_owned(),
+            Value::String("llama".to_owned()),
+        );
+        md.remove("tokenizer.ggml.scores");
+        let e = GgufTokenizer::from_metadata(&md, 400).unwrap_err();
+        assert!(e.contains("tokenizer.ggml.scores"), "{e}");
+    }
 
     #[test]
     fn smollm2_chatml_with_its_default_system_prompt() {
