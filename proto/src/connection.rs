@@ -51,6 +51,9 @@ pub(crate) enum ToNode<M> {
     Mount(CommittedModel),
     /// A stretch of an upload to hash or spool.
     Upload(UploadWork),
+    /// A closing connection's spooling upload whose spool is away with a
+    /// stretch: the node spools its buffered tail when that stretch returns.
+    Tail(Box<Upload>),
     /// Input was refused while a spool was behind; it is wanted again.
     Resume,
     /// Extension `store`: which of these models the store holds.
@@ -298,13 +301,16 @@ impl<M> Connection<M> {
         // A spooling upload's buffered tail goes to its spool before the upload
         // is dropped: a model store keeps it with the partial upload, to resume from.
         let id = self.id;
-        if let Some(work) = self
-            .phase
-            .upload_mut()
-            .filter(|u| u.is_spooling())
-            .and_then(|u| u.upload_work(id, 1))
-        {
-            self.to_node.push_back(ToNode::Upload(work));
+        if let Some(upload) = self.phase.upload_mut().filter(|u| u.is_spooling()) {
+            if let Some(work) = upload.upload_work(id, 1) {
+                self.to_node.push_back(ToNode::Upload(work));
+            } else if upload.work_away() && upload.buffered() > 0 {
+                // The spool is with the upload thread: the node keeps the
+                // upload until it is back, then spools the tail.
+                if let Phase::Uploading(upload) = std::mem::replace(&mut self.phase, Phase::Ready) {
+                    self.to_node.push_back(ToNode::Tail(upload));
+                }
+            }
         }
         self.phase.close(reason);
     }

@@ -127,6 +127,9 @@ pub struct Node<M> {
     conns: HashMap<ConnectionId, Connection<M>>,
     queue: JobQueue<M>,
     events: VecDeque<Event>,
+    /// Spooling uploads of closed connections whose spool was with the upload
+    /// thread at the close: their buffered tail is spooled when it comes back.
+    tails: HashMap<(ConnectionId, u64), Box<crate::upload::Upload>>,
     next_conn: u64,
     stats: NodeStats,
 }
@@ -150,6 +153,7 @@ impl<M> Node<M> {
             }),
             conns: HashMap::new(),
             events: VecDeque::new(),
+            tails: HashMap::new(),
             next_conn: 0,
             stats: NodeStats::default(),
         }
@@ -271,8 +275,12 @@ impl<M> Node<M> {
         };
         // What closing handed over: a spooling upload's tail, to spool.
         while let Some(value) = c.poll_to_node() {
-            if let ToNode::Upload(work) = value {
-                self.events.push_back(Event::Upload(work));
+            match value {
+                ToNode::Upload(work) => self.events.push_back(Event::Upload(work)),
+                ToNode::Tail(upload) => {
+                    self.tails.insert((conn, upload.id), upload);
+                }
+                _ => {}
             }
         }
         if c.closing().is_some() && c.jobs_in_flight() > 0 {
@@ -381,6 +389,15 @@ impl<M> Node<M> {
     /// Hands back [`UploadWork`] that was run; dropped (with its spool) if its upload is gone.
     pub fn upload_work_done(&mut self, work: UploadWork, now: Instant) {
         let conn = work.conn;
+        if let Some(mut upload) = self.tails.remove(&(conn, work.upload)) {
+            // Its connection closed meanwhile: the spool is back, so the tail
+            // that was still buffered goes to it (and the spool is dropped after).
+            upload.work_returned(work);
+            if let Some(tail) = upload.upload_work(conn, 1) {
+                self.events.push_back(Event::Upload(tail));
+            }
+            return;
+        }
         let mut room = self.queue.room();
         if let Some(c) = self.conns.get_mut(&conn) {
             let before = c.pending_transmit();
@@ -552,6 +569,10 @@ impl<M> Node<M> {
                     model,
                 }),
                 ToNode::Upload(work) => Event::Upload(work),
+                ToNode::Tail(upload) => {
+                    self.tails.insert((id, upload.id), upload);
+                    continue;
+                }
                 ToNode::Resume => Event::Resume(id),
                 ToNode::Query(hashes) => Event::Query { conn: id, hashes },
                 ToNode::Use {

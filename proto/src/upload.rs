@@ -378,6 +378,11 @@ impl Upload {
         self.spooling && self.work_away() && self.weights.len() >= limit
     }
 
+    /// Of a spooling upload: bytes arrived and not yet handed to the spool.
+    pub(crate) fn buffered(&self) -> usize {
+        self.weights.len()
+    }
+
     /// Whether the bytes go to the executor's spool.
     pub(crate) fn is_spooling(&self) -> bool {
         self.spooling

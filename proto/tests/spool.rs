@@ -22,6 +22,8 @@ struct Seen {
     opened: Vec<UploadInfo>,
     /// Spools dropped (an upload abandoned, or a model mounted and dropped).
     dropped: AtomicUsize,
+    /// Bytes each dropped spool held, in drop order.
+    dropped_lens: Vec<usize>,
     mounted: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -40,11 +42,9 @@ struct MemorySpool {
 
 impl Drop for MemorySpool {
     fn drop(&mut self) {
-        self.seen
-            .lock()
-            .unwrap()
-            .dropped
-            .fetch_add(1, Ordering::SeqCst);
+        let mut seen = self.seen.lock().unwrap();
+        seen.dropped.fetch_add(1, Ordering::SeqCst);
+        seen.dropped_lens.push(self.bytes.len());
     }
 }
 
@@ -282,10 +282,24 @@ fn an_abandoned_upload_drops_its_spool_whether_it_is_home_or_away() {
     sim.run();
     let mut work = sim.held_uploads.pop().expect("work handed out");
     run_upload(&sim.executor, &mut work);
+    // More bytes arrive while the spool is away: they wait in the node.
+    sim.push_weights(p, &pattern(STRETCH / 2));
+    sim.run();
+    assert!(sim.held_uploads.is_empty(), "one stretch away at a time");
     sim.vanish(p);
     assert_eq!(dropped(&sim), 0, "the spool is with the work");
     sim.node.upload_work_done(work, sim.now());
+    // The tail that waited goes to the spool once it is back, then the spool is dropped.
+    sim.poll_events();
+    assert_eq!(sim.held_uploads.len(), 1, "the tail is handed out");
+    sim.finish_upload(0);
     assert_eq!(dropped(&sim), 1);
+    let held = sim.executor.seen.lock().unwrap().dropped_lens.clone();
+    assert_eq!(
+        held,
+        [weights.len() + 2 * STRETCH + STRETCH / 2],
+        "every byte that arrived"
+    );
     sim.node.begin_shutdown();
     assert!(sim.node.is_drained());
 }
