@@ -55,6 +55,97 @@ impl Pushed {
     }
 }
 
+/// What a store-aware push does next, from [`StoredPush`].
+#[derive(Debug)]
+pub enum PushStep {
+    /// Ask the node which of the model's bytes it holds (`model_query`), and
+    /// hand the inventory to [`StoredPush::inventory`].
+    Query,
+    /// Mount the stored copy (`model_use`) and hand the answer to [`StoredPush::used`].
+    Use,
+    /// Upload from byte `from` (a resume when not 0) and hand the answer to
+    /// [`StoredPush::uploaded`].
+    Upload {
+        /// Where the weights are read from.
+        from: u64,
+    },
+    /// Mounted.
+    Done(Pushed),
+}
+
+/// The decisions of a store-aware push, written once for the blocking and
+/// the async client: mount a stored copy with no weights sent, else resume a
+/// broken upload where it stopped, else upload everything; on a node without
+/// a store, upload everything. The client performs each [`PushStep`].
+#[derive(Debug)]
+pub struct StoredPush {
+    len: u64,
+    /// The inventory's answer, once asked.
+    held: Option<donate_proto::message::StoredModel>,
+    inventory: Option<ModelInventory>,
+}
+
+impl StoredPush {
+    /// A push of `len` bytes; `store` is whether the node offers the store.
+    pub fn start(len: u64, store: bool) -> (StoredPush, PushStep) {
+        let plan = StoredPush {
+            len,
+            held: None,
+            inventory: None,
+        };
+        let step = if store {
+            PushStep::Query
+        } else {
+            PushStep::Upload { from: 0 }
+        };
+        (plan, step)
+    }
+
+    /// After [`PushStep::Query`].
+    pub fn inventory(&mut self, inventory: ModelInventory) -> Result<PushStep> {
+        let held = inventory.models.first().cloned().unwrap_or_default();
+        let stored = held.stored;
+        self.held = Some(held);
+        self.inventory = Some(inventory);
+        if stored {
+            Ok(PushStep::Use)
+        } else {
+            self.upload()
+        }
+    }
+
+    /// After [`PushStep::Use`]: its `model_status`.
+    pub fn used(&mut self, answer: Result<ModelStatus>) -> Result<PushStep> {
+        match answer {
+            Ok(status) => Ok(PushStep::Done(Pushed::reused(status))),
+            // Gone since (evicted, or dropped as corrupt): upload it.
+            Err(Error::ModelRefused(_)) => self.upload(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where the upload starts, refused before a byte is sent when the store lacks room.
+    fn upload(&mut self) -> Result<PushStep> {
+        let from = self.held.as_ref().map_or(0, |h| h.resume_point(self.len));
+        if let Some(inventory) = &self.inventory {
+            inventory
+                .check_room(self.len - from)
+                .map_err(Error::ModelRefused)?;
+        }
+        Ok(PushStep::Upload { from })
+    }
+
+    /// After [`PushStep::Upload`] from `from`: its `model_status`.
+    pub fn uploaded(&mut self, from: u64, answer: Result<ModelStatus>) -> Result<PushStep> {
+        match answer {
+            Ok(status) => Ok(PushStep::Done(Pushed::sent(status, self.len, from))),
+            // The partial bytes expired meanwhile, say: start over once.
+            Err(Error::ModelRefused(_)) if from > 0 => Ok(PushStep::Upload { from: 0 }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A connection to a donor node (ours or the Go one) over any async byte stream.
 ///
 /// Get one with [`handshake`](Client::handshake) over a stream you connected,
@@ -166,41 +257,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         sha256: [u8; 32],
         mut progress: impl FnMut(u64),
     ) -> Result<Pushed> {
-        let mut resume_at = 0;
-        if self.core.capabilities().contains(Capability::Store) {
-            let inventory = self.query_models(&[sha256]).await?;
-            let held = inventory.models.first().cloned().unwrap_or_default();
-            if held.stored {
-                let request = self.core.use_model(config_json, sha256)?;
-                match answers::model_status(self.wait(request).await?) {
-                    Ok(status) => return Ok(Pushed::reused(status)),
-                    // Gone since (evicted, or dropped as corrupt): upload it.
-                    Err(Error::ModelRefused(_)) => {}
-                    Err(e) => return Err(e),
+        let store = self.core.capabilities().contains(Capability::Store);
+        let (mut plan, mut step) = StoredPush::start(len, store);
+        loop {
+            step = match step {
+                PushStep::Query => plan.inventory(self.query_models(&[sha256]).await?)?,
+                PushStep::Use => {
+                    let request = self.core.use_model(config_json, sha256)?;
+                    plan.used(answers::model_status(self.wait(request).await?))?
                 }
-            }
-            resume_at = held.resume_point(len);
-            // Refused before a byte is sent, rather than at the commit.
-            inventory
-                .check_room(len - resume_at)
-                .map_err(Error::ModelRefused)?;
+                PushStep::Upload { from } => {
+                    reader.seek(io::SeekFrom::Start(from)).await?;
+                    let request = match from {
+                        0 => self.core.begin_upload(config_json, len, Some(sha256))?,
+                        _ => self.core.resume_upload(config_json, len, sha256, from)?,
+                    };
+                    let answer = self.send_upload(request, &mut reader, &mut progress).await;
+                    plan.uploaded(from, answer)?
+                }
+                PushStep::Done(pushed) => return Ok(pushed),
+            };
         }
-        if resume_at > 0 {
-            reader.seek(io::SeekFrom::Start(resume_at)).await?;
-            let request = self
-                .core
-                .resume_upload(config_json, len, sha256, resume_at)?;
-            match self.send_upload(request, &mut reader, &mut progress).await {
-                Ok(status) => return Ok(Pushed::sent(status, len, resume_at)),
-                // The partial bytes expired meanwhile, say: start over once.
-                Err(Error::ModelRefused(_)) => {}
-                Err(e) => return Err(e),
-            }
-            reader.seek(io::SeekFrom::Start(0)).await?;
-        }
-        let request = self.core.begin_upload(config_json, len, Some(sha256))?;
-        let status = self.send_upload(request, reader, progress).await?;
-        Ok(Pushed::sent(status, len, 0))
     }
 
     /// Extension `store`: which of these models (by weights SHA-256; none:

@@ -30,7 +30,9 @@ use std::net::SocketAddr;
 #[cfg(unix)]
 pub use addr::{bind_unix, unix_addr};
 pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
-pub use client::{dial_named, window, AsyncStream, BoxStream, Client, Pushed};
+pub use client::{
+    dial_named, window, AsyncStream, BoxStream, Client, PushStep, Pushed, StoredPush,
+};
 pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};
 pub use host::{NodeConfig, HONOURED};

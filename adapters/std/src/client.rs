@@ -4,7 +4,7 @@ use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use donate_host::{Error, NodeAddr, Pushed, ToNodeAddr};
+use donate_host::{Error, NodeAddr, PushStep, Pushed, StoredPush, ToNodeAddr};
 
 use sha2::{Digest, Sha256};
 
@@ -189,41 +189,27 @@ impl Client {
         sha256: [u8; 32],
         mut progress: impl FnMut(u64),
     ) -> Result<Pushed> {
-        let mut resume_at = 0;
-        if self.core.capabilities().contains(Capability::Store) {
-            let inventory = self.query_models(&[sha256])?;
-            let held = inventory.models.first().cloned().unwrap_or_default();
-            if held.stored {
-                let request = self.core.use_model(config_json, sha256)?;
-                match answers::model_status(self.wait(request)?) {
-                    Ok(status) => return Ok(Pushed::reused(status)),
-                    // Gone since (evicted, or dropped as corrupt): upload it.
-                    Err(Error::ModelRefused(_)) => {}
-                    Err(e) => return Err(e),
+        let store = self.core.capabilities().contains(Capability::Store);
+        let (mut plan, mut step) = StoredPush::start(len, store);
+        loop {
+            step = match step {
+                PushStep::Query => plan.inventory(self.query_models(&[sha256])?)?,
+                PushStep::Use => {
+                    let request = self.core.use_model(config_json, sha256)?;
+                    plan.used(answers::model_status(self.wait(request)?))?
                 }
-            }
-            resume_at = held.resume_point(len);
-            // Refused before a byte is sent, rather than at the commit.
-            inventory
-                .check_room(len - resume_at)
-                .map_err(Error::ModelRefused)?;
+                PushStep::Upload { from } => {
+                    reader.seek(SeekFrom::Start(from))?;
+                    let request = match from {
+                        0 => self.core.begin_upload(config_json, len, Some(sha256))?,
+                        _ => self.core.resume_upload(config_json, len, sha256, from)?,
+                    };
+                    let answer = self.send_upload(request, &mut reader, &mut progress);
+                    plan.uploaded(from, answer)?
+                }
+                PushStep::Done(pushed) => return Ok(pushed),
+            };
         }
-        if resume_at > 0 {
-            reader.seek(SeekFrom::Start(resume_at))?;
-            let request = self
-                .core
-                .resume_upload(config_json, len, sha256, resume_at)?;
-            match self.send_upload(request, &mut reader, &mut progress) {
-                Ok(status) => return Ok(Pushed::sent(status, len, resume_at)),
-                // The partial bytes expired meanwhile, say: start over once.
-                Err(Error::ModelRefused(_)) => {}
-                Err(e) => return Err(e),
-            }
-            reader.seek(SeekFrom::Start(0))?;
-        }
-        let request = self.core.begin_upload(config_json, len, Some(sha256))?;
-        let status = self.send_upload(request, reader, progress)?;
-        Ok(Pushed::sent(status, len, 0))
     }
 
     /// Extension `store`: which of these models (by weights SHA-256; none:

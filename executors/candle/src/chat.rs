@@ -312,9 +312,11 @@ fn byte_level_bpe(
             Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false).into()]).into(),
             false,
         ),
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "unsupported GGUF pre-tokenizer {other:?}: this node knows {SUPPORTED_PRE_TOKENIZERS}"
-        )),
+        ))
+        }
     };
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
