@@ -467,6 +467,19 @@ fn missing_files_fail_before_connecting() {
         "--ids",
         "1",
     ])
+    // Neither a directory nor a file: the path is named.
+    .fails_with("nope: No such file");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    donate(&[
+        "infer",
+        "--addr",
+        &addr,
+        "--model",
+        path(&empty),
+        "--ids",
+        "1",
+    ])
     .fails_with("config.json");
     donate(&[
         "push",
