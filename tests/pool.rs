@@ -22,6 +22,13 @@ fn node(executor: TestExec) -> (donate_std::Server, Proxy) {
     node_with(ServerConfig::default(), executor)
 }
 
+/// `n` in-process donors whose jobs take `ms` each, behind proxies.
+fn slow_nodes(n: usize, ms: u64) -> Vec<(donate_std::Server, Proxy)> {
+    (0..n)
+        .map(|_| node(TestExec::slow(Duration::from_millis(ms))))
+        .collect()
+}
+
 /// The same pool as [`pool`], for the async drivers.
 fn async_pool(proxies: &[&Proxy], config: PoolConfig) -> (tempfile::TempDir, donate_host::Pool) {
     let (dir, model) = model();
@@ -112,9 +119,7 @@ fn check_lost_donor(results: &[PoolResult], summary: &donate_host::PoolSummary) 
 
 #[test]
 fn jobs_spread_over_donors_and_each_is_answered_once() {
-    let nodes: Vec<_> = (0..3)
-        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
-        .collect();
+    let nodes = slow_nodes(3, 2);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let mut results = Vec::new();
     let (_dir, pool) = pool(&proxies, PoolConfig::default());
@@ -127,9 +132,7 @@ fn jobs_spread_over_donors_and_each_is_answered_once() {
 
 #[test]
 fn a_donor_lost_mid_batch_gives_its_jobs_to_the_others() {
-    let nodes: Vec<_> = (0..3)
-        .map(|_| node(TestExec::slow(Duration::from_millis(3))))
-        .collect();
+    let nodes = slow_nodes(3, 3);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let mut results = Vec::new();
     let (_dir, pool) = pool(&proxies, PoolConfig::default());
@@ -150,9 +153,7 @@ fn a_donor_lost_mid_batch_gives_its_jobs_to_the_others() {
 
 #[test]
 fn a_stalled_donor_s_jobs_are_reissued_and_its_late_answers_dropped() {
-    let nodes: Vec<_> = (0..2)
-        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
-        .collect();
+    let nodes = slow_nodes(2, 2);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let config = PoolConfig::default()
         .job_deadline(Duration::from_millis(300))
@@ -431,9 +432,7 @@ where
 
 #[test]
 fn the_async_pool_on_smol_survives_a_lost_donor_and_answers_each_job_once() {
-    let nodes: Vec<_> = (0..3)
-        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
-        .collect();
+    let nodes = slow_nodes(3, 2);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let (_dir, pool) = async_pool(&proxies, PoolConfig::default());
     smol::block_on(async {
@@ -446,9 +445,7 @@ fn the_async_pool_on_smol_survives_a_lost_donor_and_answers_each_job_once() {
 
 #[test]
 fn the_async_pool_on_tokio_survives_a_lost_donor_and_answers_each_job_once() {
-    let nodes: Vec<_> = (0..3)
-        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
-        .collect();
+    let nodes = slow_nodes(3, 2);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let (_dir, pool) = async_pool(&proxies, PoolConfig::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -470,9 +467,7 @@ fn the_async_pool_on_tokio_survives_a_lost_donor_and_answers_each_job_once() {
 
 #[test]
 fn the_async_pool_reissues_a_stalled_donor_s_jobs_on_tokio() {
-    let nodes: Vec<_> = (0..2)
-        .map(|_| node(TestExec::slow(Duration::from_millis(2))))
-        .collect();
+    let nodes = slow_nodes(2, 2);
     let proxies: Vec<&Proxy> = nodes.iter().map(|(_, p)| p).collect();
     let config = PoolConfig::default()
         .job_deadline(Duration::from_millis(300))
