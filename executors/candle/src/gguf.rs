@@ -1,6 +1,7 @@
 //! Quantized GGUF models (llama.cpp's format): the header read and checked
-//! before anything is loaded, then candle-transformers' quantized llama,
-//! qwen2 or qwen3 built from it, with the weights left quantized.
+//! before anything is loaded, then our own quantized llama
+//! ([`crate::qllama`]) or candle-transformers' qwen2 or qwen3 built from it,
+//! with the weights left quantized.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -51,8 +52,11 @@ impl Arch {
 
 /// The loaded weights of one architecture.
 pub(crate) enum QModel {
-    /// Cloned per job (the clone shares the quantized tensors, not the cache).
-    Llama(quantized_llama::ModelWeights),
+    /// Our own llama: shared by every job, each with its own KV cache.
+    Llama(crate::qllama::QLlama),
+    /// A llama mixture of experts (Mixtral), on candle-transformers' model:
+    /// cloned per job (the clone shares the quantized tensors, not the cache).
+    LlamaMoe(quantized_llama::ModelWeights),
     /// Cloned per job, like llama.
     Qwen3(quantized_qwen3::ModelWeights),
     /// candle's qwen2 cannot be cloned: one job at a time runs on it.
@@ -260,8 +264,14 @@ pub(crate) fn load<R: Read + Seek>(
 ) -> Result<QModel, String> {
     crate::guard::guarded("loading the GGUF model", || {
         Ok(match checked.arch {
-            Arch::Llama => QModel::Llama(quantized_llama::ModelWeights::from_gguf(
-                content, reader, device,
+            Arch::Llama if crate::qllama::is_moe(&content) => QModel::LlamaMoe(
+                quantized_llama::ModelWeights::from_gguf(content, reader, device)?,
+            ),
+            Arch::Llama => QModel::Llama(crate::qllama::QLlama::from_gguf(
+                &content,
+                reader,
+                device,
+                checked.context,
             )?),
             Arch::Qwen2 => QModel::Qwen2(std::sync::Mutex::new(
                 quantized_qwen2::ModelWeights::from_gguf(content, reader, device)?,

@@ -31,6 +31,8 @@ mod chat;
 pub mod gguf;
 mod guard;
 mod model;
+mod q4_1;
+mod qllama;
 mod sampling;
 
 use std::path::{Path, PathBuf};

@@ -52,7 +52,8 @@ enum ModelWeights {
 /// One job's view of the model: its own KV cache.
 enum Job<'a> {
     Llama(Cache),
-    QLlama(Box<quantized_llama::ModelWeights>),
+    QLlama(crate::qllama::Cache),
+    QLlamaMoe(Box<quantized_llama::ModelWeights>),
     QQwen3(Box<quantized_qwen3::ModelWeights>),
     QQwen2(MutexGuard<'a, quantized_qwen2::ModelWeights>),
 }
@@ -324,7 +325,8 @@ impl CandleModel {
     fn start_job(&self) -> Job<'_> {
         match &self.weights {
             ModelWeights::Llama { fresh_cache, .. } => Job::Llama(fresh_cache.clone()),
-            ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(Box::new(m.clone())),
+            ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(m.new_cache()),
+            ModelWeights::Gguf(QModel::LlamaMoe(m)) => Job::QLlamaMoe(Box::new(m.clone())),
             ModelWeights::Gguf(QModel::Qwen3(m)) => Job::QQwen3(Box::new(m.clone())),
             ModelWeights::Gguf(QModel::Qwen2(m)) => {
                 // A job that panicked left a cache behind; it is cleared below.
@@ -339,11 +341,12 @@ impl CandleModel {
     fn forward(&self, job: &mut Job<'_>, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match (job, &self.weights) {
             (Job::Llama(cache), ModelWeights::Llama { llama, .. }) => llama.forward(x, pos, cache),
-            (Job::QLlama(m), _) => m.forward(x, pos),
+            (Job::QLlama(cache), ModelWeights::Gguf(QModel::Llama(m))) => m.forward(cache, x, pos),
+            (Job::QLlamaMoe(m), _) => m.forward(x, pos),
             (Job::QQwen3(m), _) => m.forward(x, pos),
             (Job::QQwen2(m), _) => m.forward(x, pos),
-            (Job::Llama(_), ModelWeights::Gguf(_)) => {
-                candle_core::bail!("a llama job on a GGUF model")
+            (Job::Llama(_), ModelWeights::Gguf(_)) | (Job::QLlama(_), _) => {
+                candle_core::bail!("a job on another model's weights")
             }
         }
     }
