@@ -1,8 +1,10 @@
-//! Our own quantized llama (`general.architecture = llama`: Llama, SmolLM,
-//! Mistral, TinyLlama) for GGUF files, in place of candle-transformers'
-//! `quantized_llama`, which it follows closely (candle is MIT/Apache-2.0): the
-//! same tensors, the same operations in the same order, so the same numbers,
-//! except in two places where that one costs time or memory:
+//! Our own quantized llama for GGUF files (`general.architecture = llama`:
+//! Llama, SmolLM, Mistral, TinyLlama; and `qwen2`, which is llama with q/k/v
+//! biases and NEOX rotary pairs), in place of candle-transformers'
+//! `quantized_llama` and `quantized_qwen2`, which it follows closely (candle
+//! is MIT/Apache-2.0): the same tensors, the same operations in the same
+//! order, so the same numbers, except in two places where those cost time or
+//! memory:
 //!
 //! - the token embedding table stays quantized: only the rows looked up are
 //!   dequantized (candle's `QTensor::embedding`, one row per token), where
@@ -21,6 +23,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
+use crate::gguf::Arch;
 use crate::q4_1::Q4_1Matrix;
 
 /// A weight matrix, multiplied as its type is fastest.
@@ -78,6 +81,8 @@ struct Layer {
     w3: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
+    /// q, k and v biases (qwen2), F32.
+    biases: Option<[Tensor; 3]>,
 }
 
 /// The weights of a GGUF llama, shared by all jobs.
@@ -92,6 +97,8 @@ pub(crate) struct QLlama {
     n_kv_head: usize,
     head_dim: usize,
     hidden: usize,
+    /// Rotary pairs `(i, i + d/2)` (NEOX: qwen2) rather than `(2i, 2i + 1)` (llama).
+    neox: bool,
     /// Rotary tables, `[positions, rope_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -114,29 +121,36 @@ pub(crate) fn is_moe(content: &Content) -> bool {
 }
 
 impl QLlama {
-    /// Reads the weights of a checked header's llama from `reader`, with
-    /// rotary tables for `positions` positions.
+    /// Reads the weights of a checked header's llama or qwen2 (`arch`) from
+    /// `reader`, with rotary tables for `positions` positions.
     pub(crate) fn from_gguf<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
         device: &Device,
         positions: usize,
+        arch: Arch,
     ) -> Result<QLlama> {
-        let md = |key: &str| match content.metadata.get(key) {
+        let (p, qwen2) = match arch {
+            Arch::Llama => ("llama", false),
+            Arch::Qwen2 => ("qwen2", true),
+            Arch::Qwen3 => candle_core::bail!("qwen3 runs on candle-transformers' model"),
+        };
+        let md = |key: &str| match content.metadata.get(&format!("{p}.{key}")) {
             Some(v) => Ok(v),
-            None => candle_core::bail!("cannot find {key} in metadata"),
+            None => candle_core::bail!("cannot find {p}.{key} in metadata"),
         };
-        let n_head = md("llama.attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = md("llama.attention.head_count_kv")?.to_u32()? as usize;
-        let block_count = md("llama.block_count")?.to_u32()? as usize;
-        let hidden = md("llama.embedding_length")?.to_u32()? as usize;
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
         let head_dim = hidden / n_head;
-        let rope_dim = match md("llama.rope.dimension_count") {
-            Ok(v) => v.to_u32()? as usize,
-            Err(_) => head_dim,
+        // candle's qwen2 rotates the whole head; llama files say how much.
+        let rope_dim = match md("rope.dimension_count") {
+            Ok(v) if !qwen2 => v.to_u32()? as usize,
+            _ => head_dim,
         };
-        let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let freq_base = md("llama.rope.freq_base")
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let freq_base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10000.0);
         let (cos, sin) = rotary_tables(rope_dim, freq_base, positions, device)?;
@@ -165,6 +179,14 @@ impl QLlama {
             let attn_norm =
                 RmsNorm::new(tensor(&format!("blk.{i}.attn_norm.weight"))?, eps, device)?;
             let ffn_norm = RmsNorm::new(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps, device)?;
+            let biases = match qwen2 {
+                true => {
+                    let mut bias =
+                        |what: &str| tensor(&format!("blk.{i}.{what}.bias"))?.dequantize(device);
+                    Some([bias("attn_q")?, bias("attn_k")?, bias("attn_v")?])
+                }
+                false => None,
+            };
             layers.push(Layer {
                 wq,
                 wk,
@@ -175,6 +197,7 @@ impl QLlama {
                 w3,
                 attn_norm,
                 ffn_norm,
+                biases,
             });
         }
         Ok(QLlama {
@@ -186,6 +209,7 @@ impl QLlama {
             n_kv_head,
             head_dim,
             hidden,
+            neox: qwen2,
             cos,
             sin,
         })
@@ -238,19 +262,23 @@ impl QLlama {
         pos: usize,
     ) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
-        let q = layer
-            .wq
-            .forward(x)?
+        let (mut q, mut k, mut v) = (
+            layer.wq.forward(x)?,
+            layer.wk.forward(x)?,
+            layer.wv.forward(x)?,
+        );
+        if let Some([bq, bk, bv]) = &layer.biases {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let q = q
             .reshape((b, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
-        let k = layer
-            .wk
-            .forward(x)?
+        let k = k
             .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?;
-        let v = layer
-            .wv
-            .forward(x)?
+        let v = v
             .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -284,12 +312,16 @@ impl QLlama {
         layer.wo.forward(&y)
     }
 
-    /// Rotary embedding, llama's interleaved pairs (`rope_i`, llama.cpp's NORM).
+    /// Rotary embedding: llama's interleaved pairs (`rope_i`, llama.cpp's
+    /// NORM) or qwen2's halves (`rope`, NEOX).
     fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let (_b, _h, seq_len, _d) = x.dims4()?;
         let cos = self.cos.narrow(0, pos, seq_len)?;
         let sin = self.sin.narrow(0, pos, seq_len)?;
-        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        match self.neox {
+            true => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            false => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::net::TcpListener;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::quantized_qwen2;
 use donate_candle::{CandleConfig, CandleExecutor, CandleModel, Sampling};
 use donate_proto::ServerConfig;
 use donate_std::{Client, Error};
@@ -192,6 +193,72 @@ fn tiny_gguf_q8() -> Vec<u8> {
     write_gguf(&metadata("llama"), &tensors_with(GgmlDType::Q8_0))
 }
 
+/// A tiny qwen2: the llama's metadata under `qwen2.`, a long rotary base.
+fn qwen2_metadata() -> Vec<(&'static str, Md)> {
+    vec![
+        ("general.architecture", Md::Str("qwen2")),
+        ("qwen2.block_count", Md::U32(LAYERS as u32)),
+        ("qwen2.embedding_length", Md::U32(HIDDEN as u32)),
+        ("qwen2.feed_forward_length", Md::U32(FFN as u32)),
+        ("qwen2.attention.head_count", Md::U32(HEADS)),
+        ("qwen2.attention.head_count_kv", Md::U32(KV_HEADS)),
+        ("qwen2.attention.layer_norm_rms_epsilon", Md::F32(1e-6)),
+        ("qwen2.rope.freq_base", Md::F32(1e6)),
+        ("qwen2.context_length", Md::U32(256)),
+    ]
+}
+
+/// The tiny llama's tensors (`ffn` for the gate and up) plus qwen2's q/k/v biases.
+fn qwen2_gguf(ffn: GgmlDType) -> Vec<u8> {
+    let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
+    let mut list = tensors_with(ffn);
+    for l in 0..LAYERS {
+        let s = 100 + 10 * l as u64;
+        list.extend([
+            tensor(
+                &format!("blk.{l}.attn_q.bias"),
+                &[HIDDEN],
+                s,
+                GgmlDType::F32,
+            ),
+            tensor(
+                &format!("blk.{l}.attn_k.bias"),
+                &[kv],
+                s + 1,
+                GgmlDType::F32,
+            ),
+            tensor(
+                &format!("blk.{l}.attn_v.bias"),
+                &[kv],
+                s + 2,
+                GgmlDType::F32,
+            ),
+        ]);
+    }
+    write_gguf(&qwen2_metadata(), &list)
+}
+
+/// candle-transformers' quantized qwen2 on the same bytes, greedy.
+fn direct_qwen2(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
+    let mut reader = Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut model =
+        quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+    let mut tokens = input.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let x = Tensor::new(&tokens[pos..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&x, pos).unwrap();
+        pos = tokens.len();
+        let next = logits.flatten_all().unwrap().argmax(0).unwrap();
+        tokens.push(next.to_scalar::<u32>().unwrap());
+    }
+    tokens.split_off(input.len())
+}
+
 /// candle's quantized llama on the same bytes, greedy, with its own cache.
 fn direct(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
     let mut reader = Cursor::new(bytes);
@@ -275,6 +342,36 @@ fn a_tiny_quantized_llama_runs_as_candle_runs_it() {
         .generate_with(&input, 12, &[], None, &sampling, |_| false)
         .unwrap();
     assert_eq!(a, b);
+}
+
+#[test]
+fn a_tiny_qwen2_runs_on_our_model_as_candle_runs_it() {
+    // Our llama with qwen2's biases and NEOX rotary pairs: without Q4_1,
+    // exactly candle-transformers' quantized_qwen2.
+    let bytes = qwen2_gguf(GgmlDType::Q8_0);
+    let model = load(&bytes).expect("the tiny qwen2 loads");
+    assert_eq!((model.format(), model.vocab_size()), ("gguf", VOCAB));
+    let input = [3, 1, 4, 1, 5, 9, 2, 6];
+    let expected = direct_qwen2(&bytes, &input, 12);
+    assert_eq!(model.generate(&input, 12, &[], None).unwrap(), expected);
+    // Jobs no longer take turns on one cache: two at once, each its own.
+    std::thread::scope(|s| {
+        let a = s.spawn(|| model.generate(&input, 12, &[], None).unwrap());
+        let b = s.spawn(|| model.generate(&input[..4], 6, &[], None).unwrap());
+        assert_eq!(a.join().unwrap(), expected);
+        assert_eq!(b.join().unwrap(), direct_qwen2(&bytes, &input[..4], 6));
+    });
+    // A qwen2 without its biases is refused by name.
+    let e = refusal(&write_gguf(
+        &qwen2_metadata(),
+        &tensors_with(GgmlDType::Q8_0),
+    ));
+    assert!(e.contains("blk.0.attn_q.bias"), "{e}");
+    // With Q4_1 weights (our kernel), the first tokens still agree.
+    let bytes = qwen2_gguf(GgmlDType::Q4_1);
+    let model = load(&bytes).expect("loads");
+    let ours = model.generate(&input, 12, &[], None).unwrap();
+    assert_eq!(ours[..3], direct_qwen2(&bytes, &input, 12)[..3]);
 }
 
 #[test]
