@@ -25,9 +25,15 @@ const PROMPT: usize = 8;
 const GENERATE: usize = 32;
 
 fn main() {
+    if let Some(path) = std::env::var_os(gguf::RSS_CHILD) {
+        // The child process of the peak-memory measurement (gguf::peak_rss).
+        gguf::serve_one_prompt(std::path::Path::new(&path));
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     if let Some(path) = std::env::var_os("DONATE_TEST_GGUF").filter(|p| !p.is_empty()) {
         gguf::bench(std::path::Path::new(&path), if quick { 2 } else { 7 });
+        gguf::peak_rss(std::path::Path::new(&path));
         if std::env::args().any(|a| a == "--gguf-only") {
             return;
         }
@@ -158,9 +164,12 @@ fn median(times: &mut [Duration]) -> Duration {
 }
 
 /// A quantized GGUF llama (SmolLM2-135M Q4_1 in CI: `DONATE_TEST_GGUF`):
-/// prompt processing and generation tokens/s through a node against
-/// candle-transformers' `quantized_llama` driven directly, in one process on
-/// the same rayon pool (so the same threads).
+/// prompt processing and generation tokens/s through a node against the same
+/// model code (our `qllama`, through [`CandleModel::generate`]) driven
+/// directly, and candle-transformers' `quantized_llama` (the model we used
+/// before, with candle's scalar Q4_1 dot product) beside them; in one process
+/// on the same thread pools (so the same threads). Then the peak resident
+/// memory of a node process serving the file.
 mod gguf {
     use std::fs::File;
     use std::io::BufReader;
@@ -170,7 +179,7 @@ mod gguf {
     use candle_core::quantized::gguf_file;
     use candle_core::{Device, Tensor};
     use candle_transformers::models::quantized_llama::ModelWeights;
-    use donate_candle::{CandleConfig, CandleExecutor};
+    use donate_candle::{CandleConfig, CandleExecutor, CandleModel};
     use donate_proto::{Capabilities, Capability, ClientConfig, ServerConfig};
     use donate_std::Client;
 
@@ -181,9 +190,10 @@ mod gguf {
     /// Tokens each long job generates.
     const GENERATE: usize = 32;
 
-    /// Greedy generation the way candle's own quantized example does it: the
-    /// prompt in one forward pass, then one token at a time.
-    fn direct(base: &ModelWeights, prompt: &[u32], n: usize) -> Vec<u32> {
+    /// Greedy generation on candle-transformers' model, the way candle's own
+    /// quantized example does it: the prompt in one forward pass, then one
+    /// token at a time.
+    fn candle_transformers(base: &ModelWeights, prompt: &[u32], n: usize) -> Vec<u32> {
         let mut model = base.clone();
         let mut out = Vec::with_capacity(n);
         let mut pos = 0;
@@ -213,6 +223,9 @@ mod gguf {
         let mut reader = BufReader::new(File::open(path).expect("open"));
         let content = gguf_file::Content::read(&mut reader).expect("a GGUF file");
         let base = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("llama");
+        drop(reader);
+        let ours = CandleModel::load_gguf_file(path, &Device::Cpu, 4096, false).expect("ours");
+        let direct = |prompt: &[u32], n: usize| ours.generate(prompt, n, &[], None).expect("ours");
         let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| 100 + i * 37 % 5000).collect();
         let prompt_i32: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
 
@@ -239,8 +252,9 @@ mod gguf {
         let mut plain = connect(Capabilities::NONE);
         let mut streaming = connect(Capabilities::NONE.with(Capability::Stream));
 
-        // Warm-up, and all ways must agree token for token.
-        let reference = direct(&base, &prompt, GENERATE);
+        // Warm-up, and the node must agree with the same code run directly.
+        let reference = direct(&prompt, GENERATE);
+        let before = candle_transformers(&base, &prompt, GENERATE);
         let node_ids = |client: &mut Client, n: usize| {
             let request = client.send_infer(&prompt_i32, n as i64).expect("infer");
             let mut partials = 0;
@@ -265,15 +279,16 @@ mod gguf {
 
         // [way][short, long]: a 1-token job is prompt processing (and one
         // token); the long job minus it is generation.
-        let mut times: [[Vec<Duration>; 2]; 3] = Default::default();
+        let mut times: [[Vec<Duration>; 2]; 4] = Default::default();
         for run in 0..runs {
-            for way in (0..3).map(|k| (k + run) % 3) {
+            for way in (0..4).map(|k| (k + run) % 4) {
                 for (i, n) in [1, GENERATE].into_iter().enumerate() {
                     let start = Instant::now();
                     match way {
-                        0 => drop(std::hint::black_box(direct(&base, &prompt, n))),
+                        0 => drop(std::hint::black_box(direct(&prompt, n))),
                         1 => drop(std::hint::black_box(node_ids(&mut plain, n))),
-                        _ => drop(std::hint::black_box(node_ids(&mut streaming, n))),
+                        2 => drop(std::hint::black_box(node_ids(&mut streaming, n))),
+                        _ => drop(std::hint::black_box(candle_transformers(&base, &prompt, n))),
                     }
                     times[way][i].push(start.elapsed());
                 }
@@ -296,9 +311,14 @@ mod gguf {
             "way", "prompt tok/s", "gen tok/s", "prompt/direct", "gen/direct"
         );
         let (dp, dg) = rates[0];
-        for (name, (p, g)) in ["candle direct", "node", "node, streaming"]
-            .into_iter()
-            .zip(rates)
+        for (name, (p, g)) in [
+            "direct (ours)",
+            "node",
+            "node, streaming",
+            "candle-transformers",
+        ]
+        .into_iter()
+        .zip(rates)
         {
             println!(
                 "{name:<22} {p:>14.1} {g:>14.1} {:>12.3} {:>12.3}",
@@ -306,10 +326,25 @@ mod gguf {
                 g / dg
             );
         }
+        let same = before
+            .iter()
+            .zip(&reference)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "greedy ids of candle-transformers' model equal to ours: first {same} of {GENERATE}"
+        );
         drop((plain, streaming));
         server.shutdown();
         if let Some(dir) = std::env::var_os("DONATE_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
-            llama_cpp(Path::new(&dir), path, &prompt, &reference, runs, rates[1].1);
+            llama_cpp(
+                Path::new(&dir),
+                path,
+                &prompt,
+                &reference,
+                runs,
+                (rates[1].1, rates[0].1),
+            );
         }
     }
 
@@ -322,7 +357,7 @@ mod gguf {
         prompt: &[u32],
         reference: &[u32],
         runs: usize,
-        node_gen: f64,
+        (node_gen, direct_gen): (f64, f64),
     ) {
         let script = dir.join("donate-bench-llama-cpp.mjs");
         std::fs::write(&script, include_str!("llama_cpp.mjs")).expect("write the script");
@@ -363,15 +398,86 @@ mod gguf {
             .map(|r| r.parse().expect("a rate"))
             .collect();
         println!(
-            "{:<22} {:>14.1} {:>14.1}   node gen / llama.cpp gen {:.3}",
+            "{:<22} {:>14.1} {:>14.1}   gen / llama.cpp gen: node {:.3}, direct {:.3}",
             "llama.cpp",
             rates[0],
             rates[1],
-            node_gen / rates[1]
+            node_gen / rates[1],
+            direct_gen / rates[1]
         );
         println!(
             "greedy ids equal to llama.cpp's (F32 KV cache): first {agree} of {}",
             reference.len()
         );
+    }
+
+    /// The environment variable that makes the bench a node process serving
+    /// one prompt (its value: the GGUF file), for [`peak_rss`].
+    pub const RSS_CHILD: &str = "DONATE_BENCH_RSS_CHILD";
+
+    /// Runs this bench again as a child process that loads the GGUF file as a
+    /// `local_lm` node, answers one prompt through it over loopback, and
+    /// prints its peak resident memory (`VmHWM`); prints that against the
+    /// goal, 1.3 × the file + 64 MiB.
+    pub fn peak_rss(path: &Path) {
+        let exe = std::env::current_exe().expect("this bench");
+        let output = std::process::Command::new(exe)
+            .env(RSS_CHILD, path)
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the child failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let kib: u64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM_kB "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in {stdout}"));
+        let file = std::fs::metadata(path).expect("the GGUF file").len() as f64;
+        let mib = |b: f64| b / (1 << 20) as f64;
+        let goal = 1.3 * file + 64.0 * (1 << 20) as f64;
+        let peak = kib as f64 * 1024.0;
+        println!(
+            "peak RSS of a local_lm node process after one {GENERATE}-token prompt: {:.1} MiB; \
+             goal 1.3 × {:.1} MiB + 64 MiB = {:.1} MiB; peak / goal {:.3}",
+            mib(peak),
+            mib(file),
+            mib(goal),
+            peak / goal
+        );
+    }
+
+    /// The child of [`peak_rss`]: a local_lm node on `path`, one prompt, VmHWM.
+    pub fn serve_one_prompt(path: &Path) {
+        let executor = CandleExecutor::new(CandleConfig {
+            local_lm: Some(path.to_owned()),
+            ..CandleConfig::default()
+        })
+        .expect("the GGUF file loads");
+        let config = ServerConfig::default()
+            .mode(donate_proto::Mode::LocalLm)
+            .local_lm_path(path.display().to_string());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = donate_std::serve(listener, config, executor).expect("serve");
+        let mut client = Client::connect(server.local_addr()).expect("connect");
+        let reply = client
+            .prompt("What is the capital of France?", GENERATE as i64)
+            .expect("prompt");
+        assert!(!reply.text.is_empty());
+        drop(client);
+        server.shutdown();
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .expect("VmHWM")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .to_owned();
+        println!("VmHWM_kB {hwm}");
     }
 }

@@ -1,6 +1,7 @@
 //! Quantized GGUF models (llama.cpp's format): the header read and checked
-//! before anything is loaded, then candle-transformers' quantized llama,
-//! qwen2 or qwen3 built from it, with the weights left quantized.
+//! before anything is loaded, then our own quantized llama or qwen2
+//! ([`crate::qllama`]) or candle-transformers' qwen3 built from it, with the
+//! weights left quantized.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -8,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+use candle_transformers::models::{quantized_llama, quantized_qwen3};
 
 /// The 4 bytes a GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -51,12 +52,13 @@ impl Arch {
 
 /// The loaded weights of one architecture.
 pub(crate) enum QModel {
-    /// Cloned per job (the clone shares the quantized tensors, not the cache).
-    Llama(quantized_llama::ModelWeights),
-    /// Cloned per job, like llama.
+    /// Our own llama or qwen2: shared by every job, each with its own KV cache.
+    Llama(crate::qllama::QLlama),
+    /// A llama mixture of experts (Mixtral), on candle-transformers' model:
+    /// cloned per job (the clone shares the quantized tensors, not the cache).
+    LlamaMoe(quantized_llama::ModelWeights),
+    /// Cloned per job, like the llama MoE.
     Qwen3(quantized_qwen3::ModelWeights),
-    /// candle's qwen2 cannot be cloned: one job at a time runs on it.
-    Qwen2(std::sync::Mutex<quantized_qwen2::ModelWeights>),
 }
 
 /// What the header says, once checked.
@@ -260,12 +262,16 @@ pub(crate) fn load<R: Read + Seek>(
 ) -> Result<QModel, String> {
     crate::guard::guarded("loading the GGUF model", || {
         Ok(match checked.arch {
-            Arch::Llama => QModel::Llama(quantized_llama::ModelWeights::from_gguf(
-                content, reader, device,
+            Arch::Llama if crate::qllama::is_moe(&content) => QModel::LlamaMoe(
+                quantized_llama::ModelWeights::from_gguf(content, reader, device)?,
+            ),
+            Arch::Llama | Arch::Qwen2 => QModel::Llama(crate::qllama::QLlama::from_gguf(
+                &content,
+                reader,
+                device,
+                checked.context,
+                checked.arch,
             )?),
-            Arch::Qwen2 => QModel::Qwen2(std::sync::Mutex::new(
-                quantized_qwen2::ModelWeights::from_gguf(content, reader, device)?,
-            )),
             Arch::Qwen3 => QModel::Qwen3(quantized_qwen3::ModelWeights::from_gguf(
                 content, reader, device,
             )?),

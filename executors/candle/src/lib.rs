@@ -31,6 +31,8 @@ mod chat;
 pub mod gguf;
 mod guard;
 mod model;
+mod q4_1;
+mod qllama;
 mod sampling;
 
 use std::path::{Path, PathBuf};
@@ -54,7 +56,9 @@ pub use sampling::Sampling;
 /// cannot resize a pool already built and do nothing.
 pub fn set_threads(n: usize) {
     let n = n.max(1);
-    // Read by candle's gemm calls (candle_core::utils::get_num_threads).
+    // Read by candle's gemm calls (candle_core::utils::get_num_threads) and,
+    // when first used, by candle's pool for quantized products (barrier_pool),
+    // which our Q4_1 kernel runs on too.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)

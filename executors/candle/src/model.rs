@@ -5,14 +5,13 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::path::Path;
-use std::sync::MutexGuard;
 use std::time::Instant;
 
 use candle_core::safetensors::Load as _;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig, LlamaEosToks};
-use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+use candle_transformers::models::{quantized_llama, quantized_qwen3};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::chat::GgufTokenizer;
@@ -50,11 +49,11 @@ enum ModelWeights {
 }
 
 /// One job's view of the model: its own KV cache.
-enum Job<'a> {
+enum Job {
     Llama(Cache),
-    QLlama(Box<quantized_llama::ModelWeights>),
+    QLlama(crate::qllama::Cache),
+    QLlamaMoe(Box<quantized_llama::ModelWeights>),
     QQwen3(Box<quantized_qwen3::ModelWeights>),
-    QQwen2(MutexGuard<'a, quantized_qwen2::ModelWeights>),
 }
 
 impl std::fmt::Debug for CandleModel {
@@ -321,29 +320,24 @@ impl CandleModel {
 
     /// A job's own state: a fresh KV cache (quantized models: a clone of the
     /// weights' handles, which share the tensors).
-    fn start_job(&self) -> Job<'_> {
+    fn start_job(&self) -> Job {
         match &self.weights {
             ModelWeights::Llama { fresh_cache, .. } => Job::Llama(fresh_cache.clone()),
-            ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(Box::new(m.clone())),
+            ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(m.new_cache()),
+            ModelWeights::Gguf(QModel::LlamaMoe(m)) => Job::QLlamaMoe(Box::new(m.clone())),
             ModelWeights::Gguf(QModel::Qwen3(m)) => Job::QQwen3(Box::new(m.clone())),
-            ModelWeights::Gguf(QModel::Qwen2(m)) => {
-                // A job that panicked left a cache behind; it is cleared below.
-                let mut guard = m.lock().unwrap_or_else(|p| p.into_inner());
-                guard.clear_kv_cache();
-                Job::QQwen2(guard)
-            }
         }
     }
 
     /// The logits after the tokens `x` (shape `[1, len]`) at position `pos`.
-    fn forward(&self, job: &mut Job<'_>, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    fn forward(&self, job: &mut Job, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match (job, &self.weights) {
             (Job::Llama(cache), ModelWeights::Llama { llama, .. }) => llama.forward(x, pos, cache),
-            (Job::QLlama(m), _) => m.forward(x, pos),
+            (Job::QLlama(cache), ModelWeights::Gguf(QModel::Llama(m))) => m.forward(cache, x, pos),
+            (Job::QLlamaMoe(m), _) => m.forward(x, pos),
             (Job::QQwen3(m), _) => m.forward(x, pos),
-            (Job::QQwen2(m), _) => m.forward(x, pos),
-            (Job::Llama(_), ModelWeights::Gguf(_)) => {
-                candle_core::bail!("a llama job on a GGUF model")
+            (Job::Llama(_), ModelWeights::Gguf(_)) | (Job::QLlama(_), _) => {
+                candle_core::bail!("a job on another model's weights")
             }
         }
     }

@@ -1,0 +1,408 @@
+//! Our own quantized llama for GGUF files (`general.architecture = llama`:
+//! Llama, SmolLM, Mistral, TinyLlama; and `qwen2`, which is llama with q/k/v
+//! biases and NEOX rotary pairs), in place of candle-transformers'
+//! `quantized_llama` and `quantized_qwen2`, which it follows closely (candle
+//! is MIT/Apache-2.0): the same tensors, the same operations in the same
+//! order, so the same numbers, except in two places where those cost time or
+//! memory:
+//!
+//! - the token embedding table stays quantized: only the rows looked up are
+//!   dequantized (candle's `QTensor::embedding`, one row per token), where
+//!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
+//!   the tied output projection multiplies by the same quantized tensor;
+//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] (AVX2), the other types
+//!   with candle's `QMatMul` as before.
+//!
+//! The weights ([`QLlama`]) are shared by every job; each job has its own
+//! [`Cache`] (keys and values per layer).
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+
+use crate::gguf::Arch;
+use crate::q4_1::Q4_1Matrix;
+
+/// A weight matrix, multiplied as its type is fastest.
+#[derive(Debug)]
+enum Linear {
+    Q4_1(Q4_1Matrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: Arc<QTensor>) -> Result<Linear> {
+        Ok(match t.dtype() {
+            GgmlDType::Q4_1 if t.device().is_cpu() => Linear::Q4_1(Q4_1Matrix::new(t)?),
+            _ => Linear::Candle(QMatMul::from_arc(t)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Q4_1(m) => m.forward(x),
+            Linear::Candle(m) => m.forward(x),
+        }
+    }
+}
+
+/// RMS normalisation with an F32 weight (candle's `rms_norm`, as candle's model).
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(t: QTensor, eps: f32, device: &Device) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: t.dequantize(device)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    /// ffn_gate, ffn_down, ffn_up.
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    /// q, k and v biases (qwen2), F32.
+    biases: Option<[Tensor; 3]>,
+}
+
+/// The weights of a GGUF llama, shared by all jobs.
+#[derive(Debug)]
+pub(crate) struct QLlama {
+    /// `token_embd.weight`, quantized; rows are dequantized as looked up.
+    embedding: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    hidden: usize,
+    /// Rotary pairs `(i, i + d/2)` (NEOX: qwen2) rather than `(2i, 2i + 1)` (llama).
+    neox: bool,
+    /// Rotary tables, `[positions, rope_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// One job's keys and values, per layer.
+#[derive(Debug)]
+pub(crate) struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+/// Whether a llama GGUF is a mixture of experts (`llama.expert_count` > 1:
+/// Mixtral); those stay on candle-transformers' model.
+pub(crate) fn is_moe(content: &Content) -> bool {
+    content
+        .metadata
+        .get("llama.expert_count")
+        .and_then(|v| v.to_u32().ok())
+        .is_some_and(|n| n > 1)
+}
+
+impl QLlama {
+    /// Reads the weights of a checked header's llama or qwen2 (`arch`) from
+    /// `reader`, with rotary tables for `positions` positions.
+    pub(crate) fn from_gguf<R: Read + Seek>(
+        content: &Content,
+        reader: &mut R,
+        device: &Device,
+        positions: usize,
+        arch: Arch,
+    ) -> Result<QLlama> {
+        let (p, qwen2) = match arch {
+            Arch::Llama => ("llama", false),
+            Arch::Qwen2 => ("qwen2", true),
+            Arch::Qwen3 => candle_core::bail!("qwen3 runs on candle-transformers' model"),
+        };
+        let md = |key: &str| match content.metadata.get(&format!("{p}.{key}")) {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("cannot find {p}.{key} in metadata"),
+        };
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let head_dim = hidden / n_head;
+        // candle's qwen2 rotates the whole head; llama files say how much.
+        let rope_dim = match md("rope.dimension_count") {
+            Ok(v) if !qwen2 => v.to_u32()? as usize,
+            _ => head_dim,
+        };
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let freq_base = md("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10000.0);
+        let (cos, sin) = rotary_tables(rope_dim, freq_base, positions, device)?;
+
+        let mut tensor = |name: &str| content.tensor(reader, name, device);
+        let embedding = Arc::new(tensor("token_embd.weight")?);
+        let norm = RmsNorm::new(tensor("output_norm.weight")?, eps, device)?;
+        // Tied when the file has no output.weight (SmolLM2): the same quantized tensor.
+        let output = match tensor("output.weight") {
+            Ok(t) => Arc::new(t),
+            Err(_) => embedding.clone(),
+        };
+        let output = Linear::new(output)?;
+        let mut layers = Vec::with_capacity(block_count);
+        for i in 0..block_count {
+            let mut linear = |what: &str| -> Result<Linear> {
+                Linear::new(Arc::new(tensor(&format!("blk.{i}.{what}.weight"))?))
+            };
+            let (wq, wk, wv, wo) = (
+                linear("attn_q")?,
+                linear("attn_k")?,
+                linear("attn_v")?,
+                linear("attn_output")?,
+            );
+            let (w1, w2, w3) = (linear("ffn_gate")?, linear("ffn_down")?, linear("ffn_up")?);
+            let attn_norm =
+                RmsNorm::new(tensor(&format!("blk.{i}.attn_norm.weight"))?, eps, device)?;
+            let ffn_norm = RmsNorm::new(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps, device)?;
+            let biases = match qwen2 {
+                true => {
+                    let mut bias =
+                        |what: &str| tensor(&format!("blk.{i}.{what}.bias"))?.dequantize(device);
+                    Some([bias("attn_q")?, bias("attn_k")?, bias("attn_v")?])
+                }
+                false => None,
+            };
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo,
+                w1,
+                w2,
+                w3,
+                attn_norm,
+                ffn_norm,
+                biases,
+            });
+        }
+        Ok(QLlama {
+            embedding,
+            layers,
+            norm,
+            output,
+            n_head,
+            n_kv_head,
+            head_dim,
+            hidden,
+            neox: qwen2,
+            cos,
+            sin,
+        })
+    }
+
+    /// An empty KV cache for one job.
+    pub(crate) fn new_cache(&self) -> Cache {
+        Cache {
+            kv: vec![None; self.layers.len()],
+        }
+    }
+
+    /// The embedding rows of the ids `x` (`[b, seq]`): `[b, seq, hidden]`, F32.
+    pub(crate) fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        self.embedding.embedding(x)
+    }
+
+    /// The logits after the tokens `x` (`[b, seq]` ids) at position `pos`,
+    /// for the last position only: `[b, vocab]`.
+    pub(crate) fn forward(&self, cache: &mut Cache, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let (_b, seq_len) = x.dims2()?;
+        let mask = match seq_len {
+            1 => None,
+            _ => Some(causal_mask(seq_len, pos, x.device())?),
+        };
+        let mut h = self.embed(x)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            let residual = &h;
+            let x = layer.attn_norm.forward(&h)?;
+            let attn = self.attention(layer, kv, &x, mask.as_ref(), pos)?;
+            let x = (attn + residual)?;
+            let residual = &x;
+            let y = layer.ffn_norm.forward(&x)?;
+            let gate = layer.w1.forward(&y)?;
+            let up = layer.w3.forward(&y)?;
+            let y = layer.w2.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            h = (y + residual)?;
+        }
+        let x = self.norm.forward(&h)?;
+        let x = x.i((.., seq_len - 1, ..))?;
+        self.output.forward(&x)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        kv: &mut Option<(Tensor, Tensor)>,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+    ) -> Result<Tensor> {
+        let (b, seq_len, _) = x.dims3()?;
+        let (mut q, mut k, mut v) = (
+            layer.wq.forward(x)?,
+            layer.wk.forward(x)?,
+            layer.wv.forward(x)?,
+        );
+        if let Some([bq, bk, bv]) = &layer.biases {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let q = q
+            .reshape((b, seq_len, self.n_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rope(&q, pos)?;
+        let k = self.rope(&k, pos)?;
+        let (k, v) = match kv.take() {
+            Some((k_cache, v_cache)) if pos > 0 => (
+                Tensor::cat(&[&k_cache, &k], 2)?,
+                Tensor::cat(&[&v_cache, &v], 2)?,
+            ),
+            _ => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+
+        let n_rep = self.n_head / self.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                let neg_inf =
+                    Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
+                mask.where_cond(&neg_inf, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))?;
+        layer.wo.forward(&y)
+    }
+
+    /// Rotary embedding: llama's interleaved pairs (`rope_i`, llama.cpp's
+    /// NORM) or qwen2's halves (`rope`, NEOX).
+    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let (_b, _h, seq_len, _d) = x.dims4()?;
+        let cos = self.cos.narrow(0, pos, seq_len)?;
+        let sin = self.sin.narrow(0, pos, seq_len)?;
+        match self.neox {
+            true => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            false => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
+        }
+    }
+}
+
+/// candle's `precomput_freqs_cis`: `[positions, dim / 2]` cos and sin.
+fn rotary_tables(
+    dim: usize,
+    freq_base: f32,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1f32 / freq_base.powf(i as f32 / dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx_theta = Tensor::arange(0, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+/// `[seq_len, pos + seq_len]`, 1 where query `i` (at `pos + i`) must not see key `j`.
+fn causal_mask(seq_len: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let kv_len = pos + seq_len;
+    let mask: Vec<u8> = (0..seq_len)
+        .flat_map(|i| (0..kv_len).map(move |j| u8::from(j > pos + i)))
+        .collect();
+    Tensor::from_slice(&mask, (seq_len, kv_len), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_rows_equal_candles_dequantized_rows() {
+        let dev = Device::Cpu;
+        let (vocab, hidden) = (50, 64);
+        let w: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, (vocab, hidden), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+        ] {
+            let hidden = if dtype == GgmlDType::Q6K { 256 } else { hidden };
+            let w = if dtype == GgmlDType::Q6K {
+                Tensor::cat(&[&w, &w, &w, &w], 1).unwrap()
+            } else {
+                w.clone()
+            };
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let full = q.dequantize(&dev).unwrap();
+            let ids = Tensor::new(&[[3u32, 0, 49, 3]], &dev).unwrap();
+            let rows = q.embedding(&ids).unwrap();
+            assert_eq!(rows.dims(), &[1, 4, hidden]);
+            for (k, &id) in [3usize, 0, 49, 3].iter().enumerate() {
+                let got = rows.i((0, k)).unwrap().to_vec1::<f32>().unwrap();
+                let want = full.i(id).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got, want, "{dtype:?} row {id}");
+            }
+            // An id past the table is an error, not a read past it.
+            assert!(q
+                .embedding(&Tensor::new(&[[50u32]], &dev).unwrap())
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn the_causal_mask_hides_later_keys() {
+        let m = causal_mask(3, 2, &Device::Cpu).unwrap();
+        let m: Vec<u8> = m.flatten_all().unwrap().to_vec1().unwrap();
+        #[rustfmt::skip]
+        assert_eq!(m, [
+            0, 0, 0, 1, 1,
+            0, 0, 0, 0, 1,
+            0, 0, 0, 0, 0,
+        ]);
+    }
+}
