@@ -336,6 +336,7 @@ mod gguf {
         );
         drop((plain, streaming));
         server.shutdown();
+        batching(&ours, &prompt, runs);
         if let Some(dir) = std::env::var_os("DONATE_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
             llama_cpp(
                 Path::new(&dir),
@@ -344,6 +345,30 @@ mod gguf {
                 &reference,
                 runs,
                 (rates[1].1, rates[0].1),
+            );
+        }
+    }
+
+    /// What batching jobs' decode steps would gain: the aggregate decode rate
+    /// of 2 and 4 sequences stepped together against one, medians of `runs`.
+    fn batching(model: &CandleModel, prompt: &[u32], runs: usize) {
+        let rate = |batch: usize| {
+            let mut rates: Vec<f64> = (0..runs)
+                .map(|_| {
+                    donate_candle::batching::batched_decode_rate(model, prompt, batch, GENERATE)
+                        .expect("our GGUF model")
+                        .expect("decode")
+                })
+                .collect();
+            rates.sort_by(f64::total_cmp);
+            rates[rates.len() / 2]
+        };
+        let one = rate(1);
+        for batch in [2, 4] {
+            let r = rate(batch);
+            println!(
+                "decode {batch} sequences in one pass: {r:.1} tok/s against {one:.1} for one: {:.2} x",
+                r / one
             );
         }
     }

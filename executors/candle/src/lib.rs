@@ -27,6 +27,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod batching;
 mod chat;
 pub mod gguf;
 mod guard;

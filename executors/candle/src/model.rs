@@ -75,6 +75,15 @@ const MAX_LAYERS: usize = 4096;
 const FLOAT_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64];
 
 impl CandleModel {
+    /// Our GGUF llama/qwen2 network, if that is what this model is (for the
+    /// batching measurement in [`crate::batching`]).
+    pub(crate) fn qllama(&self) -> Option<&crate::qllama::QLlama> {
+        match &self.weights {
+            ModelWeights::Gguf(crate::gguf::QModel::Llama(q)) => Some(q),
+            _ => None,
+        }
+    }
+
     /// Loads a llama from `config_json` (a Hugging Face `config.json`) and the
     /// bytes of a safetensors file, on `device`, with at most `max_context`
     /// positions (the smaller of this and `max_position_embeddings`).

@@ -249,7 +249,8 @@ impl QLlama {
             h = (y + residual)?;
         }
         let x = self.norm.forward(&h)?;
-        let x = x.i((.., seq_len - 1, ..))?;
+        // Contiguous: with several sequences the last positions are strided.
+        let x = x.i((.., seq_len - 1, ..))?.contiguous()?;
         self.output.forward(&x)
     }
 
