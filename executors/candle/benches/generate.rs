@@ -277,24 +277,39 @@ mod gguf {
         );
         assert_eq!(partials, GENERATE, "one partial per token");
 
+        // llama.cpp as a fifth way, its jobs interleaved with ours.
+        let mut llama = std::env::var_os("DONATE_LLAMA_CPP_DIR")
+            .filter(|d| !d.is_empty())
+            .map(|dir| LlamaCpp::start(Path::new(&dir), path, &prompt));
+        let ways = if llama.is_some() { 5 } else { 4 };
+
         // [way][short, long]: a 1-token job is prompt processing (and one
         // token); the long job minus it is generation.
-        let mut times: [[Vec<Duration>; 2]; 4] = Default::default();
+        let mut times: [[Vec<Duration>; 2]; 5] = Default::default();
         for run in 0..runs {
-            for way in (0..4).map(|k| (k + run) % 4) {
+            for way in (0..ways).map(|k| (k + run) % ways) {
                 for (i, n) in [1, GENERATE].into_iter().enumerate() {
                     let start = Instant::now();
                     match way {
                         0 => drop(std::hint::black_box(direct(&prompt, n))),
                         1 => drop(std::hint::black_box(node_ids(&mut plain, n))),
                         2 => drop(std::hint::black_box(node_ids(&mut streaming, n))),
-                        _ => drop(std::hint::black_box(candle_transformers(&base, &prompt, n))),
+                        3 => drop(std::hint::black_box(candle_transformers(&base, &prompt, n))),
+                        _ => {
+                            // Timed inside node (the pipe is not llama.cpp's cost).
+                            let took = llama.as_mut().expect("llama.cpp").job(n);
+                            times[way][i].push(took);
+                            continue;
+                        }
                     }
                     times[way][i].push(start.elapsed());
                 }
             }
         }
         let rates = times.map(|[mut short, mut long]| {
+            if short.is_empty() {
+                return (f64::NAN, f64::NAN);
+            }
             let (s, l) = (median(&mut short), median(&mut long));
             let prompt_rate = PROMPT as f64 / s.as_secs_f64();
             let gen_rate = (GENERATE - 1) as f64 / (l.as_secs_f64() - s.as_secs_f64());
@@ -316,9 +331,11 @@ mod gguf {
             "node",
             "node, streaming",
             "candle-transformers",
+            "llama.cpp",
         ]
         .into_iter()
         .zip(rates)
+        .take(ways)
         {
             println!(
                 "{name:<22} {p:>14.1} {g:>14.1} {:>12.3} {:>12.3}",
@@ -337,14 +354,25 @@ mod gguf {
         drop((plain, streaming));
         server.shutdown();
         batching(&ours, &prompt, runs);
-        if let Some(dir) = std::env::var_os("DONATE_LLAMA_CPP_DIR").filter(|d| !d.is_empty()) {
-            llama_cpp(
-                Path::new(&dir),
-                path,
-                &prompt,
-                &reference,
-                runs,
-                (rates[1].1, rates[0].1),
+        if let Some(llama) = llama {
+            let agree = llama
+                .ids
+                .iter()
+                .zip(&reference)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let (lp, lg) = rates[4];
+            println!(
+                "gen / llama.cpp gen: node {:.3}, node streaming {:.3}, direct {:.3}; \
+                 prompt / llama.cpp prompt: node {:.3}",
+                rates[1].1 / lg,
+                rates[2].1 / lg,
+                rates[0].1 / lg,
+                rates[1].0 / lp
+            );
+            println!(
+                "greedy ids equal to llama.cpp's (F32 KV cache): first {agree} of {}",
+                reference.len()
             );
         }
     }
@@ -373,67 +401,82 @@ mod gguf {
         }
     }
 
-    /// Runs llama.cpp (node-llama-cpp installed in `dir`) on the same file,
-    /// ids and threads, right after the measurements above; prints its rates,
-    /// the node's generation rate over it, and how many greedy ids agree.
-    fn llama_cpp(
-        dir: &Path,
-        model: &Path,
-        prompt: &[u32],
-        reference: &[u32],
-        runs: usize,
-        (node_gen, direct_gen): (f64, f64),
-    ) {
-        let script = dir.join("donate-bench-llama-cpp.mjs");
-        std::fs::write(&script, include_str!("llama_cpp.mjs")).expect("write the script");
-        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-        let output = std::process::Command::new("node")
-            .arg(&script)
-            .arg(model)
-            .arg(ids.join(","))
-            .arg(GENERATE.to_string())
-            .arg(runs.to_string())
-            .arg(candle_core::utils::get_num_threads().to_string())
-            .output()
-            .expect("run node");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "llama.cpp failed: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let line = |tag: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(tag))
-                .unwrap_or_else(|| panic!("no {tag:?} line in {stdout}"))
-                .to_owned()
-        };
-        let theirs: Vec<u32> = line("ids ")
-            .split(',')
-            .map(|t| t.parse().expect("an id"))
-            .collect();
-        let agree = theirs
-            .iter()
-            .zip(reference)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let rates: Vec<f64> = line("rates ")
-            .split(' ')
-            .map(|r| r.parse().expect("a rate"))
-            .collect();
-        println!(
-            "{:<22} {:>14.1} {:>14.1}   gen / llama.cpp gen: node {:.3}, direct {:.3}",
-            "llama.cpp",
-            rates[0],
-            rates[1],
-            node_gen / rates[1],
-            direct_gen / rates[1]
-        );
-        println!(
-            "greedy ids equal to llama.cpp's (F32 KV cache): first {agree} of {}",
-            reference.len()
-        );
+    /// llama.cpp (node-llama-cpp installed in a directory) running
+    /// `benches/llama_cpp.mjs` on the same file, ids and threads, timing one
+    /// job per request.
+    struct LlamaCpp {
+        child: std::process::Child,
+        input: std::process::ChildStdin,
+        output: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+        /// Its greedy ids with an F32 KV cache.
+        ids: Vec<u32>,
+    }
+
+    impl LlamaCpp {
+        fn start(dir: &Path, model: &Path, prompt: &[u32]) -> LlamaCpp {
+            use std::io::BufRead;
+            let script = dir.join("donate-bench-llama-cpp.mjs");
+            std::fs::write(&script, include_str!("llama_cpp.mjs")).expect("write the script");
+            let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+            let mut child = std::process::Command::new("node")
+                .arg(&script)
+                .arg(model)
+                .arg(ids.join(","))
+                .arg(GENERATE.to_string())
+                .arg(candle_core::utils::get_num_threads().to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run node");
+            let input = child.stdin.take().expect("stdin");
+            let output = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+            let mut llama = LlamaCpp {
+                child,
+                input,
+                output,
+                ids: Vec::new(),
+            };
+            llama.ids = llama
+                .line("ids ")
+                .split(',')
+                .map(|t| t.parse().expect("an id"))
+                .collect();
+            llama.line("ready");
+            llama
+        }
+
+        /// The rest of the next line that starts with `tag` (others are skipped).
+        fn line(&mut self, tag: &str) -> String {
+            loop {
+                let line = self
+                    .output
+                    .next()
+                    .expect("llama.cpp ended early")
+                    .expect("read llama.cpp");
+                if let Some(rest) = line.strip_prefix(tag) {
+                    return rest.to_owned();
+                }
+            }
+        }
+
+        /// One job of `n` tokens, as llama.cpp timed it.
+        fn job(&mut self, n: usize) -> Duration {
+            use std::io::Write;
+            writeln!(self.input, "{n}").expect("write to llama.cpp");
+            let line = self.line("ms ");
+            let ms: f64 = line
+                .parse()
+                .unwrap_or_else(|_| panic!("not a time: {line}"));
+            Duration::from_secs_f64(ms / 1e3)
+        }
+    }
+
+    impl Drop for LlamaCpp {
+        fn drop(&mut self) {
+            use std::io::Write;
+            let _ = writeln!(self.input, "0");
+            let _ = self.child.wait();
+        }
     }
 
     /// The environment variable that makes the bench a node process serving

@@ -1,15 +1,20 @@
 // llama.cpp beside `cargo bench -p donate-candle --bench generate` (docs/CANDLE.md):
-// greedy ids and tokens/s of the prebuilt CPU llama.cpp in the npm package
+// greedy ids and timed jobs of the prebuilt CPU llama.cpp in the npm package
 // node-llama-cpp, on the same GGUF file, input ids and thread count.
 // The bench copies this file next to node_modules and runs
-//   node llama_cpp.mjs MODEL IDS N RUNS THREADS
-// printing `ids A,B,…` (F32 KV cache, as the correctness comparison) and
-// `rates PROMPT_TOK_S GEN_TOK_S` (llama.cpp's default settings).
+//   node llama_cpp.mjs MODEL IDS N THREADS
+// which prints `ids A,B,…` (N greedy ids with an F32 KV cache, as the
+// correctness comparison), then `ready` once a context with llama.cpp's
+// default settings is warm. Then each line read from stdin, a count K, runs
+// one job (the same prompt, K tokens, from an empty cache) and prints
+// `ms T`, its time in milliseconds; so the bench interleaves llama.cpp's jobs
+// with its own ways, under the same load.
+import {createInterface} from "node:readline";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
-const [modelPath, idsArg, nArg, runsArg, threadsArg] = process.argv.slice(2);
+const [modelPath, idsArg, nArg, threadsArg] = process.argv.slice(2);
 const ids = idsArg.split(",").map(Number);
-const n = Number(nArg), runs = Number(runsArg), threads = Number(threadsArg);
+const n = Number(nArg), threads = Number(threadsArg);
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const model = await llama.loadModel({modelPath, gpuLayers: 0});
 
@@ -33,16 +38,12 @@ await exact.dispose();
 const context = await model.createContext({threads, contextSize: 512});
 const sequence = context.getSequence();
 await generate(sequence, n); // warm-up
-const median = (a) => a.sort((x, y) => x - y)[Math.floor(a.length / 2)];
-const short = [], long = [];
-for (let r = 0; r < runs; r++) {
-  let t = performance.now();
-  await generate(sequence, 1);
-  short.push(performance.now() - t);
-  t = performance.now();
-  await generate(sequence, n);
-  long.push(performance.now() - t);
+console.log("ready");
+for await (const line of createInterface({input: process.stdin})) {
+  const count = Number(line);
+  if (!(count > 0)) break;
+  const t = performance.now();
+  await generate(sequence, count);
+  console.log(`ms ${performance.now() - t}`);
 }
-const s = median(short) / 1000, l = median(long) / 1000;
-console.log(`rates ${ids.length / s} ${(n - 1) / (l - s)}`);
 process.exit(0);

@@ -98,6 +98,14 @@ fn hsum8(a: [f32; 8]) -> f32 {
 
 /// A dot product of a Q4_1 row (bytes) with a Q8_1 row of as many blocks.
 type DotFn = fn(&[u8], &[BlockQ8_1]) -> f32;
+/// Four of them, of one Q4_1 row with four Q8_1 rows (prompts: the weight
+/// row's nibbles are unpacked once for all four); each result as [`DotFn`]'s.
+type Dot4Fn = fn(&[u8], [&[BlockQ8_1]; 4]) -> [f32; 4];
+
+/// [`Dot4Fn`] without SIMD: four [`dot_scalar`]s.
+fn dot4_scalar(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    ys.map(|y| dot_scalar(x, y))
+}
 
 /// Whether this CPU runs the AVX2 dot product (AVX2, FMA and F16C).
 pub(crate) fn has_avx2() -> bool {
@@ -113,15 +121,15 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
-/// The fastest dot product this CPU runs.
-pub(crate) fn best_dot() -> DotFn {
+/// The fastest dot products this CPU runs.
+pub(crate) fn best_dot() -> (DotFn, Dot4Fn) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            return avx2::dot;
+            return (avx2::dot, avx2::dot4);
         }
     }
-    dot_scalar
+    (dot_scalar, dot4_scalar)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -138,6 +146,66 @@ pub(crate) mod avx2 {
         // SAFETY: best_dot hands this function out only after detecting
         // AVX2, FMA and F16C at run time, and the lengths were checked above.
         unsafe { dot_avx2(x, y) }
+    }
+
+    /// [`dot`] of `x` with four rows at once: call only where
+    /// [`super::best_dot`] returned it.
+    pub(crate) fn dot4(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        // The kernel reads exactly ys[0].len() blocks of each: check all lengths here.
+        for y in ys {
+            assert_eq!(x.len(), y.len() * Q4_1_BYTES, "dot_q4_1_q8_1: lengths");
+        }
+        debug_assert!(super::has_avx2());
+        // SAFETY: as in `dot`: features detected by best_dot, lengths checked above.
+        unsafe { dot4_avx2(x, ys) }
+    }
+
+    /// [`dot_avx2`] for four Q8_1 rows: the same operations in the same
+    /// order for each row, the Q4_1 block unpacked once.
+    ///
+    /// # Safety
+    /// As [`dot_avx2`], for every row of `ys` (all of `x.len() / 20` blocks).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4_avx2(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        for (i, block) in x.chunks_exact(Q4_1_BYTES).enumerate() {
+            let xb = block.as_ptr();
+            // SAFETY: 4 bytes at the start of the 20-byte block.
+            let dm_bits = std::ptr::read_unaligned(xb as *const i32);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+            let d = _mm_cvtss_f32(dm);
+            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+            // SAFETY: bytes 4..20 of the 20-byte block.
+            let packed = _mm_loadu_si128(xb.add(4) as *const __m128i);
+            let qx = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed));
+            for ((y, acc), summs) in ys.iter().zip(acc.iter_mut()).zip(summs.iter_mut()) {
+                // Bounds-checked: every row has as many blocks (checked by the caller).
+                let yb = &y[i];
+                *summs += m * yb.s;
+                let dd = _mm256_set1_ps(d * yb.d);
+                // SAFETY: yb.qs is 32 i8 = 32 bytes, read unaligned.
+                let qy = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+                let xy = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy)));
+                *acc = _mm256_fmadd_ps(dd, xy, *acc);
+            }
+        }
+        let mut out = [0f32; 4];
+        for ((out, acc), summs) in out.iter_mut().zip(acc).zip(summs) {
+            *out = hsum(acc) + summs;
+        }
+        out
+    }
+
+    /// ggml's `hsum_float_8`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let mut r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
     }
 
     /// ggml's AVX2 `ggml_vec_dot_q4_1_q8_1`.
@@ -172,11 +240,7 @@ pub(crate) mod avx2 {
             let xy = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy)));
             acc = _mm256_fmadd_ps(dd, xy, acc);
         }
-        // hsum_float_8.
-        let mut r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r) + summs
+        hsum(acc) + summs
     }
 }
 
@@ -187,7 +251,7 @@ pub(crate) struct Q4_1Matrix {
     weights: Arc<QTensor>,
     n: usize,
     k: usize,
-    dot: DotFn,
+    dot: (DotFn, Dot4Fn),
 }
 
 impl Q4_1Matrix {
@@ -242,8 +306,15 @@ impl Q4_1Matrix {
 /// `[m, n]` outputs: row `r`, column `c` is weight row `c` (of `w`, `n` Q4_1
 /// rows) dotted with activation row `r` (of `xq`, `m` Q8_1 rows). Work items
 /// are runs of [`ROWS_PER_ITEM`] weight rows, each dotted with every
-/// activation row while it is in cache, on candle's thread pool.
-fn matmul(w: &[u8], n: usize, xq: &[BlockQ8_1], m: usize, dot: DotFn) -> Vec<f32> {
+/// activation row (four at a time) while it is in cache, on candle's thread
+/// pool.
+fn matmul(
+    w: &[u8],
+    n: usize,
+    xq: &[BlockQ8_1],
+    m: usize,
+    (dot, dot4): (DotFn, Dot4Fn),
+) -> Vec<f32> {
     let kb = xq.len() / m.max(1);
     let row_bytes = kb * Q4_1_BYTES;
     assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
@@ -265,8 +336,16 @@ fn matmul(w: &[u8], n: usize, xq: &[BlockQ8_1], m: usize, dot: DotFn) -> Vec<f32
                 for (j, col) in dst.chunks_mut(m).enumerate() {
                     let c = item * ROWS_PER_ITEM + j;
                     let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
-                    for (r, out) in col.iter_mut().enumerate() {
-                        *out = dot(wrow, &xq[r * kb..(r + 1) * kb]);
+                    let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
+                    let mut fours = col.chunks_exact_mut(4);
+                    for (q, out) in (&mut fours).enumerate() {
+                        let r = q * 4;
+                        let four = dot4(wrow, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
+                        out.copy_from_slice(&four);
+                    }
+                    let done = m - m % 4;
+                    for (r, out) in fours.into_remainder().iter_mut().enumerate() {
+                        *out = dot(wrow, xrow(done + r));
                     }
                 }
             }
@@ -333,7 +412,7 @@ mod tests {
 
     #[test]
     fn the_avx2_dot_equals_the_scalar_one() {
-        let dot = best_dot();
+        let (dot, dot4) = best_dot();
         if !has_avx2() {
             eprintln!("note: no AVX2/FMA/F16C here; the scalar dot alone is tested");
         }
@@ -378,6 +457,13 @@ mod tests {
                     (a - b).abs() <= magnitude * 1e-6,
                     "{name}, {nb} blocks: {a} vs {b}"
                 );
+                // Four rows at once: each exactly as one row alone.
+                let others: Vec<_> = (0..3).map(|_| blocks(&mut rng, nb, scale, act).1).collect();
+                let four = dot4(&x, [&y, &others[0], &others[1], &others[2]]);
+                assert_eq!(four[0].to_bits(), a.to_bits(), "{name}, {nb} blocks");
+                for (k, other) in others.iter().enumerate() {
+                    assert_eq!(four[k + 1].to_bits(), dot(&x, other).to_bits());
+                }
             }
         }
     }
@@ -423,7 +509,7 @@ mod tests {
         let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
         let ours = Q4_1Matrix::new(q.clone()).unwrap();
         let theirs = QMatMul::from_arc(q).unwrap();
-        for m in [1, 5] {
+        for m in [1, 5, 8] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
             let x = Tensor::from_vec(x, (1, m, k), &dev).unwrap();
             let a = ours.forward(&x).unwrap();
@@ -457,8 +543,14 @@ mod tests {
             qs: [1; QK],
         }; 2];
         let x = vec![0u8; Q4_1_BYTES * 2 - 1];
-        let dot = best_dot();
+        let (dot, dot4) = best_dot();
         let caught = std::panic::catch_unwind(|| dot(&x, &y));
         assert!(caught.is_err(), "a short row must not reach the kernel");
+        let full = vec![0u8; Q4_1_BYTES * 2];
+        let caught = std::panic::catch_unwind(|| dot4(&full, [&y, &y, &y[..1], &y]));
+        assert!(
+            caught.is_err(),
+            "a short activation row must not reach the kernel"
+        );
     }
 }
