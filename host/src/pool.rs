@@ -416,19 +416,8 @@ impl Pool {
     }
 }
 
-/// Where a job's result goes.
-enum Reply {
-    One(Sender<PoolResult>),
-    Many(Sender<PoolResult>),
-}
-
-impl Reply {
-    fn send(&self, result: PoolResult) {
-        let (Reply::One(tx) | Reply::Many(tx)) = self;
-        // A caller that stopped listening loses only its own results.
-        let _ = tx.try_send(result);
-    }
-}
+/// Where a job's result goes: the submitter's channel (one job, or a batch's stream).
+type Reply = Sender<PoolResult>;
 
 /// What a [`PoolHandle`] asks the coordinator.
 enum Request {
@@ -450,7 +439,7 @@ impl PoolHandle {
         let (tx, rx) = async_channel::bounded(1);
         if self
             .submit
-            .send(Request::Jobs(vec![job], Reply::One(tx)))
+            .send(Request::Jobs(vec![job], tx))
             .await
             .is_err()
         {
@@ -471,7 +460,7 @@ impl PoolHandle {
         }
         let (tx, rx) = async_channel::unbounded();
         self.submit
-            .send(Request::Jobs(jobs, Reply::Many(tx)))
+            .send(Request::Jobs(jobs, tx))
             .await
             .map_err(|_| "the pool has stopped".to_owned())?;
         Ok(rx)
@@ -518,7 +507,8 @@ impl Coordinator {
                     }
                     Step::Deliver(result) => {
                         if let Some(reply) = self.waiting.remove(&result.job_id) {
-                            reply.send(result);
+                            // A caller that stopped listening loses only its own results.
+                            let _ = reply.try_send(result);
                         }
                     }
                 }
@@ -569,23 +559,14 @@ impl Coordinator {
     }
 
     fn accept(&mut self, jobs: Vec<PoolJob>, reply: Reply) {
-        let many = matches!(reply, Reply::Many(_));
-        let sender = match &reply {
-            Reply::One(tx) | Reply::Many(tx) => tx.clone(),
-        };
         for job in jobs {
             let job_id = job.job_id.clone();
             match self.dispatch.submit(job) {
                 Ok(()) => {
-                    let reply = if many {
-                        Reply::Many(sender.clone())
-                    } else {
-                        Reply::One(sender.clone())
-                    };
-                    self.waiting.insert(job_id, reply);
+                    self.waiting.insert(job_id, reply.clone());
                 }
                 Err(reason) => {
-                    let _ = sender.try_send(PoolResult::failed(job_id, reason));
+                    let _ = reply.try_send(PoolResult::failed(job_id, reason));
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Quantized GGUF models (llama.cpp's format): the header read and checked
 //! before anything is loaded, then our own quantized llama or qwen2
-//! ([`crate::qllama`]) or candle-transformers' qwen3 built from it, with the
+//! (`src/qllama.rs`) or candle-transformers' qwen3 built from it, with the
 //! weights left quantized.
 
 use std::collections::HashMap;
