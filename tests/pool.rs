@@ -353,30 +353,56 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
     assert_eq!(v["nodes"][1]["reachable"], false);
 }
 
+/// A secure node, and the trust of a client it authorizes pinned to `key`.
+struct SecureNode {
+    server: donate_std::Server,
+    addr: NodeAddr,
+    node_key: donate_proto::Keypair,
+    client_key: donate_proto::Keypair,
+}
+
+impl SecureNode {
+    fn start() -> SecureNode {
+        use donate_proto::{Keypair, SecureServerConfig};
+        let (node_key, client_key) = (Keypair::generate(), Keypair::generate());
+        let config = donate_std::NodeConfig::secure(
+            ServerConfig::default(),
+            SecureServerConfig::with_keys(node_key.clone(), vec![*client_key.public()]),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // Slow enough that a batch outlasts a wrong key's handshake.
+        let executor = TestExec::slow(Duration::from_millis(3));
+        let server = donate_std::serve(listener, config, executor).unwrap();
+        let addr = NodeAddr::Tcp(server.local_addr().to_string());
+        SecureNode {
+            server,
+            addr,
+            node_key,
+            client_key,
+        }
+    }
+
+    /// Our client key, trusting only a node whose key is `key`.
+    fn trust(&self, key: &donate_proto::Keypair) -> donate_proto::SecureClientConfig {
+        donate_proto::SecureClientConfig {
+            keypair: self.client_key.clone(),
+            trust: donate_proto::NodeTrust::pin(&key.public().fingerprint()).unwrap(),
+        }
+    }
+}
+
 #[test]
 fn secure_donors_are_reached_over_noise_and_a_wrong_key_is_marked_down() {
-    use donate_proto::{Keypair, NodeTrust, SecureClientConfig, SecureServerConfig};
-    use donate_std::NodeConfig;
-    let (node_key, client_key) = (Keypair::generate(), Keypair::generate());
-    let config = NodeConfig::secure(
-        ServerConfig::default(),
-        SecureServerConfig::with_keys(node_key.clone(), vec![*client_key.public()]),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    // Slow enough that the batch outlasts the wrong key's handshake.
-    let executor = TestExec::slow(Duration::from_millis(3));
-    let server = donate_std::serve(listener, config, executor).unwrap();
-    let addr = NodeAddr::Tcp(server.local_addr().to_string());
-    let trust = |key: &Keypair| SecureClientConfig {
-        keypair: client_key.clone(),
-        trust: NodeTrust::pin(&key.public().fingerprint()).unwrap(),
-    };
+    let node = SecureNode::start();
     let (_dir, model) = model();
     let mut results = Vec::new();
     // The same node twice: once pinned right, once pinned to another key.
     let summary = Pool::new(Vec::new(), PoolConfig::default())
-        .secure_donor(addr.clone(), trust(&node_key))
-        .secure_donor(addr, trust(&Keypair::generate()))
+        .secure_donor(node.addr.clone(), node.trust(&node.node_key))
+        .secure_donor(
+            node.addr.clone(),
+            node.trust(&donate_proto::Keypair::generate()),
+        )
         .model(model)
         .run(jobs(30), |r| results.push(r), |_| {})
         .unwrap();
@@ -384,7 +410,34 @@ fn secure_donors_are_reached_over_noise_and_a_wrong_key_is_marked_down() {
     assert_eq!(per_donor.get(&0), Some(&30));
     let why = summary.donors[1].last_error.clone().unwrap_or_default();
     assert!(why.contains("presented key"), "{why}");
-    server.shutdown();
+    node.server.shutdown();
+}
+
+#[test]
+fn the_async_pool_reaches_secure_donors_and_marks_a_wrong_key_down() {
+    let node = SecureNode::start();
+    let (_dir, model) = model();
+    let pool = donate_host::Pool::new(Vec::new(), PoolConfig::default())
+        .secure_donor(node.addr.clone(), node.trust(&node.node_key))
+        .secure_donor(
+            node.addr.clone(),
+            node.trust(&donate_proto::Keypair::generate()),
+        )
+        .model(model);
+    smol::block_on(async {
+        let handle = donate_smol::start_pool(pool, |task| smol::spawn(task).detach());
+        let results = handle.run(jobs(30)).await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(result) = results.recv().await {
+            got.push(result);
+        }
+        let per_donor = check_once(&got, 30);
+        assert_eq!(per_donor.get(&0), Some(&30));
+        let summary = handle.close().await;
+        let why = summary.donors[1].last_error.clone().unwrap_or_default();
+        assert!(why.contains("presented key"), "{why}");
+    });
+    node.server.shutdown();
 }
 
 /// The async pool's batch: results as they finish; the first donor killed
