@@ -7,48 +7,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{fj, prompt, Raw};
+use common::{fj, prompt, Raw, Spinner};
 use donate_host::{Metrics, MetricsServer, NodeConfig, HONOURED};
-use donate_proto::{Executor, JobContext, JobError, Mode, ServerConfig, Weights};
-
-/// `local_lm`: "fail" fails with code `boom`, "spin" works until cancelled,
-/// anything else answers at once.
-#[derive(Clone, Default)]
-struct Exec {
-    started: Arc<AtomicUsize>,
-}
-
-impl Executor for Exec {
-    type Model = ();
-    type Spool = donate_proto::NoSpool;
-
-    fn mount(&self, _: String, _: Weights<Self::Spool>) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn infer(&self, _: &(), _: &[i32], _: i64, _: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
-        Err(JobError::new("unsupported", "prompts only"))
-    }
-
-    fn prompt(&self, prompt: &str, _: i64, job: &JobContext<'_>) -> Result<String, JobError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        match prompt {
-            "fail" => Err(JobError::new("boom", "failed on purpose")),
-            "spin" => {
-                while !job.is_cancelled() {
-                    thread::sleep(Duration::from_millis(1));
-                }
-                Err(JobError::new("cancelled", "stopped"))
-            }
-            other => Ok(other.to_owned()),
-        }
-    }
-}
+use donate_proto::{Mode, ServerConfig};
 
 /// One GET; the status code and body.
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -140,7 +106,7 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
 #[test]
 fn metrics_count_exactly_what_a_scripted_exchange_did() {
     let metrics = Arc::new(Metrics::default());
-    let exec = Exec::default();
+    let exec = Spinner::default();
     let config = ServerConfig::default()
         .mode(Mode::LocalLm)
         .local_lm_path("/m".into())

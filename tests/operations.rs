@@ -5,50 +5,13 @@
 mod common;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{fj, prompt, Raw};
+use common::{fj, prompt, Raw, Spinner};
 use donate_host::{NodeConfig, HONOURED};
-use donate_proto::{Executor, JobContext, JobError, Mode, ServerConfig, Weights};
-
-/// A `local_lm` executor: the prompt "spin" works until cancelled (30 s at
-/// most), any other answers at once. It counts what it started and stopped.
-#[derive(Clone, Default)]
-struct Spinner {
-    started: Arc<AtomicUsize>,
-    stopped: Arc<AtomicUsize>,
-}
-
-impl Executor for Spinner {
-    type Model = ();
-    type Spool = donate_proto::NoSpool;
-
-    fn mount(&self, _: String, _: Weights<Self::Spool>) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn infer(&self, _: &(), _: &[i32], _: i64, _: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
-        Err(JobError::new("unsupported", "prompts only"))
-    }
-
-    fn prompt(&self, prompt: &str, _: i64, job: &JobContext<'_>) -> Result<String, JobError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        if prompt == "spin" {
-            let until = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < until {
-                if job.is_cancelled() {
-                    self.stopped.fetch_add(1, Ordering::SeqCst);
-                    return Err(JobError::new("cancelled", "stopped"));
-                }
-                thread::sleep(Duration::from_millis(1));
-            }
-        }
-        Ok(format!("done {prompt}"))
-    }
-}
+use donate_proto::{Mode, ServerConfig};
 
 fn node(exec: Spinner) -> donate_std::Server {
     let config = ServerConfig::default()

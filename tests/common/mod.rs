@@ -127,6 +127,48 @@ impl Executor for TestExec {
     }
 }
 
+/// A `local_lm` executor for cancel and metrics tests: the prompt "fail"
+/// fails with code `boom`, "spin" works until cancelled (30 s at most), any
+/// other answers at once with "done PROMPT". It counts what it started and
+/// what it stopped on a cancel.
+#[derive(Clone, Default)]
+pub struct Spinner {
+    pub started: Arc<AtomicUsize>,
+    pub stopped: Arc<AtomicUsize>,
+}
+
+impl Executor for Spinner {
+    type Model = ();
+    type Spool = NoSpool;
+
+    fn mount(&self, _: String, _: Weights<NoSpool>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn infer(&self, _: &(), _: &[i32], _: i64, _: &JobContext<'_>) -> Result<Vec<i32>, JobError> {
+        Err(JobError::new("unsupported", "prompts only"))
+    }
+
+    fn prompt(&self, prompt: &str, _: i64, job: &JobContext<'_>) -> Result<String, JobError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        match prompt {
+            "fail" => Err(JobError::new("boom", "failed on purpose")),
+            "spin" => {
+                let until = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < until {
+                    if job.is_cancelled() {
+                        self.stopped.fetch_add(1, Ordering::SeqCst);
+                        return Err(JobError::new("cancelled", "stopped"));
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Ok(format!("done {prompt}"))
+            }
+            _ => Ok(format!("done {prompt}")),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Servers
 

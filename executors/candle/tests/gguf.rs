@@ -238,12 +238,8 @@ fn qwen2_gguf(ffn: GgmlDType) -> Vec<u8> {
     write_gguf(&qwen2_metadata(), &list)
 }
 
-/// candle-transformers' quantized qwen2 on the same bytes, greedy.
-fn direct_qwen2(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
-    let mut reader = Cursor::new(bytes);
-    let content = gguf_file::Content::read(&mut reader).unwrap();
-    let mut model =
-        quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+/// Greedy decoding with `forward(ids, pos) -> logits`, the prompt in one pass.
+fn greedy(mut forward: impl FnMut(&Tensor, usize) -> Tensor, input: &[u32], n: usize) -> Vec<u32> {
     let mut tokens = input.to_vec();
     let mut pos = 0;
     for _ in 0..n {
@@ -251,7 +247,7 @@ fn direct_qwen2(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let logits = model.forward(&x, pos).unwrap();
+        let logits = forward(&x, pos);
         pos = tokens.len();
         let next = logits.flatten_all().unwrap().argmax(0).unwrap();
         tokens.push(next.to_scalar::<u32>().unwrap());
@@ -259,24 +255,21 @@ fn direct_qwen2(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
     tokens.split_off(input.len())
 }
 
+/// candle-transformers' quantized qwen2 on the same bytes, greedy.
+fn direct_qwen2(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
+    let mut reader = Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut model =
+        quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+    greedy(|x, pos| model.forward(x, pos).unwrap(), input, n)
+}
+
 /// candle's quantized llama on the same bytes, greedy, with its own cache.
 fn direct(bytes: &[u8], input: &[u32], n: usize) -> Vec<u32> {
     let mut reader = Cursor::new(bytes);
     let content = gguf_file::Content::read(&mut reader).unwrap();
     let mut model = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
-    let mut tokens = input.to_vec();
-    let mut pos = 0;
-    for _ in 0..n {
-        let x = Tensor::new(&tokens[pos..], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = model.forward(&x, pos).unwrap();
-        pos = tokens.len();
-        let next = logits.flatten_all().unwrap().argmax(0).unwrap();
-        tokens.push(next.to_scalar::<u32>().unwrap());
-    }
-    tokens.split_off(input.len())
+    greedy(|x, pos| model.forward(x, pos).unwrap(), input, n)
 }
 
 /// Loads `bytes` as a pushed model would be: both ways must agree.
