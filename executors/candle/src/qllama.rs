@@ -85,6 +85,17 @@ struct Layer {
     biases: Option<[Tensor; 3]>,
 }
 
+impl Layer {
+    /// The feed-forward block after the attention, without its residual:
+    /// `w2(silu(w1(norm(x))) * w3(norm(x)))`.
+    fn ffn(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.ffn_norm.forward(x)?;
+        let gate = self.w1.forward(&y)?;
+        let up = self.w3.forward(&y)?;
+        self.w2.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+}
+
 /// The weights of a GGUF llama, shared by all jobs.
 #[derive(Debug)]
 pub(crate) struct QLlama {
@@ -241,12 +252,7 @@ impl QLlama {
             let x = layer.attn_norm.forward(&h)?;
             let attn = self.attention(layer, kv, &x, mask.as_ref(), pos)?;
             let x = (attn + residual)?;
-            let residual = &x;
-            let y = layer.ffn_norm.forward(&x)?;
-            let gate = layer.w1.forward(&y)?;
-            let up = layer.w3.forward(&y)?;
-            let y = layer.w2.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-            h = (y + residual)?;
+            h = (layer.ffn(&x)? + &x)?;
         }
         let x = self.norm.forward(&h)?;
         // Contiguous: with several sequences the last positions are strided.
