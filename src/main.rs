@@ -20,6 +20,10 @@ use donate_proto::{Mode, ServerConfig};
 /// The address a node listens on and a client dials by default.
 const DEFAULT_ADDR: &str = "127.0.0.1:17001";
 
+/// `--workers` of a candle node: jobs generating at once, their next tokens
+/// stacked into one forward pass (docs/CANDLE.md, Threads and batching).
+const CANDLE_WORKERS: usize = 4;
+
 /// Exit statuses: one per failure a script may want to tell apart.
 const EXIT_CODES: &str = "\
 Exit status:
@@ -142,10 +146,11 @@ struct ServeArgs {
     /// Jobs that may wait in the queue.
     #[arg(long, value_name = "N", default_value_t = ServerConfig::default().queue_capacity)]
     queue: usize,
-    /// Worker threads running jobs.
-    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().workers,
+    /// Jobs running at once (default 1, as the Go node; 4 with `--executor
+    /// candle`, whose jobs on one model share its forward passes).
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
-    workers: usize,
+    workers: Option<usize>,
     /// Adapter running the node.
     #[arg(long, value_enum, default_value_t = Runtime::Std)]
     runtime: Runtime,
@@ -189,10 +194,15 @@ struct ServeArgs {
     /// `--executor candle`: a prompt's reply ends before this text (repeatable).
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
-    /// `--executor candle`: threads each job's matrix products use (default:
-    /// the cores divided by --workers, at least 1, so jobs do not oversubscribe).
+    /// `--executor candle`: threads a model's matrix products use (default:
+    /// the cores; a model runs one forward pass at a time, whatever --workers).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     candle_threads: Option<usize>,
+    /// `--executor candle`: most jobs whose next tokens one forward pass
+    /// carries (1: none stacked; a GGUF llama or qwen2 model stacks them).
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    candle_batch: usize,
     /// Most tokens one `--executor candle` job generates, whatever it asks for.
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
@@ -296,12 +306,21 @@ impl ServeArgs {
             )
             .backpressure_timeout(Duration::from_secs_f64(self.backpressure_timeout))
             .upload_stretch(self.upload_stretch)
-            .workers(self.workers)
+            .workers(self.workers())
             .max_job_time(self.max_job_time.map(Duration::from_secs_f64))
     }
 }
 
 impl ServeArgs {
+    /// `--workers`, or its default for the executor.
+    fn workers(&self) -> usize {
+        match self.workers {
+            Some(n) => n,
+            None if self.executor == "candle" => CANDLE_WORKERS,
+            None => ServerConfig::default().workers,
+        }
+    }
+
     /// What `--executor` names.
     fn executor_spec(&self) -> Result<ExecutorSpec, String> {
         self.executor.parse()
@@ -311,7 +330,7 @@ impl ServeArgs {
     fn worker_config(&self) -> WorkerConfig {
         let default = WorkerConfig::default();
         WorkerConfig {
-            workers: self.workers,
+            workers: self.workers(),
             job_timeout: Duration::from_secs_f64(self.job_timeout),
             max_line: self.max_output.unwrap_or(default.max_line),
             cancel_grace: Duration::from_secs_f64(self.cancel_grace),
@@ -703,6 +722,23 @@ mod tests {
         assert_eq!(args.addr.to_string(), DEFAULT_ADDR);
         assert_eq!(args.runtime, Runtime::Std);
         assert_eq!(args.config(), ServerConfig::default());
+    }
+
+    #[test]
+    fn workers_default_to_one_and_to_four_on_candle() {
+        let workers = |argv: &[&str]| {
+            let Cli {
+                command: Command::Serve(args),
+            } = Cli::parse_from(argv)
+            else {
+                panic!("not serve");
+            };
+            args.config().workers
+        };
+        assert_eq!(workers(&["donate", "serve"]), 1);
+        assert_eq!(workers(&["donate", "serve", "--executor", "candle"]), 4);
+        let two = ["donate", "serve", "--executor", "candle", "--workers", "2"];
+        assert_eq!(workers(&two), 2);
     }
 
     #[test]

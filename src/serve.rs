@@ -63,12 +63,13 @@ fn run_candle(args: &ServeArgs) -> CliResult {
     };
     let device: DeviceChoice = args.candle_device.parse()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.candle_threads.unwrap_or((cores / args.workers).max(1));
+    let threads = args.candle_threads.unwrap_or(cores);
     donate_candle::set_threads(threads);
     let config = CandleConfig {
         device,
         max_tokens_cap: args.candle_max_tokens,
         job_timeout: Some(std::time::Duration::from_secs_f64(args.job_timeout)),
+        max_batch: args.candle_batch,
         local_lm,
         raw_prompt: args.raw_prompt,
         sampling: Sampling {

@@ -353,7 +353,7 @@ mod gguf {
         );
         drop((plain, streaming));
         server.shutdown();
-        batching(&ours, &prompt, runs);
+        concurrent(path, &prompt_i32, runs);
         if let Some(llama) = llama {
             let agree = llama
                 .ids
@@ -377,28 +377,69 @@ mod gguf {
         }
     }
 
-    /// What batching jobs' decode steps would gain: the aggregate decode rate
-    /// of 2 and 4 sequences stepped together against one, medians of `runs`.
-    fn batching(model: &CandleModel, prompt: &[u32], runs: usize) {
-        let rate = |batch: usize| {
-            let mut rates: Vec<f64> = (0..runs)
-                .map(|_| {
-                    donate_candle::batching::batched_decode_rate(model, prompt, batch, GENERATE)
-                        .expect("our GGUF model")
-                        .expect("decode")
-                })
-                .collect();
-            rates.sort_by(f64::total_cmp);
-            rates[rates.len() / 2]
+    /// Jobs generating at once through a node (`--workers 4`, one mounted
+    /// model): aggregate generated tokens per second with their next tokens
+    /// stacked into one forward pass, against one pass per job
+    /// (`max_batch` 1) and one job alone; the three in turn, medians of `runs`.
+    fn concurrent(path: &Path, prompt: &[i32], runs: usize) {
+        const JOBS: usize = 4;
+        let file_len = std::fs::metadata(path).expect("the GGUF file").len();
+        let node = |max_batch: usize| {
+            let executor = CandleExecutor::new(CandleConfig {
+                max_tokens_cap: GENERATE,
+                max_batch,
+                ..CandleConfig::default()
+            })
+            .expect("executor");
+            let config = ServerConfig::default().max_model_len(4 << 30).workers(JOBS);
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let server = donate_std::serve(listener, config, executor).expect("serve");
+            let mut client = Client::connect(server.local_addr()).expect("connect");
+            let file = File::open(path).expect("open");
+            client
+                .push_model_from(r#"{"format":"gguf"}"#, file, file_len, None, |_| {})
+                .expect("mounted");
+            (server, client)
         };
-        let one = rate(1);
-        for batch in [2, 4] {
-            let r = rate(batch);
-            println!(
-                "decode {batch} sequences in one pass: {r:.1} tok/s against {one:.1} for one: {:.2} x",
-                r / one
-            );
+        // Each job's tokens per second, `jobs` at once on one connection.
+        let rate = |client: &mut Client, jobs: usize| {
+            let start = Instant::now();
+            let requests: Vec<_> = (0..jobs)
+                .map(|_| client.send_infer(prompt, GENERATE as i64).expect("infer"))
+                .collect();
+            let mut outputs = Vec::with_capacity(jobs);
+            for request in requests {
+                let answer = client.wait(request).expect("answer");
+                outputs.push(donate_std::answers::infer(answer).expect("ok").output_ids);
+            }
+            assert!(outputs.windows(2).all(|w| w[0] == w[1]), "jobs disagree");
+            (jobs * GENERATE) as f64 / start.elapsed().as_secs_f64()
+        };
+        let (stacked_node, mut stacked) = node(16);
+        let (alone_node, mut one_by_one) = node(1);
+        let mut rates: [Vec<f64>; 3] = Default::default();
+        for run in 0..runs {
+            for way in (0..3).map(|k| (k + run) % 3) {
+                rates[way].push(match way {
+                    0 => rate(&mut stacked, JOBS),
+                    1 => rate(&mut one_by_one, JOBS),
+                    _ => rate(&mut stacked, 1),
+                });
+            }
         }
+        let [s, o, a] = rates.map(|mut r| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
+        });
+        println!(
+            "{JOBS} jobs at once through a node, {PROMPT}-token prompts, {GENERATE} tokens each: \
+             stacked {s:.1} tok/s, one pass per job {o:.1} tok/s: {:.2} x; one job alone {a:.1} tok/s: {:.2} x",
+            s / o,
+            s / a
+        );
+        drop((stacked, one_by_one));
+        stacked_node.shutdown();
+        alone_node.shutdown();
     }
 
     /// llama.cpp (node-llama-cpp installed in a directory) running

@@ -27,9 +27,8 @@
 //! ```
 #![warn(missing_docs)]
 
-#[doc(hidden)]
-pub mod batching;
 mod chat;
+mod combine;
 pub mod gguf;
 mod guard;
 mod model;
@@ -173,6 +172,11 @@ pub struct CandleConfig {
     /// Longest a job may generate (default 60 s, as `--job-timeout`); checked
     /// before each token, so a job stops within one token of it. `None`: never.
     pub job_timeout: Option<Duration>,
+    /// Most jobs whose next tokens one forward pass carries (default 16;
+    /// 1: none stacked). A model runs one forward pass at a time; jobs
+    /// generating at once on a GGUF llama or qwen2 model have their next
+    /// tokens stacked into one pass, which reads each weight once for all.
+    pub max_batch: usize,
 }
 
 impl Default for CandleConfig {
@@ -189,6 +193,7 @@ impl Default for CandleConfig {
             spool_uploads: true,
             temp_root: None,
             job_timeout: Some(Duration::from_secs(60)),
+            max_batch: model::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -233,7 +238,11 @@ impl CandleExecutor {
             .map_err(|e| format!("bad sampling: {e}"))?;
         let device = config.device.open()?;
         let local = match &config.local_lm {
-            Some(dir) => Some(load_local(dir, &device, config.max_context)?),
+            Some(dir) => {
+                let mut local = load_local(dir, &device, config.max_context)?;
+                local.model = local.model.with_max_batch(config.max_batch);
+                Some(local)
+            }
             None => None,
         };
         Ok(CandleExecutor {
@@ -259,12 +268,13 @@ impl CandleExecutor {
     pub fn load(&self, config_json: &str, weights: &[u8]) -> Result<CandleModel, String> {
         self.refuse_on_local_lm()?;
         let max = self.config.max_context;
-        if is_gguf_upload(config_json, weights)? {
+        let model = if is_gguf_upload(config_json, weights)? {
             let mut reader = std::io::Cursor::new(weights);
             CandleModel::load_gguf(&mut reader, weights.len() as u64, &self.device, max, false)
         } else {
             CandleModel::load(config_json, weights, &self.device, max)
-        }
+        };
+        Ok(model?.with_max_batch(self.config.max_batch))
     }
 
     /// Loads a pushed model from a file (what `mount` does with a spooled
@@ -281,11 +291,12 @@ impl CandleExecutor {
             Ok(n) => &head[..n],
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        if is_gguf_upload(config_json, head)? {
+        let model = if is_gguf_upload(config_json, head)? {
             CandleModel::load_gguf_file(path, &self.device, max, false)
         } else {
             CandleModel::load_file(config_json, path, &self.device, max)
-        }
+        };
+        Ok(model?.with_max_batch(self.config.max_batch))
     }
 
     fn refuse_on_local_lm(&self) -> Result<(), String> {

@@ -15,6 +15,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen3};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::chat::GgufTokenizer;
+use crate::combine::{all_failed, Combiner};
 use crate::gguf::{self, QModel};
 use crate::guard::guarded;
 use crate::sampling::{Sampler, Sampling};
@@ -35,6 +36,28 @@ pub struct CandleModel {
     weight_bytes: u64,
     /// A GGUF file's tokenizer, when it was asked for (local_lm).
     tokenizer: Option<GgufTokenizer>,
+    /// Runs the forward passes of every job on this model, one at a time,
+    /// stacking concurrent jobs' next tokens where the network allows.
+    passes: Combiner<Step, (Job, Tensor)>,
+}
+
+/// Most jobs' next tokens one forward pass carries, unless the executor
+/// says otherwise ([`crate::CandleConfig::max_batch`]).
+pub(crate) const DEFAULT_MAX_BATCH: usize = 16;
+
+/// A job's next forward pass: its state, the tokens it feeds (the prompt,
+/// then one generated token at a time) and the position of the first.
+struct Step {
+    job: Job,
+    tokens: Vec<u32>,
+    pos: usize,
+}
+
+impl Step {
+    /// One token on our GGUF llama/qwen2: several such steps share a pass.
+    fn stackable(&self) -> bool {
+        self.tokens.len() == 1 && matches!(self.job, Job::QLlama(_))
+    }
 }
 
 /// The network itself.
@@ -75,15 +98,6 @@ const MAX_LAYERS: usize = 4096;
 const FLOAT_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64];
 
 impl CandleModel {
-    /// Our GGUF llama/qwen2 network, if that is what this model is (for the
-    /// batching measurement in [`crate::batching`]).
-    pub(crate) fn qllama(&self) -> Option<&crate::qllama::QLlama> {
-        match &self.weights {
-            ModelWeights::Gguf(crate::gguf::QModel::Llama(q)) => Some(q),
-            _ => None,
-        }
-    }
-
     /// Loads a llama from `config_json` (a Hugging Face `config.json`) and the
     /// bytes of a safetensors file, on `device`, with at most `max_context`
     /// positions (the smaller of this and `max_position_embeddings`).
@@ -127,6 +141,7 @@ impl CandleModel {
             eos,
             weight_bytes: params as u64 * 4,
             tokenizer: None,
+            passes: Combiner::new(DEFAULT_MAX_BATCH),
         })
     }
 
@@ -168,6 +183,7 @@ impl CandleModel {
             eos,
             weight_bytes: checked.tensor_bytes,
             tokenizer,
+            passes: Combiner::new(DEFAULT_MAX_BATCH),
         })
     }
 
@@ -249,6 +265,20 @@ impl CandleModel {
         CandleModel::load(config_json, &map, device, max_context)
     }
 
+    /// `(forward passes run, job steps they carried)` since the model was
+    /// loaded. A step is one job's prompt or next token; with concurrent jobs
+    /// on a GGUF llama or qwen2, one pass carries several jobs' next tokens.
+    pub fn forward_passes(&self) -> (u64, u64) {
+        self.passes.counts()
+    }
+
+    /// This model with at most `n` jobs' next tokens in one forward pass
+    /// (1: each job's pass runs alone).
+    pub(crate) fn with_max_batch(mut self, n: usize) -> CandleModel {
+        self.passes = Combiner::new(n);
+        self
+    }
+
     /// Tokens the model knows: valid ids are `0..vocab_size`.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
@@ -297,7 +327,7 @@ impl CandleModel {
         mut halt: impl FnMut(&[u32]) -> bool,
     ) -> Result<Vec<u32>, GenerateError> {
         let (out, finished) = guarded("generating", || {
-            let mut job = self.start_job();
+            let mut job = Some(self.start_job());
             let mut sampler = Sampler::new(sampling);
             let mut seen: Vec<u32> = Vec::with_capacity(input.len() + n);
             seen.extend_from_slice(input);
@@ -306,9 +336,16 @@ impl CandleModel {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok((seen.split_off(input.len()), false));
                 }
-                let step = &seen[pos..];
-                let x = Tensor::new(step, &self.device)?.unsqueeze(0)?;
-                let logits = self.forward(&mut job, &x, pos)?;
+                let step = Step {
+                    job: job.take().expect("a job's state comes back with each pass"),
+                    tokens: seen[pos..].to_vec(),
+                    pos,
+                };
+                let (state, logits) = self
+                    .passes
+                    .run(step, Step::stackable, |steps| self.run_passes(steps))
+                    .map_err(candle_core::Error::Msg)?;
+                job = Some(state);
                 pos = seen.len();
                 let next = sampler.next(&logits, &seen)?;
                 seen.push(next);
@@ -336,6 +373,54 @@ impl CandleModel {
             ModelWeights::Gguf(QModel::LlamaMoe(m)) => Job::QLlamaMoe(Box::new(m.clone())),
             ModelWeights::Gguf(QModel::Qwen3(m)) => Job::QQwen3(Box::new(m.clone())),
         }
+    }
+
+    /// Runs a group of steps from [`Combiner::run`]: one pass for several
+    /// stacked steps, else each step's own pass. Each result is the step's
+    /// state and its logits, `[1, vocab]`.
+    fn run_passes(&self, steps: Vec<Step>) -> Vec<Result<(Job, Tensor), String>> {
+        let n = steps.len();
+        let failed = |e: candle_core::Error| all_failed(n, &e.to_string());
+        if n > 1 {
+            let (ModelWeights::Gguf(QModel::Llama(model)), true) =
+                (&self.weights, steps.iter().all(Step::stackable))
+            else {
+                return all_failed(n, "steps stacked that cannot share a pass");
+            };
+            let mut rows: Vec<(crate::qllama::Cache, u32, usize)> = steps
+                .into_iter()
+                .filter_map(|s| match s.job {
+                    Job::QLlama(cache) => Some((cache, s.tokens[0], s.pos)),
+                    _ => None,
+                })
+                .collect();
+            let mut refs: Vec<_> = rows
+                .iter_mut()
+                .map(|(cache, token, pos)| (cache, *token, *pos))
+                .collect();
+            let logits = match model.forward_steps(&mut refs) {
+                Ok(logits) => logits,
+                Err(e) => return failed(e),
+            };
+            return rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, (cache, _, _))| {
+                    let row = logits.narrow(0, i, 1).map_err(|e| e.to_string())?;
+                    Ok((Job::QLlama(cache), row))
+                })
+                .collect();
+        }
+        steps
+            .into_iter()
+            .map(|mut step| {
+                let x = Tensor::new(step.tokens.as_slice(), &self.device)
+                    .and_then(|x| x.unsqueeze(0))
+                    .and_then(|x| self.forward(&mut step.job, &x, step.pos))
+                    .map_err(|e| e.to_string())?;
+                Ok((step.job, x))
+            })
+            .collect()
     }
 
     /// The logits after the tokens `x` (shape `[1, len]`) at position `pos`.

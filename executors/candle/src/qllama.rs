@@ -260,6 +260,36 @@ impl QLlama {
         self.output.forward(&x)
     }
 
+    /// The logits after one more token for each of several jobs, `[b, vocab]`:
+    /// `steps` are each job's cache, its token and that token's position.
+    /// The jobs' rows go through every weight matrix together (each weight
+    /// row read once for all of them); attention runs per job, on its own
+    /// cache. Each row's logits are exactly [`forward`](QLlama::forward)'s
+    /// for that job alone: every operation treats rows independently.
+    pub(crate) fn forward_steps(&self, steps: &mut [(&mut Cache, u32, usize)]) -> Result<Tensor> {
+        let b = steps.len();
+        let tokens: Vec<u32> = steps.iter().map(|s| s.1).collect();
+        let x = Tensor::from_vec(tokens, (b, 1), self.cos.device())?;
+        let mut h = self.embed(&x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let x = layer.attn_norm.forward(&h)?;
+            let (q, k, v) = self.qkv(layer, &x)?;
+            let ys = steps
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (cache, _, pos))| {
+                    let row = |t: &Tensor| t.narrow(0, i, 1);
+                    self.attend(&mut cache.kv[l], row(&q)?, row(&k)?, row(&v)?, None, *pos)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attn = layer.wo.forward(&Tensor::cat(&ys, 0)?)?;
+            let x = (attn + &h)?;
+            h = (layer.ffn(&x)? + &x)?;
+        }
+        let x = self.norm.forward(&h)?.squeeze(1)?;
+        self.output.forward(&x)
+    }
+
     fn attention(
         &self,
         layer: &Layer,
@@ -268,7 +298,12 @@ impl QLlama {
         mask: Option<&Tensor>,
         pos: usize,
     ) -> Result<Tensor> {
-        let (b, seq_len, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(layer, x)?;
+        layer.wo.forward(&self.attend(kv, q, k, v, mask, pos)?)
+    }
+
+    /// The queries, keys and values of `x` (`[b, seq, hidden]`), biases added.
+    fn qkv(&self, layer: &Layer, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut q, mut k, mut v) = (
             layer.wq.forward(x)?,
             layer.wk.forward(x)?,
@@ -279,6 +314,22 @@ impl QLlama {
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
         }
+        Ok((q, k, v))
+    }
+
+    /// Attention of `q`, `k`, `v` (`[b, seq, heads · head_dim]`, after the
+    /// projections) at `pos`, over the cache `kv`, which takes the new keys
+    /// and values: `[b, seq, hidden]`, before the output projection.
+    fn attend(
+        &self,
+        kv: &mut Option<(Tensor, Tensor)>,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+    ) -> Result<Tensor> {
+        let (b, seq_len, _) = q.dims3()?;
         let q = q
             .reshape((b, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
@@ -315,8 +366,7 @@ impl QLlama {
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))?;
-        layer.wo.forward(&y)
+        y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))
     }
 
     /// Rotary embedding: llama's interleaved pairs (`rope_i`, llama.cpp's

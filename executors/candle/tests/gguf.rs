@@ -337,6 +337,88 @@ fn a_tiny_quantized_llama_runs_as_candle_runs_it() {
     assert_eq!(a, b);
 }
 
+/// Jobs of different lengths generating at once on one model: each gets
+/// exactly the tokens it gets alone, while their steps share forward passes.
+fn concurrent_jobs_equal_lone_jobs(model: &CandleModel) {
+    let inputs: Vec<Vec<u32>> = (0..6u32)
+        .map(|j| {
+            (0..3 + 2 * j)
+                .map(|i| (i * 7 + j * 11) % VOCAB as u32)
+                .collect()
+        })
+        .collect();
+    let seeded = |j: usize| Sampling {
+        temperature: 0.8,
+        seed: Some(j as u64),
+        ..Sampling::default()
+    };
+    let run = |j: usize| {
+        let sampling = match j % 2 {
+            0 => Sampling::default(),
+            _ => seeded(j),
+        };
+        model
+            .generate_with(&inputs[j], 24, &[], None, &sampling, |_| false)
+            .unwrap()
+    };
+    let alone: Vec<Vec<u32>> = (0..inputs.len()).map(run).collect();
+    let (passes_before, steps_before) = model.forward_passes();
+    // Each lone job: a pass per step.
+    assert_eq!(passes_before, steps_before);
+    let start = std::sync::Barrier::new(inputs.len());
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..inputs.len())
+            .map(|j| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    run(j)
+                })
+            })
+            .collect();
+        for (j, t) in threads.into_iter().enumerate() {
+            assert_eq!(t.join().unwrap(), alone[j], "job {j}");
+        }
+    });
+    let (passes, steps) = model.forward_passes();
+    let (passes, steps) = (passes - passes_before, steps - steps_before);
+    assert_eq!(
+        steps, steps_before,
+        "each job's prompt, then one step per token"
+    );
+    assert!(
+        passes < steps,
+        "{passes} passes for {steps} steps: nothing was stacked"
+    );
+}
+
+#[test]
+fn concurrent_jobs_share_forward_passes_and_get_their_own_tokens() {
+    // Q4_1 (our kernel, four rows at a time) and Q8_0 (candle's), llama and qwen2.
+    for bytes in [tiny_gguf(), tiny_gguf_q8(), qwen2_gguf(GgmlDType::Q4_1)] {
+        concurrent_jobs_equal_lone_jobs(&load(&bytes).unwrap());
+    }
+    // Passes of one job at a time: nothing stacked, the same tokens.
+    let executor = CandleExecutor::new(CandleConfig {
+        max_batch: 1,
+        ..CandleConfig::default()
+    })
+    .unwrap();
+    let model = executor.load("{}", &tiny_gguf()).unwrap();
+    let input = [3, 1, 4, 1, 5];
+    let alone = model.generate(&input, 10, &[], None).unwrap();
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| model.generate(&input, 10, &[], None).unwrap()))
+            .collect();
+        for job in jobs {
+            assert_eq!(job.join().unwrap(), alone);
+        }
+    });
+    let (passes, steps) = model.forward_passes();
+    assert_eq!((passes, steps), (4 * 10, 4 * 10));
+}
+
 #[test]
 fn a_tiny_qwen2_runs_on_our_model_as_candle_runs_it() {
     // Our llama with qwen2's biases and NEOX rotary pairs: without Q4_1,

@@ -181,6 +181,27 @@ fn greedy_output_equals_llama_cpp_token_for_token() {
         );
     }
     assert_eq!(chat.complete(CASES[0].prompt, 48).unwrap(), FRANCE);
+
+    // The three at once on one model: their next tokens share forward
+    // passes, and each gets exactly its tokens alone.
+    let model = chat.local_model().unwrap();
+    let (passes_before, steps_before) = model.forward_passes();
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = CASES
+            .iter()
+            .map(|case| s.spawn(|| model.generate(case.prompt_ids, 48, &[], None).unwrap()))
+            .collect();
+        for (case, job) in CASES.iter().zip(jobs) {
+            assert_eq!(job.join().unwrap(), case.ours, "{:?} at once", case.prompt);
+        }
+    });
+    let (passes, steps) = model.forward_passes();
+    let (passes, steps) = (passes - passes_before, steps - steps_before);
+    assert_eq!(steps, 3 * 48);
+    assert!(
+        passes < steps,
+        "{passes} passes for {steps} steps: nothing was stacked"
+    );
 }
 
 #[test]
@@ -217,12 +238,28 @@ fn a_local_gguf_node_answers_prompts_and_seeds_repeat() {
     let executor = local(&path, false);
     let config = ServerConfig::default()
         .mode(Mode::LocalLm)
-        .local_lm_path(path.display().to_string());
+        .local_lm_path(path.display().to_string())
+        .workers(3);
     let server =
         donate_std::serve(TcpListener::bind("127.0.0.1:0").unwrap(), config, executor).unwrap();
     let mut client = Client::connect(server.local_addr()).unwrap();
     let reply = client.prompt(CASES[0].prompt, 48).unwrap();
     assert_eq!(reply.text, FRANCE);
+    // Three connections at once on the one model: the same reply each.
+    std::thread::scope(|s| {
+        let addr = server.local_addr();
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut client = Client::connect(addr).unwrap();
+                    client.prompt(CASES[0].prompt, 48).unwrap().text
+                })
+            })
+            .collect();
+        for client in clients {
+            assert_eq!(client.join().unwrap(), FRANCE);
+        }
+    });
     drop(client);
     server.shutdown();
 
