@@ -1,92 +1,95 @@
 //! One forward pass at a time per model, with concurrent jobs' next tokens
 //! stacked into one pass ("flat combining").
 //!
-//! Each job's thread hands its step (its cache, its tokens, its position) to
-//! the model's [`Combiner`]. Whichever waiting thread finds the model idle
-//! runs the oldest step, together with every other waiting step that can
-//! share a pass with it (one-token decode steps, up to `max_group`), and
-//! hands each job its own result. No thread or timer is added and nothing
-//! waits to fill a batch: a lone job runs its own steps, and steps stack only
-//! when jobs arrive while a pass is running. Steps are taken oldest first,
-//! and a step that cannot be stacked (a prompt) runs alone when it is the
-//! oldest, so no job waits behind more than one pass per earlier step.
+//! Each job joins the model's [`Combiner`] as a [`Member`] and hands it each
+//! step (its cache, its tokens, its position). Whichever waiting thread finds
+//! the model idle runs the oldest step, together with every other waiting
+//! step that can share a pass with it (one-token decode steps, up to
+//! `max_group`), and hands each job its own result. No thread is added: a
+//! lone job runs its own steps. Steps are taken oldest first, and a step
+//! that cannot be stacked (a prompt) runs alone when it is the oldest, so no
+//! job waits behind more than one pass per earlier step.
+//!
+//! Jobs stepping together fall out of step without help: the thread that
+//! ran a pass is back with its next step before the others have woken, and
+//! would run it alone. So before a stackable pass, the thread running it
+//! waits for the members that are between two steps (sampling the token
+//! just made), at most an eighth of the last pass's time.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Runs the steps handed to it by many threads, a group at a time.
 pub(crate) struct Combiner<T, R> {
     state: Mutex<State<T, R>>,
     /// Signalled when a group's results are in and the model is idle again.
     wake: Condvar,
+    /// Signalled when a step arrives or a member leaves (for a gathering pass).
+    arrived: Condvar,
     /// Most steps in one group (1: every step runs alone).
     max_group: usize,
 }
 
 struct State<T, R> {
-    /// A thread is running a group.
+    /// A thread is running (or gathering) a group.
     busy: bool,
     /// Steps not yet taken, oldest first, with their tickets.
     waiting: VecDeque<(u64, T)>,
     /// Results not yet picked up by their threads.
     done: HashMap<u64, Result<R, String>>,
     next_ticket: u64,
+    /// Members between two steps: neither waiting nor running one.
+    between: usize,
+    /// How long the last group took to run.
+    last_pass: Duration,
     /// Groups run and steps run, for [`Combiner::counts`].
     groups: u64,
     steps: u64,
 }
 
-impl<T, R> Combiner<T, R> {
-    /// A combiner that stacks at most `max_group` steps (at least 1).
-    pub(crate) fn new(max_group: usize) -> Combiner<T, R> {
-        Combiner {
-            state: Mutex::new(State {
-                busy: false,
-                waiting: VecDeque::new(),
-                done: HashMap::new(),
-                next_ticket: 0,
-                groups: 0,
-                steps: 0,
-            }),
-            wake: Condvar::new(),
-            max_group: max_group.max(1),
-        }
-    }
+/// A job's place in a [`Combiner`], from its first step to its last.
+pub(crate) struct Member<'c, T, R> {
+    combiner: &'c Combiner<T, R>,
+}
 
-    /// `(groups, steps)` run so far: steps / groups is the mean group size.
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        let state = self.lock();
-        (state.groups, state.steps)
+impl<T, R> Drop for Member<'_, T, R> {
+    fn drop(&mut self) {
+        let mut state = self.combiner.lock();
+        state.between -= 1;
+        self.combiner.arrived.notify_all();
     }
+}
 
-    fn lock(&self) -> MutexGuard<'_, State<T, R>> {
-        // Nothing panics while holding the lock (groups run outside it).
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
+impl<T, R> Member<'_, T, R> {
     /// Runs `step` and returns its result, perhaps computed by another
-    /// thread together with other steps. `stackable` says which steps may
-    /// share a group; `run` computes a group's results, one per step in
-    /// order. Every caller of one combiner must pass the same two functions:
-    /// any caller may run any other caller's steps. A panic in `run` fails
-    /// every step of its group with a message, and the combiner goes on.
+    /// thread together with other members' steps. `stackable` says which
+    /// steps may share a group; `run` computes a group's results, one per
+    /// step in order. Every member of one combiner must pass the same two
+    /// functions: any member may run any other member's steps. A panic in
+    /// `run` fails every step of its group with a message, and the combiner
+    /// goes on.
     pub(crate) fn run(
-        &self,
+        &mut self,
         step: T,
         stackable: impl Fn(&T) -> bool,
         run: impl Fn(Vec<T>) -> Vec<Result<R, String>>,
     ) -> Result<R, String> {
-        let mut state = self.lock();
+        let combiner = self.combiner;
+        let mut state = combiner.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
         state.waiting.push_back((ticket, step));
+        state.between -= 1;
+        combiner.arrived.notify_all();
         loop {
             if let Some(result) = state.done.remove(&ticket) {
+                state.between += 1;
                 return result;
             }
             if state.busy {
-                state = self
+                state = combiner
                     .wake
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
@@ -94,11 +97,13 @@ impl<T, R> Combiner<T, R> {
             }
             // Idle and our step not done: it is still waiting, so the group
             // below is not empty.
-            let group = self.take_group(&mut state, &stackable);
             state.busy = true;
+            state = combiner.gather(state, &stackable);
+            let group = combiner.take_group(&mut state, &stackable);
             drop(state);
             let tickets: Vec<u64> = group.iter().map(|(t, _)| *t).collect();
             let steps = group.into_iter().map(|(_, s)| s).collect();
+            let started = Instant::now();
             let results = match catch_unwind(AssertUnwindSafe(|| run(steps))) {
                 Ok(results) if results.len() == tickets.len() => results,
                 Ok(results) => {
@@ -121,13 +126,80 @@ impl<T, R> Combiner<T, R> {
                     )
                 }
             };
-            state = self.lock();
+            state = combiner.lock();
+            state.last_pass = started.elapsed();
             state.groups += 1;
             state.steps += tickets.len() as u64;
             state.done.extend(tickets.into_iter().zip(results));
             state.busy = false;
-            self.wake.notify_all();
+            combiner.wake.notify_all();
         }
+    }
+}
+
+impl<T, R> Combiner<T, R> {
+    /// A combiner that stacks at most `max_group` steps (at least 1).
+    pub(crate) fn new(max_group: usize) -> Combiner<T, R> {
+        Combiner {
+            state: Mutex::new(State {
+                busy: false,
+                waiting: VecDeque::new(),
+                done: HashMap::new(),
+                next_ticket: 0,
+                between: 0,
+                last_pass: Duration::ZERO,
+                groups: 0,
+                steps: 0,
+            }),
+            wake: Condvar::new(),
+            arrived: Condvar::new(),
+            max_group: max_group.max(1),
+        }
+    }
+
+    /// A job joins: its steps go through [`Member::run`] until it is dropped.
+    pub(crate) fn join(&self) -> Member<'_, T, R> {
+        self.lock().between += 1;
+        Member { combiner: self }
+    }
+
+    /// `(groups, steps)` run so far: steps / groups is the mean group size.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.groups, state.steps)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T, R>> {
+        // Nothing panics while holding the lock (groups run outside it).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Before a stackable group: waits for the members between two steps
+    /// (or yet to pick up their result) to hand in their next one, at most
+    /// an eighth of the last pass's time.
+    fn gather<'s>(
+        &'s self,
+        mut state: MutexGuard<'s, State<T, R>>,
+        stackable: &impl Fn(&T) -> bool,
+    ) -> MutexGuard<'s, State<T, R>> {
+        let front_stacks = state.waiting.front().is_some_and(|(_, s)| stackable(s));
+        if self.max_group == 1 || !front_stacks {
+            return state;
+        }
+        let deadline = Instant::now() + state.last_pass / 8;
+        // Members whose results are in but not yet picked up come back too.
+        while (state.between > 0 || !state.done.is_empty()) && state.waiting.len() < self.max_group
+        {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = self
+                .arrived
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state
     }
 
     /// The oldest step and, if it is stackable, every other stackable
@@ -188,8 +260,9 @@ mod tests {
     fn a_lone_caller_runs_its_own_steps_one_by_one() {
         let combiner = Combiner::<Step, u32>::new(8);
         let groups = Mutex::new(Vec::new());
+        let mut member = combiner.join();
         for token in 0..5 {
-            let got = combiner.run((1, token), |s| s.1 % 2 == 0, sleepy_run(&groups));
+            let got = member.run((1, token), |s| s.1 % 2 == 0, sleepy_run(&groups));
             assert_eq!(got, Ok(token * 10 + 1));
         }
         assert_eq!(combiner.counts(), (5, 5));
@@ -206,6 +279,7 @@ mod tests {
             .map(|job| {
                 let (combiner, groups, start) = (combiner.clone(), groups.clone(), start.clone());
                 std::thread::spawn(move || {
+                    let mut member = combiner.join();
                     start.wait();
                     for step in 0..20u32 {
                         // Odd tokens (every fourth step) may not be stacked.
@@ -214,7 +288,7 @@ mod tests {
                         } else {
                             2 * step
                         };
-                        let got = combiner.run((job, token), |s| s.1 % 2 == 0, sleepy_run(&groups));
+                        let got = member.run((job, token), |s| s.1 % 2 == 0, sleepy_run(&groups));
                         assert_eq!(got, Ok(token * 10 + job as u32), "job {job} step {step}");
                     }
                 })
@@ -253,6 +327,58 @@ mod tests {
         );
     }
 
+    /// Members stepping in lock step (each `pass` long): (groups, steps).
+    fn lock_step(members: usize, steps: u32, pass: Duration) -> (u64, u64) {
+        let combiner = Arc::new(Combiner::<Step, u32>::new(16));
+        let run = move |steps: Vec<Step>| -> Vec<Result<u32, String>> {
+            std::thread::sleep(pass);
+            steps.iter().map(|s| Ok(s.1)).collect()
+        };
+        let threads: Vec<_> = (0..members)
+            .map(|job| {
+                let combiner = combiner.clone();
+                std::thread::spawn(move || {
+                    let mut member = combiner.join();
+                    for token in 0..steps {
+                        assert_eq!(member.run((job, token), |_| true, run), Ok(token));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        combiner.counts()
+    }
+
+    #[test]
+    fn jobs_stepping_together_stay_together() {
+        // Without the wait for members between two steps, the thread that
+        // ran a pass runs its next step alone: groups of 1 and 3 in turn.
+        let (groups, steps) = lock_step(4, 30, Duration::from_millis(20));
+        assert_eq!(steps, 120);
+        assert!(groups <= 45, "{groups} groups for {steps} steps");
+    }
+
+    #[test]
+    fn an_idle_member_delays_a_pass_by_at_most_an_eighth() {
+        let combiner = Combiner::<Step, u32>::new(16);
+        // Joined but never stepping (a job sampling slowly, say).
+        let _idle = combiner.join();
+        let mut member = combiner.join();
+        let pass = Duration::from_millis(20);
+        let run = |steps: Vec<Step>| -> Vec<Result<u32, String>> {
+            std::thread::sleep(pass);
+            steps.iter().map(|s| Ok(s.1)).collect()
+        };
+        let start = Instant::now();
+        for token in 0..10 {
+            assert_eq!(member.run((0, token), |_| true, run), Ok(token));
+        }
+        // 10 passes and 9 waits of an eighth: 222 ms; twice that with a busy machine.
+        assert!(start.elapsed() < pass * 10 * 2, "{:?}", start.elapsed());
+    }
+
     #[test]
     fn max_group_one_runs_every_step_alone() {
         let combiner = Arc::new(Combiner::<Step, u32>::new(1));
@@ -261,8 +387,9 @@ mod tests {
             .map(|job| {
                 let (combiner, groups) = (combiner.clone(), groups.clone());
                 std::thread::spawn(move || {
+                    let mut member = combiner.join();
                     for token in 0..10 {
-                        combiner
+                        member
                             .run((job, 2 * token), |_| true, sleepy_run(&groups))
                             .unwrap();
                     }
@@ -284,11 +411,12 @@ mod tests {
             }
             steps.iter().map(|s| Ok(s.1)).collect()
         };
-        let err = combiner.run((0, 13), |_| true, run).unwrap_err();
+        let mut member = combiner.join();
+        let err = member.run((0, 13), |_| true, run).unwrap_err();
         assert!(err.contains("bad token"), "{err}");
-        assert_eq!(combiner.run((0, 2), |_| true, run), Ok(2));
+        assert_eq!(member.run((0, 2), |_| true, run), Ok(2));
         // A run that loses a result fails its group rather than a caller hanging.
-        let short = combiner.run((0, 4), |_| true, |_: Vec<Step>| Vec::new());
+        let short = member.run((0, 4), |_| true, |_: Vec<Step>| Vec::new());
         assert!(short.unwrap_err().contains("0 results"));
     }
 }

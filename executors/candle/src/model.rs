@@ -328,6 +328,7 @@ impl CandleModel {
     ) -> Result<Vec<u32>, GenerateError> {
         let (out, finished) = guarded("generating", || {
             let mut job = Some(self.start_job());
+            let mut passes = self.passes.join();
             let mut sampler = Sampler::new(sampling);
             let mut seen: Vec<u32> = Vec::with_capacity(input.len() + n);
             seen.extend_from_slice(input);
@@ -341,8 +342,7 @@ impl CandleModel {
                     tokens: seen[pos..].to_vec(),
                     pos,
                 };
-                let (state, logits) = self
-                    .passes
+                let (state, logits) = passes
                     .run(step, Step::stackable, |steps| self.run_passes(steps))
                     .map_err(candle_core::Error::Msg)?;
                 job = Some(state);
