@@ -1,7 +1,7 @@
 //! Quantized GGUF models (llama.cpp's format): the header read and checked
-//! before anything is loaded, then our own quantized llama or qwen2
-//! (`src/qllama.rs`) or candle-transformers' qwen3 built from it, with the
-//! weights left quantized.
+//! before anything is loaded, then our own quantized llama, qwen2 or qwen3
+//! (`src/qllama.rs`; candle-transformers' llama for a mixture of experts)
+//! built from it, with the weights left quantized.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -9,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use candle_transformers::models::{quantized_llama, quantized_qwen3};
+use candle_transformers::models::quantized_llama;
 
 /// The 4 bytes a GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -41,7 +41,8 @@ pub(crate) enum Arch {
 }
 
 impl Arch {
-    fn key(self) -> &'static str {
+    /// The architecture's metadata prefix (`llama.block_count`…).
+    pub(crate) fn key(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
@@ -52,13 +53,11 @@ impl Arch {
 
 /// The loaded weights of one architecture.
 pub(crate) enum QModel {
-    /// Our own llama or qwen2: shared by every job, each with its own KV cache.
+    /// Our own llama, qwen2 or qwen3: shared by every job, each with its own KV cache.
     Llama(crate::qllama::QLlama),
     /// A llama mixture of experts (Mixtral), on candle-transformers' model:
     /// cloned per job (the clone shares the quantized tensors, not the cache).
     LlamaMoe(quantized_llama::ModelWeights),
-    /// Cloned per job, like the llama MoE.
-    Qwen3(quantized_qwen3::ModelWeights),
 }
 
 /// What the header says, once checked.
@@ -158,6 +157,15 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
         return Err(format!(
             "{p}.embedding_length {hidden} is not a positive multiple of the {heads} heads"
         ));
+    }
+    if arch == Arch::Qwen3 {
+        // qwen3's own head size: rotated in pairs.
+        let key_length = get("attention.key_length").unwrap_or(hidden / heads);
+        if key_length == 0 || key_length % 2 != 0 {
+            return Err(format!(
+                "{p}.attention.key_length {key_length} is not a positive even number"
+            ));
+        }
     }
     if let Some(Value::F32(eps)) = md.get(&format!("{p}.attention.layer_norm_rms_epsilon")) {
         if !(eps.is_finite() && *eps > 0.0) {
@@ -265,16 +273,15 @@ pub(crate) fn load<R: Read + Seek>(
             Arch::Llama if crate::qllama::is_moe(&content) => QModel::LlamaMoe(
                 quantized_llama::ModelWeights::from_gguf(content, reader, device)?,
             ),
-            Arch::Llama | Arch::Qwen2 => QModel::Llama(crate::qllama::QLlama::from_gguf(
-                &content,
-                reader,
-                device,
-                checked.context,
-                checked.arch,
-            )?),
-            Arch::Qwen3 => QModel::Qwen3(quantized_qwen3::ModelWeights::from_gguf(
-                content, reader, device,
-            )?),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
+                QModel::Llama(crate::qllama::QLlama::from_gguf(
+                    &content,
+                    reader,
+                    device,
+                    checked.context,
+                    checked.arch,
+                )?)
+            }
         })
     })
 }

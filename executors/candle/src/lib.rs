@@ -174,7 +174,7 @@ pub struct CandleConfig {
     pub job_timeout: Option<Duration>,
     /// Most jobs whose next tokens one forward pass carries (default 16;
     /// 1: none stacked). A model runs one forward pass at a time; jobs
-    /// generating at once on a GGUF llama or qwen2 model have their next
+    /// generating at once on a GGUF llama, qwen2 or qwen3 model have their next
     /// tokens stacked into one pass, which reads each weight once for all.
     pub max_batch: usize,
 }

@@ -11,7 +11,7 @@ use candle_core::safetensors::Load as _;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig, LlamaEosToks};
-use candle_transformers::models::{quantized_llama, quantized_qwen3};
+use candle_transformers::models::quantized_llama;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::chat::GgufTokenizer;
@@ -54,7 +54,7 @@ struct Step {
 }
 
 impl Step {
-    /// One token on our GGUF llama/qwen2: several such steps share a pass.
+    /// One token on our GGUF llama/qwen2/qwen3: several such steps share a pass.
     fn stackable(&self) -> bool {
         self.tokens.len() == 1 && matches!(self.job, Job::QLlama(_))
     }
@@ -76,7 +76,6 @@ enum Job {
     Llama(Cache),
     QLlama(crate::qllama::Cache),
     QLlamaMoe(Box<quantized_llama::ModelWeights>),
-    QQwen3(Box<quantized_qwen3::ModelWeights>),
 }
 
 impl std::fmt::Debug for CandleModel {
@@ -267,7 +266,7 @@ impl CandleModel {
 
     /// `(forward passes run, job steps they carried)` since the model was
     /// loaded. A step is one job's prompt or next token; with concurrent jobs
-    /// on a GGUF llama or qwen2, one pass carries several jobs' next tokens.
+    /// on a GGUF llama, qwen2 or qwen3, one pass carries several jobs' next tokens.
     pub fn forward_passes(&self) -> (u64, u64) {
         self.passes.counts()
     }
@@ -371,7 +370,6 @@ impl CandleModel {
             ModelWeights::Llama { fresh_cache, .. } => Job::Llama(fresh_cache.clone()),
             ModelWeights::Gguf(QModel::Llama(m)) => Job::QLlama(m.new_cache()),
             ModelWeights::Gguf(QModel::LlamaMoe(m)) => Job::QLlamaMoe(Box::new(m.clone())),
-            ModelWeights::Gguf(QModel::Qwen3(m)) => Job::QQwen3(Box::new(m.clone())),
         }
     }
 
@@ -429,7 +427,6 @@ impl CandleModel {
             (Job::Llama(cache), ModelWeights::Llama { llama, .. }) => llama.forward(x, pos, cache),
             (Job::QLlama(cache), ModelWeights::Gguf(QModel::Llama(m))) => m.forward(cache, x, pos),
             (Job::QLlamaMoe(m), _) => m.forward(x, pos),
-            (Job::QQwen3(m), _) => m.forward(x, pos),
             (Job::Llama(_), ModelWeights::Gguf(_)) | (Job::QLlama(_), _) => {
                 candle_core::bail!("a job on another model's weights")
             }

@@ -1,7 +1,9 @@
 //! Our own quantized llama for GGUF files (`general.architecture = llama`:
-//! Llama, SmolLM, Mistral, TinyLlama; and `qwen2`, which is llama with q/k/v
-//! biases and NEOX rotary pairs), in place of candle-transformers'
-//! `quantized_llama` and `quantized_qwen2`, which it follows closely (candle
+//! Llama, SmolLM, Mistral, TinyLlama; `qwen2`, which is llama with q/k/v
+//! biases and NEOX rotary pairs; and `qwen3`, which is llama with NEOX pairs,
+//! an RMS norm of each head's query and key, and its own head size), in place
+//! of candle-transformers' `quantized_llama`, `quantized_qwen2` and
+//! `quantized_qwen3`, which it follows closely (candle
 //! is MIT/Apache-2.0): the same tensors, the same operations in the same
 //! order, so the same numbers, except in two places where those cost time or
 //! memory:
@@ -83,6 +85,8 @@ struct Layer {
     ffn_norm: RmsNorm,
     /// q, k and v biases (qwen2), F32.
     biases: Option<[Tensor; 3]>,
+    /// RMS norms of each head's query and key, before the rotation (qwen3).
+    qk_norms: Option<[RmsNorm; 2]>,
 }
 
 impl Layer {
@@ -107,8 +111,10 @@ pub(crate) struct QLlama {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Width of the attention's output, `n_head · head_dim`: the embedding
+    /// width, except for a qwen3 whose `key_length` says otherwise.
     hidden: usize,
-    /// Rotary pairs `(i, i + d/2)` (NEOX: qwen2) rather than `(2i, 2i + 1)` (llama).
+    /// Rotary pairs `(i, i + d/2)` (NEOX: qwen2, qwen3) rather than `(2i, 2i + 1)` (llama).
     neox: bool,
     /// Rotary tables, `[positions, rope_dim / 2]`.
     cos: Tensor,
@@ -132,7 +138,7 @@ pub(crate) fn is_moe(content: &Content) -> bool {
 }
 
 impl QLlama {
-    /// Reads the weights of a checked header's llama or qwen2 (`arch`) from
+    /// Reads the weights of a checked header's llama, qwen2 or qwen3 (`arch`) from
     /// `reader`, with rotary tables for `positions` positions.
     pub(crate) fn from_gguf<R: Read + Seek>(
         content: &Content,
@@ -141,11 +147,8 @@ impl QLlama {
         positions: usize,
         arch: Arch,
     ) -> Result<QLlama> {
-        let (p, qwen2) = match arch {
-            Arch::Llama => ("llama", false),
-            Arch::Qwen2 => ("qwen2", true),
-            Arch::Qwen3 => candle_core::bail!("qwen3 runs on candle-transformers' model"),
-        };
+        let p = arch.key();
+        let neox = arch != Arch::Llama;
         let md = |key: &str| match content.metadata.get(&format!("{p}.{key}")) {
             Some(v) => Ok(v),
             None => candle_core::bail!("cannot find {p}.{key} in metadata"),
@@ -154,10 +157,13 @@ impl QLlama {
         let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
         let block_count = md("block_count")?.to_u32()? as usize;
         let hidden = md("embedding_length")?.to_u32()? as usize;
-        let head_dim = hidden / n_head;
-        // candle's qwen2 rotates the whole head; llama files say how much.
+        let head_dim = match md("attention.key_length") {
+            Ok(v) if arch == Arch::Qwen3 => v.to_u32()? as usize,
+            _ => hidden / n_head,
+        };
+        // candle's qwen2 and qwen3 rotate the whole head; llama files say how much.
         let rope_dim = match md("rope.dimension_count") {
-            Ok(v) if !qwen2 => v.to_u32()? as usize,
+            Ok(v) if !neox => v.to_u32()? as usize,
             _ => head_dim,
         };
         let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
@@ -190,7 +196,16 @@ impl QLlama {
             let attn_norm =
                 RmsNorm::new(tensor(&format!("blk.{i}.attn_norm.weight"))?, eps, device)?;
             let ffn_norm = RmsNorm::new(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps, device)?;
-            let biases = match qwen2 {
+            let qk_norms = match arch {
+                Arch::Qwen3 => {
+                    let mut norm = |what: &str| {
+                        RmsNorm::new(tensor(&format!("blk.{i}.{what}.weight"))?, eps, device)
+                    };
+                    Some([norm("attn_q_norm")?, norm("attn_k_norm")?])
+                }
+                _ => None,
+            };
+            let biases = match arch == Arch::Qwen2 {
                 true => {
                     let mut bias =
                         |what: &str| tensor(&format!("blk.{i}.{what}.bias"))?.dequantize(device);
@@ -209,6 +224,7 @@ impl QLlama {
                 attn_norm,
                 ffn_norm,
                 biases,
+                qk_norms,
             });
         }
         Ok(QLlama {
@@ -219,8 +235,8 @@ impl QLlama {
             n_head,
             n_kv_head,
             head_dim,
-            hidden,
-            neox: qwen2,
+            hidden: n_head * head_dim,
+            neox,
             cos,
             sin,
         })
@@ -302,7 +318,8 @@ impl QLlama {
         layer.wo.forward(&self.attend(kv, q, k, v, mask, pos)?)
     }
 
-    /// The queries, keys and values of `x` (`[b, seq, hidden]`), biases added.
+    /// The queries, keys and values of `x` (`[b, seq, hidden]`), biases
+    /// added (qwen2), each head's query and key normalised (qwen3).
     fn qkv(&self, layer: &Layer, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (mut q, mut k, mut v) = (
             layer.wq.forward(x)?,
@@ -313,6 +330,16 @@ impl QLlama {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
+        }
+        if let Some([q_norm, k_norm]) = &layer.qk_norms {
+            let (b, seq_len, _) = q.dims3()?;
+            let per_head = |t: Tensor, norm: &RmsNorm, heads: usize| {
+                let t = t.reshape((b, seq_len, heads, self.head_dim))?;
+                norm.forward(&t)?
+                    .reshape((b, seq_len, heads * self.head_dim))
+            };
+            q = per_head(q, q_norm, self.n_head)?;
+            k = per_head(k, k_norm, self.n_kv_head)?;
         }
         Ok((q, k, v))
     }
@@ -370,7 +397,7 @@ impl QLlama {
     }
 
     /// Rotary embedding: llama's interleaved pairs (`rope_i`, llama.cpp's
-    /// NORM) or qwen2's halves (`rope`, NEOX).
+    /// NORM) or qwen2's and qwen3's halves (`rope`, NEOX).
     fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let (_b, _h, seq_len, _d) = x.dims4()?;
         let cos = self.cos.narrow(0, pos, seq_len)?;
