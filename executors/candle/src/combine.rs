@@ -21,6 +21,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::guard::panic_message;
+
 /// Runs the steps handed to it by many threads, a group at a time.
 pub(crate) struct Combiner<T, R> {
     state: Mutex<State<T, R>>,
@@ -114,17 +116,10 @@ impl<T, R> Member<'_, T, R> {
                     );
                     all_failed(tickets.len(), &message)
                 }
-                Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<String>()
-                        .map(String::as_str)
-                        .or_else(|| panic.downcast_ref::<&str>().copied())
-                        .unwrap_or("(no message)");
-                    all_failed(
-                        tickets.len(),
-                        &format!("panicked in a forward pass: {message}"),
-                    )
-                }
+                Err(panic) => all_failed(
+                    tickets.len(),
+                    &format!("panicked in a forward pass: {}", panic_message(&*panic)),
+                ),
             };
             state = combiner.lock();
             state.last_pass = started.elapsed();

@@ -14,13 +14,18 @@ pub(crate) fn guarded<T>(
             "candle failed {what}: {}",
             e.to_string().lines().next().unwrap_or_default()
         )),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
-            Err(format!("candle panicked {what}: {message}"))
-        }
+        Err(panic) => Err(format!(
+            "candle panicked {what}: {}",
+            panic_message(&*panic)
+        )),
     }
+}
+
+/// A caught panic's message.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
 }
