@@ -177,6 +177,10 @@ pub struct CandleConfig {
     /// generating at once on a GGUF llama, qwen2 or qwen3 model have their next
     /// tokens stacked into one pass, which reads each weight once for all.
     pub max_batch: usize,
+    /// Most prompt tokens one forward pass takes (default 512, llama.cpp's
+    /// micro-batch): a longer prompt runs in several passes, and other jobs'
+    /// next tokens run between them.
+    pub prompt_chunk: usize,
 }
 
 impl Default for CandleConfig {
@@ -194,6 +198,7 @@ impl Default for CandleConfig {
             temp_root: None,
             job_timeout: Some(Duration::from_secs(60)),
             max_batch: model::DEFAULT_MAX_BATCH,
+            prompt_chunk: model::DEFAULT_PROMPT_CHUNK,
         }
     }
 }
@@ -240,7 +245,9 @@ impl CandleExecutor {
         let local = match &config.local_lm {
             Some(dir) => {
                 let mut local = load_local(dir, &device, config.max_context)?;
-                local.model = local.model.with_max_batch(config.max_batch);
+                local.model = local
+                    .model
+                    .with_passes(config.max_batch, config.prompt_chunk);
                 Some(local)
             }
             None => None,
@@ -274,7 +281,7 @@ impl CandleExecutor {
         } else {
             CandleModel::load(config_json, weights, &self.device, max)
         };
-        Ok(model?.with_max_batch(self.config.max_batch))
+        Ok(model?.with_passes(self.config.max_batch, self.config.prompt_chunk))
     }
 
     /// Loads a pushed model from a file (what `mount` does with a spooled
@@ -296,7 +303,7 @@ impl CandleExecutor {
         } else {
             CandleModel::load_file(config_json, path, &self.device, max)
         };
-        Ok(model?.with_max_batch(self.config.max_batch))
+        Ok(model?.with_passes(self.config.max_batch, self.config.prompt_chunk))
     }
 
     fn refuse_on_local_lm(&self) -> Result<(), String> {

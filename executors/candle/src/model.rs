@@ -39,11 +39,18 @@ pub struct CandleModel {
     /// Runs the forward passes of every job on this model, one at a time,
     /// stacking concurrent jobs' next tokens where the network allows.
     passes: Combiner<Step, (Job, Tensor)>,
+    /// Most prompt tokens one forward pass takes.
+    prompt_chunk: usize,
 }
 
 /// Most jobs' next tokens one forward pass carries, unless the executor
 /// says otherwise ([`crate::CandleConfig::max_batch`]).
 pub(crate) const DEFAULT_MAX_BATCH: usize = 16;
+
+/// Most prompt tokens one forward pass takes, unless the executor says
+/// otherwise ([`crate::CandleConfig::prompt_chunk`]): llama.cpp's default
+/// micro-batch, so that a prompt is split where llama.cpp splits it.
+pub(crate) const DEFAULT_PROMPT_CHUNK: usize = 512;
 
 /// A job's next forward pass: its state, the tokens it feeds (the prompt,
 /// then one generated token at a time) and the position of the first.
@@ -141,6 +148,7 @@ impl CandleModel {
             weight_bytes: params as u64 * 4,
             tokenizer: None,
             passes: Combiner::new(DEFAULT_MAX_BATCH),
+            prompt_chunk: DEFAULT_PROMPT_CHUNK,
         })
     }
 
@@ -183,6 +191,7 @@ impl CandleModel {
             weight_bytes: checked.tensor_bytes,
             tokenizer,
             passes: Combiner::new(DEFAULT_MAX_BATCH),
+            prompt_chunk: DEFAULT_PROMPT_CHUNK,
         })
     }
 
@@ -271,10 +280,12 @@ impl CandleModel {
         self.passes.counts()
     }
 
-    /// This model with at most `n` jobs' next tokens in one forward pass
-    /// (1: each job's pass runs alone).
-    pub(crate) fn with_max_batch(mut self, n: usize) -> CandleModel {
-        self.passes = Combiner::new(n);
+    /// This model with at most `max_batch` jobs' next tokens in one forward
+    /// pass (1: each job's pass runs alone), and at most `prompt_chunk`
+    /// prompt tokens (at least 1).
+    pub(crate) fn with_passes(mut self, max_batch: usize, prompt_chunk: usize) -> CandleModel {
+        self.passes = Combiner::new(max_batch);
+        self.prompt_chunk = prompt_chunk.max(1);
         self
     }
 
@@ -301,8 +312,8 @@ impl CandleModel {
     /// Greedy generation of `n` tokens after `input` (the generated ones only),
     /// stopping early after any of `stop`, and with [`GenerateError::Timeout`]
     /// if `deadline` passes before the next token. The caller checks the ids
-    /// and the context. The prompt runs in one forward pass, then one token at
-    /// a time through a KV cache of this call's own.
+    /// and the context. The prompt runs in one forward pass (or one per 512
+    /// tokens), then one token at a time through a KV cache of this call's own.
     pub fn generate(
         &self,
         input: &[u32],
@@ -315,7 +326,8 @@ impl CandleModel {
 
     /// [`generate`](CandleModel::generate) with each token picked as
     /// `sampling` says (its `stop` strings are the caller's: `halt` is asked
-    /// after each token, with the tokens so far, whether to stop there).
+    /// after each token, with the tokens so far, whether to stop there, and
+    /// between the passes of a long prompt, with none).
     pub fn generate_with(
         &self,
         input: &[u32],
@@ -336,16 +348,25 @@ impl CandleModel {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok((seen.split_off(input.len()), false));
                 }
+                // A long prompt goes in chunks: other jobs' tokens run
+                // between them, and the deadline and `halt` are asked.
+                let end = seen.len().min(pos + self.prompt_chunk);
                 let step = Step {
                     job: job.take().expect("a job's state comes back with each pass"),
-                    tokens: seen[pos..].to_vec(),
+                    tokens: seen[pos..end].to_vec(),
                     pos,
                 };
                 let (state, logits) = passes
                     .run(step, Step::stackable, |steps| self.run_passes(steps))
                     .map_err(candle_core::Error::Msg)?;
                 job = Some(state);
-                pos = seen.len();
+                pos = end;
+                if pos < seen.len() {
+                    if halt(&[]) {
+                        break;
+                    }
+                    continue;
+                }
                 let next = sampler.next(&logits, &seen)?;
                 seen.push(next);
                 if stop.contains(&next) || halt(&seen[input.len()..]) {

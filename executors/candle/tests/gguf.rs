@@ -513,6 +513,36 @@ fn a_tiny_qwen2_runs_on_our_model_as_candle_runs_it() {
 }
 
 #[test]
+fn a_long_prompt_runs_in_chunks_with_the_same_tokens() {
+    let input: Vec<u32> = (0..20).map(|i| (i * 5 + 2) % VOCAB as u32).collect();
+    for bytes in [tiny_gguf_q8(), tiny_gguf(), qwen2_gguf(GgmlDType::Q4_1)] {
+        let whole = load(&bytes)
+            .unwrap()
+            .generate(&input, 8, &[], None)
+            .unwrap();
+        let executor = CandleExecutor::new(CandleConfig {
+            prompt_chunk: 3,
+            ..CandleConfig::default()
+        })
+        .unwrap();
+        let model = executor.load("{}", &bytes).unwrap();
+        assert_eq!(model.generate(&input, 8, &[], None).unwrap(), whole);
+        // 7 passes of at most 3 prompt tokens, then 7 of one token.
+        assert_eq!(model.forward_passes(), (7 + 7, 7 + 7));
+        // Asked between the chunks: a job can stop before its prompt is done.
+        let mut asked = 0;
+        let out = model
+            .generate_with(&input, 8, &[], None, &Sampling::default(), |so_far| {
+                assert!(so_far.is_empty());
+                asked += 1;
+                asked == 2
+            })
+            .unwrap();
+        assert_eq!((out.len(), asked), (0, 2));
+    }
+}
+
+#[test]
 fn a_tiny_qwen3_runs_on_our_model_as_candle_runs_it() {
     // candle-transformers' qwen3 runs its attention through its own CPU
     // flash-attention kernels, which sum in another order: the tokens agree
