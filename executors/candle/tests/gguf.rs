@@ -144,8 +144,14 @@ fn tensors() -> Vec<T> {
 
 /// The tiny llama with `ffn` for the feed-forward's gate and up matrices.
 fn tensors_with(ffn: GgmlDType) -> Vec<T> {
+    tensors_shaped(ffn, HIDDEN / HEADS as usize)
+}
+
+/// The tiny llama with `ffn` for the gate and up matrices and heads of
+/// `head` (attention `head · HEADS` wide).
+fn tensors_shaped(ffn: GgmlDType, head: usize) -> Vec<T> {
     let q = GgmlDType::Q8_0;
-    let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
+    let (attn, kv) = (head * HEADS as usize, head * KV_HEADS as usize);
     let mut list = vec![
         tensor("token_embd.weight", &[VOCAB, HIDDEN], 1, q),
         tensor("output_norm.weight", &[HIDDEN], 2, GgmlDType::F32),
@@ -154,12 +160,12 @@ fn tensors_with(ffn: GgmlDType) -> Vec<T> {
         let p = format!("blk.{l}");
         let s = 10 * (l as u64 + 1);
         list.extend([
-            tensor(&format!("{p}.attn_q.weight"), &[HIDDEN, HIDDEN], s, q),
+            tensor(&format!("{p}.attn_q.weight"), &[attn, HIDDEN], s, q),
             tensor(&format!("{p}.attn_k.weight"), &[kv, HIDDEN], s + 1, q),
             tensor(&format!("{p}.attn_v.weight"), &[kv, HIDDEN], s + 2, q),
             tensor(
                 &format!("{p}.attn_output.weight"),
-                &[HIDDEN, HIDDEN],
+                &[HIDDEN, attn],
                 s + 3,
                 q,
             ),
@@ -244,36 +250,14 @@ const QWEN3_HEAD: usize = 32;
 /// A tiny qwen3: no biases, a norm of each head's query and key, and heads
 /// of 32 (attention 128 wide over a 64-wide embedding), Q8_0.
 fn qwen3_gguf() -> Vec<u8> {
-    let q = GgmlDType::Q8_0;
-    let (attn, kv) = (QWEN3_HEAD * HEADS as usize, QWEN3_HEAD * KV_HEADS as usize);
-    let mut list = vec![
-        tensor("token_embd.weight", &[VOCAB, HIDDEN], 1, q),
-        tensor("output_norm.weight", &[HIDDEN], 2, GgmlDType::F32),
-    ];
+    let mut list = tensors_shaped(GgmlDType::Q8_0, QWEN3_HEAD);
     for l in 0..LAYERS {
-        let p = format!("blk.{l}");
-        let s = 10 * (l as u64 + 1);
-        let norm = |what: &str, len: usize, seed: u64| {
-            tensor(&format!("{p}.{what}.weight"), &[len], seed, GgmlDType::F32)
+        let s = 100 + 10 * l as u64;
+        let norm = |what: &str, seed: u64| {
+            let name = format!("blk.{l}.{what}.weight");
+            tensor(&name, &[QWEN3_HEAD], seed, GgmlDType::F32)
         };
-        list.extend([
-            tensor(&format!("{p}.attn_q.weight"), &[attn, HIDDEN], s, q),
-            tensor(&format!("{p}.attn_k.weight"), &[kv, HIDDEN], s + 1, q),
-            tensor(&format!("{p}.attn_v.weight"), &[kv, HIDDEN], s + 2, q),
-            tensor(
-                &format!("{p}.attn_output.weight"),
-                &[HIDDEN, attn],
-                s + 3,
-                q,
-            ),
-            tensor(&format!("{p}.ffn_gate.weight"), &[FFN, HIDDEN], s + 4, q),
-            tensor(&format!("{p}.ffn_up.weight"), &[FFN, HIDDEN], s + 5, q),
-            tensor(&format!("{p}.ffn_down.weight"), &[HIDDEN, FFN], s + 6, q),
-            norm("attn_norm", HIDDEN, s + 7),
-            norm("ffn_norm", HIDDEN, s + 8),
-            norm("attn_q_norm", QWEN3_HEAD, s + 9),
-            norm("attn_k_norm", QWEN3_HEAD, s + 10),
-        ]);
+        list.extend([norm("attn_q_norm", s), norm("attn_k_norm", s + 1)]);
     }
     let md = vec![
         ("general.architecture", Md::Str("qwen3")),
