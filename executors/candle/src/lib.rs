@@ -30,6 +30,7 @@
 #[doc(hidden)]
 pub mod batching;
 mod chat;
+mod ggml;
 pub mod gguf;
 mod guard;
 mod model;
