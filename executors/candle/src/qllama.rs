@@ -1,17 +1,19 @@
 //! Our own quantized llama for GGUF files (`general.architecture = llama`:
 //! Llama, SmolLM, Mistral, TinyLlama; and `qwen2`, which is llama with q/k/v
 //! biases and NEOX rotary pairs), in place of candle-transformers'
-//! `quantized_llama` and `quantized_qwen2`, which it follows closely (candle
-//! is MIT/Apache-2.0): the same tensors, the same operations in the same
-//! order, so the same numbers, except in two places where those cost time or
-//! memory:
+//! `quantized_llama` and `quantized_qwen2`, whose structure it follows (candle
+//! is MIT/Apache-2.0): the same tensors and operations in the same order, but
+//! each computed as llama.cpp's ggml CPU backend computes it, to the bit
+//! ([`crate::ggml`]: RMS norm, rope, attention, softmax, SwiGLU), so that
+//! greedy output equals llama.cpp's token for token (docs/CANDLE.md). Also:
 //!
 //! - the token embedding table stays quantized: only the rows looked up are
 //!   dequantized (candle's `QTensor::embedding`, one row per token), where
 //!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
 //!   the tied output projection multiplies by the same quantized tensor;
-//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] (AVX2), the other types
-//!   with candle's `QMatMul` as before.
+//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] and Q8_0 weights with
+//!   [`ggml::Q8_0Matrix`] (ggml's kernels), the other types with candle's
+//!   `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
 //! [`Cache`] (keys and values per layer).
