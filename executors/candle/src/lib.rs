@@ -29,6 +29,7 @@
 
 mod chat;
 mod combine;
+mod ggml;
 pub mod gguf;
 mod guard;
 mod model;

@@ -63,15 +63,17 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 /// Σ over the blocks of (Q4_1 row `x`, as bytes) · (Q8_1 row `y`), without
-/// SIMD: the same lanes and order as the AVX2 version (8 partial sums, each
-/// of 4 products), with a multiply and an add where that one fuses them.
+/// SIMD: the same lanes, order and roundings as the AVX2 version (8 partial
+/// sums, each of 4 products; fused multiply-adds as `mul_add`), so the same bits.
 pub(crate) fn dot_scalar(x: &[u8], y: &[BlockQ8_1]) -> f32 {
     assert_eq!(x.len(), y.len() * Q4_1_BYTES, "dot_q4_1_q8_1: lengths");
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
     for (xb, yb) in x.chunks_exact(Q4_1_BYTES).zip(y) {
         let (d, m) = (f16_at(xb, 0), f16_at(xb, 2));
-        summs += m * yb.s;
+        // ggml's `summs += m * s` is fused by the compiler (vfmadd231ss in
+        // libggml-cpu-zen4.so / -haswell.so): one rounding, as mul_add.
+        summs = m.mul_add(yb.s, summs);
         let d = d * yb.d;
         let qs = &xb[4..];
         for (lane, acc) in acc.iter_mut().enumerate() {
@@ -84,7 +86,7 @@ pub(crate) fn dot_scalar(x: &[u8], y: &[BlockQ8_1]) -> f32 {
                 };
                 sum += i32::from(q) * i32::from(yb.qs[b]);
             }
-            *acc += d * sum as f32;
+            *acc = d.mul_add(sum as f32, *acc);
         }
     }
     hsum8(acc) + summs
@@ -184,7 +186,7 @@ pub(crate) mod avx2 {
             for ((y, acc), summs) in ys.iter().zip(acc.iter_mut()).zip(summs.iter_mut()) {
                 // Bounds-checked: every row has as many blocks (checked by the caller).
                 let yb = &y[i];
-                *summs += m * yb.s;
+                *summs = m.mul_add(yb.s, *summs);
                 let dd = _mm256_set1_ps(d * yb.d);
                 // SAFETY: yb.qs is 32 i8 = 32 bytes, read unaligned.
                 let qy = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
@@ -228,7 +230,7 @@ pub(crate) mod avx2 {
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
             let d = _mm_cvtss_f32(dm);
             let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            summs += m * yb.s;
+            summs = m.mul_add(yb.s, summs);
             let dd = _mm256_set1_ps(d * yb.d);
             // The 16 bytes of nibbles: low nibbles then high ones, as 32 bytes.
             // SAFETY: bytes 4..20 of the block, inside it.
@@ -443,20 +445,8 @@ mod tests {
                     a.is_finite() && b.is_finite(),
                     "{name}, {nb} blocks: {a} vs {b}"
                 );
-                // Only the fused multiply-add differs: about one rounding
-                // per block, relative to the largest term.
-                let magnitude: f32 = x
-                    .chunks_exact(Q4_1_BYTES)
-                    .zip(&y)
-                    .map(|(xb, yb)| {
-                        (f16_at(xb, 0) * yb.d).abs() * 15.0 * 127.0 * 32.0
-                            + (f16_at(xb, 2) * yb.s).abs()
-                    })
-                    .sum();
-                assert!(
-                    (a - b).abs() <= magnitude * 1e-6,
-                    "{name}, {nb} blocks: {a} vs {b}"
-                );
+                // The same roundings (mul_add where ggml's compiler fuses): equal bits.
+                assert_eq!(a.to_bits(), b.to_bits(), "{name}, {nb} blocks: {a} vs {b}");
                 // Four rows at once: each exactly as one row alone.
                 let others: Vec<_> = (0..3).map(|_| blocks(&mut rng, nb, scale, act).1).collect();
                 let four = dot4(&x, [&y, &others[0], &others[1], &others[2]]);

@@ -3,17 +3,19 @@
 //! biases and NEOX rotary pairs; and `qwen3`, which is llama with NEOX pairs,
 //! an RMS norm of each head's query and key, and its own head size), in place
 //! of candle-transformers' `quantized_llama`, `quantized_qwen2` and
-//! `quantized_qwen3`, which it follows closely (candle
-//! is MIT/Apache-2.0): the same tensors, the same operations in the same
-//! order, so the same numbers, except in two places where those cost time or
-//! memory:
+//! `quantized_qwen3`, whose structure it follows (candle
+//! is MIT/Apache-2.0): the same tensors and operations in the same order, but
+//! each computed as llama.cpp's ggml CPU backend computes it, to the bit
+//! ([`crate::ggml`]: RMS norm, rope, attention, softmax, SwiGLU), so that
+//! greedy output equals llama.cpp's token for token (docs/CANDLE.md). Also:
 //!
 //! - the token embedding table stays quantized: only the rows looked up are
 //!   dequantized (candle's `QTensor::embedding`, one row per token), where
 //!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
 //!   the tied output projection multiplies by the same quantized tensor;
-//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] (AVX2), the other types
-//!   with candle's `QMatMul` as before.
+//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] and Q8_0 weights with
+//!   [`ggml::Q8_0Matrix`] (ggml's kernels), the other types with candle's
+//!   `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
 //! [`Cache`] (keys and values per layer).
@@ -25,6 +27,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
+use crate::ggml;
 use crate::gguf::Arch;
 use crate::q4_1::Q4_1Matrix;
 
@@ -32,6 +35,7 @@ use crate::q4_1::Q4_1Matrix;
 #[derive(Debug)]
 enum Linear {
     Q4_1(Q4_1Matrix),
+    Q8_0(ggml::Q8_0Matrix),
     Candle(QMatMul),
 }
 
@@ -39,6 +43,7 @@ impl Linear {
     fn new(t: Arc<QTensor>) -> Result<Linear> {
         Ok(match t.dtype() {
             GgmlDType::Q4_1 if t.device().is_cpu() => Linear::Q4_1(Q4_1Matrix::new(t)?),
+            GgmlDType::Q8_0 if t.device().is_cpu() => Linear::Q8_0(ggml::Q8_0Matrix::new(t)?),
             _ => Linear::Candle(QMatMul::from_arc(t)?),
         })
     }
@@ -46,12 +51,13 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Q4_1(m) => m.forward(x),
+            Linear::Q8_0(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
     }
 }
 
-/// RMS normalisation with an F32 weight (candle's `rms_norm`, as candle's model).
+/// RMS normalisation with an F32 weight, as ggml computes it ([`ggml::rms_norm_row`]).
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -67,7 +73,13 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+        let w = self.weight.to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; xs.len()];
+        for (x, y) in xs.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+            ggml::rms_norm_row(x, &w, self.eps, y);
+        }
+        Tensor::from_vec(out, x.shape(), x.device())
     }
 }
 
@@ -91,12 +103,27 @@ struct Layer {
 
 impl Layer {
     /// The feed-forward block after the attention, without its residual:
-    /// `w2(silu(w1(norm(x))) * w3(norm(x)))`.
+    /// `w2(silu(w1(norm(x))) * w3(norm(x)))`, the SwiGLU as ggml's
+    /// ([`ggml::swiglu`], row by row).
     fn ffn(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.ffn_norm.forward(x)?;
         let gate = self.w1.forward(&y)?;
         let up = self.w3.forward(&y)?;
-        self.w2.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let shape = gate.shape().clone();
+        let (gate, up) = (
+            gate.flatten_all()?.to_vec1::<f32>()?,
+            up.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut act = vec![0f32; gate.len()];
+        let n = *shape.dims().last().unwrap_or(&1);
+        for ((g, u), a) in gate
+            .chunks_exact(n)
+            .zip(up.chunks_exact(n))
+            .zip(act.chunks_exact_mut(n))
+        {
+            ggml::swiglu(g, u, a);
+        }
+        self.w2.forward(&Tensor::from_vec(act, shape, x.device())?)
     }
 }
 
@@ -116,9 +143,11 @@ pub(crate) struct QLlama {
     hidden: usize,
     /// Rotary pairs `(i, i + d/2)` (NEOX: qwen2, qwen3) rather than `(2i, 2i + 1)` (llama).
     neox: bool,
-    /// Rotary tables, `[positions, rope_dim / 2]`.
-    cos: Tensor,
-    sin: Tensor,
+    /// ggml's rope caches ([`ggml::rope_cache`]), `[positions, rope_dim]`:
+    /// `cos, sin` per pair.
+    rope: Vec<f32>,
+    /// The rotated dimensions of each head (the first `rope_dim`).
+    rope_dim: usize,
 }
 
 /// One job's keys and values, per layer.
@@ -161,7 +190,7 @@ impl QLlama {
             Ok(v) if arch == Arch::Qwen3 => v.to_u32()? as usize,
             _ => hidden / n_head,
         };
-        // candle's qwen2 and qwen3 rotate the whole head; llama files say how much.
+        // qwen2 and qwen3 rotate the whole head; llama files say how much.
         let rope_dim = match md("rope.dimension_count") {
             Ok(v) if !neox => v.to_u32()? as usize,
             _ => head_dim,
@@ -170,7 +199,7 @@ impl QLlama {
         let freq_base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10000.0);
-        let (cos, sin) = rotary_tables(rope_dim, freq_base, positions, device)?;
+        let rope = rotary_tables(rope_dim, freq_base, positions);
 
         let mut tensor = |name: &str| content.tensor(reader, name, device);
         let embedding = Arc::new(tensor("token_embd.weight")?);
@@ -237,8 +266,8 @@ impl QLlama {
             head_dim,
             hidden: n_head * head_dim,
             neox,
-            cos,
-            sin,
+            rope,
+            rope_dim,
         })
     }
 
@@ -285,7 +314,7 @@ impl QLlama {
     pub(crate) fn forward_steps(&self, steps: &mut [(&mut Cache, u32, usize)]) -> Result<Tensor> {
         let b = steps.len();
         let tokens: Vec<u32> = steps.iter().map(|s| s.1).collect();
-        let x = Tensor::from_vec(tokens, (b, 1), self.cos.device())?;
+        let x = Tensor::from_vec(tokens, (b, 1), &self.embedding.device())?;
         let mut h = self.embed(&x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let x = layer.attn_norm.forward(&h)?;
@@ -357,18 +386,22 @@ impl QLlama {
         pos: usize,
     ) -> Result<Tensor> {
         let (b, seq_len, _) = q.dims3()?;
-        let q = q
-            .reshape((b, seq_len, self.n_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = v
-            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
+        let device = q.device().clone();
+        let (hd, n_head, n_kv_head) = (self.head_dim, self.n_head, self.n_kv_head);
+        let mut qs = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut ks = k.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..b * seq_len {
+            let p = pos + i % seq_len;
+            self.rope(&mut qs[i * n_head * hd..(i + 1) * n_head * hd], p)?;
+            self.rope(&mut ks[i * n_kv_head * hd..(i + 1) * n_kv_head * hd], p)?;
+        }
+        let k = Tensor::from_vec(ks, (b, seq_len, n_kv_head, hd), &device)?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.rope(&q, pos)?;
-        let k = self.rope(&k, pos)?;
+        let v = v
+            .reshape((b, seq_len, n_kv_head, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (k, v) = match kv.take() {
             Some((k_cache, v_cache)) if pos > 0 => (
                 Tensor::cat(&[&k_cache, &k], 2)?,
@@ -378,54 +411,91 @@ impl QLlama {
         };
         *kv = Some((k.clone(), v.clone()));
 
-        let n_rep = self.n_head / self.n_kv_head;
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(mask) => {
-                let mask = mask.broadcast_as(att.shape())?;
-                let neg_inf =
-                    Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
-                mask.where_cond(&neg_inf, &att)?
+        // ggml's attention without flash attention, head by head: scores
+        // K·Q ([`ggml::vec_dot_f32`]), softmax with the scale and the mask
+        // ([`ggml::soft_max_row`]), then V·softmax: one dot product per
+        // output value, tinyBLAS's for a prompt and ggml_vec_dot_f32's for
+        // one token, as llama.cpp's mul_mat picks them.
+        let total = k.dim(2)?;
+        let ks = k.flatten_all()?.to_vec1::<f32>()?; // [b, n_kv_head, total, hd]
+        let vs = v.flatten_all()?.to_vec1::<f32>()?;
+        // V transposed per head: [b, n_kv_head, hd, total].
+        let mut vt = vec![0f32; vs.len()];
+        for (src, dst) in vs
+            .chunks_exact(total * hd)
+            .zip(vt.chunks_exact_mut(total * hd))
+        {
+            for (j, row) in src.chunks_exact(hd).enumerate() {
+                for (d, &val) in row.iter().enumerate() {
+                    dst[d * total + j] = val;
+                }
             }
+        }
+        let hidden: Option<Vec<Vec<u8>>> = match mask {
+            Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2::<u8>()?),
+            None => None,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))
+        let scale = 1.0 / (hd as f32).sqrt();
+        let n_rep = n_head / n_kv_head;
+        let mut out = vec![0f32; b * seq_len * n_head * hd];
+        let mut probs = vec![0f32; total];
+        for bi in 0..b {
+            for h in 0..n_head {
+                let g = bi * n_kv_head + h / n_rep;
+                let keys = &ks[g * total * hd..(g + 1) * total * hd];
+                let vals = &vt[g * total * hd..(g + 1) * total * hd];
+                for i in 0..seq_len {
+                    let t = bi * seq_len + i;
+                    let q = &qs[(t * n_head + h) * hd..(t * n_head + h + 1) * hd];
+                    for (j, (p, key)) in probs.iter_mut().zip(keys.chunks_exact(hd)).enumerate() {
+                        let masked = hidden.as_ref().is_some_and(|m| m[i][j] != 0);
+                        *p = if masked {
+                            f32::NEG_INFINITY
+                        } else {
+                            ggml::vec_dot_f32(key, q)
+                        };
+                    }
+                    ggml::soft_max_row(&mut probs, scale);
+                    let o = &mut out[(t * n_head + h) * hd..(t * n_head + h + 1) * hd];
+                    for (o, vrow) in o.iter_mut().zip(vals.chunks_exact(total)) {
+                        *o = match seq_len {
+                            1 => ggml::vec_dot_f32(vrow, &probs),
+                            _ => ggml::sgemm_dot_f32(vrow, &probs),
+                        };
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (b, seq_len, self.hidden), &device)
     }
 
-    /// Rotary embedding: llama's interleaved pairs (`rope_i`, llama.cpp's
-    /// NORM) or qwen2's and qwen3's halves (`rope`, NEOX).
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let (_b, _h, seq_len, _d) = x.dims4()?;
-        let cos = self.cos.narrow(0, pos, seq_len)?;
-        let sin = self.sin.narrow(0, pos, seq_len)?;
-        match self.neox {
-            true => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
-            false => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
+    /// Rotary embedding of one token's heads (`x`: whole heads) at
+    /// position `pos`, in place: llama's interleaved pairs (llama.cpp's
+    /// NORM, [`ggml::rope_norm`]) or qwen2's and qwen3's halves (NEOX,
+    /// [`ggml::rope_neox`]).
+    fn rope(&self, x: &mut [f32], pos: usize) -> Result<()> {
+        let d = self.rope_dim;
+        let Some(cache) = self.rope.get(pos * d..(pos + 1) * d) else {
+            candle_core::bail!("position {pos} is past the rotary tables")
+        };
+        for head in x.chunks_exact_mut(self.head_dim) {
+            match self.neox {
+                true => ggml::rope_neox(head, cache),
+                false => ggml::rope_norm(head, cache),
+            }
         }
+        Ok(())
     }
 }
 
-/// candle's `precomput_freqs_cis`: `[positions, dim / 2]` cos and sin.
-fn rotary_tables(
-    dim: usize,
-    freq_base: f32,
-    positions: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let theta: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1f32 / freq_base.powf(i as f32 / dim as f32))
-        .collect();
-    let theta = Tensor::new(theta.as_slice(), device)?;
-    let idx_theta = Tensor::arange(0, positions as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((positions, 1))?
-        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    Ok((idx_theta.cos()?, idx_theta.sin()?))
+/// ggml's rope caches for `positions` positions ([`ggml::rope_cache`]):
+/// `[positions, dim]`, `cos, sin` per pair.
+fn rotary_tables(dim: usize, freq_base: f32, positions: usize) -> Vec<f32> {
+    let mut out = vec![0f32; positions * dim];
+    for (p, row) in out.chunks_exact_mut(dim).enumerate() {
+        ggml::rope_cache(p, dim, freq_base, row);
+    }
+    out
 }
 
 /// `[seq_len, pos + seq_len]`, 1 where query `i` (at `pos + i`) must not see key `j`.

@@ -1,0 +1,80 @@
+"""Records what ggml's CPU ops compute on fixed inputs, for the tests of
+executors/candle/src/ggml.rs (the recorded values are pasted there).
+
+Runs the real ggml of node-llama-cpp 3.22.1 (llama.cpp tagged v0.5.0), the
+AVX-512 build llama.cpp loads on this project's machines:
+
+    npm install node-llama-cpp@3.22.1   # in DIR
+    python3 ggml_ops.py DIR/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64
+
+Each input value i of a series k is ((i * 7919 + k) % 2000) / 500 - 2,
+computed in f64 and rounded to f32 (ggml.rs's tests compute the same). Each
+result is printed as the f32 bits of every value (short ones) or as the
+64-bit FNV-1a hash of those bits, little-endian (long ones).
+"""
+import ctypes as C, struct, sys
+
+D = sys.argv[1].rstrip("/") + "/"
+base = C.CDLL(D + "libggml-base.so", mode=C.RTLD_GLOBAL)
+cpu = C.CDLL(D + "libggml-cpu-zen4.so", mode=C.RTLD_GLOBAL)
+class P(C.Structure):
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+vp, i64, fl = C.c_void_p, C.c_int64, C.c_float
+for n, res, args in [
+    ("ggml_init", vp, [P]), ("ggml_new_tensor_1d", vp, [vp, C.c_int, i64]),
+    ("ggml_new_tensor_2d", vp, [vp, C.c_int, i64, i64]), ("ggml_new_tensor_3d", vp, [vp, C.c_int, i64, i64, i64]),
+    ("ggml_get_data", vp, [vp]), ("ggml_new_graph", vp, [vp]), ("ggml_build_forward_expand", None, [vp, vp]),
+    ("ggml_rope_ext", vp, [vp, vp, vp, vp, C.c_int, C.c_int, C.c_int, fl, fl, fl, fl, fl, fl]),
+    ("ggml_soft_max_ext", vp, [vp, vp, vp, fl, fl]), ("ggml_swiglu_split", vp, [vp, vp, vp]),
+    ("ggml_rms_norm", vp, [vp, vp, fl]), ("ggml_mul_mat", vp, [vp, vp, vp]), ("ggml_mul", vp, [vp, vp, vp]),
+]:
+    f = getattr(base, n); f.restype = res; f.argtypes = args
+cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, C.c_int]
+cpu.ggml_cpu_init()
+F32, Q8_0, I32 = 0, 8, 26
+ctx = base.ggml_init(P(64 << 20, None, False))
+
+def f32(v): return struct.unpack("<f", struct.pack("<f", v))[0]
+def series(n, k, scale=1.0): return [f32((((i * 7919 + k) % 2000) / 500.0 - 2.0) * scale) for i in range(n)]
+def tensor(dims, vals, typ=F32):
+    fn = {1: base.ggml_new_tensor_1d, 2: base.ggml_new_tensor_2d, 3: base.ggml_new_tensor_3d}[len(dims)]
+    x = fn(ctx, typ, *dims)
+    arr = (C.c_float * len(vals) if typ == F32 else C.c_int32 * len(vals)).from_address(base.ggml_get_data(x))
+    for i, v in enumerate(vals): arr[i] = v
+    return x
+def run(out, n):
+    g = base.ggml_new_graph(ctx); base.ggml_build_forward_expand(g, out)
+    cpu.ggml_graph_compute_with_ctx(ctx, g, 2)
+    return [struct.unpack("<I", struct.pack("<f", v))[0] for v in (C.c_float * n).from_address(base.ggml_get_data(out))]
+def fnv(bits):
+    h = 0xcbf29ce484222325
+    for b in struct.pack(f"<{len(bits)}I", *bits):
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return hex(h)
+def show(name, bits): print(name, "[" + ", ".join(hex(b) for b in bits) + "]" if len(bits) <= 32 else fnv(bits))
+
+# rms_norm then mul by the weight: one row of 64.
+show("rms_norm", run(base.ggml_mul(ctx, base.ggml_rms_norm(ctx, tensor([64], series(64, 0)), f32(1e-5)), tensor([64], series(64, 1, 0.5))), 64))
+# swiglu: silu(series 2 · 3) · series 3.
+show("swiglu", run(base.ggml_swiglu_split(ctx, tensor([32], series(32, 2, 3.0)), tensor([32], series(32, 3))), 32))
+# soft_max_ext, scale 1/8: two rows of 32 (series 4 · 8); row r sees 20 + 7r keys.
+mask = [0.0 if j < 20 + 7 * r else float("-inf") for r in range(2) for j in range(32)]
+show("softmax", run(base.ggml_soft_max_ext(ctx, tensor([32, 2], series(64, 4, 8.0)), tensor([32, 2], mask), f32(0.125), 0.0), 64))
+# rope NORM, 64 dims, base 100000, positions 1 and 300 (one head each, series 5).
+show("rope", run(base.ggml_rope_ext(ctx, tensor([64, 1, 2], series(128, 5)), tensor([2], [1, 300], I32), None, 64, 0, 8192, f32(100000.0), 1.0, 0.0, 1.0, 32.0, 1.0), 128))
+# mul_mat F32: 4 rows of 64 (series 6) by one column (series 7): ggml_vec_dot_f32.
+show("dot64", run(base.ggml_mul_mat(ctx, tensor([64, 4], series(256, 6)), tensor([64, 1], series(64, 7))), 4))
+# 4 rows of 256 (series 8) by one column (series 9).
+show("dot256", run(base.ggml_mul_mat(ctx, tensor([256, 4], series(1024, 8)), tensor([256, 1], series(256, 9))), 4))
+# 16 rows of 64 (series 10) by two columns (series 11): tinyBLAS.
+show("sgemm", run(base.ggml_mul_mat(ctx, tensor([64, 16], series(1024, 10)), tensor([64, 2], series(128, 11))), 32))
+# Q8_0 weights, 4 rows of 64: block b of row r has d = f16 bits 0x2000 + 97 (4r + b) and
+# quant j = ((r * 64 + 32 b + j) * 37) % 255 - 127; by one F32 column (series 12).
+w = base.ggml_new_tensor_2d(ctx, Q8_0, 64, 4)
+raw = bytearray()
+for r in range(4):
+    for b in range(2):
+        raw += struct.pack("<H", 0x2000 + 97 * (4 * r + b))
+        raw += bytes(((((r * 64 + 32 * b + j) * 37) % 255 - 127) & 0xFF) for j in range(32))
+C.memmove(base.ggml_get_data(w), bytes(raw), len(raw))
+show("q8_0", run(base.ggml_mul_mat(ctx, w, tensor([64, 1], series(64, 12))), 4))
