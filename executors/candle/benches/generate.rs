@@ -1,7 +1,10 @@
 //! Tokens per second of greedy generation, through a real node over loopback
 //! (donate-std `serve` + `Client`, one job at a time) against candle run
 //! directly in the same process on the same weights: the protocol's cost as a
-//! ratio.
+//! ratio. With `DONATE_TEST_GGUF`, a GGUF file the same way (and llama.cpp
+//! beside it with `DONATE_LLAMA_CPP_DIR`), 4 jobs at once with their tokens
+//! stacked into one pass against one pass per job, and the peak RSS
+//! (docs/CANDLE.md, Figures).
 //!
 //! ```text
 //! cargo bench -p donate-candle --bench generate            # tiny + a 134M-parameter random llama
