@@ -413,17 +413,13 @@ impl Q8_0Matrix {
     pub(crate) fn new(
         weights: std::sync::Arc<candle_core::quantized::QTensor>,
     ) -> candle_core::Result<Self> {
-        if weights.dtype() != candle_core::quantized::GgmlDType::Q8_0 {
-            candle_core::bail!("Q8_0Matrix: a {:?} tensor", weights.dtype())
-        }
-        let (n, k) = weights.shape().dims2()?;
-        if k % QK8_0 != 0 {
-            candle_core::bail!("Q8_0Matrix: rows of {k} values, not whole blocks")
-        }
-        let bytes = weights.data()?.len();
-        if bytes != n * (k / QK8_0) * Q8_0_BYTES {
-            candle_core::bail!("Q8_0Matrix: {bytes} bytes for [{n}, {k}]")
-        }
+        let (n, k) = crate::qmatrix::check_weights(
+            "Q8_0Matrix",
+            &weights,
+            candle_core::quantized::GgmlDType::Q8_0,
+            QK8_0,
+            Q8_0_BYTES,
+        )?;
         Ok(Q8_0Matrix {
             weights,
             n,
@@ -437,15 +433,7 @@ impl Q8_0Matrix {
         &self,
         x: &candle_core::Tensor,
     ) -> candle_core::Result<candle_core::Tensor> {
-        let mut dims = x.dims().to_vec();
-        match dims.last() {
-            Some(&k) if k == self.k => {}
-            _ => candle_core::bail!("Q8_0Matrix: input {:?} for [{}, {}]", dims, self.n, self.k),
-        }
-        let xs = x
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
+        let (xs, dims) = crate::qmatrix::activations("Q8_0Matrix", x, self.n, self.k)?;
         let m = xs.len() / self.k;
         let kb = self.k / QK8_0;
         let zero = BlockQ8_0 {
@@ -456,41 +444,13 @@ impl Q8_0Matrix {
         quantize_row_q8_0(&xs, &mut xq);
         let w = self.weights.data()?;
         let row_bytes = kb * Q8_0_BYTES;
-        // Column-major while computing ([n][m]): each work item owns one slice.
-        let mut out_t = vec![0f32; self.n * m];
-        if m > 0 {
-            let items: Vec<std::sync::Mutex<&mut [f32]>> = out_t
-                .chunks_mut(ROWS_PER_ITEM * m)
-                .map(std::sync::Mutex::new)
-                .collect();
-            let dot = self.dot;
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-                for item in range {
-                    // Each item is taken by one thread only: the lock never waits.
-                    let mut dst = items[item].lock().unwrap_or_else(|p| p.into_inner());
-                    for (j, col) in dst.chunks_mut(m).enumerate() {
-                        let c = item * ROWS_PER_ITEM + j;
-                        let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
-                        for (r, out) in col.iter_mut().enumerate() {
-                            *out = dot(wrow, &xq[r * kb..(r + 1) * kb]);
-                        }
-                    }
-                }
-            });
-        }
-        let out = match m {
-            1 => out_t,
-            _ => {
-                let mut out = vec![0f32; self.n * m];
-                for (c, col) in out_t.chunks_exact(m).enumerate() {
-                    for (r, &v) in col.iter().enumerate() {
-                        out[r * self.n + c] = v;
-                    }
-                }
-                out
+        let dot = self.dot;
+        let out = crate::qmatrix::by_weight_rows(self.n, m, ROWS_PER_ITEM, |c, col| {
+            let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
+            for (r, out) in col.iter_mut().enumerate() {
+                *out = dot(wrow, &xq[r * kb..(r + 1) * kb]);
             }
-        };
-        *dims.last_mut().expect("checked above") = self.n;
+        });
         candle_core::Tensor::from_vec(out, dims, x.device())
     }
 }

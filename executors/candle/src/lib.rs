@@ -35,6 +35,7 @@ mod guard;
 mod model;
 mod q4_1;
 mod qllama;
+mod qmatrix;
 mod sampling;
 
 use std::path::{Path, PathBuf};

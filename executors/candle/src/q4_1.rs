@@ -12,11 +12,13 @@
 //! The only `unsafe` code of this crate's kernels is here, in the AVX2 dot
 //! product, which is entered only with its lengths checked.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 use half::f16;
+
+use crate::qmatrix;
 
 /// Values per block (Q4_1 and Q8_1 alike).
 pub(crate) const QK: usize = 32;
@@ -259,17 +261,8 @@ pub(crate) struct Q4_1Matrix {
 impl Q4_1Matrix {
     /// Wraps a Q4_1 tensor of shape `[n, k]` held in CPU memory.
     pub(crate) fn new(weights: Arc<QTensor>) -> Result<Self> {
-        if weights.dtype() != GgmlDType::Q4_1 {
-            candle_core::bail!("Q4_1Matrix: a {:?} tensor", weights.dtype())
-        }
-        let (n, k) = weights.shape().dims2()?;
-        if k % QK != 0 {
-            candle_core::bail!("Q4_1Matrix: rows of {k} values, not whole blocks")
-        }
-        let bytes = weights.data()?.len();
-        if bytes != n * (k / QK) * Q4_1_BYTES {
-            candle_core::bail!("Q4_1Matrix: {bytes} bytes for [{n}, {k}]")
-        }
+        let (n, k) =
+            qmatrix::check_weights("Q4_1Matrix", &weights, GgmlDType::Q4_1, QK, Q4_1_BYTES)?;
         Ok(Q4_1Matrix {
             weights,
             n,
@@ -280,15 +273,7 @@ impl Q4_1Matrix {
 
     /// `x · Wᵀ` for `x` of shape `[…, k]`: shape `[…, n]`, F32.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        match dims.last() {
-            Some(&k) if k == self.k => {}
-            _ => candle_core::bail!("Q4_1Matrix: input {:?} for [{}, {}]", dims, self.n, self.k),
-        }
-        let xs = x
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
+        let (xs, dims) = qmatrix::activations("Q4_1Matrix", x, self.n, self.k)?;
         let m = xs.len() / self.k;
         let kb = self.k / QK;
         let zero = BlockQ8_1 {
@@ -300,16 +285,13 @@ impl Q4_1Matrix {
         quantize_row_q8_1(&xs, &mut xq);
         let data = self.weights.data()?;
         let out = matmul(&data, self.n, &xq, m, self.dot);
-        *dims.last_mut().expect("checked above") = self.n;
         Tensor::from_vec(out, dims, x.device())
     }
 }
 
 /// `[m, n]` outputs: row `r`, column `c` is weight row `c` (of `w`, `n` Q4_1
-/// rows) dotted with activation row `r` (of `xq`, `m` Q8_1 rows). Work items
-/// are runs of [`ROWS_PER_ITEM`] weight rows, each dotted with every
-/// activation row (four at a time) while it is in cache, on candle's thread
-/// pool.
+/// rows) dotted with activation row `r` (of `xq`, `m` Q8_1 rows), four
+/// activation rows at a time ([`qmatrix::by_weight_rows`]).
 fn matmul(
     w: &[u8],
     n: usize,
@@ -321,48 +303,20 @@ fn matmul(
     let row_bytes = kb * Q4_1_BYTES;
     assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
     assert_eq!(xq.len(), m * kb, "matmul: activation blocks");
-    // Column-major while computing ([n][m]): each item owns one slice.
-    let mut out_t = vec![0f32; n * m];
-    if m == 0 || n == 0 {
-        return out_t;
-    }
-    {
-        let items: Vec<Mutex<&mut [f32]>> = out_t
-            .chunks_mut(ROWS_PER_ITEM * m)
-            .map(Mutex::new)
-            .collect();
-        candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-            for item in range {
-                // Each item is taken by one thread only: the lock never waits.
-                let mut dst = items[item].lock().unwrap_or_else(|p| p.into_inner());
-                for (j, col) in dst.chunks_mut(m).enumerate() {
-                    let c = item * ROWS_PER_ITEM + j;
-                    let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
-                    let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
-                    let mut fours = col.chunks_exact_mut(4);
-                    for (q, out) in (&mut fours).enumerate() {
-                        let r = q * 4;
-                        let four = dot4(wrow, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
-                        out.copy_from_slice(&four);
-                    }
-                    let done = m - m % 4;
-                    for (r, out) in fours.into_remainder().iter_mut().enumerate() {
-                        *out = dot(wrow, xrow(done + r));
-                    }
-                }
-            }
-        });
-    }
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; n * m];
-    for (c, col) in out_t.chunks_exact(m).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            out[r * n + c] = v;
+    qmatrix::by_weight_rows(n, m, ROWS_PER_ITEM, |c, col| {
+        let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
+        let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
+        let mut fours = col.chunks_exact_mut(4);
+        for (q, out) in (&mut fours).enumerate() {
+            let r = q * 4;
+            let four = dot4(wrow, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
+            out.copy_from_slice(&four);
         }
-    }
-    out
+        let done = m - m % 4;
+        for (r, out) in fours.into_remainder().iter_mut().enumerate() {
+            *out = dot(wrow, xrow(done + r));
+        }
+    })
 }
 
 #[cfg(test)]
