@@ -60,24 +60,24 @@ impl Linear {
 /// RMS normalisation with an F32 weight, as ggml computes it ([`ggml::rms_norm_row`]).
 #[derive(Debug)]
 struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     fn new(t: QTensor, eps: f32, device: &Device) -> Result<RmsNorm> {
         Ok(RmsNorm {
-            weight: t.dequantize(device)?,
+            weight: t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?,
             eps,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_vec1::<f32>()?;
+        let w = &self.weight;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; xs.len()];
         for (x, y) in xs.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-            ggml::rms_norm_row(x, &w, self.eps, y);
+            ggml::rms_norm_row(x, w, self.eps, y);
         }
         Tensor::from_vec(out, x.shape(), x.device())
     }
@@ -153,7 +153,15 @@ pub(crate) struct QLlama {
 /// One job's keys and values, per layer.
 #[derive(Debug)]
 pub(crate) struct Cache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<KvRows>,
+}
+
+/// One layer's keys and values (after the rotation), position by position:
+/// `[positions, b, n_kv_head, head_dim]` each, appended to in place.
+#[derive(Debug, Default)]
+struct KvRows {
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// Whether a llama GGUF is a mixture of experts (`llama.expert_count` > 1:
@@ -274,7 +282,7 @@ impl QLlama {
     /// An empty KV cache for one job.
     pub(crate) fn new_cache(&self) -> Cache {
         Cache {
-            kv: vec![None; self.layers.len()],
+            kv: (0..self.layers.len()).map(|_| KvRows::default()).collect(),
         }
     }
 
@@ -338,7 +346,7 @@ impl QLlama {
     fn attention(
         &self,
         layer: &Layer,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut KvRows,
         x: &Tensor,
         mask: Option<&Tensor>,
         pos: usize,
@@ -378,7 +386,7 @@ impl QLlama {
     /// and values: `[b, seq, hidden]`, before the output projection.
     fn attend(
         &self,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut KvRows,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -395,39 +403,42 @@ impl QLlama {
             self.rope(&mut qs[i * n_head * hd..(i + 1) * n_head * hd], p)?;
             self.rope(&mut ks[i * n_kv_head * hd..(i + 1) * n_kv_head * hd], p)?;
         }
-        let k = Tensor::from_vec(ks, (b, seq_len, n_kv_head, hd), &device)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v
-            .reshape((b, seq_len, n_kv_head, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (k, v) = match kv.take() {
-            Some((k_cache, v_cache)) if pos > 0 => (
-                Tensor::cat(&[&k_cache, &k], 2)?,
-                Tensor::cat(&[&v_cache, &v], 2)?,
-            ),
-            _ => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        // The cache takes the new rows in place: `[positions, b, n_kv_head, hd]`.
+        let row = n_kv_head * hd;
+        if pos == 0 {
+            kv.keys.clear();
+            kv.values.clear();
+        }
+        if kv.keys.len() != pos * b * row {
+            candle_core::bail!(
+                "a KV cache of {} positions for a step at position {pos}",
+                kv.keys.len() / (b * row)
+            )
+        }
+        let vs = v.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..seq_len {
+            for bi in 0..b {
+                let at = (bi * seq_len + i) * row;
+                kv.keys.extend_from_slice(&ks[at..at + row]);
+                kv.values.extend_from_slice(&vs[at..at + row]);
+            }
+        }
 
         // ggml's attention without flash attention, head by head: scores
         // K·Q ([`ggml::vec_dot_f32`]), softmax with the scale and the mask
         // ([`ggml::soft_max_row`]), then V·softmax: one dot product per
         // output value, tinyBLAS's for a prompt and ggml_vec_dot_f32's for
         // one token, as llama.cpp's mul_mat picks them.
-        let total = k.dim(2)?;
-        let ks = k.flatten_all()?.to_vec1::<f32>()?; // [b, n_kv_head, total, hd]
-        let vs = v.flatten_all()?.to_vec1::<f32>()?;
-        // V transposed per head: [b, n_kv_head, hd, total].
-        let mut vt = vec![0f32; vs.len()];
-        for (src, dst) in vs
-            .chunks_exact(total * hd)
-            .zip(vt.chunks_exact_mut(total * hd))
-        {
-            for (j, row) in src.chunks_exact(hd).enumerate() {
+        let total = pos + seq_len;
+        let groups = b * n_kv_head;
+        // Key `j` of group `g` (`bi · n_kv_head + kv head`).
+        let key = |j: usize, g: usize| &kv.keys[(j * groups + g) * hd..][..hd];
+        // V transposed per group: [b, n_kv_head, hd, total].
+        let mut vt = vec![0f32; groups * hd * total];
+        for (j, rows) in kv.values.chunks_exact(groups * hd).enumerate() {
+            for (g, row) in rows.chunks_exact(hd).enumerate() {
                 for (d, &val) in row.iter().enumerate() {
-                    dst[d * total + j] = val;
+                    vt[(g * hd + d) * total + j] = val;
                 }
             }
         }
@@ -442,17 +453,16 @@ impl QLlama {
         for bi in 0..b {
             for h in 0..n_head {
                 let g = bi * n_kv_head + h / n_rep;
-                let keys = &ks[g * total * hd..(g + 1) * total * hd];
                 let vals = &vt[g * total * hd..(g + 1) * total * hd];
                 for i in 0..seq_len {
                     let t = bi * seq_len + i;
                     let q = &qs[(t * n_head + h) * hd..(t * n_head + h + 1) * hd];
-                    for (j, (p, key)) in probs.iter_mut().zip(keys.chunks_exact(hd)).enumerate() {
+                    for (j, p) in probs.iter_mut().enumerate() {
                         let masked = hidden.as_ref().is_some_and(|m| m[i][j] != 0);
                         *p = if masked {
                             f32::NEG_INFINITY
                         } else {
-                            ggml::vec_dot_f32(key, q)
+                            ggml::vec_dot_f32(key(j, g), q)
                         };
                     }
                     ggml::soft_max_row(&mut probs, scale);
