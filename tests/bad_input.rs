@@ -12,11 +12,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use donate_proto::{Mode, ServerConfig};
+use donate_proto::{
+    Capabilities, Capability, Executor, JobContext, JobError, Mode, NoSpool, Partial, ServerConfig,
+    Stub, Weights,
+};
 use quickcheck::{Arbitrary, Gen, QuickCheck};
 use serde_json::json;
 
@@ -518,6 +522,124 @@ fn ten_thousand_frames_in_one_write() {
         assert!(full < 3333, "some jobs ran");
         raw.expect_silence(Duration::from_millis(100));
     });
+}
+
+/// Streams `max_tokens` partials of one token each when its client agreed
+/// `stream` (the stub's answer otherwise), and says when it is done.
+#[derive(Clone, Default)]
+struct Streamer {
+    done: Arc<AtomicUsize>,
+}
+
+impl Executor for Streamer {
+    type Model = ();
+    type Spool = NoSpool;
+
+    fn extensions(&self) -> Capabilities {
+        Capabilities::NONE.with(Capability::Stream)
+    }
+
+    fn mount(&self, config_json: String, weights: Weights<NoSpool>) -> Result<(), String> {
+        Stub::default().mount(config_json, weights)
+    }
+
+    fn infer(
+        &self,
+        m: &(),
+        input_ids: &[i32],
+        max_tokens: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Vec<i32>, JobError> {
+        if !job.streams() {
+            return Stub::default().infer(m, input_ids, max_tokens, job);
+        }
+        for _ in 0..max_tokens {
+            job.partial(Partial::Tokens(&[7]));
+        }
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Ok([input_ids, &vec![7; max_tokens as usize]].concat())
+    }
+}
+
+/// A client that agreed `stream` and stops reading: an 8 MiB `job_id` is
+/// refused with a short error, and a job that makes 300,000 partials under
+/// the longest `job_id` allowed (about 100 MB of frames) costs the node no
+/// more than its `max_outbound`. Others are served meanwhile; once the client
+/// reads it gets a prefix of the tokens as partials, then the whole result.
+#[test]
+fn a_streaming_client_that_does_not_read_does_not_grow_the_node() {
+    const TOKENS: usize = 300_000;
+    let _serial = serial();
+    for kind in ADAPTERS {
+        bounded(
+            &format!("{kind:?} server"),
+            Duration::from_secs(60),
+            move || {
+                let exec = Streamer::default();
+                let done = Arc::clone(&exec.done);
+                let config = config().max_outbound(256 * 1024);
+                let node = start(kind, config, exec);
+                let addr = node.addr();
+                let mut raw = Raw::connect(addr);
+                raw.frame();
+                raw.send(&fj(
+                r#"{"v":1,"type":"hello","mode":"model_push","role":"client","capabilities":["stream"]}"#,
+            ));
+                raw.mount();
+                let huge = infer(&"j".repeat(8 * MIB as usize), &[1], 250);
+                raw.send(&huge);
+                drop(huge);
+                let body = raw.read_body().expect("an answer");
+                assert!(body.len() < 200, "{} byte answer", body.len());
+                let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(
+                    (&e["code"], e.get("job_id")),
+                    (&json!("bad_field"), None),
+                    "{e}"
+                );
+                thread::sleep(Duration::from_millis(50));
+
+                let before = rss_kib();
+                let job_id = "j".repeat(256);
+                raw.send(&infer(&job_id, &[1], TOKENS as i64));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while done.load(Ordering::SeqCst) == 0 {
+                    assert!(Instant::now() < deadline, "the job did not finish");
+                    thread::sleep(Duration::from_millis(5));
+                }
+                thread::sleep(Duration::from_millis(50));
+                let grew = rss_kib().saturating_sub(before);
+                assert!(
+                    grew < 32 * 1024,
+                    "RSS grew by {grew} KiB for a client that does not read"
+                );
+                assert_serves(addr);
+
+                let mut partials = 0;
+                let result = loop {
+                    let v = raw.frame();
+                    match v["type"].as_str() {
+                        Some("infer_partial") => {
+                            assert_eq!(
+                                (&v["job_id"], &v["output_ids"]),
+                                (&json!(job_id), &json!([7]))
+                            );
+                            partials += 1;
+                        }
+                        _ => break v,
+                    }
+                };
+                assert_eq!(result["type"], "infer_result", "{result:.200}");
+                assert_eq!(result["output_ids"].as_array().unwrap().len(), TOKENS + 1);
+                assert!(
+                    partials > 0 && partials < TOKENS / 10,
+                    "{partials} partials sent"
+                );
+                raw.expect_in_step();
+                node.shutdown();
+            },
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

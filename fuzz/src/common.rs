@@ -145,6 +145,8 @@ pub fn is_server_message(m: &Message<'_>) -> bool {
             | Message::PromptResult(_)
             | Message::QueueStatus(_)
             | Message::Error(_)
+            | Message::InferPartial(_)
+            | Message::PromptPartial(_)
     )
 }
 

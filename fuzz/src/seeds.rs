@@ -502,6 +502,43 @@ pub fn server_scripts() -> Vec<(String, Script)> {
                 .op(Op::Mount { pick: 0, ok: true })
                 .op(Op::Pump)
         }),
+        ("stream-not-reading".to_owned(), {
+            // Offers `stream`; four connections; little room to send.
+            let mut cfg = lm.clone();
+            cfg.max_connections = 7;
+            cfg.max_outbound = 600;
+            let bad_ids: Vec<u8> = ["x".repeat(300), "p\u{1}".to_owned()]
+                .into_iter()
+                .flat_map(|job_id| {
+                    let mut out = Vec::new();
+                    Message::Prompt(donate_proto::message::Prompt {
+                        job_id,
+                        prompt: "hi".to_owned(),
+                        ..Default::default()
+                    })
+                    .encode(&mut out);
+                    out
+                })
+                .collect();
+            let mut s = Script::new(cfg.to_bytes())
+                .op(Op::Accept)
+                .op(Op::Accept)
+                .op(Op::SendHello { conn: 0 })
+                .op(Op::SendHello { conn: 0x81 })
+                .op(Op::Pause { conn: 0 })
+                .input(0, &bad_ids);
+            for conn in [0, 0, 1] {
+                s = s.op(Op::SendPrompt { conn, which: 0 });
+            }
+            s = s
+                .op(Op::Feed { conn: 0, max: 0 })
+                .op(Op::Feed { conn: 1, max: 0 })
+                .op(Op::PollEvents);
+            for outcome in [4 * 60, 4 * 60 + 3, 4 * 60 + 1] {
+                s = s.op(Op::NextJob).op(Op::Complete { pick: 0, outcome });
+            }
+            s.op(Op::Pause { conn: 0 }).op(Op::Pump)
+        }),
     ];
     for (name, cfg, actions) in recorded_sessions() {
         let rec = record(&cfg, &actions);

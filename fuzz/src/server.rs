@@ -17,7 +17,9 @@
 //! limit, the closing error); the closing error is the last frame and nothing
 //! follows it; no request gets more answers than it asked for (job results and
 //! job errors by `job_id`, upload answers one per upload, one `queue_status` per
-//! request, one error per refused frame); unsent bytes stay within
+//! request, one error per refused frame); partials (on a node that offers
+//! `stream`) only to a connection that agreed it, only for a job not answered
+//! yet, and never queued while `max_outbound` bytes wait; unsent bytes stay within
 //! `max_outbound` plus what the last steps may add, and
 //! [`Connection::allocated`](donate_proto::Connection::allocated) within the
 //! decoder, upload and transmit limits; timers fire exactly when due.
@@ -31,13 +33,14 @@ use arbitrary::Arbitrary;
 use base64::Engine as _;
 use donate_proto::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use donate_proto::message::{
-    encode_weights_chunk, Hello, Infer, JobRef, ModelBegin, Prompt, QueuePosition, WeightsChunk,
+    encode_weights_chunk, Hello, Infer, InferPartial, JobRef, ModelBegin, Prompt, PromptPartial,
+    QueuePosition, WeightsChunk,
 };
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_job, ConnectionId, Executor, JobContext, JobError, JobInput, JobOutcome, JobOutput,
-    Message, Mode, MountOutcome, ProtocolError, ServerConfig, Spool, Stub, UploadHandling,
-    UploadInfo, Weights,
+    run_job, Capabilities, Capability, ConnectionId, Executor, JobContext, JobError, JobInput,
+    JobOutcome, JobOutput, Message, Mode, MountOutcome, Node, Partial, ProtocolError, ServerConfig,
+    Spool, Stub, UploadHandling, UploadInfo, Weights,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -57,7 +60,9 @@ pub struct Cfg {
     pub max_frame_len: u16,
     /// Largest `weights_len`.
     pub max_model_len: u16,
-    /// Connections at once: 1 + this mod 4.
+    /// Connections at once: 1 + this mod 4. Also (so that older inputs keep
+    /// their layout) `this / 4 % 2 == 1` has the node offer `stream`, see
+    /// [`Cfg::streams`].
     pub max_connections: u8,
     /// Unsent bytes before input pauses (0 counts as 1).
     pub max_outbound: u16,
@@ -213,6 +218,13 @@ impl Cfg {
         }
     }
 
+    /// Whether the node offers `stream`: a client `hello` from
+    /// [`Op::SendHello`] then names it (unless `conn`'s top bit is set), and
+    /// [`Op::Complete`] hands the node partial output before the result.
+    pub fn streams(&self) -> bool {
+        self.max_connections / 4 % 2 == 1
+    }
+
     /// Jobs the harness runs at once.
     pub fn workers(&self) -> usize {
         1 + (self.workers % 3) as usize
@@ -279,7 +291,8 @@ pub enum Op {
         /// Byte limit.
         max: u16,
     },
-    /// Append a client `hello`.
+    /// Append a client `hello` (naming `stream` on a node that offers it,
+    /// unless `conn`'s top bit is set).
     SendHello {
         /// Connection.
         conn: u8,
@@ -331,7 +344,9 @@ pub enum Op {
     Complete {
         /// Which running job.
         pick: u8,
-        /// 0, 1: the stub's result; 2: an executor error; 3: the wrong kind of output.
+        /// Mod 4: 0, 1: the stub's result; 2: an executor error; 3: the wrong
+        /// kind of output. `outcome / 4` partial outputs are handed to the node
+        /// first (of the wrong kind with 3).
         outcome: u8,
     },
     /// Finish a waiting mount.
@@ -531,12 +546,30 @@ struct JobIdOnly {
     job_id: Option<serde_json::Value>,
 }
 
-fn salvage_job_id(body: &[u8]) -> Option<String> {
+fn salvage_job_id(body: &[u8], max_len: usize) -> Option<String> {
     let only: JobIdOnly = serde_json::from_slice(body).ok()?;
     match only.job_id? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= max_len => Some(s),
         _ => None,
     }
+}
+
+/// The `job_id` a client frame names, that the node checks (docs/PROTOCOL.md §4.4).
+fn named_job_id<'m>(msg: &'m Message<'_>) -> Option<&'m str> {
+    match msg {
+        Message::Infer(Infer { job_id, .. })
+        | Message::Prompt(Prompt { job_id, .. })
+        | Message::Cancel(JobRef { job_id })
+        | Message::QueuePositionRequest(JobRef { job_id })
+        | Message::Queued(QueuePosition { job_id, .. })
+        | Message::QueuePosition(QueuePosition { job_id, .. }) => Some(job_id),
+        _ => None,
+    }
+}
+
+/// Whether the node refuses a `job_id`: too long, or not printable ASCII.
+fn bad_job_id(job_id: &str, max_len: usize) -> bool {
+    job_id.len() > max_len || job_id.bytes().any(|b| !(0x20..=0x7e).contains(&b))
 }
 
 /// Requests the node saw on one connection, and how they may be answered.
@@ -559,6 +592,10 @@ struct Mirror {
     statuses: u32,
     /// `queue_status` requests.
     queue_requests: u32,
+    /// Frames seen (the first one alone may opt into extensions).
+    frames: usize,
+    /// Whether the connection agreed `stream`.
+    streams: bool,
 }
 
 /// Answers a connection has received, by the same accounts as [`Mirror`].
@@ -610,12 +647,14 @@ impl Mirror {
             upload_errors: 0,
             statuses: 0,
             queue_requests: 0,
+            frames: 0,
+            streams: false,
         }
     }
 
     /// Sees the bytes the node is about to be fed; returns how many bytes of
     /// answers they may cause at most.
-    fn feed(&mut self, data: &[u8], config: &ServerConfig) -> usize {
+    fn feed(&mut self, data: &[u8], config: &ServerConfig, offers_stream: bool) -> usize {
         let mut bodies = Vec::new();
         if self
             .decoder
@@ -627,7 +666,7 @@ impl Mirror {
         let mut bound = 512;
         for body in &bodies {
             bound += 320 + 4 * body.len();
-            self.frame(body, config);
+            self.frame(body, config, offers_stream);
         }
         bound
     }
@@ -640,20 +679,34 @@ impl Mirror {
         }
     }
 
-    fn frame(&mut self, body: &[u8], config: &ServerConfig) {
+    fn frame(&mut self, body: &[u8], config: &ServerConfig, offers_stream: bool) {
         let local_lm = config.mode == Mode::LocalLm;
+        let max_id = config.max_job_id_len;
+        self.frames += 1;
         let msg = match Message::parse(body) {
             Ok(msg) => msg,
             Err(_) => {
-                match salvage_job_id(body) {
+                match salvage_job_id(body, max_id) {
                     Some(id) => *self.jobs.entry(id).or_default() += 1,
                     None => self.refusals += 1,
                 }
                 return;
             }
         };
+        if let Some(id) = named_job_id(&msg).filter(|id| bad_job_id(id, max_id)) {
+            // Refused with `bad_field`, naming the id only when it is not too long.
+            match id.len() <= max_id {
+                true => *self.jobs.entry(id.to_owned()).or_default() += 1,
+                false => self.refusals += 1,
+            }
+            return;
+        }
         match msg {
-            Message::Hello(_) => {}
+            Message::Hello(hello) => {
+                if self.frames == 1 && offers_stream {
+                    self.streams = hello.capabilities.iter().any(|c| c == "stream");
+                }
+            }
             Message::ModelBegin(_) if local_lm => {
                 self.upload_errors += 1;
                 self.upload = UploadMirror::Failed;
@@ -778,6 +831,10 @@ impl Harness {
             stub: Stub::new(config.local_lm_path.clone()),
         };
         let mut sim = Sim::with_uploads(exec, config.clone(), cfg.uploads().handling());
+        if cfg.streams() {
+            sim.node = Node::with_uploads(config.clone(), cfg.uploads().handling())
+                .offer(Capabilities::NONE.with(Capability::Stream));
+        }
         sim.hold_jobs = true;
         sim.hold_mounts = true;
         sim.hold_uploads = true;
@@ -816,6 +873,10 @@ impl Harness {
                 &Message::Hello(Hello {
                     mode: self.config.mode.as_str().to_owned(),
                     role: "client".to_owned(),
+                    capabilities: match self.cfg.streams() && conn < 0x80 {
+                        true => vec!["stream".to_owned()],
+                        false => Vec::new(),
+                    },
                     ..Hello::default()
                 }),
             ),
@@ -968,7 +1029,7 @@ impl Harness {
         if chunk.is_empty() {
             return;
         }
-        c.allowance += c.mirror.feed(&chunk, &self.config);
+        c.allowance += c.mirror.feed(&chunk, &self.config, self.cfg.streams());
         let closing = self.sim.node.connection(c.id).and_then(|k| k.closing());
         if c.mirror.framing_failed {
             assert!(
@@ -1030,6 +1091,7 @@ impl Harness {
             return;
         }
         let job = running.remove(pick as usize % running.len());
+        self.partials(&job, outcome / 4, outcome % 4 == 3);
         let outcome: JobOutcome = match outcome % 4 {
             0 | 1 => run_job(&self.sim.executor, &job),
             2 => Err(JobError::new("executor_error", "the executor failed")),
@@ -1053,6 +1115,50 @@ impl Harness {
             "a job completed twice"
         );
         self.allow_all(1024 + 2 * self.config.max_frame_len + size);
+    }
+
+    /// Hands the node `n` partial outputs of a running job (of the wrong
+    /// kind when `wrong`): each is queued only to a connection that agreed
+    /// `stream` and holds less than `max_outbound`, so at most one frame
+    /// beyond it.
+    fn partials(&mut self, job: &donate_proto::Job<()>, n: u8, wrong: bool) {
+        let infer = matches!(job.input, JobInput::Infer { .. }) != wrong;
+        let i = self.conns.iter().position(|c| c.id == job.conn);
+        let mut frame = Vec::new();
+        match infer {
+            true => Message::InferPartial(InferPartial {
+                job_id: job.job_id.clone(),
+                output_ids: vec![n.into()],
+            }),
+            false => Message::PromptPartial(PromptPartial {
+                job_id: job.job_id.clone(),
+                text: "t".to_owned(),
+            }),
+        }
+        .encode(&mut frame);
+        for _ in 0..n {
+            let node = &self.sim.node;
+            let before = node.connection(job.conn).map(|c| c.pending_transmit());
+            let token = [i32::from(n)];
+            let output = match infer {
+                true => Partial::Tokens(&token),
+                false => Partial::Text("t"),
+            };
+            let sent = self.sim.node.partial(job.id, output, self.sim.now());
+            if sent {
+                let c = &self.conns[i.expect("a connection that is gone got a partial")];
+                assert!(c.mirror.streams && !wrong, "{}: an unwanted partial", c.id);
+                let before = before.expect("its connection is known");
+                assert!(
+                    before < self.config.max_outbound,
+                    "{}: a partial queued over max_outbound ({before} bytes unsent)",
+                    c.id
+                );
+            }
+        }
+        if let Some(i) = i {
+            self.conns[i].allowance += frame.len();
+        }
     }
 
     fn mount(&mut self, pick: u8, ok: bool) {
@@ -1166,7 +1272,10 @@ impl Harness {
                 role: "server".to_owned(),
                 local_lm_path: config.local_lm_path.clone(),
                 queue_capacity: config.queue_capacity as i64,
-                capabilities: Vec::new(),
+                capabilities: match self.cfg.streams() {
+                    true => vec!["stream".to_owned()],
+                    false => Vec::new(),
+                },
             });
             assert_eq!(
                 msg, expected,
@@ -1212,6 +1321,14 @@ impl Harness {
                 );
                 assert_eq!(q.capacity, config.queue_capacity as i64);
                 assert!((0..=q.capacity).contains(&q.depth), "{text}");
+            }
+            Message::InferPartial(InferPartial { job_id, .. }) => {
+                assert!(m.infer_ids.contains_key(&job_id), "{}: {text}", c.id);
+                partial_of_open_job(a, m, &job_id, &text);
+            }
+            Message::PromptPartial(PromptPartial { job_id, .. }) => {
+                assert!(m.prompt_ids.contains_key(&job_id), "{}: {text}", c.id);
+                partial_of_open_job(a, m, &job_id, &text);
             }
             Message::Error(e) if !e.job_id.is_empty() => answer_job(a, m, &e.job_id, &text),
             Message::Error(e) => {
@@ -1387,6 +1504,23 @@ impl Harness {
             assert_eq!(a.queue, m.queue_requests, "{}: queue_status answers", c.id);
         }
     }
+}
+
+/// A partial must come from a connection that agreed `stream`, for a job
+/// not answered yet.
+fn partial_of_open_job(a: &Answers, m: &Mirror, job_id: &str, text: &str) {
+    assert!(
+        m.streams,
+        "a partial to a connection that did not agree stream: {text}"
+    );
+    let (got, owed) = match job_id {
+        "" => (a.empty_jobs, m.empty_jobs),
+        id => (
+            a.jobs.get(id).copied().unwrap_or(0),
+            m.jobs.get(id).copied().unwrap_or(0),
+        ),
+    };
+    assert!(got < owed, "a partial after its job's answer: {text}");
 }
 
 fn answer_job(a: &mut Answers, m: &Mirror, job_id: &str, text: &str) {

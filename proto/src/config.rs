@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// included (default `None`: no bound). A job still queued then is
     /// dropped, a running one cancelled; either is answered `deadline_exceeded`.
     pub max_job_time: Option<Duration>,
+    /// Longest `job_id` accepted, in bytes (default 256); a longer one, or
+    /// one that is not printable ASCII, is refused with `bad_field`.
+    pub max_job_id_len: usize,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             upload_stretch: 4 * 1024 * 1024,
             workers: 1,
             max_job_time: None,
+            max_job_id_len: 256,
         }
     }
 }
@@ -111,6 +115,7 @@ setters!(ServerConfig {
     upload_stretch: usize,
     workers: usize,
     max_job_time: Option<Duration>,
+    max_job_id_len: usize,
 });
 
 /// What a node does with an upload's bytes as they arrive. This is a promise

@@ -20,8 +20,8 @@ use crate::frame::FrameDecoder;
 use crate::id::ConnectionId;
 use crate::job::{result_frame, JobInput, JobKind, JobOutcome};
 use crate::message::{
-    canonical_chunk, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode, ModelInventory,
-    ModelQuery, ModelStatus, ModelUse, Prompt, QueuePosition,
+    canonical_chunk, check_job_id, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode,
+    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, QueuePosition,
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
@@ -63,6 +63,17 @@ pub(crate) enum ToNode<M> {
         sha256: [u8; 32],
         config_json: String,
     },
+}
+
+/// What [`Connection::partial`] did with a partial frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PartialFate {
+    /// Queued to send.
+    Queued,
+    /// Not for this connection: it did not agree `stream`, or is closing.
+    Unwanted,
+    /// Dropped: the peer is `max_outbound` behind.
+    Behind,
 }
 
 /// Hashes one `model_query` may ask about.
@@ -490,10 +501,16 @@ impl<M> Connection<M> {
         if self.fast_chunk(body) {
             return;
         }
+        let max_id = self.settings.config.max_job_id_len;
         let msg = match Message::parse(body) {
             Ok(msg) => msg,
-            Err(e) => return self.refuse(&e, salvage_job_id(body).as_deref()),
+            Err(e) => return self.refuse(&e, salvage_job_id(body, max_id).as_deref()),
         };
+        // A bad `job_id` runs nothing; its refusal names it only if it is not too long.
+        if let Some(Err(e)) = msg.named_job_id().map(|id| check_job_id(id, max_id)) {
+            let echo = msg.named_job_id().filter(|id| id.len() <= max_id);
+            return self.refuse(&e, echo);
+        }
         match mode_rule(self.settings.config.mode, &msg) {
             ModeRule::Serve => {}
             ModeRule::Ignore => return,
@@ -761,16 +778,19 @@ impl<M> Connection<M> {
         }
     }
 
-    /// A running job's partial output (extension `stream`): sent when this
-    /// connection agreed `stream` and is not closing. It counts against
-    /// `max_outbound` as results do. Returns whether it was sent.
-    pub(crate) fn partial(&mut self, msg: &Message<'_>, now: Instant) -> bool {
+    /// A running job's partial output (extension `stream`): queued when this
+    /// connection agreed `stream`, is not closing, and holds less than
+    /// `max_outbound` unsent bytes. It counts against that limit as results do.
+    pub(crate) fn partial(&mut self, msg: &Message<'_>, now: Instant) -> PartialFate {
         if !self.agreed.contains(Capability::Stream) || self.phase.closing().is_some() {
-            return false;
+            return PartialFate::Unwanted;
+        }
+        if self.outbound.len() >= self.settings.config.max_outbound {
+            return PartialFate::Behind;
         }
         self.send(msg);
         self.note_output(now);
-        true
+        PartialFate::Queued
     }
 
     fn queue_job(

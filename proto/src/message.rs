@@ -675,6 +675,16 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The `job_id` a client's frame names and the node may echo: of a job,
+    /// of one it asks about (`cancel`, `queue_position`), or of a `queued`.
+    pub(crate) fn named_job_id(&self) -> Option<&str> {
+        match self {
+            Message::Cancel(j) | Message::QueuePositionRequest(j) => Some(&j.job_id),
+            Message::Queued(p) | Message::QueuePosition(p) => Some(&p.job_id),
+            _ => self.job_id(),
+        }
+    }
+
     /// Appends this message's JSON body (no frame header) to `out`.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let kind = self.kind();
@@ -750,13 +760,31 @@ impl<'a> Message<'a> {
     }
 }
 
-/// The `job_id` of a body that failed to parse, if it has a string one.
-pub(crate) fn salvage_job_id(body: &[u8]) -> Option<String> {
+/// The `job_id` of a body that failed to parse, if it has a non-empty
+/// string one of at most `max_len` bytes (a longer one is not echoed).
+pub(crate) fn salvage_job_id(body: &[u8], max_len: usize) -> Option<String> {
     let only: JobIdOnly = serde_json::from_slice(body).ok()?;
     match only.job_id? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= max_len => Some(s),
         _ => None,
     }
+}
+
+/// Whether a node takes `job_id`: at most `max_len` bytes of printable ASCII
+/// (space to `~`; empty is allowed, as in v1).
+pub(crate) fn check_job_id(job_id: &str, max_len: usize) -> Result<(), ProtocolError> {
+    if job_id.len() > max_len {
+        return Err(ProtocolError::BadField(format!(
+            "job_id is {} bytes, at most {max_len}",
+            job_id.len()
+        )));
+    }
+    if !job_id.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(ProtocolError::BadField(
+            "job_id must be printable ASCII".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 fn classify(body: &[u8], e: serde_json::Error) -> ProtocolError {

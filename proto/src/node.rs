@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use crate::capability::{Capabilities, Capability};
 use crate::config::{ServerConfig, Settings, UploadHandling};
-use crate::connection::{Connection, ToNode};
+use crate::connection::{Connection, PartialFate, ToNode};
 use crate::error::ProtocolError;
 use crate::id::{ConnectionId, JobId};
 use crate::job::{Job, JobKind, JobOutcome, Partial, Stop};
@@ -341,11 +341,11 @@ impl<M> Node<M> {
     }
 
     /// Whether a running job's partial output is wanted: its connection is
-    /// still here, not closing, and agreed `stream` (docs/PROTOCOL.md §10.8).
-    /// A driver asks once when it takes the job, to give the executor a sink
-    /// only then.
+    /// still here, not closing, and agreed `stream`, and the job's streaming
+    /// was not stopped (docs/PROTOCOL.md §10.8). A driver asks once when it
+    /// takes the job, to give the executor a sink only then.
     pub fn wants_partials(&self, job: JobId) -> bool {
-        self.queue.running_route(job).is_some_and(|route| {
+        self.queue.streaming_route(job).is_some_and(|route| {
             self.conns.get(&route.conn).is_some_and(|c| {
                 c.capabilities().contains(Capability::Stream) && c.closing().is_none()
             })
@@ -354,10 +354,13 @@ impl<M> Node<M> {
 
     /// Hands over a running job's partial output: an `infer_partial` /
     /// `prompt_partial` frame goes to its connection if that agreed `stream`
-    /// (else, or once the job or connection is gone, it is dropped).
+    /// (else, or once the job or connection is gone, it is dropped). One that
+    /// finds the connection holding `max_outbound` unsent bytes is dropped and
+    /// stops the job's streaming: its later partials are dropped too, so what
+    /// the client gets is a prefix of the output, and the result carries all of it.
     /// Returns whether it was queued to send (an [`Event::Wake`] follows).
     pub fn partial(&mut self, job: JobId, output: Partial<'_>, now: Instant) -> bool {
-        let Some(route) = self.queue.running_route(job) else {
+        let Some(route) = self.queue.streaming_route(job) else {
             return false;
         };
         let Some(conn) = self.conns.get_mut(&route.conn) else {
@@ -379,11 +382,17 @@ impl<M> Node<M> {
             // The wrong kind for its job, or empty: nothing to say.
             _ => return false,
         };
-        let sent = conn.partial(&msg, now);
-        if sent {
-            self.events.push_back(Event::Wake(route.conn));
+        match conn.partial(&msg, now) {
+            PartialFate::Queued => {
+                self.events.push_back(Event::Wake(route.conn));
+                true
+            }
+            PartialFate::Unwanted => false,
+            PartialFate::Behind => {
+                self.queue.stop_streaming(job);
+                false
+            }
         }
-        sent
     }
 
     /// Hands back [`UploadWork`] that was run; dropped (with its spool) if its upload is gone.

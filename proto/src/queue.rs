@@ -43,6 +43,9 @@ struct Running {
     deadline: Option<Instant>,
     /// Why the node stopped it, once it did: its outcome is replaced.
     stopped: Option<Stop>,
+    /// Whether its partial output is still sent (extension `stream`): not
+    /// once one found its connection over `max_outbound`.
+    streaming: bool,
 }
 
 /// What [`JobQueue::cancel`] found.
@@ -169,6 +172,7 @@ impl<M> JobQueue<M> {
                 cancel: Arc::clone(&cancel),
                 deadline: queued.deadline,
                 stopped: None,
+                streaming: true,
             },
         );
         Some(Job {
@@ -183,9 +187,19 @@ impl<M> JobQueue<M> {
         })
     }
 
-    /// The route of a running job.
-    pub(crate) fn running_route(&self, job: JobId) -> Option<&Route> {
-        self.running.get(&job).map(|r| &r.route)
+    /// The route of a running job whose partial output is still sent.
+    pub(crate) fn streaming_route(&self, job: JobId) -> Option<&Route> {
+        self.running
+            .get(&job)
+            .filter(|r| r.streaming)
+            .map(|r| &r.route)
+    }
+
+    /// A running job sends no more partial output.
+    pub(crate) fn stop_streaming(&mut self, job: JobId) {
+        if let Some(running) = self.running.get_mut(&job) {
+            running.streaming = false;
+        }
     }
 
     /// Ends a running job: who asked, the depth when it was taken, and why
