@@ -413,6 +413,16 @@ fn donate_models_and_push_json_report_what_was_sent() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let addr = node.addr.to_string();
+    let text = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let empty = text(&["models", "--addr", &addr]);
+    assert!(
+        empty.contains("0 models; 1.0 GiB free under the store's cap"),
+        "{empty}"
+    );
     let push_args = [
         "push",
         "--addr",
@@ -437,6 +447,13 @@ fn donate_models_and_push_json_report_what_was_sent() {
     assert_eq!(listed["models"][0]["sha256"], hex(&sha(&model)));
     assert_eq!(listed["models"][0]["size"], model.len() as u64);
     assert!(listed["store_free"].as_u64().unwrap() > 0);
+    // Sizes in binary units; what is free goes down as models are stored.
+    let table = text(&["models", "--addr", &addr]);
+    assert!(table.contains(" 2.0 MiB "), "{table}");
+    assert!(
+        table.contains("1 model; 1022.0 MiB free under the store's cap (1.0 GiB for an upload once models not in use are evicted)"),
+        "{table}"
+    );
     node.server.shutdown();
 }
 
