@@ -143,24 +143,51 @@ pub fn models(args: ModelsArgs) -> CliResult {
         return print_json(&Message::ModelInventory(inventory).to_json());
     }
     println!(
-        "{:<64}  {:>14}  {:>6}  last used",
-        "sha256", "bytes", "in use"
+        "{:<64}  {:>10}  {:>6}  last used",
+        "sha256", "size", "in use"
     );
     for model in &inventory.models {
         println!(
-            "{:<64}  {:>14}  {:>6}  {}",
+            "{:<64}  {:>10}  {:>6}  {}",
             model.sha256,
-            model.size,
+            human_size(model.size),
             if model.in_use { "yes" } else { "no" },
             utc(model.last_used)
         );
     }
+    // `store_free` is the cap less the models in use and the uploads under
+    // way: what an upload may take once unused models are evicted. Less the
+    // unused models listed, it is what is free without evicting any.
+    let unused: i64 = inventory
+        .models
+        .iter()
+        .filter(|m| !m.in_use)
+        .map(|m| m.size)
+        .sum();
+    let free = inventory.store_free.saturating_sub(unused).max(0);
     println!(
-        "{} models; {} bytes free for uploads",
+        "{} model{}; {} free under the store's cap ({} for an upload once models not in use are evicted)",
         inventory.models.len(),
-        inventory.store_free
+        if inventory.models.len() == 1 { "" } else { "s" },
+        human_size(free),
+        human_size(inventory.store_free)
     );
     Ok(())
+}
+
+/// Bytes in binary units: `512 B`, `9.0 MiB`, `20.0 GiB`.
+fn human_size(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Seconds since the epoch as an RFC 3339 UTC time (`-` for never).

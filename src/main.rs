@@ -286,6 +286,12 @@ struct ServeArgs {
     /// Seconds a broken upload's bytes are kept for the client to resume.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 3600.0, requires = "store")]
     store_partial_ttl: f64,
+    /// Seconds an upload may write nothing to the store and keep its hold on
+    /// its model and its room: after that, another upload of the same model
+    /// takes its place, and uploads that need room may drop it.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs,
+          default_value_t = donate_host::DEFAULT_UPLOAD_TIMEOUT.as_secs_f64(), requires = "store")]
+    store_upload_timeout: f64,
 }
 
 impl ServeArgs {

@@ -164,7 +164,10 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
         Some(dir) => {
             let store = donate_host::ModelStore::open(dir, args.store_max)
                 .map_err(|e| format!("cannot open the model store {}: {e}", dir.display()))?
-                .partial_ttl(std::time::Duration::from_secs_f64(args.store_partial_ttl));
+                .partial_ttl(std::time::Duration::from_secs_f64(args.store_partial_ttl))
+                .upload_timeout(std::time::Duration::from_secs_f64(
+                    args.store_upload_timeout,
+                ));
             tracing::info!(store = %dir.display(), models = store.len(), used_bytes = store.used_bytes(), max_bytes = args.store_max, "model store");
             config.with_store(store)
         }

@@ -72,6 +72,10 @@ fn start(dir: &Path, max_bytes: u64, executor: Counting) -> Node {
 /// A node whose uploads go to the store in stretches of `stretch` bytes.
 fn start_with(dir: &Path, max_bytes: u64, executor: Counting, stretch: usize) -> Node {
     let store = ModelStore::open(dir, max_bytes).expect("open the store");
+    serve_store(store, executor, stretch)
+}
+
+fn serve_store(store: ModelStore, executor: Counting, stretch: usize) -> Node {
     let config =
         NodeConfig::from(ServerConfig::default().upload_stretch(stretch)).with_store(store);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -409,6 +413,16 @@ fn donate_models_and_push_json_report_what_was_sent() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let addr = node.addr.to_string();
+    let text = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let empty = text(&["models", "--addr", &addr]);
+    assert!(
+        empty.contains("0 models; 1.0 GiB free under the store's cap"),
+        "{empty}"
+    );
     let push_args = [
         "push",
         "--addr",
@@ -433,6 +447,13 @@ fn donate_models_and_push_json_report_what_was_sent() {
     assert_eq!(listed["models"][0]["sha256"], hex(&sha(&model)));
     assert_eq!(listed["models"][0]["size"], model.len() as u64);
     assert!(listed["store_free"].as_u64().unwrap() > 0);
+    // Sizes in binary units; what is free goes down as models are stored.
+    let table = text(&["models", "--addr", &addr]);
+    assert!(table.contains(" 2.0 MiB "), "{table}");
+    assert!(
+        table.contains("1 model; 1022.0 MiB free under the store's cap (1.0 GiB for an upload once models not in use are evicted)"),
+        "{table}"
+    );
     node.server.shutdown();
 }
 
@@ -502,5 +523,137 @@ fn a_model_that_cannot_fit_is_refused_before_a_byte_is_sent() {
         )
         .unwrap();
     assert_eq!(pushed.sent, small.len() as u64);
+    node.server.shutdown();
+}
+
+/// Sends `model_begin` naming the model's hash, from a client that opted
+/// into `store` or from a v1 client (whose hello names nothing).
+fn begin_named(raw: &mut Raw, model: &[u8], store: bool) {
+    raw.frame();
+    let capabilities = if store {
+        r#","capabilities":["store"]"#
+    } else {
+        ""
+    };
+    raw.send(&fj(&format!(
+        r#"{{"v":1,"type":"hello","role":"client","mode":"model_push"{capabilities}}}"#
+    )));
+    raw.send(&fj(&format!(
+        r#"{{"v":1,"type":"model_begin","config_json":"{{\"m\":1}}","weights_len":{},"weights_sha256":"{}"}}"#,
+        model.len(),
+        hex(&sha(model))
+    )));
+}
+
+#[test]
+fn uploads_at_once_store_no_more_than_the_cap() {
+    const MIB: usize = 1 << 20;
+    let cap = 10 * MIB as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), cap, Counting::default());
+    // Six connections, half of them v1 clients, each begin a 9 MiB model and
+    // send its first MiB; then all send the rest and commit.
+    let begun = Arc::new(std::sync::Barrier::new(6));
+    let done = Arc::new(std::sync::Barrier::new(6));
+    let uploads: Vec<_> = (0..6u8)
+        .map(|i| {
+            let (begun, done, addr) = (begun.clone(), done.clone(), node.addr);
+            std::thread::spawn(move || {
+                let model = weights(9 * MIB, 20 + i);
+                let mut raw = Raw::connect(addr);
+                begin_named(&mut raw, &model, i % 2 == 0);
+                let mut pieces = model.chunks(MIB).enumerate();
+                let (_, first) = pieces.next().unwrap();
+                raw.send(&chunk(0, false, first));
+                begun.wait();
+                for (index, piece) in pieces {
+                    raw.send(&chunk(index as i64, index == 8, piece));
+                }
+                raw.send(&fj(r#"{"v":1,"type":"model_commit"}"#));
+                // One answer: mounted, or the refusal.
+                let answer = raw.frame();
+                raw.expect_in_step();
+                // Connections stay until every upload is answered: nothing is evicted.
+                done.wait();
+                answer
+            })
+        })
+        .collect();
+    let answers: Vec<_> = uploads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mounted = answers
+        .iter()
+        .filter(|a| a["type"] == "model_status" && a["ok"] == true)
+        .count();
+    for refused in answers.iter().filter(|a| a["type"] == "error") {
+        assert_eq!(refused["code"], "upload_refused", "{refused}");
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap()
+                .contains("model store is full"),
+            "{refused}"
+        );
+    }
+    assert_eq!(mounted, 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| a["type"] == "error").count(), 5);
+    node.server.shutdown();
+    let store = ModelStore::open(dir.path(), cap).unwrap();
+    assert!(store.used_bytes() <= cap, "{} bytes", store.used_bytes());
+    assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn an_upload_that_stalls_loses_its_model_to_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path(), 1 << 30)
+        .unwrap()
+        .upload_timeout(Duration::from_secs(2));
+    let node = serve_store(store, Counting::default(), 1 << 20);
+    let model = weights(6 << 20, 12);
+    // A connection names the model, sends 4 MiB of garbage, then only empty chunks.
+    let mut squatter = Raw::connect(node.addr);
+    begin_named(&mut squatter, &model, true);
+    for index in 0..4 {
+        squatter.send(&chunk(index, false, &[0xAA; 1 << 20]));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut index = 4;
+    let mut keep_alive = |squatter: &mut Raw, until: Instant| {
+        while Instant::now() < until {
+            squatter.send(&chunk(index, false, &[]));
+            index += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    keep_alive(&mut squatter, started + Duration::from_millis(200));
+    let push_once = |model: &[u8]| {
+        let mut client = Client::connect(node.addr).unwrap();
+        client.push_stored(
+            r#"{"m":1}"#,
+            std::io::Cursor::new(model),
+            model.len() as u64,
+            sha(model),
+            |_| {},
+        )
+    };
+    let err = push_once(&model).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("another connection is uploading this model now"),
+        "{err}"
+    );
+    // Empty chunks are no progress: two seconds after its last byte it has lost the model.
+    keep_alive(&mut squatter, started + Duration::from_secs(3));
+    let pushed = push_once(&model).unwrap();
+    assert_eq!(pushed.sent, model.len() as u64);
+    let stored = std::fs::read(dir.path().join("models").join(hex(&sha(&model)))).unwrap();
+    assert!(stored == model);
+    // The squatter's next bytes go nowhere: its commit is refused.
+    squatter.send(&chunk(index, false, &[0xAA; 1 << 20]));
+    squatter.send(&fj(r#"{"v":1,"type":"model_commit"}"#));
+    let (ok, message) = squatter.expect_status();
+    assert!(!ok, "{message}");
+    assert_eq!(push(node.addr, &model).sent, 0);
     node.server.shutdown();
 }

@@ -141,6 +141,9 @@ impl StoredPush {
             Ok(status) => Ok(PushStep::Done(Pushed::sent(status, self.len, from))),
             // The partial bytes expired meanwhile, say: start over once.
             Err(Error::ModelRefused(_)) if from > 0 => Ok(PushStep::Upload { from: 0 }),
+            Err(Error::Refused(e)) if from > 0 && e.code == "upload_refused" => {
+                Ok(PushStep::Upload { from: 0 })
+            }
             Err(e) => Err(e),
         }
     }
@@ -607,4 +610,31 @@ where
     dial(node)
         .await
         .map_err(|source| Error::Connect { addr: name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use donate_proto::message::ErrorFrame;
+    use donate_proto::ProtocolError;
+
+    #[test]
+    fn a_resume_the_store_refuses_starts_over_once() {
+        let (mut plan, _) = StoredPush::start(100, true);
+        let refused = |why: &str| {
+            Err(Error::Refused(ErrorFrame::new(
+                &ProtocolError::UploadRefused(why.to_owned()),
+                None,
+            )))
+        };
+        let gone = refused("cannot resume at byte 60: this node holds 0 bytes of the model");
+        assert!(matches!(
+            plan.uploaded(60, gone),
+            Ok(PushStep::Upload { from: 0 })
+        ));
+        // From the start, a refusal is the answer.
+        assert!(plan
+            .uploaded(0, refused("the model store is full"))
+            .is_err());
+    }
 }

@@ -40,7 +40,7 @@ pub use metrics::Metrics;
 pub use metrics_http::MetricsServer;
 pub use pool::{Pool, PoolHandle, PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use server::{serve, Server};
-pub use store::ModelStore;
+pub use store::{ModelStore, DEFAULT_UPLOAD_TIMEOUT};
 
 /// Bytes read from a socket at once.
 pub const READ_BUFFER: usize = 256 * 1024;

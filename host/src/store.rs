@@ -12,13 +12,19 @@
 //! first mount after the node started re-hashes it, and so does any mount after
 //! its size or modification time changed. Entries in use are pinned; the
 //! least recently used others are evicted to keep the store under its cap.
+//!
+//! An upload holds a claim on its hash from its first byte to its end, and
+//! reserves its whole size against the cap meanwhile, so uploads at once never
+//! pass the cap together. A claim that wrote nothing for the upload timeout
+//! (default 30 s) may be taken: by another upload of the same hash, or to
+//! make room. Its writer's next write fails.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use donate_proto::message::{ModelInventory, StoredModel};
 use donate_proto::{hex, Spool};
@@ -29,6 +35,9 @@ pub(crate) type Hash = [u8; 32];
 
 /// Models listed by one `model_query` that asks for every model.
 const MAX_LISTED: usize = 4096;
+
+/// How long an upload may write nothing before its claim may be taken.
+pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The model store of a node (`donate serve --store DIR`).
 #[derive(Clone)]
@@ -53,10 +62,40 @@ struct Inner {
 
 struct Index {
     partial_ttl: Duration,
+    /// How long an upload may write nothing and keep its claim.
+    upload_timeout: Duration,
     models: HashMap<Hash, Entry>,
     partials: HashMap<Hash, PartialEntry>,
     /// Hashes an upload is writing now (one writer per hash).
-    writing: HashSet<Hash>,
+    writing: HashMap<Hash, Claim>,
+    claims_made: u64,
+    /// Added to the clock (only tests move it).
+    skew: Duration,
+}
+
+/// An upload's hold on its hash and on room in the store.
+struct Claim {
+    /// Tells this upload's writer from a later one of the same hash.
+    id: u64,
+    /// The upload's whole size, held against the cap until the upload ends.
+    reserved: u64,
+    /// When it began or last wrote a byte.
+    progress: Instant,
+}
+
+impl Index {
+    fn now(&self) -> Instant {
+        Instant::now() + self.skew
+    }
+
+    /// Whether a claim wrote nothing for the upload timeout, so it may be taken.
+    fn stalled(&self, claim: &Claim, now: Instant) -> bool {
+        now.saturating_duration_since(claim.progress) > self.upload_timeout
+    }
+
+    fn owns(&self, hash: &Hash, claim: u64) -> bool {
+        self.writing.get(hash).is_some_and(|c| c.id == claim)
+    }
 }
 
 struct Entry {
@@ -96,9 +135,12 @@ impl ModelStore {
         }
         let mut index = Index {
             partial_ttl: Duration::from_secs(3600),
+            upload_timeout: DEFAULT_UPLOAD_TIMEOUT,
             models: HashMap::new(),
             partials: HashMap::new(),
-            writing: HashSet::new(),
+            writing: HashMap::new(),
+            claims_made: 0,
+            skew: Duration::ZERO,
         };
         for (hash, path) in hashed_files(&dir.join("models"))? {
             let Ok(meta) = fs::metadata(&path) else {
@@ -151,6 +193,15 @@ impl ModelStore {
         self
     }
 
+    /// How long an upload may write nothing and keep its hold on its model
+    /// and on room in the store (default 30 s). After that, another upload
+    /// of the same model takes its place, and uploads that need room may
+    /// drop it; its next write fails.
+    pub fn upload_timeout(self, timeout: Duration) -> Self {
+        self.index().upload_timeout = timeout;
+        self
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
@@ -171,6 +222,12 @@ impl ModelStore {
     /// Whether no model is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Moves the store's clock on (tests of the upload timeout).
+    #[cfg(test)]
+    fn advance(&self, by: Duration) {
+        self.index().skew += by;
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
@@ -201,7 +258,7 @@ impl ModelStore {
                 stored: model.is_some(),
                 size: model.map_or(0, |m| m.size as i64),
                 partial: match (model, index.partials.get(hash)) {
-                    (None, Some(p)) if !index.writing.contains(hash) => p.size as i64,
+                    (None, Some(p)) if !index.writing.contains_key(hash) => p.size as i64,
                     _ => 0,
                 },
                 in_use: model.is_some_and(|m| m.pins > 0),
@@ -222,15 +279,23 @@ impl ModelStore {
             .filter(|m| m.pins > 0)
             .map(|m| m.size)
             .sum();
+        let now = index.now();
+        let writing: u64 = index
+            .writing
+            .values()
+            .filter(|c| !index.stalled(c, now))
+            .map(|c| c.reserved)
+            .sum();
         ModelInventory {
             models,
-            store_free: self.inner.max_bytes.saturating_sub(pinned) as i64,
+            store_free: self.inner.max_bytes.saturating_sub(pinned + writing) as i64,
         }
     }
 
     /// Starts writing `hash` (`total` bytes; the first `offset` already held
-    /// as a partial upload), making room first. Fails if another upload
-    /// writes it, if it cannot fit, or if the partial bytes are not there.
+    /// as a partial upload), making room first and reserving `total` bytes
+    /// until the upload ends. Fails if another upload writes it (and has not
+    /// stalled), if it cannot fit, or if the partial bytes are not there.
     pub(crate) fn begin_write(
         &self,
         hash: Hash,
@@ -240,11 +305,18 @@ impl ModelStore {
     ) -> Result<StoreFile, String> {
         self.expire_partials();
         let mut index = self.index();
-        if index.writing.contains(&hash) {
-            return Err(
-                "another connection is uploading this model now: use it once that upload is done"
-                    .to_owned(),
-            );
+        let now = index.now();
+        if let Some(claim) = index.writing.get(&hash) {
+            if !index.stalled(claim, now) {
+                return Err(
+                    "another connection is uploading this model now: use it once that upload is done"
+                        .to_owned(),
+                );
+            }
+            // Its writer stalled: this upload takes its place; what it wrote goes.
+            index.writing.remove(&hash);
+            index.partials.remove(&hash);
+            tracing::info!(sha256 = %hex(&hash), "store: an upload that stalled lost its model to another");
         }
         let held = index.partials.get(&hash).map_or(0, |p| p.size);
         if offset > held {
@@ -252,20 +324,40 @@ impl ModelStore {
                 "cannot resume at byte {offset}: this node holds {held} bytes of the model"
             ));
         }
-        self.make_room(&mut index, total, &hash)?;
-        index.writing.insert(hash);
+        self.make_room(&mut index, total, &hash, now)?;
+        index.claims_made += 1;
+        let claim = index.claims_made;
+        index.writing.insert(
+            hash,
+            Claim {
+                id: claim,
+                reserved: total,
+                progress: now,
+            },
+        );
         drop(index);
         let store = self.clone();
-        let file = StoreFile::open(store, hash, total, offset, config_json);
+        let file = StoreFile::open(store, hash, claim, total, offset, config_json);
         if file.is_err() {
-            self.index().writing.remove(&hash);
+            let mut index = self.index();
+            if index.owns(&hash, claim) {
+                index.writing.remove(&hash);
+            }
         }
         file
     }
 
-    /// Evicts least recently used unpinned models, then stale partial uploads,
-    /// until `needed` more bytes fit (a partial of `for_hash` counts as part of it).
-    fn make_room(&self, index: &mut Index, needed: u64, for_hash: &Hash) -> Result<(), String> {
+    /// Evicts until `needed` more bytes fit (a partial of `for_hash` counts
+    /// as part of it): first uploads that stalled, then stale partial uploads,
+    /// then the least recently used unpinned models. Uploads under way count
+    /// with their whole size.
+    fn make_room(
+        &self,
+        index: &mut Index,
+        needed: u64,
+        for_hash: &Hash,
+        now: Instant,
+    ) -> Result<(), String> {
         let max = self.inner.max_bytes;
         if needed > max {
             return Err(format!(
@@ -277,16 +369,28 @@ impl ModelStore {
                 + index
                     .partials
                     .iter()
-                    .filter(|(h, _)| *h != for_hash)
+                    .filter(|(h, _)| *h != for_hash && !index.writing.contains_key(*h))
                     .map(|(_, p)| p.size)
+                    .sum::<u64>()
+                + index
+                    .writing
+                    .iter()
+                    .filter(|(h, _)| *h != for_hash)
+                    .map(|(_, c)| c.reserved)
                     .sum::<u64>();
             if used + needed <= max {
                 return Ok(());
             }
+            let stalled = index
+                .writing
+                .iter()
+                .filter(|(h, c)| *h != for_hash && index.stalled(c, now))
+                .min_by_key(|(_, c)| c.progress)
+                .map(|(h, _)| *h);
             let oldest_partial = index
                 .partials
                 .iter()
-                .filter(|(h, _)| *h != for_hash && !index.writing.contains(*h))
+                .filter(|(h, _)| *h != for_hash && !index.writing.contains_key(*h))
                 .min_by_key(|(_, p)| p.touched)
                 .map(|(h, _)| *h);
             let lru = index
@@ -295,7 +399,12 @@ impl ModelStore {
                 .filter(|(_, e)| e.pins == 0)
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(h, _)| *h);
-            if let Some(hash) = oldest_partial {
+            if let Some(hash) = stalled {
+                index.writing.remove(&hash);
+                index.partials.remove(&hash);
+                let _ = fs::remove_file(self.partial_path(&hash));
+                tracing::info!(sha256 = %hex(&hash), "store: dropped an upload that stalled to make room");
+            } else if let Some(hash) = oldest_partial {
                 index.partials.remove(&hash);
                 let _ = fs::remove_file(self.partial_path(&hash));
                 tracing::info!(sha256 = %hex(&hash), "store: dropped a partial upload to make room");
@@ -305,7 +414,7 @@ impl ModelStore {
                 tracing::info!(sha256 = %hex(&hash), "store: evicted the least recently used model");
             } else {
                 return Err(format!(
-                    "the model store is full: {used} of {max} bytes are models in use; this model needs {needed}"
+                    "the model store is full: {used} of {max} bytes are models in use and uploads under way; this model needs {needed}"
                 ));
             }
         }
@@ -326,7 +435,7 @@ impl ModelStore {
             .partials
             .iter()
             .filter(|(h, p)| {
-                !index.writing.contains(*h)
+                !index.writing.contains_key(*h)
                     && now.duration_since(p.touched).unwrap_or_default() > ttl
             })
             .map(|(h, _)| *h)
@@ -411,6 +520,8 @@ impl Drop for Pin {
 pub(crate) struct StoreFile {
     store: ModelStore,
     hash: Hash,
+    /// Its claim on `hash`; once another holds the hash, this file is nothing.
+    claim: u64,
     file: Option<File>,
     total: u64,
     written: u64,
@@ -424,11 +535,16 @@ impl StoreFile {
     fn open(
         store: ModelStore,
         hash: Hash,
+        claim: u64,
         total: u64,
         offset: u64,
         config_json: &str,
     ) -> Result<StoreFile, String> {
         let path = store.partial_path(&hash);
+        if offset == 0 {
+            // A new file, not the one a writer that stalled may still hold open.
+            let _ = fs::remove_file(&path);
+        }
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(true);
         #[cfg(unix)]
@@ -451,6 +567,7 @@ impl StoreFile {
         Ok(StoreFile {
             store,
             hash,
+            claim,
             file: Some(file),
             total,
             written: offset,
@@ -488,36 +605,65 @@ impl StoreFile {
         let store = self.store.clone();
         let from = store.partial_path(&self.hash);
         let to = store.model_path(&self.hash);
+        let last_used = millis(SystemTime::now());
+        let mut index = store.index();
+        if !index.owns(&self.hash, self.claim) {
+            return Err(self.lost(&index));
+        }
+        // Under the lock: no other upload can take the file meanwhile.
         fs::rename(&from, &to).map_err(|e| format!("cannot move the model into the store: {e}"))?;
         let checked = fs::metadata(&to)
             .and_then(|m| Ok((m.len(), m.modified()?)))
             .ok();
-        let meta = Meta {
-            size: self.total,
-            config_json: self.config_json.clone(),
-            last_used: millis(SystemTime::now()),
-        };
-        write_meta(&to, &meta);
-        let mut index = store.index();
+        index.writing.remove(&self.hash);
         index.partials.remove(&self.hash);
         index.models.insert(
             self.hash,
             Entry {
                 size: self.total,
-                config_json: std::mem::take(&mut self.config_json),
-                last_used: meta.last_used,
+                config_json: self.config_json.clone(),
+                last_used,
                 pins: 0,
                 verified: checked,
             },
         );
         self.finished = true;
+        drop(index);
+        let meta = Meta {
+            size: self.total,
+            config_json: std::mem::take(&mut self.config_json),
+            last_used,
+        };
+        write_meta(&to, &meta);
         tracing::info!(sha256 = %hex(&self.hash), bytes = self.total, "store: model stored");
         Ok(self.hash)
+    }
+
+    fn lost(&self, index: &Index) -> String {
+        format!(
+            "this upload wrote nothing for over {} s and lost its place in the model store to another upload",
+            index.upload_timeout.as_secs_f64()
+        )
     }
 }
 
 impl Spool for StoreFile {
     fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            // Nothing written is no progress.
+            return Ok(());
+        }
+        {
+            let mut index = self.store.index();
+            let now = index.now();
+            match index.writing.get_mut(&self.hash) {
+                Some(claim) if claim.id == self.claim => claim.progress = now,
+                _ => {
+                    self.file = None;
+                    return Err(self.lost(&index));
+                }
+            }
+        }
         let Some(file) = &mut self.file else {
             return Err("the store file was closed after an error".to_owned());
         };
@@ -539,10 +685,11 @@ impl Spool for StoreFile {
 impl Drop for StoreFile {
     fn drop(&mut self) {
         let mut index = self.store.index();
-        index.writing.remove(&self.hash);
-        if self.finished {
+        // Finished, or taken by another upload with what it had written.
+        if self.finished || !index.owns(&self.hash, self.claim) {
             return;
         }
+        index.writing.remove(&self.hash);
         // A broken upload keeps what it wrote, to resume; a complete one that
         // was not finished did not hash to its name, and an empty one holds nothing.
         let path = self.store.partial_path(&self.hash);
@@ -747,5 +894,98 @@ mod tests {
         // Files not named by a hash are ignored, never parsed as one.
         fs::write(dir.path().join("models/NOTAHASH"), b"x").unwrap();
         assert_eq!(ModelStore::open(dir.path(), 1 << 20).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn uploads_under_way_hold_their_whole_size_against_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 300).unwrap();
+        let (a, b) = (vec![1u8; 200], vec![2u8; 200]);
+        let mut first = store.begin_write(sha(&a), 200, 0, "{}").unwrap();
+        first.write(&a[..10]).unwrap();
+        // Ten bytes are on disk, but the first upload will need 200.
+        let err = store.begin_write(sha(&b), 200, 0, "{}").err().unwrap();
+        assert!(err.contains("uploads under way"), "{err}");
+        assert_eq!(store.inventory(&[]).store_free, 100);
+        // Abandoned: its reservation goes, its 10 bytes stay (and may be dropped for room).
+        drop(first);
+        let mut second = store.begin_write(sha(&b), 200, 0, "{}").unwrap();
+        second.write(&b).unwrap();
+        second.finish().unwrap();
+        // Committed: the model counts, not a reservation beside it.
+        assert_eq!(store.used_bytes(), 210);
+        let c = vec![3u8; 100];
+        let mut third = store.begin_write(sha(&c), 100, 0, "{}").unwrap();
+        third.write(&c).unwrap();
+        third.finish().unwrap();
+        assert_eq!(store.used_bytes(), 300, "the partial made room");
+        assert!(store.contains(&sha(&b)) && store.contains(&sha(&c)));
+        // A failed one releases its reservation too.
+        let mut failed = store.begin_write(sha(&a), 200, 0, "{}").unwrap();
+        failed.write(&a).unwrap();
+        failed.hasher = Some(Sha256::new());
+        assert!(failed.finish().is_err());
+        assert!(store.index().writing.is_empty());
+    }
+
+    #[test]
+    fn an_upload_that_writes_nothing_loses_its_model_to_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 1 << 20).unwrap();
+        let model = vec![7u8; 1000];
+        let hash = sha(&model);
+        let mut stalled = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        stalled.write(&[0; 400]).unwrap();
+        store.advance(Duration::from_secs(29));
+        assert!(store
+            .begin_write(hash, 1000, 0, "{}")
+            .err()
+            .unwrap()
+            .contains("uploading this model now"));
+        // Empty writes are no progress: 31 s after its last byte, it has stalled.
+        stalled.write(&[]).unwrap();
+        store.advance(Duration::from_secs(2));
+        let mut owner = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        let err = stalled.write(&[0; 10]).unwrap_err();
+        assert!(err.contains("lost its place"), "{err}");
+        drop(stalled);
+        owner.write(&model).unwrap();
+        assert_eq!(owner.finish().unwrap(), hash);
+        assert_eq!(fs::read(store.model_path(&hash)).unwrap(), model);
+
+        // A writer that keeps writing keeps its model.
+        let other = vec![8u8; 1000];
+        let mut busy = store.begin_write(sha(&other), 1000, 0, "{}").unwrap();
+        for piece in other.chunks(100) {
+            store.advance(Duration::from_secs(20));
+            busy.write(piece).unwrap();
+            assert!(store.begin_write(sha(&other), 1000, 0, "{}").is_err());
+        }
+        busy.finish().unwrap();
+    }
+
+    #[test]
+    fn an_upload_that_stalled_gives_up_its_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 300)
+            .unwrap()
+            .upload_timeout(Duration::from_secs(5));
+        let mut stalled = store.begin_write(sha(b"big"), 250, 0, "{}").unwrap();
+        stalled.write(&[1; 50]).unwrap();
+        let small = vec![2u8; 100];
+        assert!(store.begin_write(sha(&small), 100, 0, "{}").is_err());
+        store.advance(Duration::from_secs(6));
+        assert_eq!(
+            store.inventory(&[]).store_free,
+            300,
+            "a stalled claim is free room"
+        );
+        let mut file = store.begin_write(sha(&small), 100, 0, "{}").unwrap();
+        assert!(!store.partial_path(&sha(b"big")).exists());
+        assert!(stalled.write(&[1; 50]).is_err());
+        drop(stalled);
+        file.write(&small).unwrap();
+        file.finish().unwrap();
+        assert_eq!(store.used_bytes(), 100);
     }
 }

@@ -442,7 +442,14 @@ impl<M> Connection<M> {
             if let Some(upload) = self.phase.upload_mut() {
                 upload.work_returned(work);
             }
-            self.send_upload_work();
+            if let Some(why) = self.phase.upload().and_then(Upload::refused) {
+                // Refused before its bytes are stored: said now, as a refused
+                // `model_begin` is, not after the client sent them all.
+                let e = ProtocolError::UploadRefused(why.to_owned());
+                self.upload_failed(&e);
+            } else {
+                self.send_upload_work();
+            }
             if was_backlogged && self.wants_read() {
                 // The stall timer starts again from here.
                 self.last_input = now;
@@ -618,6 +625,9 @@ impl<M> Connection<M> {
                     Ok(mut upload) => {
                         self.uploads_begun += 1;
                         upload.id = self.uploads_begun;
+                        if let Some(work) = upload.open_work(self.id) {
+                            self.to_node.push_back(ToNode::Upload(work));
+                        }
                         self.phase = Phase::Uploading(Box::new(upload));
                     }
                     Err(e) => self.upload_failed(&e),

@@ -57,6 +57,10 @@ pub enum ProtocolError {
     /// A `model_begin` `offset` the upload cannot resume from (extension `store`).
     #[error("bad offset {0}: a resumed upload needs weights_sha256, a store, and 0 <= offset <= weights_len")]
     BadOffset(i64),
+    /// The spool of an upload that names its hash could not be opened at its
+    /// `model_begin` (a model store that is full, or writing that model now).
+    #[error("{0}")]
+    UploadRefused(String),
     /// A `model_query` asking for too many models at once (extension `store`).
     #[error("model_query: at most {0} hashes per query")]
     QueryTooLarge(usize),
@@ -145,6 +149,7 @@ impl ProtocolError {
             BadWeightsSha256 => "bad_weights_sha256",
             BadOffset(_) => "bad_offset",
             QueryTooLarge(_) => "query_too_large",
+            UploadRefused(_) => "upload_refused",
             WeightsBase64 => "weights_b64",
             WeightsOverflow => "weights_overflow",
             ChunkOutOfOrder { .. } => "chunk_out_of_order",

@@ -126,6 +126,10 @@ pub struct Upload {
     weights: Vec<u8>,
     /// An empty buffer back from a worker, reused for the next stretch.
     spare: Vec<u8>,
+    /// A worker is opening the spool at `model_begin`, before any byte.
+    opening: bool,
+    /// The spool could not be opened at `model_begin`: why.
+    refused: Option<String>,
 }
 
 /// A complete upload, ready to be verified and handed to an executor by
@@ -259,6 +263,8 @@ impl Upload {
             received: offset,
             weights: Vec::new(),
             spare: Vec::new(),
+            opening: false,
+            refused: None,
         })
     }
 
@@ -307,8 +313,35 @@ impl Upload {
         Ok(())
     }
 
+    fn carried_error(&self) -> Option<String> {
+        match &self.carrier {
+            Carrier::Home { carried, .. } => carried.spool_error.clone(),
+            Carrier::Away { .. } => None,
+        }
+    }
+
     fn spool_failed(&self) -> bool {
         matches!(&self.carrier, Carrier::Home { carried, .. } if carried.spool_error.is_some())
+    }
+
+    /// Work that opens the spool of a spooling upload that names its hash
+    /// at once, with no bytes: a store reserves its room (or refuses it)
+    /// before the bytes come, not after the first stretch.
+    pub(crate) fn open_work(&mut self, conn: ConnectionId) -> Option<UploadWork> {
+        if !self.spooling || self.sha256.is_none() {
+            return None;
+        }
+        match &self.carrier {
+            Carrier::Home { carried, .. } if carried.spool.is_none() => {}
+            _ => return None,
+        }
+        self.opening = true;
+        Some(self.take_work(conn))
+    }
+
+    /// Why the spool could not be opened at `model_begin`, once that work is back.
+    pub(crate) fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
     }
 
     /// Takes the carried state and at least `min` bytes not yet handed out, for
@@ -322,6 +355,12 @@ impl Upload {
             Carrier::Home { hashed, .. } if len - hashed >= min.max(1) => {}
             _ => return None,
         }
+        Some(self.take_work(conn))
+    }
+
+    /// Takes the carried state and the bytes not yet handed out (the state is home).
+    fn take_work(&mut self, conn: ConnectionId) -> UploadWork {
+        let len = self.weights.len();
         let away = Carrier::Away {
             hashed: if self.spooling { 0 } else { len },
         };
@@ -338,7 +377,7 @@ impl Upload {
             copy.extend_from_slice(&self.weights[hashed..]);
             copy
         };
-        Some(UploadWork {
+        UploadWork {
             conn,
             upload: self.id,
             spooling: self.spooling,
@@ -351,7 +390,7 @@ impl Upload {
             }),
             carried,
             data,
-        })
+        }
     }
 
     /// Takes back the carried state (and an empty buffer to reuse) from a worker.
@@ -363,7 +402,11 @@ impl Upload {
             };
             if self.spooling && self.spool_failed() {
                 self.weights = Vec::new();
+                if self.opening {
+                    self.refused = self.carried_error();
+                }
             }
+            self.opening = false;
             let mut spare = work.data;
             spare.clear();
             if !self.spool_failed() {

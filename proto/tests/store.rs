@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 #[derive(Default)]
 struct Spooler {
     opened: Arc<Mutex<Vec<UploadInfo>>>,
+    /// Refuse every spool with this reason (a full store).
+    refuse: Option<String>,
 }
 
 struct Bytes(Vec<u8>);
@@ -40,7 +42,10 @@ impl Executor for Spooler {
 
     fn open_spool(&self, upload: &UploadInfo) -> Result<Bytes, String> {
         self.opened.lock().unwrap().push(upload.clone());
-        Ok(Bytes(Vec::new()))
+        match &self.refuse {
+            Some(why) => Err(why.clone()),
+            None => Ok(Bytes(Vec::new())),
+        }
     }
 
     fn mount(&self, _: String, weights: Weights<Bytes>) -> Result<Vec<u8>, String> {
@@ -369,4 +374,41 @@ fn a_client_asks_nothing_of_a_node_without_a_store() {
         Err(ClientError::NotOffered("store"))
     );
     assert_eq!(core.pending_transmit(), before, "nothing was sent");
+}
+
+#[test]
+fn an_upload_the_store_cannot_take_is_refused_at_its_begin_not_its_commit() {
+    let mut sim = store_node();
+    sim.executor.refuse = Some("the model store is full".to_owned());
+    let raw = sim.raw();
+    sim.run();
+    sim.frames(raw);
+    // A v1 client, as the Go client: its upload names its hash.
+    let weights = [7u8; 10];
+    sim.write(raw, &frame(r#"{"v":1,"type":"hello","role":"client"}"#));
+    sim.write(
+        raw,
+        &frame(&format!(
+            r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":10,"weights_sha256":"{}"}}"#,
+            hex(&sha(&weights))
+        )),
+    );
+    sim.run();
+    // The spool was opened before any byte came, and its refusal is the answer.
+    assert_eq!(sim.executor.opened.lock().unwrap().len(), 1);
+    assert_eq!(
+        sim.frames(raw),
+        [r#"{"code":"upload_refused","error":"the model store is full","type":"error","v":1}"#]
+    );
+    // Its chunks and its commit get no answer; the connection stays in step.
+    let mut chunk = Vec::new();
+    donate_proto::message::encode_weights_chunk(0, true, &weights, &mut chunk);
+    sim.write(raw, &chunk);
+    sim.write(raw, &frame(r#"{"v":1,"type":"model_commit"}"#));
+    sim.write(raw, &frame(r#"{"v":1,"type":"queue_status"}"#));
+    sim.run();
+    let frames = sim.frames(raw);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert!(frames[0].contains(r#""type":"queue_status""#), "{frames:?}");
+    assert_eq!(sim.executor.opened.lock().unwrap().len(), 1);
 }
