@@ -244,7 +244,9 @@ fn check_metrics_exposure(addr: &str, node_may_be_exposed: bool) -> CliResult {
     if exposed && !node_may_be_exposed {
         return Err(Failure::with_code(
             format!(
-                "refusing to serve --metrics on {addr}: other machines could read the node's                  counters; use a loopback address (127.0.0.1:PORT), or --key / --insecure as                  for the node's own address"
+                "refusing to serve --metrics on {addr}: other machines could read the node's \
+                 counters; use a loopback address (127.0.0.1:PORT), or --key / --insecure as \
+                 for the node's own address"
             ),
             crate::exit::EXPOSED,
         ));

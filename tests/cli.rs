@@ -882,9 +882,11 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 #[test]
 fn serve_metrics_on_loopback_and_refuses_an_exposed_address() {
-    donate(&["serve", "--metrics", "0.0.0.0:0"])
-        .fails_with("refusing to serve --metrics")
+    let refused = donate(&["serve", "--metrics", "0.0.0.0:0"]);
+    refused
+        .fails_with("refusing to serve --metrics on 0.0.0.0:0: other machines could read the node's counters; use a loopback address")
         .code(18);
+    assert!(!refused.stderr.contains("  "), "{:?}", refused.stderr);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -268,4 +268,160 @@ fn a_store_counts_hits_misses_and_its_size() {
     assert_eq!(samples["donate_store_bytes"], 100_000.0);
     drop(raw);
     server.shutdown();
+}
+
+/// A client that sends a request head that never ends, a byte every
+/// `every`, until the server closes the connection or `give_up` passes:
+/// when it was closed (from the first byte) and what the server sent.
+fn trickle(
+    addr: std::net::SocketAddr,
+    every: Duration,
+    give_up: Duration,
+) -> (
+    mpsc::Receiver<()>,
+    thread::JoinHandle<Option<(Duration, String)>>,
+) {
+    let (sent, first) = mpsc::channel();
+    let thread = thread::spawn(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(every)).unwrap();
+        let start = Instant::now();
+        let head = b"GET /healthz HTTP/1.1\r\nX-Slow: ";
+        let mut got = Vec::new();
+        for i in 0.. {
+            let byte = head.get(i).copied().unwrap_or(b'a');
+            if s.write_all(&[byte]).is_err() {
+                return Some((start.elapsed(), String::from_utf8_lossy(&got).into_owned()));
+            }
+            if i == 0 {
+                let _ = sent.send(());
+            }
+            let mut buf = [0u8; 1024];
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    return Some((start.elapsed(), String::from_utf8_lossy(&got).into_owned()))
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => {
+                    return Some((start.elapsed(), String::from_utf8_lossy(&got).into_owned()))
+                }
+            }
+            if start.elapsed() > give_up {
+                return None;
+            }
+        }
+        unreachable!()
+    });
+    (first, thread)
+}
+
+#[test]
+fn a_trickling_client_holds_neither_healthz_nor_shutdown() {
+    let http = MetricsServer::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let addr = http.local_addr();
+    // A byte every 300 ms: never long enough apart for a per-read timeout.
+    let (first, trickler) = trickle(addr, Duration::from_millis(300), Duration::from_secs(15));
+    first.recv().unwrap();
+    thread::sleep(Duration::from_millis(100));
+    for _ in 0..3 {
+        let asked = Instant::now();
+        assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_owned()));
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    let stopping = Instant::now();
+    drop(http);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "shutdown waited {:?} for a slow client",
+        stopping.elapsed()
+    );
+    // Its connection was closed by the shutdown, not left to run out.
+    let (closed, _) = trickler.join().unwrap().expect("the trickler was cut off");
+    assert!(closed < Duration::from_secs(4), "{closed:?}");
+}
+
+#[test]
+fn a_request_head_has_five_seconds_in_all() {
+    let http = MetricsServer::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let (_, trickler) = trickle(
+        http.local_addr(),
+        Duration::from_millis(500),
+        Duration::from_secs(15),
+    );
+    let (closed, said) = trickler.join().unwrap().expect("the trickler was cut off");
+    assert!(
+        closed > Duration::from_secs(4) && closed < Duration::from_secs(7),
+        "{closed:?}"
+    );
+    assert!(said.starts_with("HTTP/1.1 408 "), "{said:?}");
+    // A head over the size limit is refused as soon as it is over.
+    let mut s = TcpStream::connect(http.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // One byte over, all of it read before the answer (no reset).
+    let mut big = b"GET /healthz HTTP/1.1\r\nX-Big: ".to_vec();
+    big.resize(8 * 1024 + 1, b'a');
+    s.write_all(&big).unwrap();
+    let mut said = String::new();
+    let _ = s.read_to_string(&mut said);
+    assert!(said.starts_with("HTTP/1.1 431 "), "{said:?}");
+}
+
+#[test]
+fn connections_over_the_limit_are_told_busy() {
+    let http = MetricsServer::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let tricklers: Vec<_> = (0..8)
+        .map(|_| {
+            let (first, t) = trickle(
+                http.local_addr(),
+                Duration::from_millis(200),
+                Duration::from_secs(15),
+            );
+            first.recv().unwrap();
+            t
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    // Answered at once: a 503, unless the close resets it first.
+    let asked = Instant::now();
+    let mut s = TcpStream::connect(http.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let mut said = String::new();
+    match s.read_to_string(&mut said) {
+        Ok(_) => assert!(
+            said.is_empty() || said.starts_with("HTTP/1.1 503 "),
+            "{said:?}"
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(http);
+    for t in tricklers {
+        assert!(t.join().unwrap().is_some());
+    }
 }

@@ -4,58 +4,70 @@
 //! scraper on loopback, one request per connection, so the whole server is a
 //! bounded read of one request head, a status line and a body. A server crate
 //! (hyper, tiny_http) would bring a runtime or a thread pool and a parser
-//! surface for features nobody here uses. One thread serves connections one
-//! at a time; each gets `IO_TIMEOUT` to send its request and read the answer,
-//! and a request head over `MAX_HEAD` bytes is refused, so a slow or hostile
-//! peer costs at most one bounded wait and no memory.
+//! surface for features nobody here uses.
+//!
+//! One thread accepts; each connection is answered on a thread of its own,
+//! at most `MAX_CONNECTIONS` at once (one more is told 503 and closed at
+//! once), so a slow peer never holds `/healthz` from another. A connection
+//! has `HEAD_DEADLINE` in all to send a request head of at most `MAX_HEAD`
+//! bytes, however it spaces its bytes, and `IO_TIMEOUT` to take the answer.
+//! Stopping the server shuts every open connection's socket, which wakes
+//! its thread, and joins only the accepting thread: no client delays it.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Metrics;
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request, and to take the answer.
+/// Time a client has to send its whole request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a client has to take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections answered at once.
+const MAX_CONNECTIONS: usize = 8;
+
+/// The open connections, by number, and whether the server is stopping.
+#[derive(Debug, Default)]
+struct Open {
+    stopping: bool,
+    next: u64,
+    streams: HashMap<u64, TcpStream>,
+}
+
+type Shared = Arc<Mutex<Open>>;
+
+fn lock(open: &Shared) -> std::sync::MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A running `/metrics` + `/healthz` responder; stops when dropped.
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    open: Shared,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MetricsServer {
-    /// Serves `metrics` on `listener` from a thread of its own.
+    /// Serves `metrics` on `listener` from threads of its own.
     pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let open = Shared::default();
         let thread = {
-            let stop = Arc::clone(&stop);
+            let open = Arc::clone(&open);
             std::thread::Builder::new()
                 .name("donate-metrics".into())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if stop.load(Ordering::Acquire) {
-                            return;
-                        }
-                        if let Ok(stream) = stream {
-                            if let Err(e) = answer(stream, &metrics) {
-                                tracing::debug!("metrics request: {e}");
-                            }
-                        }
-                    }
-                })?
+                .spawn(move || accept(listener, &open, &metrics))?
         };
         Ok(MetricsServer {
             addr,
-            stop,
+            open,
             thread: Some(thread),
         })
     }
@@ -68,7 +80,14 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        {
+            let mut open = lock(&self.open);
+            open.stopping = true;
+            // Wakes every connection's thread, blocked reading or writing.
+            for stream in open.streams.values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
         // Wake the blocking accept.
         let _ = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT);
         if let Some(thread) = self.thread.take() {
@@ -77,34 +96,123 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Reads one request head and answers it.
-fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+/// Accepts connections until the server stops, each answered on a thread.
+fn accept(listener: TcpListener, open: &Shared, metrics: &Arc<Metrics>) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!("metrics accept: {e}");
+                // Out of descriptors, say: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = {
+            let mut open = lock(open);
+            if open.stopping {
+                return;
+            }
+            if open.streams.len() >= MAX_CONNECTIONS {
+                drop(open);
+                busy(stream);
+                continue;
+            }
+            let Ok(clone) = stream.try_clone() else {
+                continue;
+            };
+            let id = open.next;
+            open.next += 1;
+            open.streams.insert(id, clone);
+            id
+        };
+        let (open_, metrics) = (Arc::clone(open), Arc::clone(metrics));
+        let spawned = std::thread::Builder::new()
+            .name("donate-metrics-conn".into())
+            .spawn(move || {
+                if let Err(e) = answer(stream, &metrics) {
+                    tracing::debug!("metrics request: {e}");
+                }
+                lock(&open_).streams.remove(&id);
+            });
+        if let Err(e) = spawned {
+            tracing::debug!("metrics connection thread: {e}");
+            lock(open).streams.remove(&id);
+        }
+    }
+}
+
+/// Tells a connection over `MAX_CONNECTIONS` to come back later, without
+/// waiting on it (best effort: closed with its request unread, it may be
+/// reset before the client reads the answer).
+fn busy(stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let body = "too many metrics connections\n";
+    let _ = (&stream).write_all(
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: {TEXT}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// What reading a request head came to.
+enum Head {
+    Complete(Vec<u8>),
+    TooLarge,
+    TooSlow,
+    Gone,
+}
+
+/// Reads one request head, `HEAD_DEADLINE` for all of it.
+fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+    let deadline = Instant::now() + HEAD_DEADLINE;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    let complete = loop {
+    loop {
         if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break true;
+            return Ok(Head::Complete(head));
         }
         if head.len() > MAX_HEAD {
-            break false;
+            return Ok(Head::TooLarge);
         }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(()); // gone before a whole head
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Head::TooSlow);
         }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(Head::Gone),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Head::TooSlow)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         head.extend_from_slice(&buf[..n]);
-    };
-    let (status, content_type, body) = if !complete {
-        (431, TEXT, "request head too large\n".to_owned())
-    } else {
-        route(&head, metrics)
+    }
+}
+
+/// Reads one request head and answers it.
+fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+    let (status, content_type, body) = match read_head(&mut stream)? {
+        Head::Complete(head) => route(&head, metrics),
+        Head::TooLarge => (431, TEXT, "request head too large\n".to_owned()),
+        Head::TooSlow => (408, TEXT, "request head too slow\n".to_owned()),
+        Head::Gone => return Ok(()),
     };
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Bad Request",
@@ -113,8 +221,23 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes())?;
-    stream.flush()
+    // `IO_TIMEOUT` for the whole answer, however slowly it is taken.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut rest = response.as_bytes();
+    while !rest.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";

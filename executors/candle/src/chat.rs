@@ -64,12 +64,55 @@ impl ChatMessage {
     }
 }
 
+/// Template steps (minijinja instructions, its "fuel") a render may take:
+/// this much for the conversation, and [`FUEL_PER_MESSAGE`] more for each
+/// message. Real templates take a few hundred per message; a runaway loop is
+/// stopped within milliseconds.
+pub const TEMPLATE_FUEL: u64 = 100_000;
+/// Template steps added to [`TEMPLATE_FUEL`] for each message.
+pub const FUEL_PER_MESSAGE: u64 = 10_000;
+/// Bytes a rendered conversation may have, beyond
+/// [`OUTPUT_PER_INPUT_BYTE`] for each byte of its messages and tokens.
+pub const TEMPLATE_OUTPUT: usize = 1 << 20;
+/// Bytes of rendered text allowed for each byte of the input.
+pub const OUTPUT_PER_INPUT_BYTE: usize = 4;
+
+/// The rendered text, refusing to grow past `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len().saturating_add(buf.len()) > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other(
+                "the chat template's output is too large",
+            ));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Renders a Hugging Face chat template (Jinja) as llama.cpp's Jinja mode
 /// and `transformers` do: `trim_blocks` and `lstrip_blocks` on, Python string
 /// methods (`.strip()`, `.split()`…) available, `raise_exception` defined, and
 /// the variables `messages`, `add_generation_prompt`, `bos_token` and
 /// `eos_token`. The template's own default system prompt, if it has one, is
 /// kept: nothing is added or removed here.
+///
+/// The template is bounded, since a model file's template is code from
+/// whoever made the file: it may take [`TEMPLATE_FUEL`] steps plus
+/// [`FUEL_PER_MESSAGE`] per message, and write [`TEMPLATE_OUTPUT`] bytes plus
+/// [`OUTPUT_PER_INPUT_BYTE`] per byte of the messages and tokens; past
+/// either it fails, naming which.
 pub fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
@@ -80,6 +123,8 @@ pub fn render_chat_template(
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
+    let fuel = TEMPLATE_FUEL.saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64));
+    env.set_fuel(Some(fuel));
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -94,17 +139,44 @@ pub fn render_chat_template(
     let tmpl = env
         .template_from_str(template)
         .map_err(|e| format!("the chat template does not parse: {e}"))?;
+    let input = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum::<usize>()
+        + bos_token.len()
+        + eos_token.len();
+    let limit = TEMPLATE_OUTPUT.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
+    let mut out = Bounded {
+        text: Vec::new(),
+        limit,
+        over: false,
+    };
     let messages: Vec<minijinja::Value> = messages
         .iter()
         .map(|m| minijinja::context! { role => m.role, content => m.content })
         .collect();
-    tmpl.render(minijinja::context! {
-        messages => messages,
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| format!("the chat template failed: {e}"))
+    let rendered = tmpl.render_captured_to(
+        minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        },
+        &mut out,
+    );
+    match rendered {
+        Ok(_) => String::from_utf8(out.text)
+            .map_err(|_| "the chat template wrote text that is not UTF-8".to_owned()),
+        Err(_) if out.over => Err(format!(
+            "the model's chat template wrote more than {limit} bytes for {input} bytes of \
+             messages, and was stopped; run with --raw-prompt to send prompts without it"
+        )),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+            "the model's chat template used more than {fuel} steps (a loop that runs away?), \
+             and was stopped; run with --raw-prompt to send prompts without it"
+        )),
+        Err(e) => Err(format!("the chat template failed: {e}")),
+    }
 }
 
 /// A GGUF file's tokenizer, special tokens and chat template.
@@ -238,6 +310,20 @@ impl GgufTokenizer {
     /// Whether the file has a chat template.
     pub(crate) fn has_template(&self) -> bool {
         self.template.is_some()
+    }
+
+    /// Renders the chat template, when there is one, for a one-line prompt
+    /// as prompts will render it: a template that fails, runs away or writes
+    /// too much is refused once, at load, instead of on every prompt.
+    pub(crate) fn check_template(&self) -> Result<(), String> {
+        self.prompt_text("Hello! Who are you?", true)
+            .map(drop)
+            .map_err(|e| {
+                format!(
+                    "its chat template (tokenizer.chat_template) does not render a sample prompt: {}",
+                    e.replace('\n', " ")
+                )
+            })
     }
 
     /// The text a prompt becomes: the chat template rendered with one user
@@ -634,5 +720,84 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
         assert!(render_chat_template("{% for %}", &[], "", "", true)
             .unwrap_err()
             .contains("does not parse"));
+    }
+
+    /// A loop of 10^10 steps that writes nothing.
+    const NESTED_LOOP: &str =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}ok";
+
+    /// 100 GB of output, a megabyte at a time.
+    const HUGE_OUTPUT: &str = "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}";
+
+    fn render_user(template: &str, prompt: &str) -> Result<String, String> {
+        render_chat_template(template, &[ChatMessage::new("user", prompt)], "", "", true)
+    }
+
+    #[test]
+    fn a_runaway_loop_is_stopped_naming_its_steps() {
+        let started = std::time::Instant::now();
+        let e = render_user(NESTED_LOOP, "hi").unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            e.contains("chat template used more than 110000 steps") && e.contains("--raw-prompt"),
+            "{e}"
+        );
+        // Bounded even inside a macro and a filter.
+        let e = render_user(
+            "{% macro spin() %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endmacro %}{{ spin() | upper }}",
+            "hi",
+        )
+        .unwrap_err();
+        assert!(e.contains("steps"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn huge_output_is_stopped_naming_its_size() {
+        let started = std::time::Instant::now();
+        let e = render_user(HUGE_OUTPUT, "hi").unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let limit = TEMPLATE_OUTPUT + OUTPUT_PER_INPUT_BYTE * "userhi".len();
+        assert!(
+            e.contains(&format!(
+                "chat template wrote more than {limit} bytes for 6 bytes"
+            )),
+            "{e}"
+        );
+        // The bound grows with the input: a long prompt still renders whole.
+        let long = "y".repeat(3 << 20);
+        let text = render_user(SMOLLM2, &long).unwrap();
+        assert!(text.contains(&long) && text.ends_with("<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn a_template_is_checked_once_at_load() {
+        let mut md = spm_metadata();
+        let mut load = |template: &str| {
+            md.insert(
+                "tokenizer.chat_template".to_owned(),
+                Value::String(template.to_owned()),
+            );
+            GgufTokenizer::from_metadata(&md, 400)
+                .unwrap()
+                .check_template()
+        };
+        load(SMOLLM2).unwrap();
+        load(QWEN_STYLE).unwrap();
+        let started = std::time::Instant::now();
+        let e = load(NESTED_LOOP).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            e.starts_with("its chat template (tokenizer.chat_template) does not render a sample prompt: the model's chat template used more than"),
+            "{e}"
+        );
+        assert!(load(HUGE_OUTPUT).unwrap_err().contains("wrote more than"));
+        let e = load("{{ raise_exception('no\nway') }}").unwrap_err();
+        assert!(e.contains("no way") && !e.contains('\n'), "{e}");
+        assert!(load("{% for %}").unwrap_err().contains("does not parse"));
     }
 }

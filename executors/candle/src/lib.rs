@@ -237,7 +237,8 @@ impl std::fmt::Debug for CandleExecutor {
 
 impl CandleExecutor {
     /// Opens the device and, with [`CandleConfig::local_lm`], loads that model
-    /// and tokenizer.
+    /// and tokenizer; a GGUF file's chat template must render a sample
+    /// prompt within its bounds (unless [`CandleConfig::raw_prompt`]).
     pub fn new(config: CandleConfig) -> Result<CandleExecutor, String> {
         config
             .sampling
@@ -247,6 +248,13 @@ impl CandleExecutor {
         let local = match &config.local_lm {
             Some(dir) => {
                 let mut local = load_local(dir, &device, config.max_context)?;
+                if !config.raw_prompt {
+                    if let Some(tokenizer) = local.model.gguf_tokenizer() {
+                        tokenizer
+                            .check_template()
+                            .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    }
+                }
                 local.model = local
                     .model
                     .with_passes(config.max_batch, config.prompt_chunk);

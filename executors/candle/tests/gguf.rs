@@ -27,6 +27,8 @@ enum Md {
     U32(u32),
     F32(f32),
     Str(&'static str),
+    /// An array of strings.
+    Strs(Vec<String>),
 }
 
 /// A tensor as written: name, dims (candle order, outermost first), ggml type number, bytes.
@@ -63,6 +65,14 @@ fn write_gguf(md: &[(&str, Md)], tensors: &[T]) -> Vec<u8> {
             Md::Str(s) => {
                 out.extend(8u32.to_le_bytes());
                 string(&mut out, s);
+            }
+            Md::Strs(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for s in items {
+                    string(&mut out, s);
+                }
             }
         }
     }
@@ -684,4 +694,65 @@ fn unsupported_architectures_and_bad_sizes_are_named() {
     md.retain(|(k, _)| *k != "llama.block_count");
     let e = refusal(&write_gguf(&md, &tensors()));
     assert!(e.contains("lacks llama.block_count"), "{e}");
+}
+
+/// The tiny llama with a byte-level BPE tokenizer (printable ASCII, `Ġ`
+/// for a space, `Ċ` for a newline; no merges) and `template`.
+fn tiny_gguf_with_template(template: &'static str) -> Vec<u8> {
+    let mut tokens: Vec<String> = (b'!'..=b'~').map(|b| (b as char).to_string()).collect();
+    tokens.extend(["\u{120}".to_owned(), "\u{10a}".to_owned()]);
+    assert_eq!(tokens.len(), VOCAB);
+    let mut md = metadata("llama");
+    md.extend([
+        ("tokenizer.ggml.model", Md::Str("gpt2")),
+        ("tokenizer.ggml.tokens", Md::Strs(tokens)),
+        ("tokenizer.ggml.merges", Md::Strs(Vec::new())),
+        ("tokenizer.chat_template", Md::Str(template)),
+    ]);
+    write_gguf(&md, &tensors_with(GgmlDType::Q8_0))
+}
+
+/// A local_lm node on the tiny llama with `template`, or why it would not start.
+fn local_lm(template: &'static str, raw_prompt: bool) -> Result<CandleExecutor, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, tiny_gguf_with_template(template)).unwrap();
+    CandleExecutor::new(CandleConfig {
+        local_lm: Some(path),
+        raw_prompt,
+        ..CandleConfig::default()
+    })
+}
+
+const RUNAWAY: &str =
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+
+#[test]
+fn a_runaway_chat_template_is_refused_at_start() {
+    let started = std::time::Instant::now();
+    let e = local_lm(RUNAWAY, false).expect_err("refused");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(
+        e.contains("m.gguf: its chat template (tokenizer.chat_template) does not render a sample prompt: the model's chat template used more than 110000 steps"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+    // Not used with --raw-prompt: not checked.
+    let node = local_lm(RUNAWAY, true).expect("starts with raw prompts");
+    node.complete("Hi", 2).unwrap();
+}
+
+#[test]
+fn a_chat_template_that_runs_away_on_one_prompt_fails_that_job_only() {
+    let node = local_lm(
+        "{% if 'boom' in messages[0].content %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ messages[0].content }}",
+        false,
+    )
+    .expect("the sample prompt renders");
+    let started = std::time::Instant::now();
+    let e = node.complete("boom", 2).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(e.code, "model_error");
+    assert!(e.message.contains("chat template used more than"), "{e:?}");
+    node.complete("Hi there", 2).unwrap();
 }
