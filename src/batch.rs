@@ -109,17 +109,22 @@ fn secure_pool(
     let keypair = crate::secure::load_keypair(key)?;
     let known = crate::secure::known_nodes_path();
     let mut pool = Pool::new(Vec::new(), config);
+    let pinned = match &args.connect.node_key {
+        Some(key) => Some(NodeTrust::pin(key).map_err(|e| format!("--node-key: {e}"))?),
+        None => None,
+    };
     for addr in &args.nodes {
-        let recorded = match &known {
-            Some(file) => crate::secure::known_node(file, &addr.to_string())?,
-            None => None,
+        let recorded = match (&pinned, &known) {
+            (Some(_), _) | (None, None) => None,
+            (None, Some(file)) => crate::secure::known_node(file, &addr.to_string())?,
         };
-        let trust = match recorded {
-            Some(key) => NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
-            None if args.trust_on_first_use => NodeTrust::AnyKey,
-            None => {
+        let trust = match (&pinned, recorded) {
+            (Some(trust), _) => trust.clone(),
+            (None, Some(key)) => NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
+            (None, None) if args.connect.trust_on_first_use => NodeTrust::AnyKey,
+            (None, None) => {
                 return Err(Failure::with_code(
-                    format!("the key of the node at {addr} is not known: add it to known_nodes (donate status --addr {addr} --key … --trust-on-first-use) or pass --trust-on-first-use"),
+                    format!("the key of the node at {addr} is not known: add it to known_nodes (donate status --addr {addr} --key … --trust-on-first-use), or pass --node-key or --trust-on-first-use"),
                     crate::exit::UNKNOWN_NODE,
                 ))
             }
@@ -138,6 +143,15 @@ pub fn run(args: BatchArgs) -> CliResult {
     let jobs = read_jobs(&args)?;
     let total = jobs.len() as u64;
     let model = model(&args)?;
+    if model.is_none() {
+        if let Some(job) = jobs.iter().find(|j| matches!(j.work, Work::Infer { .. })) {
+            return Err(format!(
+                "job {:?} is an infer job: infer jobs run on a pushed model, give it with --model (or --config and --weights); nothing was sent",
+                job.job_id
+            )
+            .into());
+        }
+    }
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -148,13 +162,19 @@ pub fn run(args: BatchArgs) -> CliResult {
     let config = PoolConfig::default()
         .job_deadline(Duration::from_secs_f64(args.job_deadline))
         .max_attempts(args.max_attempts);
-    let mut pool = match &args.key {
+    let mut pool = match &args.connect.key {
         None => Pool::new(args.nodes.clone(), config),
         Some(key) => secure_pool(&args, key, config)?,
     };
+    // 0 = never: a year stands for it (an Instant cannot hold Duration::MAX).
+    pool = pool.connect_timeout(match args.connect.timeout {
+        0.0 => Duration::from_secs(365 * 24 * 3600),
+        secs => Duration::from_secs_f64(secs),
+    });
     if let Some(model) = model {
         pool = pool.model(model);
     }
+    pool = pool.sampling(args.sampling.params());
     let progress = Progress::new(total);
     let (mut done, mut failed) = (0u64, 0u64);
     let mut write_error = None;

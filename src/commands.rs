@@ -86,10 +86,29 @@ pub fn infer(args: InferArgs) -> CliResult {
 
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.
 pub fn prompt(args: PromptArgs) -> CliResult {
+    let text = match args.text.as_str() {
+        "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
+            // `echo … |` ends the text with a line break that is not the prompt's.
+            let end = text.strip_suffix('\n').unwrap_or(&text);
+            end.strip_suffix('\r').unwrap_or(end).to_owned()
+        }
+        _ => args.text.clone(),
+    };
     let mut client = connect(&args.client)?;
+    if client.hello().mode == "model_push" {
+        return Err(format!(
+            "the node at {} runs pushed models (model_push), it does not answer prompts: \
+             use `donate infer --model …` (or `donate push`), or a node started with --mode local_lm",
+            args.client.addr
+        )
+        .into());
+    }
     let mut streamed = String::new();
     let result = client
-        .send_prompt_with(&args.text, args.max_out, &args.sampling.params())
+        .send_prompt_with(&text, args.max_out, &args.sampling.params())
         .and_then(|request| {
             // Partial text (extension `stream`) is printed as it arrives,
             // unless stdout must hold exactly one JSON object.
@@ -347,7 +366,7 @@ pub fn status(args: StatusArgs) -> CliResult {
     println!("node:    {}", args.client.addr);
     println!("mode:    {}", hello.mode);
     if !hello.local_lm_path.is_empty() {
-        println!("local_lm_path: {}", hello.local_lm_path);
+        println!("model:   {}", hello.local_lm_path);
     }
     match queue {
         Some(QueueStatus {

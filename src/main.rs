@@ -88,12 +88,17 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct KeygenArgs {
-    /// Where the private key goes (refused if it or PATH.pub exists).
+    /// Where the private key goes (refused if it or PATH.pub exists; missing
+    /// folders are created, mode 0700).
     #[arg(value_name = "PATH")]
     path: PathBuf,
     /// The comment after the key in PATH.pub (default: user@host).
     #[arg(long, value_name = "TEXT")]
     comment: Option<String>,
+    /// Taken as by every other command, so that scripts may pass it to all;
+    /// keygen does not connect, so it waits for nothing.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
+    timeout: f64,
 }
 
 /// Which adapter runs the node.
@@ -160,16 +165,19 @@ struct ServeArgs {
     /// `{max_out}` are filled in; needs --mode local_lm). Split like a shell
     /// command line, never run through a shell. `candle` (built with
     /// `--features candle`) runs pushed llama models, or with --mode local_lm
-    /// the one in --local-lm-path DIR (docs/CANDLE.md).
-    #[arg(long, value_name = "EXECUTOR", default_value = "stub")]
-    executor: String,
+    /// the one in --local-lm-path DIR (docs/CANDLE.md). Default: `stub`, or
+    /// `candle` with --model.
+    #[arg(long, value_name = "EXECUTOR")]
+    executor: Option<String>,
     /// Where `--executor candle` runs models: cpu, cuda[:N] or metal[:N]
     /// (the GPUs need the candle-cuda or candle-metal feature).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     candle_device: String,
-    /// `--executor candle --mode local_lm`: the model answering prompts, a
-    /// GGUF file (its own tokenizer and chat template) or a safetensors
-    /// directory (as --local-lm-path DIR). docs/CANDLE.md.
+    /// `--mode local_lm`: the model answering prompts, run by the candle
+    /// executor (which --model implies), a GGUF file (its own tokenizer and
+    /// chat template) or a safetensors directory (as --local-lm-path DIR).
+    /// Its file name is announced in hello unless --local-lm-path is given.
+    /// docs/CANDLE.md.
     #[arg(long, value_name = "FILE|DIR")]
     model: Option<PathBuf>,
     /// `--executor candle`: send prompts to the model as raw text instead of
@@ -299,7 +307,7 @@ impl ServeArgs {
     fn config(&self) -> ServerConfig {
         ServerConfig::default()
             .mode(self.mode)
-            .local_lm_path(self.local_lm_path.clone())
+            .local_lm_path(self.announced_path())
             .queue_capacity(self.queue)
             .max_frame_len(self.max_frame)
             .max_model_len(self.max_model)
@@ -322,14 +330,35 @@ impl ServeArgs {
     fn workers(&self) -> usize {
         match self.workers {
             Some(n) => n,
-            None if self.executor == "candle" => CANDLE_WORKERS,
+            None if self.executor() == "candle" => CANDLE_WORKERS,
             None => ServerConfig::default().workers,
+        }
+    }
+
+    /// `--executor`, or what runs without it: candle for a `--model`, else the stub.
+    fn executor(&self) -> &str {
+        match (&self.executor, &self.model) {
+            (Some(executor), _) => executor,
+            (None, Some(_)) => "candle",
+            (None, None) => "stub",
         }
     }
 
     /// What `--executor` names.
     fn executor_spec(&self) -> Result<ExecutorSpec, String> {
-        self.executor.parse()
+        self.executor().parse()
+    }
+
+    /// The path hello announces: `--local-lm-path`, else the file name of
+    /// `--model` (never the directories above it).
+    fn announced_path(&self) -> String {
+        match (&self.model, self.local_lm_path.is_empty()) {
+            (Some(model), true) => model
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            _ => self.local_lm_path.clone(),
+        }
     }
 
     /// The `cmd:` worker pool's settings from the flags.
@@ -356,7 +385,7 @@ impl ServeArgs {
     }
 }
 
-/// Where a model comes from: a config file and a weights file.
+/// The node a client command talks to, and how.
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
     /// Node to talk to: host:port or unix:/path/node.sock.
@@ -365,6 +394,22 @@ struct ClientArgs {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+impl std::ops::Deref for ClientArgs {
+    type Target = ConnectArgs;
+
+    fn deref(&self) -> &ConnectArgs {
+        &self.connect
+    }
+}
+
+/// How every command that connects does so (one node or a batch's donors):
+/// `--timeout` and the secure-mode flags.
+#[derive(Debug, clap::Args)]
+struct ConnectArgs {
     /// Give up when connecting, or any single read or write, takes longer (seconds; 0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
     timeout: f64,
@@ -383,18 +428,22 @@ struct ClientArgs {
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("model_source").required(true).args(["config", "model"])))]
+#[command(group(ArgGroup::new("weights_file").args(["weights", "weights_arg"])))]
 struct PushArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The model's config (a JSON document, sent as config_json; with WEIGHTS).
-    #[arg(long, value_name = "FILE", requires = "weights")]
+    /// The model's config (a JSON document, sent as config_json; with --weights).
+    #[arg(long, value_name = "FILE", requires = "weights_file")]
     config: Option<PathBuf>,
     /// The weights file, streamed in chunks (with --config).
-    #[arg(value_name = "WEIGHTS", requires = "config")]
+    #[arg(long, value_name = "FILE", requires = "config")]
     weights: Option<PathBuf>,
+    /// The weights file as a bare argument: the older spelling of --weights.
+    #[arg(value_name = "WEIGHTS", requires = "config", hide = true)]
+    weights_arg: Option<PathBuf>,
     /// A GGUF file (sent with config {"format":"gguf"}), or a directory
     /// holding config.json and model.safetensors.
-    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["config", "weights"])]
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["config", "weights_file"])]
     model: Option<PathBuf>,
     /// Hash the weights first and send weights_sha256, so the node verifies
     /// them (always done for a node with a model store).
@@ -403,10 +452,20 @@ struct PushArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("node_key", |a| a.help(
+    "Secure mode: the key every donor must present (its public key or SHA256: fingerprint), \
+     instead of each donor's in known_nodes")))]
+#[command(mut_arg("trust_on_first_use", |a| a.help(
+    "Secure mode: accept donors whose keys are not in known_nodes (not recorded: \
+     `donate status --trust-on-first-use` records one)")))]
 struct BatchArgs {
     /// A donor (repeatable): host:port or unix:/path/node.sock.
     #[arg(long = "node", value_name = "ADDR", required = true)]
     nodes: Vec<NodeAddr>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
     /// The model's config, for infer jobs (with --weights).
     #[arg(long, value_name = "FILE", requires = "weights")]
     config: Option<PathBuf>,
@@ -431,13 +490,6 @@ struct BatchArgs {
     /// Times a job is sent again after donor failures before it fails.
     #[arg(long, value_name = "N", default_value_t = 5)]
     max_attempts: u32,
-    /// Secure mode for every donor: your private key. Each donor's key must be
-    /// in known_nodes (as `donate status --key … --trust-on-first-use` records it).
-    #[arg(long, value_name = "PATH")]
-    key: Option<PathBuf>,
-    /// Secure mode: accept donors whose keys are not in known_nodes (not recorded).
-    #[arg(long, requires = "key")]
-    trust_on_first_use: bool,
 }
 
 impl BatchArgs {
@@ -498,7 +550,8 @@ impl InferArgs {
 impl PushArgs {
     /// The config and weights files to push.
     fn model_files(&self) -> (ModelConfig, PathBuf) {
-        model_files(&self.model, &self.config, &self.weights)
+        let weights = self.weights.clone().or_else(|| self.weights_arg.clone());
+        model_files(&self.model, &self.config, &weights)
     }
 }
 
@@ -560,7 +613,7 @@ struct PromptArgs {
     /// Output limit (0 = the node's default).
     #[arg(long, value_name = "N", default_value_t = 0)]
     max_out: i64,
-    /// The prompt text.
+    /// The prompt text (`-`: read it from stdin).
     #[arg(value_name = "TEXT")]
     text: String,
     #[command(flatten)]
@@ -884,6 +937,18 @@ mod tests {
             &["donate", "push", "--config", "c"],
             &["donate", "push", "--model", "m", "w"],
             &["donate", "push", "--model", "m", "--config", "c", "w"],
+            &["donate", "push", "--model", "m", "--weights", "w"],
+            &["donate", "push", "--config", "c", "--weights", "w", "w2"],
+            &[
+                "donate",
+                "batch",
+                "--node",
+                "a:1",
+                "--input",
+                "i",
+                "--node-key",
+                "SHA256:x",
+            ],
             &["donate", "serve", "--candle-max-tokens", "0"],
             &["donate", "serve", "--key", "k"],
             &[
@@ -927,13 +992,18 @@ mod tests {
             push(&["--model", "m.gguf"]),
             (ModelConfig::Gguf, PathBuf::from("m.gguf"))
         );
-        assert_eq!(
-            push(&["--config", "c.json", "w.bin"]),
-            (
-                ModelConfig::File(PathBuf::from("c.json")),
-                PathBuf::from("w.bin")
-            )
-        );
+        for args in [
+            &["--config", "c.json", "w.bin"][..],
+            &["--config", "c.json", "--weights", "w.bin"],
+        ] {
+            assert_eq!(
+                push(args),
+                (
+                    ModelConfig::File(PathBuf::from("c.json")),
+                    PathBuf::from("w.bin")
+                )
+            );
+        }
         // A file that is not GGUF is refused before anything is sent.
         let not_gguf = dir.path().join("w.safetensors");
         std::fs::write(&not_gguf, b"{}  ").unwrap();
@@ -948,6 +1018,30 @@ mod tests {
     }
 
     #[test]
+    fn a_model_means_candle_and_is_announced_by_its_file_name() {
+        let serve = |extra: &[&str]| {
+            let Cli {
+                command: Command::Serve(args),
+            } = Cli::parse_from(
+                ["donate", "serve", "--mode", "local_lm"]
+                    .iter()
+                    .chain(extra),
+            )
+            else {
+                panic!("not serve");
+            };
+            args
+        };
+        let args = serve(&["--model", "/srv/models/m.gguf"]);
+        assert_eq!(args.executor(), "candle");
+        assert_eq!(args.config().local_lm_path, "m.gguf");
+        assert_eq!(args.config().workers, CANDLE_WORKERS);
+        let args = serve(&["--model", "/srv/m.gguf", "--local-lm-path", "/m"]);
+        assert_eq!(args.config().local_lm_path, "/m");
+        assert_eq!(serve(&[]).executor(), "stub");
+    }
+
+    #[test]
     fn candle_flags_have_defaults() {
         let Cli {
             command: Command::Serve(args),
@@ -955,7 +1049,7 @@ mod tests {
         else {
             panic!("not serve");
         };
-        assert_eq!(args.executor, "candle");
+        assert_eq!(args.executor(), "candle");
         assert_eq!(
             (args.candle_device.as_str(), args.candle_max_tokens),
             ("cpu", 256)

@@ -1,6 +1,6 @@
 //! `--temperature --top-p --top-k --repeat-penalty --seed --stop` of `donate
-//! infer` and `donate prompt`: the job's sampling fields (extension
-//! `sampling`, docs/PROTOCOL.md §10.7).
+//! infer`, `donate prompt` and `donate batch` (for every job): the job's
+//! sampling fields (extension `sampling`, docs/PROTOCOL.md §10.7).
 
 use donate_proto::SamplingParams;
 

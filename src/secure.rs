@@ -24,6 +24,10 @@ pub fn keygen(args: KeygenArgs) -> CliResult {
             return Err(format!("{} already exists: refusing to overwrite it", p.display()).into());
         }
     }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)
+            .map_err(|e| format!("cannot create the folder {}: {e}", parent.display()))?;
+    }
     let key = Keypair::generate();
     let mut file =
         create_private(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
@@ -56,6 +60,16 @@ fn default_comment() -> String {
         "" => user,
         host => format!("{user}@{host}"),
     }
+}
+
+/// Creates `dir` and the folders above it that are missing, each new one
+/// (mode 0700) for its owner only; an existing folder is left as it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// Creates `path` for a private key: new, and readable by its owner only.

@@ -18,10 +18,18 @@ pub fn run(args: ServeArgs) -> CliResult {
     if let Some(addr) = &args.metrics {
         check_metrics_exposure(addr, args.key.is_some() || args.insecure)?;
     }
+    if let (Some(_), Some(other)) = (&args.model, &args.executor) {
+        if other != "candle" {
+            return Err(format!(
+                "--model needs the candle executor, not --executor {other}: leave --executor out (or say --executor candle)"
+            )
+            .into());
+        }
+    }
     keep_memory_flat();
     // `candle` is recognised here rather than by ExecutorSpec: it exists only
     // in builds with the `candle` feature.
-    if args.executor == "candle" {
+    if args.executor() == "candle" {
         return run_candle(&args);
     }
     match &args.executor_spec()? {
@@ -61,6 +69,9 @@ fn run_candle(args: &ServeArgs) -> CliResult {
         }
         (Mode::ModelPush, None) => None,
     };
+    if let Some(path) = &local_lm {
+        check_local_model(path)?;
+    }
     let device: DeviceChoice = args.candle_device.parse()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.candle_threads.unwrap_or(cores);
@@ -98,10 +109,43 @@ fn run_candle(args: &ServeArgs) -> CliResult {
     run_with(args, executor)
 }
 
-/// `--executor candle` in a build without the feature.
+/// A local_lm model path that cannot be one, said plainly before loading: a
+/// path that does not exist, or a file that is not GGUF (a directory is
+/// checked file by file as it loads).
+#[cfg(feature = "candle")]
+fn check_local_model(path: &std::path::Path) -> CliResult {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{}: no such file", path.display()),
+        _ => format!("{}: {e}", path.display()),
+    })?;
+    if meta.is_dir() {
+        return Ok(());
+    }
+    let mut magic = Vec::with_capacity(4);
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 4), &mut magic))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if magic != b"GGUF" {
+        return Err(format!(
+            "{}: not a GGUF file (a local_lm model is a GGUF file, or a directory with \
+             config.json, model.safetensors and tokenizer.json)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `--executor candle` (or `--model`) in a build without the feature.
 #[cfg(not(feature = "candle"))]
-fn run_candle(_args: &ServeArgs) -> CliResult {
-    Err("this donate was built without the candle feature: cargo build --features candle".into())
+fn run_candle(args: &ServeArgs) -> CliResult {
+    match args.model {
+        Some(_) => Err("--model needs the candle executor: build with --features candle".into()),
+        None => Err(
+            "this donate was built without the candle feature: cargo build --features candle"
+                .into(),
+        ),
+    }
 }
 
 /// Serves a std `$listener` on `$runtime` until the signal, then shuts down
@@ -197,7 +241,7 @@ fn run_with<E: Executor>(args: &ServeArgs, executor: E) -> CliResult {
     let stop = Stop::install()?;
     let started = Started {
         runtime: args.runtime,
-        executor: &args.executor,
+        executor: args.executor(),
         config: &server_config,
     };
     let cannot_listen = |e| format!("cannot listen on {}: {e}", args.addr);

@@ -1,5 +1,5 @@
 //! End to end with the real SmolLM2-135M-Instruct GGUF: `donate serve --mode
-//! local_lm --executor candle --model FILE.gguf`, then `donate prompt`, gives
+//! local_lm --model FILE.gguf`, then `donate prompt`, gives
 //! llama.cpp's greedy answer (executors/candle/tests/smollm2.rs has the ids
 //! and docs/CANDLE.md how they were recorded). `DONATE_TEST_GGUF` names the
 //! file; without it the test fails under CI (`CI` set) and is skipped with a
@@ -39,8 +39,13 @@ fn gguf() -> Option<String> {
 
 /// `donate serve --executor candle ARGS`, and the address it printed.
 fn serve(args: &[&str]) -> (std::process::Child, String) {
+    serve_with(&[&["--executor", "candle"], args].concat())
+}
+
+/// `donate serve ARGS`, and the address it printed.
+fn serve_with(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--addr", "127.0.0.1:0", "--executor", "candle"])
+        .args(["serve", "--addr", "127.0.0.1:0"])
         .args(["--job-timeout", "600"])
         .args(args)
         .env("RUST_LOG", "warn")
@@ -83,6 +88,33 @@ fn serve_model_gguf_answers_donate_prompt_as_llama_cpp_does() {
         .unwrap();
     stop(child, &out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), FRANCE);
+}
+
+/// The README's example, as typed there: `--model` alone picks candle, and
+/// `donate status` names the model by its file name.
+#[test]
+fn serve_model_without_executor_answers_the_readme_question() {
+    let Some(path) = gguf() else { return };
+    let (child, addr) = serve_with(&["--mode", "local_lm", "--model", &path]);
+    let status = Command::new(BIN)
+        .args(["status", "--addr", &addr])
+        .output()
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["prompt", "--addr", &addr, "--max-out", "48"])
+        .arg("Which animal says meow?")
+        .output()
+        .unwrap();
+    stop(child, &out);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("\nmodel:   SmolLM2-135M-Instruct.Q4_1.gguf\n"),
+        "{status}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "The animal that says \"meow\" is a cat."
+    );
 }
 
 #[test]

@@ -243,6 +243,9 @@ fn push_with_and_without_sha256() {
 
     let human = donate(&[&base[..], &[path(&weights)]].concat());
     assert!(human.ok().starts_with("mounted: "), "{}", human.stdout);
+    // The spelling infer and batch use works too.
+    let flag = donate(&[&base[..], &["--weights", path(&weights)]].concat());
+    assert!(flag.ok().starts_with("mounted: "), "{}", flag.stdout);
 
     for extra in [&[][..], &["--sha256"]] {
         let run = donate(&[&base[..], extra, &[path(&weights), "--json"]].concat());
@@ -353,9 +356,27 @@ fn prompt_on_a_local_lm_node() {
     let status = donate(&["status", "--addr", &node.addr, "--json"]).json();
     assert_eq!(status["hello"]["mode"], "local_lm");
     assert_eq!(status["hello"]["local_lm_path"], "/models/m");
+    let human = donate(&["status", "--addr", &node.addr]);
+    assert!(
+        human.ok().contains("\nmodel:   /models/m\n"),
+        "{}",
+        human.stdout
+    );
     // The stub does not sample: sampling flags are refused before sending.
     donate(&["prompt", "--addr", &node.addr, "--seed", "7", "hi"])
         .fails_with("does not offer the sampling extension");
+    node.stop();
+}
+
+#[test]
+fn prompt_dash_reads_the_prompt_from_stdin() {
+    let node = Node::start(&["--mode", "local_lm", "--executor", "lm:cat"]);
+    // Its last line break is the pipe's, not the prompt's.
+    let piped = donate_stdin(
+        &["prompt", "--addr", &node.addr, "-"],
+        "line one\n  line two\n",
+    );
+    assert_eq!(piped.ok(), "line one\n  line two\n");
     node.stop();
 }
 
@@ -397,15 +418,16 @@ fn wrong_mode_fails_cleanly() {
     assert_eq!(push.json()["ok"], false);
     lm.stop();
 
-    let mp = Node::start(&[]);
+    // Refused before sending, from the hello's mode, saying what to do instead.
+    let mp = Node::start(&["--stats"]);
     let prompt = donate(&["prompt", "--addr", &mp.addr, "hi", "--json"]);
-    prompt.fails_with("this node is model_push");
-    let frame = prompt.json();
-    assert_eq!(frame["type"], "error");
-    assert_eq!(
-        frame["error"],
-        "this node is model_push; mount model and send infer"
-    );
+    prompt
+        .fails_with("runs pushed models (model_push)")
+        .fails_with("use `donate infer --model …` (or `donate push`)");
+    assert_eq!(prompt.stdout, "", "the node answered nothing");
+    let stats = donate(&["status", "--addr", &mp.addr, "--json"]).json();
+    assert_eq!(stats["stats"]["jobs_done"], 0);
+    assert_eq!(stats["stats"]["jobs_failed"], 0);
     mp.stop();
 }
 
@@ -566,6 +588,24 @@ fn a_silent_node_times_out() {
 // ---------------------------------------------------------------------------
 // --executor candle
 
+#[test]
+fn serve_model_implies_the_candle_executor() {
+    let dir = temp_dir();
+    let gguf = dir.join("m.gguf");
+    // A GGUF header and nothing after it: the stub would serve, candle refuses it.
+    std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+    let serve = |extra: &[&str]| {
+        let base = ["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"];
+        donate(&[&base[..], &["--model", path(&gguf)], extra].concat())
+    };
+    #[cfg(feature = "candle")]
+    serve(&[]).fails_with("cannot start the candle executor");
+    #[cfg(not(feature = "candle"))]
+    serve(&[]).fails_with("--model needs the candle executor: build with --features candle");
+    serve(&["--executor", "stub"])
+        .fails_with("--model needs the candle executor, not --executor stub");
+}
+
 #[cfg(not(feature = "candle"))]
 #[test]
 fn candle_executor_needs_the_feature() {
@@ -717,6 +757,46 @@ mod candle {
     }
 
     #[test]
+    fn batch_sends_its_sampling_flags_with_every_job() {
+        let dir = llama_dir();
+        let node = Node::start(&["--executor", "candle"]);
+        let sampling = ["--temperature", "1.5", "--seed", "7", "--top-k", "50"];
+        let infer = donate(
+            &[
+                &["infer", "--addr", &node.addr, "--model", path(&dir)][..],
+                &["--ids", "3,1,4", "--max-tokens", "12"],
+                &sampling,
+            ]
+            .concat(),
+        );
+        let want = infer.ok().trim().to_owned();
+        assert_ne!(want, expected(&[3, 1, 4], 12), "sampled, not greedy");
+        let input = dir.join("jobs.jsonl");
+        std::fs::write(
+            &input,
+            r#"{"job_id":"a","input_ids":[3,1,4],"max_tokens":12}"#,
+        )
+        .unwrap();
+        let batch = donate(
+            &[
+                &["batch", "--node", &node.addr, "--model", path(&dir)][..],
+                &["--input", path(&input)],
+                &sampling,
+            ]
+            .concat(),
+        );
+        let line: Value = serde_json::from_str(batch.ok().trim_end()).unwrap();
+        let ids: Vec<String> = line["output_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(ids.join(","), want, "{line}");
+        node.stop();
+    }
+
+    #[test]
     fn serve_candle_refuses_what_it_cannot_load() {
         let serve = |extra: &[&str]| {
             donate(
@@ -733,6 +813,27 @@ mod candle {
         serve(&["--mode", "local_lm", "--local-lm-path", path(&dir)])
             .fails_with("tokenizer.json is missing");
         serve(&["--candle-device", "tpu"]).fails_with("unknown device");
+    }
+
+    #[test]
+    fn serve_model_names_a_missing_file_or_one_that_is_not_gguf() {
+        let serve = |model: &std::path::Path| {
+            donate(&[
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--mode",
+                "local_lm",
+                "--model",
+                path(model),
+            ])
+        };
+        let dir = temp_dir();
+        let nope = dir.join("nope.gguf");
+        serve(&nope).fails_with(&format!("{}: no such file", path(&nope)));
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "not a model").unwrap();
+        serve(&text).fails_with(&format!("{}: not a GGUF file", path(&text)));
     }
 }
 
@@ -803,6 +904,34 @@ fn donate_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Run {
     }
 }
 
+/// Runs `donate ARGS` with `input` on its stdin.
+fn donate_stdin(args: &[&str], input: &str) -> Run {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn donate");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let stderr = thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).map(|_| s)
+    });
+    let mut stdout = String::new();
+    out.read_to_string(&mut stdout).unwrap();
+    let status = wait_bounded(&mut child).unwrap_or_else(|| panic!("donate {args:?} timed out"));
+    Run {
+        status,
+        stdout,
+        stderr: stderr.join().unwrap().unwrap(),
+    }
+}
+
 impl Run {
     /// Asserts the exit status.
     fn code(&self, code: i32) -> &Run {
@@ -852,6 +981,27 @@ fn keygen_writes_a_0600_key_and_a_pub_file_and_refuses_to_overwrite() {
     assert_eq!(key_of.fingerprint(), fingerprint);
     donate(&["keygen", path(&key)]).fails_with("refusing to overwrite");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
+}
+
+#[test]
+fn keygen_creates_the_missing_folders_for_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir();
+    let key = dir.join(".donate").join("keys").join("node");
+    // --timeout is taken as by every other command.
+    donate(&["keygen", "--timeout", "5", path(&key)]).ok();
+    assert!(key.exists() && dir.join(".donate/keys/node.pub").exists());
+    for folder in [dir.join(".donate"), dir.join(".donate/keys")] {
+        let mode = std::fs::metadata(&folder).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", folder.display());
+    }
+    // A folder that exists is left as it is.
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    donate(&["keygen", path(&dir.join("second"))]).ok();
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        mode
+    );
 }
 
 #[test]
@@ -1150,6 +1300,89 @@ fn trust_on_first_use_records_the_node_and_pins_it_later() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(home.join(".config/donate/known_nodes").exists());
+    s.node.stop();
+}
+
+#[test]
+fn batch_sampling_flags_need_donors_that_offer_sampling() {
+    let node = Node::start(&["--mode", "local_lm"]);
+    let dir = temp_dir();
+    let input = dir.join("jobs.jsonl");
+    std::fs::write(&input, r#"{"job_id":"a","prompt":"hi"}"#).unwrap();
+    let base = ["batch", "--node", &node.addr, "--input", path(&input)];
+    let line: Value = serde_json::from_str(donate(&base).ok().trim_end()).unwrap();
+    assert_eq!(line["type"], "prompt_result", "{line}");
+    // The stub does not sample: its donor is refused before any job is sent.
+    let run = donate(&[&base[..], &["--seed", "7", "--max-attempts", "0"]].concat());
+    assert!(!run.status.success(), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("the node does not offer the sampling extension"),
+        "{}",
+        run.stderr
+    );
+    node.stop();
+}
+
+#[test]
+fn batch_refuses_infer_jobs_without_a_model_before_sending() {
+    let node = Node::start(&["--stats"]);
+    let dir = temp_dir();
+    let input = dir.join("jobs.jsonl");
+    std::fs::write(&input, r#"{"job_id":"a","input_ids":[1],"max_tokens":2}"#).unwrap();
+    donate(&["batch", "--node", &node.addr, "--input", path(&input)]).fails_with(
+        "job \"a\" is an infer job: infer jobs run on a pushed model, give it with --model",
+    );
+    let stats = donate(&["status", "--addr", &node.addr, "--json"]).json();
+    assert_eq!(
+        stats["stats"]["connections_accepted"], 1,
+        "nothing was sent"
+    );
+    node.stop();
+}
+
+#[test]
+fn batch_takes_timeout_and_node_key_as_the_other_client_commands_do() {
+    let s = secure_node();
+    let addr = s.node.addr.clone();
+    let model = model_dir(8);
+    let input = s.dir.join("jobs.jsonl");
+    std::fs::write(&input, r#"{"job_id":"a","input_ids":[4,5],"max_tokens":2}"#).unwrap();
+    // No known_nodes: the pinned key is all the trust there is.
+    let config = temp_dir();
+    let env = [("XDG_CONFIG_HOME", config.as_path())];
+    let batch = |node_key: &str| {
+        let args = [
+            "batch",
+            "--node",
+            &addr,
+            "--key",
+            &s.client_key,
+            "--node-key",
+            node_key,
+            "--timeout",
+            "5",
+            "--max-attempts",
+            "0",
+            "--model",
+            path(&model),
+            "--input",
+            path(&input),
+        ];
+        donate_env(&args, &env)
+    };
+    let run = batch(&s.node_fp);
+    let line: Value = serde_json::from_str(run.ok().trim_end()).unwrap();
+    assert_eq!(line["output_ids"], json!([4, 5, 1, 2]), "{line}");
+    // Another key pinned: the donor is not used.
+    let other = keygen(&s.dir, "other");
+    let run = batch(&other);
+    assert!(!run.status.success(), "{}", run.stdout);
+    assert!(
+        run.stderr.contains(&format!("expected {other}")),
+        "{}",
+        run.stderr
+    );
     s.node.stop();
 }
 

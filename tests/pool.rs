@@ -229,6 +229,24 @@ fn with_every_donor_down_each_job_fails_once_with_a_clear_error() {
 }
 
 #[test]
+fn a_refusal_no_retry_can_change_fails_the_job_at_once() {
+    let a = node(TestExec::default());
+    let b = node(TestExec::default());
+    // No model: each donor answers every infer job `model_not_mounted`.
+    let pool = Pool::new(addrs(&[&a.1, &b.1]), PoolConfig::default());
+    let mut results = Vec::new();
+    let summary = pool.run(jobs(4), |r| results.push(r), |_| {}).unwrap();
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        match &r.outcome {
+            Ok(Answer::Error(e)) => assert_eq!(e.code, "model_not_mounted", "{r:?}"),
+            other => panic!("{}: {other:?}", r.job_id),
+        }
+    }
+    assert_eq!(summary.retries, 0, "{summary:?}");
+}
+
+#[test]
 fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
     let a = node(TestExec::default());
     let b = node(TestExec::default());
@@ -311,6 +329,11 @@ fn donate_batch_writes_one_line_per_job_and_refuses_duplicates_up_front() {
             "--input",
         ])
         .arg(&input)
+        .arg("--config")
+        .arg(&config)
+        .arg("--weights")
+        .arg(&weights)
+        .env("DONATE_CACHE_DIR", dir.path().join("cache"))
         .arg("--output")
         .arg(&output)
         .output()

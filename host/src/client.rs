@@ -448,6 +448,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(self.core.prompt_as(job_id, prompt, max_out)?)
     }
 
+    /// [`send_infer_as`](Client::send_infer_as) with sampling fields (refused,
+    /// nothing sent, by a node that did not offer `sampling`).
+    pub async fn send_infer_as_with(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self
+            .core
+            .infer_as_with(job_id, input_ids, max_tokens, sampling)?)
+    }
+
+    /// [`send_prompt_as`](Client::send_prompt_as) with sampling fields.
+    pub async fn send_prompt_as_with(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self
+            .core
+            .prompt_as_with(job_id, prompt, max_out, sampling)?)
+    }
+
     /// The next answer to any request, in the order they arrive (for a caller
     /// with many requests in flight). It only reads, so it is cancel-safe:
     /// [`flush`](Client::flush) what was queued first. Partial output is skipped.

@@ -18,8 +18,8 @@ use futures_lite::future::{or, poll_fn};
 use futures_lite::io::AssertAsync;
 
 use donate_proto::{
-    Answer, ClientConfig, DonorId, DonorStats, PoolAction, PoolConfig, PoolCore, RequestId,
-    SecureClientConfig,
+    Answer, Capability, ClientConfig, DonorId, DonorStats, PoolAction, PoolConfig, PoolCore,
+    RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::runtime::{Runtime, Timer};
@@ -294,15 +294,14 @@ fn queue_depth(answer: &Answer) -> usize {
 }
 
 /// Why a donor could not take the job now (so another should), if that is
-/// what the answer says, rather than that the job itself is bad.
+/// what the answer says, rather than that the job itself is bad. A refusal
+/// that no retry can change (`model_not_mounted`: the pool has no model;
+/// `wrong_mode`) is the job's answer, delivered at once.
 fn refusal(answer: &Answer) -> Option<String> {
     let Answer::Error(e) = answer else {
         return None;
     };
-    let now = matches!(
-        e.code.as_str(),
-        "queue_full" | "shutting_down" | "model_not_mounted"
-    ) || matches!(e.error.as_str(), "queue full" | "model not mounted");
+    let now = matches!(e.code.as_str(), "queue_full" | "shutting_down") || e.error == "queue full";
     now.then(|| format!("refused: {}", e.error))
 }
 
@@ -336,6 +335,7 @@ pub struct Pool {
     model: Option<PoolModel>,
     config: PoolConfig,
     connect_timeout: Duration,
+    sampling: SamplingParams,
 }
 
 impl Pool {
@@ -346,6 +346,7 @@ impl Pool {
             model: None,
             config,
             connect_timeout: Duration::from_secs(10),
+            sampling: SamplingParams::default(),
         }
     }
 
@@ -367,6 +368,19 @@ impl Pool {
     pub fn connect_timeout(mut self, timeout: Duration) -> Pool {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Every job carries these sampling fields (extension `sampling`); a
+    /// donor that does not offer `sampling` is marked down, no job sent to it.
+    pub fn sampling(mut self, sampling: SamplingParams) -> Pool {
+        self.sampling = sampling;
+        self
+    }
+
+    /// The sampling fields every job carries.
+    #[doc(hidden)]
+    pub fn sampling_params(&self) -> &SamplingParams {
+        &self.sampling
     }
 
     /// What a pool driver needs: the donors in order (their [`DonorId`]s are
@@ -396,6 +410,7 @@ impl Pool {
                 secure: secure.clone(),
                 model: self.model.clone(),
                 timeout: self.connect_timeout,
+                sampling: self.sampling.clone(),
                 commands,
                 reports: reports_tx.clone(),
             };
@@ -580,6 +595,7 @@ struct Link {
     secure: Option<SecureClientConfig>,
     model: Option<PoolModel>,
     timeout: Duration,
+    sampling: SamplingParams,
     commands: Receiver<LinkCommand>,
     reports: Sender<(DonorId, LinkReport)>,
 }
@@ -636,12 +652,16 @@ impl Link {
                         });
                         continue;
                     };
-                    let mut sent = send(c, &job).await.map(|r| in_flight.insert(r, job.job_id));
+                    let mut sent = send(c, &job, &self.sampling)
+                        .await
+                        .map(|r| in_flight.insert(r, job.job_id));
                     // Send every job already waiting, then flush them at once.
                     while sent.is_ok() {
                         match self.commands.try_recv() {
                             Ok(LinkCommand::Send(job)) => {
-                                sent = send(c, &job).await.map(|r| in_flight.insert(r, job.job_id))
+                                sent = send(c, &job, &self.sampling)
+                                    .await
+                                    .map(|r| in_flight.insert(r, job.job_id))
                             }
                             Ok(other) => {
                                 next = Some(other);
@@ -707,6 +727,7 @@ impl Link {
             Err(format!("{addr}: no answer within {:?}", self.timeout))
         };
         let mut client = or(handshake, timeout).await?;
+        check_sampling(addr, client.capabilities(), &self.sampling)?;
         let mut weights_sent = 0;
         if let Some(model) = &self.model {
             // Blocking reads of a local file: short, and only at a (re)connect.
@@ -730,19 +751,40 @@ impl Link {
     }
 }
 
-/// Queues `job` on the connection.
-async fn send(client: &mut Client<BoxStream>, job: &PoolJob) -> crate::Result<RequestId> {
+/// Queues `job` on the connection, with the pool's sampling fields.
+async fn send(
+    client: &mut Client<BoxStream>,
+    job: &PoolJob,
+    sampling: &SamplingParams,
+) -> crate::Result<RequestId> {
     match &job.work {
         Work::Infer {
             input_ids,
             max_tokens,
         } => {
             client
-                .send_infer_as(&job.job_id, input_ids, *max_tokens)
+                .send_infer_as_with(&job.job_id, input_ids, *max_tokens, sampling)
                 .await
         }
         Work::Prompt { prompt, max_out } => {
-            client.send_prompt_as(&job.job_id, prompt, *max_out).await
+            client
+                .send_prompt_as_with(&job.job_id, prompt, *max_out, sampling)
+                .await
         }
     }
+}
+
+/// A donor that cannot take the pool's sampling fields is refused at
+/// connect, before any job goes to it.
+pub fn check_sampling(
+    addr: &NodeAddr,
+    offered: donate_proto::Capabilities,
+    sampling: &SamplingParams,
+) -> Result<(), String> {
+    if sampling.is_empty() || offered.contains(Capability::Sampling) {
+        return Ok(());
+    }
+    Err(format!(
+        "{addr}: the node does not offer the sampling extension (--temperature, --top-p, …)"
+    ))
 }

@@ -352,15 +352,7 @@ impl ClientConnection {
         input_ids: &[i32],
         max_tokens: i64,
     ) -> Result<RequestId, ClientError> {
-        let request = self.request_as(Kind::Infer, job_id)?;
-        self.send(&Message::Infer(Infer {
-            job_id: job_id.to_owned(),
-            input_ids: input_ids.to_vec(),
-            max_tokens,
-            deadline_ms: self.deadline_ms(),
-            sampling: SamplingParams::default(),
-        }));
-        Ok(request)
+        self.infer_as_with(job_id, input_ids, max_tokens, &SamplingParams::default())
     }
 
     /// Sends a `prompt` job under a `job_id` of the client's choosing (see [`infer_as`](Self::infer_as)).
@@ -370,13 +362,46 @@ impl ClientConnection {
         prompt: &str,
         max_out: i64,
     ) -> Result<RequestId, ClientError> {
+        self.prompt_as_with(job_id, prompt, max_out, &SamplingParams::default())
+    }
+
+    /// [`infer_as`](Self::infer_as) with sampling fields, refused as by
+    /// [`infer_with`](Self::infer_with) when the node did not offer `sampling`.
+    pub fn infer_as_with(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId, ClientError> {
+        self.check_sampling(sampling)?;
+        let request = self.request_as(Kind::Infer, job_id)?;
+        self.send(&Message::Infer(Infer {
+            job_id: job_id.to_owned(),
+            input_ids: input_ids.to_vec(),
+            max_tokens,
+            deadline_ms: self.deadline_ms(),
+            sampling: sampling.clone(),
+        }));
+        Ok(request)
+    }
+
+    /// [`prompt_as`](Self::prompt_as) with sampling fields, as [`infer_as_with`](Self::infer_as_with).
+    pub fn prompt_as_with(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId, ClientError> {
+        self.check_sampling(sampling)?;
         let request = self.request_as(Kind::Prompt, job_id)?;
         self.send(&Message::Prompt(Prompt {
             job_id: job_id.to_owned(),
             prompt: prompt.to_owned(),
             max_out,
             deadline_ms: self.deadline_ms(),
-            sampling: SamplingParams::default(),
+            sampling: sampling.clone(),
         }));
         Ok(request)
     }

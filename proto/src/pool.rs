@@ -246,8 +246,8 @@ impl PoolCore {
         true
     }
 
-    /// `donor` could not take `job_id` now (`queue_full`, `shutting_down`, no
-    /// model): it goes to another donor; `donor` stays up.
+    /// `donor` could not take `job_id` now (`queue_full`, `shutting_down`):
+    /// it goes to another donor; `donor` stays up.
     pub fn refused(&mut self, donor: DonorId, job_id: &str, reason: &str) {
         if self.take(donor, job_id, 0).is_some() {
             self.reissue(job_id.to_owned(), reason);

@@ -404,6 +404,35 @@ impl Client {
         Ok(self.core.prompt_as(job_id, prompt, max_out)?)
     }
 
+    /// [`send_infer_as`](Client::send_infer_as) with sampling fields (refused,
+    /// nothing sent, by a node that did not offer `sampling`).
+    pub fn send_infer_as_with(
+        &mut self,
+        job_id: &str,
+        input_ids: &[i32],
+        max_tokens: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self
+            .core
+            .infer_as_with(job_id, input_ids, max_tokens, sampling)?)
+    }
+
+    /// [`send_prompt_as`](Client::send_prompt_as) with sampling fields.
+    pub fn send_prompt_as_with(
+        &mut self,
+        job_id: &str,
+        prompt: &str,
+        max_out: i64,
+        sampling: &SamplingParams,
+    ) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self
+            .core
+            .prompt_as_with(job_id, prompt, max_out, sampling)?)
+    }
+
     /// Sends what is queued and waits up to `wait` for the next answer to any
     /// request (for a caller with many requests in flight, in any order).
     /// `None` when none came in time.

@@ -8,9 +8,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use donate_host::pool::{link_window, Dispatch, LinkCommand, LinkReport, Step};
+use donate_host::pool::{check_sampling, link_window, Dispatch, LinkCommand, LinkReport, Step};
 use donate_host::{Error, NodeAddr};
-use donate_proto::{ClientConfig, DonorId, PoolConfig, PoolCore, RequestId, SecureClientConfig};
+use donate_proto::{
+    ClientConfig, DonorId, PoolConfig, PoolCore, RequestId, SamplingParams, SecureClientConfig,
+};
 
 pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 
@@ -40,6 +42,18 @@ impl Pool {
         Pool(self.0.model(model))
     }
 
+    /// How long connecting, the handshake, and then any one read or write
+    /// of a donor's connection may take (default 10 s).
+    pub fn connect_timeout(self, timeout: Duration) -> Pool {
+        Pool(self.0.connect_timeout(timeout))
+    }
+
+    /// Every job carries these sampling fields (extension `sampling`); a
+    /// donor that does not offer `sampling` is marked down, no job sent to it.
+    pub fn sampling(self, sampling: SamplingParams) -> Pool {
+        Pool(self.0.sampling(sampling))
+    }
+
     /// Runs `jobs` (their `job_id`s must be unique: a duplicate is refused
     /// before anything is sent) and calls `on_result` once per job, in the
     /// order they finish, on this thread. `on_progress` is called after each
@@ -51,6 +65,7 @@ impl Pool {
         mut on_progress: impl FnMut(&PoolCore),
     ) -> Result<PoolSummary, String> {
         let (donors, model, config, timeout) = self.0.parts();
+        let sampling = self.0.sampling_params();
         let mut dispatch = Dispatch::new(donors.len(), config.clone());
         for job in jobs {
             dispatch.submit(job)?;
@@ -65,6 +80,7 @@ impl Pool {
                 secure: secure.clone(),
                 model: model.cloned(),
                 timeout,
+                sampling: sampling.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("donate-pool-{donor}"))
@@ -123,6 +139,7 @@ struct Link {
     secure: Option<SecureClientConfig>,
     model: Option<PoolModel>,
     timeout: Duration,
+    sampling: SamplingParams,
 }
 
 /// One donor's connection: connects when told, sends jobs, reports answers.
@@ -178,13 +195,14 @@ fn donor_thread(
                     down("not connected".to_owned());
                     continue;
                 };
+                let sampling = &link.sampling;
                 let sent = match &job.work {
                     Work::Infer {
                         input_ids,
                         max_tokens,
-                    } => c.send_infer_as(&job.job_id, input_ids, *max_tokens),
+                    } => c.send_infer_as_with(&job.job_id, input_ids, *max_tokens, sampling),
                     Work::Prompt { prompt, max_out } => {
-                        c.send_prompt_as(&job.job_id, prompt, *max_out)
+                        c.send_prompt_as_with(&job.job_id, prompt, *max_out, sampling)
                     }
                 };
                 match sent {
@@ -234,6 +252,7 @@ fn connect(link: &Link) -> Result<(Client, usize, u64), String> {
         ),
     }
     .map_err(named)?;
+    check_sampling(addr, client.capabilities(), &link.sampling)?;
     let mut weights_sent = 0;
     if let Some(model) = &link.model {
         let file = File::open(&model.weights)
