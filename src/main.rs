@@ -258,6 +258,16 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     max_connections: usize,
+    /// Secure mode: connections still in their handshake at once, apart from
+    /// --max-connections; when full, the oldest handshake is closed.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_handshakes,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_handshakes: usize,
+    /// Secure mode: handshakes at once from one IP address (IPv6: one /64);
+    /// more are refused.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_handshakes_per_source,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_handshakes_per_source: usize,
     /// Unsent bytes per connection above which its input is paused.
     #[arg(long, value_name = "BYTES", default_value_t = ServerConfig::default().max_outbound)]
     max_outbound: usize,
@@ -312,6 +322,8 @@ impl ServeArgs {
             .max_frame_len(self.max_frame)
             .max_model_len(self.max_model)
             .max_connections(self.max_connections)
+            .max_handshakes(self.max_handshakes)
+            .max_handshakes_per_source(self.max_handshakes_per_source)
             .max_outbound(self.max_outbound)
             .handshake_timeout(Duration::from_secs_f64(self.handshake_timeout))
             .stall_timeout(Duration::from_secs_f64(self.stall_timeout))
@@ -821,6 +833,10 @@ mod tests {
             "2000",
             "--max-connections",
             "5",
+            "--max-handshakes",
+            "7",
+            "--max-handshakes-per-source",
+            "2",
             "--max-outbound",
             "4096",
             "--handshake-timeout",
@@ -843,6 +859,10 @@ mod tests {
         assert_eq!((config.queue_capacity, config.workers), (3, 2));
         assert_eq!((config.max_frame_len, config.max_model_len), (1000, 2000));
         assert_eq!((config.max_connections, config.max_outbound), (5, 4096));
+        assert_eq!(
+            (config.max_handshakes, config.max_handshakes_per_source),
+            (7, 2)
+        );
         assert_eq!(config.handshake_timeout, Duration::from_millis(1500));
         assert_eq!(config.stall_timeout, Duration::from_secs(2));
         assert_eq!(config.idle_timeout, None);

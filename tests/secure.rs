@@ -362,3 +362,92 @@ fn a_stalled_handshake_is_closed_by_the_handshake_timeout_with_nothing_leaking()
         );
     }
 }
+
+/// A TCP connection to `addr` from the loopback address `127.0.0.{n}`.
+fn connect_from(n: u8, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, n], 0)).into())?;
+    socket.connect_timeout(&addr.into(), LIMIT)?;
+    Ok(socket.into())
+}
+
+/// The first frame the node sends on `s`.
+fn first_frame(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut len = [0; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn half_open_handshakes_from_many_sockets_never_lock_out_an_authorized_client() {
+    let (node_key, client_key) = (Keypair::generate(), Keypair::generate());
+    for rt in RUNTIMES {
+        // Fewer slots than the keyless connections below; the handshake limits as by default.
+        let config = ServerConfig::default().max_connections(32);
+        let node = start(
+            rt,
+            NodeConfig::secure(
+                config,
+                SecureServerConfig::with_keys(node_key.clone(), vec![*client_key.public()]),
+            ),
+        );
+        // One source holds eight handshakes at once: of nine, one is refused.
+        let mut held: Vec<TcpStream> = (0..9)
+            .map(|_| connect_from(2, node.addr).unwrap())
+            .collect();
+        let firsts: Vec<String> = held.iter_mut().map(first_frame).collect();
+        let refused = firsts
+            .iter()
+            .filter(|f| f.contains(r#""code":"too_many_connections""#))
+            .count();
+        assert_eq!(refused, 1, "{rt:?}: {firsts:?}");
+        // Keyless clients from eight more addresses open connections, send
+        // half a noise frame and hold them, while the client connects.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let flood: Vec<_> = (3..=10u8)
+            .map(|n| {
+                let (stop, opened, addr) = (Arc::clone(&stop), Arc::clone(&opened), node.addr);
+                std::thread::spawn(move || {
+                    let mut sockets = Vec::new();
+                    while !stop.load(Ordering::SeqCst) && sockets.len() < 60 {
+                        if let Ok(mut s) = connect_from(n, addr) {
+                            let _ = s.write_all(&100u32.to_le_bytes());
+                            let _ = s.write_all(br#"{"v":1,"type":"noi"#);
+                            sockets.push(s);
+                            opened.fetch_add(1, Ordering::SeqCst);
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + LIMIT;
+        while opened.load(Ordering::SeqCst) < 64 {
+            assert!(Instant::now() < deadline, "{rt:?}: the flood did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for round in 0..10 {
+            let seen = push_and_infer(rt, node.addr, client_config(&client_key, node_key.public()))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{rt:?}, round {round}, {} keyless connections: {e}",
+                        opened.load(Ordering::SeqCst)
+                    )
+                });
+            assert_eq!(&seen, node_key.public());
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in flood {
+            t.join().unwrap();
+        }
+        drop(held);
+    }
+}

@@ -132,6 +132,20 @@ pub fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     UnixListener::bind(path)
 }
 
+/// The IP address of a peer whose address is a [`SocketAddr`] or a TCP
+/// [`NodeAddr`] (`None` for any other type, and for a Unix socket's peer):
+/// what [`Node::accept_from`](donate_proto::Node::accept_from) counts handshakes by.
+pub fn peer_ip<A: std::any::Any>(peer: &A) -> Option<std::net::IpAddr> {
+    let peer: &dyn std::any::Any = peer;
+    if let Some(addr) = peer.downcast_ref::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    match peer.downcast_ref::<NodeAddr>()? {
+        NodeAddr::Tcp(name) => name.parse::<SocketAddr>().ok().map(|a| a.ip()),
+        NodeAddr::Unix(_) => None,
+    }
+}
+
 /// The address of a Unix listener, as a [`NodeAddr`] (`unix:` and its path).
 #[cfg(unix)]
 pub fn unix_addr(addr: &std::os::unix::net::SocketAddr) -> NodeAddr {
@@ -141,6 +155,15 @@ pub fn unix_addr(addr: &std::os::unix::net::SocketAddr) -> NodeAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_ips_come_from_tcp_addresses_only() {
+        let v4: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        assert_eq!(peer_ip(&v4), Some(v4.ip()));
+        assert_eq!(peer_ip(&NodeAddr::from(v4)), Some(v4.ip()));
+        assert_eq!(peer_ip(&NodeAddr::Unix("/tmp/n.sock".into())), None);
+        assert_eq!(peer_ip(&"127.0.0.1:9"), None);
+    }
 
     #[test]
     fn parses_tcp_and_unix_addresses() {

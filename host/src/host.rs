@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -261,9 +262,17 @@ impl<E: Executor> Host<E> {
     }
 
     /// Registers a connection reached through `link`; its `hello` is written at once.
+    /// In secure mode, prefer [`accept_from`](Host::accept_from).
     pub fn accept(&self, link: Link) -> ConnectionId {
+        self.accept_from(link, None)
+    }
+
+    /// [`accept`](Host::accept) a connection from `source`, its peer's IP
+    /// address: in secure mode its handshake counts against that source's
+    /// limit ([`Node::accept_from`](donate_proto::Node::accept_from)).
+    pub fn accept_from(&self, link: Link, source: Option<IpAddr>) -> ConnectionId {
         let mut state = self.lock();
-        let conn = state.node.accept(Instant::now());
+        let conn = state.node.accept_from(source, Instant::now());
         if let Some(m) = &self.metrics {
             m.connections_total.inc();
             m.connections_open.inc();
@@ -280,7 +289,8 @@ impl<E: Executor> Host<E> {
                 peer_key: std::sync::OnceLock::new(),
             }),
         );
-        drop(state);
+        // A handshake closed to make room for this one is woken.
+        drop(self.dispatch_events(state));
         self.transmit(conn);
         conn
     }

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 
 #[cfg(unix)]
 pub use addr::{bind_unix, unix_addr};
-pub use addr::{AddrParseError, NodeAddr, ToNodeAddr};
+pub use addr::{peer_ip, AddrParseError, NodeAddr, ToNodeAddr};
 pub use client::{
     dial_named, window, AsyncStream, BoxStream, Client, PushStep, Pushed, StoredPush,
 };

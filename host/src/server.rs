@@ -157,7 +157,8 @@ async fn accept_loop<R: Runtime, L: Listener, E: Executor>(
                 );
                 runtime.spawn(Box::pin(
                     async move {
-                        connection(&*rt, stream, peer, host).await;
+                        let source = crate::addr::peer_ip(&peer);
+                        connection(&*rt, stream, peer, source, host).await;
                         tasks_for_conn.end();
                     }
                     .instrument(span),
@@ -172,20 +173,24 @@ async fn connection<R: Runtime, S: Stream, E: Executor>(
     runtime: &R,
     stream: S,
     peer: impl std::fmt::Display,
+    source: Option<std::net::IpAddr>,
     host: Arc<Host<E>>,
 ) {
     let stream = Arc::new(stream);
     let (read_wake, write_wake) = (Arc::new(Signal::default()), Arc::new(Signal::default()));
-    let conn = host.accept(Link {
-        waker: {
-            let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
-            Arc::new(move || {
-                r.notify();
-                w.notify();
-            })
+    let conn = host.accept_from(
+        Link {
+            waker: {
+                let (r, w) = (Arc::clone(&read_wake), Arc::clone(&write_wake));
+                Arc::new(move || {
+                    r.notify();
+                    w.notify();
+                })
+            },
+            direct: Arc::new(Direct(Arc::clone(&stream))),
         },
-        direct: Arc::new(Direct(Arc::clone(&stream))),
-    });
+        source,
+    );
     tracing::Span::current().record("conn", tracing::field::display(conn));
     tracing::info!(%conn, %peer, "connection accepted");
     let write_timeout = host.config().backpressure_timeout;

@@ -34,10 +34,20 @@ pub struct ServerConfig {
     /// Largest `weights_len` accepted (default 6,710,886,400 as in Go).
     pub max_model_len: u64,
     /// Connections at once; more are sent an error and closed (default 1024).
+    /// In secure mode only those past their handshake count here.
     pub max_connections: usize,
     /// Unsent bytes per connection above which its input is paused (default 8 MiB).
     pub max_outbound: usize,
-    /// Time allowed from accept to the first complete frame (default 10 s).
+    /// Secure mode: connections still in their handshake (not yet
+    /// authorized) at once, apart from `max_connections` (default 64). When
+    /// full, the oldest handshake is closed to make room.
+    pub max_handshakes: usize,
+    /// Secure mode: handshakes at once from one source address (an IPv6
+    /// one by its /64) (default 8); more are refused. Only for connections
+    /// accepted with their address ([`Node::accept_from`](crate::Node::accept_from)).
+    pub max_handshakes_per_source: usize,
+    /// Time allowed from accept to the first complete frame (default 5 s);
+    /// in secure mode the whole handshake comes first.
     pub handshake_timeout: Duration,
     /// Time a partial frame may go without new bytes (default 10 s).
     pub stall_timeout: Duration,
@@ -70,8 +80,10 @@ impl Default for ServerConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             max_model_len: 100 * DEFAULT_MAX_FRAME_LEN as u64,
             max_connections: 1024,
+            max_handshakes: 64,
+            max_handshakes_per_source: 8,
             max_outbound: 8 * 1024 * 1024,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(300)),
             backpressure_timeout: Duration::from_secs(30),
@@ -107,6 +119,8 @@ setters!(ServerConfig {
     max_frame_len: usize,
     max_model_len: u64,
     max_connections: usize,
+    max_handshakes: usize,
+    max_handshakes_per_source: usize,
     max_outbound: usize,
     handshake_timeout: Duration,
     stall_timeout: Duration,

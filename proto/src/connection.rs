@@ -214,6 +214,11 @@ impl<M> Connection<M> {
         self.outbound.len() + self.secure.as_ref().map_or(0, |s| s.pending())
     }
 
+    /// Secure mode: the handshake is not done, or the key not let in yet.
+    pub(crate) fn in_handshake(&self) -> bool {
+        self.secure.as_ref().is_some_and(|s| !s.authorized())
+    }
+
     /// In secure mode, the client's key once its handshake is done.
     pub fn peer_key(&self) -> Option<&PublicKey> {
         self.secure.as_ref()?.peer()

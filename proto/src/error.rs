@@ -102,6 +102,10 @@ pub enum ProtocolError {
     /// Over `max_connections`.
     #[error("too many connections")]
     TooManyConnections,
+    /// Secure mode: over `max_handshakes` (the oldest handshake makes room)
+    /// or over `max_handshakes_per_source` (the new connection is refused).
+    #[error("too many connections in their secure handshake")]
+    TooManyHandshakes,
     /// No first frame within the handshake timeout.
     #[error("handshake timeout")]
     HandshakeTimeout,
@@ -160,7 +164,7 @@ impl ProtocolError {
             PromptOnModelPush => "wrong_mode",
             QueueFull => "queue_full",
             ShuttingDown => "shutting_down",
-            TooManyConnections => "too_many_connections",
+            TooManyConnections | TooManyHandshakes => "too_many_connections",
             HandshakeTimeout => "handshake_timeout",
             Stalled => "stalled",
             IdleTimeout => "idle_timeout",

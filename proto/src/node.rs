@@ -15,7 +15,8 @@
 //! outcome, a mount's outcome) and then takes what it hands back: jobs to
 //! queue, mounts, upload work. Neither holds a reference into the other.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -132,6 +133,22 @@ pub struct Node<M> {
     tails: HashMap<(ConnectionId, u64), Box<crate::upload::Upload>>,
     next_conn: u64,
     stats: NodeStats,
+    /// Secure mode: connections in their handshake and not closing, oldest
+    /// first, with their source; they do not count against `max_connections`.
+    handshakes: BTreeMap<ConnectionId, Option<IpAddr>>,
+    /// How many of `handshakes` each source holds.
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// The source a handshake counts against: the address, or an IPv6 one's /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        },
+    }
 }
 
 impl<M> Node<M> {
@@ -156,6 +173,8 @@ impl<M> Node<M> {
             tails: HashMap::new(),
             next_conn: 0,
             stats: NodeStats::default(),
+            handshakes: BTreeMap::new(),
+            per_source: HashMap::new(),
         }
     }
 
@@ -185,22 +204,110 @@ impl<M> Node<M> {
     }
 
     /// Registers a new connection and queues its `hello`. Over `max_connections`
-    /// or during shutdown the connection is created closing, with only an error
-    /// frame to send.
+    /// or during shutdown the connection is created closing, with only an
+    /// error frame to send. In secure mode, prefer [`accept_from`](Node::accept_from).
     pub fn accept(&mut self, now: Instant) -> ConnectionId {
+        self.accept_from(None, now)
+    }
+
+    /// [`accept`](Node::accept) a connection from `source`, the peer's IP
+    /// address (`None` when it has none, as on a Unix socket). In secure
+    /// mode a connection in its handshake counts against `max_handshakes`
+    /// and its source's `max_handshakes_per_source` rather than
+    /// `max_connections`, so clients without a key cannot take the slots of
+    /// those with one: over the per-source limit it is refused; over
+    /// `max_handshakes` the oldest handshake is closed to make room.
+    pub fn accept_from(&mut self, source: Option<IpAddr>, now: Instant) -> ConnectionId {
         self.next_conn += 1;
         self.stats.connections_accepted += 1;
         let id = ConnectionId(self.next_conn);
+        let config = &self.settings.config;
+        let (max_handshakes, per_source) =
+            (config.max_handshakes, config.max_handshakes_per_source);
+        let source = source.map(source_key);
+        let secure = self.settings.secure.is_some();
+        let counted = self.conns.len() - self.handshakes.len();
         let refused = if self.queue.is_closed() {
             Some(ProtocolError::ShuttingDown)
-        } else if self.conns.len() >= self.settings.config.max_connections {
+        } else if counted >= config.max_connections {
             Some(ProtocolError::TooManyConnections)
+        } else if !secure {
+            None
+        } else if max_handshakes == 0
+            || source.is_some_and(|ip| self.per_source.get(&ip).copied().unwrap_or(0) >= per_source)
+        {
+            Some(ProtocolError::TooManyHandshakes)
         } else {
+            while self.handshakes.len() >= max_handshakes {
+                self.evict_oldest_handshake();
+            }
             None
         };
+        let admitted = refused.is_none();
         let conn = Connection::accept(id, Arc::clone(&self.settings), now, refused);
         self.conns.insert(id, conn);
+        if secure && admitted {
+            self.handshakes.insert(id, source);
+            if let Some(ip) = source {
+                *self.per_source.entry(ip).or_default() += 1;
+            }
+        }
         id
+    }
+
+    /// Closes the oldest connection in its handshake, to make room for a new one.
+    fn evict_oldest_handshake(&mut self) {
+        let Some((&oldest, _)) = self.handshakes.first_key_value() else {
+            return;
+        };
+        self.release_handshake(oldest);
+        if let Some(c) = self.conns.get_mut(&oldest) {
+            c.close(ProtocolError::TooManyHandshakes);
+            self.events.push_back(Event::Wake(oldest));
+        }
+        self.abandon_if_closing(oldest);
+    }
+
+    /// Takes `conn` out of the handshake budget.
+    fn release_handshake(&mut self, conn: ConnectionId) {
+        if let Some(Some(ip)) = self.handshakes.remove(&conn) {
+            if let Some(n) = self.per_source.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_source.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// A connection in its handshake leaves the budget once it closes or is
+    /// let in; let in, it counts against `max_connections`, and over it closes.
+    fn settle_handshake(&mut self, conn: ConnectionId) {
+        if !self.handshakes.contains_key(&conn) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return self.release_handshake(conn);
+        };
+        if c.closing().is_some() {
+            return self.release_handshake(conn);
+        }
+        if c.in_handshake() {
+            return;
+        }
+        self.release_handshake(conn);
+        if self.conns.len() - self.handshakes.len() > self.settings.config.max_connections {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.close(ProtocolError::TooManyConnections);
+                self.events.push_back(Event::Wake(conn));
+            }
+            self.abandon_if_closing(conn);
+        }
+    }
+
+    /// Connections in their secure handshake, not closing (for inspection).
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.len()
     }
 
     /// Feeds bytes read from `conn`. Answers land in its transmit buffer; jobs
@@ -211,6 +318,7 @@ impl<M> Node<M> {
             c.handle_input(data, now, &mut room);
             self.take_from(conn, now);
             self.abandon_if_closing(conn);
+            self.settle_handshake(conn);
         }
     }
 
@@ -250,12 +358,14 @@ impl<M> Node<M> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.close(ProtocolError::PeerClosed);
             self.abandon_if_closing(conn);
+            self.settle_handshake(conn);
         }
     }
 
     /// Forgets a connection whose socket is closed: its queued jobs are dropped,
     /// its running jobs cancelled (their results, and its mounts', are discarded).
     pub fn remove(&mut self, conn: ConnectionId) {
+        self.release_handshake(conn);
         if self.conns.remove(&conn).is_some() {
             self.stats.dropped_queued += self.queue.forget(conn) as u64;
             self.check_drained();
@@ -475,6 +585,7 @@ impl<M> Node<M> {
         }
         for id in closed {
             self.abandon_if_closing(id);
+            self.settle_handshake(id);
         }
         let expired = self.queue.expire(now);
         self.stats.expired_queued += expired.len() as u64;
@@ -608,5 +719,7 @@ impl<M> Node<M> {
                 self.events.push_back(Event::Wake(*id));
             }
         }
+        self.handshakes.clear();
+        self.per_source.clear();
     }
 }

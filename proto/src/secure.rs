@@ -338,6 +338,8 @@ pub(crate) struct ServerSecure {
     wire: Vec<u8>,
     prologue: Vec<u8>,
     peer: Option<PublicKey>,
+    /// The handshake is done and `authorize` let the peer in.
+    authorized: bool,
     /// Input failed: nothing more is read (the node is closing), while what
     /// is sent still goes out as the state allows (an encrypted error frame).
     input_failed: bool,
@@ -363,6 +365,7 @@ impl ServerSecure {
             prologue: prologue(&wire),
             wire,
             peer: None,
+            authorized: false,
             input_failed: false,
         }
     }
@@ -370,6 +373,11 @@ impl ServerSecure {
     /// The client's key, once the handshake is done.
     pub(crate) fn peer(&self) -> Option<&PublicKey> {
         self.peer.as_ref()
+    }
+
+    /// Whether the handshake is done and the peer's key let in.
+    pub(crate) fn authorized(&self) -> bool {
+        self.authorized
     }
 
     pub(crate) fn has_partial(&self) -> bool {
@@ -451,6 +459,7 @@ impl ServerSecure {
                 if !(self.config.authorize)(&peer) {
                     return Err(ProtocolError::UnknownKey(peer.fingerprint()));
                 }
+                self.authorized = true;
             }
             ServerState::Open(transport) => {
                 if !open(transport, record, plain) {

@@ -46,6 +46,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::error::ClientError;
@@ -53,7 +54,7 @@ use crate::executor::{run_job, run_mount, run_upload, Executor, Stub};
 use crate::frame::FrameDecoder;
 use crate::{
     ClientConfig, ClientConnection, ConnectionId, Event, Job, JobOutcome, Mount, Node, RequestId,
-    ServerConfig, UploadHandling, UploadWork,
+    SecureServerConfig, ServerConfig, UploadHandling, UploadWork,
 };
 
 /// Names a peer of a [`Sim`].
@@ -172,6 +173,13 @@ impl<E: Executor> Sim<E> {
         }
     }
 
+    /// The node in secure mode ([`Node::with_secure`]), before any peer connects.
+    pub fn secure(mut self, secure: SecureServerConfig) -> Self {
+        let node = std::mem::replace(&mut self.node, Node::new(ServerConfig::default()));
+        self.node = node.with_secure(secure);
+        self
+    }
+
     // --- the clock -------------------------------------------------------
 
     /// The simulated time.
@@ -227,11 +235,20 @@ impl<E: Executor> Sim<E> {
 
     /// [`client`](Sim::client) with `config`.
     pub fn client_with(&mut self, config: ClientConfig) -> Peer {
-        let p = self.add(Side::Client {
-            core: Box::new(ClientConnection::new(config)),
-            error: None,
-            weights: VecDeque::new(),
-        });
+        self.connect(ClientConnection::new(config), None)
+    }
+
+    /// A peer driven by `core` (a secure one, say), accepted from `source`
+    /// ([`Node::accept_from`]), run until its handshake is done or refused.
+    pub fn connect(&mut self, core: ClientConnection, source: Option<IpAddr>) -> Peer {
+        let p = self.add(
+            Side::Client {
+                core: Box::new(core),
+                error: None,
+                weights: VecDeque::new(),
+            },
+            source,
+        );
         self.run();
         p
     }
@@ -239,14 +256,22 @@ impl<E: Executor> Sim<E> {
     /// A raw peer: [`write`](Sim::write) bytes from it, [`take_received`](Sim::take_received)
     /// or [`frames`](Sim::frames) what the node sent it. Accepted, nothing run.
     pub fn raw(&mut self) -> Peer {
-        self.add(Side::Raw {
-            taken: 0,
-            decoder: FrameDecoder::new(usize::MAX >> 1),
-        })
+        self.raw_from(None)
     }
 
-    fn add(&mut self, side: Side) -> Peer {
-        let conn = self.node.accept(self.now);
+    /// A [`raw`](Sim::raw) peer accepted from `source` ([`Node::accept_from`]).
+    pub fn raw_from(&mut self, source: Option<IpAddr>) -> Peer {
+        self.add(
+            Side::Raw {
+                taken: 0,
+                decoder: FrameDecoder::new(usize::MAX >> 1),
+            },
+            source,
+        )
+    }
+
+    fn add(&mut self, side: Side, source: Option<IpAddr>) -> Peer {
+        let conn = self.node.accept_from(source, self.now);
         self.peers.push(PeerState {
             conn,
             side,

@@ -364,3 +364,101 @@ fn key_files_round_trip_and_fingerprints_look_like_ssh() {
     assert!(Keypair::from_secret_text("garbage").is_err());
     assert!(donate_proto::PublicKey::parse("donate-x25519 AAAA").is_err());
 }
+
+mod handshake_budget {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use donate_proto::sim::{Peer, Sim};
+    use donate_proto::{Answer, ClientEvent, Keypair, SecureServerConfig, ServerConfig};
+
+    use super::{pinned, secure_client};
+
+    fn source(n: u8) -> Option<IpAddr> {
+        Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)))
+    }
+
+    /// A client with a key the node knows connects and runs a job.
+    fn authorized_client_works(sim: &mut Sim<donate_proto::Stub>, node: &Keypair, key: &Keypair) {
+        let p = sim.connect(secure_client(key, pinned(node)), source(200));
+        assert_eq!(sim.client_error(p), None);
+        let core = sim.client_core(p);
+        assert!(matches!(core.poll_event(), Some(ClientEvent::Connected(_))));
+        let upload = sim
+            .upload(p, r#"{"ok":true}"#, &[1, 2, 3, 4], None)
+            .unwrap();
+        sim.run();
+        let core = sim.client_core(p);
+        assert!(matches!(core.take_answer(upload), Some(Answer::ModelStatus(s)) if s.ok));
+        sim.close(p);
+        sim.run();
+    }
+
+    fn is_refused(sim: &mut Sim<donate_proto::Stub>, p: Peer) -> bool {
+        sim.frames(p)
+            .iter()
+            .any(|f| f.contains(r#""code":"too_many_connections""#))
+    }
+
+    #[test]
+    fn keyless_handshakes_never_lock_out_an_authorized_client() {
+        let (node, key) = (Keypair::generate(), Keypair::generate());
+        let config = ServerConfig::default()
+            .max_connections(16)
+            .max_handshakes(8)
+            .max_handshakes_per_source(3);
+        let mut sim = Sim::stub(config).secure(SecureServerConfig::with_keys(
+            node.clone(),
+            vec![*key.public()],
+        ));
+        // Five sources open ten connections each, read the hello and stay silent.
+        let mut keyless = Vec::new();
+        for s in 1..=5 {
+            for _ in 0..10 {
+                keyless.push((s, sim.raw_from(source(s))));
+            }
+        }
+        sim.run();
+        authorized_client_works(&mut sim, &node, &key);
+        // The budget was full: the client's handshake made room for itself.
+        assert_eq!(sim.node.handshakes(), 7);
+        // A source's fourth connection at once is refused outright.
+        for &(s, p) in keyless.iter().filter(|(s, _)| *s == 1).skip(3) {
+            assert!(is_refused(&mut sim, p), "source {s}: {:?}", sim.frames(p));
+        }
+        for round in 0..20 {
+            // More keyless connections keep coming between the client's connections.
+            for s in 1..=5 {
+                sim.raw_from(source(s));
+            }
+            sim.run();
+            assert!(sim.node.handshakes() <= 8, "round {round}");
+            authorized_client_works(&mut sim, &node, &key);
+        }
+        // The oldest handshakes were closed to make room, each with an error frame.
+        let (_, first) = keyless[0];
+        assert!(sim.is_closed(first));
+        assert!(sim
+            .frames(first)
+            .iter()
+            .any(|f| f.contains("too many connections in their secure handshake")));
+    }
+
+    #[test]
+    fn a_finished_handshake_counts_against_max_connections_not_the_handshake_budget() {
+        let (node, key) = (Keypair::generate(), Keypair::generate());
+        let config = ServerConfig::default().max_connections(2).max_handshakes(1);
+        let mut sim = Sim::stub(config).secure(SecureServerConfig::with_keys(
+            node.clone(),
+            vec![*key.public()],
+        ));
+        let a = sim.connect(secure_client(&key, pinned(&node)), source(1));
+        let b = sim.connect(secure_client(&key, pinned(&node)), source(1));
+        assert_eq!((sim.client_error(a), sim.client_error(b)), (None, None));
+        assert_eq!(sim.node.handshakes(), 0);
+        // Both slots are held by authorized clients: a third is refused at once.
+        let c = sim.raw_from(source(2));
+        sim.run();
+        assert!(is_refused(&mut sim, c));
+        assert_eq!(sim.node.handshakes(), 0);
+    }
+}

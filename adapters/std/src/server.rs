@@ -211,7 +211,8 @@ fn accept_loop<L: Listen, E: Executor>(
         };
         let mut threads = threads.lock().expect("threads lock");
         threads.retain(|t| !t.is_finished());
-        match spawn_connection(stream, peer, Arc::clone(&host)) {
+        let source = donate_host::peer_ip(&peer);
+        match spawn_connection(stream, peer, source, Arc::clone(&host)) {
             Ok(pair) => threads.extend(pair),
             Err(e) => tracing::warn!("cannot start connection threads: {e}"),
         }
@@ -257,6 +258,7 @@ impl Signal {
 fn spawn_connection<S: Socket, E: Executor>(
     stream: S,
     peer: impl fmt::Display + Send + 'static,
+    source: Option<std::net::IpAddr>,
     host: Arc<Host<E>>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     // A peer that stops reading is closed by the node's backpressure timeout; a
@@ -267,13 +269,14 @@ fn spawn_connection<S: Socket, E: Executor>(
             .max(Duration::from_millis(1)),
     ))?;
     let signal = Arc::new(Signal::default());
-    let conn = host.accept(Link {
+    let link = Link {
         waker: {
             let signal = Arc::clone(&signal);
             Arc::new(move || signal.notify())
         },
         direct: Arc::new(Direct(stream.try_clone()?)),
-    });
+    };
+    let conn = host.accept_from(link, source);
     tracing::info!(%conn, %peer, "connection accepted");
     // Every line about this connection carries its id, its peer and (secure
     // mode) the client's key once known, on both of its threads.
