@@ -109,10 +109,7 @@ fn secure_pool(
     let keypair = crate::secure::load_keypair(key)?;
     let known = crate::secure::known_nodes_path();
     let mut pool = Pool::new(Vec::new(), config);
-    let pinned = match &args.connect.node_key {
-        Some(key) => Some(NodeTrust::pin(key).map_err(|e| format!("--node-key: {e}"))?),
-        None => None,
-    };
+    let pinned = &args.connect.node_key;
     for addr in &args.nodes {
         let recorded = match (&pinned, &known) {
             (Some(_), _) | (None, None) => None,
@@ -120,7 +117,7 @@ fn secure_pool(
         };
         let trust = match (&pinned, recorded) {
             (Some(trust), _) => trust.clone(),
-            (None, Some(key)) => NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
+            (None, Some(key)) => NodeTrust::Pinned(key.fingerprint()),
             (None, None) if args.connect.trust_on_first_use => NodeTrust::AnyKey,
             (None, None) => {
                 return Err(Failure::with_code(

@@ -431,14 +431,14 @@ fn connect(args: &ClientArgs) -> Result<Client, Failure> {
     let keypair = secure::load_keypair(key_path)?;
     let addr = args.addr.to_string();
     let trust = match &args.node_key {
-        Some(key) => Trust::Given(NodeTrust::pin(key).map_err(|e| format!("--node-key: {e}"))?),
+        Some(trust) => Trust::Given(trust.clone()),
         None => {
             let file = secure::known_nodes_path().ok_or(
                 "cannot find your config directory for known_nodes: set HOME or XDG_CONFIG_HOME, or pass --node-key",
             )?;
             match secure::known_node(&file, &addr)? {
                 Some(key) => Trust::Known {
-                    trust: NodeTrust::pin(&key.fingerprint()).map_err(|e| e.to_string())?,
+                    trust: NodeTrust::Pinned(key.fingerprint()),
                     file,
                 },
                 None if args.trust_on_first_use => Trust::FirstUse(file),

@@ -430,8 +430,8 @@ struct ConnectArgs {
     #[arg(long, value_name = "PATH")]
     key: Option<PathBuf>,
     /// Secure mode: the node's public key or its `SHA256:` fingerprint, pinned.
-    #[arg(long, value_name = "KEY", requires = "key")]
-    node_key: Option<String>,
+    #[arg(long, value_name = "KEY", requires = "key", value_parser = parse_node_key)]
+    node_key: Option<donate_proto::NodeTrust>,
     /// Secure mode without --node-key: accept the key of a node not yet in
     /// known_nodes and record it there; later connections pin it.
     #[arg(long, requires = "key", conflicts_with = "node_key")]
@@ -686,6 +686,11 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
     } else {
         Err("must be more than 0 seconds".to_owned())
     }
+}
+
+/// `--node-key`: a malformed key is a usage error, caught before connecting.
+fn parse_node_key(text: &str) -> Result<donate_proto::NodeTrust, String> {
+    donate_proto::NodeTrust::pin(text).map_err(|e| e.to_string())
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {

@@ -84,59 +84,120 @@ fn create_private(path: &Path) -> std::io::Result<File> {
 /// Reads a private key file, refusing one that group or others can read.
 pub fn load_keypair(path: &Path) -> Result<Keypair, Failure> {
     let fail = |message: String| Failure::with_code(message, exit::KEY_FILE);
-    let meta = std::fs::metadata(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         fail(format!(
             "cannot read the private key {}: {e}",
             path.display()
         ))
-    })?;
+    };
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    let text = std::fs::read_to_string(path).map_err(cannot)?;
+    // A public key is named as one before its (usual) 0644 mode is blamed.
+    if PublicKey::parse(&text).is_ok() {
+        return Keypair::from_secret_text(&text)
+            .map_err(|e| fail(format!("{}: {e}", path.display())));
+    }
+    if let Some(mode) = mode_with(&meta, 0o077) {
+        return Err(fail(format!(
+            "the private key {} is readable by group or others (mode {mode:o}); fix it with: chmod 600 {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    Keypair::from_secret_text(&text).map_err(|e| fail(format!("{}: {e}", path.display())))
+}
+
+/// The file's permission bits when any of `bits` is set (never on non-Unix).
+fn mode_with(meta: &std::fs::Metadata, bits: u32) -> Option<u32> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(fail(format!(
-                "the private key {} is readable by group or others (mode {mode:o}); fix it with: chmod 600 {}",
-                path.display(),
-                path.display()
-            )));
-        }
+        (mode & bits != 0).then_some(mode)
     }
     #[cfg(not(unix))]
-    let _ = meta;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(format!(
-            "cannot read the private key {}: {e}",
-            path.display()
-        ))
-    })?;
-    Keypair::from_secret_text(&text).map_err(|e| fail(format!("{}: {e}", path.display())))
+    {
+        let _ = (meta, bits);
+        None
+    }
 }
 
-/// The node's secure mode: its key, and an `authorize` that re-reads
+/// The node's secure mode: its key, and an `authorize` that checks
 /// `authorized` for each new connection (a key added or removed takes effect
-/// at the next connection). A file that cannot be read refuses everyone.
+/// at the next connection). Refuses to start on a file it cannot use; one
+/// that later becomes unusable refuses everyone, with the reason logged.
 pub fn server_config(key: &Path, authorized: &Path) -> Result<SecureServerConfig, Failure> {
     let keypair = load_keypair(key)?;
-    // Read once now, so a typo in the path is reported at start.
-    if let Err(e) = std::fs::read_to_string(authorized) {
-        tracing::error!(file = %authorized.display(), "cannot read the authorized keys ({e}): every client is refused until it can be read");
-    }
-    let authorized = authorized.to_owned();
+    let keys = AuthorizedKeys::new(authorized.to_owned());
+    keys.current()
+        .map_err(|e| Failure::with_code(e, exit::KEY_FILE))?;
     Ok(SecureServerConfig {
         keypair,
-        authorize: Arc::new(move |key: &PublicKey| match read_authorized(&authorized) {
-            Ok(keys) => keys.contains(key),
+        authorize: Arc::new(move |key: &PublicKey| match keys.current() {
+            Ok(known) => known.contains(key),
             Err(e) => {
-                tracing::error!(file = %authorized.display(), peer_key = %key.fingerprint(), "cannot read the authorized keys ({e}): client refused");
+                tracing::error!(peer_key = %key.fingerprint(), "client refused: {e}");
                 false
             }
         }),
     })
 }
 
+/// An authorized-keys file, parsed again only when its size, time or inode changed.
+struct AuthorizedKeys {
+    path: PathBuf,
+    parsed: std::sync::Mutex<Option<(FileStamp, Arc<Vec<PublicKey>>)>>,
+}
+
+/// What tells a changed file from the one parsed last.
+#[derive(PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl AuthorizedKeys {
+    fn new(path: PathBuf) -> Self {
+        AuthorizedKeys {
+            path,
+            parsed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The keys listed now, or why the file cannot be trusted.
+    fn current(&self) -> Result<Arc<Vec<PublicKey>>, String> {
+        let path = self.path.display();
+        let cannot = |e: std::io::Error| format!("cannot read the authorized keys {path}: {e}");
+        let meta = std::fs::metadata(&self.path).map_err(cannot)?;
+        if let Some(mode) = mode_with(&meta, 0o022) {
+            return Err(format!(
+                "the authorized keys {path} are writable by group or others (mode {mode:o}),                  so anyone with that access could let themselves in; fix it with: chmod go-w {path}"
+            ));
+        }
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        let stamp = FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode,
+        };
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, keys)) = parsed.as_ref() {
+            if *seen == stamp {
+                return Ok(Arc::clone(keys));
+            }
+        }
+        let keys = Arc::new(read_authorized(&self.path).map_err(cannot)?);
+        *parsed = Some((stamp, Arc::clone(&keys)));
+        Ok(keys)
+    }
+}
+
 /// The keys in an authorized-keys file: one per line, `#` comments and blank
-/// lines allowed; a line that is not a key is logged and skipped.
+/// lines allowed; a line that is not a key is logged (never quoted) and skipped.
 fn read_authorized(path: &Path) -> std::io::Result<Vec<PublicKey>> {
     let text = std::fs::read_to_string(path)?;
     Ok(text
@@ -198,12 +259,20 @@ pub fn known_nodes_path() -> Option<PathBuf> {
 
 /// The key recorded for `addr` in `known_nodes`, if any.
 pub fn known_node(path: &Path, addr: &str) -> Result<Option<PublicKey>, Failure> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display()).into()),
     };
-    for line in text.lines() {
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let Ok(line) = std::str::from_utf8(line) else {
+            eprintln!(
+                "donate: warning: {} line {}: not UTF-8, skipped",
+                path.display(),
+                n + 1
+            );
+            continue;
+        };
         let mut parts = line.trim().splitn(2, char::is_whitespace);
         if parts.next() == Some(addr) {
             let key = PublicKey::parse(parts.next().unwrap_or_default())

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct Node {
     child: Child,
     addr: String,
+    /// The node's stderr so far, when started with [`Node::start_logged`].
+    log: Arc<Mutex<String>>,
 }
 
 impl Node {
@@ -32,15 +34,53 @@ impl Node {
 
     /// Starts `donate serve --addr ADDR ARGS` and reads `listening on <addr>`.
     fn start_at(addr: &str, args: &[&str]) -> Node {
+        Node::spawn(addr, args, false)
+    }
+
+    /// [`start`](Node::start), keeping its warnings and errors in `log`.
+    fn start_logged(args: &[&str]) -> Node {
+        Node::spawn("127.0.0.1:0", args, true)
+    }
+
+    /// Waits (bounded) until the node's log contains `want`; returns the log.
+    fn wait_for_log(&self, want: &str) -> String {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if log.contains(want) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "{want:?} not in the log: {log}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn(addr: &str, args: &[&str], logged: bool) -> Node {
         let mut child = Command::new(BIN)
             .args(["serve", "--addr", addr])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("spawn donate serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { return };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
@@ -51,6 +91,7 @@ impl Node {
         let mut node = Node {
             child,
             addr: String::new(),
+            log,
         };
         let line = rx
             .recv_timeout(LIMIT)
@@ -1116,6 +1157,7 @@ fn secure_node() -> SecureSetup {
     let node_fp = keygen(&dir, "node");
     keygen(&dir, "client");
     std::fs::copy(dir.join("client.pub"), dir.join("authorized")).unwrap();
+    chmod(&dir.join("authorized"), 0o600);
     let node = Node::start(&[
         "--key",
         path(&dir.join("node")),
@@ -1129,6 +1171,178 @@ fn secure_node() -> SecureSetup {
         node_fp,
         client_key,
     }
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+/// `donate status` with `--key KEY` and `extra`.
+fn secure_status(addr: &str, key: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["status", "--addr", addr, "--key", key];
+    args.extend(extra);
+    donate(&args)
+}
+
+#[test]
+fn serve_refuses_an_authorized_keys_file_it_cannot_use() {
+    let dir = temp_dir();
+    keygen(&dir, "node");
+    let node_key = path(&dir.join("node")).to_owned();
+    let serve = |authorized: &str| {
+        donate(&[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--key",
+            &node_key,
+            "--authorized-keys",
+            authorized,
+        ])
+    };
+    let missing = dir.join("nope");
+    serve(path(&missing))
+        .fails_with(&format!(
+            "cannot read the authorized keys {}",
+            path(&missing)
+        ))
+        .code(17);
+    let shared = dir.join("shared");
+    std::fs::copy(dir.join("node.pub"), &shared).unwrap();
+    for mode in [0o664, 0o646] {
+        chmod(&shared, mode);
+        serve(path(&shared))
+            .fails_with("writable by group or others")
+            .fails_with(&format!("chmod go-w {}", path(&shared)))
+            .code(17);
+    }
+}
+
+#[test]
+fn authorized_keys_that_become_writable_by_others_refuse_every_client_with_a_logged_reason() {
+    let dir = temp_dir();
+    let node_fp = keygen(&dir, "node");
+    keygen(&dir, "client");
+    let authorized = dir.join("authorized");
+    std::fs::copy(dir.join("client.pub"), &authorized).unwrap();
+    chmod(&authorized, 0o600);
+    let node = Node::start_logged(&[
+        "--key",
+        path(&dir.join("node")),
+        "--authorized-keys",
+        path(&authorized),
+    ]);
+    let client = path(&dir.join("client")).to_owned();
+    secure_status(&node.addr, &client, &["--node-key", &node_fp]).ok();
+    chmod(&authorized, 0o666);
+    secure_status(&node.addr, &client, &["--node-key", &node_fp])
+        .fails_with("does not know your key")
+        .code(10);
+    let log = node.wait_for_log("client refused");
+    assert!(log.contains("writable by group or others"), "{log}");
+    chmod(&authorized, 0o600);
+    secure_status(&node.addr, &client, &["--node-key", &node_fp]).ok();
+    node.stop();
+}
+
+#[test]
+fn a_private_key_pasted_into_authorized_keys_is_skipped_and_never_logged() {
+    let dir = temp_dir();
+    let node_fp = keygen(&dir, "node");
+    keygen(&dir, "client");
+    keygen(&dir, "pasted");
+    let secret = std::fs::read_to_string(dir.join("pasted")).unwrap();
+    let secret_b64 = secret.split_whitespace().nth(1).unwrap().to_owned();
+    let authorized = dir.join("authorized");
+    let client_pub = std::fs::read_to_string(dir.join("client.pub")).unwrap();
+    std::fs::write(&authorized, format!("{client_pub}{secret}")).unwrap();
+    chmod(&authorized, 0o600);
+    let node = Node::start_logged(&[
+        "--key",
+        path(&dir.join("node")),
+        "--authorized-keys",
+        path(&authorized),
+    ]);
+    let client = path(&dir.join("client")).to_owned();
+    secure_status(&node.addr, &client, &["--node-key", &node_fp]).ok();
+    let log = node.wait_for_log("looks like a private key");
+    assert!(log.contains("line=2"), "{log}");
+    assert!(!log.contains(&secret_b64), "key material logged: {log}");
+    node.stop();
+}
+
+#[test]
+fn a_line_of_known_nodes_that_is_not_utf8_is_skipped_with_a_warning() {
+    let s = secure_node();
+    let config = temp_dir();
+    let known = config.join("donate").join("known_nodes");
+    std::fs::create_dir_all(known.parent().unwrap()).unwrap();
+    let node_pub = std::fs::read_to_string(s.dir.join("node.pub")).unwrap();
+    let node_line = node_pub
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut bytes = b"other:1 \xff\xfe not text\n".to_vec();
+    bytes.extend(format!("{} {node_line}\n", s.node.addr).as_bytes());
+    std::fs::write(&known, bytes).unwrap();
+    let run = donate_env(
+        &["status", "--addr", &s.node.addr, "--key", &s.client_key],
+        &[("XDG_CONFIG_HOME", config.as_path())],
+    );
+    run.ok();
+    assert!(
+        run.stderr.contains("line 1: not UTF-8, skipped"),
+        "{}",
+        run.stderr
+    );
+    s.node.stop();
+}
+
+#[test]
+fn a_malformed_node_key_is_a_usage_error() {
+    let s = secure_node();
+    let truncated = &s.node_fp[..s.node_fp.len() - 1];
+    for bad in ["SHA256:nonsense", truncated, "donate-x25519 AAAA"] {
+        let run = secure_status(&s.node.addr, &s.client_key, &["--node-key", bad]);
+        run.code(2);
+        assert!(
+            run.stderr.contains("not a key fingerprint")
+                || run.stderr.contains("not a donate public key"),
+            "{bad}: {}",
+            run.stderr
+        );
+    }
+    s.node.stop();
+}
+
+#[test]
+fn a_public_key_passed_as_key_is_named_as_one() {
+    let s = secure_node();
+    let want = "this is a public key; pass the private key file (without .pub)";
+    let client_pub = format!("{}.pub", s.client_key);
+    secure_status(&s.node.addr, &client_pub, &["--node-key", &s.node_fp])
+        .fails_with(want)
+        .code(17);
+    // The same text under another name.
+    let renamed = s.dir.join("client-key");
+    std::fs::copy(&client_pub, &renamed).unwrap();
+    chmod(&renamed, 0o600);
+    secure_status(&s.node.addr, path(&renamed), &["--node-key", &s.node_fp])
+        .fails_with(want)
+        .code(17);
+    donate(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--key",
+        path(&s.dir.join("node.pub")),
+        "--authorized-keys",
+        path(&s.dir.join("authorized")),
+    ])
+    .fails_with(want)
+    .code(17);
+    s.node.stop();
 }
 
 #[test]

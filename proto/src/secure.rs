@@ -70,14 +70,24 @@ impl PublicKey {
     pub fn parse(text: &str) -> Result<PublicKey, KeyError> {
         let mut words = text.split_whitespace();
         let first = words.next().unwrap_or_default();
+        if first == SECRET_PREFIX {
+            // Never quoted: the text is a secret.
+            return Err(KeyError(
+                "this looks like a private key: list the line of its .pub file instead".to_owned(),
+            ));
+        }
         let b64 = if first == PUBLIC_PREFIX {
             words.next().unwrap_or_default()
         } else {
             first
         };
-        decode_key(b64)
-            .map(PublicKey)
-            .ok_or_else(|| KeyError(format!("not a donate public key: {text:?}")))
+        // Not quoted either: a mangled private key must not reach a log.
+        decode_key(b64).map(PublicKey).ok_or_else(|| {
+            KeyError(
+                "not a donate public key (expected `donate-x25519 <base64>`, the line of a .pub file)"
+                    .to_owned(),
+            )
+        })
     }
 
     fn from_slice(bytes: &[u8]) -> Option<PublicKey> {
@@ -131,6 +141,11 @@ impl Keypair {
     /// Reads a private key file's text (`donate-x25519-secret <base64>`).
     pub fn from_secret_text(text: &str) -> Result<Keypair, KeyError> {
         let mut words = text.split_whitespace();
+        if text.split_whitespace().next() == Some(PUBLIC_PREFIX) {
+            return Err(KeyError(
+                "this is a public key; pass the private key file (without .pub)".to_owned(),
+            ));
+        }
         let secret = match (words.next(), words.next()) {
             (Some(SECRET_PREFIX), Some(b64)) => decode_key(b64),
             _ => None,
@@ -211,7 +226,16 @@ impl NodeTrust {
     /// Pins `text`: a public key (`.pub` line or base64) or a `SHA256:` fingerprint.
     pub fn pin(text: &str) -> Result<NodeTrust, KeyError> {
         let text = text.trim();
-        if text.starts_with("SHA256:") {
+        if let Some(digest) = text.strip_prefix("SHA256:") {
+            let well_formed = STANDARD_NO_PAD
+                .decode(digest)
+                .is_ok_and(|bytes| bytes.len() == 32);
+            if !well_formed {
+                return Err(KeyError(
+                    "not a key fingerprint: expected SHA256: and 43 base64 characters, as `donate keygen` prints"
+                        .to_owned(),
+                ));
+            }
             return Ok(NodeTrust::Pinned(text.to_owned()));
         }
         Ok(NodeTrust::Pinned(PublicKey::parse(text)?.fingerprint()))

@@ -365,6 +365,37 @@ fn key_files_round_trip_and_fingerprints_look_like_ssh() {
     assert!(donate_proto::PublicKey::parse("donate-x25519 AAAA").is_err());
 }
 
+#[test]
+fn a_private_key_where_a_public_one_belongs_is_named_and_never_quoted() {
+    let key = Keypair::generate();
+    let secret = key.secret_text();
+    let b64 = secret.split_whitespace().nth(1).unwrap();
+    for text in [secret.as_str(), "donate-x25519 !!!", "garbage"] {
+        let err = donate_proto::PublicKey::parse(text)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(b64) && !err.contains(text.trim()), "{err}");
+    }
+    let err = donate_proto::PublicKey::parse(&secret)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("looks like a private key"), "{err}");
+}
+
+#[test]
+fn only_a_well_formed_fingerprint_can_be_pinned() {
+    let fingerprint = Keypair::generate().public().fingerprint();
+    assert!(NodeTrust::pin(&fingerprint).is_ok());
+    for bad in [
+        "SHA256:nonsense",
+        "SHA256:",
+        &fingerprint[..fingerprint.len() - 1],
+    ] {
+        let err = NodeTrust::pin(bad).unwrap_err().to_string();
+        assert!(err.contains("not a key fingerprint"), "{bad}: {err}");
+    }
+}
+
 mod handshake_budget {
     use std::net::{IpAddr, Ipv4Addr};
 
