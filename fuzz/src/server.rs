@@ -567,9 +567,11 @@ fn named_job_id<'m>(msg: &'m Message<'_>) -> Option<&'m str> {
     }
 }
 
-/// Whether the node refuses a `job_id`: too long, or not printable ASCII.
+/// Whether the node refuses a `job_id`: too long, or with a control or
+/// bidirectional-format character.
 fn bad_job_id(job_id: &str, max_len: usize) -> bool {
-    job_id.len() > max_len || job_id.bytes().any(|b| !(0x20..=0x7e).contains(&b))
+    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    job_id.len() > max_len || job_id.chars().any(|c| c.is_control() || bidi(c))
 }
 
 /// Requests the node saw on one connection, and how they may be answered.

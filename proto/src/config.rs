@@ -67,7 +67,7 @@ pub struct ServerConfig {
     /// dropped, a running one cancelled; either is answered `deadline_exceeded`.
     pub max_job_time: Option<Duration>,
     /// Longest `job_id` accepted, in bytes (default 256); a longer one, or
-    /// one that is not printable ASCII, is refused with `bad_field`.
+    /// one with control characters, is refused with `bad_field`.
     pub max_job_id_len: usize,
 }
 

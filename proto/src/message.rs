@@ -770,8 +770,9 @@ pub(crate) fn salvage_job_id(body: &[u8], max_len: usize) -> Option<String> {
     }
 }
 
-/// Whether a node takes `job_id`: at most `max_len` bytes of printable ASCII
-/// (space to `~`; empty is allowed, as in v1).
+/// Whether a node takes `job_id`: at most `max_len` bytes of text without
+/// control or bidirectional-format characters (so that an id never rewrites a
+/// log line or a terminal); empty is allowed, as in v1.
 pub(crate) fn check_job_id(job_id: &str, max_len: usize) -> Result<(), ProtocolError> {
     if job_id.len() > max_len {
         return Err(ProtocolError::BadField(format!(
@@ -779,9 +780,10 @@ pub(crate) fn check_job_id(job_id: &str, max_len: usize) -> Result<(), ProtocolE
             job_id.len()
         )));
     }
-    if !job_id.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if job_id.chars().any(|c| c.is_control() || bidi(c)) {
         return Err(ProtocolError::BadField(
-            "job_id must be printable ASCII".to_owned(),
+            "job_id must not contain control characters".to_owned(),
         ));
     }
     Ok(())
