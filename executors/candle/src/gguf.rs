@@ -29,6 +29,17 @@ const MAX_LAYERS: usize = 4096;
 /// tables for all of them at load.
 const MAX_DECLARED_CONTEXT: usize = 1 << 18;
 
+/// Widest attention head a file may declare (Gemma's 256 is the widest in use).
+const MAX_HEAD_DIM: usize = 1024;
+
+/// Most memory a model may need beside its weights at load and per job: its
+/// rotary tables and one job's KV cache filled to the context.
+const MAX_RUNTIME_BYTES: u64 = 8 << 30;
+
+/// Most memory the metadata of one file may take once read (its vocabulary
+/// included; the largest in use need tens of MiB).
+const MAX_METADATA_BYTES: u64 = 256 << 20;
+
 /// Positions candle's quantized llama has rotary tables for.
 const LLAMA_MAX_SEQ: usize = quantized_llama::MAX_SEQ_LEN;
 
@@ -95,6 +106,10 @@ pub(crate) fn read_header<R: Read + Seek>(
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
+    prescan(&mut *reader, len)?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
     let content = crate::guard::guarded("reading the GGUF header", || Content::read(reader))
         .map_err(|e| {
             if let Some(n) = e.split("unknown dtype for tensor ").nth(1) {
@@ -109,6 +124,156 @@ pub(crate) fn read_header<R: Read + Seek>(
         })?;
     let checked = check(&content, len, max_context)?;
     Ok((content, checked))
+}
+
+/// Walks the header's counts and lengths before candle reads it (candle
+/// allocates what they say): each must fit in the bytes left in the file, a
+/// tensor has at most 4 dimensions, and the metadata must fit in
+/// [`MAX_METADATA_BYTES`] once read.
+fn prescan<R: Read + Seek>(reader: R, len: u64) -> Result<(), String> {
+    let mut scan = Prescan {
+        reader: std::io::BufReader::new(reader),
+        pos: 0,
+        len,
+        v1: false,
+        memory: 0,
+    };
+    scan.skip(4)?;
+    let version = scan.u32()?;
+    scan.v1 = version == 1;
+    let tensors = scan.count("tensor count")?;
+    let kvs = scan.count("metadata count")?;
+    for _ in 0..kvs {
+        scan.string()?;
+        let kind = scan.u32()?;
+        scan.value(kind, 0)?;
+        scan.memory += 64;
+    }
+    for _ in 0..tensors {
+        scan.string()?;
+        let dims = scan.u32()?;
+        if dims > 4 {
+            return Err(format!(
+                "not a valid GGUF file: a tensor with {dims} dimensions (at most 4)"
+            ));
+        }
+        scan.skip(u64::from(dims) * if scan.v1 { 4 } else { 8 } + 4 + 8)?;
+        scan.memory += 128;
+    }
+    if scan.memory > MAX_METADATA_BYTES {
+        return Err(format!(
+            "the GGUF header would take {} MiB in memory once read, more than {} MiB",
+            scan.memory >> 20,
+            MAX_METADATA_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// [`prescan`]'s place in the file and what it has counted.
+struct Prescan<R> {
+    reader: std::io::BufReader<R>,
+    pos: u64,
+    len: u64,
+    /// GGUF version 1 writes counts and lengths as u32.
+    v1: bool,
+    /// Memory the header will take once read, estimated.
+    memory: u64,
+}
+
+impl<R: Read + Seek> Prescan<R> {
+    fn short(&self) -> String {
+        format!(
+            "not a valid GGUF file: its header runs past the end of the {}-byte file",
+            self.len
+        )
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), String> {
+        match self.pos.checked_add(n) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(self.short()),
+        }
+        let step = i64::try_from(n).map_err(|_| self.short())?;
+        self.reader.seek_relative(step).map_err(|_| self.short())?;
+        self.pos += n;
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let mut b = [0u8; 4];
+        self.reader.read_exact(&mut b).map_err(|_| self.short())?;
+        self.pos += 4;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        self.reader.read_exact(&mut b).map_err(|_| self.short())?;
+        self.pos += 8;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A count or length: no larger than the bytes left, as each item takes one at least.
+    fn count(&mut self, what: &str) -> Result<u64, String> {
+        let n = if self.v1 {
+            u64::from(self.u32()?)
+        } else {
+            self.u64()?
+        };
+        if n > self.len - self.pos {
+            return Err(format!(
+                "not a valid GGUF file: a {what} of {n} is more than the {} bytes left in the file",
+                self.len - self.pos
+            ));
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<(), String> {
+        let n = self.count("string length")?;
+        self.memory += 24 + n;
+        self.skip(n)
+    }
+
+    fn value(&mut self, kind: u32, depth: u32) -> Result<(), String> {
+        match kind {
+            0 | 1 | 7 => self.skip(1),
+            2 | 3 => self.skip(2),
+            4..=6 => self.skip(4),
+            10..=12 => self.skip(8),
+            8 => self.string(),
+            9 if depth < 2 => {
+                let item = self.u32()?;
+                let n = self.count("metadata array length")?;
+                // Each item becomes a value of 32 bytes or so.
+                self.memory = self.memory.saturating_add(n.saturating_mul(32));
+                if self.memory > MAX_METADATA_BYTES {
+                    return Err(format!(
+                        "the GGUF metadata would take more than {} MiB in memory once read (an array of {n} values)",
+                        MAX_METADATA_BYTES >> 20
+                    ));
+                }
+                match item {
+                    0..=7 | 10..=12 => {
+                        let size = match item {
+                            0 | 1 | 7 => 1,
+                            2 | 3 => 2,
+                            4..=6 => 4,
+                            _ => 8,
+                        };
+                        let bytes = n.checked_mul(size).ok_or_else(|| self.short())?;
+                        self.skip(bytes)
+                    }
+                    _ => (0..n).try_for_each(|_| self.value(item, depth + 1)),
+                }
+            }
+            9 => Err("not a valid GGUF file: metadata arrays nested deeper than 2".to_owned()),
+            other => Err(format!(
+                "not a valid GGUF file: unknown metadata value type {other}"
+            )),
+        }
+    }
 }
 
 /// Checks what [`read_header`] read; see there.
@@ -158,14 +323,31 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
             "{p}.embedding_length {hidden} is not a positive multiple of the {heads} heads"
         ));
     }
-    if arch == Arch::Qwen3 {
+    let head_dim = if arch == Arch::Qwen3 {
         // qwen3's own head size: rotated in pairs.
         let key_length = get("attention.key_length").unwrap_or(hidden / heads);
-        if key_length == 0 || key_length % 2 != 0 {
+        if key_length == 0 || key_length % 2 != 0 || key_length > MAX_HEAD_DIM {
             return Err(format!(
-                "{p}.attention.key_length {key_length} is not a positive even number"
+                "{p}.attention.key_length {key_length} is not an even number in 2..={MAX_HEAD_DIM}"
             ));
         }
+        key_length
+    } else {
+        hidden / heads
+    };
+    if head_dim > MAX_HEAD_DIM {
+        return Err(format!(
+            "heads of {head_dim} values ({p}.embedding_length / attention.head_count) are wider than {MAX_HEAD_DIM}"
+        ));
+    }
+    let rope_dim = match md.get(&format!("{p}.rope.dimension_count")) {
+        Some(_) if arch == Arch::Llama => get("rope.dimension_count")?,
+        _ => head_dim,
+    };
+    if rope_dim == 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
+        return Err(format!(
+            "{p}.rope.dimension_count {rope_dim} is not an even number in 2..={head_dim} (the head size)"
+        ));
     }
     if let Some(Value::F32(eps)) = md.get(&format!("{p}.attention.layer_norm_rms_epsilon")) {
         if !(eps.is_finite() && *eps > 0.0) {
@@ -187,6 +369,25 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
     if arch == Arch::Llama {
         context = context.min(LLAMA_MAX_SEQ);
     }
+    // Rotary tables, then keys and values of f32 for every layer and position.
+    let product = |sizes: &[usize]| {
+        sizes
+            .iter()
+            .try_fold(1u64, |acc, &n| acc.checked_mul(n as u64))
+    };
+    let runtime = product(&[context, rope_dim, 4])
+        .zip(product(&[layers, context, kv_heads, head_dim, 2, 4]))
+        .and_then(|(rope, kv)| rope.checked_add(kv));
+    match runtime {
+        Some(bytes) if bytes <= MAX_RUNTIME_BYTES => {}
+        _ => {
+            return Err(format!(
+                "at a context of {context} positions this model needs more than {} GiB for its KV cache and rotary tables: \
+                 its {layers} layers × {kv_heads} KV heads × {head_dim} are too large (or lower the node's max context)",
+                MAX_RUNTIME_BYTES >> 30
+            ))
+        }
+    }
 
     // Every tensor inside the file, of a type candle runs.
     let mut params = 0usize;
@@ -194,6 +395,9 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
     // In file order, so that the message names the first bad tensor.
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(name, info)| (info.offset, *name));
+    // Where the previous tensor ends: none may share bytes with another, so
+    // the tensors never hold more than the file does.
+    let mut previous: Option<(&String, u64)> = None;
     for (name, info) in infos {
         let elems = info
             .shape
@@ -208,7 +412,18 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
                 info.ggml_dtype
             ));
         }
-        let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+        let bytes = ((elems / block) as u64)
+            .checked_mul(info.ggml_dtype.type_size() as u64)
+            .ok_or_else(|| format!("tensor {name} has an impossible shape {:?}", info.shape))?;
+        if let Some((other, other_end)) = previous {
+            if info.offset < other_end {
+                return Err(format!(
+                    "tensor {name} (at offset {}) overlaps tensor {other} (ending at {other_end}): tensors may not share bytes",
+                    info.offset
+                ));
+            }
+        }
+        previous = Some((name, info.offset.saturating_add(bytes)));
         let end = content
             .tensor_data_offset
             .checked_add(info.offset)

@@ -29,6 +29,12 @@ enum Md {
     Str(&'static str),
     /// An array of strings.
     Strs(Vec<String>),
+    /// An array of this many u8 zeros.
+    Bytes(usize),
+    /// An array of u8 that claims this many items and holds none.
+    LyingArray(u64),
+    /// A string that claims this many bytes and holds none.
+    LyingStr(u64),
 }
 
 /// A tensor as written: name, dims (candle order, outermost first), ggml type number, bytes.
@@ -73,6 +79,21 @@ fn write_gguf(md: &[(&str, Md)], tensors: &[T]) -> Vec<u8> {
                 for s in items {
                     string(&mut out, s);
                 }
+            }
+            Md::Bytes(n) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(0u32.to_le_bytes());
+                out.extend((*n as u64).to_le_bytes());
+                out.resize(out.len() + n, 0);
+            }
+            Md::LyingArray(n) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(0u32.to_le_bytes());
+                out.extend(n.to_le_bytes());
+            }
+            Md::LyingStr(n) => {
+                out.extend(8u32.to_le_bytes());
+                out.extend(n.to_le_bytes());
             }
         }
     }
@@ -260,6 +281,11 @@ const QWEN3_HEAD: usize = 32;
 /// A tiny qwen3: no biases, a norm of each head's query and key, and heads
 /// of 32 (attention 128 wide over a 64-wide embedding), Q8_0.
 fn qwen3_gguf() -> Vec<u8> {
+    qwen3_gguf_with(QWEN3_HEAD as u32)
+}
+
+/// The tiny qwen3 declaring `key_length` as its head size.
+fn qwen3_gguf_with(key_length: u32) -> Vec<u8> {
     let mut list = tensors_shaped(GgmlDType::Q8_0, QWEN3_HEAD);
     for l in 0..LAYERS {
         let s = 100 + 10 * l as u64;
@@ -276,7 +302,7 @@ fn qwen3_gguf() -> Vec<u8> {
         ("qwen3.feed_forward_length", Md::U32(FFN as u32)),
         ("qwen3.attention.head_count", Md::U32(HEADS)),
         ("qwen3.attention.head_count_kv", Md::U32(KV_HEADS)),
-        ("qwen3.attention.key_length", Md::U32(QWEN3_HEAD as u32)),
+        ("qwen3.attention.key_length", Md::U32(key_length)),
         ("qwen3.attention.layer_norm_rms_epsilon", Md::F32(1e-6)),
         ("qwen3.rope.freq_base", Md::F32(1e6)),
         ("qwen3.context_length", Md::U32(256)),
@@ -755,4 +781,137 @@ fn a_chat_template_that_runs_away_on_one_prompt_fails_that_job_only() {
     assert_eq!(e.code, "model_error");
     assert!(e.message.contains("chat template used more than"), "{e:?}");
     node.complete("Hi there", 2).unwrap();
+}
+
+/// The tiny llama with `key` set to `value`.
+fn llama_with(key: &'static str, value: Md, tensors: &[T]) -> Vec<u8> {
+    let mut md = metadata("llama");
+    md.retain(|(k, _)| *k != key);
+    md.push((key, value));
+    write_gguf(&md, tensors)
+}
+
+#[test]
+fn sizes_that_would_allocate_without_bound_are_refused_before_loading() {
+    // Each of these once reached an allocation of gigabytes to terabytes.
+    for (bytes, says) in [
+        (
+            llama_with("llama.rope.dimension_count", Md::U32(1 << 31), &tensors()),
+            "rope.dimension_count 2147483648",
+        ),
+        (
+            llama_with("llama.rope.dimension_count", Md::U32(1 << 20), &tensors()),
+            "rope.dimension_count 1048576",
+        ),
+        (
+            llama_with("llama.rope.dimension_count", Md::U32(7), &tensors()),
+            "rope.dimension_count 7",
+        ),
+        (qwen3_gguf_with(1 << 31), "key_length 2147483648"),
+        (qwen3_gguf_with(1 << 20), "key_length 1048576"),
+    ] {
+        let e = refusal(&bytes);
+        assert!(e.contains(says), "{says}: {e}");
+    }
+    // A KV cache past the budget: 4096 layers of heads 1024 wide.
+    let mut md = metadata("llama");
+    md.retain(|(k, _)| !matches!(*k, "llama.block_count" | "llama.embedding_length"));
+    md.push(("llama.block_count", Md::U32(4096)));
+    md.push(("llama.embedding_length", Md::U32(4096)));
+    let e = refusal(&write_gguf(&md, &tensors()));
+    assert!(e.contains("KV cache"), "{e}");
+}
+
+#[test]
+fn tensors_that_share_bytes_are_refused() {
+    // A later tensor pointing back at the first one's bytes.
+    let mut list = tensors();
+    list[5].lie_offset = Some(0);
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(e.contains("overlaps"), "{e}");
+    // The attack: 4096 layers all read from one region (4 KiB of a file
+    // that would load as hundreds of MiB).
+    let mut md = metadata("llama");
+    md.retain(|(k, _)| *k != "llama.block_count");
+    md.push(("llama.block_count", Md::U32(4096)));
+    let mut list = tensors();
+    let shared: Vec<T> = list.drain(2..).collect();
+    for layer in 0..4096 {
+        for t in &shared {
+            let name = t.name.replacen(
+                &format!("blk.{}", &t.name[4..5]),
+                &format!("blk.{layer}"),
+                1,
+            );
+            list.push(T {
+                name,
+                dims: t.dims.clone(),
+                ty: t.ty,
+                data: Vec::new(),
+                lie_offset: Some(0),
+            });
+        }
+    }
+    let e = refusal(&write_gguf(&md, &list));
+    assert!(e.contains("overlaps") || e.contains("past the end"), "{e}");
+}
+
+#[test]
+fn a_tensor_whose_byte_count_wraps_is_refused() {
+    let mut list = tensors();
+    list.push(T {
+        name: "huge".to_owned(),
+        dims: vec![1 << 62],
+        ty: 0,
+        data: Vec::new(),
+        lie_offset: None,
+    });
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(e.contains("tensor huge has an impossible shape"), "{e}");
+}
+
+#[test]
+fn metadata_that_would_take_many_times_the_file_is_refused() {
+    // 64 Mi one-byte values: 64 MiB of file, 2 GiB once read.
+    let e = refusal(&llama_with("junk", Md::Bytes(64 << 20), &tensors()));
+    assert!(e.contains("metadata would take more than 256 MiB"), "{e}");
+    // Counts and lengths larger than the file.
+    for (value, says) in [
+        (Md::LyingArray(1 << 60), "metadata array length"),
+        (Md::LyingStr(1 << 40), "string length"),
+    ] {
+        let e = refusal(&llama_with("junk", value, &tensors()));
+        assert!(e.contains(says) && e.contains("bytes left"), "{e}");
+    }
+    // Metadata that fits is taken: a 1 Mi-entry array loads.
+    let bytes = llama_with("small", Md::Bytes(1 << 20), &tensors());
+    load(&bytes).expect("a modest array loads");
+}
+
+#[test]
+fn a_tensor_with_more_than_four_dimensions_is_refused() {
+    let mut list = tensors();
+    list[1].dims = vec![1, 1, 1, 1, HIDDEN];
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(e.contains("5 dimensions"), "{e}");
+}
+
+#[test]
+fn a_node_refusing_a_hostile_gguf_keeps_serving() {
+    let executor = CandleExecutor::new(CandleConfig::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = donate_std::serve(listener, ServerConfig::default(), executor).unwrap();
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    let good = tiny_gguf_q8();
+    client.push_model("{}", &good, true).expect("mounted");
+    let hostile = llama_with("llama.rope.dimension_count", Md::U32(1 << 31), &tensors());
+    let mut other = Client::connect(server.local_addr()).unwrap();
+    match other.push_model("{}", &hostile, true) {
+        Err(Error::ModelRefused(m)) => assert!(m.contains("rope.dimension_count"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let out = client.infer(&[7, 8, 9], 4).unwrap().output_ids;
+    assert_eq!(out.len(), 7, "the first client's model still runs");
+    drop((client, other));
+    server.shutdown();
 }
