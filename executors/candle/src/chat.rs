@@ -109,9 +109,10 @@ impl std::io::Write for Bounded {
 /// kept: nothing is added or removed here.
 ///
 /// The template is bounded, since a model file's template is code from
-/// whoever made the file: it may take [`TEMPLATE_FUEL`] steps plus
-/// [`FUEL_PER_MESSAGE`] per message, and write [`TEMPLATE_OUTPUT`] bytes plus
-/// [`OUTPUT_PER_INPUT_BYTE`] per byte of the messages and tokens; past
+/// whoever made the file: it may take `TEMPLATE_FUEL` (100,000) steps plus
+/// `FUEL_PER_MESSAGE` (10,000) per message, and write `TEMPLATE_OUTPUT`
+/// (1 MiB) bytes plus `OUTPUT_PER_INPUT_BYTE` (4) per byte of the messages
+/// and tokens; past
 /// either it fails, naming which.
 pub fn render_chat_template(
     template: &str,
