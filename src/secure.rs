@@ -3,6 +3,7 @@
 //! trust (`--node-key`, `known_nodes` and `--trust-on-first-use`), and the
 //! exit status of each secure-mode failure.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::ToSocketAddrs;
@@ -146,7 +147,7 @@ pub fn server_config(key: &Path, authorized: &Path) -> Result<SecureServerConfig
 /// An authorized-keys file, parsed again only when its size, time or inode changed.
 struct AuthorizedKeys {
     path: PathBuf,
-    parsed: std::sync::Mutex<Option<(FileStamp, Arc<Vec<PublicKey>>)>>,
+    parsed: std::sync::Mutex<Option<(FileStamp, Arc<HashSet<PublicKey>>)>>,
 }
 
 /// What tells a changed file from the one parsed last.
@@ -166,7 +167,7 @@ impl AuthorizedKeys {
     }
 
     /// The keys listed now, or why the file cannot be trusted.
-    fn current(&self) -> Result<Arc<Vec<PublicKey>>, String> {
+    fn current(&self) -> Result<Arc<HashSet<PublicKey>>, String> {
         let path = self.path.display();
         let cannot = |e: std::io::Error| format!("cannot read the authorized keys {path}: {e}");
         let meta = std::fs::metadata(&self.path).map_err(cannot)?;
@@ -198,7 +199,7 @@ impl AuthorizedKeys {
 
 /// The keys in an authorized-keys file: one per line, `#` comments and blank
 /// lines allowed; a line that is not a key is logged (never quoted) and skipped.
-fn read_authorized(path: &Path) -> std::io::Result<Vec<PublicKey>> {
+fn read_authorized(path: &Path) -> std::io::Result<HashSet<PublicKey>> {
     let text = std::fs::read_to_string(path)?;
     Ok(text
         .lines()
