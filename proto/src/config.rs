@@ -40,7 +40,8 @@ pub struct ServerConfig {
     pub max_outbound: usize,
     /// Secure mode: connections still in their handshake (not yet
     /// authorized) at once, apart from `max_connections` (default 64). When
-    /// full, the oldest handshake is closed to make room.
+    /// full, the oldest handshake of the source holding the most is closed
+    /// to make room.
     pub max_handshakes: usize,
     /// Secure mode: handshakes at once from one source address (an IPv6
     /// one by its /64) (default 8); more are refused. Only for connections

@@ -15,7 +15,7 @@
 //! outcome, a mount's outcome) and then takes what it hands back: jobs to
 //! queue, mounts, upload work. Neither holds a reference into the other.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -138,6 +138,10 @@ pub struct Node<M> {
     handshakes: BTreeMap<ConnectionId, Option<IpAddr>>,
     /// How many of `handshakes` each source holds.
     per_source: HashMap<IpAddr, usize>,
+    /// Connections closing without ever having been let in (refused at
+    /// accept, or closed in their handshake): they only flush an error frame,
+    /// and do not count against `max_connections`.
+    unadmitted: HashSet<ConnectionId>,
 }
 
 /// The source a handshake counts against: the address, or an IPv6 one's /64.
@@ -175,6 +179,7 @@ impl<M> Node<M> {
             stats: NodeStats::default(),
             handshakes: BTreeMap::new(),
             per_source: HashMap::new(),
+            unadmitted: HashSet::new(),
         }
     }
 
@@ -216,7 +221,9 @@ impl<M> Node<M> {
     /// and its source's `max_handshakes_per_source` rather than
     /// `max_connections`, so clients without a key cannot take the slots of
     /// those with one: over the per-source limit it is refused; over
-    /// `max_handshakes` the oldest handshake is closed to make room.
+    /// `max_handshakes` a handshake of the source holding the most is closed
+    /// to make room (its oldest), so a flood from a few addresses cannot
+    /// push out a client's handshake from another.
     pub fn accept_from(&mut self, source: Option<IpAddr>, now: Instant) -> ConnectionId {
         self.next_conn += 1;
         self.stats.connections_accepted += 1;
@@ -226,7 +233,7 @@ impl<M> Node<M> {
             (config.max_handshakes, config.max_handshakes_per_source);
         let source = source.map(source_key);
         let secure = self.settings.secure.is_some();
-        let counted = self.conns.len() - self.handshakes.len();
+        let counted = self.admitted();
         let refused = if self.queue.is_closed() {
             Some(ProtocolError::ShuttingDown)
         } else if counted >= config.max_connections {
@@ -239,13 +246,16 @@ impl<M> Node<M> {
             Some(ProtocolError::TooManyHandshakes)
         } else {
             while self.handshakes.len() >= max_handshakes {
-                self.evict_oldest_handshake();
+                self.evict_a_handshake();
             }
             None
         };
         let admitted = refused.is_none();
         let conn = Connection::accept(id, Arc::clone(&self.settings), now, refused);
         self.conns.insert(id, conn);
+        if !admitted {
+            self.unadmitted.insert(id);
+        }
         if secure && admitted {
             self.handshakes.insert(id, source);
             if let Some(ip) = source {
@@ -255,17 +265,40 @@ impl<M> Node<M> {
         id
     }
 
-    /// Closes the oldest connection in its handshake, to make room for a new one.
-    fn evict_oldest_handshake(&mut self) {
-        let Some((&oldest, _)) = self.handshakes.first_key_value() else {
+    /// Connections let in and not closing without having been let in: those
+    /// `max_connections` bounds.
+    fn admitted(&self) -> usize {
+        self.conns.len() - self.handshakes.len() - self.unadmitted.len()
+    }
+
+    /// Closes a connection in its handshake to make room for a new one: the
+    /// oldest of the source holding the most handshakes.
+    fn evict_a_handshake(&mut self) {
+        let held = |source: &Option<IpAddr>, hs: &BTreeMap<_, Option<IpAddr>>| match source {
+            Some(ip) => self.per_source.get(ip).copied().unwrap_or(0),
+            None => hs.values().filter(|s| s.is_none()).count(),
+        };
+        let most = self
+            .handshakes
+            .values()
+            .map(|s| held(s, &self.handshakes))
+            .max()
+            .unwrap_or(0);
+        let Some(victim) = self
+            .handshakes
+            .iter()
+            .find(|(_, s)| held(s, &self.handshakes) == most)
+            .map(|(&id, _)| id)
+        else {
             return;
         };
-        self.release_handshake(oldest);
-        if let Some(c) = self.conns.get_mut(&oldest) {
+        self.release_handshake(victim);
+        self.unadmitted.insert(victim);
+        if let Some(c) = self.conns.get_mut(&victim) {
             c.close(ProtocolError::TooManyHandshakes);
-            self.events.push_back(Event::Wake(oldest));
+            self.events.push_back(Event::Wake(victim));
         }
-        self.abandon_if_closing(oldest);
+        self.abandon_if_closing(victim);
     }
 
     /// Takes `conn` out of the handshake budget.
@@ -290,17 +323,19 @@ impl<M> Node<M> {
             return self.release_handshake(conn);
         };
         if c.closing().is_some() {
+            self.unadmitted.insert(conn);
             return self.release_handshake(conn);
         }
         if c.in_handshake() {
             return;
         }
         self.release_handshake(conn);
-        if self.conns.len() - self.handshakes.len() > self.settings.config.max_connections {
+        if self.admitted() > self.settings.config.max_connections {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.close(ProtocolError::TooManyConnections);
                 self.events.push_back(Event::Wake(conn));
             }
+            self.unadmitted.insert(conn);
             self.abandon_if_closing(conn);
         }
     }
@@ -366,6 +401,7 @@ impl<M> Node<M> {
     /// its running jobs cancelled (their results, and its mounts', are discarded).
     pub fn remove(&mut self, conn: ConnectionId) {
         self.release_handshake(conn);
+        self.unadmitted.remove(&conn);
         if self.conns.remove(&conn).is_some() {
             self.stats.dropped_queued += self.queue.forget(conn) as u64;
             self.check_drained();

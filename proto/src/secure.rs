@@ -527,6 +527,8 @@ pub(crate) struct ClientSecure {
     decoder: FrameDecoder,
     wire: Vec<u8>,
     node: Option<PublicKey>,
+    /// A record from the node decrypted: from then on it never speaks in plain text.
+    node_spoke: bool,
 }
 
 impl fmt::Debug for ClientSecure {
@@ -545,6 +547,7 @@ impl ClientSecure {
             decoder: FrameDecoder::new(MAX_RECORD),
             wire: Vec::new(),
             node: None,
+            node_spoke: false,
         }
     }
 
@@ -637,8 +640,18 @@ impl ClientSecure {
             }
             ClientState::Open(transport) => {
                 if !open(transport, record, plain) {
+                    // A node that closes the handshake before reading our
+                    // last message (no room for it) can only refuse in plain
+                    // text. Believing it costs nothing: anyone on the path
+                    // could as well cut the connection.
+                    if let (false, Ok(Message::Error(e))) =
+                        (self.node_spoke, Message::parse(record))
+                    {
+                        return Err(ClientError::Refused(e.error));
+                    }
                     return Err(ClientError::Decrypt);
                 }
+                self.node_spoke = true;
             }
             ClientState::Failed => {}
         }

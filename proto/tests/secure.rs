@@ -493,3 +493,118 @@ mod handshake_budget {
         assert_eq!(sim.node.handshakes(), 0);
     }
 }
+
+/// A client's handshake against a stream of others: the node and the client
+/// wired by hand, so that connections arrive between the handshake's messages.
+mod handshake_in_a_flood {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Instant;
+
+    use donate_proto::{
+        ClientConnection, ClientError, ClientEvent, ConnectionId, Keypair, Node,
+        SecureServerConfig, ServerConfig,
+    };
+
+    use super::{pinned, secure_client};
+
+    fn source(n: u8) -> Option<IpAddr> {
+        Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)))
+    }
+
+    /// Node to client, client to node, `rounds` times.
+    fn exchange(
+        node: &mut Node<()>,
+        conn: ConnectionId,
+        client: &mut ClientConnection,
+        now: Instant,
+        rounds: usize,
+    ) -> Result<(), ClientError> {
+        for _ in 0..rounds {
+            let (mut to_client, mut to_node) = (Vec::new(), Vec::new());
+            node.poll_transmit(conn, &mut to_client);
+            client.handle_input(&to_client)?;
+            client.poll_transmit(&mut to_node);
+            node.handle_input(conn, &to_node, now);
+        }
+        Ok(())
+    }
+
+    /// Keyless connections from `sources`, one after another; those the node
+    /// closes (but `keep`) are flushed and removed, as a driver would.
+    fn flood(node: &mut Node<()>, sources: &[u8], n: usize, keep: ConnectionId, now: Instant) {
+        for i in 0..n {
+            node.accept_from(source(sources[i % sources.len()]), now);
+            let closing: Vec<_> = node
+                .connections()
+                .filter(|&c| c != keep && node.is_closing(c))
+                .collect();
+            for c in closing {
+                node.poll_transmit(c, &mut Vec::new());
+                node.remove(c);
+            }
+        }
+    }
+
+    fn setup(max_handshakes: usize) -> (Node<()>, Keypair, Keypair, Instant) {
+        let (node_key, key) = (Keypair::generate(), Keypair::generate());
+        let config = ServerConfig::default()
+            .max_connections(4)
+            .max_handshakes(max_handshakes)
+            .max_handshakes_per_source(3);
+        let node = Node::new(config).with_secure(SecureServerConfig::with_keys(
+            node_key.clone(),
+            vec![*key.public()],
+        ));
+        #[allow(clippy::disallowed_methods)] // the one base instant
+        let now = Instant::now();
+        (node, node_key, key, now)
+    }
+
+    #[test]
+    fn a_flood_from_a_few_sources_never_closes_another_sources_handshake() {
+        let (mut node, node_key, key, now) = setup(8);
+        let conn = node.accept_from(source(200), now);
+        node.remove(conn);
+        flood(&mut node, &[1, 2, 3], 8, conn, now);
+        let conn = node.accept_from(source(200), now);
+        let mut client = secure_client(&key, pinned(&node_key));
+        // Hello out, the first handshake message in, the node's answer out:
+        // the client's last message is still to come.
+        exchange(&mut node, conn, &mut client, now, 1).unwrap();
+        assert_eq!(node.handshakes(), 8);
+        // Far more connections than the budget arrive meanwhile, and each
+        // refused or closed one has left, so none holds a slot.
+        flood(&mut node, &[1, 2, 3], 200, conn, now);
+        assert!(!node.is_closing(conn));
+        // Refused connections still flushing their error hold no slot either.
+        for _ in 0..13 {
+            node.accept_from(source(1), now);
+        }
+        let flushing = node.connections().filter(|&c| node.is_closing(c)).count();
+        assert!(flushing >= 10, "{flushing}");
+        exchange(&mut node, conn, &mut client, now, 3).unwrap();
+        assert!(matches!(
+            client.poll_event(),
+            Some(ClientEvent::Connected(_))
+        ));
+        assert!(!node.is_closing(conn), "let in within max_connections");
+    }
+
+    #[test]
+    fn a_handshake_closed_before_the_clients_last_message_reads_as_a_refusal() {
+        // Every source holds one handshake: the oldest, the client's, makes room.
+        let (mut node, node_key, key, now) = setup(2);
+        let conn = node.accept_from(source(200), now);
+        let mut client = secure_client(&key, pinned(&node_key));
+        exchange(&mut node, conn, &mut client, now, 1).unwrap();
+        flood(&mut node, &[1, 2], 2, conn, now);
+        assert!(node.is_closing(conn));
+        // The node can say so only in plain text: the client, whose side of
+        // the handshake is done, names the refusal rather than a decryption failure.
+        let err = exchange(&mut node, conn, &mut client, now, 1).unwrap_err();
+        assert_eq!(
+            err,
+            ClientError::Refused("too many connections in their secure handshake".to_owned())
+        );
+    }
+}
