@@ -996,7 +996,14 @@ impl Harness {
         if self.conns.len() >= MAX_CONNS {
             return;
         }
-        let live = self.sim.node.connections().count();
+        // Connections refused at accept hold no slot while they flush their error.
+        let refused = |id: ConnectionId| self.conns.iter().any(|c| c.id == id && c.created_closing);
+        let live = self
+            .sim
+            .node
+            .connections()
+            .filter(|&id| !refused(id))
+            .count();
         let over_limit = live >= self.config.max_connections || self.shutdown;
         let peer = self.sim.raw();
         let id = self.sim.conn(peer);
