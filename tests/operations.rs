@@ -14,11 +14,87 @@ use donate_host::{NodeConfig, HONOURED};
 use donate_proto::{Mode, ServerConfig};
 
 fn node(exec: Spinner) -> donate_std::Server {
+    node_offering(exec, HONOURED)
+}
+
+fn node_offering(exec: Spinner, offered: donate_proto::Capabilities) -> donate_std::Server {
     let config = ServerConfig::default()
         .mode(Mode::LocalLm)
         .local_lm_path("/m".into());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    donate_std::serve(listener, NodeConfig::from(config).offer(HONOURED), exec).expect("serve")
+    donate_std::serve(listener, NodeConfig::from(config).offer(offered), exec).expect("serve")
+}
+
+/// What a client saw: `cancel`'s answer, the job's code, the node's count of failed jobs.
+type Seen = (bool, String, i64);
+
+fn cancelled(answer: donate_proto::Answer) -> String {
+    match answer {
+        donate_proto::Answer::Prompt(r) => r.code,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_blocking_and_async_clients_cancel_a_running_job_and_read_stats_alike() {
+    let exec = Spinner::default();
+    let offered = HONOURED.with(donate_proto::Capability::Stats);
+    let server = node_offering(exec.clone(), offered);
+    let addr = server.local_addr();
+    let started = |n| {
+        let exec = exec.clone();
+        move || {
+            wait_for("the job to start", Duration::from_secs(10), || {
+                exec.started.load(Ordering::SeqCst) == n
+            })
+        }
+    };
+    let std_seen: Seen = {
+        let mut c = donate_std::Client::connect(addr).unwrap();
+        let job = c.send_prompt("spin", 8).unwrap();
+        c.flush().unwrap();
+        started(1)();
+        let sent = c.cancel(job).unwrap();
+        let code = cancelled(c.wait(job).unwrap());
+        (sent, code, c.stats().unwrap().unwrap().jobs_failed)
+    };
+    let smol_seen: Seen = smol::block_on(async {
+        let mut c = donate_smol::Client::connect(addr).await.unwrap();
+        let job = c.send_prompt("spin", 8).await.unwrap();
+        c.flush().await.unwrap();
+        smol::unblock(started(2)).await;
+        let sent = c.cancel(job).await.unwrap();
+        let code = cancelled(c.wait(job).await.unwrap());
+        (sent, code, c.stats().await.unwrap().unwrap().jobs_failed)
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tokio_seen: Seen = rt.block_on(async {
+        let mut c = donate_tokio::Client::connect(addr).await.unwrap();
+        let job = c.send_prompt("spin", 8).await.unwrap();
+        c.flush().await.unwrap();
+        tokio::task::spawn_blocking(started(3)).await.unwrap();
+        let sent = c.cancel(job).await.unwrap();
+        let code = cancelled(c.wait(job).await.unwrap());
+        (sent, code, c.stats().await.unwrap().unwrap().jobs_failed)
+    });
+    assert_eq!(std_seen, (true, "cancelled".to_owned(), 1));
+    assert_eq!(smol_seen, (true, "cancelled".to_owned(), 2));
+    assert_eq!(tokio_seen, (true, "cancelled".to_owned(), 3));
+    assert_eq!(exec.stopped.load(Ordering::SeqCst), 3);
+    // From a node that does not offer `stats`, every client says so alike.
+    let plain = node(Spinner::default());
+    let mut c = donate_std::Client::connect(plain.local_addr()).unwrap();
+    assert_eq!(c.stats().unwrap(), None);
+    let none = rt.block_on(async {
+        let mut c = donate_tokio::Client::connect(plain.local_addr())
+            .await
+            .unwrap();
+        c.stats().await.unwrap()
+    });
+    assert_eq!(none, None);
+    drop(c);
+    plain.shutdown();
+    server.shutdown();
 }
 
 fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {

@@ -398,6 +398,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
+    /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
+    /// `request` and sends it at once; its answer (`cancelled`, or its result
+    /// if it finished first) still comes, to [`wait`](Client::wait) for or
+    /// not. False when the job is not outstanding; [`Error::Protocol`] with
+    /// `NotOffered` from a node that did not agree to `cancel`.
+    pub async fn cancel(&mut self, request: RequestId) -> Result<bool> {
+        let sent = self.core.cancel(request)?;
+        self.flush().await?;
+        Ok(sent)
+    }
+
+    /// Extension `stats` (docs/PROTOCOL.md §10.5): the node's counters;
+    /// `None` from a node that did not agree to `stats`.
+    pub async fn stats(&mut self) -> Result<Option<donate_proto::message::Stats>> {
+        if !self
+            .capabilities()
+            .contains(donate_proto::Capability::Stats)
+        {
+            return Ok(None);
+        }
+        let request = self.core.stats()?;
+        answers::stats(self.wait(request).await?).map(Some)
+    }
+
     /// Asks for the queue's state; `None` from a node that does not answer it (the Go node).
     pub async fn queue_status(&mut self) -> Result<Option<QueueStatus>> {
         let request = self.core.queue_status()?;

@@ -125,4 +125,13 @@ pub mod answers {
             other => Err(unexpected(&other)),
         }
     }
+
+    /// A `stats` answer (extension `stats`).
+    pub fn stats(answer: Answer) -> Result<donate_proto::message::Stats> {
+        match answer {
+            Answer::Stats(stats) => Ok(stats),
+            Answer::Error(e) => Err(Error::Refused(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
 }

@@ -770,8 +770,6 @@ fn take_events<M>(state: &mut State<M>, metrics: Option<&Metrics>) -> Followup {
                 state.uses.push_back(stored);
                 followup.work += 1;
             }
-            // Events of extensions the host does not offer.
-            _ => {}
         }
     }
     followup

@@ -10,6 +10,7 @@
 //! The runtime adapters only move bytes: donate-std with blocking threads,
 //! donate-smol and donate-tokio by implementing [`runtime::Runtime`],
 //! [`runtime::Listener`] and [`runtime::Stream`] for their own types.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod addr;

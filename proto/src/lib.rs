@@ -73,6 +73,7 @@
 //!     other => panic!("unexpected {other:?}"),
 //! }
 //! ```
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod capability;

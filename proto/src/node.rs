@@ -33,8 +33,10 @@ use crate::upload::{CommittedModel, UploadWork};
 
 /// Something the caller must act on, from [`Node::poll_event`]. Events of
 /// extensions come only from a node that [offers](Node::offer) them.
+///
+/// Exhaustive on purpose: a new event is a compile error in every driver
+/// that does not handle it, rather than work silently dropped.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Event {
     /// A connection got bytes to transmit or started closing from outside its
     /// own input (a result, a mount, a timeout, shutdown): wake its writer.

@@ -278,13 +278,7 @@ impl Client {
             return Ok(None);
         }
         let request = self.core.stats()?;
-        match self.wait(request)? {
-            donate_proto::Answer::Stats(stats) => Ok(Some(stats)),
-            donate_proto::Answer::Error(e) => Err(Error::Refused(e)),
-            other => Err(Error::Protocol(donate_proto::ClientError::Unexpected(
-                format!("{other:?}"),
-            ))),
-        }
+        answers::stats(self.wait(request)?).map(Some)
     }
 
     /// [`infer`](Client::infer) with sampling fields (extension `sampling`;
