@@ -338,16 +338,17 @@ pub fn classify(e: &Error, addr: &NodeAddr, trust: Option<&Trust>) -> Option<(St
         _ => None,
     };
     if let Some(frame) = frame_code {
-        let code = match frame.code.as_str() {
-            "unknown_key" => exit::UNKNOWN_KEY,
-            "secure_required" => {
+        use donate_proto::ErrorCode as Code;
+        let code = match frame.error_code() {
+            Some(Code::UnknownKey) => exit::UNKNOWN_KEY,
+            Some(Code::SecureRequired) => {
                 return Some((
                     format!("{}: use --key PATH (and --node-key KEY)", frame.error),
                     exit::SECURE_REQUIRED,
                 ))
             }
-            "decrypt_failed" | "handshake_failed" => exit::TAMPERED,
-            "handshake_timeout" => exit::HANDSHAKE_TIMEOUT,
+            Some(Code::DecryptFailed | Code::HandshakeFailed) => exit::TAMPERED,
+            Some(Code::HandshakeTimeout) => exit::HANDSHAKE_TIMEOUT,
             _ => return None,
         };
         return Some((frame.error.clone(), code));

@@ -62,7 +62,7 @@ pub mod codes {
     /// The lm program printed more than the output limit; it was killed.
     pub const LM_OUTPUT_TOO_LARGE: &str = "lm_output_too_large";
     /// A job this executor cannot run (an `infer` on an lm executor).
-    pub const UNSUPPORTED: &str = "unsupported";
+    pub const UNSUPPORTED: &str = donate_proto::ErrorCode::Unsupported.as_str();
 }
 
 /// Splits a command line into an argv with POSIX-shell quoting rules

@@ -12,8 +12,8 @@ use donate_proto::message::{
     Hello, InferResult, ModelInventory, ModelStatus, PromptResult, QueueStatus,
 };
 use donate_proto::{
-    Answer, Capabilities, Capability, ClientConfig, ClientConnection, ClientEvent, PartialOutput,
-    PublicKey, RequestId, SamplingParams, SecureClientConfig,
+    Answer, Capabilities, Capability, ClientConfig, ClientConnection, ClientEvent, ErrorCode,
+    PartialOutput, PublicKey, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -141,7 +141,9 @@ impl StoredPush {
             Ok(status) => Ok(PushStep::Done(Pushed::sent(status, self.len, from))),
             // The partial bytes expired meanwhile, say: start over once.
             Err(Error::ModelRefused(_)) if from > 0 => Ok(PushStep::Upload { from: 0 }),
-            Err(Error::Refused(e)) if from > 0 && e.code == "upload_refused" => {
+            Err(Error::Refused(e))
+                if from > 0 && e.error_code() == Some(ErrorCode::UploadRefused) =>
+            {
                 Ok(PushStep::Upload { from: 0 })
             }
             Err(e) => Err(e),

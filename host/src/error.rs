@@ -120,7 +120,9 @@ pub mod answers {
     pub fn queue_status(answer: Answer) -> Result<Option<QueueStatus>> {
         match answer {
             Answer::QueueStatus(s) => Ok(Some(s)),
-            Answer::Error(e) if e.error.starts_with("unknown type") => Ok(None),
+            Answer::Error(e) if e.error_code() == Some(donate_proto::ErrorCode::UnknownType) => {
+                Ok(None)
+            }
             Answer::Error(e) => Err(Error::Refused(e)),
             other => Err(unexpected(&other)),
         }

@@ -18,8 +18,8 @@ use futures_lite::future::{or, poll_fn};
 use futures_lite::io::AssertAsync;
 
 use donate_proto::{
-    Answer, Capability, ClientConfig, DonorId, DonorStats, PoolAction, PoolConfig, PoolCore,
-    RequestId, SamplingParams, SecureClientConfig,
+    Answer, Capability, ClientConfig, DonorId, DonorStats, ErrorCode, PoolAction, PoolConfig,
+    PoolCore, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::runtime::{Runtime, Timer};
@@ -301,7 +301,10 @@ fn refusal(answer: &Answer) -> Option<String> {
     let Answer::Error(e) = answer else {
         return None;
     };
-    let now = matches!(e.code.as_str(), "queue_full" | "shutting_down") || e.error == "queue full";
+    let now = matches!(
+        e.error_code(),
+        Some(ErrorCode::QueueFull | ErrorCode::ShuttingDown)
+    );
     now.then(|| format!("refused: {}", e.error))
 }
 
@@ -787,4 +790,31 @@ pub fn check_sampling(
     Err(format!(
         "{addr}: the node does not offer the sampling extension (--temperature, --top-p, …)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal;
+    use donate_proto::message::ErrorFrame;
+    use donate_proto::Answer;
+
+    fn frame(code: &str, error: &str) -> Answer {
+        Answer::Error(ErrorFrame {
+            code: code.to_owned(),
+            error: error.to_owned(),
+            job_id: "j".to_owned(),
+        })
+    }
+
+    #[test]
+    fn a_busy_donor_is_told_from_a_bad_job_by_code_or_by_the_go_nodes_words() {
+        // The Go node's refusal carries no code: its words say it is busy.
+        assert!(refusal(&frame("", "queue full")).is_some());
+        assert!(refusal(&frame("queue_full", "queue full")).is_some());
+        assert!(refusal(&frame("shutting_down", "node shutting down")).is_some());
+        // What no other donor would answer differently is the job's answer.
+        assert!(refusal(&frame("model_not_mounted", "model not mounted")).is_none());
+        assert!(refusal(&frame("", "model not mounted")).is_none());
+        assert!(refusal(&frame("wrong_mode", "queue full")).is_none());
+    }
 }

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::code::ErrorCode;
+
 /// A framing error: the byte stream is out of sync and the connection must close.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -140,40 +142,45 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// The machine-readable code sent beside the message in `error` frames.
     pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
+
+    /// [`code`](ProtocolError::code) as the enum.
+    pub fn error_code(&self) -> ErrorCode {
         use ProtocolError::*;
         match self {
-            Frame(_) => "bad_frame",
-            BadJson(_) => "bad_json",
-            NotObject => "not_object",
-            BadField(_) => "bad_field",
-            BadVersion(_) => "bad_version",
-            UnknownType(_) => "unknown_type",
-            ModelPushDisabled => "model_push_disabled",
-            BadWeightsLen => "bad_weights_len",
-            BadWeightsSha256 => "bad_weights_sha256",
-            BadOffset(_) => "bad_offset",
-            QueryTooLarge(_) => "query_too_large",
-            UploadRefused(_) => "upload_refused",
-            WeightsBase64 => "weights_b64",
-            WeightsOverflow => "weights_overflow",
-            ChunkOutOfOrder { .. } => "chunk_out_of_order",
-            ChunkAfterLast => "chunk_after_last",
-            ChunkWithoutBegin => "chunk_without_begin",
-            InferOnLocalLm => "wrong_mode",
-            ModelNotMounted => "model_not_mounted",
-            PromptOnModelPush => "wrong_mode",
-            QueueFull => "queue_full",
-            ShuttingDown => "shutting_down",
-            TooManyConnections | TooManyHandshakes => "too_many_connections",
-            HandshakeTimeout => "handshake_timeout",
-            Stalled => "stalled",
-            IdleTimeout => "idle_timeout",
-            Backpressure => "backpressure",
-            PeerClosed => "peer_closed",
-            SecureRequired => "secure_required",
-            UnknownKey(_) => "unknown_key",
-            Decrypt => "decrypt_failed",
-            Handshake(_) => "handshake_failed",
+            Frame(_) => ErrorCode::BadFrame,
+            BadJson(_) => ErrorCode::BadJson,
+            NotObject => ErrorCode::NotObject,
+            BadField(_) => ErrorCode::BadField,
+            BadVersion(_) => ErrorCode::BadVersion,
+            UnknownType(_) => ErrorCode::UnknownType,
+            ModelPushDisabled => ErrorCode::ModelPushDisabled,
+            BadWeightsLen => ErrorCode::BadWeightsLen,
+            BadWeightsSha256 => ErrorCode::BadWeightsSha256,
+            BadOffset(_) => ErrorCode::BadOffset,
+            QueryTooLarge(_) => ErrorCode::QueryTooLarge,
+            UploadRefused(_) => ErrorCode::UploadRefused,
+            WeightsBase64 => ErrorCode::WeightsBase64,
+            WeightsOverflow => ErrorCode::WeightsOverflow,
+            ChunkOutOfOrder { .. } => ErrorCode::ChunkOutOfOrder,
+            ChunkAfterLast => ErrorCode::ChunkAfterLast,
+            ChunkWithoutBegin => ErrorCode::ChunkWithoutBegin,
+            InferOnLocalLm => ErrorCode::WrongMode,
+            ModelNotMounted => ErrorCode::ModelNotMounted,
+            PromptOnModelPush => ErrorCode::WrongMode,
+            QueueFull => ErrorCode::QueueFull,
+            ShuttingDown => ErrorCode::ShuttingDown,
+            TooManyConnections | TooManyHandshakes => ErrorCode::TooManyConnections,
+            HandshakeTimeout => ErrorCode::HandshakeTimeout,
+            Stalled => ErrorCode::Stalled,
+            IdleTimeout => ErrorCode::IdleTimeout,
+            Backpressure => ErrorCode::Backpressure,
+            PeerClosed => ErrorCode::PeerClosed,
+            SecureRequired => ErrorCode::SecureRequired,
+            UnknownKey(_) => ErrorCode::UnknownKey,
+            Decrypt => ErrorCode::DecryptFailed,
+            Handshake(_) => ErrorCode::HandshakeFailed,
         }
     }
 }

@@ -224,12 +224,15 @@ impl Stop {
     }
 }
 
-/// Codes of the job errors the node itself gives (docs/PROTOCOL.md §10).
+/// Codes of the job errors the node itself gives (docs/PROTOCOL.md §10), as
+/// strings for [`JobError::new`]; [`ErrorCode`](crate::ErrorCode) holds them all.
 pub mod codes {
+    use crate::ErrorCode;
+
     /// The client cancelled the job (`cancel`), or it was dropped with its connection.
-    pub const CANCELLED: &str = "cancelled";
+    pub const CANCELLED: &str = ErrorCode::Cancelled.as_str();
     /// The job's `deadline_ms`, or the node's `max_job_time`, passed first.
-    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+    pub const DEADLINE_EXCEEDED: &str = ErrorCode::DeadlineExceeded.as_str();
 }
 
 /// What a worker reports for a job.
@@ -252,7 +255,7 @@ pub(crate) fn result_frame(
     let outcome = match (kind, outcome) {
         (JobKind::Infer, Ok(JobOutput::Prompt(_))) | (JobKind::Prompt, Ok(JobOutput::Infer(_))) => {
             Err(JobError::new(
-                "bad_output",
+                crate::ErrorCode::BadOutput.as_str(),
                 "executor returned the wrong kind of output",
             ))
         }

@@ -78,6 +78,7 @@
 
 mod capability;
 mod client;
+mod code;
 mod config;
 mod connection;
 pub mod error;
@@ -98,6 +99,7 @@ mod upload;
 
 pub use capability::{Capabilities, Capability};
 pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, PartialOutput, RequestId};
+pub use code::ErrorCode;
 pub use config::{ServerConfig, UploadHandling};
 pub use connection::Connection;
 pub use error::{ClientError, FrameError, MountError, ProtocolError};

@@ -15,6 +15,7 @@ use base64::engine::simd::Simd;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::code::ErrorCode;
 use crate::error::ProtocolError;
 use crate::frame::encode_frame_with;
 use crate::sampling::SamplingParams;
@@ -237,6 +238,13 @@ pub struct InferResult {
     pub queue_depth: i64,
 }
 
+impl InferResult {
+    /// A failed job's [`code`](InferResult::code) as the enum, if it is one of ours.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_wire(&self.code)
+    }
+}
+
 /// `prompt`: a text job for a `local_lm` node.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Prompt {
@@ -273,6 +281,13 @@ pub struct PromptResult {
     pub code: String,
     /// Jobs still waiting when this one was taken.
     pub queue_depth: i64,
+}
+
+impl PromptResult {
+    /// A failed job's [`code`](PromptResult::code) as the enum, if it is one of ours.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_wire(&self.code)
+    }
 }
 
 /// `infer_partial` (extension `stream`, docs/PROTOCOL.md §10.8): token ids
@@ -362,6 +377,13 @@ pub struct ErrorFrame {
 }
 
 impl ErrorFrame {
+    /// The [`code`](ErrorFrame::code) as the enum; from a node that sends
+    /// none (the Go node), read from its words where they name one
+    /// (`queue full`, `unknown type: …`). `None` for another implementation's code.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        crate::code::code_or_go_words(&self.code, &self.error)
+    }
+
     /// The error frame for `err`, naming `job_id` when it answers a job.
     pub fn new(err: &ProtocolError, job_id: Option<&str>) -> Self {
         ErrorFrame {
