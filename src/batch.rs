@@ -282,7 +282,7 @@ fn result_line(result: PoolResult) -> Vec<u8> {
         }),
         Err(reason) => Message::Error(ErrorFrame {
             code: "pool_failed".to_owned(),
-            error: reason,
+            error: reason.to_string(),
             job_id,
         }),
     };

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::TestExec;
-use donate_proto::{Answer, Mode, PoolConfig, ServerConfig};
+use donate_proto::{Answer, Mode, PoolConfig, PoolError, ServerConfig};
 use donate_std::{NodeAddr, Pool, PoolJob, PoolModel, PoolResult, Work};
 use sha2::{Digest, Sha256};
 
@@ -224,7 +224,7 @@ fn with_every_donor_down_each_job_fails_once_with_a_clear_error() {
         .unwrap();
     assert_eq!(results.len(), 5);
     for r in &results {
-        assert_eq!(r.outcome, Err("every donor is down".to_owned()), "{r:?}");
+        assert_eq!(r.outcome, Err(PoolError::AllDonorsDown), "{r:?}");
     }
 }
 

@@ -42,6 +42,9 @@ pub enum Error {
     /// A secure handshake that did not complete in time.
     #[error("the secure handshake did not complete within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// A pool refused or gave up on a job.
+    #[error(transparent)]
+    Pool(#[from] donate_proto::PoolError),
     /// The server closed the connection before answering (with its last error frame, if any).
     #[error("connection closed by server{}", .0.as_ref().map(|e| format!(": {}", e.error)).unwrap_or_default())]
     Closed(Option<ErrorFrame>),

@@ -19,7 +19,7 @@ use futures_lite::io::AssertAsync;
 
 use donate_proto::{
     Answer, Capability, ClientConfig, DonorId, DonorStats, ErrorCode, PoolAction, PoolConfig,
-    PoolCore, RequestId, SamplingParams, SecureClientConfig,
+    PoolCore, PoolError, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::runtime::{Runtime, Timer};
@@ -76,7 +76,7 @@ pub struct PoolResult {
     pub donor: Option<DonorId>,
     /// The node's answer (a result, or an error frame refusing the job), or
     /// why the pool gave up on the job.
-    pub outcome: Result<Answer, String>,
+    pub outcome: Result<Answer, PoolError>,
 }
 
 impl PoolResult {
@@ -86,7 +86,7 @@ impl PoolResult {
             || matches!(&self.outcome, Ok(Answer::Prompt(r)) if r.ok)
     }
 
-    fn failed(job_id: String, reason: String) -> PoolResult {
+    fn failed(job_id: String, reason: PoolError) -> PoolResult {
         PoolResult {
             job_id,
             donor: None,
@@ -181,9 +181,9 @@ impl Dispatch {
     }
 
     /// Adds a job; refused while a job with its `job_id` is not answered yet.
-    pub fn submit(&mut self, job: PoolJob) -> Result<(), String> {
+    pub fn submit(&mut self, job: PoolJob) -> Result<(), PoolError> {
         if self.donors == 0 {
-            return Err("no donors given".to_owned());
+            return Err(PoolError::NoDonors);
         }
         self.core.submit(&job.job_id)?;
         self.jobs.insert(job.job_id.clone(), job);
@@ -229,7 +229,7 @@ impl Dispatch {
         let action = match self.core.poll_action(now) {
             Some(action) => action,
             None if self.core.pending() > 0 && self.core.is_hopeless() => {
-                self.core.fail_all("every donor is down");
+                self.core.fail_all(PoolError::AllDonorsDown);
                 self.core.poll_action(now)?
             }
             None => return None,
@@ -251,7 +251,7 @@ impl Dispatch {
                             .answers
                             .remove(&job_id)
                             .map(|(_, answer)| answer)
-                            .ok_or_else(|| "no answer recorded".to_owned()),
+                            .ok_or(PoolError::AnswerLost),
                         job_id,
                         donor: Some(donor),
                     },
@@ -461,26 +461,26 @@ impl PoolHandle {
             .await
             .is_err()
         {
-            return PoolResult::failed(job_id, "the pool has stopped".to_owned());
+            return PoolResult::failed(job_id, PoolError::Stopped);
         }
         rx.recv()
             .await
-            .unwrap_or_else(|_| PoolResult::failed(job_id, "the pool has stopped".to_owned()))
+            .unwrap_or_else(|_| PoolResult::failed(job_id, PoolError::Stopped))
     }
 
     /// Runs `jobs` (their `job_id`s unique: a repeat is refused before
     /// anything is sent) and yields each result once, in the order they
     /// finish: the receiver is a `futures` `Stream`, and ends after the last.
-    pub async fn run(&self, jobs: Vec<PoolJob>) -> Result<Receiver<PoolResult>, String> {
+    pub async fn run(&self, jobs: Vec<PoolJob>) -> Result<Receiver<PoolResult>, PoolError> {
         let mut seen = std::collections::HashSet::new();
         if let Some(job) = jobs.iter().find(|j| !seen.insert(j.job_id.as_str())) {
-            return Err(format!("duplicate job_id {:?}", job.job_id));
+            return Err(PoolError::DuplicateJobId(job.job_id.clone()));
         }
         let (tx, rx) = async_channel::unbounded();
         self.submit
             .send(Request::Jobs(jobs, tx))
             .await
-            .map_err(|_| "the pool has stopped".to_owned())?;
+            .map_err(|_| PoolError::Stopped)?;
         Ok(rx)
     }
 

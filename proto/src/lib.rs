@@ -110,7 +110,7 @@ pub use id::{ConnectionId, JobId};
 pub use job::{codes, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
 pub use message::{Message, Mode};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node, NodeStats, StoredMount};
-pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore};
+pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore, PoolError};
 pub use sampling::SamplingParams;
 pub use secure::{
     Authorize, KeyError, Keypair, NodeTrust, PublicKey, SecureClientConfig, SecureServerConfig,

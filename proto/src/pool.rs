@@ -56,6 +56,34 @@ crate::config::setters!(PoolConfig {
 /// A donor's index in the pool, in the order given.
 pub type DonorId = usize;
 
+/// Why a pool refused or gave up on a job.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// Caller misuse: a job with this `job_id` is not answered yet.
+    #[error("duplicate job_id {0:?}")]
+    DuplicateJobId(String),
+    /// Caller misuse: a pool without donors.
+    #[error("no donors given")]
+    NoDonors,
+    /// The job failed on donors `attempts` times (their links went down or they were busy).
+    #[error("gave up after {attempts} attempts; the last: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        last: String,
+    },
+    /// Every donor failed too often in a row to place anything.
+    #[error("every donor is down")]
+    AllDonorsDown,
+    /// The pool was stopped before the job was answered.
+    #[error("the pool has stopped")]
+    Stopped,
+    /// A donor's answer was delivered without being recorded (a bug in the driver).
+    #[error("the donor's answer was lost")]
+    AnswerLost,
+}
+
 /// What the driver must do, from [`PoolCore::poll_action`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolAction {
@@ -75,7 +103,7 @@ pub enum PoolAction {
         /// Which job.
         job_id: String,
         /// `Ok` with the donor that answered, or why the pool gave up on it.
-        outcome: Result<DonorId, String>,
+        outcome: Result<DonorId, PoolError>,
     },
 }
 
@@ -174,9 +202,9 @@ impl PoolCore {
     }
 
     /// Adds a job. Refused if a job with this `job_id` is known already.
-    pub fn submit(&mut self, job_id: &str) -> Result<(), String> {
+    pub fn submit(&mut self, job_id: &str) -> Result<(), PoolError> {
         if self.jobs.contains_key(job_id) || self.delivered.contains(job_id) {
-            return Err(format!("duplicate job_id {job_id:?}"));
+            return Err(PoolError::DuplicateJobId(job_id.to_owned()));
         }
         self.jobs.insert(
             job_id.to_owned(),
@@ -268,7 +296,7 @@ impl PoolCore {
     }
 
     /// The job's final outcome, once.
-    fn deliver(&mut self, job_id: String, outcome: Result<DonorId, String>) {
+    fn deliver(&mut self, job_id: String, outcome: Result<DonorId, PoolError>) {
         self.jobs.remove(&job_id);
         self.delivered.insert(job_id.clone());
         self.delivered_total += 1;
@@ -284,11 +312,11 @@ impl PoolCore {
         job.attempts += 1;
         self.retries += 1;
         if job.attempts > self.config.max_attempts {
-            let reason = format!(
-                "gave up after {} attempts; the last: {reason}",
-                self.config.max_attempts + 1
-            );
-            self.deliver(job_id, Err(reason));
+            let gave_up = PoolError::GaveUp {
+                attempts: self.config.max_attempts + 1,
+                last: reason.to_owned(),
+            };
+            self.deliver(job_id, Err(gave_up));
         } else {
             // Ahead of new jobs: it has waited longest.
             self.queue.push_front(job_id);
@@ -404,11 +432,11 @@ impl PoolCore {
     }
 
     /// Fails every job not delivered yet with `reason` (when the pool is hopeless).
-    pub fn fail_all(&mut self, reason: &str) {
+    pub fn fail_all(&mut self, reason: PoolError) {
         let mut left: Vec<String> = self.jobs.keys().cloned().collect();
         left.sort();
         for job_id in left {
-            self.deliver(job_id, Err(reason.to_owned()));
+            self.deliver(job_id, Err(reason.clone()));
         }
         self.queue.clear();
         for d in &mut self.donors {

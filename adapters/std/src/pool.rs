@@ -63,7 +63,7 @@ impl Pool {
         jobs: Vec<PoolJob>,
         mut on_result: impl FnMut(PoolResult),
         mut on_progress: impl FnMut(&PoolCore),
-    ) -> Result<PoolSummary, String> {
+    ) -> Result<PoolSummary, Error> {
         let (donors, model, config, timeout) = self.0.parts();
         let sampling = self.0.sampling_params();
         let mut dispatch = Dispatch::new(donors.len(), config.clone());
@@ -85,7 +85,10 @@ impl Pool {
             let handle = std::thread::Builder::new()
                 .name(format!("donate-pool-{donor}"))
                 .spawn(move || donor_thread(donor, link, rx, reports))
-                .map_err(|e| format!("cannot start a pool thread: {e}"))?;
+                .map_err(|e| {
+                    let why = format!("cannot start a pool thread: {e}");
+                    Error::Io(std::io::Error::new(e.kind(), why))
+                })?;
             links.push((tx, handle));
         }
         drop(reports);
@@ -118,7 +121,7 @@ impl Pool {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err("every donor thread stopped".to_owned());
+                    return Err(donate_proto::PoolError::Stopped.into());
                 }
             }
             dispatch.handle_timeout(Instant::now());
