@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{fj, start, Raw, ServerKind};
 use donate_proto::{
-    Capabilities, Capability, ClientConfig, ClientError, Executor, JobContext, JobError, Mode,
+    ApiMisuse, Capabilities, Capability, ClientConfig, Executor, JobContext, JobError, Mode,
     NoSpool, Partial, PartialOutput, SamplingParams, ServerConfig, Weights,
 };
 use donate_std::{Client, Error};
@@ -205,7 +205,7 @@ fn sampling_fields_reach_the_executor_only_from_a_client_that_agreed() {
     .unwrap();
     v1.push_model("{}", b"w", false).unwrap();
     match v1.infer_with(&[1], 4, &sampled(42)) {
-        Err(Error::Protocol(ClientError::NotOffered("sampling"))) => {}
+        Err(Error::Misuse(ApiMisuse::NotOffered("sampling"))) => {}
         other => panic!("expected NotOffered, got {other:?}"),
     }
     assert_eq!(v1.infer(&[1], 2).unwrap().output_ids, [1, 1, 2]);
@@ -223,7 +223,7 @@ fn a_client_refuses_sampling_for_a_node_that_does_not_offer_it() {
         ..SamplingParams::default()
     };
     match client.prompt_with("hi", 0, &sampling) {
-        Err(Error::Protocol(ClientError::NotOffered("sampling"))) => {}
+        Err(Error::Misuse(ApiMisuse::NotOffered("sampling"))) => {}
         other => panic!("expected NotOffered, got {other:?}"),
     }
     // Nothing was sent: the connection still answers in order.

@@ -10,7 +10,7 @@ use donate_proto::message::{
     ErrorFrame, Hello, InferResult, ModelStatus, PromptResult, QueueStatus,
 };
 use donate_proto::sim::Sim;
-use donate_proto::{ClientConfig, ClientError, Message, Stub};
+use donate_proto::{ApiMisuse, ClientConfig, ClientError, Message, Stub};
 
 use crate::client::{ClientCfg, ClientOp, ClientScript};
 use crate::common::variant_tag;
@@ -72,7 +72,7 @@ pub fn record(cfg: &Cfg, actions: &[Action]) -> Recorded {
         match *action {
             Action::Upload(len) => {
                 if client.begin_upload(r#"{"ok":true}"#, len.into(), None)
-                    == Err(ClientError::UploadInProgress)
+                    == Err(ClientError::Misuse(ApiMisuse::UploadInProgress))
                 {
                     // One upload at a time: let the node answer the last one first.
                     sim.run();

@@ -330,7 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// [`infer`](Client::infer) with sampling fields (extension `sampling`;
-    /// refused with [`ClientError::NotOffered`](donate_proto::ClientError::NotOffered)
+    /// refused with [`ApiMisuse::NotOffered`](donate_proto::ApiMisuse::NotOffered)
     /// by a node that does not offer it, nothing sent).
     pub async fn infer_with(
         &mut self,
@@ -403,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
     /// `request` and sends it at once; its answer (`cancelled`, or its result
     /// if it finished first) still comes, to [`wait`](Client::wait) for or
-    /// not. False when the job is not outstanding; [`Error::Protocol`] with
+    /// not. False when the job is not outstanding; [`Error::Misuse`] with
     /// `NotOffered` from a node that did not agree to `cancel`.
     pub async fn cancel(&mut self, request: RequestId) -> Result<bool> {
         let sent = self.core.cancel(request)?;

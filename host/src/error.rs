@@ -3,7 +3,7 @@
 use std::io;
 
 use donate_proto::message::{ErrorFrame, InferResult, PromptResult};
-use donate_proto::{ClientConnection, ClientError, RequestId};
+use donate_proto::{ApiMisuse, ClientConnection, ClientError, RequestId};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +26,11 @@ pub enum Error {
     NotPending(RequestId),
     /// The server broke the protocol.
     #[error(transparent)]
-    Protocol(#[from] ClientError),
+    Protocol(ClientError),
+    /// A call refused before anything was sent (the caller's mistake); the
+    /// connection stays usable.
+    #[error(transparent)]
+    Misuse(ApiMisuse),
     /// The server answered the request with an `error` frame.
     #[error("server refused: {}", .0.error)]
     Refused(ErrorFrame),
@@ -48,6 +52,15 @@ pub enum Error {
     /// The server closed the connection before answering (with its last error frame, if any).
     #[error("connection closed by server{}", .0.as_ref().map(|e| format!(": {}", e.error)).unwrap_or_default())]
     Closed(Option<ErrorFrame>),
+}
+
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Error {
+        match e {
+            ClientError::Misuse(misuse) => Error::Misuse(misuse),
+            other => Error::Protocol(other),
+        }
+    }
 }
 
 /// Shorthand for client results.

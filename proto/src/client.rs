@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use crate::capability::{Capabilities, Capability};
-use crate::error::ClientError;
+use crate::error::{ApiMisuse, ClientError};
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
     encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, JobRef, Message, ModelBegin,
@@ -419,7 +419,7 @@ impl ClientConnection {
     /// [`infer`](Self::infer) with sampling fields (extension `sampling`).
     /// Fields set for a node that did not offer `sampling` (a v1 node would
     /// ignore them and answer greedily) fail with
-    /// [`ClientError::NotOffered`], nothing sent.
+    /// [`ApiMisuse::NotOffered`], nothing sent.
     pub fn infer_with(
         &mut self,
         input_ids: &[i32],
@@ -463,7 +463,7 @@ impl ClientConnection {
     /// is not outstanding (already answered, or not a job).
     pub fn cancel(&mut self, request: RequestId) -> Result<bool, ClientError> {
         if !self.agreed.contains(Capability::Cancel) {
-            return Err(ClientError::NotOffered("cancel"));
+            return Err(ClientError::Misuse(ApiMisuse::NotOffered("cancel")));
         }
         let Some(job) = self
             .outstanding
@@ -482,7 +482,7 @@ impl ClientConnection {
     /// not outstanding.
     pub fn queue_position(&mut self, request: RequestId) -> Result<Option<RequestId>, ClientError> {
         if !self.agreed.contains(Capability::QueuePosition) {
-            return Err(ClientError::NotOffered("queue_position"));
+            return Err(ClientError::Misuse(ApiMisuse::NotOffered("queue_position")));
         }
         let Some(job) = self
             .outstanding
@@ -513,7 +513,7 @@ impl ClientConnection {
     /// [`Answer::Stats`].
     pub fn stats(&mut self) -> Result<RequestId, ClientError> {
         if !self.agreed.contains(Capability::Stats) {
-            return Err(ClientError::NotOffered("stats"));
+            return Err(ClientError::Misuse(ApiMisuse::NotOffered("stats")));
         }
         let (request, _) = self.request(Kind::Stats, "")?;
         self.send(&Message::StatsRequest);
@@ -533,10 +533,12 @@ impl ClientConnection {
     /// Sampling fields go only to a node that agreed `sampling`.
     fn check_sampling(&self, sampling: &SamplingParams) -> Result<(), ClientError> {
         if self.hello.is_none() {
-            return Err(ClientError::NotConnected);
+            return Err(ClientError::Misuse(ApiMisuse::NotConnected));
         }
         if !sampling.is_empty() && !self.agreed.contains(Capability::Sampling) {
-            return Err(ClientError::NotOffered(Capability::Sampling.as_str()));
+            return Err(ClientError::Misuse(ApiMisuse::NotOffered(
+                Capability::Sampling.as_str(),
+            )));
         }
         Ok(())
     }
@@ -553,7 +555,7 @@ impl ClientConnection {
     /// [`upload_chunk`](Self::upload_chunk) as [`upload_wants`](Self::upload_wants)
     /// asks; the commit goes out after the last byte. The answer is
     /// [`Answer::ModelStatus`], or [`Answer::Error`] if the server refused the upload.
-    /// A `weights_len` above `i64::MAX` cannot be announced: [`ClientError::UploadTooLarge`].
+    /// A `weights_len` above `i64::MAX` cannot be announced: [`ApiMisuse::UploadTooLarge`].
     pub fn begin_upload(
         &mut self,
         config_json: &str,
@@ -567,7 +569,7 @@ impl ClientConnection {
     /// hash to `sha256`, of which the node holds the first `offset` bytes (its
     /// `model_inventory` said `partial`). Feed the bytes from `offset` on, as
     /// for [`begin_upload`](Self::begin_upload). Refused with
-    /// [`ClientError::NotOffered`] unless the node offered `store`.
+    /// [`ApiMisuse::NotOffered`] unless the node offered `store`.
     pub fn resume_upload(
         &mut self,
         config_json: &str,
@@ -577,10 +579,10 @@ impl ClientConnection {
     ) -> Result<RequestId, ClientError> {
         self.require(Capability::Store)?;
         if offset > weights_len {
-            return Err(ClientError::UploadOverflow {
+            return Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
                 len: usize::try_from(offset).unwrap_or(usize::MAX),
                 remaining: weights_len,
-            });
+            }));
         }
         self.upload_from(config_json, weights_len, Some(sha256), offset)
     }
@@ -595,10 +597,10 @@ impl ClientConnection {
         // One upload at a time, until it is answered: a refusal carries no
         // job_id, so two in flight could not be told apart.
         if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
-            return Err(ClientError::UploadInProgress);
+            return Err(ClientError::Misuse(ApiMisuse::UploadInProgress));
         }
-        let wire_len =
-            i64::try_from(weights_len).map_err(|_| ClientError::UploadTooLarge(weights_len))?;
+        let wire_len = i64::try_from(weights_len)
+            .map_err(|_| ClientError::Misuse(ApiMisuse::UploadTooLarge(weights_len)))?;
         let (request, _) = self.request(Kind::Upload, "")?;
         self.send(&Message::ModelBegin(ModelBegin {
             config_json: config_json.to_owned(),
@@ -640,7 +642,7 @@ impl ClientConnection {
     ) -> Result<RequestId, ClientError> {
         self.require(Capability::Store)?;
         if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
-            return Err(ClientError::UploadInProgress);
+            return Err(ClientError::Misuse(ApiMisuse::UploadInProgress));
         }
         let (request, _) = self.request(Kind::Upload, "")?;
         self.send(&Message::ModelUse(ModelUse {
@@ -653,12 +655,14 @@ impl ClientConnection {
     /// Fails unless this connection agreed `capability`.
     fn require(&self, capability: Capability) -> Result<(), ClientError> {
         if self.hello.is_none() {
-            return Err(ClientError::NotConnected);
+            return Err(ClientError::Misuse(ApiMisuse::NotConnected));
         }
         if self.agreed.contains(capability) {
             Ok(())
         } else {
-            Err(ClientError::NotOffered(capability.as_str()))
+            Err(ClientError::Misuse(ApiMisuse::NotOffered(
+                capability.as_str(),
+            )))
         }
     }
 
@@ -683,10 +687,10 @@ impl ClientConnection {
     pub fn upload_chunk(&mut self, data: &[u8]) -> Result<(), ClientError> {
         let remaining = self.upload.as_ref().map_or(0, |u| u.remaining);
         if data.is_empty() || data.len() as u64 > remaining {
-            return Err(ClientError::UploadOverflow {
+            return Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
                 len: data.len(),
                 remaining,
-            });
+            }));
         }
         let upload = self.upload.as_mut().expect("checked above");
         upload.remaining -= data.len() as u64;
@@ -706,7 +710,7 @@ impl ClientConnection {
 
     fn request(&mut self, kind: Kind, prefix: &str) -> Result<(RequestId, String), ClientError> {
         if self.hello.is_none() {
-            return Err(ClientError::NotConnected);
+            return Err(ClientError::Misuse(ApiMisuse::NotConnected));
         }
         self.next_request += 1;
         let request = RequestId(self.next_request);
@@ -726,10 +730,12 @@ impl ClientConnection {
 
     fn request_as(&mut self, kind: Kind, job_id: &str) -> Result<RequestId, ClientError> {
         if job_id.is_empty() || self.outstanding.iter().any(|o| o.job_id == job_id) {
-            return Err(ClientError::JobIdInUse(job_id.to_owned()));
+            return Err(ClientError::Misuse(ApiMisuse::JobIdInUse(
+                job_id.to_owned(),
+            )));
         }
         if self.hello.is_none() {
-            return Err(ClientError::NotConnected);
+            return Err(ClientError::Misuse(ApiMisuse::NotConnected));
         }
         self.next_request += 1;
         let request = RequestId(self.next_request);
@@ -989,7 +995,7 @@ mod tests {
         };
         assert_eq!(
             client.prompt_with("a", 0, &sampling),
-            Err(ClientError::NotOffered("sampling"))
+            Err(ClientError::Misuse(ApiMisuse::NotOffered("sampling")))
         );
         assert_eq!(client.outstanding(), 0, "nothing sent");
         client.prompt("a", 0).unwrap();
@@ -1013,7 +1019,7 @@ mod tests {
         let request = client.infer_as("batch-7", &[1], 1).unwrap();
         assert_eq!(
             client.prompt_as("batch-7", "hi", 1),
-            Err(ClientError::JobIdInUse("batch-7".into()))
+            Err(ClientError::Misuse(ApiMisuse::JobIdInUse("batch-7".into())))
         );
         assert!(client.infer_as("", &[1], 1).is_err());
         let mut sent = Vec::new();

@@ -216,7 +216,8 @@ pub enum MountError {
     Executor(String),
 }
 
-/// A misbehaving server as the client core sees it.
+/// Why the client core failed: a misbehaving server, or (as
+/// [`ClientError::Misuse`]) a call it refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -236,6 +237,34 @@ pub enum ClientError {
     /// A frame that answers nothing the client asked.
     #[error("unexpected {0} frame from server")]
     Unexpected(String),
+    /// A secure client met a node that does not offer secure mode; it never
+    /// falls back to plain text.
+    #[error("the node does not offer an encrypted connection (donate secure mode); refusing to talk in plain text")]
+    PlaintextNode,
+    /// The node's key is not the pinned one.
+    #[error("the node presented key {got}, expected {expected}")]
+    NodeKeyMismatch {
+        /// The fingerprint of the key the node presented.
+        got: String,
+        /// The pinned fingerprint.
+        expected: String,
+    },
+    /// A record from the node that does not decrypt.
+    #[error("decryption failed: the connection was altered in transit")]
+    Decrypt,
+    /// The Noise handshake failed.
+    #[error("secure handshake failed: {0}")]
+    Handshake(String),
+    /// A call the client made that the core refused, nothing sent: not the server's fault.
+    #[error(transparent)]
+    Misuse(#[from] ApiMisuse),
+}
+
+/// A client call the core refuses before sending anything (the caller's
+/// mistake, not the server's); the connection stays usable.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ApiMisuse {
     /// A request made before the server's hello arrived.
     #[error("not connected: the server hello has not arrived")]
     NotConnected,
@@ -256,24 +285,6 @@ pub enum ClientError {
     /// A client-chosen `job_id` that is empty or already outstanding.
     #[error("job_id {0:?} is empty or already in flight on this connection")]
     JobIdInUse(String),
-    /// A secure client met a node that does not offer secure mode; it never
-    /// falls back to plain text.
-    #[error("the node does not offer an encrypted connection (donate secure mode); refusing to talk in plain text")]
-    PlaintextNode,
-    /// The node's key is not the pinned one.
-    #[error("the node presented key {got}, expected {expected}")]
-    NodeKeyMismatch {
-        /// The fingerprint of the key the node presented.
-        got: String,
-        /// The pinned fingerprint.
-        expected: String,
-    },
-    /// A record from the node that does not decrypt.
-    #[error("decryption failed: the connection was altered in transit")]
-    Decrypt,
-    /// The Noise handshake failed.
-    #[error("secure handshake failed: {0}")]
-    Handshake(String),
     /// A request of an extension the node did not offer (or this client did not want).
     #[error("the node does not offer the {0} extension")]
     NotOffered(&'static str),

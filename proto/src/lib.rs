@@ -102,7 +102,7 @@ pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, PartialOut
 pub use code::ErrorCode;
 pub use config::{ServerConfig, UploadHandling};
 pub use connection::Connection;
-pub use error::{ClientError, FrameError, MountError, ProtocolError};
+pub use error::{ApiMisuse, ClientError, FrameError, MountError, ProtocolError};
 pub use executor::{
     run_job, run_job_in, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights,
 };

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use donate_proto::frame::FrameDecoder;
 use donate_proto::message::{Infer, ModelBegin};
 use donate_proto::{
-    run_mount, ClientConnection, ClientError, ConnectionId, Event, Message, Mount, Node,
+    run_mount, ApiMisuse, ClientConnection, ClientError, ConnectionId, Event, Message, Mount, Node,
     ProtocolError, ServerConfig, Stub,
 };
 
@@ -137,7 +137,7 @@ fn an_upload_too_large_to_announce_is_refused_before_anything_is_sent() {
     for len in [u64::MAX, i64::MAX as u64 + 1] {
         assert_eq!(
             client.begin_upload("{}", len, None),
-            Err(ClientError::UploadTooLarge(len))
+            Err(ClientError::Misuse(ApiMisuse::UploadTooLarge(len)))
         );
     }
     assert!(!client.is_uploading());

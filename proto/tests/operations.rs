@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    Answer, Capabilities, Capability, ClientConfig, ClientError, ClientEvent, Mode, Node,
-    ServerConfig, Stub,
+    Answer, ApiMisuse, Capabilities, Capability, ClientConfig, ClientError, ClientEvent, Mode,
+    Node, ServerConfig, Stub,
 };
 
 const OPS: Capabilities = Capabilities::NONE
@@ -220,11 +220,11 @@ fn a_client_facing_a_v1_node_cannot_cancel_and_sends_nothing_new() {
     let job = sim.client_core(c).prompt("x", 0).unwrap();
     assert_eq!(
         sim.client_core(c).cancel(job),
-        Err(ClientError::NotOffered("cancel"))
+        Err(ClientError::Misuse(ApiMisuse::NotOffered("cancel")))
     );
     assert_eq!(
         sim.client_core(c).queue_position(job),
-        Err(ClientError::NotOffered("queue_position"))
+        Err(ClientError::Misuse(ApiMisuse::NotOffered("queue_position")))
     );
     sim.run();
     let sent = String::from_utf8_lossy(sim.sent(c)).into_owned();

@@ -10,8 +10,8 @@ use donate_proto::frame::{encode_frame, FrameDecoder};
 use donate_proto::message::{ErrorFrame, Hello, InferResult, ModelStatus, PromptResult};
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    run_job, run_mount, run_upload, Answer, ClientConfig, ClientConnection, ClientEvent, Executor,
-    Job, JobContext, JobError, JobOutcome, JobOutput, Message, Mode, NoSpool, RequestId,
+    run_job, run_mount, run_upload, Answer, ApiMisuse, ClientConfig, ClientConnection, ClientEvent,
+    Executor, Job, JobContext, JobError, JobOutcome, JobOutput, Message, Mode, NoSpool, RequestId,
     ServerConfig, Stub, UploadHandling, Weights,
 };
 use sha2::{Digest, Sha256};
@@ -733,7 +733,7 @@ fn a_second_upload_waits_until_the_first_is_answered() {
     // Sent in full but unanswered: a refusal could not be told apart.
     assert_eq!(
         sim.client_core(p).begin_upload("{}", 1, None),
-        Err(ClientError::UploadInProgress)
+        Err(ClientError::Misuse(ApiMisuse::UploadInProgress))
     );
     let mount = sim.held_mounts.pop().unwrap();
     sim.node
@@ -2085,11 +2085,17 @@ fn client_matches_an_upload_refusal_past_pipelined_jobs() {
 #[test]
 fn client_requires_hello_first() {
     let mut client = ClientConnection::default();
-    assert_eq!(client.infer(&[1], 1), Err(ClientError::NotConnected));
-    assert_eq!(client.queue_status(), Err(ClientError::NotConnected));
+    assert_eq!(
+        client.infer(&[1], 1),
+        Err(ClientError::Misuse(ApiMisuse::NotConnected))
+    );
+    assert_eq!(
+        client.queue_status(),
+        Err(ClientError::Misuse(ApiMisuse::NotConnected))
+    );
     assert_eq!(
         client.begin_upload("{}", 1, None),
-        Err(ClientError::NotConnected)
+        Err(ClientError::Misuse(ApiMisuse::NotConnected))
     );
     let err = client
         .handle_input(&frame(
@@ -2143,7 +2149,7 @@ fn client_upload_is_lazy_and_stops_when_refused() {
     let request = client.begin_upload("{}", 100, None).unwrap();
     assert_eq!(
         client.begin_upload("{}", 1, None),
-        Err(ClientError::UploadInProgress)
+        Err(ClientError::Misuse(ApiMisuse::UploadInProgress))
     );
     assert!(client.is_uploading());
     // The begin frame alone is over the window: no chunk until it drains.
@@ -2157,14 +2163,17 @@ fn client_upload_is_lazy_and_stops_when_refused() {
     assert_eq!(client.upload_wants(), 0);
     assert_eq!(
         client.upload_chunk(&[0; 91]),
-        Err(ClientError::UploadOverflow {
+        Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
             len: 91,
             remaining: 90
-        })
+        }))
     );
     assert!(matches!(
         client.upload_chunk(&[]),
-        Err(ClientError::UploadOverflow { len: 0, .. })
+        Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
+            len: 0,
+            ..
+        }))
     ));
     // The server refuses the upload mid-stream: the client stops sending it.
     client
@@ -2183,7 +2192,10 @@ fn client_upload_is_lazy_and_stops_when_refused() {
     assert_eq!(client.upload_wants(), 0);
     assert!(matches!(
         client.upload_chunk(&[1]),
-        Err(ClientError::UploadOverflow { remaining: 0, .. })
+        Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
+            remaining: 0,
+            ..
+        }))
     ));
     // No commit went out for it.
     let mut out = Vec::new();

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use donate_proto::message::{ModelInventory, StoredModel};
 use donate_proto::sim::{Peer, Sim};
 use donate_proto::{
-    hex, Answer, Capabilities, Capability, ClientConfig, ClientError, Executor, JobContext,
-    JobError, MountOutcome, Node, ServerConfig, Spool, UploadHandling, UploadInfo, Weights,
+    hex, Answer, ApiMisuse, Capabilities, Capability, ClientConfig, ClientError, Executor,
+    JobContext, JobError, MountOutcome, Node, ServerConfig, Spool, UploadHandling, UploadInfo,
+    Weights,
 };
 use sha2::{Digest, Sha256};
 
@@ -363,15 +364,15 @@ fn a_client_asks_nothing_of_a_node_without_a_store() {
     let before = core.pending_transmit();
     assert_eq!(
         core.query_models(&[[0; 32]]),
-        Err(ClientError::NotOffered("store"))
+        Err(ClientError::Misuse(ApiMisuse::NotOffered("store")))
     );
     assert_eq!(
         core.use_model("{}", [0; 32]),
-        Err(ClientError::NotOffered("store"))
+        Err(ClientError::Misuse(ApiMisuse::NotOffered("store")))
     );
     assert_eq!(
         core.resume_upload("{}", 10, [0; 32], 5),
-        Err(ClientError::NotOffered("store"))
+        Err(ClientError::Misuse(ApiMisuse::NotOffered("store")))
     );
     assert_eq!(core.pending_transmit(), before, "nothing was sent");
 }
