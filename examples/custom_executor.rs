@@ -4,7 +4,7 @@
 //! The executor is plain synchronous Rust: the node calls it on its own worker
 //! threads, never on the runtime, so a slow job does not stall any connection.
 
-use donate_proto::{Executor, JobContext, JobError, NoSpool, ServerConfig, Weights};
+use donate_tokio::{Executor, JobContext, JobError, NoSpool, ServerConfig, Weights};
 
 /// A "model" that adds its weights' byte sum to every input id.
 struct Adder;

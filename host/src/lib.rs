@@ -43,6 +43,22 @@ pub use pool::{Pool, PoolHandle, PoolJob, PoolModel, PoolResult, PoolSummary, Wo
 pub use server::{serve, Server};
 pub use store::{ModelStore, DEFAULT_UPLOAD_TIMEOUT};
 
+/// What a program embedding an adapter needs from the core and the host, so
+/// that one dependency (donate-std, donate-smol or donate-tokio, each
+/// re-exporting this) is enough: node settings, executors, requests and
+/// answers, and their errors.
+pub mod embed {
+    pub use crate::error::answers;
+    pub use crate::host::HONOURED;
+    pub use donate_proto::message::{ErrorFrame, Hello, InferResult, PromptResult, Stats};
+    pub use donate_proto::{
+        Answer, ApiMisuse, Capabilities, Capability, ClientConfig, ClientError, ErrorCode,
+        Executor, JobContext, JobError, Keypair, Mode, NoSpool, NodeTrust, PoolConfig, PoolError,
+        PublicKey, RequestId, SamplingParams, SecureClientConfig, SecureServerConfig, ServerConfig,
+        Spool, Stub, UploadInfo, Weights,
+    };
+}
+
 /// Bytes read from a socket at once.
 pub const READ_BUFFER: usize = 256 * 1024;
 

@@ -13,7 +13,7 @@
 //! ```
 //! use std::net::TcpListener;
 //! use async_io::Async;
-//! use donate_proto::{ServerConfig, Stub};
+//! use donate_smol::{ServerConfig, Stub};
 //!
 //! smol::block_on(async {
 //!     let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0))?;
@@ -37,10 +37,10 @@ use std::io;
 
 use async_io::Async;
 use donate_host::runtime::Listener;
-use donate_proto::{ClientConfig, Executor};
 
 pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use donate_host::runtime::Task;
+pub use donate_host::embed::*;
 pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
 pub use runtime::Spawn;
 

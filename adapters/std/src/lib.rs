@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use std::net::TcpListener;
-//! use donate_proto::{ServerConfig, Stub};
+//! use donate_std::{ServerConfig, Stub};
 //!
 //! let server = donate_std::serve(TcpListener::bind("127.0.0.1:0")?, ServerConfig::default(), Stub::default())?;
 //! let mut client = donate_std::Client::connect(server.local_addr())?;
@@ -31,7 +31,8 @@ mod server;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client, HANDSHAKE_TIMEOUT};
-pub use donate_host::{answers, Error, NodeAddr, NodeConfig, Result};
+pub use donate_host::embed::*;
+pub use donate_host::{Error, NodeAddr, NodeConfig, Result};
 pub use pool::{Pool, PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use server::{serve, Listen, Server};
 

@@ -11,7 +11,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use donate_proto::{ServerConfig, Stub};
+//! use donate_tokio::{ServerConfig, Stub};
 //!
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let server = donate_tokio::serve(listener, ServerConfig::default(), Stub::default())?;
@@ -33,10 +33,10 @@ mod runtime;
 use std::io;
 
 use donate_host::runtime::Listener;
-use donate_proto::{ClientConfig, Executor};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
+pub use donate_host::embed::*;
 pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
 
 /// Starts a donor [`Pool`] on the tokio runtime this is called from (a task
