@@ -42,8 +42,10 @@ macro_rules! fma_dispatch {
             fn body($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                /// # Safety
+                /// The CPU must have AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
-                fn fma_body($($a: $t),*) $(-> $r)? {
+                unsafe fn fma_body($($a: $t),*) $(-> $r)? {
                     body($($a),*)
                 }
                 if fast() {
@@ -345,16 +347,25 @@ fn dot_q8_0_scalar(x: &[u8], y: &[BlockQ8_0]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ8_0, Q8_0_BYTES};
+    use super::{BlockQ8_0, DotQ8_0, Q8_0_BYTES};
     use std::arch::x86_64::*;
 
-    /// [`super::dot_q8_0_scalar`] with AVX2: only where
-    /// [`super::best_dot_q8_0`] returned it.
-    pub(super) fn dot(x: &[u8], y: &[BlockQ8_0]) -> f32 {
-        assert_eq!(x.len(), y.len() * Q8_0_BYTES, "dot_q8_0_q8_0: lengths");
-        // SAFETY: best_dot_q8_0 hands this out only after detecting AVX2,
-        // FMA and F16C; the kernel reads y.len() blocks of each, checked above.
-        unsafe { dot_avx2(x, y) }
+    /// [`super::dot_q8_0_scalar`] with AVX2, if this CPU has AVX2, FMA and
+    /// F16C. The CPU is checked here, once per matrix, not per call: the safe
+    /// function below can be reached only through what this returns.
+    pub(super) fn kernel() -> Option<DotQ8_0> {
+        fn dot(x: &[u8], y: &[BlockQ8_0]) -> f32 {
+            // The kernel reads exactly y.len() blocks of both.
+            assert_eq!(x.len(), y.len() * Q8_0_BYTES, "dot_q8_0_q8_0: lengths");
+            // SAFETY: `dot` is named only in `kernel`, which returns it only
+            // once the CPU showed AVX2, FMA and F16C; lengths checked above.
+            unsafe { dot_avx2(x, y) }
+        }
+
+        if !(super::fast() && std::arch::is_x86_feature_detected!("f16c")) {
+            return None;
+        }
+        Some(dot)
     }
 
     /// # Safety
@@ -390,8 +401,8 @@ mod avx2 {
 fn best_dot_q8_0() -> DotQ8_0 {
     #[cfg(target_arch = "x86_64")]
     {
-        if fast() && std::arch::is_x86_feature_detected!("f16c") {
-            return avx2::dot;
+        if let Some(dot) = avx2::kernel() {
+            return dot;
         }
     }
     dot_q8_0_scalar

@@ -11,6 +11,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use candle_transformers::models::quantized_llama;
 
+use crate::qllama::{Arch, QLlama};
+
 /// The 4 bytes a GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
@@ -43,29 +45,10 @@ const MAX_METADATA_BYTES: u64 = 256 << 20;
 /// Positions candle's quantized llama has rotary tables for.
 const LLAMA_MAX_SEQ: usize = quantized_llama::MAX_SEQ_LEN;
 
-/// A supported architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Arch {
-    Llama,
-    Qwen2,
-    Qwen3,
-}
-
-impl Arch {
-    /// The architecture's metadata prefix (`llama.block_count`…).
-    pub(crate) fn key(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-        }
-    }
-}
-
 /// The loaded weights of one architecture.
 pub(crate) enum QModel {
     /// Our own llama, qwen2 or qwen3: shared by every job, each with its own KV cache.
-    Llama(crate::qllama::QLlama),
+    Llama(QLlama),
     /// A llama mixture of experts (Mixtral), on candle-transformers' model:
     /// cloned per job (the clone shares the quantized tensors, not the cache).
     LlamaMoe(quantized_llama::ModelWeights),
@@ -280,16 +263,9 @@ impl<R: Read + Seek> Prescan<R> {
 fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, String> {
     let md = &content.metadata;
     let arch = match md.get("general.architecture") {
-        Some(Value::String(a)) => match a.as_str() {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            other => {
-                return Err(format!(
-                "unsupported GGUF architecture {other:?}: this node runs {SUPPORTED_ARCHITECTURES}"
-            ))
-            }
-        },
+        Some(Value::String(a)) => Arch::from_key(a).ok_or_else(|| {
+            format!("unsupported GGUF architecture {a:?}: this node runs {SUPPORTED_ARCHITECTURES}")
+        })?,
         _ => return Err("the GGUF file has no general.architecture string".to_owned()),
     };
     let p = arch.key();
@@ -485,20 +461,28 @@ pub(crate) fn load<R: Read + Seek>(
 ) -> Result<QModel, String> {
     crate::guard::guarded("loading the GGUF model", || {
         Ok(match checked.arch {
-            Arch::Llama if crate::qllama::is_moe(&content) => QModel::LlamaMoe(
+            Arch::Llama if is_moe(&content) => QModel::LlamaMoe(
                 quantized_llama::ModelWeights::from_gguf(content, reader, device)?,
             ),
-            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
-                QModel::Llama(crate::qllama::QLlama::from_gguf(
-                    &content,
-                    reader,
-                    device,
-                    checked.context,
-                    checked.arch,
-                )?)
-            }
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => QModel::Llama(QLlama::from_gguf(
+                &content,
+                reader,
+                device,
+                checked.context,
+                checked.arch,
+            )?),
         })
     })
+}
+
+/// Whether a llama GGUF is a mixture of experts (`llama.expert_count` > 1:
+/// Mixtral); those stay on candle-transformers' model.
+fn is_moe(content: &Content) -> bool {
+    content
+        .metadata
+        .get("llama.expert_count")
+        .and_then(|v| v.to_u32().ok())
+        .is_some_and(|n| n > 1)
 }
 
 /// A metadata value as a u32 token id, when it is one.

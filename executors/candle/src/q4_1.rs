@@ -9,8 +9,9 @@
 //! The weights stay candle's [`QTensor`] (its bytes are read in place); the
 //! output rows are split over candle's CPU thread pool, the threads candle's
 //! own quantized products run on, so that the two never compete for cores.
-//! The only `unsafe` code of this crate's kernels is here, in the AVX2 dot
-//! product, which is entered only with its lengths checked.
+//! The AVX2 kernels are `unsafe fn`s: [`best_dot`] hands out the safe dot
+//! products that call them only on a CPU that has the features, and those
+//! check the lengths that the kernels read without bounds checks.
 
 use std::sync::Arc;
 
@@ -111,57 +112,52 @@ fn dot4_scalar(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
     ys.map(|y| dot_scalar(x, y))
 }
 
-/// Whether this CPU runs the AVX2 dot product (AVX2, FMA and F16C).
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The fastest dot products this CPU runs.
 pub(crate) fn best_dot() -> (DotFn, Dot4Fn) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
-            return (avx2::dot, avx2::dot4);
+        if let Some(kernels) = avx2::kernels() {
+            return kernels;
         }
     }
     (dot_scalar, dot4_scalar)
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    use super::{BlockQ8_1, Q4_1_BYTES};
+mod avx2 {
+    use super::{BlockQ8_1, Dot4Fn, DotFn, Q4_1_BYTES};
     use std::arch::x86_64::*;
 
-    /// [`super::dot_scalar`] with AVX2: call only where [`super::best_dot`]
-    /// returned it (the CPU has AVX2, FMA and F16C).
-    pub(crate) fn dot(x: &[u8], y: &[BlockQ8_1]) -> f32 {
-        // The kernel reads exactly y.len() blocks of both: check the lengths here.
-        assert_eq!(x.len(), y.len() * Q4_1_BYTES, "dot_q4_1_q8_1: lengths");
-        debug_assert!(super::has_avx2());
-        // SAFETY: best_dot hands this function out only after detecting
-        // AVX2, FMA and F16C at run time, and the lengths were checked above.
-        unsafe { dot_avx2(x, y) }
-    }
-
-    /// [`dot`] of `x` with four rows at once: call only where
-    /// [`super::best_dot`] returned it.
-    pub(crate) fn dot4(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-        // The kernel reads exactly ys[0].len() blocks of each: check all lengths here.
-        for y in ys {
+    /// [`super::dot_scalar`] and [`super::dot4_scalar`] with AVX2, if this
+    /// CPU has AVX2, FMA and F16C. The CPU is checked here, once per matrix,
+    /// not per call: the two safe functions below can be reached only
+    /// through what this returns.
+    pub(super) fn kernels() -> Option<(DotFn, Dot4Fn)> {
+        fn dot(x: &[u8], y: &[BlockQ8_1]) -> f32 {
+            // The kernel reads exactly y.len() blocks of both.
             assert_eq!(x.len(), y.len() * Q4_1_BYTES, "dot_q4_1_q8_1: lengths");
+            // SAFETY: `dot` is named only in `kernels`, which returns it only
+            // once the CPU has shown AVX2, FMA and F16C; lengths checked above.
+            unsafe { dot_avx2(x, y) }
         }
-        debug_assert!(super::has_avx2());
-        // SAFETY: as in `dot`: features detected by best_dot, lengths checked above.
-        unsafe { dot4_avx2(x, ys) }
+
+        fn dot4(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+            // The kernel reads exactly ys[0].len() blocks of each.
+            for y in ys {
+                assert_eq!(x.len(), y.len() * Q4_1_BYTES, "dot_q4_1_q8_1: lengths");
+            }
+            // SAFETY: as in `dot`: returned only past the CPU check, lengths checked above.
+            unsafe { dot4_avx2(x, ys) }
+        }
+
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c"))
+        {
+            return None;
+        }
+        let kernels: (DotFn, Dot4Fn) = (dot, dot4);
+        Some(kernels)
     }
 
     /// [`dot_avx2`] for four Q8_1 rows: the same operations in the same
@@ -369,7 +365,8 @@ mod tests {
     #[test]
     fn the_avx2_dot_equals_the_scalar_one() {
         let (dot, dot4) = best_dot();
-        if !has_avx2() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::kernels().is_none() {
             eprintln!("note: no AVX2/FMA/F16C here; the scalar dot alone is tested");
         }
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);

@@ -28,8 +28,33 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 use crate::ggml;
-use crate::gguf::Arch;
 use crate::q4_1::Q4_1Matrix;
+
+/// The architectures [`QLlama`] runs (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    /// The architecture whose `general.architecture` is `key`, if it is one of these.
+    pub(crate) fn from_key(key: &str) -> Option<Arch> {
+        [Arch::Llama, Arch::Qwen2, Arch::Qwen3]
+            .into_iter()
+            .find(|a| a.key() == key)
+    }
+
+    /// The architecture's name, and its metadata prefix (`llama.block_count`…).
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
 
 /// A weight matrix, multiplied as its type is fastest.
 #[derive(Debug)]
@@ -162,16 +187,6 @@ pub(crate) struct Cache {
 struct KvRows {
     keys: Vec<f32>,
     values: Vec<f32>,
-}
-
-/// Whether a llama GGUF is a mixture of experts (`llama.expert_count` > 1:
-/// Mixtral); those stay on candle-transformers' model.
-pub(crate) fn is_moe(content: &Content) -> bool {
-    content
-        .metadata
-        .get("llama.expert_count")
-        .and_then(|v| v.to_u32().ok())
-        .is_some_and(|n| n > 1)
 }
 
 impl QLlama {

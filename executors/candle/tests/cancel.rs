@@ -1,5 +1,5 @@
 //! A cancelled generation stops between tokens and frees its worker thread
-//! within 50 ms (issue 18's goal), measured on a random llama large enough
+//! within 50 ms, measured on a random llama large enough
 //! that the job would otherwise run for seconds.
 
 mod support;
