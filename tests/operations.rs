@@ -25,8 +25,16 @@ fn node_offering(exec: Spinner, offered: donate_proto::Capabilities) -> donate_s
     donate_std::serve(listener, NodeConfig::from(config).offer(offered), exec).expect("serve")
 }
 
-/// What a client saw: `cancel`'s answer, the job's code, the node's count of failed jobs.
-type Seen = (bool, String, i64);
+/// What a client saw: `cancel`'s answer, the cancelled job's code, a failed
+/// job's code from `wait_prompt`, the node's count of failed jobs.
+type Seen = (bool, String, String, i64);
+
+fn failed(result: donate_std::Result<donate_proto::message::PromptResult>) -> String {
+    match result {
+        Err(donate_std::Error::PromptFailed(r)) => r.code,
+        other => panic!("{other:?}"),
+    }
+}
 
 fn cancelled(answer: donate_proto::Answer) -> String {
     match answer {
@@ -36,7 +44,7 @@ fn cancelled(answer: donate_proto::Answer) -> String {
 }
 
 #[test]
-fn the_blocking_and_async_clients_cancel_a_running_job_and_read_stats_alike() {
+fn the_blocking_and_async_clients_cancel_wait_for_a_failed_job_and_read_stats_alike() {
     let exec = Spinner::default();
     let offered = HONOURED.with(donate_proto::Capability::Stats);
     let server = node_offering(exec.clone(), offered);
@@ -56,30 +64,47 @@ fn the_blocking_and_async_clients_cancel_a_running_job_and_read_stats_alike() {
         started(1)();
         let sent = c.cancel(job).unwrap();
         let code = cancelled(c.wait(job).unwrap());
-        (sent, code, c.stats().unwrap().unwrap().jobs_failed)
+        let job = c.send_prompt("fail", 8).unwrap();
+        let failed = failed(c.wait_prompt(job));
+        (sent, code, failed, c.stats().unwrap().unwrap().jobs_failed)
     };
     let smol_seen: Seen = smol::block_on(async {
         let mut c = donate_smol::Client::connect(addr).await.unwrap();
         let job = c.send_prompt("spin", 8).await.unwrap();
         c.flush().await.unwrap();
-        smol::unblock(started(2)).await;
+        smol::unblock(started(3)).await;
         let sent = c.cancel(job).await.unwrap();
         let code = cancelled(c.wait(job).await.unwrap());
-        (sent, code, c.stats().await.unwrap().unwrap().jobs_failed)
+        let job = c.send_prompt("fail", 8).await.unwrap();
+        let failed = failed(c.wait_prompt(job).await);
+        (
+            sent,
+            code,
+            failed,
+            c.stats().await.unwrap().unwrap().jobs_failed,
+        )
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tokio_seen: Seen = rt.block_on(async {
         let mut c = donate_tokio::Client::connect(addr).await.unwrap();
         let job = c.send_prompt("spin", 8).await.unwrap();
         c.flush().await.unwrap();
-        tokio::task::spawn_blocking(started(3)).await.unwrap();
+        tokio::task::spawn_blocking(started(5)).await.unwrap();
         let sent = c.cancel(job).await.unwrap();
         let code = cancelled(c.wait(job).await.unwrap());
-        (sent, code, c.stats().await.unwrap().unwrap().jobs_failed)
+        let job = c.send_prompt("fail", 8).await.unwrap();
+        let failed = failed(c.wait_prompt(job).await);
+        (
+            sent,
+            code,
+            failed,
+            c.stats().await.unwrap().unwrap().jobs_failed,
+        )
     });
-    assert_eq!(std_seen, (true, "cancelled".to_owned(), 1));
-    assert_eq!(smol_seen, (true, "cancelled".to_owned(), 2));
-    assert_eq!(tokio_seen, (true, "cancelled".to_owned(), 3));
+    let seen = |n| (true, "cancelled".to_owned(), "boom".to_owned(), n);
+    assert_eq!(std_seen, seen(2));
+    assert_eq!(smol_seen, seen(4));
+    assert_eq!(tokio_seen, seen(6));
     assert_eq!(exec.stopped.load(Ordering::SeqCst), 3);
     // From a node that does not offer `stats`, every client says so alike.
     let plain = node(Spinner::default());

@@ -320,13 +320,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Runs an `infer` job and waits for its result.
     pub async fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<InferResult> {
         let request = self.send_infer(input_ids, max_tokens).await?;
-        answers::infer(self.wait(request).await?)
+        self.wait_infer(request).await
     }
 
     /// Runs a `prompt` job and waits for its result.
     pub async fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<PromptResult> {
         let request = self.send_prompt(prompt, max_out).await?;
-        answers::prompt(self.wait(request).await?)
+        self.wait_prompt(request).await
     }
 
     /// [`infer`](Client::infer) with sampling fields (extension `sampling`;
@@ -341,7 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let request = self
             .send_infer_with(input_ids, max_tokens, sampling)
             .await?;
-        answers::infer(self.wait(request).await?)
+        self.wait_infer(request).await
     }
 
     /// [`prompt`](Client::prompt) with sampling fields, as [`infer_with`](Client::infer_with).
@@ -352,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         sampling: &SamplingParams,
     ) -> Result<PromptResult> {
         let request = self.send_prompt_with(prompt, max_out, sampling).await?;
-        answers::prompt(self.wait(request).await?)
+        self.wait_prompt(request).await
     }
 
     /// [`send_infer`](Client::send_infer) with sampling fields.
@@ -517,6 +517,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             self.read_some().await?;
         }
+    }
+
+    /// [`wait`](Client::wait) for an `infer` job's result: a job that ran and
+    /// failed is [`Error::InferFailed`], as [`infer`](Client::infer) gives it.
+    pub async fn wait_infer(&mut self, request: RequestId) -> Result<InferResult> {
+        answers::infer(self.wait(request).await?)
+    }
+
+    /// [`wait`](Client::wait) for a `prompt` job's result: a job that ran and
+    /// failed is [`Error::PromptFailed`].
+    pub async fn wait_prompt(&mut self, request: RequestId) -> Result<PromptResult> {
+        answers::prompt(self.wait(request).await?)
     }
 
     /// Sends what is queued and waits for the answer to `request`.

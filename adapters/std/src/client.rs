@@ -247,13 +247,13 @@ impl Client {
     /// Runs an `infer` job and waits for its result.
     pub fn infer(&mut self, input_ids: &[i32], max_tokens: i64) -> Result<InferResult> {
         let request = self.send_infer(input_ids, max_tokens)?;
-        answers::infer(self.wait(request)?)
+        self.wait_infer(request)
     }
 
     /// Runs a `prompt` job and waits for its result.
     pub fn prompt(&mut self, prompt: &str, max_out: i64) -> Result<PromptResult> {
         let request = self.send_prompt(prompt, max_out)?;
-        answers::prompt(self.wait(request)?)
+        self.wait_prompt(request)
     }
 
     /// Extension `cancel` (docs/PROTOCOL.md §10.2): asks the node to stop job
@@ -291,7 +291,7 @@ impl Client {
         sampling: &SamplingParams,
     ) -> Result<InferResult> {
         let request = self.send_infer_with(input_ids, max_tokens, sampling)?;
-        answers::infer(self.wait(request)?)
+        self.wait_infer(request)
     }
 
     /// [`prompt`](Client::prompt) with sampling fields, as [`infer_with`](Client::infer_with).
@@ -302,7 +302,7 @@ impl Client {
         sampling: &SamplingParams,
     ) -> Result<PromptResult> {
         let request = self.send_prompt_with(prompt, max_out, sampling)?;
-        answers::prompt(self.wait(request)?)
+        self.wait_prompt(request)
     }
 
     /// [`send_infer`](Client::send_infer) with sampling fields.
@@ -456,6 +456,18 @@ impl Client {
                 read => feed_read(&mut self.core, read, &self.read_buf)?,
             }
         }
+    }
+
+    /// [`wait`](Client::wait) for an `infer` job's result: a job that ran and
+    /// failed is [`Error::InferFailed`], as [`infer`](Client::infer) gives it.
+    pub fn wait_infer(&mut self, request: RequestId) -> Result<InferResult> {
+        answers::infer(self.wait(request)?)
+    }
+
+    /// [`wait`](Client::wait) for a `prompt` job's result: a job that ran and
+    /// failed is [`Error::PromptFailed`].
+    pub fn wait_prompt(&mut self, request: RequestId) -> Result<PromptResult> {
+        answers::prompt(self.wait(request)?)
     }
 
     /// Sends what is queued and waits for the answer to `request`.
