@@ -80,7 +80,7 @@ pub mod codes {
     pub const MODEL_TIMEOUT: &str = "model_timeout";
     /// A job this node does not run: a prompt on a `model_push` node, an
     /// `infer` on a `local_lm` one.
-    pub const UNSUPPORTED: &str = "unsupported";
+    pub const UNSUPPORTED: &str = donate_proto::ErrorCode::Unsupported.as_str();
 }
 
 /// Where the model runs.

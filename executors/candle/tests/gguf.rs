@@ -448,31 +448,39 @@ fn concurrent_jobs_equal_lone_jobs(model: &CandleModel) {
     // Each lone job: a pass per step.
     let alone_steps = steps_before - steps_at_first;
     assert_eq!(passes_before - passes_at_first, alone_steps);
-    let start = std::sync::Barrier::new(inputs.len());
-    std::thread::scope(|s| {
-        let threads: Vec<_> = (0..inputs.len())
-            .map(|j| {
-                let start = &start;
-                s.spawn(move || {
-                    start.wait();
-                    run(j)
+    // Whether jobs overlap is up to the scheduler (on a loaded machine one
+    // may finish before the next starts): a few rounds, each checked for
+    // its tokens, and at least one must stack passes.
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let (passes_before, steps_before) = model.forward_passes();
+        let start = std::sync::Barrier::new(inputs.len());
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..inputs.len())
+                .map(|j| {
+                    let start = &start;
+                    s.spawn(move || {
+                        start.wait();
+                        run(j)
+                    })
                 })
-            })
-            .collect();
-        for (j, t) in threads.into_iter().enumerate() {
-            assert_eq!(t.join().unwrap(), alone[j], "job {j}");
+                .collect();
+            for (j, t) in threads.into_iter().enumerate() {
+                assert_eq!(t.join().unwrap(), alone[j], "job {j}");
+            }
+        });
+        let (passes, steps) = model.forward_passes();
+        let (passes, steps) = (passes - passes_before, steps - steps_before);
+        assert_eq!(
+            steps, alone_steps,
+            "each job's prompt, then one step per token"
+        );
+        if passes < steps {
+            return;
         }
-    });
-    let (passes, steps) = model.forward_passes();
-    let (passes, steps) = (passes - passes_before, steps - steps_before);
-    assert_eq!(
-        steps, alone_steps,
-        "each job's prompt, then one step per token"
-    );
-    assert!(
-        passes < steps,
-        "{passes} passes for {steps} steps: nothing was stacked"
-    );
+        rounds.push(passes);
+    }
+    panic!("{rounds:?} passes for {alone_steps} steps in each round: nothing was stacked");
 }
 
 #[test]
