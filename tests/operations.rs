@@ -43,6 +43,23 @@ fn cancelled(answer: donate_proto::Answer) -> String {
     }
 }
 
+/// The std client's steps on an async client (smol's and tokio's are both
+/// donate-host's); `started` ends once the spinning job runs.
+async fn async_seen(
+    c: &mut donate_host::Client<donate_host::BoxStream>,
+    started: impl std::future::Future<Output = ()>,
+) -> Seen {
+    let job = c.send_prompt("spin", 8).await.unwrap();
+    c.flush().await.unwrap();
+    started.await;
+    let sent = c.cancel(job).await.unwrap();
+    let code = cancelled(c.wait(job).await.unwrap());
+    let job = c.send_prompt("fail", 8).await.unwrap();
+    let failed = failed(c.wait_prompt(job).await);
+    let jobs_failed = c.stats().await.unwrap().unwrap().jobs_failed;
+    (sent, code, failed, jobs_failed)
+}
+
 #[test]
 fn the_blocking_and_async_clients_cancel_wait_for_a_failed_job_and_read_stats_alike() {
     let exec = Spinner::default();
@@ -70,36 +87,13 @@ fn the_blocking_and_async_clients_cancel_wait_for_a_failed_job_and_read_stats_al
     };
     let smol_seen: Seen = smol::block_on(async {
         let mut c = donate_smol::Client::connect(addr).await.unwrap();
-        let job = c.send_prompt("spin", 8).await.unwrap();
-        c.flush().await.unwrap();
-        smol::unblock(started(3)).await;
-        let sent = c.cancel(job).await.unwrap();
-        let code = cancelled(c.wait(job).await.unwrap());
-        let job = c.send_prompt("fail", 8).await.unwrap();
-        let failed = failed(c.wait_prompt(job).await);
-        (
-            sent,
-            code,
-            failed,
-            c.stats().await.unwrap().unwrap().jobs_failed,
-        )
+        async_seen(&mut c, smol::unblock(started(3))).await
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tokio_seen: Seen = rt.block_on(async {
         let mut c = donate_tokio::Client::connect(addr).await.unwrap();
-        let job = c.send_prompt("spin", 8).await.unwrap();
-        c.flush().await.unwrap();
-        tokio::task::spawn_blocking(started(5)).await.unwrap();
-        let sent = c.cancel(job).await.unwrap();
-        let code = cancelled(c.wait(job).await.unwrap());
-        let job = c.send_prompt("fail", 8).await.unwrap();
-        let failed = failed(c.wait_prompt(job).await);
-        (
-            sent,
-            code,
-            failed,
-            c.stats().await.unwrap().unwrap().jobs_failed,
-        )
+        let started = tokio::task::spawn_blocking(started(5));
+        async_seen(&mut c, async { started.await.unwrap() }).await
     });
     let seen = |n| (true, "cancelled".to_owned(), "boom".to_owned(), n);
     assert_eq!(std_seen, seen(2));
