@@ -38,9 +38,9 @@ use std::io;
 use async_io::Async;
 use donate_host::runtime::Listener;
 
+pub use donate_host::embed::*;
 pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use donate_host::runtime::Task;
-pub use donate_host::embed::*;
 pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
 pub use runtime::Spawn;
 

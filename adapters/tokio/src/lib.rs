@@ -35,8 +35,8 @@ use std::io;
 use donate_host::runtime::Listener;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use donate_host::embed::*;
+pub use donate_host::pool::{PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use donate_host::{Error, NodeAddr, NodeConfig, Pool, PoolHandle, Result, Server};
 
 /// Starts a donor [`Pool`] on the tokio runtime this is called from (a task
