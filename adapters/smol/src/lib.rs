@@ -47,7 +47,7 @@ pub use runtime::Spawn;
 /// Starts a node on `listener` (an `Async<TcpListener>` or, on Unix, an
 /// `Async<UnixListener>`) with `executor`; its tasks run on `spawner`. Jobs
 /// run on the node's own worker threads, never on the executor. `config` is
-/// a [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
+/// a [`ServerConfig`] or, for secure mode, a [`NodeConfig`].
 pub fn serve<T, E: Executor>(
     listener: Async<T>,
     config: impl Into<NodeConfig>,

@@ -138,7 +138,7 @@ pub struct Server<A = SocketAddr> {
 
 /// Starts a node on `listener` (a [`TcpListener`] or a Unix listener) with
 /// `executor`, and returns at once. `config` is a
-/// [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
+/// [`ServerConfig`](crate::ServerConfig) or, for secure mode, a [`NodeConfig`].
 pub fn serve<L: Listen, E: Executor>(
     listener: L,
     config: impl Into<NodeConfig>,

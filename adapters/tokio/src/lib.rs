@@ -75,7 +75,7 @@ impl Client {
 /// Starts a node on `listener` (a `TcpListener` or, on Unix, a
 /// `UnixListener`) with `executor`, its tasks spawned on the tokio runtime
 /// this is called from. Jobs run on the node's own worker threads. `config`
-/// is a [`ServerConfig`](donate_proto::ServerConfig) or, for secure mode, a [`NodeConfig`].
+/// is a [`ServerConfig`] or, for secure mode, a [`NodeConfig`].
 ///
 /// # Errors
 /// Fails with an `io::Error` when called outside a tokio runtime (rather
