@@ -270,26 +270,25 @@ impl<M> Node<M> {
     /// Connections let in and not closing without having been let in: those
     /// `max_connections` bounds.
     fn admitted(&self) -> usize {
-        self.conns.len() - self.handshakes.len() - self.unadmitted.len()
+        (self.conns.len())
+            .saturating_sub(self.handshakes.len())
+            .saturating_sub(self.unadmitted.len())
     }
 
     /// Closes a connection in its handshake to make room for a new one: the
     /// oldest of the source holding the most handshakes.
     fn evict_a_handshake(&mut self) {
-        let held = |source: &Option<IpAddr>, hs: &BTreeMap<_, Option<IpAddr>>| match source {
+        // Linear in the handshakes (bounded by `max_handshakes`), never quadratic.
+        let sourceless = self.handshakes.values().filter(|s| s.is_none()).count();
+        let held = |source: &Option<IpAddr>| match source {
             Some(ip) => self.per_source.get(ip).copied().unwrap_or(0),
-            None => hs.values().filter(|s| s.is_none()).count(),
+            None => sourceless,
         };
-        let most = self
-            .handshakes
-            .values()
-            .map(|s| held(s, &self.handshakes))
-            .max()
-            .unwrap_or(0);
+        let most = self.handshakes.values().map(held).max().unwrap_or(0);
         let Some(victim) = self
             .handshakes
             .iter()
-            .find(|(_, s)| held(s, &self.handshakes) == most)
+            .find(|(_, s)| held(s) == most)
             .map(|(&id, _)| id)
         else {
             return;
