@@ -561,6 +561,15 @@ fn serve_refuses_what_it_cannot_run() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     donate(&["serve", "--addr", &addr]).fails_with("cannot listen");
+    // A worker program that runs but exits at once is found at start, with
+    // its reason (the worker's stderr, logged too, is left out here).
+    let missing = temp_dir().join("no-such-worker.py");
+    let worker = format!("cmd:python3 {}", path(&missing));
+    let args = ["serve", "--addr", "127.0.0.1:0", "--executor", &worker];
+    donate_env(&args, &[("RUST_LOG", std::path::Path::new("warn"))])
+        .fails_with("cannot start the worker processes: worker w0[")
+        .fails_with("exited at start (exit status: 2); its last stderr line: ")
+        .fails_with("no-such-worker.py");
 }
 
 /// A node that speaks like the Go one: it answers `queue_status` with `unknown type`.

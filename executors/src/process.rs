@@ -4,7 +4,7 @@
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -124,12 +124,21 @@ pub(crate) fn line_reader(
 const MAX_LOG_LINE: usize = 4096;
 
 /// Logs every line of a worker's stderr, prefixed with `prefix`, on a thread,
-/// until the stream ends.
+/// until the stream ends. Returns the last line logged so far (empty before
+/// the first), for an error that names why a worker died.
 pub(crate) fn log_stderr(
     thread_name: String,
     prefix: String,
     stderr: impl Read + Send + 'static,
-) -> io::Result<()> {
+) -> io::Result<Arc<Mutex<String>>> {
+    let last = Arc::new(Mutex::new(String::new()));
+    let keep = Arc::clone(&last);
+    let log_line = move |prefix: &str, line: &[u8], cut: bool| {
+        log_line(prefix, line, cut);
+        if let Ok(mut last) = keep.lock() {
+            *last = String::from_utf8_lossy(line).trim_end().to_owned();
+        }
+    };
     thread::Builder::new().name(thread_name).spawn(move || {
         let mut reader = BufReader::with_capacity(16 * 1024, stderr);
         let mut line = Vec::new();
@@ -161,7 +170,7 @@ pub(crate) fn log_stderr(
             }
         }
     })?;
-    Ok(())
+    Ok(last)
 }
 
 fn log_line(prefix: &str, line: &[u8], cut: bool) {

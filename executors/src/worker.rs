@@ -50,6 +50,11 @@ pub struct WorkerConfig {
     /// Longest a worker may take to answer once it was sent a `cancel` line
     /// for the job it runs, before it is killed and restarted (default 2 s).
     pub cancel_grace: Duration,
+    /// How long new workers are watched before [`WorkerProcess::new`]
+    /// returns: one that exits meanwhile (a script that is not there, a
+    /// missing module) fails the start with its exit status and last stderr
+    /// line, rather than the first push (default 250 ms; zero: not watched).
+    pub start_check: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,7 @@ impl Default for WorkerConfig {
             temp_root: None,
             exit_grace: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(2),
+            start_check: Duration::from_millis(250),
         }
     }
 }
@@ -156,6 +162,7 @@ impl WorkerProcess {
                 mounted: HashSet::new(),
             });
         }
+        watch_start(&mut slots, pool.config.start_check)?;
         slots.reverse(); // slot 0 is taken first
         pool.lock().idle = slots;
         let janitor = {
@@ -797,6 +804,22 @@ fn preview(line: &[u8]) -> String {
     }
 }
 
+/// Fails when a worker of `slots` exits within `window` of its start.
+fn watch_start(slots: &mut [Slot], window: Duration) -> io::Result<()> {
+    let until = Instant::now() + window;
+    loop {
+        for proc in slots.iter_mut().filter_map(|slot| slot.proc.as_mut()) {
+            if let Some(why) = proc.exited_at_start() {
+                return Err(io::Error::other(why));
+            }
+        }
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A running worker process: a writer thread feeds its stdin, a reader thread
 /// splits its stdout into lines, another logs its stderr.
 struct Proc {
@@ -807,6 +830,8 @@ struct Proc {
     requests: Option<mpsc::Sender<Vec<u8>>>,
     replies: mpsc::Receiver<Line>,
     max_line: usize,
+    /// Its last stderr line.
+    last_stderr: Arc<Mutex<String>>,
 }
 
 impl Proc {
@@ -825,13 +850,14 @@ impl Proc {
             let stdin = child.stdin.take().expect("piped stdin");
             let stdout = child.stdout.take().expect("piped stdout");
             let stderr = child.stderr.take().expect("piped stderr");
-            process::log_stderr(format!("donate-{id}-stderr"), name.clone(), stderr)?;
+            let last_stderr =
+                process::log_stderr(format!("donate-{id}-stderr"), name.clone(), stderr)?;
             let replies = process::line_reader(format!("donate-{id}-stdout"), stdout, max_line)?;
             let requests = writer(format!("donate-{id}-stdin"), stdin)?;
-            Ok((requests, replies))
+            Ok((requests, replies, last_stderr))
         })();
         match started {
-            Ok((requests, replies)) => {
+            Ok((requests, replies, last_stderr)) => {
                 tracing::debug!("{name}: worker started");
                 Ok(Proc {
                     child,
@@ -840,6 +866,7 @@ impl Proc {
                     requests: Some(requests),
                     replies,
                     max_line,
+                    last_stderr,
                 })
             }
             Err(e) => {
@@ -868,6 +895,32 @@ impl Proc {
             Ok(other) => Some(format!("stdout while idle: {other:?}")),
             Err(mpsc::TryRecvError::Disconnected) => Some("stdout closed".to_owned()),
         }
+    }
+
+    /// Why a process that just started is gone, if it is: its status and
+    /// its last stderr line (given a moment to arrive).
+    fn exited_at_start(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        let until = Instant::now() + Duration::from_millis(200);
+        let last = loop {
+            let last = self
+                .last_stderr
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_default();
+            if !last.is_empty() || Instant::now() >= until {
+                break last;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let said = match last.is_empty() {
+            true => " and printed nothing on stderr".to_owned(),
+            false => format!("; its last stderr line: {last}"),
+        };
+        Some(format!(
+            "worker {} exited at start ({status}){said}",
+            self.name
+        ))
     }
 
     /// How the process ended, once its stdout has closed.

@@ -159,13 +159,25 @@ fn a_missing_program_fails_at_start() {
 }
 
 #[test]
-fn a_worker_that_dies_at_once_fails_the_mount() {
-    let argv = vec![
+fn a_worker_that_dies_at_once_fails_the_start_or_unwatched_the_mount() {
+    let argv: Vec<String> = vec![
         "python3".into(),
         "-c".into(),
-        "import sys; sys.exit(5)".into(),
+        "import sys; print('no model here', file=sys.stderr); sys.exit(5)".into(),
     ];
-    let executor = WorkerProcess::new(argv, WorkerConfig::default()).unwrap();
+    let error = WorkerProcess::new(argv.clone(), WorkerConfig::default())
+        .err()
+        .expect("found at start");
+    assert_eq!(
+        error.to_string().split_once(']').map(|(_, rest)| rest),
+        Some(" exited at start (exit status: 5); its last stderr line: no model here"),
+        "{error}"
+    );
+    let unwatched = WorkerConfig {
+        start_check: Duration::ZERO,
+        ..WorkerConfig::default()
+    };
+    let executor = WorkerProcess::new(argv, unwatched).unwrap();
     let reason = executor
         .mount("{}".into(), Weights::Memory(vec![1]))
         .expect_err("no worker");
