@@ -122,7 +122,8 @@ pub fn prompt(args: PromptArgs) -> CliResult {
             donate_std::answers::prompt(answer)
         });
     let answer = match &result {
-        Ok(r) | Err(Error::PromptFailed(r)) => Some(Message::PromptResult(r.clone())),
+        Ok(r) => Some(Message::PromptResult(r.clone())),
+        Err(Error::PromptFailed(r)) => Some(Message::PromptResult((**r).clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
         Err(_) => None,
     };

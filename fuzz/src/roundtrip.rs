@@ -179,6 +179,7 @@ impl AnyMessage {
                 max_out: *max_out,
                 deadline_ms: 0,
                 sampling: Default::default(),
+                ..Prompt::default()
             }),
             AnyMessage::PromptResult {
                 job_id,
@@ -194,6 +195,7 @@ impl AnyMessage {
                 error: s(error),
                 code: s(code),
                 queue_depth: *queue_depth,
+                usage: None,
             }),
             AnyMessage::QueueStatusRequest => Message::QueueStatusRequest,
             AnyMessage::QueueStatus {

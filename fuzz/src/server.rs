@@ -909,6 +909,7 @@ impl Harness {
                         max_out: which.into(),
                         deadline_ms: 0,
                         sampling: Default::default(),
+                        ..Prompt::default()
                     }),
                 );
             }
@@ -1067,12 +1068,15 @@ impl Harness {
             "poll_timeout is not the earliest deadline"
         );
         self.sim.handle_timeout();
+        // Closing the due connections may drop the last jobs of a shutdown,
+        // which then closes every connection.
+        let drained = self.shutdown && self.sim.node.is_drained();
         let (now, start) = (self.sim.now(), self.sim.at(Duration::ZERO));
         for (c, (was_closing, deadline)) in self.conns.iter().zip(deadlines) {
             if self.sim.is_closed(c.peer) || was_closing {
                 continue;
             }
-            let due = deadline.is_some_and(|d| d <= now);
+            let due = drained || deadline.is_some_and(|d| d <= now);
             assert_eq!(
                 self.sim.node.is_closing(c.id),
                 due,
@@ -1112,6 +1116,7 @@ impl Harness {
         let size = match &outcome {
             Ok(JobOutput::Infer(ids)) => 12 * ids.len(),
             Ok(JobOutput::Prompt(text)) => 6 * text.len(),
+            Ok(JobOutput::Reply(reply)) => 6 * reply.text.len() + 96,
             Err(e) => 6 * (e.message.len() + e.code.len()),
         };
         let id = job.id;

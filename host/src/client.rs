@@ -13,7 +13,7 @@ use donate_proto::message::{
 };
 use donate_proto::{
     Answer, Capabilities, Capability, ClientConfig, ClientConnection, ClientEvent, ErrorCode,
-    PartialOutput, PublicKey, RequestId, SamplingParams, SecureClientConfig,
+    PartialOutput, PromptRequest, PublicKey, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -375,6 +375,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     ) -> Result<RequestId> {
         self.make_room().await?;
         Ok(self.core.prompt_with(prompt, max_out, sampling)?)
+    }
+
+    /// Queues a `prompt` job as `request` describes it (text or, extension
+    /// `chat`, a conversation or raw text; sampling; its own `job_id`),
+    /// keeping within the node's queue capacity. Its answer's `usage` comes
+    /// from a node that agreed `chat`.
+    pub async fn submit_prompt(&mut self, request: &PromptRequest) -> Result<RequestId> {
+        self.make_room().await?;
+        Ok(self.core.submit_prompt(request)?)
     }
 
     /// [`wait`](Client::wait), handing `request`'s partial output to

@@ -40,9 +40,10 @@ pub enum Error {
     /// An `infer` job ran and failed (`ok:false`); the frame as received.
     #[error("infer failed: {}", .0.error)]
     InferFailed(InferResult),
-    /// A `prompt` job ran and failed (`ok:false`); the frame as received.
+    /// A `prompt` job ran and failed (`ok:false`); the frame as received
+    /// (boxed: it is the largest variant).
     #[error("prompt failed: {}", .0.error)]
-    PromptFailed(PromptResult),
+    PromptFailed(Box<PromptResult>),
     /// A secure handshake that did not complete in time.
     #[error("the secure handshake did not complete within {0:?}")]
     HandshakeTimeout(std::time::Duration),
@@ -116,7 +117,7 @@ pub mod answers {
     pub fn prompt(answer: Answer) -> Result<PromptResult> {
         match answer {
             Answer::Prompt(r) if r.ok => Ok(r),
-            Answer::Prompt(r) => Err(Error::PromptFailed(r)),
+            Answer::Prompt(r) => Err(Error::PromptFailed(Box::new(r))),
             Answer::Error(e) => Err(Error::Refused(e)),
             other => Err(unexpected(&other)),
         }

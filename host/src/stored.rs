@@ -192,6 +192,16 @@ impl<E: Executor> Executor for Stored<E> {
     fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
         self.inner.prompt(prompt, max_out, job)
     }
+
+    fn chat(
+        &self,
+        prompt: &str,
+        chat: &donate_proto::ChatJob,
+        max_out: i64,
+        job: &JobContext<'_>,
+    ) -> Result<donate_proto::Reply, JobError> {
+        self.inner.chat(prompt, chat, max_out, job)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

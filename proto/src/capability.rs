@@ -26,9 +26,12 @@ pub enum Capability {
     QueuePosition,
     /// `stats`: the node's counters on request.
     Stats,
+    /// `chat`: `prompt` jobs carrying `messages` (or a `raw` prompt), answered
+    /// with token counts and a finish reason.
+    Chat,
 }
 
-const ALL: [Capability; 8] = [
+const ALL: [Capability; 9] = [
     Capability::Secure,
     Capability::Store,
     Capability::Stream,
@@ -37,6 +40,7 @@ const ALL: [Capability; 8] = [
     Capability::Deadline,
     Capability::QueuePosition,
     Capability::Stats,
+    Capability::Chat,
 ];
 
 impl Capability {
@@ -51,6 +55,7 @@ impl Capability {
             Capability::Deadline => "deadline",
             Capability::QueuePosition => "queue_position",
             Capability::Stats => "stats",
+            Capability::Chat => "chat",
         }
     }
 

@@ -14,9 +14,9 @@ use crate::capability::{Capabilities, Capability};
 use crate::error::{ApiMisuse, ClientError};
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
-    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, JobRef, Message, ModelBegin,
-    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult, QueuePosition,
-    QueueStatus, Stats,
+    encode_weights_chunk, ChatMessage, ErrorFrame, Hello, Infer, InferResult, JobRef, Message,
+    ModelBegin, ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult,
+    QueuePosition, QueueStatus, Stats,
 };
 use crate::sampling::SamplingParams;
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
@@ -73,7 +73,45 @@ const IMPLEMENTED: Capabilities = Capabilities::NONE
     .with(Capability::QueuePosition)
     .with(Capability::Stats)
     .with(Capability::Sampling)
-    .with(Capability::Stream);
+    .with(Capability::Stream)
+    .with(Capability::Chat);
+
+/// A `prompt` job to send with [`ClientConnection::submit_prompt`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptRequest {
+    /// The prompt text (empty when `messages` is set).
+    pub prompt: String,
+    /// Extension `chat`: a conversation for the node's chat template.
+    pub messages: Vec<ChatMessage>,
+    /// Extension `chat`: `prompt` goes to the model with no template.
+    pub raw: bool,
+    /// Output limit; 0 means the node's default.
+    pub max_out: i64,
+    /// Extension `sampling`: how tokens are picked.
+    pub sampling: SamplingParams,
+    /// The `job_id` to send, one not outstanding; `None` lets the client pick.
+    pub job_id: Option<String>,
+}
+
+impl PromptRequest {
+    /// A text prompt of up to `max_out` tokens, with the node's defaults.
+    pub fn text(prompt: &str, max_out: i64) -> Self {
+        PromptRequest {
+            prompt: prompt.to_owned(),
+            max_out,
+            ..PromptRequest::default()
+        }
+    }
+
+    /// A conversation for the node's chat template (extension `chat`).
+    pub fn chat(messages: Vec<ChatMessage>, max_out: i64) -> Self {
+        PromptRequest {
+            messages,
+            max_out,
+            ..PromptRequest::default()
+        }
+    }
+}
 
 /// Names one request made on a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -394,16 +432,39 @@ impl ClientConnection {
         max_out: i64,
         sampling: &SamplingParams,
     ) -> Result<RequestId, ClientError> {
-        self.check_sampling(sampling)?;
-        let request = self.request_as(Kind::Prompt, job_id)?;
-        self.send(&Message::Prompt(Prompt {
-            job_id: job_id.to_owned(),
-            prompt: prompt.to_owned(),
-            max_out,
-            deadline_ms: self.deadline_ms(),
+        self.submit_prompt(&PromptRequest {
+            job_id: Some(job_id.to_owned()),
             sampling: sampling.clone(),
+            ..PromptRequest::text(prompt, max_out)
+        })
+    }
+
+    /// Sends a `prompt` job as `request` describes it. Sampling fields need a
+    /// node that offered `sampling`, `messages` or `raw` one that offered
+    /// `chat` (else [`ApiMisuse::NotOffered`], nothing sent); its answer is
+    /// [`Answer::Prompt`] (with usage from a `chat` node) or [`Answer::Error`].
+    pub fn submit_prompt(&mut self, request: &PromptRequest) -> Result<RequestId, ClientError> {
+        self.check_sampling(&request.sampling)?;
+        if (!request.messages.is_empty() || request.raw) && !self.agreed.contains(Capability::Chat)
+        {
+            return Err(ClientError::Misuse(ApiMisuse::NotOffered(
+                Capability::Chat.as_str(),
+            )));
+        }
+        let (id, job_id) = match &request.job_id {
+            Some(job_id) => (self.request_as(Kind::Prompt, job_id)?, job_id.clone()),
+            None => self.request(Kind::Prompt, "p")?,
+        };
+        self.send(&Message::Prompt(Prompt {
+            job_id,
+            prompt: request.prompt.clone(),
+            max_out: request.max_out,
+            deadline_ms: self.deadline_ms(),
+            sampling: request.sampling.clone(),
+            messages: request.messages.clone(),
+            raw: request.raw,
         }));
-        Ok(request)
+        Ok(id)
     }
 
     /// Sends an `infer` job; its answer is [`Answer::Infer`] or [`Answer::Error`].
@@ -445,16 +506,10 @@ impl ClientConnection {
         max_out: i64,
         sampling: &SamplingParams,
     ) -> Result<RequestId, ClientError> {
-        self.check_sampling(sampling)?;
-        let (request, job_id) = self.request(Kind::Prompt, "p")?;
-        self.send(&Message::Prompt(Prompt {
-            job_id,
-            prompt: prompt.to_owned(),
-            max_out,
-            deadline_ms: self.deadline_ms(),
+        self.submit_prompt(&PromptRequest {
             sampling: sampling.clone(),
-        }));
-        Ok(request)
+            ..PromptRequest::text(prompt, max_out)
+        })
     }
 
     /// Extension `cancel`: asks the node to stop job `request` (queued or

@@ -18,10 +18,10 @@ use crate::config::Settings;
 use crate::error::{MountError, ProtocolError};
 use crate::frame::FrameDecoder;
 use crate::id::ConnectionId;
-use crate::job::{result_frame, JobInput, JobKind, JobOutcome};
+use crate::job::{result_frame, ChatJob, JobInput, JobKind, JobOutcome};
 use crate::message::{
-    canonical_chunk, check_job_id, salvage_job_id, ErrorFrame, Hello, Infer, Message, Mode,
-    ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, QueuePosition,
+    canonical_chunk, check_job_id, salvage_job_id, ChatMessage, ErrorFrame, Hello, Infer, Message,
+    Mode, ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, QueuePosition,
 };
 use crate::phase::Phase;
 use crate::queue::QueueRoom;
@@ -767,10 +767,15 @@ impl<M> Connection<M> {
         );
     }
 
-    fn on_prompt(&mut self, job: Prompt, room: &mut QueueRoom) {
+    fn on_prompt(&mut self, mut job: Prompt, room: &mut QueueRoom) {
+        let chat = match self.chat_of(&mut job) {
+            Ok(chat) => chat,
+            Err(e) => return self.refuse(&e, Some(&job.job_id)),
+        };
         let input = JobInput::Prompt {
             prompt: job.prompt,
             max_out: job.max_out,
+            chat,
         };
         let sampling = self.sampling_of(job.sampling);
         self.queue_job(
@@ -781,6 +786,35 @@ impl<M> Connection<M> {
             sampling,
             room,
         );
+    }
+
+    /// Extension `chat`: a prompt's conversation or `raw` flag, read only
+    /// from a client that agreed `chat` (a v1 client's stray fields mean
+    /// nothing). A conversation replaces the text, so both at once, or a
+    /// turn of an unknown role, is a bad field.
+    fn chat_of(&self, job: &mut Prompt) -> Result<Option<ChatJob>, ProtocolError> {
+        if !self.agreed.contains(Capability::Chat) {
+            return Ok(None);
+        }
+        if !job.messages.is_empty() && (!job.prompt.is_empty() || job.raw) {
+            return Err(ProtocolError::BadField(
+                "a prompt carries either messages or prompt text, not both".to_owned(),
+            ));
+        }
+        if let Some(turn) = job
+            .messages
+            .iter()
+            .find(|m| !ChatMessage::ROLES.contains(&m.role.as_str()))
+        {
+            return Err(ProtocolError::BadField(format!(
+                "messages: role {:?} is not one of system, user, assistant",
+                turn.role.chars().take(32).collect::<String>()
+            )));
+        }
+        Ok(Some(ChatJob {
+            messages: std::mem::take(&mut job.messages),
+            raw: job.raw,
+        }))
     }
 
     /// A job's sampling fields, read only from a client that agreed `sampling`

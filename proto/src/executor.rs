@@ -8,7 +8,7 @@ use sha2::Digest as _;
 
 use crate::capability::Capabilities;
 use crate::config::UploadHandling;
-use crate::job::{Job, JobContext, JobError, JobInput, JobOutcome, JobOutput};
+use crate::job::{ChatJob, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Reply};
 use crate::node::{Mount, MountOutcome};
 use crate::upload::{UploadInfo, UploadWork};
 
@@ -88,6 +88,27 @@ pub trait Executor: Send + Sync + 'static {
             "this node's executor does not answer prompts",
         ))
     }
+
+    /// Runs a `prompt` job of a connection that agreed `chat`
+    /// (docs/PROTOCOL.md §10.9): `prompt` (through the node's usual
+    /// handling, or as it is when `chat.raw`) or `chat.messages` rendered
+    /// with the model's chat template, answered with the tokens it read and
+    /// made and why it stopped. An executor that implements it lists `chat`
+    /// in [`extensions`](Executor::extensions); by default the job fails
+    /// `unsupported`.
+    fn chat(
+        &self,
+        prompt: &str,
+        chat: &ChatJob,
+        max_out: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Reply, JobError> {
+        let _ = (prompt, chat, max_out, job);
+        Err(JobError::new(
+            crate::ErrorCode::Unsupported.as_str(),
+            "this node's executor does not answer chat jobs",
+        ))
+    }
 }
 
 impl UploadHandling {
@@ -162,9 +183,20 @@ pub fn run_job_in<E: Executor>(
         } => executor
             .infer(model, input_ids, *max_tokens, context)
             .map(JobOutput::Infer),
-        JobInput::Prompt { prompt, max_out } => executor
+        JobInput::Prompt {
+            prompt,
+            max_out,
+            chat: None,
+        } => executor
             .prompt(prompt, *max_out, context)
             .map(JobOutput::Prompt),
+        JobInput::Prompt {
+            prompt,
+            max_out,
+            chat: Some(chat),
+        } => executor
+            .chat(prompt, chat, *max_out, context)
+            .map(JobOutput::Reply),
     }))
     .unwrap_or_else(|_| Err(JobError::new("executor_panicked", "executor panicked")))
 }

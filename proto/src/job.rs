@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::id::JobId;
-use crate::message::{InferResult, Message, PromptResult};
+use crate::message::{ChatMessage, InferResult, Message, PromptResult, Usage};
 use crate::sampling::SamplingParams;
 
 /// A job for a worker, taken from the node with [`Node::next_job`](crate::Node::next_job).
@@ -52,7 +52,29 @@ pub enum JobInput<M> {
         prompt: String,
         /// Output limit; 0 or less means the executor's default.
         max_out: i64,
+        /// Extension `chat`: set for every prompt of a connection that
+        /// agreed it (the job then runs through [`Executor::chat`](crate::Executor::chat)).
+        chat: Option<ChatJob>,
     },
+}
+
+/// What a `prompt` job of a connection that agreed `chat` adds to its text.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChatJob {
+    /// The conversation to render with the model's chat template (the
+    /// job's `prompt` is then empty); empty for a text prompt.
+    pub messages: Vec<ChatMessage>,
+    /// The text prompt goes to the model as it is, with no template.
+    pub raw: bool,
+}
+
+/// A `chat` job's answer: its text, and what it used and why it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply.
+    pub text: String,
+    /// Token counts and the finish reason.
+    pub usage: Usage,
 }
 
 /// What a running job may consult and report besides its input: its id,
@@ -173,6 +195,8 @@ pub enum JobOutput {
     Infer(Vec<i32>),
     /// `text` of a `prompt_result`.
     Prompt(String),
+    /// `text` and usage of a `prompt_result` of a `chat` job.
+    Reply(Reply),
 }
 
 /// A failed job: goes into the result frame as `error` and `code`.
@@ -253,12 +277,11 @@ pub(crate) fn result_frame(
     outcome: JobOutcome,
 ) -> Message<'static> {
     let outcome = match (kind, outcome) {
-        (JobKind::Infer, Ok(JobOutput::Prompt(_))) | (JobKind::Prompt, Ok(JobOutput::Infer(_))) => {
-            Err(JobError::new(
-                crate::ErrorCode::BadOutput.as_str(),
-                "executor returned the wrong kind of output",
-            ))
-        }
+        (JobKind::Infer, Ok(JobOutput::Prompt(_) | JobOutput::Reply(_)))
+        | (JobKind::Prompt, Ok(JobOutput::Infer(_))) => Err(JobError::new(
+            crate::ErrorCode::BadOutput.as_str(),
+            "executor returned the wrong kind of output",
+        )),
         (_, outcome) => outcome,
     };
     let (ok, error, code) = match &outcome {
@@ -278,16 +301,21 @@ pub(crate) fn result_frame(
             code,
             queue_depth,
         }),
-        JobKind::Prompt => Message::PromptResult(PromptResult {
-            job_id,
-            ok,
-            text: match outcome {
-                Ok(JobOutput::Prompt(text)) => text,
-                _ => String::new(),
-            },
-            error,
-            code,
-            queue_depth,
-        }),
+        JobKind::Prompt => {
+            let (text, usage) = match outcome {
+                Ok(JobOutput::Prompt(text)) => (text, None),
+                Ok(JobOutput::Reply(reply)) => (reply.text, Some(reply.usage)),
+                _ => (String::new(), None),
+            };
+            Message::PromptResult(PromptResult {
+                job_id,
+                ok,
+                text,
+                error,
+                code,
+                queue_depth,
+                usage,
+            })
+        }
     }
 }

@@ -98,7 +98,9 @@ pub mod sim;
 mod upload;
 
 pub use capability::{Capabilities, Capability};
-pub use client::{Answer, ClientConfig, ClientConnection, ClientEvent, PartialOutput, RequestId};
+pub use client::{
+    Answer, ClientConfig, ClientConnection, ClientEvent, PartialOutput, PromptRequest, RequestId,
+};
 pub use code::ErrorCode;
 pub use config::{ServerConfig, UploadHandling};
 pub use connection::Connection;
@@ -107,8 +109,10 @@ pub use executor::{
     run_job, run_job_in, run_mount, run_upload, Executor, NoSpool, Spool, Stub, Weights,
 };
 pub use id::{ConnectionId, JobId};
-pub use job::{codes, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial};
-pub use message::{Message, Mode};
+pub use job::{
+    codes, ChatJob, Job, JobContext, JobError, JobInput, JobOutcome, JobOutput, Partial, Reply,
+};
+pub use message::{ChatMessage, FinishReason, Message, Mode, Usage};
 pub use node::{Event, Mount, MountOutcome, MountToken, Node, NodeStats, StoredMount};
 pub use pool::{DonorId, DonorStats, PoolAction, PoolConfig, PoolCore, PoolError};
 pub use sampling::SamplingParams;

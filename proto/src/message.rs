@@ -70,6 +70,10 @@ fn is_zero(n: &i64) -> bool {
     *n == 0
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// `hello`: the server's greeting, then the client's.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Hello {
@@ -261,6 +265,69 @@ pub struct Prompt {
     /// The `sampling` extension's fields (docs/PROTOCOL.md §10.7); absent when empty.
     #[serde(flatten)]
     pub sampling: SamplingParams,
+    /// Extension `chat` (§10.9): a conversation the node renders with its
+    /// model's chat template, instead of `prompt`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<ChatMessage>,
+    /// Extension `chat`: `prompt` goes to the model as it is, never through
+    /// a chat template.
+    #[serde(skip_serializing_if = "is_false")]
+    pub raw: bool,
+}
+
+/// One turn of a `chat` conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The turn's text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// The roles a node accepts.
+    pub const ROLES: [&'static str; 3] = ["system", "user", "assistant"];
+
+    /// A turn of `role`.
+    pub fn new(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.to_owned(),
+            content: content.to_owned(),
+        }
+    }
+}
+
+/// Extension `chat`: what a `prompt` job used and why it ended, on its
+/// `prompt_result` to a connection that agreed `chat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Usage {
+    /// Tokens the model read (the rendered template included).
+    pub prompt_tokens: i64,
+    /// Tokens it generated.
+    pub completion_tokens: i64,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+}
+
+/// Why a reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model ended it, or a `stop` string did.
+    #[default]
+    Stop,
+    /// It reached the job's output limit (or the model's context).
+    Length,
+}
+
+impl FinishReason {
+    /// The wire (and OpenAI) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
 }
 
 /// `prompt_result`: the answer to `prompt`.
@@ -281,6 +348,9 @@ pub struct PromptResult {
     pub code: String,
     /// Jobs still waiting when this one was taken.
     pub queue_depth: i64,
+    /// Extension `chat`: on a successful job of a connection that agreed it.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 impl PromptResult {
@@ -498,6 +568,11 @@ struct Wire<'a> {
     repeat_penalty: Option<f64>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
+    messages: Option<Vec<ChatMessage>>,
+    raw: Option<bool>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    finish_reason: Option<FinishReason>,
 }
 
 impl Wire<'_> {
@@ -585,6 +660,8 @@ impl<'a> Message<'a> {
                 prompt: wire.prompt.unwrap_or_default(),
                 max_out: wire.max_out.unwrap_or_default(),
                 deadline_ms: wire.deadline_ms.unwrap_or_default(),
+                messages: wire.messages.unwrap_or_default(),
+                raw: wire.raw.unwrap_or_default(),
             }),
             "infer_partial" => Message::InferPartial(InferPartial {
                 job_id: wire.job_id.unwrap_or_default(),
@@ -601,6 +678,11 @@ impl<'a> Message<'a> {
                 error: wire.error.unwrap_or_default(),
                 code: wire.code.unwrap_or_default(),
                 queue_depth: wire.queue_depth.unwrap_or_default(),
+                usage: wire.finish_reason.map(|finish_reason| Usage {
+                    prompt_tokens: wire.prompt_tokens.unwrap_or_default(),
+                    completion_tokens: wire.completion_tokens.unwrap_or_default(),
+                    finish_reason,
+                }),
             }),
             "queue_status"
                 if wire.depth.is_none()

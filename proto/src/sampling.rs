@@ -118,6 +118,7 @@ mod tests {
                 stop: vec!["\n\n".into()],
                 ..SamplingParams::default()
             },
+            ..Prompt::default()
         };
         let json = Message::Prompt(prompt.clone()).to_json();
         assert_eq!(

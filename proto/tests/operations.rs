@@ -460,6 +460,7 @@ fn extension_messages_encode_and_parse_exactly() {
                 max_out: 0,
                 deadline_ms: 1500,
                 sampling: Default::default(),
+                ..Default::default()
             }),
             r#"{"v":1,"type":"prompt","job_id":"p1","prompt":"hi","deadline_ms":1500}"#,
         ),

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use donate_proto::frame::{encode_frame, FrameDecoder, HEADER_LEN};
 use donate_proto::message::{
-    encode_weights_chunk, ErrorFrame, Hello, Infer, InferResult, ModelBegin, ModelStatus, Prompt,
-    PromptResult, QueueStatus, WeightsChunk,
+    encode_weights_chunk, ChatMessage, ErrorFrame, FinishReason, Hello, Infer, InferResult,
+    ModelBegin, ModelStatus, Prompt, PromptResult, QueueStatus, Usage, WeightsChunk,
 };
 use donate_proto::{
     run_job, run_mount, run_upload, Event, Message, Mode, Node, ServerConfig, Stub,
@@ -110,6 +110,13 @@ impl Arbitrary for Msg {
                 max_out: any_int(g),
                 deadline_ms: 0,
                 sampling: Default::default(),
+                messages: (0..u8::arbitrary(g) % 3)
+                    .map(|_| ChatMessage {
+                        role: text(g),
+                        content: text(g),
+                    })
+                    .collect(),
+                raw: bool::arbitrary(g),
             }),
             8 => Message::PromptResult(PromptResult {
                 job_id: text(g),
@@ -118,6 +125,15 @@ impl Arbitrary for Msg {
                 error: text(g),
                 code: text(g),
                 queue_depth: any_int(g),
+                usage: bool::arbitrary(g).then(|| Usage {
+                    prompt_tokens: any_int(g),
+                    completion_tokens: any_int(g),
+                    finish_reason: if bool::arbitrary(g) {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    },
+                }),
             }),
             9 => Message::QueueStatusRequest,
             10 => Message::QueueStatus(QueueStatus {

@@ -1070,6 +1070,7 @@ fn prompt_on_a_local_lm_node() {
             error: String::new(),
             code: String::new(),
             queue_depth: 0,
+            ..Default::default()
         })
     );
     // infer is refused, and the client matches the refusal to it.

@@ -115,6 +115,7 @@ fn go_client_examples() {
             max_out: 0,
             deadline_ms: 0,
             sampling: Default::default(),
+            ..Default::default()
         }),
         r#"{"v":1,"type":"prompt","job_id":"p1","prompt":"hello world"}"#,
     );
@@ -200,6 +201,7 @@ fn the_other_messages_follow_the_field_table() {
             max_out: 12,
             deadline_ms: 0,
             sampling: Default::default(),
+            ..Default::default()
         }),
         r#"{"v":1,"type":"prompt","job_id":"p2","prompt":"","max_out":12}"#,
     );
@@ -211,6 +213,7 @@ fn the_other_messages_follow_the_field_table() {
             error: String::new(),
             code: String::new(),
             queue_depth: 0,
+            ..Default::default()
         }),
         r#"{"v":1,"type":"prompt_result","job_id":"p1","ok":true,"text":"[prompt stub] stub says: hello world","queue_depth":0}"#,
     );
@@ -222,6 +225,7 @@ fn the_other_messages_follow_the_field_table() {
             error: String::new(),
             code: String::new(),
             queue_depth: 0,
+            ..Default::default()
         }),
         r#"{"v":1,"type":"prompt_result","job_id":"","ok":false,"queue_depth":0}"#,
     );
@@ -501,6 +505,7 @@ fn go_escapes_read_the_same() {
             max_out: 0,
             deadline_ms: 0,
             sampling: Default::default(),
+            ..Default::default()
         })
     );
     // And escaped base64 text is still read.
@@ -688,4 +693,36 @@ fn stub_prompt_survives_case_folding_that_changes_lengths() {
     assert!(reply.starts_with("[prompt stub] stub says: "), "{reply}");
     let reply = stub.reply("İ user question:x");
     assert!(reply.starts_with("[prompt stub] "), "{reply}");
+}
+
+/// Extension `chat` (docs/PROTOCOL.md §10.9): the section's exact bytes.
+#[test]
+fn chat_examples() {
+    use donate_proto::message::{ChatMessage, FinishReason, Usage};
+    vector(
+        Message::Prompt(Prompt {
+            job_id: "c1".into(),
+            max_out: 32,
+            messages: vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi"),
+            ],
+            ..Default::default()
+        }),
+        r#"{"v":1,"type":"prompt","job_id":"c1","prompt":"","max_out":32,"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]}"#,
+    );
+    vector(
+        Message::PromptResult(PromptResult {
+            job_id: "c1".into(),
+            ok: true,
+            text: "Hello!".into(),
+            usage: Some(Usage {
+                prompt_tokens: 21,
+                completion_tokens: 3,
+                finish_reason: FinishReason::Stop,
+            }),
+            ..Default::default()
+        }),
+        r#"{"v":1,"type":"prompt_result","job_id":"c1","ok":true,"text":"Hello!","queue_depth":0,"prompt_tokens":21,"completion_tokens":3,"finish_reason":"stop"}"#,
+    );
 }

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use donate_proto::message::ModelInventory;
 use donate_proto::message::{Hello, InferResult, ModelStatus, PromptResult, QueueStatus};
 use donate_proto::{
-    Answer, Capability, ClientConfig, ClientConnection, ClientEvent, PartialOutput, PublicKey,
-    RequestId, SamplingParams, SecureClientConfig,
+    Answer, Capability, ClientConfig, ClientConnection, ClientEvent, PartialOutput, PromptRequest,
+    PublicKey, RequestId, SamplingParams, SecureClientConfig,
 };
 
 use donate_host::{answers, feed_read, Result, READ_BUFFER};
@@ -325,6 +325,15 @@ impl Client {
     ) -> Result<RequestId> {
         self.make_room()?;
         Ok(self.core.prompt_with(prompt, max_out, sampling)?)
+    }
+
+    /// Queues a `prompt` job as `request` describes it (text or, extension
+    /// `chat`, a conversation or raw text; sampling; its own `job_id`),
+    /// keeping within the node's queue capacity. Its answer's `usage` comes
+    /// from a node that agreed `chat`.
+    pub fn submit_prompt(&mut self, request: &PromptRequest) -> Result<RequestId> {
+        self.make_room()?;
+        Ok(self.core.submit_prompt(request)?)
     }
 
     /// [`wait`](Client::wait), handing `request`'s partial output to

@@ -45,24 +45,7 @@ const EOG_TEXTS: [&str; 8] = [
     "<|end_of_text|>",
 ];
 
-/// One message of a conversation, for [`render_chat_template`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message from `role`.
-    pub fn new(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.to_owned(),
-            content: content.to_owned(),
-        }
-    }
-}
+pub use donate_proto::ChatMessage;
 
 /// Template steps (minijinja instructions, its "fuel") a render may take:
 /// this much for the conversation, and [`FUEL_PER_MESSAGE`] more for each
@@ -339,6 +322,20 @@ impl GgufTokenizer {
                 true,
             ),
             _ => Ok(prompt.to_owned()),
+        }
+    }
+
+    /// The text a conversation becomes: the chat template rendered with
+    /// `messages`, and the turn of the assistant begun.
+    pub(crate) fn chat_text(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        match &self.template {
+            Some(template) => {
+                render_chat_template(template, messages, &self.bos_text, &self.eos_text, true)
+            }
+            None => Err(
+                "the model has no chat template (tokenizer.chat_template): send the text as a raw prompt"
+                    .to_owned(),
+            ),
         }
     }
 

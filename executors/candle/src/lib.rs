@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use donate_exec::WeightsFile;
 use donate_proto::{
-    Capabilities, Capability, Executor, JobContext, JobError, Partial, SamplingParams, UploadInfo,
-    Weights,
+    Capabilities, Capability, ChatJob, Executor, FinishReason, JobContext, JobError, Partial,
+    Reply, SamplingParams, UploadInfo, Usage, Weights,
 };
 use tokenizers::Tokenizer;
 
@@ -467,6 +467,11 @@ impl CandleExecutor {
     /// model wants, never twice; for a safetensors one, `tokenizer.json` with
     /// its own special tokens.
     pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, JobError> {
+        self.prompt_ids_of(PromptText::Node(prompt))
+    }
+
+    /// The token ids of a prompt in any of its forms (see [`PromptText`]).
+    fn prompt_ids_of(&self, prompt: PromptText<'_>) -> Result<Vec<u32>, JobError> {
         let Some(local) = &self.local else {
             return Err(JobError::new(
                 codes::UNSUPPORTED,
@@ -474,18 +479,25 @@ impl CandleExecutor {
             ));
         };
         let model_error = |e: String| JobError::new(codes::MODEL_ERROR, e);
-        match (&local.tokenizer, local.model.gguf_tokenizer()) {
-            (Some(tokenizer), _) => tokenizer
-                .encode(prompt, true)
+        match (&local.tokenizer, local.model.gguf_tokenizer(), prompt) {
+            (Some(_), _, PromptText::Chat(_)) => Err(JobError::new(
+                codes::UNSUPPORTED,
+                "this model (a directory with tokenizer.json) has no chat template: send the text as a raw prompt",
+            )),
+            (Some(tokenizer), _, PromptText::Node(text) | PromptText::Raw(text)) => tokenizer
+                .encode(text, true)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| model_error(format!("cannot tokenize the prompt: {e}"))),
-            (None, Some(tokenizer)) => {
-                let text = tokenizer
-                    .prompt_text(prompt, !self.config.raw_prompt)
-                    .map_err(model_error)?;
+            (None, Some(tokenizer), prompt) => {
+                let text = match prompt {
+                    PromptText::Node(text) => tokenizer.prompt_text(text, !self.config.raw_prompt),
+                    PromptText::Raw(text) => Ok(text.to_owned()),
+                    PromptText::Chat(messages) => tokenizer.chat_text(messages),
+                }
+                .map_err(model_error)?;
                 tokenizer.encode(&text).map_err(model_error)
             }
-            (None, None) => Err(model_error("the local model has no tokenizer".to_owned())),
+            (None, None, _) => Err(model_error("the local model has no tokenizer".to_owned())),
         }
     }
 
@@ -498,7 +510,13 @@ impl CandleExecutor {
         max_out: i64,
         sampling: &Sampling,
     ) -> Result<String, JobError> {
-        self.complete_job(prompt, max_out, sampling, &JobContext::new(""))
+        self.complete_job(
+            PromptText::Node(prompt),
+            max_out,
+            sampling,
+            &JobContext::new(""),
+        )
+        .map(|reply| reply.text)
     }
 
     /// [`complete_with`](CandleExecutor::complete_with) reporting the reply's
@@ -508,15 +526,15 @@ impl CandleExecutor {
     /// once `job` is cancelled.
     fn complete_job(
         &self,
-        prompt: &str,
+        prompt: PromptText<'_>,
         max_out: i64,
         sampling: &Sampling,
         job: &JobContext<'_>,
-    ) -> Result<String, JobError> {
+    ) -> Result<Reply, JobError> {
         sampling
             .validate()
             .map_err(|e| JobError::new(codes::BAD_INPUT, e))?;
-        let ids = self.prompt_ids(prompt)?;
+        let ids = self.prompt_ids_of(prompt)?;
         let Some(local) = &self.local else {
             unreachable!("prompt_ids checked local_lm");
         };
@@ -572,14 +590,42 @@ impl CandleExecutor {
         stopped_if_cancelled(job)?;
         let mut text = decode(&generated)
             .map_err(|e| JobError::new(codes::MODEL_ERROR, format!("cannot decode: {e}")))?;
-        if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        let cut = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+        if let Some(cut) = cut {
             text.truncate(cut);
         }
         if streams && text.len() > sent.len() && text.starts_with(sent.as_str()) {
             job.partial(Partial::Text(&text[sent.len()..]));
         }
-        Ok(text)
+        let ended = cut.is_some()
+            || generated
+                .last()
+                .is_some_and(|t| model.eos_ids().contains(t));
+        let finish_reason = match generated.len() >= n && !ended {
+            true => FinishReason::Length,
+            false => FinishReason::Stop,
+        };
+        Ok(Reply {
+            usage: Usage {
+                prompt_tokens: ids.len() as i64,
+                completion_tokens: generated.len() as i64,
+                finish_reason,
+            },
+            text,
+        })
     }
+}
+
+/// A prompt job's text, as the executor turns it into tokens.
+#[derive(Debug, Clone, Copy)]
+enum PromptText<'a> {
+    /// A plain `prompt`: through the chat template unless the node serves
+    /// raw prompts ([`CandleConfig::raw_prompt`]).
+    Node(&'a str),
+    /// A `chat` job's `raw` prompt: as it is.
+    Raw(&'a str),
+    /// A `chat` job's conversation, through the chat template.
+    Chat(&'a [ChatMessage]),
 }
 
 /// The part of a reply decoded so far that no later token changes: without
@@ -697,11 +743,12 @@ impl Executor for CandleExecutor {
         true
     }
 
-    /// Per-job sampling fields and partial results.
+    /// Per-job sampling fields, partial results and conversations.
     fn extensions(&self) -> Capabilities {
         Capabilities::NONE
             .with(Capability::Sampling)
             .with(Capability::Stream)
+            .with(Capability::Chat)
     }
 
     fn infer(
@@ -717,7 +764,24 @@ impl Executor for CandleExecutor {
 
     fn prompt(&self, prompt: &str, max_out: i64, job: &JobContext<'_>) -> Result<String, JobError> {
         let sampling = self.job_sampling(job.sampling());
-        self.complete_job(prompt, max_out, &sampling, job)
+        self.complete_job(PromptText::Node(prompt), max_out, &sampling, job)
+            .map(|reply| reply.text)
+    }
+
+    fn chat(
+        &self,
+        prompt: &str,
+        chat: &ChatJob,
+        max_out: i64,
+        job: &JobContext<'_>,
+    ) -> Result<Reply, JobError> {
+        let text = match (chat.messages.as_slice(), chat.raw) {
+            ([], false) => PromptText::Node(prompt),
+            ([], true) => PromptText::Raw(prompt),
+            (messages, _) => PromptText::Chat(messages),
+        };
+        let sampling = self.job_sampling(job.sampling());
+        self.complete_job(text, max_out, &sampling, job)
     }
 }
 
