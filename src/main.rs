@@ -2,6 +2,7 @@
 
 mod batch;
 mod commands;
+mod gateway;
 mod hash_cache;
 mod sampling;
 mod secure;
@@ -84,6 +85,40 @@ enum Command {
     /// Write a new key pair for secure mode: the private key to PATH (mode
     /// 0600), the public key to PATH.pub; print its fingerprint.
     Keygen(KeygenArgs),
+    /// Serve an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /// /v1/completions, /v1/models) in front of local_lm donors.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GatewayArgs {
+    /// Where the HTTP API listens. Anything but loopback needs --api-keys
+    /// (or --insecure).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// A donor (repeatable): host:port or unix:/path/node.sock of a
+    /// `donate serve --mode local_lm --model FILE.gguf` node.
+    #[arg(long = "node", value_name = "ADDR", required = true)]
+    nodes: Vec<NodeAddr>,
+    /// Bearer keys HTTP clients must present, one per line (`NAME KEY`);
+    /// the file must not be readable by others.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<PathBuf>,
+    /// Listen beyond loopback without --api-keys: anyone who reaches the
+    /// port uses your donors.
+    #[arg(long)]
+    insecure: bool,
+    /// Secure mode to the donors: the gateway's private key (its .pub line
+    /// in each donor's authorized keys); each donor's key is pinned from
+    /// known_nodes.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// With --key: pin donors not yet in known_nodes on first contact.
+    #[arg(long, requires = "key")]
+    trust_on_first_use: bool,
+    /// Largest request body accepted (bytes, or 1MiB, ...).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
+    max_body: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -756,6 +791,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Serve(args) => init_logging("info", args.log_format),
+        Command::Gateway(_) => init_logging("info", LogFormat::Text),
         _ => init_logging("warn", LogFormat::Text),
     }
     let result = match cli.command {
@@ -767,6 +803,7 @@ fn main() -> ExitCode {
         Command::Models(args) => commands::models(args),
         Command::Batch(args) => batch::run(args),
         Command::Keygen(args) => secure::keygen(args),
+        Command::Gateway(args) => gateway::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,1040 @@
+//! `donate gateway`: an OpenAI-compatible HTTP API (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/models`, `/health`) in front of `local_lm` donors,
+//! each request a `prompt` job of the `chat` extension (docs/PROTOCOL.md
+//! §10.9) on the least loaded donor serving the model asked for.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use donate_host::NodeAddr;
+use donate_proto::{
+    Capability, ChatMessage, ClientConfig, FinishReason, NodeTrust, PartialOutput, PromptRequest,
+    SamplingParams, SecureClientConfig, Usage,
+};
+use donate_tokio::Client;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{Failure, GatewayArgs};
+
+/// A donor the gateway sends jobs to.
+struct Donor {
+    addr: NodeAddr,
+    /// Secure mode: the key pinned (a first-use key once learned).
+    secure: Mutex<Option<SecureClientConfig>>,
+    /// Requests running on it now (for the choice of donor).
+    in_flight: AtomicUsize,
+    /// The model its last `hello` named, and when (refreshed when stale).
+    model: Mutex<Option<(String, Instant)>>,
+}
+
+/// What every request handler shares.
+struct Gateway {
+    donors: Vec<Donor>,
+    /// Accepted bearer keys and their names; `None`: no key needed (loopback).
+    keys: Option<HashMap<String, String>>,
+    /// Seconds since the epoch at start, the `created` of every model.
+    started: u64,
+    /// Requests counted by route and status, for `/metrics`.
+    requests: Mutex<HashMap<(&'static str, u16), u64>>,
+}
+
+/// How long a donor's model name is trusted before its `hello` is read again.
+const MODEL_TTL: Duration = Duration::from_secs(10);
+/// Longest a donor may take to connect and say hello.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the gateway until the process is stopped.
+pub fn run(args: GatewayArgs) -> Result<(), Failure> {
+    let exposed = !args.listen.ip().is_loopback();
+    let keys = match &args.api_keys {
+        Some(path) => Some(read_api_keys(path)?),
+        None if exposed && !args.insecure => {
+            return Err(Failure::from(format!(
+                "refusing to listen on {} without --api-keys FILE: anyone on the network could use your donors (pass --insecure to allow it)",
+                args.listen
+            )))
+        }
+        None => None,
+    };
+    if keys.is_none() && exposed {
+        tracing::warn!(listen = %args.listen, "the gateway takes requests from anyone (--insecure)");
+    }
+    let donors = donors(&args)?;
+    let gateway = Arc::new(Gateway {
+        donors,
+        keys,
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        requests: Mutex::new(HashMap::new()),
+    });
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(args.max_body as usize))
+        .with_state(gateway);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the listening address: {e}"))?;
+        println!("gateway listening on http://{local}");
+        tracing::info!(%local, "gateway listening");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| Failure::from(format!("the gateway stopped: {e}")))
+    })
+}
+
+/// The donors, each with its secure settings when `--key` is given (each
+/// node's key pinned from `--node-key` or known_nodes, as `donate batch` does).
+fn donors(args: &GatewayArgs) -> Result<Vec<Donor>, Failure> {
+    let keypair = match &args.key {
+        Some(path) => Some(crate::secure::load_keypair(path)?),
+        None => None,
+    };
+    let known = crate::secure::known_nodes_path();
+    args.nodes
+        .iter()
+        .map(|addr| {
+            let secure = match &keypair {
+                None => None,
+                Some(keypair) => {
+                    let pinned = match &known {
+                        Some(file) => crate::secure::known_node(file, &addr.to_string())?,
+                        None => None,
+                    };
+                    let trust = match (pinned, args.trust_on_first_use) {
+                        (Some(key), _) => NodeTrust::Pinned(key.fingerprint()),
+                        (None, true) => NodeTrust::AnyKey,
+                        (None, false) => {
+                            return Err(Failure::from(format!(
+                                "the key of {addr} is not known: connect once with `donate status --addr {addr} --key KEY --trust-on-first-use`, or pass --trust-on-first-use"
+                            )))
+                        }
+                    };
+                    Some(SecureClientConfig {
+                        keypair: keypair.clone(),
+                        trust,
+                    })
+                }
+            };
+            Ok(Donor {
+                addr: addr.clone(),
+                secure: Mutex::new(secure),
+                in_flight: AtomicUsize::new(0),
+                model: Mutex::new(None),
+            })
+        })
+        .collect()
+}
+
+/// `--api-keys FILE`: one key per line, optionally after a name and a
+/// space (`alice sk-…`); `#` starts a comment. Refused when others may read it.
+fn read_api_keys(path: &std::path::Path) -> Result<HashMap<String, String>, Failure> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read --api-keys {}: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Failure::from(format!(
+                "--api-keys {} is readable by others: chmod 600 it",
+                path.display()
+            )));
+        }
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --api-keys {}: {e}", path.display()))?;
+    let keys: HashMap<String, String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .map(|(i, line)| match line.rsplit_once(char::is_whitespace) {
+            Some((name, key)) => (key.to_owned(), name.trim().to_owned()),
+            None => (line.to_owned(), format!("key{}", i + 1)),
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err(Failure::from(format!(
+            "--api-keys {} holds no key: one per line, `NAME KEY`",
+            path.display()
+        )));
+    }
+    Ok(keys)
+}
+
+// ---- errors in OpenAI's shape ----
+
+/// An error answer: `{"error":{"message","type","param","code"}}`.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("no_donor"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        let status = e.status();
+        ApiError {
+            status,
+            message: format!("the request body is not valid: {}", e.body_text()),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+}
+
+/// Checks the bearer key; the name of the key, or the 401 answer.
+fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(keys) = &gateway.keys else {
+        return Ok("anonymous".to_owned());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given.and_then(|k| keys.get(k)) {
+        Some(name) => Ok(name.clone()),
+        None => Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: match given {
+                None => "no API key: send `Authorization: Bearer KEY` (a key from the gateway's --api-keys file)".to_owned(),
+                Some(_) => "the API key is not one the gateway knows".to_owned(),
+            },
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }),
+    }
+}
+
+impl Gateway {
+    fn count(&self, route: &'static str, status: StatusCode) {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *requests.entry((route, status.as_u16())).or_default() += 1;
+    }
+
+    /// The model a donor serves (its `hello`'s `local_lm_path`, file name
+    /// only), read again when stale; `None` when it cannot be reached.
+    async fn donor_model(&self, donor: &Donor) -> Option<String> {
+        if let Some((name, at)) = &*donor.model.lock().unwrap_or_else(|p| p.into_inner()) {
+            if at.elapsed() < MODEL_TTL {
+                return Some(name.clone());
+            }
+        }
+        let client = connect(donor).await.ok()?;
+        let name = model_name(&client.hello().local_lm_path);
+        *donor.model.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((name.clone(), Instant::now()));
+        Some(name)
+    }
+
+    /// The models the donors serve, each with the donors holding it.
+    async fn models(&self) -> Vec<(String, Vec<String>)> {
+        let names =
+            futures_util::future::join_all(self.donors.iter().map(|d| self.donor_model(d))).await;
+        let mut models: Vec<(String, Vec<String>)> = Vec::new();
+        for (donor, name) in self.donors.iter().zip(names) {
+            let Some(name) = name else { continue };
+            match models.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, donors)) => donors.push(donor.addr.to_string()),
+                None => models.push((name, vec![donor.addr.to_string()])),
+            }
+        }
+        models
+    }
+
+    /// The donors serving `model`, least loaded first.
+    async fn donors_for(&self, model: &str) -> Result<Vec<&Donor>, ApiError> {
+        let models = self.models().await;
+        if models.is_empty() {
+            return Err(ApiError::unavailable(
+                "no donor is reachable: check the gateway's --node addresses",
+            ));
+        }
+        let Some((_, addrs)) = models.iter().find(|(name, _)| name == model) else {
+            let known: Vec<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "the model `{model}` does not exist here; the donors serve: {}",
+                    known.join(", ")
+                ),
+                kind: "invalid_request_error",
+                param: Some("model"),
+                code: Some("model_not_found"),
+            });
+        };
+        let mut donors: Vec<&Donor> = self
+            .donors
+            .iter()
+            .filter(|d| addrs.contains(&d.addr.to_string()))
+            .collect();
+        donors.sort_by_key(|d| d.in_flight.load(Ordering::Relaxed));
+        Ok(donors)
+    }
+}
+
+/// A model's name from a node's `local_lm_path`: its file name.
+fn model_name(path: &str) -> String {
+    let name = std::path::Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_owned(), |n| n.to_string_lossy().into_owned());
+    match name.is_empty() {
+        true => "donate".to_owned(),
+        false => name,
+    }
+}
+
+async fn connect(donor: &Donor) -> donate_tokio::Result<Client> {
+    let config = ClientConfig::default();
+    let secure = donor
+        .secure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let connecting = async {
+        match &secure {
+            None => Client::connect_with(&donor.addr, config).await,
+            Some(secure) => Client::connect_secure(&donor.addr, config, secure.clone()).await,
+        }
+    };
+    let client = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(donate_tokio::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{} did not answer within {CONNECT_TIMEOUT:?}", donor.addr),
+            )))
+        }
+    };
+    // Trust on first use: the key learned now is the one from here on.
+    if let (Some(secure), Some(key)) = (&secure, client.node_key()) {
+        if secure.trust == NodeTrust::AnyKey {
+            let addr = donor.addr.to_string();
+            if let Some(file) = crate::secure::known_nodes_path() {
+                if let Err(e) = crate::secure::record_node(&file, &addr, key) {
+                    tracing::warn!(donor = %addr, error = %e.message, "cannot record the donor's key");
+                }
+            }
+            let mut pinned = donor.secure.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = pinned.as_mut() {
+                s.trust = NodeTrust::Pinned(key.fingerprint());
+            }
+        }
+    }
+    Ok(client)
+}
+
+// ---- handlers ----
+
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let up = gateway
+        .models()
+        .await
+        .iter()
+        .map(|(_, d)| d.len())
+        .sum::<usize>();
+    let status = match up {
+        0 => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::OK,
+    };
+    (
+        status,
+        Json(json!({"status": if up > 0 {"ok"} else {"no_donor"}, "donors": gateway.donors.len(), "donors_up": up})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&gateway, &headers) {
+        return e.into_response();
+    }
+    let mut text = String::from(
+        "# HELP donate_gateway_requests_total HTTP requests by route and status.\n# TYPE donate_gateway_requests_total counter\n",
+    );
+    let requests = gateway.requests.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rows: Vec<_> = requests.iter().collect();
+    rows.sort();
+    for ((route, status), n) in rows {
+        text.push_str(&format!(
+            "donate_gateway_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
+        ));
+    }
+    text.push_str("# HELP donate_gateway_donor_in_flight Requests running on each donor.\n# TYPE donate_gateway_donor_in_flight gauge\n");
+    for donor in &gateway.donors {
+        text.push_str(&format!(
+            "donate_gateway_donor_in_flight{{donor=\"{}\"}} {}\n",
+            donor.addr,
+            donor.in_flight.load(Ordering::Relaxed)
+        ));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route: the gateway serves /v1/chat/completions, /v1/completions, /v1/models and /health".to_owned(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url"),
+    }
+    .into_response()
+}
+
+fn model_object(gateway: &Gateway, name: &str, donors: &[String]) -> Value {
+    json!({"id": name, "object": "model", "created": gateway.started, "owned_by": "donate", "donors": donors})
+}
+
+async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&gateway, &headers) {
+        return e.into_response();
+    }
+    let data: Vec<Value> = gateway
+        .models()
+        .await
+        .iter()
+        .map(|(name, donors)| model_object(&gateway, name, donors))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn model(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Err(e) = authorize(&gateway, &headers) {
+        return e.into_response();
+    }
+    let models = gateway.models().await;
+    match models.iter().find(|(name, _)| *name == id) {
+        Some((name, donors)) => Json(model_object(&gateway, name, donors)).into_response(),
+        None => ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model `{id}` does not exist here"),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+        .into_response(),
+    }
+}
+
+/// Fields of both completion requests; the unsupported ones are read only
+/// to refuse them by name.
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<Value>>,
+    #[serde(default)]
+    prompt: Option<Value>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<Value>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    n: Option<i64>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    response_format: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// Most tokens one request may ask for.
+const MAX_TOKENS: i64 = 8192;
+/// Most `stop` strings (the node takes 16, each 1–256 bytes).
+const MAX_STOPS: usize = 16;
+
+impl CompletionBody {
+    /// Refuses what the gateway cannot do, naming the field.
+    fn check(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request(
+                "n",
+                "only n=1 is supported: send one request per choice",
+            ));
+        }
+        let unsupported = [
+            ("tools", self.tools.is_some()),
+            ("tool_choice", self.tool_choice.is_some()),
+            ("functions", self.functions.is_some()),
+            (
+                "logprobs",
+                self.logprobs
+                    .as_ref()
+                    .is_some_and(|v| v != &Value::Bool(false) && !v.is_null()),
+            ),
+            ("top_logprobs", self.top_logprobs.is_some()),
+            (
+                "response_format",
+                self.response_format
+                    .as_ref()
+                    .is_some_and(|v| v.get("type").and_then(Value::as_str) != Some("text")),
+            ),
+        ];
+        if let Some((param, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(ApiError::bad_request(
+                param,
+                format!("`{param}` is not supported by this gateway"),
+            ));
+        }
+        for (param, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::bad_request(param, format!("`{param}` is not supported (the donors take llama.cpp's repeat penalty); leave it at 0")));
+            }
+        }
+        Ok(())
+    }
+
+    fn max_out(&self) -> Result<i64, ApiError> {
+        let asked = self.max_completion_tokens.or(self.max_tokens).unwrap_or(0);
+        match asked {
+            n if n < 0 => Err(ApiError::bad_request(
+                "max_tokens",
+                "max_tokens must be positive",
+            )),
+            n if n > MAX_TOKENS => Err(ApiError::bad_request(
+                "max_tokens",
+                format!("max_tokens is at most {MAX_TOKENS}"),
+            )),
+            n => Ok(n),
+        }
+    }
+
+    fn sampling(&self) -> Result<SamplingParams, ApiError> {
+        let stop = match &self.stop {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    ApiError::bad_request("stop", "stop is a string or an array of strings")
+                })?,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "stop",
+                    "stop is a string or an array of strings",
+                ))
+            }
+        };
+        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ApiError::bad_request(
+                "stop",
+                format!("at most {MAX_STOPS} stop strings, each 1 to 256 bytes"),
+            ));
+        }
+        if self.seed.is_some_and(|s| s < 0) {
+            return Err(ApiError::bad_request("seed", "seed must not be negative"));
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed.map(|s| s as u64),
+            stop,
+            ..SamplingParams::default()
+        })
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// A message's text: a string, or the array of `text` parts.
+fn message_text(content: &Value) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|part| {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(text)) => Ok(text),
+                    (kind, _) => Err(ApiError::bad_request(
+                        "messages",
+                        format!(
+                            "content parts of type {} are not supported: only text",
+                            kind.unwrap_or("(none)")
+                        ),
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.concat()),
+        _ => Err(ApiError::bad_request(
+            "messages",
+            "a message's content is a string or an array of text parts",
+        )),
+    }
+}
+
+fn chat_messages(messages: &[Value]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+            let role = match role {
+                "developer" => "system",
+                r if ChatMessage::ROLES.contains(&r) => r,
+                r => {
+                    return Err(ApiError::bad_request(
+                        "messages",
+                        format!("a message's role is system, user or assistant, not {r:?}"),
+                    ))
+                }
+            };
+            Ok(ChatMessage::new(
+                role,
+                &message_text(m.get("content").unwrap_or(&Value::Null))?,
+            ))
+        })
+        .collect()
+}
+
+/// Which endpoint a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    fn route(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completion => "/v1/completions",
+        }
+    }
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Json<CompletionBody>, JsonRejection>,
+) -> Response {
+    let response = complete(&gateway, &headers, body, Endpoint::Chat).await;
+    gateway.count(Endpoint::Chat.route(), response.status());
+    response
+}
+
+async fn completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Json<CompletionBody>, JsonRejection>,
+) -> Response {
+    let response = complete(&gateway, &headers, body, Endpoint::Completion).await;
+    gateway.count(Endpoint::Completion.route(), response.status());
+    response
+}
+
+async fn complete(
+    gateway: &Arc<Gateway>,
+    headers: &HeaderMap,
+    body: Result<Json<CompletionBody>, JsonRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    match prepare(gateway, headers, body, endpoint).await {
+        Ok((body, request)) => match body.stream {
+            true => stream(Arc::clone(gateway), body, request, endpoint).await,
+            false => whole(gateway, &body, &request, endpoint).await,
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The job a request asks for.
+async fn prepare(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Result<Json<CompletionBody>, JsonRejection>,
+    endpoint: Endpoint,
+) -> Result<(CompletionBody, PromptRequest), ApiError> {
+    authorize(gateway, headers)?;
+    let Json(body) = body?;
+    body.check()?;
+    let mut request = match endpoint {
+        Endpoint::Chat => {
+            let messages = body
+                .messages
+                .as_deref()
+                .ok_or_else(|| ApiError::bad_request("messages", "messages is required"))?;
+            PromptRequest::chat(chat_messages(messages)?, 0)
+        }
+        Endpoint::Completion => {
+            let prompt = match &body.prompt {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                    items[0].as_str().unwrap_or_default().to_owned()
+                }
+                _ => return Err(ApiError::bad_request("prompt", "prompt is one string")),
+            };
+            PromptRequest {
+                raw: true,
+                ..PromptRequest::text(&prompt, 0)
+            }
+        }
+    };
+    request.max_out = body.max_out()?;
+    request.sampling = body.sampling()?;
+    Ok((body, request))
+}
+
+/// A job on one donor, counted in its load while it runs.
+struct Running<'a> {
+    donor: &'a Donor,
+}
+
+impl<'a> Running<'a> {
+    fn on(donor: &'a Donor) -> Self {
+        donor.in_flight.fetch_add(1, Ordering::Relaxed);
+        Running { donor }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.donor.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connected donor able to take `request` (it agreed `chat`), trying the
+/// donors of the model in order of load.
+async fn pick<'a>(gateway: &'a Gateway, model: &str) -> Result<(Client, Running<'a>), ApiError> {
+    let mut last = String::new();
+    for donor in gateway.donors_for(model).await? {
+        match connect(donor).await {
+            Ok(client) if client.capabilities().contains(Capability::Chat) => {
+                return Ok((client, Running::on(donor)))
+            }
+            Ok(_) => last = format!("{} does not offer the chat extension", donor.addr),
+            Err(e) => {
+                *donor.model.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                last = format!("{}: {e}", donor.addr);
+            }
+        }
+    }
+    Err(ApiError::unavailable(format!(
+        "no donor of `{model}` could take the request ({last})"
+    )))
+}
+
+fn new_id(endpoint: Endpoint) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    format!("{prefix}-{nanos:x}{n:x}")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
+fn finish_str(usage: &Usage) -> &'static str {
+    match usage.finish_reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// The job failed on the donor: 400 for what the request asked wrong, 503
+/// for a donor that could not run it.
+fn job_failed(result: &donate_proto::message::PromptResult) -> ApiError {
+    match result.code.as_str() {
+        "bad_input" => ApiError::bad_request("messages", result.error.clone()),
+        "queue_full" => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("the donors are busy: {}", result.error),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+        },
+        _ => ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!(
+                "the donor failed the job: {} ({})",
+                result.error, result.code
+            ),
+            kind: "server_error",
+            param: None,
+            code: None,
+        },
+    }
+}
+
+async fn whole(
+    gateway: &Gateway,
+    body: &CompletionBody,
+    request: &PromptRequest,
+    endpoint: Endpoint,
+) -> Response {
+    // A donor lost before it answers: the request goes to the next one.
+    let mut last = None;
+    for _ in 0..gateway.donors.len().max(1) {
+        let (mut client, _running) = match pick(gateway, &body.model).await {
+            Ok(picked) => picked,
+            Err(e) => return e.into_response(),
+        };
+        let answer = match client.submit_prompt(request).await {
+            Ok(id) => client.wait_prompt(id).await,
+            Err(e) => Err(e),
+        };
+        let result = match answer {
+            Ok(result) => result,
+            Err(donate_tokio::Error::PromptFailed(result)) => {
+                return job_failed(&result).into_response()
+            }
+            Err(e) => {
+                last = Some(e.to_string());
+                continue;
+            }
+        };
+        let usage = result.usage.unwrap_or_default();
+        let (id, created) = (new_id(endpoint), now_secs());
+        let body = match endpoint {
+            Endpoint::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": finish_str(&usage), "logprobs": null}],
+                "usage": usage_json(&usage),
+            }),
+            Endpoint::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": result.text, "finish_reason": finish_str(&usage), "logprobs": null}],
+                "usage": usage_json(&usage),
+            }),
+        };
+        return Json(body).into_response();
+    }
+    ApiError::unavailable(format!(
+        "every donor was lost before answering ({})",
+        last.unwrap_or_default()
+    ))
+    .into_response()
+}
+
+/// What the streaming task hands the SSE response: an event's JSON, or the end.
+enum Piece {
+    Data(Value),
+    Done,
+}
+
+async fn stream(
+    gateway: Arc<Gateway>,
+    body: CompletionBody,
+    request: PromptRequest,
+    endpoint: Endpoint,
+) -> Response {
+    // Checked before answering 200, so that an unknown model or no donor
+    // are real HTTP errors.
+    if let Err(e) = gateway.donors_for(&body.model).await {
+        return e.into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
+    let (id, created, model) = (new_id(endpoint), now_secs(), body.model.clone());
+    let chunk = move |delta: Value, finish: Option<&str>| -> Value {
+        let choice = match endpoint {
+            Endpoint::Chat => {
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            Endpoint::Completion => {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or_else(|| json!("")),
+                "finish_reason": finish, "logprobs": null})
+            }
+        };
+        let object = match endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    };
+    let include_usage = body.include_usage();
+    tokio::spawn(async move {
+        let send = |v: Value| tx.send(Piece::Data(v)).is_ok();
+        if endpoint == Endpoint::Chat
+            && !send(chunk(json!({"role": "assistant", "content": ""}), None))
+        {
+            return;
+        }
+        match stream_job(&gateway, &body.model, &request, &tx, &chunk).await {
+            Ok(usage) => {
+                send(chunk(json!({}), Some(finish_str(&usage))));
+                if include_usage {
+                    let mut last = chunk(json!({}), None);
+                    last["choices"] = json!([]);
+                    last["usage"] = usage_json(&usage);
+                    send(last);
+                }
+            }
+            Err(message) => {
+                send(
+                    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}),
+                );
+            }
+        }
+        let _ = tx.send(Piece::Done);
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await? {
+            Piece::Data(v) => Event::default().data(v.to_string()),
+            Piece::Done => Event::default().data("[DONE]"),
+        };
+        Some((Ok::<_, Infallible>(event), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Runs a streamed job, each piece of text sent as a chunk; a donor lost
+/// before the first piece is replaced by the next, unseen. The usage, or
+/// why it failed.
+async fn stream_job(
+    gateway: &Gateway,
+    model: &str,
+    request: &PromptRequest,
+    tx: &tokio::sync::mpsc::UnboundedSender<Piece>,
+    chunk: &(impl Fn(Value, Option<&str>) -> Value + Sync),
+) -> Result<Usage, String> {
+    let mut sent_any = false;
+    for _ in 0..gateway.donors.len().max(1) {
+        let (mut client, _running) = pick(gateway, model).await.map_err(|e| e.message)?;
+        let id = client
+            .submit_prompt(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let waiting = client.wait_streaming(id, |partial| {
+            if let PartialOutput::Text(text) = partial {
+                sent_any = true;
+                let _ = tx.send(Piece::Data(chunk(json!({"content": text}), None)));
+            }
+        });
+        // A client that goes away drops the donor connection, which
+        // cancels the job there.
+        let answer = tokio::select! {
+            answer = waiting => answer,
+            () = tx.closed() => return Err("the client went away".to_owned()),
+        };
+        match answer.and_then(donate_tokio::answers::prompt) {
+            Ok(result) => return Ok(result.usage.unwrap_or_default()),
+            Err(donate_tokio::Error::PromptFailed(result)) => {
+                return Err(job_failed(&result).message)
+            }
+            Err(_) if !sent_any => continue,
+            Err(e) => return Err(format!("the donor was lost mid-answer: {e}")),
+        }
+    }
+    Err("every donor was lost before answering".to_owned())
+}

@@ -1,0 +1,262 @@
+//! `donate gateway` driven by the real `openai` Python package and by curl,
+//! in front of a real donor (`donate serve --model` on the SmolLM2 GGUF):
+//! greedy chat answers equal the donor's own for the same conversation,
+//! streaming gives the same text piece by piece, and the package's own error
+//! classes come back for a wrong key, an unknown model and `n=2`.
+//!
+//! Needs `DONATE_TEST_GGUF` and `DONATE_TEST_PYTHON` (a Python with `openai`;
+//! `.ci/run` makes one); without them the test fails under CI and is skipped
+//! otherwise.
+#![cfg(feature = "candle")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use donate_proto::{ChatMessage, PromptRequest, SamplingParams};
+
+const BIN: &str = env!("CARGO_BIN_EXE_donate");
+
+/// A variable the test needs; `None` (skipped) outside CI.
+fn needed(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but {name} is not: .ci/run sets it")
+        }
+        Err(_) => {
+            eprintln!("note: skipped, {name} is unset");
+            None
+        }
+    }
+}
+
+/// Runs `donate ARGS` and returns it with the first line it printed.
+fn spawn(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn donate");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim_end().to_owned())
+}
+
+/// What the Python side does with the `openai` package; prints one JSON
+/// object with what it saw.
+const SCRIPT: &str = r#"
+import json, sys, openai
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+messages = [{"role": "system", "content": "You are brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]
+out = {}
+r = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+out["text"] = r.choices[0].message.content
+out["finish"] = r.choices[0].finish_reason
+out["usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]
+pieces = []
+usage = None
+for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=12,
+        temperature=0, stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+        if c.finish_reason:
+            out["stream_finish"] = c.finish_reason
+out["pieces"] = pieces
+out["stream_usage"] = usage
+out["models"] = [m.id for m in client.models.list()]
+for name, call in [
+    ("bad_key", lambda: openai.OpenAI(base_url=base, api_key="wrong", max_retries=0)
+        .chat.completions.create(model=model, messages=messages)),
+    ("unknown_model", lambda: client.chat.completions.create(model="no-such-model", messages=messages)),
+    ("n2", lambda: client.chat.completions.create(model=model, messages=messages, n=2)),
+]:
+    try:
+        call()
+        out[name] = "no error"
+    except openai.APIStatusError as e:
+        out[name] = type(e).__name__
+c = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0)
+out["completion"] = c.choices[0].text
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_openai_package_talks_to_donors_through_the_gateway() {
+    let (Some(gguf), Some(python)) = (needed("DONATE_TEST_GGUF"), needed("DONATE_TEST_PYTHON"))
+    else {
+        return;
+    };
+    let (mut node, first) = spawn(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--mode",
+        "local_lm",
+        "--model",
+        &gguf,
+    ]);
+    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    let mut file = std::fs::File::create(&keys).unwrap();
+    writeln!(file, "# the test's key\nalice sk-test-alice").unwrap();
+    drop(file);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (mut gateway, first) = spawn(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--node",
+        &addr,
+        "--api-keys",
+        keys.to_str().unwrap(),
+    ]);
+    let base = first
+        .strip_prefix("gateway listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    let model = std::path::Path::new(&gguf)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let out = Command::new(&python)
+        .args(["-c", SCRIPT, &format!("{base}/v1"), "sk-test-alice", &model])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The donor's own answer to the same conversation, greedy.
+    let mut donor = donate_std::Client::connect(addr.as_str()).unwrap();
+    let mut request = PromptRequest::chat(
+        vec![
+            ChatMessage::new("system", "You are brief."),
+            ChatMessage::new("user", "Name a color."),
+        ],
+        12,
+    );
+    request.sampling = SamplingParams {
+        temperature: Some(0.0),
+        ..SamplingParams::default()
+    };
+    let id = donor.submit_prompt(&request).unwrap();
+    let direct = donor.wait_prompt(id).unwrap();
+    let usage = direct.usage.unwrap();
+    assert_eq!(seen["text"], direct.text.as_str(), "{seen}");
+    assert!(!direct.text.is_empty());
+    assert_eq!(
+        seen["usage"],
+        serde_json::json!([
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.prompt_tokens + usage.completion_tokens
+        ])
+    );
+    assert_eq!(seen["finish"], usage.finish_reason.as_str());
+    let pieces: Vec<&str> = seen["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(pieces.len() > 1, "the answer came in one piece: {seen}");
+    assert_eq!(pieces.concat(), direct.text);
+    assert_eq!(seen["stream_finish"], usage.finish_reason.as_str());
+    assert_eq!(
+        seen["stream_usage"],
+        serde_json::json!([usage.prompt_tokens, usage.completion_tokens])
+    );
+    assert_eq!(seen["models"], serde_json::json!([model]));
+    assert_eq!(seen["bad_key"], "AuthenticationError");
+    assert_eq!(seen["unknown_model"], "NotFoundError");
+    assert_eq!(seen["n2"], "BadRequestError");
+    // /v1/completions sends the prompt raw: the donor's raw answer.
+    let raw = PromptRequest {
+        raw: true,
+        sampling: SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        },
+        ..PromptRequest::text("The sky is", 5)
+    };
+    let id = donor.submit_prompt(&raw).unwrap();
+    assert_eq!(
+        seen["completion"],
+        donor.wait_prompt(id).unwrap().text.as_str()
+    );
+
+    // curl: no key is a 401 in OpenAI's error shape; /health answers.
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let no_key = curl(&[
+        &format!("{base}/v1/chat/completions"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+    ]);
+    assert!(
+        no_key.ends_with("\n401") && no_key.contains(r#""code":"invalid_api_key""#),
+        "{no_key}"
+    );
+    let health = curl(&[&format!("{base}/health")]);
+    assert!(
+        health.ends_with("\n200") && health.contains(r#""donors_up":1"#),
+        "{health}"
+    );
+
+    // A donor that is gone: 503, not a hang.
+    let _ = node.kill();
+    let _ = node.wait();
+    let gone = curl(&[
+        &format!("{base}/v1/chat/completions"),
+        "-H",
+        "authorization: Bearer sk-test-alice",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+    ]);
+    assert!(gone.ends_with("\n503"), "{gone}");
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+}
+
+#[test]
+fn the_gateway_refuses_to_listen_beyond_loopback_without_keys() {
+    let out = Command::new(BIN)
+        .args(["gateway", "--listen", "0.0.0.0:0", "--node", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("without --api-keys") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+}
