@@ -3,7 +3,7 @@
 # corpus on the ordinary test runner, then runs every target for a bounded time
 # (FUZZ_SECONDS each, default 30) and fails if any of them finds a crash.
 #
-#   fuzz/run-ci.sh                      # all six targets, 30 s each
+#   fuzz/run-ci.sh                      # all seven targets, 30 s each
 #   FUZZ_SECONDS=300 fuzz/run-ci.sh     # longer
 #   FUZZ_TARGETS="server" fuzz/run-ci.sh
 #   FUZZ_SANITIZER=address fuzz/run-ci.sh   # with ASan (slower)
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 fuzz_dir="$PWD"
 seconds="${FUZZ_SECONDS:-30}"
-targets="${FUZZ_TARGETS:-decode server client roundtrip secure store}"
+targets="${FUZZ_TARGETS:-decode server client roundtrip secure store gguf}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz/run-ci.sh: the nightly toolchain is required (rustup toolchain install nightly)" >&2
@@ -35,9 +35,18 @@ for target in $targets; do
     # committed corpus is read only.
     work="$fuzz_dir/target/ci-corpus/$target"
     mkdir -p "$work"
+    # gguf: its own dictionary (GGUF keys and tensor names), and memory
+    # bounds: a hostile model file must never make the loader allocate
+    # without bound (any single allocation above 1 GiB is a failure).
+    dict="$fuzz_dir/dict"
+    limits=()
+    if [[ "$target" == gguf ]]; then
+        dict="$fuzz_dir/gguf.dict"
+        limits=(-rss_limit_mb=2048 -malloc_limit_mb=1024)
+    fi
     echo "=== fuzz $target for ${seconds}s"
     if ! cargo +nightly fuzz run -s "$sanitizer" "$target" "$work" "$fuzz_dir/corpus/$target" -- \
-        -max_total_time="$seconds" -timeout=10 -dict="$fuzz_dir/dict" -print_final_stats=1; then
+        -max_total_time="$seconds" -timeout=10 -dict="$dict" "${limits[@]}" -print_final_stats=1; then
         failed+=("$target")
     fi
 done

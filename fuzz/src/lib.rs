@@ -11,10 +11,12 @@
 //! - [`secure::run`]: bytes on a secure node's byte path, before and after a real handshake.
 //! - [`roundtrip::run`]: structured messages encode and decode back equal.
 //! - [`store::run`]: a node offering the `store` extension, its host's answers played by the input.
+//! - [`gguf::run`]: a hostile GGUF model file through the candle executor's loader, then a job on it.
 
 pub mod client;
 pub mod common;
 pub mod decode;
+pub mod gguf;
 pub mod roundtrip;
 pub mod secure;
 pub mod seeds;

@@ -709,6 +709,111 @@ pub fn store() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// Seeds of the `gguf` target: each base model as a raw file and as the
+/// structured mode's base, loaded from memory and from a file (and, with a
+/// tokenizer, as a `local_lm` model); then a few edits of them.
+pub fn gguf() -> Vec<(String, Vec<u8>)> {
+    use crate::gguf::{Body, Edit, Input, Val, BASES, BY_MAGIC, FROM_FILE, LOCAL_LM, STRUCTURED};
+    // max_context 64.
+    let ctx = 2;
+    let mut seeds = Vec::new();
+    for (i, name) in BASES.iter().enumerate() {
+        let file = crate::gguf::base(i as u8).bytes();
+        let raw = Input {
+            mode: FROM_FILE | LOCAL_LM,
+            ctx,
+            body: Body::Raw(file),
+        };
+        seeds.push((format!("raw-{name}"), raw.to_bytes()));
+        let structured = Input {
+            mode: STRUCTURED | FROM_FILE | LOCAL_LM,
+            ctx,
+            body: Body::Structured {
+                base: i as u8,
+                edits: Vec::new(),
+            },
+        };
+        seeds.push((format!("structured-{name}"), structured.to_bytes()));
+    }
+    let edited = |mode: u8, base: u8, edits: Vec<Edit>| {
+        Input {
+            mode: STRUCTURED | mode,
+            ctx,
+            body: Body::Structured { base, edits },
+        }
+        .to_bytes()
+    };
+    // Keys by their index in gguf::KEYS.
+    let (rope_dim, context, alignment, experts) = (9, 12, 1, 13);
+    seeds.extend([
+        (
+            "version-1".to_owned(),
+            edited(LOCAL_LM, 0, vec![Edit::Version { version: 1 }]),
+        ),
+        ("by-magic".to_owned(), edited(BY_MAGIC, 4, Vec::new())),
+        (
+            "partial-rope".to_owned(),
+            edited(
+                0,
+                0,
+                vec![Edit::Set {
+                    key: rope_dim,
+                    value: Val::U32(2),
+                }],
+            ),
+        ),
+        (
+            "long-context".to_owned(),
+            edited(
+                0,
+                5,
+                vec![Edit::Set {
+                    key: context,
+                    value: Val::U32(1 << 18),
+                }],
+            ),
+        ),
+        (
+            "moe-experts-huge".to_owned(),
+            edited(
+                0,
+                3,
+                vec![Edit::Set {
+                    key: experts,
+                    value: Val::U32(u32::MAX),
+                }],
+            ),
+        ),
+        (
+            // blk.0.attn_k.weight of 2 rows, not 4 (one KV head of 4).
+            "short-keys".to_owned(),
+            edited(
+                0,
+                0,
+                vec![
+                    Edit::Dims {
+                        tensor: 3,
+                        dims: vec![2, 8],
+                    },
+                    Edit::Fit { tensor: 3, fill: 1 },
+                ],
+            ),
+        ),
+        (
+            "alignment-zero".to_owned(),
+            edited(
+                FROM_FILE,
+                0,
+                vec![Edit::Set {
+                    key: alignment,
+                    value: Val::U32(0),
+                }],
+            ),
+        ),
+    ]);
+    seeds
+}
+
 /// Every target's seeds: (target, name, bytes).
 pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -718,6 +823,7 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
         ("client", client()),
         ("roundtrip", roundtrip()),
         ("store", store()),
+        ("gguf", gguf()),
     ] {
         out.extend(seeds.into_iter().map(|(n, b)| (target, n, b)));
     }
@@ -733,6 +839,7 @@ pub fn run(target: &str, data: &[u8]) {
         "roundtrip" => crate::roundtrip::run(data),
         "secure" => crate::secure::run(data),
         "store" => crate::store::run(data),
+        "gguf" => crate::gguf::run(data),
         other => panic!("no target {other}"),
     }
 }

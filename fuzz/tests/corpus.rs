@@ -6,9 +6,17 @@
 use std::fs;
 use std::path::PathBuf;
 
-use donate_proto_fuzz::{client, seeds, server};
+use donate_proto_fuzz::{client, gguf, seeds, server};
 
-const TARGETS: [&str; 6] = ["decode", "server", "client", "roundtrip", "secure", "store"];
+const TARGETS: [&str; 7] = [
+    "decode",
+    "server",
+    "client",
+    "roundtrip",
+    "secure",
+    "store",
+    "gguf",
+];
 
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -70,4 +78,67 @@ fn committed_corpus_runs_clean() {
             seeds::run(target, &fs::read(&path).unwrap());
         }
     }
+}
+
+#[test]
+fn gguf_seeds_read_back_and_load() {
+    for (name, bytes) in seeds::gguf() {
+        let input = gguf::Input::parse(&bytes);
+        assert_eq!(input.to_bytes(), bytes, "gguf seed {name} reads back");
+        let outcome = gguf::outcome(&bytes);
+        eprintln!("gguf/{name}: {outcome:?}");
+        if name.starts_with("raw-") || name.starts_with("structured-") || name == "version-1" {
+            assert_eq!(outcome.push, None, "gguf seed {name} mounts");
+        }
+        let has_tokenizer = ["gpt2", "spm"].iter().any(|t| name.contains(t)) || name == "version-1";
+        if has_tokenizer {
+            assert_eq!(
+                outcome.local_lm,
+                Some(None),
+                "gguf seed {name} starts a local_lm node"
+            );
+        }
+    }
+    // Every base, every edit kind: structured inputs read back as written.
+    let edits = vec![
+        gguf::Edit::Set {
+            key: 200,
+            value: gguf::Val::Str(b"phi2".to_vec()),
+        },
+        gguf::Edit::Remove { key: 3 },
+        gguf::Edit::Dims {
+            tensor: 4,
+            dims: vec![1 << 40, 3],
+        },
+        gguf::Edit::Type { tensor: 1, ty: 39 },
+        gguf::Edit::Type {
+            tensor: 1,
+            ty: 1000,
+        },
+        gguf::Edit::Offset {
+            tensor: 2,
+            offset: u64::MAX,
+        },
+        gguf::Edit::Fit { tensor: 2, fill: 9 },
+        gguf::Edit::Resize { tensor: 3, len: 7 },
+        gguf::Edit::Rename {
+            tensor: 5,
+            name: 17,
+        },
+        gguf::Edit::Drop { tensor: 6 },
+        gguf::Edit::Copy { tensor: 0, name: 3 },
+        gguf::Edit::Version { version: 7 },
+        gguf::Edit::Count {
+            which: 1,
+            count: 1 << 50,
+        },
+        gguf::Edit::Flip { at: 300, xor: 0x80 },
+        gguf::Edit::Cut { at: 4000 },
+    ];
+    let input = gguf::Input {
+        mode: gguf::STRUCTURED,
+        ctx: 0,
+        body: gguf::Body::Structured { base: 1, edits },
+    };
+    assert_eq!(gguf::Input::parse(&input.to_bytes()), input);
 }

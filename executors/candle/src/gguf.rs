@@ -42,6 +42,9 @@ const MAX_RUNTIME_BYTES: u64 = 8 << 30;
 /// included; the largest in use need tens of MiB).
 const MAX_METADATA_BYTES: u64 = 256 << 20;
 
+/// The metadata key of the tensor data's alignment.
+const ALIGNMENT_KEY: &str = "general.alignment";
+
 /// Positions candle's quantized llama has rotary tables for.
 const LLAMA_MAX_SEQ: usize = quantized_llama::MAX_SEQ_LEN;
 
@@ -127,9 +130,13 @@ fn prescan<R: Read + Seek>(reader: R, len: u64) -> Result<(), String> {
     let tensors = scan.count("tensor count")?;
     let kvs = scan.count("metadata count")?;
     for _ in 0..kvs {
-        scan.string()?;
+        let alignment = scan.key()? == ALIGNMENT_KEY.as_bytes();
         let kind = scan.u32()?;
-        scan.value(kind, 0)?;
+        match (alignment, kind) {
+            // The integer types candle reads it from (it divides by it).
+            (true, 0..=5) => scan.alignment(kind)?,
+            _ => scan.value(kind, 0)?,
+        }
         scan.memory += 64;
     }
     for _ in 0..tensors {
@@ -213,6 +220,48 @@ impl<R: Read + Seek> Prescan<R> {
         Ok(n)
     }
 
+    /// A metadata key: its bytes when it may be one [`prescan`] reads
+    /// ([`ALIGNMENT_KEY`]), else nothing (skipped).
+    fn key(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.count("string length")?;
+        self.memory += 24 + n;
+        if n != ALIGNMENT_KEY.len() as u64 {
+            self.skip(n)?;
+            return Ok(Vec::new());
+        }
+        let mut key = vec![0u8; ALIGNMENT_KEY.len()];
+        self.reader.read_exact(&mut key).map_err(|_| self.short())?;
+        self.pos += n;
+        Ok(key)
+    }
+
+    /// `general.alignment` of integer type `kind` (0..=5): a power of two,
+    /// as llama.cpp requires (0 would divide by zero in candle's reader). A
+    /// negative one is ignored (candle then takes the default, 32).
+    fn alignment(&mut self, kind: u32) -> Result<(), String> {
+        let value: i64 = match kind {
+            0 => i64::from(self.bytes::<1>()?[0]),
+            1 => i64::from(self.bytes::<1>()?[0] as i8),
+            2 => i64::from(u16::from_le_bytes(self.bytes()?)),
+            3 => i64::from(i16::from_le_bytes(self.bytes()?)),
+            4 => i64::from(u32::from_le_bytes(self.bytes()?)),
+            _ => i64::from(i32::from_le_bytes(self.bytes()?)),
+        };
+        if value >= 0 && !(value as u64).is_power_of_two() {
+            return Err(format!(
+                "not a valid GGUF file: {ALIGNMENT_KEY} {value} is not a power of two"
+            ));
+        }
+        Ok(())
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        self.reader.read_exact(&mut b).map_err(|_| self.short())?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
     fn string(&mut self) -> Result<(), String> {
         let n = self.count("string length")?;
         self.memory += 24 + n;
@@ -264,7 +313,10 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
     let md = &content.metadata;
     let arch = match md.get("general.architecture") {
         Some(Value::String(a)) => Arch::from_key(a).ok_or_else(|| {
-            format!("unsupported GGUF architecture {a:?}: this node runs {SUPPORTED_ARCHITECTURES}")
+            format!(
+                "unsupported GGUF architecture {}: this node runs {SUPPORTED_ARCHITECTURES}",
+                brief(a)
+            )
         })?,
         _ => return Err("the GGUF file has no general.architecture string".to_owned()),
     };
@@ -277,7 +329,7 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
                 .to_u64()
                 .ok()
                 .and_then(|v| usize::try_from(v).ok())
-                .ok_or_else(|| format!("{full} is not a whole number: {v:?}")),
+                .ok_or_else(|| format!("{full} is not a whole number: {}", brief(v))),
         }
     };
     let layers = get("block_count")?;
@@ -325,11 +377,24 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
             "{p}.rope.dimension_count {rope_dim} is not an even number in 2..={head_dim} (the head size)"
         ));
     }
-    if let Some(Value::F32(eps)) = md.get(&format!("{p}.attention.layer_norm_rms_epsilon")) {
-        if !(eps.is_finite() && *eps > 0.0) {
+    // Read as an f32 by the model (whose message would quote the value whole).
+    match md.get(&format!("{p}.attention.layer_norm_rms_epsilon")) {
+        Some(Value::F32(eps)) if !(eps.is_finite() && *eps > 0.0) => {
             return Err(format!(
                 "{p}.attention.layer_norm_rms_epsilon {eps} is not positive"
             ));
+        }
+        Some(Value::F32(_)) => {}
+        Some(other) => {
+            return Err(format!(
+                "{p}.attention.layer_norm_rms_epsilon is not an f32: {}",
+                brief(other)
+            ))
+        }
+        None => {
+            return Err(format!(
+                "the GGUF file lacks {p}.attention.layer_norm_rms_epsilon"
+            ))
         }
     }
     let declared = match arch {
@@ -374,7 +439,8 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
     // Where the previous tensor ends: none may share bytes with another, so
     // the tensors never hold more than the file does.
     let mut previous: Option<(&String, u64)> = None;
-    for (name, info) in infos {
+    for (raw_name, info) in infos {
+        let name = shown(raw_name);
         let elems = info
             .shape
             .dims()
@@ -394,12 +460,13 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
         if let Some((other, other_end)) = previous {
             if info.offset < other_end {
                 return Err(format!(
-                    "tensor {name} (at offset {}) overlaps tensor {other} (ending at {other_end}): tensors may not share bytes",
-                    info.offset
+                    "tensor {name} (at offset {}) overlaps tensor {} (ending at {other_end}): tensors may not share bytes",
+                    info.offset,
+                    shown(other)
                 ));
             }
         }
-        previous = Some((name, info.offset.saturating_add(bytes)));
+        previous = Some((raw_name, info.offset.saturating_add(bytes)));
         let end = content
             .tensor_data_offset
             .checked_add(info.offset)
@@ -443,6 +510,75 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
             ));
         }
     }
+    let experts = match is_moe(content) {
+        true => {
+            // candle's mixture of experts: per-expert tensors, whole heads rotated.
+            let n = md_u32(md, "llama.expert_count").map_or(0, |n| n as usize);
+            if n > MAX_EXPERTS {
+                return Err(format!(
+                    "llama.expert_count {n} is more than {MAX_EXPERTS} experts"
+                ));
+            }
+            let used = md
+                .get("llama.expert_used_count")
+                .and_then(|v| v.to_u32().ok());
+            if !used.is_some_and(|used| (1..=n as u32).contains(&used)) {
+                return Err(format!(
+                    "llama.expert_used_count {used:?} is not a number of experts in 1..={n}"
+                ));
+            }
+            if rope_dim != head_dim {
+                return Err(format!(
+                    "llama.rope.dimension_count {rope_dim} must be the head size {head_dim} in a mixture of experts"
+                ));
+            }
+            n
+        }
+        false => 0,
+    };
+    let sizes = Sizes {
+        arch,
+        layers,
+        hidden,
+        q: heads * head_dim,
+        kv: kv_heads * head_dim,
+        head_dim,
+        vocab: vocab_size,
+        experts,
+    };
+    let mut in_order: Vec<_> = content.tensor_infos.iter().collect();
+    in_order.sort_by_key(|(name, info)| (info.offset, *name));
+    for (name, info) in in_order {
+        if let Some(want) = sizes.shape(name, content)? {
+            if info.shape.dims() != want.as_slice() {
+                return Err(format!(
+                    "tensor {} has shape {:?}; the metadata ({p}.embedding_length {hidden}, \
+                     {heads} heads, {kv_heads} KV heads of {head_dim}) needs {want:?}",
+                    shown(name),
+                    info.shape.dims()
+                ));
+            }
+            // candle's Q4_1, Q5_0 and Q5_1 dot products assert an even
+            // number of blocks per row (debug builds panic; release ones
+            // compute it). Our own Q4_1 kernel runs all but a mixture of experts.
+            let row = info.shape.dims().last().copied().unwrap_or(0);
+            let block = info.ggml_dtype.block_size();
+            let candles = match info.ggml_dtype {
+                GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
+                GgmlDType::Q4_1 => experts > 0,
+                _ => false,
+            };
+            if want.len() == 2 && candles && (row / block) % 2 != 0 {
+                return Err(format!(
+                    "tensor {} ({:?}) has rows of {row} values, an odd number of blocks of {block}, \
+                     which candle's {:?} kernel does not multiply",
+                    shown(name),
+                    info.ggml_dtype,
+                    info.ggml_dtype
+                ));
+            }
+        }
+    }
     Ok(Checked {
         arch,
         vocab_size,
@@ -450,6 +586,144 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
         params,
         tensor_bytes,
     })
+}
+
+/// Most characters of a value from the file a message shows.
+const SHOWN_CHARS: usize = 80;
+
+/// A name from the file, for a message: as it is, or as [`brief`] shows it
+/// when it holds control characters or is long (a refusal is one short
+/// line of plain text).
+fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.len() > SHOWN_CHARS || name.chars().any(char::is_control) {
+        true => brief(&name).into(),
+        false => name.into(),
+    }
+}
+
+/// A value from the file, for a message: its `Debug` form (strings quoted
+/// and escaped), cut after [`SHOWN_CHARS`] characters, since a string or an
+/// array may be as large as the file. The cut form is all that is formatted.
+pub(crate) fn brief(value: &dyn std::fmt::Debug) -> String {
+    struct Cut {
+        text: String,
+        left: usize,
+    }
+    impl std::fmt::Write for Cut {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for c in s.chars() {
+                if self.left == 0 {
+                    self.text.push('…');
+                    return Err(std::fmt::Error);
+                }
+                self.text.push(c);
+                self.left -= 1;
+            }
+            Ok(())
+        }
+    }
+    let mut cut = Cut {
+        text: String::new(),
+        left: SHOWN_CHARS,
+    };
+    // An error only says the text was cut.
+    let _ = std::fmt::Write::write_fmt(&mut cut, format_args!("{value:?}"));
+    cut.text
+}
+
+/// Most experts a llama mixture of experts may declare (Mixtral has 8).
+const MAX_EXPERTS: usize = 256;
+
+/// The sizes the metadata gives the tensors, once checked.
+struct Sizes {
+    arch: Arch,
+    layers: usize,
+    hidden: usize,
+    /// Width of the queries (heads × head size), and of the keys and values.
+    q: usize,
+    kv: usize,
+    head_dim: usize,
+    vocab: usize,
+    /// Experts of a mixture of experts; 0 for a plain feed-forward.
+    experts: usize,
+}
+
+impl Sizes {
+    /// The shape the model needs for tensor `name`, or `None` for a tensor
+    /// it does not read. The kernels index rows and heads by the metadata's
+    /// sizes, so a tensor of another shape must never reach them. A
+    /// feed-forward's width is its gate's, which must be positive.
+    fn shape(&self, name: &str, content: &Content) -> Result<Option<Vec<usize>>, String> {
+        let (h, q, kv) = (self.hidden, self.q, self.kv);
+        let whole = match name {
+            "token_embd.weight" | "output.weight" => Some(vec![self.vocab, h]),
+            "output_norm.weight" => Some(vec![h]),
+            _ => None,
+        };
+        if whole.is_some() {
+            return Ok(whole);
+        }
+        let Some((layer, what)) = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+        else {
+            return Ok(None);
+        };
+        // Only the names the loader reads: "blk.{i}." for i in 0..layers.
+        match layer.parse::<usize>() {
+            Ok(i) if i < self.layers && i.to_string() == layer => {}
+            _ => return Ok(None),
+        }
+        // The gate of this feed-forward (or expert) sets its width.
+        let ffn = |gate: String| -> Result<Option<usize>, String> {
+            match content.tensor_infos.get(&gate).map(|t| t.shape.dims()) {
+                None => Ok(None),
+                Some(&[f, w]) if w == h && f > 0 => Ok(Some(f)),
+                Some(dims) => Err(format!(
+                    "tensor {gate} has shape {dims:?}; a feed-forward gate needs [width > 0, {h}]"
+                )),
+            }
+        };
+        let feed_forward = |part: &str, gate: String| -> Result<Option<Vec<usize>>, String> {
+            Ok(ffn(gate)?.map(|f| match part {
+                "ffn_down" => vec![h, f],
+                _ => vec![f, h],
+            }))
+        };
+        Ok(match what {
+            "attn_q.weight" => Some(vec![q, h]),
+            "attn_k.weight" | "attn_v.weight" => Some(vec![kv, h]),
+            "attn_output.weight" => Some(vec![h, q]),
+            "attn_norm.weight" | "ffn_norm.weight" => Some(vec![h]),
+            "attn_q.bias" if self.arch == Arch::Qwen2 => Some(vec![q]),
+            "attn_k.bias" | "attn_v.bias" if self.arch == Arch::Qwen2 => Some(vec![kv]),
+            "attn_q_norm.weight" | "attn_k_norm.weight" if self.arch == Arch::Qwen3 => {
+                Some(vec![self.head_dim])
+            }
+            "ffn_gate_inp.weight" if self.experts > 0 => Some(vec![self.experts, h]),
+            _ => {
+                let Some((part, rest)) = what.split_once('.') else {
+                    return Ok(None);
+                };
+                if !matches!(part, "ffn_gate" | "ffn_up" | "ffn_down") {
+                    return Ok(None);
+                }
+                let layer = &name[..name.len() - what.len()];
+                match (self.experts, rest.strip_suffix(".weight")) {
+                    (0, _) if rest == "weight" => {
+                        feed_forward(part, format!("{layer}ffn_gate.weight"))?
+                    }
+                    (n, Some(index)) if n > 0 => match index.parse::<usize>() {
+                        Ok(e) if e < n && e.to_string() == index => {
+                            feed_forward(part, format!("{layer}ffn_gate.{e}.weight"))?
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+        })
+    }
 }
 
 /// Builds the model from a checked header; `reader` is the file again.

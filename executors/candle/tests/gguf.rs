@@ -143,6 +143,7 @@ fn tensor(name: &str, dims: &[usize], seed: u64, ty: GgmlDType) -> T {
         GgmlDType::F32 => 0,
         GgmlDType::Q8_0 => 8,
         GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_1 => 7,
         other => panic!("{other:?}"),
     };
     T {
@@ -922,4 +923,315 @@ fn a_node_refusing_a_hostile_gguf_keeps_serving() {
     assert_eq!(out.len(), 7, "the first client's model still runs");
     drop((client, other));
     server.shutdown();
+}
+
+// Found by the `gguf` fuzz target (fuzz/README.md): each of these files was
+// once mounted and then failed inside candle, or was refused with a message
+// that was not one short line.
+
+/// The refusal of a file that must not mount; if it mounts, what a job on it does.
+fn refused_before_running(bytes: &[u8]) -> String {
+    match load(bytes) {
+        Err(e) => {
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(!e.contains("panicked"), "refused, not caught: {e}");
+            e
+        }
+        Ok(model) => panic!(
+            "mounted; a job on it: {:?}",
+            model.generate(&[1, 2, 3], 2, &[], None)
+        ),
+    }
+}
+
+#[test]
+fn an_alignment_that_is_not_a_power_of_two_is_refused_before_candle_divides_by_it() {
+    // general.alignment 0 reached a division by zero in candle's reader.
+    for (value, says) in [
+        (0, "general.alignment 0 is not a power of two"),
+        (3, "general.alignment 3 is not a power of two"),
+        (48, "general.alignment 48 is not a power of two"),
+    ] {
+        let e =
+            refused_before_running(&llama_with("general.alignment", Md::U32(value), &tensors()));
+        assert!(e.contains(says), "{e}");
+    }
+}
+
+/// The tiny llama (Q8_0) with tensor `name` replaced by one of `dims` and type `ty`.
+fn with_tensor(name: &str, dims: &[usize], ty: GgmlDType) -> Vec<T> {
+    let mut list = tensors_with(GgmlDType::Q8_0);
+    let at = list
+        .iter()
+        .position(|t| t.name == name)
+        .expect("a tensor of the tiny llama");
+    list[at] = match dims.iter().product::<usize>() {
+        0 => T {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            ty: 8,
+            data: Vec::new(),
+            lie_offset: None,
+        },
+        _ => tensor(name, dims, 7, ty),
+    };
+    if list[at].data.is_empty() {
+        // No bytes: placed after every other tensor, so that it shares none.
+        let end: u64 = list
+            .iter()
+            .map(|t| (t.data.len() as u64).div_ceil(32) * 32)
+            .sum();
+        list[at].lie_offset = Some(end);
+    }
+    list
+}
+
+#[test]
+fn tensors_must_have_the_shapes_the_metadata_gives() {
+    // Each mounted, and a job on it panicked in our kernels (keys sliced
+    // past their end, a feed-forward or a norm of no values) or ran on rows
+    // of the wrong width.
+    let q = GgmlDType::Q8_0;
+    let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
+    for (name, dims, ty, says) in [
+        (
+            "blk.0.attn_k.weight",
+            vec![kv / 2, HIDDEN],
+            q,
+            "needs [32, 64]",
+        ),
+        (
+            "blk.1.attn_q.weight",
+            vec![HIDDEN + 32, HIDDEN],
+            q,
+            "needs [64, 64]",
+        ),
+        (
+            "blk.0.attn_output.weight",
+            vec![HIDDEN, HIDDEN * 2],
+            q,
+            "needs [64, 64]",
+        ),
+        (
+            "blk.1.attn_norm.weight",
+            vec![HIDDEN / 2],
+            GgmlDType::F32,
+            "needs [64]",
+        ),
+        ("output_norm.weight", vec![0], GgmlDType::F32, "needs [64]"),
+        (
+            "output.weight",
+            vec![VOCAB + 1, HIDDEN],
+            q,
+            "needs [96, 64]",
+        ),
+        (
+            "blk.0.ffn_gate.weight",
+            vec![0, HIDDEN],
+            q,
+            "a feed-forward gate needs [width > 0, 64]",
+        ),
+        (
+            "blk.1.ffn_down.weight",
+            vec![HIDDEN, FFN / 2],
+            q,
+            "needs [64, 128]",
+        ),
+        (
+            "blk.1.ffn_up.weight",
+            vec![FFN * 2, HIDDEN],
+            q,
+            "needs [128, 64]",
+        ),
+    ] {
+        let mut list = tensors_with(q);
+        if name == "output.weight" {
+            list.push(tensor(name, &dims, 3, ty));
+        } else {
+            list = with_tensor(name, &dims, ty);
+        }
+        let e = refused_before_running(&write_gguf(&metadata("llama"), &list));
+        assert!(
+            e.contains(&format!("tensor {name} has shape")),
+            "{name}: {e}"
+        );
+        assert!(e.contains(says), "{name}: {e}");
+    }
+    // qwen3's head norms are one head wide.
+    let mut bytes = qwen3_gguf();
+    let at = bytes
+        .windows(b"blk.0.attn_q_norm.weight".len())
+        .position(|w| w == b"blk.0.attn_q_norm.weight")
+        .unwrap();
+    // After the name: the dimension count, then the first dimension.
+    let dim = at + "blk.0.attn_q_norm.weight".len() + 4;
+    bytes[dim..dim + 8].copy_from_slice(&16u64.to_le_bytes());
+    let e = refused_before_running(&bytes);
+    assert!(
+        e.contains("tensor blk.0.attn_q_norm.weight has shape [16]"),
+        "{e}"
+    );
+    // A feed-forward narrower than the others, consistently: it runs.
+    let mut list = with_tensor("blk.1.ffn_gate.weight", &[FFN / 2, HIDDEN], q);
+    let at = list
+        .iter()
+        .position(|t| t.name == "blk.1.ffn_up.weight")
+        .unwrap();
+    list[at] = tensor("blk.1.ffn_up.weight", &[FFN / 2, HIDDEN], 8, q);
+    let at = list
+        .iter()
+        .position(|t| t.name == "blk.1.ffn_down.weight")
+        .unwrap();
+    list[at] = tensor("blk.1.ffn_down.weight", &[HIDDEN, FFN / 2], 9, q);
+    let model = load(&write_gguf(&metadata("llama"), &list)).expect("a narrower layer loads");
+    assert_eq!(model.generate(&[1, 2, 3], 4, &[], None).unwrap().len(), 4);
+}
+
+#[test]
+fn rows_of_an_odd_number_of_q5_blocks_are_refused() {
+    // candle's Q5_1 dot product asserts an even number of blocks per row
+    // (a caught panic in a debug build's job). Even ones run.
+    let q = GgmlDType::Q8_0;
+    let list = with_tensor("blk.0.ffn_down.weight", &[HIDDEN, FFN], GgmlDType::Q5_1);
+    let model = load(&write_gguf(&metadata("llama"), &list)).expect("Q5_1 loads");
+    assert_eq!(model.generate(&[1, 2, 3], 4, &[], None).unwrap().len(), 4);
+    // A feed-forward 96 wide: rows of 3 blocks for ffn_down.
+    let mut list = with_tensor("blk.0.ffn_gate.weight", &[96, HIDDEN], q);
+    let at = list
+        .iter()
+        .position(|t| t.name == "blk.0.ffn_up.weight")
+        .unwrap();
+    list[at] = tensor("blk.0.ffn_up.weight", &[96, HIDDEN], 8, q);
+    let at = list
+        .iter()
+        .position(|t| t.name == "blk.0.ffn_down.weight")
+        .unwrap();
+    list[at] = tensor("blk.0.ffn_down.weight", &[HIDDEN, 96], 9, GgmlDType::Q5_1);
+    let e = refused_before_running(&write_gguf(&metadata("llama"), &list));
+    assert!(
+        e.contains("tensor blk.0.ffn_down.weight (Q5_1) has rows of 96 values, an odd number of blocks of 32"),
+        "{e}"
+    );
+}
+
+/// A tiny llama mixture of `experts` experts (candle's model), declaring `declared`.
+fn moe_gguf(experts: usize, declared: u32, used: u32) -> Vec<u8> {
+    let q = GgmlDType::Q8_0;
+    let mut list: Vec<T> = tensors_with(q)
+        .into_iter()
+        .filter(|t| {
+            !t.name.contains(".ffn_gate.")
+                && !t.name.contains(".ffn_up.")
+                && !t.name.contains(".ffn_down.")
+        })
+        .collect();
+    for l in 0..LAYERS {
+        list.push(tensor(
+            &format!("blk.{l}.ffn_gate_inp.weight"),
+            &[experts, HIDDEN],
+            50,
+            GgmlDType::F32,
+        ));
+        for e in 0..experts {
+            let s = 60 + 10 * e as u64;
+            list.extend([
+                tensor(
+                    &format!("blk.{l}.ffn_gate.{e}.weight"),
+                    &[FFN, HIDDEN],
+                    s,
+                    q,
+                ),
+                tensor(
+                    &format!("blk.{l}.ffn_down.{e}.weight"),
+                    &[HIDDEN, FFN],
+                    s + 1,
+                    q,
+                ),
+                tensor(
+                    &format!("blk.{l}.ffn_up.{e}.weight"),
+                    &[FFN, HIDDEN],
+                    s + 2,
+                    q,
+                ),
+            ]);
+        }
+    }
+    let mut md = metadata("llama");
+    md.push(("llama.expert_count", Md::U32(declared)));
+    md.push(("llama.expert_used_count", Md::U32(used)));
+    write_gguf(&md, &list)
+}
+
+#[test]
+fn a_mixture_of_experts_declares_a_bounded_number_of_experts() {
+    let model = load(&moe_gguf(2, 2, 1)).expect("a mixture of 2 experts loads");
+    assert_eq!(model.generate(&[1, 2, 3], 4, &[], None).unwrap().len(), 4);
+    // u32::MAX experts: candle reserved room for all of them before reading
+    // the first (an allocation of hundreds of GB: the process aborted).
+    for (declared, used, says) in [
+        (
+            u32::MAX,
+            2,
+            "llama.expert_count 4294967295 is more than 256 experts",
+        ),
+        (1 << 20, 2, "llama.expert_count 1048576 is more than 256"),
+        (
+            2,
+            3,
+            "llama.expert_used_count Some(3) is not a number of experts in 1..=2",
+        ),
+        (2, 0, "llama.expert_used_count Some(0)"),
+    ] {
+        let e = refused_before_running(&moe_gguf(2, declared, used));
+        assert!(e.contains(says), "{declared}, {used}: {e}");
+    }
+}
+
+#[test]
+fn names_and_values_from_the_file_are_shown_on_one_short_line() {
+    // A tensor name with a newline (a forged log line), and a long one.
+    let mut list = tensors();
+    list[3].name = "blk.0.attn_k.weight\nERROR forged".to_owned();
+    list[3].lie_offset = Some(u64::MAX);
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(
+        e.contains(r#"tensor "blk.0.attn_k.weight\nERROR forged""#),
+        "{e}"
+    );
+    let mut list = tensors();
+    list[3].name = "x".repeat(10_000);
+    list[3].lie_offset = Some(u64::MAX);
+    let e = refusal(&write_gguf(&metadata("llama"), &list));
+    assert!(
+        e.len() < 400 && e.contains("past the end"),
+        "{} bytes: {e:.400}",
+        e.len()
+    );
+    // Values as large as the file were quoted whole: 100,000 strings, 1 MB.
+    let many: Vec<String> = vec!["x".to_owned(); 100_000];
+    let huge: &'static str = Box::leak("y".repeat(1 << 20).into_boxed_str());
+    for (key, value, says) in [
+        (
+            "llama.block_count",
+            Md::Strs(many.clone()),
+            "llama.block_count is not a whole number: Array([",
+        ),
+        (
+            "general.architecture",
+            Md::Str(huge),
+            "unsupported GGUF architecture \"yyy",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Md::Strs(many),
+            "layer_norm_rms_epsilon is not an f32: Array([",
+        ),
+    ] {
+        let e = refusal(&llama_with(key, value, &tensors()));
+        assert!(
+            e.len() < 400 && e.contains(says),
+            "{} bytes: {e:.400}",
+            e.len()
+        );
+    }
 }
