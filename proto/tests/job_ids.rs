@@ -224,3 +224,39 @@ fn cancel_and_queue_position_ids_are_bounded_too() {
     ));
     assert_eq!(position["position"], 0, "{position}");
 }
+
+/// The exact bytes a Go client (a hello without capabilities) reads when
+/// its `job_id` is refused: one v1 `error` frame each (`code` it ignores;
+/// the hello's `capabilities` too), and nothing runs.
+#[test]
+fn a_go_client_reads_the_refusal_as_these_bytes() {
+    let mut sim = node(config());
+    let p = sim.raw();
+    sim.write(
+        p,
+        &frame(r#"{"v":1,"type":"hello","mode":"local_lm","role":"client"}"#),
+    );
+    let long = "x".repeat(300);
+    sim.write(
+        p,
+        &frame(&format!(
+            r#"{{"v":1,"type":"prompt","job_id":"{long}","prompt":"hi"}}"#
+        )),
+    );
+    sim.write(
+        p,
+        &frame(r#"{"v":1,"type":"infer","job_id":"a\nb","input_ids":[1],"max_tokens":1}"#),
+    );
+    sim.run();
+    let frames = sim.frames(p);
+    assert_eq!(
+        frames,
+        [
+            r#"{"v":1,"type":"hello","mode":"local_lm","role":"server","local_lm_path":"/m","queue_capacity":64,"capabilities":["cancel","queue_position"]}"#,
+            // The Go node's layout of an error frame (docs/PROTOCOL.md §3.4).
+            r#"{"code":"bad_field","error":"bad field: job_id is 300 bytes, at most 256","type":"error","v":1}"#,
+            r#"{"code":"bad_field","error":"bad field: job_id must not contain control characters","job_id":"a\nb","type":"error","v":1}"#,
+        ]
+    );
+    assert!(sim.held_jobs.is_empty() && !sim.node.has_job());
+}
