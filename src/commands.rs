@@ -1,4 +1,4 @@
-//! The client subcommands: `push`, `infer`, `prompt`, `status`.
+//! The client subcommands: `push`, `infer`, `prompt`, `chat`, `status`, `models`.
 //!
 //! Output is human-readable by default. With `--json`, stdout gets exactly one
 //! JSON object whenever the node answered: the result frame as received for
@@ -11,8 +11,9 @@ use std::io::{IsTerminal, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use donate_proto::message::{ModelStatus, QueueStatus};
-use donate_proto::{Answer, Message, RequestId};
+use donate_host::NodeAddr;
+use donate_proto::message::{ModelStatus, PromptResult, QueueStatus};
+use donate_proto::{Answer, ApiMisuse, ChatMessage, Message, PromptRequest, RequestId};
 use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -21,7 +22,8 @@ use donate_proto::{Capability, ClientConfig, NodeTrust, PartialOutput, SecureCli
 
 use crate::secure::{self, Trust};
 use crate::{
-    exit, CliResult, ClientArgs, Failure, InferArgs, ModelsArgs, PromptArgs, PushArgs, StatusArgs,
+    exit, ChatArgs, CliResult, ClientArgs, Failure, InferArgs, ModelsArgs, PromptArgs, PushArgs,
+    StatusArgs,
 };
 
 /// `donate push`: upload a model and report whether it mounted.
@@ -97,37 +99,113 @@ pub fn prompt(args: PromptArgs) -> CliResult {
         }
         _ => args.text.clone(),
     };
-    let mut client = connect(&args.client)?;
+    let mut client = connect_for_prompts(&args.client)?;
+    let mut request = match &args.system {
+        Some(system) => PromptRequest::chat(
+            vec![
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", &text),
+            ],
+            args.max_out,
+        ),
+        None => PromptRequest::text(&text, args.max_out),
+    };
+    request.sampling = args.sampling.params();
+    ask(&mut client, &args.client, &request).map(|_| ())
+}
+
+/// `donate chat`: a conversation, a line per turn, each answer streamed;
+/// the whole conversation goes to the node each turn (extension `chat`).
+pub fn chat(args: ChatArgs) -> CliResult {
+    let mut client = connect_for_prompts(&args.client)?;
+    if !client.capabilities().contains(Capability::Chat) {
+        return Err(needs_chat(&args.client.addr));
+    }
+    let mut history: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} (an empty line or Ctrl-D ends; /reset forgets)",
+            args.client.addr
+        );
+    }
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(&mut stdin.lock(), &mut line)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        let line = line.trim_end_matches(['\n', '\r']);
+        if read == 0 || line.is_empty() {
+            return Ok(());
+        }
+        if line == "/reset" {
+            history.retain(|m| m.role == "system");
+            continue;
+        }
+        history.push(ChatMessage::new("user", line));
+        let mut request = PromptRequest::chat(history.clone(), args.max_out);
+        request.sampling = args.sampling.params();
+        let reply = ask(&mut client, &args.client, &request)?;
+        history.push(ChatMessage::new("assistant", &reply.text));
+    }
+}
+
+fn needs_chat(addr: &NodeAddr) -> Failure {
+    Failure::from(format!(
+        "the node at {addr} does not offer the chat extension: --system and `donate chat` need a node serving a GGUF model with a chat template (donate serve --mode local_lm --model FILE.gguf)"
+    ))
+}
+
+/// Connects to a node that answers prompts (a `model_push` node is told
+/// what to use instead).
+fn connect_for_prompts(args: &ClientArgs) -> Result<Client, Failure> {
+    let client = connect(args)?;
     if client.hello().mode == "model_push" {
         return Err(format!(
             "the node at {} runs pushed models (model_push), it does not answer prompts: \
              use `donate infer --model …` (or `donate push`), or a node started with --mode local_lm",
-            args.client.addr
+            args.addr
         )
         .into());
     }
+    Ok(client)
+}
+
+/// Sends `request` and prints the reply as it is generated (or, with
+/// `--json`, the result frame); the result.
+fn ask(
+    client: &mut Client,
+    args: &ClientArgs,
+    request: &PromptRequest,
+) -> Result<PromptResult, Failure> {
     let mut streamed = String::new();
-    let result = client
-        .send_prompt_with(&text, args.max_out, &args.sampling.params())
-        .and_then(|request| {
-            // Partial text (extension `stream`) is printed as it arrives,
-            // unless stdout must hold exactly one JSON object.
-            let answer = given_up_streaming(&mut client, request, |partial| {
-                if let (false, PartialOutput::Text(text)) = (args.client.json, partial) {
-                    print!("{text}");
-                    let _ = std::io::stdout().flush();
-                    streamed.push_str(&text);
-                }
-            })?;
-            donate_std::answers::prompt(answer)
-        });
+    let result = client.submit_prompt(request).and_then(|request| {
+        // Partial text (extension `stream`) is printed as it arrives,
+        // unless stdout must hold exactly one JSON object.
+        let answer = given_up_streaming(client, request, |partial| {
+            if let (false, PartialOutput::Text(text)) = (args.json, partial) {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+                streamed.push_str(&text);
+            }
+        })?;
+        donate_std::answers::prompt(answer)
+    });
     let answer = match &result {
         Ok(r) => Some(Message::PromptResult(r.clone())),
         Err(Error::PromptFailed(r)) => Some(Message::PromptResult((**r).clone())),
         Err(Error::Refused(e)) => Some(Message::Error(e.clone())),
         Err(_) => None,
     };
-    if args.client.json {
+    if args.json {
         if let Some(answer) = answer {
             print_json(&answer.to_json())?;
         }
@@ -135,15 +213,18 @@ pub fn prompt(args: PromptArgs) -> CliResult {
     if result.is_err() && !streamed.is_empty() {
         println!();
     }
-    let result = result.map_err(|e| failed(&args.client, "", &e))?;
-    if !args.client.json {
+    let result = result.map_err(|e| match e {
+        Error::Misuse(ApiMisuse::NotOffered("chat")) => needs_chat(&args.addr),
+        e => failed(args, "", &e),
+    })?;
+    if !args.json {
         // The final text is the authority: whatever the partials left out.
         match result.text.strip_prefix(streamed.as_str()) {
             Some(rest) => println!("{rest}"),
             None => println!("\n{}", result.text),
         }
     }
-    Ok(())
+    Ok(result)
 }
 
 /// `donate models`: what a node's model store holds.

@@ -75,6 +75,9 @@ enum Command {
     Infer(InferArgs),
     /// Send a prompt to a local_lm node.
     Prompt(PromptArgs),
+    /// Talk with a local_lm node's model: a line per turn, the conversation
+    /// kept (an empty line or end of input stops).
+    Chat(ChatArgs),
     /// Show a node's hello and queue status.
     Status(StatusArgs),
     /// List the models a node's store holds (nodes run with --store).
@@ -663,6 +666,24 @@ struct PromptArgs {
     /// The prompt text (`-`: read it from stdin).
     #[arg(value_name = "TEXT")]
     text: String,
+    /// A system message before the prompt, through the model's chat
+    /// template (needs a node offering the `chat` extension).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: sampling::SamplingArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Output limit per answer (0 = the node's default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_out: i64,
+    /// A system message opening the conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
     #[command(flatten)]
     sampling: sampling::SamplingArgs,
 }
@@ -799,6 +820,7 @@ fn main() -> ExitCode {
         Command::Push(args) => commands::push(args),
         Command::Infer(args) => commands::infer(args),
         Command::Prompt(args) => commands::prompt(args),
+        Command::Chat(args) => commands::chat(args),
         Command::Status(args) => commands::status(args),
         Command::Models(args) => commands::models(args),
         Command::Batch(args) => batch::run(args),

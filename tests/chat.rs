@@ -193,3 +193,102 @@ fn read_frame(stream: &mut TcpStream) -> String {
     stream.read_exact(&mut body).unwrap();
     String::from_utf8(body).unwrap()
 }
+
+/// `donate prompt --system` and `donate chat`, as a user types them: the
+/// answers are the node's own for the same conversation, and `chat` sends
+/// the whole conversation each turn.
+#[test]
+fn prompt_with_system_and_a_chat_session_through_the_cli() {
+    let Some((mut node, addr)) = serve() else {
+        return;
+    };
+    let direct = |messages: Vec<ChatMessage>| {
+        let mut client = Client::connect(addr.as_str()).unwrap();
+        let id = client
+            .submit_prompt(&PromptRequest::chat(messages, 12))
+            .unwrap();
+        client.wait_prompt(id).unwrap().text
+    };
+    let out = Command::new(BIN)
+        .args(["prompt", "--addr", &addr, "--max-out", "12"])
+        .args(["--system", "You answer in French.", "Say hello."])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = direct(conversation());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{first}\n"));
+
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--addr", &addr, "--max-out", "12"])
+        .args(["--system", "You answer in French."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"Say hello.\nAnd goodbye?\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut turns = conversation();
+    turns.push(ChatMessage::new("assistant", &first));
+    turns.push(ChatMessage::new("user", "And goodbye?"));
+    let second = direct(turns);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{first}\n{second}\n")
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+}
+
+/// A node without `chat` (the stub): `--system` and `donate chat` say what
+/// they need, and send nothing.
+#[test]
+fn system_and_chat_need_a_node_offering_chat() {
+    let mut node = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim_end()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    for args in [
+        vec!["prompt", "--addr", &addr, "--system", "x", "hi"],
+        vec!["chat", "--addr", &addr],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("does not offer the chat extension") && stderr.lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+}
