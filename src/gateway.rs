@@ -47,6 +47,26 @@ struct Gateway {
     started: u64,
     /// Requests counted by route and status, for `/metrics`.
     requests: Mutex<HashMap<(&'static str, u16), u64>>,
+    /// Conversations' donors: the hash of a model and a conversation so far
+    /// (its reply included) → the donor that answered it, so that the next
+    /// turn goes there (a donor-side prompt cache pays off).
+    affinity: Mutex<HashMap<u64, String>>,
+    /// Where the next tie between equally loaded donors starts.
+    turn: AtomicUsize,
+}
+
+/// Conversations [`Gateway::affinity`] remembers before it starts over.
+const MAX_AFFINITY: usize = 4096;
+
+/// The hash naming a conversation of `model`.
+fn conversation_key(model: &str, messages: &[ChatMessage]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    model.hash(&mut h);
+    for m in messages {
+        (&m.role, &m.content).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// How long a donor's model name is trusted before its `hello` is read again.
@@ -78,6 +98,8 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         requests: Mutex::new(HashMap::new()),
+        affinity: Mutex::new(HashMap::new()),
+        turn: AtomicUsize::new(0),
     });
     let app = Router::new()
         .route("/health", get(health))
@@ -309,6 +331,29 @@ impl Gateway {
         models
     }
 
+    /// The donor that answered this conversation's earlier turns, if known.
+    fn preferred(&self, model: &str, request: &PromptRequest) -> Option<String> {
+        let (_, earlier) = request.messages.split_last()?;
+        let key = conversation_key(model, earlier);
+        let affinity = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        affinity.get(&key).cloned()
+    }
+
+    /// Remembers that `donor` answered `request` with `reply`.
+    fn remember(&self, model: &str, request: &PromptRequest, reply: &str, donor: &Donor) {
+        if request.messages.is_empty() {
+            return;
+        }
+        let mut turns = request.messages.clone();
+        turns.push(ChatMessage::new("assistant", reply));
+        let key = conversation_key(model, &turns);
+        let mut affinity = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        if affinity.len() >= MAX_AFFINITY {
+            affinity.clear();
+        }
+        affinity.insert(key, donor.addr.to_string());
+    }
+
     /// The donors serving `model`, least loaded first.
     async fn donors_for(&self, model: &str) -> Result<Vec<&Donor>, ApiError> {
         let models = self.models().await;
@@ -330,13 +375,17 @@ impl Gateway {
                 code: Some("model_not_found"),
             });
         };
-        let mut donors: Vec<&Donor> = self
+        // Equally loaded donors take turns.
+        let n = self.donors.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let mut donors: Vec<(usize, &Donor)> = self
             .donors
             .iter()
-            .filter(|d| addrs.contains(&d.addr.to_string()))
+            .enumerate()
+            .filter(|(_, d)| addrs.contains(&d.addr.to_string()))
             .collect();
-        donors.sort_by_key(|d| d.in_flight.load(Ordering::Relaxed));
-        Ok(donors)
+        donors.sort_by_key(|(i, d)| (d.in_flight.load(Ordering::Relaxed), (i + n - start) % n));
+        Ok(donors.into_iter().map(|(_, d)| d).collect())
     }
 }
 
@@ -795,10 +844,27 @@ impl Drop for Running<'_> {
 }
 
 /// A connected donor able to take `request` (it agreed `chat`), trying the
-/// donors of the model in order of load.
-async fn pick<'a>(gateway: &'a Gateway, model: &str) -> Result<(Client, Running<'a>), ApiError> {
+/// donors of the model in order of load; the donor of the conversation's
+/// earlier turns first unless it is busier than the least loaded.
+async fn pick<'a>(
+    gateway: &'a Gateway,
+    model: &str,
+    request: &PromptRequest,
+) -> Result<(Client, Running<'a>), ApiError> {
     let mut last = String::new();
-    for donor in gateway.donors_for(model).await? {
+    let mut donors = gateway.donors_for(model).await?;
+    if let Some(addr) = gateway.preferred(model, request) {
+        let least = donors
+            .first()
+            .map_or(0, |d| d.in_flight.load(Ordering::Relaxed));
+        if let Some(at) = donors.iter().position(|d| {
+            d.addr.to_string() == addr && d.in_flight.load(Ordering::Relaxed) <= least
+        }) {
+            let donor = donors.remove(at);
+            donors.insert(0, donor);
+        }
+    }
+    for donor in donors {
         match connect(donor).await {
             Ok(client) if client.capabilities().contains(Capability::Chat) => {
                 return Ok((client, Running::on(donor)))
@@ -883,7 +949,7 @@ async fn whole(
     // A donor lost before it answers: the request goes to the next one.
     let mut last = None;
     for _ in 0..gateway.donors.len().max(1) {
-        let (mut client, _running) = match pick(gateway, &body.model).await {
+        let (mut client, running) = match pick(gateway, &body.model, request).await {
             Ok(picked) => picked,
             Err(e) => return e.into_response(),
         };
@@ -901,6 +967,7 @@ async fn whole(
                 continue;
             }
         };
+        gateway.remember(&body.model, request, &result.text, running.donor);
         let usage = result.usage.unwrap_or_default();
         let (id, created) = (new_id(endpoint), now_secs());
         let body = match endpoint {
@@ -916,7 +983,9 @@ async fn whole(
                 "usage": usage_json(&usage),
             }),
         };
-        return Json(body).into_response();
+        // Which donor answered, for operators (and the affinity test).
+        let donor = running.donor.addr.to_string();
+        return ([("x-donate-donor", donor)], Json(body)).into_response();
     }
     ApiError::unavailable(format!(
         "every donor was lost before answering ({})",
@@ -1010,7 +1079,7 @@ async fn stream_job(
 ) -> Result<Usage, String> {
     let mut sent_any = false;
     for _ in 0..gateway.donors.len().max(1) {
-        let (mut client, _running) = pick(gateway, model).await.map_err(|e| e.message)?;
+        let (mut client, running) = pick(gateway, model, request).await.map_err(|e| e.message)?;
         let id = client
             .submit_prompt(request)
             .await
@@ -1028,7 +1097,10 @@ async fn stream_job(
             () = tx.closed() => return Err("the client went away".to_owned()),
         };
         match answer.and_then(donate_tokio::answers::prompt) {
-            Ok(result) => return Ok(result.usage.unwrap_or_default()),
+            Ok(result) => {
+                gateway.remember(model, request, &result.text, running.donor);
+                return Ok(result.usage.unwrap_or_default());
+            }
             Err(donate_tokio::Error::PromptFailed(result)) => {
                 return Err(job_failed(&result).message)
             }

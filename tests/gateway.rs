@@ -260,3 +260,99 @@ fn the_gateway_refuses_to_listen_beyond_loopback_without_keys() {
         "{stderr}"
     );
 }
+
+/// Two donors: 16 streams at once all complete with the greedy answer, and
+/// each conversation's second turn goes to the donor of its first.
+#[test]
+fn streams_spread_over_two_donors_and_conversations_stay_on_theirs() {
+    let (Some(gguf), Some(python)) = (needed("DONATE_TEST_GGUF"), needed("DONATE_TEST_PYTHON"))
+    else {
+        return;
+    };
+    let serve = || {
+        let (child, first) = spawn(&[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--mode",
+            "local_lm",
+            "--model",
+            &gguf,
+        ]);
+        (
+            child,
+            first.strip_prefix("listening on ").unwrap().to_owned(),
+        )
+    };
+    let (mut a, addr_a) = serve();
+    let (mut b, addr_b) = serve();
+    let (mut gateway, first) = spawn(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--node",
+        &addr_a,
+        "--node",
+        &addr_b,
+    ]);
+    let base = first
+        .strip_prefix("gateway listening on ")
+        .unwrap()
+        .to_owned();
+    let model = std::path::Path::new(&gguf)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let script = r#"
+import json, sys, threading, openai
+base, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+def ask(messages):
+    r = client.chat.completions.with_raw_response.create(model=model, messages=messages,
+        max_tokens=8, temperature=0)
+    return r.headers["x-donate-donor"], r.parse().choices[0].message.content
+texts = [None] * 16
+def stream(i):
+    parts = []
+    for chunk in client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": "Count to three."}], stream=True):
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+    texts[i] = "".join(parts)
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+turns = []
+for topic in ["cats", "the sea", "bread", "rain", "music", "trees"]:
+    first = [{"role": "user", "content": "Tell me about " + topic + "."}]
+    donor1, reply = ask(first)
+    donor2, _ = ask(first + [{"role": "assistant", "content": reply},
+                             {"role": "user", "content": "More."}])
+    turns.append([donor1, donor2])
+_, alone = ask([{"role": "user", "content": "Count to three."}])
+print(json.dumps({"streams": texts, "alone": alone, "turns": turns}))
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script, &format!("{base}/v1"), &model])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alone = seen["alone"].as_str().unwrap();
+    assert!(!alone.is_empty());
+    for text in seen["streams"].as_array().unwrap() {
+        assert_eq!(text, alone, "{seen}");
+    }
+    for turn in seen["turns"].as_array().unwrap() {
+        assert_eq!(turn[0], turn[1], "a second turn changed donor: {seen}");
+    }
+    for child in [&mut a, &mut b, &mut gateway] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
