@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -34,21 +34,18 @@ fn serve() -> Option<(Child, String)> {
             return None;
         }
     };
-    let mut child = Command::new(BIN)
-        .args(["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"])
-        .args(["--model", &gguf, "--job-timeout", "600"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn donate serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, line) = common::spawn_donate(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--mode",
+        "local_lm",
+        "--model",
+        &gguf,
+        "--job-timeout",
+        "600",
+    ]);
     let addr = line
-        .trim_end()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
@@ -257,22 +254,9 @@ fn prompt_with_system_and_a_chat_session_through_the_cli() {
 /// they need, and send nothing.
 #[test]
 fn system_and_chat_need_a_node_offering_chat() {
-    let mut node = Command::new(BIN)
-        .args(["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(node.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim_end()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut node, line) =
+        common::spawn_donate(&["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"]);
+    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
     for args in [
         vec!["prompt", "--addr", &addr, "--system", "x", "hi"],
         vec!["chat", "--addr", &addr],

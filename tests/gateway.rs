@@ -9,8 +9,12 @@
 //! otherwise.
 #![cfg(feature = "candle")]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+
+use common::spawn_donate as spawn;
 
 use donate_proto::{ChatMessage, PromptRequest, SamplingParams};
 
@@ -28,23 +32,6 @@ fn needed(name: &str) -> Option<String> {
             None
         }
     }
-}
-
-/// Runs `donate ARGS` and returns it with the first line it printed.
-fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn donate");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (child, line.trim_end().to_owned())
 }
 
 /// What the Python side does with the `openai` package; prints one JSON

@@ -788,3 +788,23 @@ pub fn model_refused<T: std::fmt::Debug>(result: Res<T>) -> String {
         other => panic!("expected model_status ok:false, got {other:?}"),
     }
 }
+
+/// Runs the `donate` binary with `args` (logs at warn, to nowhere) and
+/// returns it with the first line it printed (`listening on …`).
+pub fn spawn_donate(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_donate"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn donate");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("its first line");
+    (child, line.trim_end().to_owned())
+}
