@@ -58,6 +58,12 @@ pub fn push(args: PushArgs) -> CliResult {
 
 /// `donate infer`: push the model, then run one job on it over the same connection.
 pub fn infer(args: InferArgs) -> CliResult {
+    if args.decode && cfg!(not(feature = "candle")) {
+        return Err(
+            "--decode needs donate built with --features candle (it reads the model's tokenizer)"
+                .into(),
+        );
+    }
     let (config, weights) = args.model_files();
     let mut model = Model::open(config.read(&weights)?, &weights)?;
     let mut client = connect(&args.client)?;
@@ -79,11 +85,35 @@ pub fn infer(args: InferArgs) -> CliResult {
         }
     }
     let result = result.map_err(|e| failed(&args.client, "", &e))?;
-    if !args.client.json {
-        let ids: Vec<String> = result.output_ids.iter().map(i32::to_string).collect();
-        println!("{}", ids.join(","));
+    if args.client.json {
+        return Ok(());
+    }
+    match (args.decode, &args.model) {
+        (true, Some(model)) => {
+            // The output is the input ids followed by the generated ones.
+            let generated = result.output_ids.get(args.ids.len()..).unwrap_or_default();
+            println!("{}", decode(model, generated)?);
+        }
+        _ => {
+            let ids: Vec<String> = result.output_ids.iter().map(i32::to_string).collect();
+            println!("{}", ids.join(","));
+        }
     }
     Ok(())
+}
+
+#[cfg(feature = "candle")]
+fn decode(model: &Path, ids: &[i32]) -> Result<String, Failure> {
+    let ids = ids
+        .iter()
+        .map(|&id| u32::try_from(id).map_err(|_| format!("cannot decode token id {id}")))
+        .collect::<Result<Vec<u32>, String>>()?;
+    donate_candle::decode_ids(model, &ids).map_err(|e| format!("cannot decode: {e}").into())
+}
+
+#[cfg(not(feature = "candle"))]
+fn decode(_: &Path, _: &[i32]) -> Result<String, Failure> {
+    unreachable!("infer refused --decode without the candle feature")
 }
 
 /// `donate prompt`: send a prompt to a local_lm node and print the reply.

@@ -586,6 +586,10 @@ struct InferArgs {
     /// Send weights_sha256 with the upload (always done for a node with a model store).
     #[arg(long)]
     sha256: bool,
+    /// Print the generated tokens as text, decoded with the --model's own
+    /// tokenizer (a build with --features candle).
+    #[arg(long, requires = "model")]
+    decode: bool,
     #[command(flatten)]
     sampling: sampling::SamplingArgs,
 }

@@ -132,3 +132,24 @@ fn donate_infer_pushes_a_gguf_file_and_answers_as_llama_cpp_does() {
     let want: Vec<i32> = FRANCE_IDS.iter().chain(&FRANCE_NEXT).copied().collect();
     assert_eq!(v["output_ids"], serde_json::json!(want), "{v}");
 }
+
+/// `donate infer --decode`: the generated ids as text, read with the GGUF
+/// file's own tokenizer: the start of llama.cpp's answer.
+#[test]
+fn donate_infer_decode_prints_the_generated_text() {
+    let Some(path) = gguf() else { return };
+    let (child, addr) = serve(&[]);
+    let ids: Vec<String> = FRANCE_IDS.iter().map(i32::to_string).collect();
+    let out = Command::new(BIN)
+        .args(["infer", "--addr", &addr, "--model", &path, "--decode"])
+        .args(["--max-tokens", "8", "--ids", &ids.join(",")])
+        .output()
+        .unwrap();
+    stop(child, &out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let text = text.strip_suffix('\n').unwrap();
+    assert!(
+        text.len() > 4 && FRANCE.starts_with(text),
+        "{text:?} is not the start of {FRANCE:?}"
+    );
+}

@@ -682,6 +682,44 @@ fn check_fits(model: &CandleModel, input: usize, n: usize) -> Result<(), JobErro
     Ok(())
 }
 
+/// Token ids as text, with a model's own tokenizer: a GGUF file's, or a
+/// directory's `tokenizer.json` (`donate infer --decode`). Only the file's
+/// header and metadata are read, with the checks a pushed model gets.
+pub fn decode_ids(model: &Path, ids: &[u32]) -> Result<String, String> {
+    let shown = model.display();
+    if model.is_file() {
+        let mut file =
+            std::fs::File::open(model).map_err(|e| format!("cannot open {shown}: {e}"))?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .len();
+        let max_context = CandleConfig::default().max_context;
+        let (content, checked) =
+            gguf::read_header(&mut file, len, max_context).map_err(|e| format!("{shown}: {e}"))?;
+        let tokenizer = chat::GgufTokenizer::from_metadata(&content.metadata, checked.vocab_size)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= checked.vocab_size) {
+            return Err(format!(
+                "token {bad} is outside the vocabulary of {shown} (0..{})",
+                checked.vocab_size
+            ));
+        }
+        return guard::guarded("decoding", || {
+            tokenizer
+                .tokenizer
+                .decode(ids, true)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        });
+    }
+    let path = model.join("tokenizer.json");
+    let tokenizer =
+        Tokenizer::from_file(&path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    tokenizer
+        .decode(ids, true)
+        .map_err(|e| format!("cannot decode with {}: {e}", path.display()))
+}
+
 /// Loads the `local_lm` model: a GGUF file (with its own tokenizer), or a
 /// directory with `config.json`, `model.safetensors` and `tokenizer.json`.
 fn load_local(path: &Path, device: &Device, max_context: usize) -> Result<LocalLm, String> {
