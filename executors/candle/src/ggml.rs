@@ -542,7 +542,10 @@ mod tests {
         let mut x = series(128, 5, 1.0);
         let mut cache = vec![0f32; 64];
         for (head, p) in x.chunks_mut(64).zip([1, 300]) {
-            rope_cache(p, 64, 100000.0, &mut cache);
+            // Opaque inputs: on constants the compiler folds sin, cos and powf
+            // itself (not as the C library's sinf), which a model never runs.
+            let (p, base) = std::hint::black_box((p, 100000.0));
+            rope_cache(p, 64, base, &mut cache);
             rope_norm(head, &cache);
         }
         assert_eq!(fnv(&x), 0x995e_1732_1908_4d84);
@@ -602,6 +605,15 @@ mod tests {
             let out: Vec<f32> = w.chunks(2 * Q8_0_BYTES).map(|row| dot(row, &xq)).collect();
             assert_eq!(bits(&out), want);
         }
+        // By two columns, series 12 then 16, ggml takes tinyBLAS, which sums
+        // each output as the dot product does: the same bits.
+        let mut xq2 = [zero; 2];
+        quantize_row_q8_0(&series(64, 16, 1.0), &mut xq2);
+        let out: Vec<f32> = w
+            .chunks(2 * Q8_0_BYTES)
+            .map(|row| best_dot_q8_0()(row, &xq2))
+            .collect();
+        assert_eq!(bits(&out), [0x3ff7c3c1, 0x40804350, 0xbe62a700, 0xc1702fe0]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod gguf;
 mod guard;
 mod model;
 mod q4_1;
+mod q5_0;
 mod qllama;
 mod qmatrix;
 mod sampling;

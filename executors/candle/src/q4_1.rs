@@ -102,10 +102,10 @@ fn hsum8(a: [f32; 8]) -> f32 {
 }
 
 /// A dot product of a Q4_1 row (bytes) with a Q8_1 row of as many blocks.
-type DotFn = fn(&[u8], &[BlockQ8_1]) -> f32;
-/// Four of them, of one Q4_1 row with four Q8_1 rows (prompts: the weight
-/// row's nibbles are unpacked once for all four); each result as [`DotFn`]'s.
-type Dot4Fn = fn(&[u8], [&[BlockQ8_1]; 4]) -> [f32; 4];
+type DotFn = qmatrix::Dot<BlockQ8_1>;
+/// Four of them, of one Q4_1 row with four Q8_1 rows (the row's nibbles
+/// unpacked once for all four); each result as [`DotFn`]'s.
+type Dot4Fn = qmatrix::Dot4<BlockQ8_1>;
 
 /// [`Dot4Fn`] without SIMD: four [`dot_scalar`]s.
 fn dot4_scalar(x: &[u8], ys: [&[BlockQ8_1]; 4]) -> [f32; 4] {
@@ -280,39 +280,9 @@ impl Q4_1Matrix {
         let mut xq = vec![zero; m * kb];
         quantize_row_q8_1(&xs, &mut xq);
         let data = self.weights.data()?;
-        let out = matmul(&data, self.n, &xq, m, self.dot);
+        let out = qmatrix::matmul_by_four(&data, self.n, &xq, m, ROWS_PER_ITEM, self.dot);
         Tensor::from_vec(out, dims, x.device())
     }
-}
-
-/// `[m, n]` outputs: row `r`, column `c` is weight row `c` (of `w`, `n` Q4_1
-/// rows) dotted with activation row `r` (of `xq`, `m` Q8_1 rows), four
-/// activation rows at a time ([`qmatrix::by_weight_rows`]).
-fn matmul(
-    w: &[u8],
-    n: usize,
-    xq: &[BlockQ8_1],
-    m: usize,
-    (dot, dot4): (DotFn, Dot4Fn),
-) -> Vec<f32> {
-    let kb = xq.len() / m.max(1);
-    let row_bytes = kb * Q4_1_BYTES;
-    assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
-    assert_eq!(xq.len(), m * kb, "matmul: activation blocks");
-    qmatrix::by_weight_rows(n, m, ROWS_PER_ITEM, |c, col| {
-        let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
-        let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
-        let mut fours = col.chunks_exact_mut(4);
-        for (q, out) in (&mut fours).enumerate() {
-            let r = q * 4;
-            let four = dot4(wrow, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
-            out.copy_from_slice(&four);
-        }
-        let done = m - m % 4;
-        for (r, out) in fours.into_remainder().iter_mut().enumerate() {
-            *out = dot(wrow, xrow(done + r));
-        }
-    })
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 //!   dequantized (candle's `QTensor::embedding`, one row per token), where
 //!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
 //!   the tied output projection multiplies by the same quantized tensor;
-//! - Q4_1 weights are multiplied with [`Q4_1Matrix`] and Q8_0 weights with
-//!   [`ggml::Q8_0Matrix`] (ggml's kernels), the other types with candle's
-//!   `QMatMul` as before.
+//! - Q4_1 weights are multiplied with [`Q4_1Matrix`], Q5_0 weights with
+//!   [`Q5_0Matrix`] and Q8_0 weights with [`ggml::Q8_0Matrix`] (ggml's
+//!   kernels), the other types with candle's `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
 //! [`Cache`] (keys and values per layer).
@@ -29,6 +29,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 use crate::ggml;
 use crate::q4_1::Q4_1Matrix;
+use crate::q5_0::Q5_0Matrix;
 
 /// The architectures [`QLlama`] runs (`general.architecture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,7 @@ impl Arch {
 #[derive(Debug)]
 enum Linear {
     Q4_1(Q4_1Matrix),
+    Q5_0(Q5_0Matrix),
     Q8_0(ggml::Q8_0Matrix),
     Candle(QMatMul),
 }
@@ -68,6 +70,7 @@ impl Linear {
     fn new(t: Arc<QTensor>) -> Result<Linear> {
         Ok(match t.dtype() {
             GgmlDType::Q4_1 if t.device().is_cpu() => Linear::Q4_1(Q4_1Matrix::new(t)?),
+            GgmlDType::Q5_0 if t.device().is_cpu() => Linear::Q5_0(Q5_0Matrix::new(t)?),
             GgmlDType::Q8_0 if t.device().is_cpu() => Linear::Q8_0(ggml::Q8_0Matrix::new(t)?),
             _ => Linear::Candle(QMatMul::from_arc(t)?),
         })
@@ -76,6 +79,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Q4_1(m) => m.forward(x),
+            Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }

@@ -1,7 +1,7 @@
-//! What our quantized weight matrices share (Q4_1 in `q4_1.rs`, Q8_0 in
-//! `ggml.rs`): checking the tensor, reading the activations, and splitting
-//! the weight rows over candle's thread pool. Each kernel only quantizes the
-//! activations and dots one weight row with them.
+//! What our quantized weight matrices share (Q4_1 in `q4_1.rs`, Q5_0 in
+//! `q5_0.rs`, Q8_0 in `ggml.rs`): checking the tensor, reading the
+//! activations, and splitting the weight rows over candle's thread pool. Each
+//! kernel only quantizes the activations and dots one weight row with them.
 
 use std::sync::Mutex;
 
@@ -93,4 +93,44 @@ pub(crate) fn by_weight_rows(
         }
     }
     out
+}
+
+/// A dot product of one weight row (its blocks' bytes) with a row of as many
+/// quantized activation blocks `Y`.
+pub(crate) type Dot<Y> = fn(&[u8], &[Y]) -> f32;
+/// Four of them, of one weight row with four activation rows (prompts: the
+/// weight row is unpacked once for all four); each result as [`Dot`]'s.
+pub(crate) type Dot4<Y> = fn(&[u8], [&[Y]; 4]) -> [f32; 4];
+
+/// `[m, n]` outputs: row `r`, column `c` is weight row `c` (of `w`, `n` rows
+/// of `row_bytes`) dotted with activation row `r` (of `xq`, `m` rows of
+/// blocks), four activation rows at a time ([`by_weight_rows`]), the rest one
+/// by one. `dot4` must give what `dot` gives, so a prompt's rows get the bits
+/// they would get alone.
+pub(crate) fn matmul_by_four<Y: Sync>(
+    w: &[u8],
+    n: usize,
+    xq: &[Y],
+    m: usize,
+    rows_per_item: usize,
+    (dot, dot4): (Dot<Y>, Dot4<Y>),
+) -> Vec<f32> {
+    let kb = xq.len() / m.max(1);
+    let row_bytes = w.len() / n.max(1);
+    assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
+    assert_eq!(xq.len(), m * kb, "matmul: activation blocks");
+    by_weight_rows(n, m, rows_per_item, |c, col| {
+        let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
+        let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
+        let mut fours = col.chunks_exact_mut(4);
+        for (q, out) in (&mut fours).enumerate() {
+            let r = q * 4;
+            let four = dot4(wrow, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
+            out.copy_from_slice(&four);
+        }
+        let done = m - m % 4;
+        for (r, out) in fours.into_remainder().iter_mut().enumerate() {
+            *out = dot(wrow, xrow(done + r));
+        }
+    })
 }

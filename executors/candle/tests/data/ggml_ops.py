@@ -1,5 +1,6 @@
 """Records what ggml's CPU ops compute on fixed inputs, for the tests of
-executors/candle/src/ggml.rs (the recorded values are pasted there).
+executors/candle/src/ggml.rs and src/q5_0.rs (the recorded values are
+pasted there).
 
 Runs the real ggml of node-llama-cpp 3.22.1 (llama.cpp tagged v0.5.0), the
 AVX-512 build llama.cpp loads on this project's machines:
@@ -27,11 +28,12 @@ for n, res, args in [
     ("ggml_rope_ext", vp, [vp, vp, vp, vp, C.c_int, C.c_int, C.c_int, fl, fl, fl, fl, fl, fl]),
     ("ggml_soft_max_ext", vp, [vp, vp, vp, fl, fl]), ("ggml_swiglu_split", vp, [vp, vp, vp]),
     ("ggml_rms_norm", vp, [vp, vp, fl]), ("ggml_mul_mat", vp, [vp, vp, vp]), ("ggml_mul", vp, [vp, vp, vp]),
+    ("ggml_quantize_chunk", C.c_size_t, [C.c_int, vp, vp, i64, i64, i64, vp]),
 ]:
     f = getattr(base, n); f.restype = res; f.argtypes = args
 cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, C.c_int]
 cpu.ggml_cpu_init()
-F32, Q8_0, I32 = 0, 8, 26
+F32, Q5_0, Q8_0, I32 = 0, 6, 8, 26
 ctx = base.ggml_init(P(64 << 20, None, False))
 
 def f32(v): return struct.unpack("<f", struct.pack("<f", v))[0]
@@ -46,9 +48,9 @@ def run(out, n):
     g = base.ggml_new_graph(ctx); base.ggml_build_forward_expand(g, out)
     cpu.ggml_graph_compute_with_ctx(ctx, g, 2)
     return [struct.unpack("<I", struct.pack("<f", v))[0] for v in (C.c_float * n).from_address(base.ggml_get_data(out))]
-def fnv(bits):
+def fnv(bits, raw=None):
     h = 0xcbf29ce484222325
-    for b in struct.pack(f"<{len(bits)}I", *bits):
+    for b in struct.pack(f"<{len(bits)}I", *bits) if raw is None else raw:
         h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
     return hex(h)
 def show(name, bits): print(name, "[" + ", ".join(hex(b) for b in bits) + "]" if len(bits) <= 32 else fnv(bits))
@@ -78,3 +80,13 @@ for r in range(4):
         raw += bytes(((((r * 64 + 32 * b + j) * 37) % 255 - 127) & 0xFF) for j in range(32))
 C.memmove(base.ggml_get_data(w), bytes(raw), len(raw))
 show("q8_0", run(base.ggml_mul_mat(ctx, w, tensor([64, 1], series(64, 12))), 4))
+# The same weights by two columns, series 12 then 16 (tinyBLAS for two or more).
+show("q8_0 x2", run(base.ggml_mul_mat(ctx, w, tensor([64, 2], series(64, 12) + series(64, 16))), 8))
+# Q5_0 weights: 12 rows of 192 (series 13 · 0.1) quantized by ggml itself, by one F32
+# column (series 14: ggml_vec_dot_q5_0_q8_0) and by five (series 14 then 15: tinyBLAS).
+src = (C.c_float * (12 * 192))(*series(12 * 192, 13, 0.1))
+w5 = base.ggml_new_tensor_2d(ctx, Q5_0, 192, 12)
+size = base.ggml_quantize_chunk(Q5_0, src, base.ggml_get_data(w5), 0, 12, 192, None)
+print("q5_0 bytes", size, fnv(None, C.string_at(base.ggml_get_data(w5), size)))
+show("q5_0", run(base.ggml_mul_mat(ctx, w5, tensor([192, 1], series(192, 14))), 12))
+show("q5_0 x5", run(base.ggml_mul_mat(ctx, w5, tensor([192, 5], series(192, 14) + series(4 * 192, 15))), 60))
