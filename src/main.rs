@@ -253,6 +253,20 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     candle_max_tokens: usize,
+    /// Most positions (prompt plus reply) an `--executor candle` job may
+    /// use, below the model's own context length: bounds each job's KV cache.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    candle_context: usize,
+    /// Most memory an `--executor candle` model may need beside its weights
+    /// (rotary tables and one job's KV cache at --candle-context); a GGUF
+    /// file that needs more is refused before anything is allocated.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8GiB")]
+    candle_runtime_memory: u64,
+    /// Most memory a GGUF file's header (metadata, vocabulary, tensor list)
+    /// may take once read; a file that needs more is refused before it is read.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256MiB")]
+    candle_metadata_memory: u64,
     /// Seconds a job may run in a cmd: worker or an lm: program before it is
     /// killed, or generate with candle before it is stopped.
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 60.0)]
@@ -1142,6 +1156,22 @@ mod tests {
             (args.candle_device.as_str(), args.candle_max_tokens),
             ("cpu", 256)
         );
+        #[cfg(feature = "candle")]
+        {
+            let defaults = donate_candle::ModelLimits::default();
+            assert_eq!(
+                (
+                    args.candle_context,
+                    args.candle_runtime_memory,
+                    args.candle_metadata_memory
+                ),
+                (
+                    defaults.context,
+                    defaults.runtime_bytes,
+                    defaults.metadata_bytes
+                )
+            );
+        }
     }
 
     #[test]

@@ -81,6 +81,11 @@ fn run_candle(args: &ServeArgs) -> CliResult {
         max_tokens_cap: args.candle_max_tokens,
         job_timeout: Some(std::time::Duration::from_secs_f64(args.job_timeout)),
         max_batch: args.candle_batch,
+        limits: donate_candle::ModelLimits {
+            context: args.candle_context,
+            runtime_bytes: args.candle_runtime_memory,
+            metadata_bytes: args.candle_metadata_memory,
+        },
         local_lm,
         raw_prompt: args.raw_prompt,
         sampling: Sampling {

@@ -153,3 +153,40 @@ fn donate_infer_decode_prints_the_generated_text() {
         "{text:?} is not the start of {FRANCE:?}"
     );
 }
+
+#[test]
+fn the_runtime_memory_limit_refuses_a_model_at_start_and_a_smaller_context_fits() {
+    let Some(model) = gguf() else { return };
+    // SmolLM2's KV cache at 4096 positions: 30 layers × 3 KV heads × 64 × 2 × 4 B
+    // × 4096 = 180 MiB, far over 8 MiB.
+    let out = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--mode", "local_lm"])
+        .args(["--model", &model, "--candle-runtime-memory", "8MiB"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run donate serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("8 MiB") && stderr.contains("--candle-context"),
+        "{stderr}"
+    );
+    // At 64 positions it needs under 3 MiB: it starts and answers.
+    let (node, addr) = serve_with(&[
+        "--mode",
+        "local_lm",
+        "--model",
+        &model,
+        "--candle-runtime-memory",
+        "8MiB",
+        "--candle-context",
+        "64",
+    ]);
+    let out = Command::new(BIN)
+        .args(["prompt", "--addr", &addr, "--max-out", "4", "hi"])
+        .output()
+        .expect("run donate prompt");
+    stop(node, &out);
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}

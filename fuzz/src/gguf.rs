@@ -1401,7 +1401,10 @@ pub fn outcome(data: &[u8]) -> Outcome {
         eprintln!("{} bytes", file.len());
     }
     let config = CandleConfig {
-        max_context,
+        limits: donate_candle::ModelLimits {
+            context: max_context,
+            ..Default::default()
+        },
         max_tokens_cap: 8,
         ..CandleConfig::default()
     };

@@ -227,7 +227,8 @@ mod gguf {
         let content = gguf_file::Content::read(&mut reader).expect("a GGUF file");
         let base = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("llama");
         drop(reader);
-        let ours = CandleModel::load_gguf_file(path, &Device::Cpu, 4096, false).expect("ours");
+        let ours = CandleModel::load_gguf_file(path, &Device::Cpu, Default::default(), false)
+            .expect("ours");
         let direct = |prompt: &[u32], n: usize| ours.generate(prompt, n, &[], None).expect("ours");
         let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| 100 + i * 37 % 5000).collect();
         let prompt_i32: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();

@@ -426,6 +426,11 @@ fn byte_level_bpe(
 /// characters outside the vocabulary become `<0xNN>` byte tokens. Built as a
 /// BPE whose merges are ranked by the joined piece's score, as `transformers`
 /// converts these models.
+/// Most work [`sentencepiece`] spends finding merges, as the sum over the
+/// pieces of their squared lengths in bytes: the largest vocabularies in use
+/// (256k pieces, a few of a hundred bytes) need tens of millions.
+const MAX_MERGE_WORK: u64 = 1 << 30;
+
 fn sentencepiece(
     md: &HashMap<String, Value>,
     tokens: &[&str],
@@ -453,6 +458,20 @@ fn sentencepiece(
     // Every way a piece splits into two pieces, the best-scoring piece's first
     // (llama.cpp merges whatever pair forms a piece; byte and unknown tokens
     // are never formed).
+    // Each piece costs its length squared (every split point, each side
+    // hashed): bounded, so a hostile vocabulary (one piece of megabytes)
+    // is refused at once instead of taking hours.
+    let work: u64 = tokens
+        .iter()
+        .map(|t| (t.len() as u64).saturating_mul(t.len() as u64))
+        .fold(0, u64::saturating_add);
+    if work > MAX_MERGE_WORK {
+        let longest = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
+        return Err(format!(
+            "the SentencePiece vocabulary's pieces are too long to build its merges \
+             (the longest is {longest} bytes; the sum of their squared lengths is {work}, at most {MAX_MERGE_WORK})"
+        ));
+    }
     let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         if matches!(types.get(id), Some(2 | 6)) {
@@ -627,6 +646,25 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
             .unwrap();
         let text = spm.tokenizer.decode(ids.get_ids(), true).unwrap();
         assert_eq!(text, "banana caf\u{e9} \u{2603}");
+    }
+
+    #[test]
+    fn a_vocabulary_of_huge_pieces_is_refused_at_once() {
+        // One piece of 1 MiB: finding its merges split by split would take
+        // about 10^12 byte operations (hours).
+        let mut md = spm_metadata();
+        for (key, value) in [
+            ("tokenizer.ggml.tokens", Value::String("a".repeat(1 << 20))),
+            ("tokenizer.ggml.scores", Value::F32(-1.0)),
+            ("tokenizer.ggml.token_type", Value::I32(1)),
+        ] {
+            let Some(Value::Array(items)) = md.get_mut(key) else {
+                panic!("{key}")
+            };
+            items.push(value);
+        }
+        let e = GgufTokenizer::from_metadata(&md, 500).unwrap_err();
+        assert!(e.contains("1048576 bytes"), "{e}");
     }
 
     #[test]

@@ -34,13 +34,33 @@ const MAX_DECLARED_CONTEXT: usize = 1 << 18;
 /// Widest attention head a file may declare (Gemma's 256 is the widest in use).
 const MAX_HEAD_DIM: usize = 1024;
 
-/// Most memory a model may need beside its weights at load and per job: its
-/// rotary tables and one job's KV cache filled to the context.
-const MAX_RUNTIME_BYTES: u64 = 8 << 30;
+/// What a GGUF file may make a node allocate beside its weights: checked
+/// against the header before anything is read (`donate serve
+/// --candle-context`, `--candle-runtime-memory`, `--candle-metadata-memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Most positions (input plus generated) a job may use, below the model's
+    /// own context length (default 4096).
+    pub context: usize,
+    /// Most memory a model may need beside its weights at load and per job:
+    /// its rotary tables and one job's KV cache filled to `context`
+    /// (default 8 GiB).
+    pub runtime_bytes: u64,
+    /// Most memory the header (metadata and tensor list, the vocabulary
+    /// included) may take once read; the largest in use need tens of MiB
+    /// (default 256 MiB).
+    pub metadata_bytes: u64,
+}
 
-/// Most memory the metadata of one file may take once read (its vocabulary
-/// included; the largest in use need tens of MiB).
-const MAX_METADATA_BYTES: u64 = 256 << 20;
+impl Default for ModelLimits {
+    fn default() -> Self {
+        ModelLimits {
+            context: 4096,
+            runtime_bytes: 8 << 30,
+            metadata_bytes: 256 << 20,
+        }
+    }
+}
 
 /// The metadata key of the tensor data's alignment.
 const ALIGNMENT_KEY: &str = "general.alignment";
@@ -78,7 +98,7 @@ pub fn is_gguf(bytes: &[u8]) -> bool {
 pub(crate) fn read_header<R: Read + Seek>(
     reader: &mut R,
     len: u64,
-    max_context: usize,
+    limits: ModelLimits,
 ) -> Result<(Content, Checked), String> {
     let mut magic = [0u8; 4];
     reader
@@ -92,7 +112,7 @@ pub(crate) fn read_header<R: Read + Seek>(
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
-    prescan(&mut *reader, len)?;
+    prescan(&mut *reader, len, limits.metadata_bytes)?;
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the GGUF file: {e}"))?;
@@ -108,21 +128,22 @@ pub(crate) fn read_header<R: Read + Seek>(
                 format!("not a valid GGUF file: {e}")
             }
         })?;
-    let checked = check(&content, len, max_context)?;
+    let checked = check(&content, len, limits)?;
     Ok((content, checked))
 }
 
 /// Walks the header's counts and lengths before candle reads it (candle
 /// allocates what they say): each must fit in the bytes left in the file, a
 /// tensor has at most 4 dimensions, and the metadata must fit in
-/// [`MAX_METADATA_BYTES`] once read.
-fn prescan<R: Read + Seek>(reader: R, len: u64) -> Result<(), String> {
+/// `max_memory` bytes once read.
+fn prescan<R: Read + Seek>(reader: R, len: u64, max_memory: u64) -> Result<(), String> {
     let mut scan = Prescan {
         reader: std::io::BufReader::new(reader),
         pos: 0,
         len,
         v1: false,
         memory: 0,
+        max_memory,
     };
     scan.skip(4)?;
     let version = scan.u32()?;
@@ -150,11 +171,11 @@ fn prescan<R: Read + Seek>(reader: R, len: u64) -> Result<(), String> {
         scan.skip(u64::from(dims) * if scan.v1 { 4 } else { 8 } + 4 + 8)?;
         scan.memory += 128;
     }
-    if scan.memory > MAX_METADATA_BYTES {
+    if scan.memory > max_memory {
         return Err(format!(
-            "the GGUF header would take {} MiB in memory once read, more than {} MiB",
+            "the GGUF header would take {} MiB in memory once read, more than {} MiB (--candle-metadata-memory)",
             scan.memory >> 20,
-            MAX_METADATA_BYTES >> 20
+            max_memory >> 20
         ));
     }
     Ok(())
@@ -169,6 +190,8 @@ struct Prescan<R> {
     v1: bool,
     /// Memory the header will take once read, estimated.
     memory: u64,
+    /// Most it may take.
+    max_memory: u64,
 }
 
 impl<R: Read + Seek> Prescan<R> {
@@ -280,10 +303,10 @@ impl<R: Read + Seek> Prescan<R> {
                 let n = self.count("metadata array length")?;
                 // Each item becomes a value of 32 bytes or so.
                 self.memory = self.memory.saturating_add(n.saturating_mul(32));
-                if self.memory > MAX_METADATA_BYTES {
+                if self.memory > self.max_memory {
                     return Err(format!(
-                        "the GGUF metadata would take more than {} MiB in memory once read (an array of {n} values)",
-                        MAX_METADATA_BYTES >> 20
+                        "the GGUF metadata would take more than {} MiB in memory once read (an array of {n} values; --candle-metadata-memory)",
+                        self.max_memory >> 20
                     ));
                 }
                 match item {
@@ -309,7 +332,7 @@ impl<R: Read + Seek> Prescan<R> {
 }
 
 /// Checks what [`read_header`] read; see there.
-fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, String> {
+fn check(content: &Content, len: u64, limits: ModelLimits) -> Result<Checked, String> {
     let md = &content.metadata;
     let arch = match md.get("general.architecture") {
         Some(Value::String(a)) => Arch::from_key(a).ok_or_else(|| {
@@ -406,7 +429,7 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
             "{p}.context_length {declared} is outside 1..={MAX_DECLARED_CONTEXT}"
         ));
     }
-    let mut context = declared.min(max_context.max(1));
+    let mut context = declared.min(limits.context.max(1));
     if arch == Arch::Llama {
         context = context.min(LLAMA_MAX_SEQ);
     }
@@ -420,12 +443,13 @@ fn check(content: &Content, len: u64, max_context: usize) -> Result<Checked, Str
         .zip(product(&[layers, context, kv_heads, head_dim, 2, 4]))
         .and_then(|(rope, kv)| rope.checked_add(kv));
     match runtime {
-        Some(bytes) if bytes <= MAX_RUNTIME_BYTES => {}
+        Some(bytes) if bytes <= limits.runtime_bytes => {}
         _ => {
             return Err(format!(
-                "at a context of {context} positions this model needs more than {} GiB for its KV cache and rotary tables: \
-                 its {layers} layers × {kv_heads} KV heads × {head_dim} are too large (or lower the node's max context)",
-                MAX_RUNTIME_BYTES >> 30
+                "at a context of {context} positions this model needs more than {} MiB for its KV cache and rotary tables: \
+                 its {layers} layers × {kv_heads} KV heads × {head_dim} are too large \
+                 (lower --candle-context or raise --candle-runtime-memory)",
+                limits.runtime_bytes >> 20
             ))
         }
     }

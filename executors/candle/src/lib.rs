@@ -51,6 +51,7 @@ use donate_proto::{
 use tokenizers::Tokenizer;
 
 pub use chat::{render_chat_template, ChatMessage};
+pub use gguf::ModelLimits;
 pub use model::{CandleModel, GenerateError};
 pub use sampling::Sampling;
 
@@ -153,9 +154,11 @@ pub struct CandleConfig {
     pub default_max_out: usize,
     /// Most tokens any job generates, whatever it asks for.
     pub max_tokens_cap: usize,
-    /// Most positions (input plus generated) a job may use, below the model's
-    /// own `max_position_embeddings`: bounds the rotary tables and a job's work.
-    pub max_context: usize,
+    /// What a model may make the node allocate: most positions a job may use
+    /// (below the model's own `max_position_embeddings`; bounds the rotary
+    /// tables and a job's work), and for GGUF files the memory beside the
+    /// weights and of the header.
+    pub limits: ModelLimits,
     /// `local_lm` mode: the model [`CandleExecutor::new`] loads, a GGUF file
     /// or a directory holding `config.json`, `model.safetensors` and
     /// `tokenizer.json`.
@@ -193,7 +196,7 @@ impl Default for CandleConfig {
             default_max_tokens: 8,
             default_max_out: 64,
             max_tokens_cap: 256,
-            max_context: 4096,
+            limits: ModelLimits::default(),
             local_lm: None,
             raw_prompt: false,
             sampling: Sampling::default(),
@@ -248,7 +251,7 @@ impl CandleExecutor {
         let device = config.device.open()?;
         let local = match &config.local_lm {
             Some(dir) => {
-                let mut local = load_local(dir, &device, config.max_context)?;
+                let mut local = load_local(dir, &device, config.limits)?;
                 if !config.raw_prompt {
                     if let Some(tokenizer) = local.model.gguf_tokenizer() {
                         tokenizer
@@ -285,12 +288,18 @@ impl CandleExecutor {
     /// the bytes start with the GGUF magic, else a safetensors llama.
     pub fn load(&self, config_json: &str, weights: &[u8]) -> Result<CandleModel, String> {
         self.refuse_on_local_lm()?;
-        let max = self.config.max_context;
+        let limits = self.config.limits;
         let model = if is_gguf_upload(config_json, weights)? {
             let mut reader = std::io::Cursor::new(weights);
-            CandleModel::load_gguf(&mut reader, weights.len() as u64, &self.device, max, false)
+            CandleModel::load_gguf(
+                &mut reader,
+                weights.len() as u64,
+                &self.device,
+                limits,
+                false,
+            )
         } else {
-            CandleModel::load(config_json, weights, &self.device, max)
+            CandleModel::load(config_json, weights, &self.device, limits.context)
         };
         Ok(model?.with_passes(self.config.max_batch, self.config.prompt_chunk))
     }
@@ -299,7 +308,7 @@ impl CandleExecutor {
     /// upload): GGUF or safetensors, as [`load`](CandleExecutor::load) decides.
     pub fn load_file(&self, config_json: &str, path: &Path) -> Result<CandleModel, String> {
         self.refuse_on_local_lm()?;
-        let max = self.config.max_context;
+        let limits = self.config.limits;
         let mut head = [0u8; 4];
         let head = match std::fs::File::open(path).and_then(|mut f| {
             use std::io::Read;
@@ -310,9 +319,9 @@ impl CandleExecutor {
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         let model = if is_gguf_upload(config_json, head)? {
-            CandleModel::load_gguf_file(path, &self.device, max, false)
+            CandleModel::load_gguf_file(path, &self.device, limits, false)
         } else {
-            CandleModel::load_file(config_json, path, &self.device, max)
+            CandleModel::load_file(config_json, path, &self.device, limits.context)
         };
         Ok(model?.with_passes(self.config.max_batch, self.config.prompt_chunk))
     }
@@ -695,9 +704,8 @@ pub fn decode_ids(model: &Path, ids: &[u32]) -> Result<String, String> {
             .metadata()
             .map_err(|e| format!("cannot read {shown}: {e}"))?
             .len();
-        let max_context = CandleConfig::default().max_context;
-        let (content, checked) =
-            gguf::read_header(&mut file, len, max_context).map_err(|e| format!("{shown}: {e}"))?;
+        let (content, checked) = gguf::read_header(&mut file, len, ModelLimits::default())
+            .map_err(|e| format!("{shown}: {e}"))?;
         let tokenizer = chat::GgufTokenizer::from_metadata(&content.metadata, checked.vocab_size)
             .map_err(|e| format!("{shown}: {e}"))?;
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= checked.vocab_size) {
@@ -723,9 +731,9 @@ pub fn decode_ids(model: &Path, ids: &[u32]) -> Result<String, String> {
 
 /// Loads the `local_lm` model: a GGUF file (with its own tokenizer), or a
 /// directory with `config.json`, `model.safetensors` and `tokenizer.json`.
-fn load_local(path: &Path, device: &Device, max_context: usize) -> Result<LocalLm, String> {
+fn load_local(path: &Path, device: &Device, limits: ModelLimits) -> Result<LocalLm, String> {
     if path.is_file() {
-        let model = CandleModel::load_gguf_file(path, device, max_context, true)
+        let model = CandleModel::load_gguf_file(path, device, limits, true)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         return Ok(LocalLm {
             model,
@@ -739,7 +747,7 @@ fn load_local(path: &Path, device: &Device, max_context: usize) -> Result<LocalL
             tokenizer_path.display()
         ));
     }
-    let model = CandleModel::load_dir(path, device, max_context)?;
+    let model = CandleModel::load_dir(path, device, limits.context)?;
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| format!("cannot load {}: {e}", tokenizer_path.display()))?;
     Ok(LocalLm {

@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::chat::GgufTokenizer;
 use crate::combine::{all_failed, Combiner};
-use crate::gguf::{self, QModel};
+use crate::gguf::{self, ModelLimits, QModel};
 use crate::guard::guarded;
 use crate::sampling::{Sampler, Sampling};
 
@@ -162,10 +162,10 @@ impl CandleModel {
         reader: &mut R,
         len: u64,
         device: &Device,
-        max_context: usize,
+        limits: ModelLimits,
         tokenizer: bool,
     ) -> Result<CandleModel, String> {
-        let (content, checked) = gguf::read_header(reader, len, max_context)?;
+        let (content, checked) = gguf::read_header(reader, len, limits)?;
         let tokenizer = match tokenizer {
             true => Some(GgufTokenizer::from_metadata(
                 &content.metadata,
@@ -199,7 +199,7 @@ impl CandleModel {
     pub fn load_gguf_file(
         path: &Path,
         device: &Device,
-        max_context: usize,
+        limits: ModelLimits,
         tokenizer: bool,
     ) -> Result<CandleModel, String> {
         let file = std::fs::File::open(path)
@@ -211,7 +211,7 @@ impl CandleModel {
         // Buffered: the header is tens of thousands of small reads (one per
         // vocabulary string); each tensor is then one large read.
         let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-        CandleModel::load_gguf(&mut reader, len, device, max_context, tokenizer)
+        CandleModel::load_gguf(&mut reader, len, device, limits, tokenizer)
     }
 
     /// `"gguf"` or `"safetensors"`: what the model was loaded from.
