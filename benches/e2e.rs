@@ -1113,6 +1113,7 @@ impl Node {
             weights_len: len as i64,
             weights_sha256: donate_proto::hex(&sha256),
             offset: 0,
+            name: String::new(),
         })
         .encode(&mut out);
         let piece = vec![fill; MIB as usize];

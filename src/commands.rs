@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use donate_host::NodeAddr;
-use donate_proto::message::{ModelStatus, PromptResult, QueueStatus};
+use donate_proto::message::{ModelStatus, PromptResult, QueueStatus, MAX_MODEL_NAME};
 use donate_proto::{Answer, ApiMisuse, ChatMessage, Message, PromptRequest, RequestId};
 use donate_std::{Client, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -273,17 +273,33 @@ pub fn models(args: ModelsArgs) -> CliResult {
     if args.client.json {
         return print_json(&Message::ModelInventory(inventory).to_json());
     }
+    // The name column as wide as the longest name (a name may be 255 bytes).
+    let width = inventory
+        .models
+        .iter()
+        .map(|m| m.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(4, 48);
     println!(
-        "{:<64}  {:>10}  {:>6}  last used",
-        "sha256", "size", "in use"
+        "{:<width$}  {:>10}  {:>6}  {:<20}  sha256",
+        "name", "size", "in use", "last used"
     );
     for model in &inventory.models {
+        let name = match model.name.as_str() {
+            "" => "-".to_owned(),
+            name if name.chars().count() > width => {
+                let cut: String = name.chars().take(width - 1).collect();
+                format!("{cut}…")
+            }
+            name => name.to_owned(),
+        };
         println!(
-            "{:<64}  {:>10}  {:>6}  {}",
-            model.sha256,
+            "{name:<width$}  {:>10}  {:>6}  {:<20}  {}",
             human_size(model.size),
             if model.in_use { "yes" } else { "no" },
-            utc(model.last_used)
+            utc(model.last_used),
+            model.sha256,
         );
     }
     // `store_free` is the cap less the models in use and the uploads under
@@ -590,6 +606,21 @@ struct Model {
 }
 
 impl Model {
+    /// What the node's store calls it: the weights' file name, its control
+    /// characters dropped, cut to the longest name a store keeps.
+    fn name(&self) -> String {
+        let file = self.weights_path.file_name().unwrap_or_default();
+        let mut name: String = file
+            .to_string_lossy()
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect();
+        while name.len() > MAX_MODEL_NAME {
+            name.pop();
+        }
+        name
+    }
+
     fn open(config_json: String, weights: &Path) -> Result<Model, Failure> {
         let cannot = |e: std::io::Error| format!("cannot read weights {}: {e}", weights.display());
         let file = File::open(weights).map_err(cannot)?;
@@ -657,11 +688,15 @@ fn upload(
     };
     let (result, reused, resumed_from) = match hash {
         Some(hash) if stored => {
+            let weights = donate_std::WeightsRef {
+                sha256: hash,
+                name: model.name(),
+            };
             match client.push_stored(
                 &model.config_json,
                 &model.weights,
                 model.len,
-                hash,
+                weights,
                 progress,
             ) {
                 Ok(pushed) => {

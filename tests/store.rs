@@ -446,10 +446,18 @@ fn donate_models_and_push_json_report_what_was_sent() {
     let listed = run(&["models", "--addr", &addr, "--json"]);
     assert_eq!(listed["models"][0]["sha256"], hex(&sha(&model)));
     assert_eq!(listed["models"][0]["size"], model.len() as u64);
+    assert_eq!(
+        listed["models"][0]["name"], "w.bin",
+        "the pushed file's name"
+    );
     assert!(listed["store_free"].as_u64().unwrap() > 0);
     // Sizes in binary units; what is free goes down as models are stored.
     let table = text(&["models", "--addr", &addr]);
     assert!(table.contains(" 2.0 MiB "), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("w.bin "),
+        "{table}"
+    );
     assert!(
         table.contains("1 model; 1022.0 MiB free under the store's cap (1.0 GiB for an upload once models not in use are evicted)"),
         "{table}"

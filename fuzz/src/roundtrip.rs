@@ -35,6 +35,7 @@ pub enum AnyMessage {
         weights_len: i64,
         weights_sha256: String,
         offset: i64,
+        name: String,
     },
     WeightsChunk {
         index: i64,
@@ -116,11 +117,13 @@ impl AnyMessage {
                 weights_len,
                 weights_sha256,
                 offset,
+                name,
             } => Message::ModelBegin(ModelBegin {
                 config_json: s(config_json),
                 weights_len: *weights_len,
                 weights_sha256: s(weights_sha256),
                 offset: *offset,
+                name: s(name),
             }),
             AnyMessage::WeightsChunk {
                 index,

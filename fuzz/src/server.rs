@@ -1573,6 +1573,7 @@ pub fn upload_bytes(len: u8, chunk: u8, flaw: u8) -> Vec<u8> {
         weights_len: if flaw == 5 { -1 } else { len.into() },
         weights_sha256: sha,
         offset: 0,
+        name: String::new(),
     })
     .encode(&mut out);
     let pieces: Vec<&[u8]> = weights.chunks(chunk).collect();

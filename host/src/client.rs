@@ -14,6 +14,7 @@ use donate_proto::message::{
 use donate_proto::{
     Answer, Capabilities, Capability, ClientConfig, ClientConnection, ClientEvent, ErrorCode,
     PartialOutput, PromptRequest, PublicKey, RequestId, SamplingParams, SecureClientConfig,
+    UploadRequest,
 };
 
 use crate::error::{answers, feed_read, Error, Result};
@@ -51,6 +52,40 @@ impl Pushed {
             sent: len - resumed_from,
             reused: false,
             resumed_from,
+        }
+    }
+}
+
+/// The weights a store-aware push mounts: their SHA-256, and the name the
+/// node's store keeps with them (the file name pushed; empty for none).
+/// `[u8; 32]` converts into one without a name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightsRef {
+    /// The SHA-256 of the weights.
+    pub sha256: [u8; 32],
+    /// Extension `store`: what the node's store calls the model.
+    pub name: String,
+}
+
+impl From<[u8; 32]> for WeightsRef {
+    fn from(sha256: [u8; 32]) -> Self {
+        WeightsRef {
+            sha256,
+            name: String::new(),
+        }
+    }
+}
+
+impl WeightsRef {
+    /// The upload of these weights (`len` bytes with `config_json`) from
+    /// byte `from`: a resume of a broken upload when not 0.
+    pub fn upload(&self, config_json: &str, len: u64, from: u64) -> UploadRequest {
+        UploadRequest {
+            config_json: config_json.to_owned(),
+            weights_len: len,
+            sha256: Some(self.sha256),
+            offset: from,
+            name: self.name.clone(),
         }
     }
 }
@@ -251,32 +286,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Mounts the model whose weights `reader` holds (`len` bytes hashing to
-    /// `sha256`), sending only what the node lacks: on a node with a model
-    /// store it mounts a stored copy with no weights sent, or resumes a broken
-    /// upload where it stopped; elsewhere it uploads everything.
+    /// `weights.sha256`), sending only what the node lacks: on a node with a
+    /// model store it mounts a stored copy with no weights sent, or resumes a
+    /// broken upload where it stopped (an upload gives the store
+    /// `weights.name`); elsewhere it uploads everything.
     pub async fn push_stored(
         &mut self,
         config_json: &str,
         mut reader: impl AsyncRead + AsyncSeek + Unpin,
         len: u64,
-        sha256: [u8; 32],
+        weights: impl Into<WeightsRef>,
         mut progress: impl FnMut(u64),
     ) -> Result<Pushed> {
+        let weights = weights.into();
         let store = self.core.capabilities().contains(Capability::Store);
         let (mut plan, mut step) = StoredPush::start(len, store);
         loop {
             step = match step {
-                PushStep::Query => plan.inventory(self.query_models(&[sha256]).await?)?,
+                PushStep::Query => plan.inventory(self.query_models(&[weights.sha256]).await?)?,
                 PushStep::Use => {
-                    let request = self.core.use_model(config_json, sha256)?;
+                    let request = self.core.use_model(config_json, weights.sha256)?;
                     plan.used(answers::model_status(self.wait(request).await?))?
                 }
                 PushStep::Upload { from } => {
                     reader.seek(io::SeekFrom::Start(from)).await?;
-                    let request = match from {
-                        0 => self.core.begin_upload(config_json, len, Some(sha256))?,
-                        _ => self.core.resume_upload(config_json, len, sha256, from)?,
-                    };
+                    let request =
+                        self.core
+                            .submit_upload(&weights.upload(config_json, len, from))?;
                     let answer = self.send_upload(request, &mut reader, &mut progress).await;
                     plan.uploaded(from, answer)?
                 }

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 pub use addr::{bind_unix, unix_addr};
 pub use addr::{peer_ip, AddrParseError, NodeAddr, ToNodeAddr};
 pub use client::{
-    dial_named, window, AsyncStream, BoxStream, Client, PushStep, Pushed, StoredPush,
+    dial_named, window, AsyncStream, BoxStream, Client, PushStep, Pushed, StoredPush, WeightsRef,
 };
 pub use donate_proto::{ClientConfig, SecureClientConfig};
 pub use error::{answers, feed_read, Error, Result};

@@ -101,6 +101,8 @@ impl Index {
 struct Entry {
     size: u64,
     config_json: String,
+    /// What its upload called it (`model_begin`'s `name`), or empty.
+    name: String,
     /// Milliseconds since the epoch.
     last_used: u64,
     /// Mounted models holding it.
@@ -119,6 +121,8 @@ struct Meta {
     size: u64,
     #[serde(default)]
     config_json: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    name: String,
     /// Milliseconds since the epoch.
     #[serde(default)]
     last_used: u64,
@@ -158,6 +162,11 @@ impl ModelStore {
                 hash,
                 Entry {
                     size: meta.len(),
+                    name: stored
+                        .as_ref()
+                        .map(|m| m.name.clone())
+                        .filter(|n| donate_proto::message::valid_model_name(n))
+                        .unwrap_or_default(),
                     config_json: stored.map(|m| m.config_json).unwrap_or_default(),
                     last_used,
                     pins: 0,
@@ -263,6 +272,7 @@ impl ModelStore {
                 },
                 in_use: model.is_some_and(|m| m.pins > 0),
                 last_used: model.map_or(0, |m| (m.last_used / 1000) as i64),
+                name: model.map(|m| m.name.clone()).unwrap_or_default(),
             }
         };
         let models = if hashes.is_empty() {
@@ -302,6 +312,7 @@ impl ModelStore {
         total: u64,
         offset: u64,
         config_json: &str,
+        name: &str,
     ) -> Result<StoreFile, String> {
         self.expire_partials();
         let mut index = self.index();
@@ -337,7 +348,7 @@ impl ModelStore {
         );
         drop(index);
         let store = self.clone();
-        let file = StoreFile::open(store, hash, claim, total, offset, config_json);
+        let file = StoreFile::open(store, hash, claim, total, offset, config_json, name);
         if file.is_err() {
             let mut index = self.index();
             if index.owns(&hash, claim) {
@@ -484,6 +495,7 @@ impl ModelStore {
         let meta = Meta {
             size: entry.size,
             config_json: entry.config_json.clone(),
+            name: entry.name.clone(),
             last_used: entry.last_used,
         };
         drop(index);
@@ -528,6 +540,7 @@ pub(crate) struct StoreFile {
     /// For a resumed upload: the hash of every byte (the node saw only the new ones).
     hasher: Option<Sha256>,
     config_json: String,
+    name: String,
     finished: bool,
 }
 
@@ -539,6 +552,7 @@ impl StoreFile {
         total: u64,
         offset: u64,
         config_json: &str,
+        name: &str,
     ) -> Result<StoreFile, String> {
         let path = store.partial_path(&hash);
         if offset == 0 {
@@ -573,6 +587,7 @@ impl StoreFile {
             written: offset,
             hasher,
             config_json: config_json.to_owned(),
+            name: name.to_owned(),
             finished: false,
         })
     }
@@ -622,6 +637,7 @@ impl StoreFile {
             Entry {
                 size: self.total,
                 config_json: self.config_json.clone(),
+                name: self.name.clone(),
                 last_used,
                 pins: 0,
                 verified: checked,
@@ -632,6 +648,7 @@ impl StoreFile {
         let meta = Meta {
             size: self.total,
             config_json: std::mem::take(&mut self.config_json),
+            name: std::mem::take(&mut self.name),
             last_used,
         };
         write_meta(&to, &meta);
@@ -790,7 +807,7 @@ mod tests {
     fn put(store: &ModelStore, bytes: &[u8]) -> Hash {
         let hash = sha(bytes);
         let mut file = store
-            .begin_write(hash, bytes.len() as u64, 0, "{}")
+            .begin_write(hash, bytes.len() as u64, 0, "{}", "")
             .unwrap();
         file.write(bytes).unwrap();
         file.finish().unwrap()
@@ -815,14 +832,40 @@ mod tests {
         // With `a` pinned and 300 bytes of cap, 250 bytes cannot fit.
         let big = vec![5; 250];
         let err = store
-            .begin_write(sha(&big), 250, 0, "{}")
+            .begin_write(sha(&big), 250, 0, "{}", "")
             .err()
             .expect("full");
         assert!(err.contains("in use"), "{err}");
         drop(pin_a);
-        assert!(store.begin_write(sha(&big), 250, 0, "{}").is_ok());
-        let err = store.begin_write(sha(b"x"), 301, 0, "{}").err().unwrap();
+        assert!(store.begin_write(sha(&big), 250, 0, "{}", "").is_ok());
+        let err = store
+            .begin_write(sha(b"x"), 301, 0, "{}", "")
+            .err()
+            .unwrap();
         assert!(err.contains("at most 300 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_models_name_is_listed_and_kept_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path(), 1 << 20).unwrap();
+        let bytes = [7u8; 64];
+        let mut file = store
+            .begin_write(sha(&bytes), 64, 0, "{}", "SmolLM2.Q4_1.gguf")
+            .unwrap();
+        file.write(&bytes).unwrap();
+        let hash = file.finish().unwrap();
+        let name = |store: &ModelStore| store.inventory(&[hash]).models[0].name.clone();
+        assert_eq!(name(&store), "SmolLM2.Q4_1.gguf");
+        assert_eq!(
+            name(&ModelStore::open(dir.path(), 1 << 20).unwrap()),
+            "SmolLM2.Q4_1.gguf"
+        );
+        // A name edited into the metadata file with a control character is dropped.
+        let meta = meta_path(&store.model_path(&hash));
+        let text = fs::read_to_string(&meta).unwrap();
+        fs::write(&meta, text.replace("SmolLM2.Q4_1.gguf", "bad\\u001b[2J")).unwrap();
+        assert_eq!(name(&ModelStore::open(dir.path(), 1 << 20).unwrap()), "");
     }
 
     #[test]
@@ -831,15 +874,15 @@ mod tests {
         let store = ModelStore::open(dir.path(), 1 << 20).unwrap();
         let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
         let hash = sha(&bytes);
-        let mut first = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        let mut first = store.begin_write(hash, 1000, 0, "{}", "").unwrap();
         first.write(&bytes[..400]).unwrap();
         drop(first);
         assert_eq!(store.inventory(&[hash]).models[0].partial, 400);
         // The same store reopened (a restarted node) still holds the partial.
         let store = ModelStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(store.inventory(&[hash]).models[0].partial, 400);
-        assert!(store.begin_write(hash, 1000, 401, "{}").is_err());
-        let mut second = store.begin_write(hash, 1000, 400, "{}").unwrap();
+        assert!(store.begin_write(hash, 1000, 401, "{}", "").is_err());
+        let mut second = store.begin_write(hash, 1000, 400, "{}", "").unwrap();
         second.write(&bytes[400..]).unwrap();
         assert_eq!(second.finish().unwrap(), hash);
         assert!(store.inventory(&[hash]).models[0].stored);
@@ -848,10 +891,10 @@ mod tests {
         // A resume whose new bytes are wrong does not hash to the name.
         let other: Vec<u8> = vec![9; 1000];
         let hash = sha(&other);
-        let mut first = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        let mut first = store.begin_write(hash, 1000, 0, "{}", "").unwrap();
         first.write(&other[..500]).unwrap();
         drop(first);
-        let mut second = store.begin_write(hash, 1000, 500, "{}").unwrap();
+        let mut second = store.begin_write(hash, 1000, 500, "{}", "").unwrap();
         second.write(&[8; 500]).unwrap();
         assert!(second.finish().unwrap_err().contains("mismatch"));
         assert!(!store.contains(&hash));
@@ -864,9 +907,9 @@ mod tests {
             .unwrap()
             .partial_ttl(Duration::ZERO);
         let hash = sha(b"model");
-        let mut first = store.begin_write(hash, 5, 0, "{}").unwrap();
+        let mut first = store.begin_write(hash, 5, 0, "{}", "").unwrap();
         assert!(store
-            .begin_write(hash, 5, 0, "{}")
+            .begin_write(hash, 5, 0, "{}", "")
             .err()
             .unwrap()
             .contains("uploading this model now"));
@@ -901,27 +944,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path(), 300).unwrap();
         let (a, b) = (vec![1u8; 200], vec![2u8; 200]);
-        let mut first = store.begin_write(sha(&a), 200, 0, "{}").unwrap();
+        let mut first = store.begin_write(sha(&a), 200, 0, "{}", "").unwrap();
         first.write(&a[..10]).unwrap();
         // Ten bytes are on disk, but the first upload will need 200.
-        let err = store.begin_write(sha(&b), 200, 0, "{}").err().unwrap();
+        let err = store.begin_write(sha(&b), 200, 0, "{}", "").err().unwrap();
         assert!(err.contains("uploads under way"), "{err}");
         assert_eq!(store.inventory(&[]).store_free, 100);
         // Abandoned: its reservation goes, its 10 bytes stay (and may be dropped for room).
         drop(first);
-        let mut second = store.begin_write(sha(&b), 200, 0, "{}").unwrap();
+        let mut second = store.begin_write(sha(&b), 200, 0, "{}", "").unwrap();
         second.write(&b).unwrap();
         second.finish().unwrap();
         // Committed: the model counts, not a reservation beside it.
         assert_eq!(store.used_bytes(), 210);
         let c = vec![3u8; 100];
-        let mut third = store.begin_write(sha(&c), 100, 0, "{}").unwrap();
+        let mut third = store.begin_write(sha(&c), 100, 0, "{}", "").unwrap();
         third.write(&c).unwrap();
         third.finish().unwrap();
         assert_eq!(store.used_bytes(), 300, "the partial made room");
         assert!(store.contains(&sha(&b)) && store.contains(&sha(&c)));
         // A failed one releases its reservation too.
-        let mut failed = store.begin_write(sha(&a), 200, 0, "{}").unwrap();
+        let mut failed = store.begin_write(sha(&a), 200, 0, "{}", "").unwrap();
         failed.write(&a).unwrap();
         failed.hasher = Some(Sha256::new());
         assert!(failed.finish().is_err());
@@ -934,18 +977,18 @@ mod tests {
         let store = ModelStore::open(dir.path(), 1 << 20).unwrap();
         let model = vec![7u8; 1000];
         let hash = sha(&model);
-        let mut stalled = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        let mut stalled = store.begin_write(hash, 1000, 0, "{}", "").unwrap();
         stalled.write(&[0; 400]).unwrap();
         store.advance(Duration::from_secs(29));
         assert!(store
-            .begin_write(hash, 1000, 0, "{}")
+            .begin_write(hash, 1000, 0, "{}", "")
             .err()
             .unwrap()
             .contains("uploading this model now"));
         // Empty writes are no progress: 31 s after its last byte, it has stalled.
         stalled.write(&[]).unwrap();
         store.advance(Duration::from_secs(2));
-        let mut owner = store.begin_write(hash, 1000, 0, "{}").unwrap();
+        let mut owner = store.begin_write(hash, 1000, 0, "{}", "").unwrap();
         let err = stalled.write(&[0; 10]).unwrap_err();
         assert!(err.contains("lost its place"), "{err}");
         drop(stalled);
@@ -955,11 +998,11 @@ mod tests {
 
         // A writer that keeps writing keeps its model.
         let other = vec![8u8; 1000];
-        let mut busy = store.begin_write(sha(&other), 1000, 0, "{}").unwrap();
+        let mut busy = store.begin_write(sha(&other), 1000, 0, "{}", "").unwrap();
         for piece in other.chunks(100) {
             store.advance(Duration::from_secs(20));
             busy.write(piece).unwrap();
-            assert!(store.begin_write(sha(&other), 1000, 0, "{}").is_err());
+            assert!(store.begin_write(sha(&other), 1000, 0, "{}", "").is_err());
         }
         busy.finish().unwrap();
     }
@@ -970,17 +1013,17 @@ mod tests {
         let store = ModelStore::open(dir.path(), 300)
             .unwrap()
             .upload_timeout(Duration::from_secs(5));
-        let mut stalled = store.begin_write(sha(b"big"), 250, 0, "{}").unwrap();
+        let mut stalled = store.begin_write(sha(b"big"), 250, 0, "{}", "").unwrap();
         stalled.write(&[1; 50]).unwrap();
         let small = vec![2u8; 100];
-        assert!(store.begin_write(sha(&small), 100, 0, "{}").is_err());
+        assert!(store.begin_write(sha(&small), 100, 0, "{}", "").is_err());
         store.advance(Duration::from_secs(6));
         assert_eq!(
             store.inventory(&[]).store_free,
             300,
             "a stalled claim is free room"
         );
-        let mut file = store.begin_write(sha(&small), 100, 0, "{}").unwrap();
+        let mut file = store.begin_write(sha(&small), 100, 0, "{}", "").unwrap();
         assert!(!store.partial_path(&sha(b"big")).exists());
         assert!(stalled.write(&[1; 50]).is_err());
         drop(stalled);

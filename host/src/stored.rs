@@ -125,7 +125,13 @@ impl<E: Executor> Executor for Stored<E> {
                 Ok(StoredSpool::Known { hash, written: 0 })
             }
             (Some(store), Some(hash)) => store
-                .begin_write(hash, upload.weights_len, upload.offset, &upload.config_json)
+                .begin_write(
+                    hash,
+                    upload.weights_len,
+                    upload.offset,
+                    &upload.config_json,
+                    &upload.name,
+                )
                 .map(StoredSpool::File),
             _ if self.inner.spools_uploads() => {
                 self.inner.open_spool(upload).map(StoredSpool::Inner)

@@ -14,9 +14,9 @@ use crate::capability::{Capabilities, Capability};
 use crate::error::{ApiMisuse, ClientError};
 use crate::frame::{FrameDecoder, DEFAULT_MAX_FRAME_LEN};
 use crate::message::{
-    encode_weights_chunk, ChatMessage, ErrorFrame, Hello, Infer, InferResult, JobRef, Message,
-    ModelBegin, ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt, PromptResult,
-    QueuePosition, QueueStatus, Stats,
+    encode_weights_chunk, valid_model_name, ChatMessage, ErrorFrame, Hello, Infer, InferResult,
+    JobRef, Message, ModelBegin, ModelInventory, ModelQuery, ModelStatus, ModelUse, Prompt,
+    PromptResult, QueuePosition, QueueStatus, Stats,
 };
 use crate::sampling::SamplingParams;
 use crate::secure::{ClientSecure, PublicKey, SecureClientConfig};
@@ -75,6 +75,26 @@ const IMPLEMENTED: Capabilities = Capabilities::NONE
     .with(Capability::Sampling)
     .with(Capability::Stream)
     .with(Capability::Chat);
+
+/// A model upload to start with [`ClientConnection::submit_upload`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadRequest {
+    /// The model's config, a JSON document.
+    pub config_json: String,
+    /// Bytes of weights in all.
+    pub weights_len: u64,
+    /// The SHA-256 of the weights, checked by the node when given.
+    pub sha256: Option<[u8; 32]>,
+    /// Extension `store`: resume a broken upload of which the node holds
+    /// this many first bytes (its `model_inventory` said `partial`); needs
+    /// `sha256`. 0 starts at the beginning.
+    pub offset: u64,
+    /// Extension `store`: the model's name for the node's store (the file
+    /// name pushed), at most [`MAX_MODEL_NAME`](crate::message::MAX_MODEL_NAME)
+    /// bytes of printable text; sent
+    /// only to a node that agreed `store`.
+    pub name: String,
+}
 
 /// A `prompt` job to send with [`ClientConnection::submit_prompt`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -617,7 +637,12 @@ impl ClientConnection {
         weights_len: u64,
         sha256: Option<[u8; 32]>,
     ) -> Result<RequestId, ClientError> {
-        self.upload_from(config_json, weights_len, sha256, 0)
+        self.submit_upload(&UploadRequest {
+            config_json: config_json.to_owned(),
+            weights_len,
+            sha256,
+            ..UploadRequest::default()
+        })
     }
 
     /// Extension `store`: resumes a broken upload of the model whose weights
@@ -632,23 +657,43 @@ impl ClientConnection {
         sha256: [u8; 32],
         offset: u64,
     ) -> Result<RequestId, ClientError> {
-        self.require(Capability::Store)?;
-        if offset > weights_len {
-            return Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
-                len: usize::try_from(offset).unwrap_or(usize::MAX),
-                remaining: weights_len,
-            }));
-        }
-        self.upload_from(config_json, weights_len, Some(sha256), offset)
+        self.submit_upload(&UploadRequest {
+            config_json: config_json.to_owned(),
+            weights_len,
+            sha256: Some(sha256),
+            offset,
+            ..UploadRequest::default()
+        })
     }
 
-    fn upload_from(
-        &mut self,
-        config_json: &str,
-        weights_len: u64,
-        sha256: Option<[u8; 32]>,
-        offset: u64,
-    ) -> Result<RequestId, ClientError> {
+    /// Starts the upload `upload` describes, as [`begin_upload`](Self::begin_upload)
+    /// (and [`resume_upload`](Self::resume_upload) with an `offset`). Its
+    /// `name` goes only to a node that agreed `store`; a name the node would
+    /// refuse is [`ApiMisuse::BadModelName`].
+    pub fn submit_upload(&mut self, upload: &UploadRequest) -> Result<RequestId, ClientError> {
+        let UploadRequest {
+            config_json,
+            weights_len,
+            sha256,
+            offset,
+            name,
+        } = upload;
+        let (weights_len, offset) = (*weights_len, *offset);
+        if offset > 0 {
+            self.require(Capability::Store)?;
+            if sha256.is_none() {
+                return Err(ClientError::Misuse(ApiMisuse::ResumeWithoutSha256));
+            }
+            if offset > weights_len {
+                return Err(ClientError::Misuse(ApiMisuse::UploadOverflow {
+                    len: usize::try_from(offset).unwrap_or(usize::MAX),
+                    remaining: weights_len,
+                }));
+            }
+        }
+        if !valid_model_name(name) {
+            return Err(ClientError::Misuse(ApiMisuse::BadModelName));
+        }
         // One upload at a time, until it is answered: a refusal carries no
         // job_id, so two in flight could not be told apart.
         if self.upload.is_some() || self.outstanding.iter().any(|o| o.kind == Kind::Upload) {
@@ -657,11 +702,13 @@ impl ClientConnection {
         let wire_len = i64::try_from(weights_len)
             .map_err(|_| ClientError::Misuse(ApiMisuse::UploadTooLarge(weights_len)))?;
         let (request, _) = self.request(Kind::Upload, "")?;
+        let store = self.agreed.contains(Capability::Store);
         self.send(&Message::ModelBegin(ModelBegin {
-            config_json: config_json.to_owned(),
+            config_json: config_json.clone(),
             weights_len: wire_len,
             weights_sha256: sha256.map(|h| hex(&h)).unwrap_or_default(),
             offset: offset as i64,
+            name: if store { name.clone() } else { String::new() },
         }));
         self.upload = Some(ClientUpload {
             request,

@@ -288,4 +288,10 @@ pub enum ApiMisuse {
     /// A request of an extension the node did not offer (or this client did not want).
     #[error("the node does not offer the {0} extension")]
     NotOffered(&'static str),
+    /// A resumed upload (an `offset`) without the weights' SHA-256.
+    #[error("a resumed upload needs the weights' sha256")]
+    ResumeWithoutSha256,
+    /// A model name longer than `MAX_MODEL_NAME` bytes or with control characters.
+    #[error("a model name is at most 255 bytes of printable text")]
+    BadModelName,
 }

@@ -100,6 +100,7 @@ mod upload;
 pub use capability::{Capabilities, Capability};
 pub use client::{
     Answer, ClientConfig, ClientConnection, ClientEvent, PartialOutput, PromptRequest, RequestId,
+    UploadRequest,
 };
 pub use code::ErrorCode;
 pub use config::{ServerConfig, UploadHandling};

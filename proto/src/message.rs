@@ -107,6 +107,20 @@ pub struct ModelBegin {
     /// `offset` bytes the node holds; chunks carry the rest. Left out when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub offset: i64,
+    /// Extension `store`: what the model is called (the file name the client
+    /// pushed), kept beside it and listed by `model_inventory`; at most
+    /// [`MAX_MODEL_NAME`] bytes of printable text. Left out when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+/// Longest model name (`model_begin`'s `name`, extension `store`), in bytes.
+pub const MAX_MODEL_NAME: usize = 255;
+
+/// Whether `name` may be a model's name: at most [`MAX_MODEL_NAME`] bytes, no
+/// control characters (it is shown on terminals).
+pub fn valid_model_name(name: &str) -> bool {
+    name.len() <= MAX_MODEL_NAME && !name.chars().any(char::is_control)
 }
 
 /// `model_query` (extension `store`): which of these models the node holds.
@@ -145,6 +159,9 @@ pub struct StoredModel {
     /// When it was last mounted, in seconds since the Unix epoch.
     #[serde(skip_serializing_if = "is_zero")]
     pub last_used: i64,
+    /// The name its upload gave it (`model_begin`'s `name`), or empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 impl ModelInventory {
@@ -549,6 +566,7 @@ struct Wire<'a> {
     capacity: Option<i64>,
     in_progress: Option<bool>,
     offset: Option<i64>,
+    name: Option<String>,
     hashes: Option<Vec<String>>,
     models: Option<Vec<StoredModel>>,
     store_free: Option<i64>,
@@ -628,6 +646,7 @@ impl<'a> Message<'a> {
                 weights_len: wire.weights_len.unwrap_or_default(),
                 weights_sha256: wire.weights_sha256.unwrap_or_default(),
                 offset: wire.offset.unwrap_or_default(),
+                name: wire.name.unwrap_or_default(),
             }),
             "weights_chunk" => Message::WeightsChunk(WeightsChunk {
                 index: wire.index.unwrap_or_default(),

@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use crate::config::UploadHandling;
 use crate::error::{MountError, ProtocolError};
 use crate::id::ConnectionId;
-use crate::message::{decoded_len, ModelBegin, WeightsChunk, BASE64};
+use crate::message::{
+    decoded_len, valid_model_name, ModelBegin, WeightsChunk, BASE64, MAX_MODEL_NAME,
+};
 use base64::Engine as _;
 
 /// An executor's spool with its type erased, so the node need not be generic over it.
@@ -41,6 +43,9 @@ pub struct UploadInfo {
     /// bytes the node holds; the spool receives the other `weights_len - offset`
     /// and must check the hash itself (the node hashes only what it receives).
     pub offset: u64,
+    /// Extension `store`: the model's name from `model_begin` (checked
+    /// printable, at most `MAX_MODEL_NAME` bytes), or empty.
+    pub name: String,
 }
 
 /// The state that travels with an [`UploadWork`] and comes back with it.
@@ -112,6 +117,8 @@ pub struct Upload {
     sha256: Option<[u8; 32]>,
     /// Bytes the node already holds from a broken upload (extension `store`).
     offset: u64,
+    /// The model's name (extension `store`).
+    name: String,
     /// Hash on workers (not `InMemory`, a `weights_sha256` given, not resumed).
     hash_on_workers: bool,
     /// Move the bytes to the executor's spool ([`UploadHandling::Spool`]).
@@ -146,6 +153,7 @@ pub struct CommittedModel {
     weights_len: u64,
     /// Bytes held from a broken upload before this one (its spool checks the hash).
     offset: u64,
+    name: String,
     spooling: bool,
     carried: Carried,
     /// Bytes at the start of `weights` already in `carried.hash`.
@@ -202,6 +210,7 @@ impl CommittedModel {
             weights_len: self.weights_len,
             sha256: self.sha256,
             offset: self.offset,
+            name: self.name.clone(),
         }
     }
 }
@@ -211,6 +220,17 @@ impl Upload {
     /// `max_model_len` and the hash's form.
     pub fn begin(begin: ModelBegin, max_model_len: u64) -> Result<Upload, ProtocolError> {
         Upload::begin_with(begin, max_model_len, UploadHandling::InMemory, false)
+    }
+
+    /// What the executor's spool is told of this upload.
+    fn info(&self) -> UploadInfo {
+        UploadInfo {
+            config_json: self.config_json.clone(),
+            weights_len: self.weights_len,
+            sha256: self.sha256,
+            offset: self.offset,
+            name: self.name.clone(),
+        }
     }
 
     /// [`begin`](Upload::begin) with the node's [`UploadHandling`]; `offset` is
@@ -240,6 +260,16 @@ impl Upload {
                 .filter(|n| *n <= weights_len)
                 .ok_or(ProtocolError::BadOffset(n))?,
         };
+        // A name is read only from a peer that agreed `store`.
+        let name = match begin.name {
+            _ if !resumable => String::new(),
+            name if valid_model_name(&name) => name,
+            _ => {
+                return Err(ProtocolError::BadField(format!(
+                    "name: at most {MAX_MODEL_NAME} bytes of printable text"
+                )))
+            }
+        };
         // Spooled bytes leave the node, so they are hashed on their way out.
         let hash_on_workers =
             sha256.is_some() && handling != UploadHandling::InMemory && offset == 0;
@@ -249,6 +279,7 @@ impl Upload {
             weights_len,
             sha256,
             offset,
+            name,
             hash_on_workers,
             spooling,
             carrier: Carrier::Home {
@@ -382,12 +413,7 @@ impl Upload {
             upload: self.id,
             spooling: self.spooling,
             // Cloned once per upload, for the stretch that opens the spool.
-            open_with: (self.spooling && carried.spool.is_none()).then(|| UploadInfo {
-                config_json: self.config_json.clone(),
-                weights_len: self.weights_len,
-                sha256: self.sha256,
-                offset: self.offset,
-            }),
+            open_with: (self.spooling && carried.spool.is_none()).then(|| self.info()),
             carried,
             data,
         }
@@ -457,6 +483,7 @@ impl Upload {
             sha256: self.sha256,
             weights_len: self.weights_len,
             offset: self.offset,
+            name: self.name,
             spooling: self.spooling,
             carried,
             hashed,

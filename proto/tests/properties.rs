@@ -78,6 +78,7 @@ impl Arbitrary for Msg {
                 weights_len: any_int(g),
                 weights_sha256: text(g),
                 offset: 0,
+                name: text(g),
             }),
             2 => Message::WeightsChunk(WeightsChunk {
                 index: any_int(g),

@@ -186,6 +186,7 @@ fn a_spooled_upload_reaches_the_spool_in_order_and_is_never_held_whole() {
             weights_len: weights.len() as u64,
             sha256: Some(sha),
             offset: 0,
+            name: String::new(),
         }]
     );
     // A few stretches and one frame's buffers, not 3 MiB.

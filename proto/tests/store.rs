@@ -333,6 +333,86 @@ fn a_resumed_upload_sends_only_the_rest_and_its_spool_learns_where_it_starts() {
 }
 
 #[test]
+fn a_name_reaches_the_spool_of_a_store_client_only_and_a_bad_one_is_refused() {
+    let named = |store: bool, name: &str| {
+        let mut sim = store_node();
+        let raw = sim.raw();
+        sim.run();
+        sim.frames(raw);
+        let hello = match store {
+            true => r#"{"v":1,"type":"hello","role":"client","capabilities":["store"]}"#,
+            false => r#"{"v":1,"type":"hello","role":"client"}"#,
+        };
+        sim.write(raw, &frame(hello));
+        sim.write(
+            raw,
+            &frame(&format!(
+                r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":10,"weights_sha256":"{}","name":{}}}"#,
+                hex(&sha(&[7u8; 10])),
+                serde_json::to_string(name).unwrap()
+            )),
+        );
+        sim.run();
+        let opened = sim.executor.opened.lock().unwrap().clone();
+        (opened.first().map(|o| o.name.clone()), sim.frames(raw))
+    };
+    assert_eq!(named(true, "m.gguf"), (Some("m.gguf".to_owned()), vec![]));
+    // A v1 peer's stray field is never read, whatever it holds.
+    assert_eq!(named(false, "m.gguf").0.as_deref(), Some(""));
+    assert_eq!(named(false, "\u{1b}[2J").0.as_deref(), Some(""));
+    for bad in ["\u{1b}[2J".to_owned(), "x".repeat(256)] {
+        let (opened, frames) = named(true, &bad);
+        assert_eq!(opened, None, "{bad:?}");
+        assert!(
+            frames[0].contains(r#""code":"bad_field""#) && frames[0].contains("name"),
+            "{frames:?}"
+        );
+    }
+}
+
+#[test]
+fn a_client_names_its_upload_only_to_a_store_node() {
+    let upload = donate_proto::UploadRequest {
+        config_json: "{}".to_owned(),
+        weights_len: 10,
+        sha256: Some([1; 32]),
+        name: "m.gguf".to_owned(),
+        ..Default::default()
+    };
+    let mut sim = store_node();
+    let p = sim.client();
+    sim.client_core(p).submit_upload(&upload).unwrap();
+    sim.run();
+    let sent = String::from_utf8_lossy(sim.sent(p)).into_owned();
+    assert!(sent.contains(r#","name":"m.gguf"}"#), "{sent}");
+    // The same request to a node that did not agree `store`: v1 bytes.
+    let mut sim = Sim::with_uploads(
+        Spooler::default(),
+        ServerConfig::default(),
+        UploadHandling::Spool,
+    );
+    let p = sim.client_with(ClientConfig::default());
+    sim.client_core(p).submit_upload(&upload).unwrap();
+    sim.run();
+    let sent = String::from_utf8_lossy(sim.sent(p)).into_owned();
+    assert!(
+        sent.ends_with(&format!(
+            r#"{{"v":1,"type":"model_begin","config_json":"{{}}","weights_len":10,"weights_sha256":"{}"}}"#,
+            hex(&[1; 32])
+        )),
+        "{sent}"
+    );
+    let bad = donate_proto::UploadRequest {
+        name: "a\nb".to_owned(),
+        ..upload
+    };
+    assert_eq!(
+        sim.client_core(p).submit_upload(&bad),
+        Err(ClientError::Misuse(ApiMisuse::BadModelName))
+    );
+}
+
+#[test]
 fn a_resume_without_a_hash_is_refused() {
     let mut sim = store_node();
     let raw = sim.raw();

@@ -86,6 +86,7 @@ fn go_client_examples() {
             weights_len: 4,
             weights_sha256: String::new(),
             offset: 0,
+            name: String::new(),
         }),
         r#"{"v":1,"type":"model_begin","config_json":"{\"ok\":true}","weights_len":4}"#,
     );
@@ -141,6 +142,7 @@ fn the_other_messages_follow_the_field_table() {
             weights_len: 0,
             weights_sha256: "ab".repeat(32),
             offset: 0,
+            name: String::new(),
         }),
         &format!(
             r#"{{"v":1,"type":"model_begin","config_json":"","weights_len":0,"weights_sha256":"{}"}}"#,

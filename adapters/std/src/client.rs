@@ -4,7 +4,7 @@ use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use donate_host::{Error, NodeAddr, PushStep, Pushed, StoredPush, ToNodeAddr};
+use donate_host::{Error, NodeAddr, PushStep, Pushed, StoredPush, ToNodeAddr, WeightsRef};
 
 use sha2::{Digest, Sha256};
 
@@ -177,33 +177,34 @@ impl Client {
     }
 
     /// Mounts the model whose weights `reader` holds (`len` bytes hashing to
-    /// `sha256`), sending only what the node lacks: on a node with a model
-    /// store (extension `store`) it mounts a stored copy with no weights sent,
-    /// or resumes a broken upload where it stopped; elsewhere (a v1 node) it
-    /// uploads everything. `progress` gets the bytes sent so far.
+    /// `weights.sha256`), sending only what the node lacks: on a node with a
+    /// model store (extension `store`) it mounts a stored copy with no
+    /// weights sent, or resumes a broken upload where it stopped (an upload
+    /// gives the store `weights.name`); elsewhere (a v1 node) it uploads
+    /// everything. `progress` gets the bytes sent so far.
     pub fn push_stored(
         &mut self,
         config_json: &str,
         mut reader: impl Read + Seek,
         len: u64,
-        sha256: [u8; 32],
+        weights: impl Into<WeightsRef>,
         mut progress: impl FnMut(u64),
     ) -> Result<Pushed> {
+        let weights = weights.into();
         let store = self.core.capabilities().contains(Capability::Store);
         let (mut plan, mut step) = StoredPush::start(len, store);
         loop {
             step = match step {
-                PushStep::Query => plan.inventory(self.query_models(&[sha256])?)?,
+                PushStep::Query => plan.inventory(self.query_models(&[weights.sha256])?)?,
                 PushStep::Use => {
-                    let request = self.core.use_model(config_json, sha256)?;
+                    let request = self.core.use_model(config_json, weights.sha256)?;
                     plan.used(answers::model_status(self.wait(request)?))?
                 }
                 PushStep::Upload { from } => {
                     reader.seek(SeekFrom::Start(from))?;
-                    let request = match from {
-                        0 => self.core.begin_upload(config_json, len, Some(sha256))?,
-                        _ => self.core.resume_upload(config_json, len, sha256, from)?,
-                    };
+                    let request =
+                        self.core
+                            .submit_upload(&weights.upload(config_json, len, from))?;
                     let answer = self.send_upload(request, &mut reader, &mut progress);
                     plan.uploaded(from, answer)?
                 }

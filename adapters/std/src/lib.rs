@@ -32,7 +32,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use client::{sha256_of_reader, Client, HANDSHAKE_TIMEOUT};
 pub use donate_host::embed::*;
-pub use donate_host::{Error, NodeAddr, NodeConfig, Result};
+pub use donate_host::{Error, NodeAddr, NodeConfig, Result, WeightsRef};
 pub use pool::{Pool, PoolJob, PoolModel, PoolResult, PoolSummary, Work};
 pub use server::{serve, Listen, Server};
 
