@@ -41,8 +41,18 @@ struct Donor {
 /// What every request handler shares.
 struct Gateway {
     donors: Vec<Donor>,
-    /// Accepted bearer keys and their names; `None`: no key needed (loopback).
-    keys: Option<HashMap<String, String>>,
+    /// Accepted bearer keys (re-read when the file changes); `None`: no key
+    /// needed (loopback, or --insecure).
+    keys: Option<Mutex<ApiKeys>>,
+    /// Requests running now, by key name, against each key's concurrency.
+    running: Mutex<HashMap<String, usize>>,
+    /// `--key-concurrency`: a key's limit unless its line sets one.
+    key_concurrency: usize,
+    /// HTTP connections: permits held by open ones (`--max-connections`).
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+    /// Connections closed on arrival because `--max-connections` were open.
+    refused_connections: std::sync::atomic::AtomicU64,
     /// Seconds since the epoch at start, the `created` of every model.
     started: u64,
     /// Requests counted by route and status, for `/metrics`.
@@ -78,7 +88,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn run(args: GatewayArgs) -> Result<(), Failure> {
     let exposed = !args.listen.ip().is_loopback();
     let keys = match &args.api_keys {
-        Some(path) => Some(read_api_keys(path)?),
+        Some(path) => Some(Mutex::new(ApiKeys::load(path)?)),
         None if exposed && !args.insecure => {
             return Err(Failure::from(format!(
                 "refusing to listen on {} without --api-keys FILE: anyone on the network could use your donors (pass --insecure to allow it)",
@@ -94,6 +104,11 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
     let gateway = Arc::new(Gateway {
         donors,
         keys,
+        running: Mutex::new(HashMap::new()),
+        key_concurrency: args.key_concurrency,
+        connections: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
+        max_connections: args.max_connections,
+        refused_connections: Default::default(),
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -101,6 +116,10 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
         affinity: Mutex::new(HashMap::new()),
         turn: AtomicUsize::new(0),
     });
+    let body_limits = BodyLimits {
+        max: args.max_body as usize,
+        timeout: Duration::from_secs_f64(args.body_timeout),
+    };
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -110,7 +129,8 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
         .route("/v1/completions", post(completions))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(args.max_body as usize))
-        .with_state(gateway);
+        .layer(axum::middleware::from_fn_with_state(body_limits, read_body))
+        .with_state(Arc::clone(&gateway));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,13 +144,139 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
             .map_err(|e| format!("cannot read the listening address: {e}"))?;
         println!("gateway listening on http://{local}");
         tracing::info!(%local, "gateway listening");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .map_err(|e| Failure::from(format!("the gateway stopped: {e}")))
+        let header_timeout = Duration::from_secs_f64(args.header_timeout);
+        serve_http(listener, app, &gateway, header_timeout).await;
+        Ok(())
     })
+}
+
+/// Accepts HTTP/1.1 connections until Ctrl-C / SIGTERM: at most
+/// `--max-connections` open (more are closed as they arrive), each given
+/// `header_timeout` for every request's headers (an idle keep-alive
+/// connection included). On shutdown, open connections finish the request
+/// they are on, for up to 10 s.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    gateway: &Gateway,
+    header_timeout: Duration,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "gateway: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&gateway.connections).try_acquire_owned() else {
+            gateway.refused_connections.fetch_add(1, Ordering::Relaxed);
+            if last_warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                last_warned = Some(Instant::now());
+                tracing::warn!(
+                    max = gateway.max_connections,
+                    "gateway: --max-connections are open; closing new ones"
+                );
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    let _ = stop.send(true);
+    let all = u32::try_from(gateway.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        gateway.connections.acquire_many(all),
+    )
+    .await;
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `--max-body` and `--body-timeout`, for [`read_body`].
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max: usize,
+    timeout: Duration,
+}
+
+/// Reads a request's whole body before its handler runs: within
+/// `--body-timeout` (408 past it, so a client trickling its body cannot hold
+/// a connection) and `--max-body` (413).
+async fn read_body(
+    State(limits): State<BodyLimits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max));
+    match read.await {
+        Ok(Ok(bytes)) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Ok(Err(_)) => ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body is over {} bytes (the gateway's --max-body)",
+                limits.max
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_too_large"),
+        }
+        .into_response(),
+        Err(_) => ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {} s (the gateway's --body-timeout)",
+                limits.timeout.as_secs_f64()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_timeout"),
+        }
+        .into_response(),
+    }
 }
 
 /// The donors, each with its secure settings when `--key` is given (each
@@ -176,9 +322,71 @@ fn donors(args: &GatewayArgs) -> Result<Vec<Donor>, Failure> {
         .collect()
 }
 
-/// `--api-keys FILE`: one key per line, optionally after a name and a
-/// space (`alice sk-…`); `#` starts a comment. Refused when others may read it.
-fn read_api_keys(path: &std::path::Path) -> Result<HashMap<String, String>, Failure> {
+/// One bearer key of `--api-keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyInfo {
+    /// Its name (for logs and limits).
+    name: String,
+    /// Its own concurrency limit (`concurrency=N` on its line), if set.
+    concurrency: Option<usize>,
+}
+
+/// The `--api-keys` file's keys, re-read when the file changes.
+struct ApiKeys {
+    path: std::path::PathBuf,
+    keys: HashMap<String, KeyInfo>,
+    /// The file's length and modification time when read.
+    stamp: Option<(u64, SystemTime)>,
+    /// When the file was last looked at.
+    checked: Instant,
+}
+
+/// How often the `--api-keys` file is looked at for changes.
+const KEYS_RECHECK: Duration = Duration::from_secs(1);
+
+impl ApiKeys {
+    fn load(path: &std::path::Path) -> Result<ApiKeys, Failure> {
+        let stamp = file_stamp(path);
+        Ok(ApiKeys {
+            path: path.to_owned(),
+            keys: read_api_keys(path)?,
+            stamp,
+            checked: Instant::now(),
+        })
+    }
+
+    /// The key's entry, the file read again first if it changed (a file that
+    /// became unreadable or invalid keeps the keys read before, logged).
+    fn get(&mut self, key: &str) -> Option<KeyInfo> {
+        if self.checked.elapsed() >= KEYS_RECHECK {
+            self.checked = Instant::now();
+            let stamp = file_stamp(&self.path);
+            if stamp != self.stamp {
+                self.stamp = stamp;
+                match read_api_keys(&self.path) {
+                    Ok(keys) => {
+                        tracing::info!(keys = keys.len(), "gateway: --api-keys read again");
+                        self.keys = keys;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "gateway: --api-keys changed and cannot be used; keeping the keys read before")
+                    }
+                }
+            }
+        }
+        self.keys.get(key).cloned()
+    }
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+/// `--api-keys FILE`: one key per line, `KEY` or `NAME KEY`, optionally
+/// followed by `concurrency=N`; `#` starts a comment. Refused when others may
+/// read it.
+fn read_api_keys(path: &std::path::Path) -> Result<HashMap<String, KeyInfo>, Failure> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -193,16 +401,42 @@ fn read_api_keys(path: &std::path::Path) -> Result<HashMap<String, String>, Fail
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read --api-keys {}: {e}", path.display()))?;
-    let keys: HashMap<String, String> = text
+    let mut keys = HashMap::new();
+    let lines = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .enumerate()
-        .map(|(i, line)| match line.rsplit_once(char::is_whitespace) {
-            Some((name, key)) => (key.to_owned(), name.trim().to_owned()),
-            None => (line.to_owned(), format!("key{}", i + 1)),
-        })
-        .collect();
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
+    for (at, line) in lines {
+        let bad = |why: &str| {
+            Failure::from(format!(
+                "--api-keys {} line {}: {why} (a line is `KEY`, or `NAME KEY [concurrency=N]`)",
+                path.display(),
+                at + 1
+            ))
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, key, options) = match words.as_slice() {
+            [key] => (format!("key{}", at + 1), *key, &[][..]),
+            [name, key, options @ ..] => ((*name).to_owned(), *key, options),
+            [] => continue,
+        };
+        let mut concurrency = None;
+        for option in options {
+            match option.split_once('=') {
+                Some(("concurrency", n)) => {
+                    concurrency = Some(
+                        n.parse::<usize>()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| bad(&format!("{option} is not a positive number")))?,
+                    )
+                }
+                _ => return Err(bad(&format!("unknown option {option:?}"))),
+            }
+        }
+        keys.insert(key.to_owned(), KeyInfo { name, concurrency });
+    }
     if keys.is_empty() {
         return Err(Failure::from(format!(
             "--api-keys {} holds no key: one per line, `NAME KEY`",
@@ -253,7 +487,13 @@ impl IntoResponse for ApiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -270,18 +510,22 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// Checks the bearer key; the name of the key, or the 401 answer.
-fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<String, ApiError> {
+/// Checks the bearer key; the key's entry, or the 401 answer.
+fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let Some(keys) = &gateway.keys else {
-        return Ok("anonymous".to_owned());
+        return Ok(KeyInfo {
+            name: "anonymous".to_owned(),
+            concurrency: None,
+        });
     };
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given.and_then(|k| keys.get(k)) {
-        Some(name) => Ok(name.clone()),
+    let found = given.and_then(|k| keys.lock().unwrap_or_else(|p| p.into_inner()).get(k));
+    match found {
+        Some(key) => Ok(key),
         None => Err(ApiError {
             status: StatusCode::UNAUTHORIZED,
             message: match given {
@@ -292,6 +536,59 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<String, ApiError>
             param: None,
             code: Some("invalid_api_key"),
         }),
+    }
+}
+
+/// One running request of a key, counted against its concurrency until dropped.
+struct KeySlot {
+    gateway: Arc<Gateway>,
+    name: String,
+}
+
+impl KeySlot {
+    /// A slot for `key`, or the 429 answer when its requests already run at its limit.
+    fn take(gateway: &Arc<Gateway>, key: KeyInfo) -> Result<KeySlot, ApiError> {
+        // Without --api-keys every request is one anonymous user's: no
+        // per-key limit then (the donors' queues and --max-connections bound it).
+        let limit = match gateway.keys {
+            Some(_) => key.concurrency.unwrap_or(gateway.key_concurrency),
+            None => usize::MAX,
+        };
+        let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
+        let count = running.entry(key.name.clone()).or_default();
+        if *count >= limit {
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "the key `{}` has {limit} requests running, its limit: wait for one to finish",
+                    key.name
+                ),
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("concurrency_limit"),
+            });
+        }
+        *count += 1;
+        Ok(KeySlot {
+            gateway: Arc::clone(gateway),
+            name: key.name,
+        })
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        let mut running = self
+            .gateway
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = running.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.name);
+            }
+        }
     }
 }
 
@@ -780,9 +1077,13 @@ async fn complete(
     endpoint: Endpoint,
 ) -> Response {
     match prepare(gateway, headers, body, endpoint).await {
-        Ok((body, request)) => match body.stream {
-            true => stream(Arc::clone(gateway), body, request, endpoint).await,
-            false => whole(gateway, &body, &request, endpoint).await,
+        Ok((body, request, slot)) => match body.stream {
+            true => stream(Arc::clone(gateway), body, request, endpoint, slot).await,
+            false => {
+                let response = whole(gateway, &body, &request, endpoint).await;
+                drop(slot);
+                response
+            }
         },
         Err(e) => e.into_response(),
     }
@@ -790,12 +1091,12 @@ async fn complete(
 
 /// The job a request asks for.
 async fn prepare(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
     headers: &HeaderMap,
     body: Result<Json<CompletionBody>, JsonRejection>,
     endpoint: Endpoint,
-) -> Result<(CompletionBody, PromptRequest), ApiError> {
-    authorize(gateway, headers)?;
+) -> Result<(CompletionBody, PromptRequest, KeySlot), ApiError> {
+    let key = authorize(gateway, headers)?;
     let Json(body) = body?;
     body.check()?;
     let mut request = match endpoint {
@@ -822,7 +1123,9 @@ async fn prepare(
     };
     request.max_out = body.max_out()?;
     request.sampling = body.sampling()?;
-    Ok((body, request))
+    // Counted once the request is known good, until its answer is sent.
+    let slot = KeySlot::take(gateway, key)?;
+    Ok((body, request, slot))
 }
 
 /// A job on one donor, counted in its load while it runs.
@@ -1005,6 +1308,7 @@ async fn stream(
     body: CompletionBody,
     request: PromptRequest,
     endpoint: Endpoint,
+    slot: KeySlot,
 ) -> Response {
     // Checked before answering 200, so that an unknown model or no donor
     // are real HTTP errors.
@@ -1031,6 +1335,8 @@ async fn stream(
     };
     let include_usage = body.include_usage();
     tokio::spawn(async move {
+        // The key's request runs until its stream ends or its client leaves.
+        let _slot = slot;
         let send = |v: Value| tx.send(Piece::Data(v)).is_ok();
         if endpoint == Endpoint::Chat
             && !send(chunk(json!({"role": "assistant", "content": ""}), None))

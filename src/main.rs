@@ -122,6 +122,24 @@ struct GatewayArgs {
     /// Largest request body accepted (bytes, or 1MiB, ...).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
     max_body: u64,
+    /// Seconds a connection may take to send a request's headers, counted
+    /// from when the gateway starts waiting for them: an idle keep-alive
+    /// connection is closed after it too.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a request may take to send its body once its headers are in
+    /// (408 past it).
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Most HTTP connections open at once; more are closed as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_connections: usize,
+    /// Most requests of one --api-keys key running at once (429 past it); a
+    /// line of the file may set its own with `concurrency=N` after the key.
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    key_concurrency: usize,
 }
 
 #[derive(Debug, clap::Args)]

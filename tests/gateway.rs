@@ -343,3 +343,172 @@ print(json.dumps({"streams": texts, "alone": alone, "turns": turns}))
         let _ = child.wait();
     }
 }
+
+/// Reads an HTTP answer's status line and headers (up to the blank line).
+fn read_head(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A chat request on a new connection, the answer's head read.
+fn ask_raw(
+    base: &str,
+    key: &str,
+    model: &str,
+    stream: bool,
+    max_tokens: u32,
+) -> (std::net::TcpStream, String) {
+    let body = serde_json::json!({
+        "model": model, "stream": stream, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a long story about the sea."}],
+    })
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(base.strip_prefix("http://").unwrap()).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let head = read_head(&mut conn);
+    (conn, head)
+}
+
+/// One key's flood is refused past its concurrency (429 with Retry-After)
+/// while another key's request is answered; streams whose clients leave are
+/// cancelled on the donor.
+#[test]
+fn a_keys_flood_is_refused_past_its_limit_and_a_client_that_leaves_frees_its_donor() {
+    use std::io::Read as _;
+    let Some(gguf) = needed("DONATE_TEST_GGUF") else {
+        return;
+    };
+    let (mut node, first) = spawn(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--mode",
+        "local_lm",
+        "--model",
+        &gguf,
+        "--stats",
+    ]);
+    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, "flood sk-flood concurrency=2\ncalm sk-calm\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (mut gateway, first) = spawn(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--node",
+        &addr,
+        "--api-keys",
+        keys.to_str().unwrap(),
+    ]);
+    let base = first
+        .strip_prefix("gateway listening on ")
+        .unwrap()
+        .to_owned();
+    let model = std::path::Path::new(&gguf)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+
+    // Two long streams of the flooding key run; its third request is refused.
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let (conn, head) = ask_raw(&base, "sk-flood", &model, true, 250);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            conn
+        })
+        .collect();
+    let (mut third, head) = ask_raw(&base, "sk-flood", &model, true, 250);
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let mut body = String::new();
+    third.read_to_string(&mut body).unwrap();
+    assert!(body.contains("concurrency_limit"), "{body}");
+    // The other key is answered meanwhile.
+    let (mut calm, head) = ask_raw(&base, "sk-calm", &model, false, 4);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = String::new();
+    calm.read_to_string(&mut body).unwrap();
+    assert!(body.contains("\"chat.completion\""), "{body}");
+
+    // The two streaming clients leave: their jobs stop on the donor.
+    let mut donor = donate_std::Client::connect(addr.as_str()).unwrap();
+    let running = |donor: &mut donate_std::Client| donor.stats().unwrap().unwrap().jobs_running;
+    assert_eq!(running(&mut donor), 2, "both streams run on the donor");
+    let left = std::time::Instant::now();
+    drop(streams);
+    let mut freed = None;
+    for _ in 0..200 {
+        if running(&mut donor) == 0 {
+            freed = Some(left.elapsed());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let freed = freed.expect("the jobs of clients that left still run after 2 s");
+    eprintln!("donor freed {freed:?} after the clients left");
+    let stats = donor.stats().unwrap().unwrap();
+    // Only the other key's job ran to its end; the two were cut short (a
+    // job whose connection closes counts as failed).
+    assert_eq!(stats.jobs_done, 1, "{stats:?}");
+    assert_eq!(
+        stats.jobs_failed + stats.jobs_cancelled + stats.jobs_dropped,
+        2,
+        "{stats:?}"
+    );
+    // Their key's slots are free again.
+    let (conn, head) = ask_raw(&base, "sk-flood", &model, false, 2);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(conn);
+
+    // The keys file is read again when it changes: a new key works, a removed one not.
+    std::fs::write(
+        &keys,
+        "calm sk-calm
+late sk-late
+",
+    )
+    .unwrap();
+    let status = |key: &str| {
+        let (_, head) = ask_raw(&base, key, &model, false, 1);
+        head.split(' ').nth(1).unwrap_or_default().to_owned()
+    };
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = status("sk-late");
+        if seen == "200" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(seen, "200", "the new key was not taken within 5 s");
+    assert_eq!(status("sk-flood"), "401");
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = node.kill();
+    let _ = node.wait();
+}
