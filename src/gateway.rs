@@ -22,6 +22,12 @@ use donate_proto::{
     SamplingParams, SecureClientConfig, Usage,
 };
 use donate_tokio::Client;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -55,8 +61,8 @@ struct Gateway {
     refused_connections: std::sync::atomic::AtomicU64,
     /// Seconds since the epoch at start, the `created` of every model.
     started: u64,
-    /// Requests counted by route and status, for `/metrics`.
-    requests: Mutex<HashMap<(&'static str, u16), u64>>,
+    /// What `/metrics` reports.
+    metrics: GatewayMetrics,
     /// Conversations' donors: the hash of a model and a conversation so far
     /// (its reply included) → the donor that answered it, so that the next
     /// turn goes there (a donor-side prompt cache pays off).
@@ -112,7 +118,7 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        requests: Mutex::new(HashMap::new()),
+        metrics: GatewayMetrics::default(),
         affinity: Mutex::new(HashMap::new()),
         turn: AtomicUsize::new(0),
     });
@@ -594,8 +600,13 @@ impl Drop for KeySlot {
 
 impl Gateway {
     fn count(&self, route: &'static str, status: StatusCode) {
-        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *requests.entry((route, status.as_u16())).or_default() += 1;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: status.as_u16(),
+            })
+            .inc();
     }
 
     /// The model a donor serves (its `hello`'s `local_lm_path`, file name
@@ -761,26 +772,123 @@ async fn metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Res
     if let Err(e) = authorize(&gateway, &headers) {
         return e.into_response();
     }
-    let mut text = String::from(
-        "# HELP donate_gateway_requests_total HTTP requests by route and status.\n# TYPE donate_gateway_requests_total counter\n",
-    );
-    let requests = gateway.requests.lock().unwrap_or_else(|p| p.into_inner());
-    let mut rows: Vec<_> = requests.iter().collect();
-    rows.sort();
-    for ((route, status), n) in rows {
-        text.push_str(&format!(
-            "donate_gateway_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
-        ));
+    let text = gateway.metrics.encode(&gateway);
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The gateway's counters and histograms (`prometheus-client`'s, atomics
+/// and a lock per histogram inside); gauges are read at scrape time.
+struct GatewayMetrics {
+    requests: Family<RequestLabels, Counter>,
+    /// Seconds from a streamed request's arrival to its first token's text.
+    first_token: Histogram,
+    /// A finished request's completion tokens over the seconds they took
+    /// (from the first token when streamed).
+    tokens_per_second: Histogram,
+    /// Donors that could not be reached or were lost mid-request.
+    donor_failures: Family<DonorLabels, Counter>,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        GatewayMetrics {
+            requests: Family::default(),
+            // 1 ms .. ~16 s.
+            first_token: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 1 .. ~4000 tokens/s.
+            tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            donor_failures: Family::default(),
+        }
     }
-    text.push_str("# HELP donate_gateway_donor_in_flight Requests running on each donor.\n# TYPE donate_gateway_donor_in_flight gauge\n");
-    for donor in &gateway.donors {
-        text.push_str(&format!(
-            "donate_gateway_donor_in_flight{{donor=\"{}\"}} {}\n",
-            donor.addr,
-            donor.in_flight.load(Ordering::Relaxed)
-        ));
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DonorLabels {
+    donor: String,
+}
+
+impl GatewayMetrics {
+    /// A donor failed a request (unreachable, or lost mid-answer).
+    fn donor_failed(&self, donor: &Donor) {
+        let label = DonorLabels {
+            donor: donor.addr.to_string(),
+        };
+        self.donor_failures.get_or_create(&label).inc();
     }
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+
+    /// `tokens` generated over `seconds`.
+    fn finished(&self, tokens: i64, seconds: f64) {
+        if tokens > 0 && seconds > 0.0 {
+            self.tokens_per_second.observe(tokens as f64 / seconds);
+        }
+    }
+
+    /// The OpenMetrics text, names prefixed `donate_gateway_`.
+    fn encode(&self, gateway: &Gateway) -> String {
+        let mut registry = Registry::with_prefix("donate_gateway");
+        registry.register(
+            "requests",
+            "Completion requests answered, by route and HTTP status",
+            self.requests.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Seconds from a streamed request's arrival to its first token",
+            Unit::Seconds,
+            self.first_token.clone(),
+        );
+        registry.register(
+            "tokens_per_second",
+            "Completion tokens per second of finished requests",
+            self.tokens_per_second.clone(),
+        );
+        registry.register(
+            "donor_failures",
+            "Donors unreachable or lost mid-request",
+            self.donor_failures.clone(),
+        );
+        let in_flight = Family::<DonorLabels, Gauge>::default();
+        for donor in &gateway.donors {
+            let label = DonorLabels {
+                donor: donor.addr.to_string(),
+            };
+            in_flight
+                .get_or_create(&label)
+                .set(donor.in_flight.load(Ordering::Relaxed) as i64);
+        }
+        registry.register(
+            "donor_in_flight",
+            "Requests running on each donor",
+            in_flight,
+        );
+        let open = Gauge::<i64>::default();
+        open.set((gateway.max_connections - gateway.connections.available_permits()) as i64);
+        registry.register("connections_open", "HTTP connections open now", open);
+        let refused = Counter::<u64>::default();
+        refused.inc_by(gateway.refused_connections.load(Ordering::Relaxed));
+        registry.register(
+            "connections_refused",
+            "HTTP connections closed on arrival at --max-connections",
+            refused,
+        );
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
 }
 
 async fn not_found() -> Response {
@@ -1076,11 +1184,12 @@ async fn complete(
     body: Result<Json<CompletionBody>, JsonRejection>,
     endpoint: Endpoint,
 ) -> Response {
+    let arrived = Instant::now();
     match prepare(gateway, headers, body, endpoint).await {
         Ok((body, request, slot)) => match body.stream {
-            true => stream(Arc::clone(gateway), body, request, endpoint, slot).await,
+            true => stream(Arc::clone(gateway), body, request, endpoint, slot, arrived).await,
             false => {
-                let response = whole(gateway, &body, &request, endpoint).await;
+                let response = whole(gateway, &body, &request, endpoint, arrived).await;
                 drop(slot);
                 response
             }
@@ -1175,6 +1284,7 @@ async fn pick<'a>(
             Ok(_) => last = format!("{} does not offer the chat extension", donor.addr),
             Err(e) => {
                 *donor.model.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                gateway.metrics.donor_failed(donor);
                 last = format!("{}: {e}", donor.addr);
             }
         }
@@ -1248,6 +1358,7 @@ async fn whole(
     body: &CompletionBody,
     request: &PromptRequest,
     endpoint: Endpoint,
+    arrived: Instant,
 ) -> Response {
     // A donor lost before it answers: the request goes to the next one.
     let mut last = None;
@@ -1266,12 +1377,15 @@ async fn whole(
                 return job_failed(&result).into_response()
             }
             Err(e) => {
+                gateway.metrics.donor_failed(running.donor);
                 last = Some(e.to_string());
                 continue;
             }
         };
         gateway.remember(&body.model, request, &result.text, running.donor);
         let usage = result.usage.unwrap_or_default();
+        let seconds = arrived.elapsed().as_secs_f64();
+        gateway.metrics.finished(usage.completion_tokens, seconds);
         let (id, created) = (new_id(endpoint), now_secs());
         let body = match endpoint {
             Endpoint::Chat => json!({
@@ -1309,6 +1423,7 @@ async fn stream(
     request: PromptRequest,
     endpoint: Endpoint,
     slot: KeySlot,
+    arrived: Instant,
 ) -> Response {
     // Checked before answering 200, so that an unknown model or no donor
     // are real HTTP errors.
@@ -1343,7 +1458,7 @@ async fn stream(
         {
             return;
         }
-        match stream_job(&gateway, &body.model, &request, &tx, &chunk).await {
+        match stream_job(&gateway, &body.model, &request, &tx, &chunk, arrived).await {
             Ok(usage) => {
                 send(chunk(json!({}), Some(finish_str(&usage))));
                 if include_usage {
@@ -1382,8 +1497,9 @@ async fn stream_job(
     request: &PromptRequest,
     tx: &tokio::sync::mpsc::UnboundedSender<Piece>,
     chunk: &(impl Fn(Value, Option<&str>) -> Value + Sync),
+    arrived: Instant,
 ) -> Result<Usage, String> {
-    let mut sent_any = false;
+    let mut first_token: Option<Instant> = None;
     for _ in 0..gateway.donors.len().max(1) {
         let (mut client, running) = pick(gateway, model, request).await.map_err(|e| e.message)?;
         let id = client
@@ -1392,7 +1508,11 @@ async fn stream_job(
             .map_err(|e| e.to_string())?;
         let waiting = client.wait_streaming(id, |partial| {
             if let PartialOutput::Text(text) = partial {
-                sent_any = true;
+                if first_token.is_none() {
+                    first_token = Some(Instant::now());
+                    let seconds = arrived.elapsed().as_secs_f64();
+                    gateway.metrics.first_token.observe(seconds);
+                }
                 let _ = tx.send(Piece::Data(chunk(json!({"content": text}), None)));
             }
         });
@@ -1405,13 +1525,21 @@ async fn stream_job(
         match answer.and_then(donate_tokio::answers::prompt) {
             Ok(result) => {
                 gateway.remember(model, request, &result.text, running.donor);
-                return Ok(result.usage.unwrap_or_default());
+                let usage = result.usage.unwrap_or_default();
+                let since = first_token.unwrap_or(arrived).elapsed().as_secs_f64();
+                gateway.metrics.finished(usage.completion_tokens, since);
+                return Ok(usage);
             }
             Err(donate_tokio::Error::PromptFailed(result)) => {
                 return Err(job_failed(&result).message)
             }
-            Err(_) if !sent_any => continue,
-            Err(e) => return Err(format!("the donor was lost mid-answer: {e}")),
+            Err(e) => {
+                gateway.metrics.donor_failed(running.donor);
+                if first_token.is_none() {
+                    continue;
+                }
+                return Err(format!("the donor was lost mid-answer: {e}"));
+            }
         }
     }
     Err("every donor was lost before answering".to_owned())

@@ -230,6 +230,44 @@ fn the_openai_package_talks_to_donors_through_the_gateway() {
         &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#),
     ]);
     assert!(gone.ends_with("\n503"), "{gone}");
+
+    // /metrics (with the key): requests by route and status, one streamed
+    // request's time to first token, tokens/s of every finished one, and
+    // the donor lost at the end.
+    let metrics = curl(&[
+        &format!("{base}/metrics"),
+        "-H",
+        "authorization: Bearer sk-test-alice",
+    ]);
+    assert!(metrics.ends_with("\n200"), "{metrics}");
+    let value = |name: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line[name.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(
+        value(r#"donate_gateway_requests_total{route="/v1/chat/completions",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        value("donate_gateway_time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert!(value("donate_gateway_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(value("donate_gateway_tokens_per_second_count"), 3.0);
+    assert!(
+        value(&format!(
+            r#"donate_gateway_donor_failures_total{{donor="{addr}"}}"#
+        )) >= 1.0
+    );
+    assert_eq!(
+        value(&format!(
+            r#"donate_gateway_donor_in_flight{{donor="{addr}"}}"#
+        )),
+        0.0
+    );
     let _ = gateway.kill();
     let _ = gateway.wait();
 }
