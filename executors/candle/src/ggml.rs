@@ -317,6 +317,65 @@ pub(crate) fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
+/// Values per K-quant super-block (ggml's `QK_K`).
+pub(crate) const QK_K: usize = 256;
+
+/// 256 activations quantized as ggml's Q8_K (`block_q8_K`): `d` (f32),
+/// the quants, and `bsums[j]` the sum of quants `16j..16j + 16`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct BlockQ8K {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; QK_K],
+    pub(crate) bsums: [i16; QK_K / 16],
+}
+
+impl BlockQ8K {
+    /// An all-zero block (what ggml writes for all-zero activations).
+    pub(crate) const ZERO: BlockQ8K = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
+/// ggml's `nearest_int`: `fval` rounded half to even through the float
+/// trick (`fval + 1.5 · 2²³`, then the low mantissa bits), for
+/// `|fval| <= 4194303`.
+fn nearest_int(fval: f32) -> i32 {
+    let val = fval + 12_582_912.0;
+    (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml's `quantize_row_q8_K` (on x86 its reference C,
+/// `quantize_row_q8_K_ref`: the AVX-512 library jumps there): `max` the
+/// first value of largest magnitude, `iscale = -127 / max`, quant
+/// `min(127, nearest_int(iscale · x))`, `d = 1 / iscale`; an all-zero block
+/// is `d = 0` and zero quants.
+pub(crate) fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8_K: lengths");
+    for (xs, block) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *block = BlockQ8K::ZERO;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = nearest_int(iscale * v).min(127) as i8;
+        }
+        for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = qs.iter().map(|&q| i16::from(q)).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
 /// The f16 at `bytes[0..2]` (little-endian), as f32.
 fn f16_le(bytes: &[u8]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
@@ -495,6 +554,33 @@ mod tests {
     // build of node-llama-cpp 3.22.1 (libggml-cpu-zen4.so), each op run alone
     // by executors/candle/tests/data/ggml_ops.py (2 threads). Any other
     // rounding anywhere changes them.
+
+    #[test]
+    fn q8_k_quantization_is_ggmls() {
+        // Three super-blocks of series 17: as is, times -3, and all zero.
+        let mut x = series(768, 17, 1.0);
+        for v in &mut x[256..512] {
+            *v = (f64::from(*v) * -3.0) as f32;
+        }
+        x[512..].fill(0.0);
+        let mut y = vec![BlockQ8K::ZERO; 3];
+        quantize_row_q8_k(&x, &mut y);
+        let mut raw = Vec::new();
+        for b in &y {
+            raw.extend(b.d.to_le_bytes());
+            raw.extend(b.qs.iter().map(|&q| q as u8));
+            raw.extend(b.bsums.iter().flat_map(|s| s.to_le_bytes()));
+        }
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in raw {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        assert_eq!(h, 0x6001_3559_ec25_7100);
+        // nearest_int rounds halves to even, as round_ties_even.
+        for v in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.0, 3.49] {
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+    }
 
     #[test]
     fn rms_norm_is_ggmls() {

@@ -35,6 +35,7 @@ mod guard;
 mod model;
 mod q4_1;
 mod q5_0;
+mod q6_k;
 mod qllama;
 mod qmatrix;
 mod sampling;

@@ -14,8 +14,9 @@
 //!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
 //!   the tied output projection multiplies by the same quantized tensor;
 //! - Q4_1 weights are multiplied with [`Q4_1Matrix`], Q5_0 weights with
-//!   [`Q5_0Matrix`] and Q8_0 weights with [`ggml::Q8_0Matrix`] (ggml's
-//!   kernels), the other types with candle's `QMatMul` as before.
+//!   [`Q5_0Matrix`], Q8_0 weights with [`ggml::Q8_0Matrix`] and Q6_K
+//!   weights with [`Q6KMatrix`] (ggml's kernels), the other types with
+//!   candle's `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
 //! [`Cache`] (keys and values per layer).
@@ -30,6 +31,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use crate::ggml;
 use crate::q4_1::Q4_1Matrix;
 use crate::q5_0::Q5_0Matrix;
+use crate::q6_k::Q6KMatrix;
 
 /// The architectures [`QLlama`] runs (`general.architecture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +65,7 @@ enum Linear {
     Q4_1(Q4_1Matrix),
     Q5_0(Q5_0Matrix),
     Q8_0(ggml::Q8_0Matrix),
+    Q6K(Q6KMatrix),
     Candle(QMatMul),
 }
 
@@ -72,6 +75,7 @@ impl Linear {
             GgmlDType::Q4_1 if t.device().is_cpu() => Linear::Q4_1(Q4_1Matrix::new(t)?),
             GgmlDType::Q5_0 if t.device().is_cpu() => Linear::Q5_0(Q5_0Matrix::new(t)?),
             GgmlDType::Q8_0 if t.device().is_cpu() => Linear::Q8_0(ggml::Q8_0Matrix::new(t)?),
+            GgmlDType::Q6K if t.device().is_cpu() => Linear::Q6K(Q6KMatrix::new(t)?),
             _ => Linear::Candle(QMatMul::from_arc(t)?),
         })
     }
@@ -81,6 +85,7 @@ impl Linear {
             Linear::Q4_1(m) => m.forward(x),
             Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
+            Linear::Q6K(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
     }

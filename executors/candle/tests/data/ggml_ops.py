@@ -33,7 +33,8 @@ for n, res, args in [
     f = getattr(base, n); f.restype = res; f.argtypes = args
 cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, C.c_int]
 cpu.ggml_cpu_init()
-F32, Q5_0, Q8_0, I32 = 0, 6, 8, 26
+cpu.quantize_row_q8_K.argtypes = [vp, vp, i64]
+F32, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, I32 = 0, 6, 8, 12, 13, 14, 26
 ctx = base.ggml_init(P(64 << 20, None, False))
 
 def f32(v): return struct.unpack("<f", struct.pack("<f", v))[0]
@@ -90,3 +91,25 @@ size = base.ggml_quantize_chunk(Q5_0, src, base.ggml_get_data(w5), 0, 12, 192, N
 print("q5_0 bytes", size, fnv(None, C.string_at(base.ggml_get_data(w5), size)))
 show("q5_0", run(base.ggml_mul_mat(ctx, w5, tensor([192, 1], series(192, 14))), 12))
 show("q5_0 x5", run(base.ggml_mul_mat(ctx, w5, tensor([192, 5], series(192, 14) + series(4 * 192, 15))), 60))
+# Q8_K activations (block: f32 d, 256 quants, 16 i16 sums of 16): quantize_row_q8_K of
+# three super-blocks (series 17), the second scaled by -3, the third all zero.
+x8 = series(768, 17)
+x8 = x8[:256] + [f32(-3.0 * v) for v in x8[256:512]] + [0.0] * 256
+src = (C.c_float * 768)(*x8)
+q8k = (C.c_char * (3 * 292))()
+cpu.quantize_row_q8_K(src, q8k, 768)
+print("q8_K bytes", fnv(None, bytes(q8k)))
+# K-quant weights, 12 rows of 512 (24 super-blocks): byte i of the tensor is
+# (i * 37 + 11) % 256, then each block's d (f16) set to 0x1000 + 97 b and, for Q4_K and Q5_K,
+# its dmin to 0x1800 + 53 b; by one F32 column (series 19: ggml_vec_dot_qN_K_q8_K) and by
+# five (series 19 then 20).
+for name, typ, rb, dpos in [("q6_K", Q6_K, 210, 208), ("q4_K", Q4_K, 144, 0), ("q5_K", Q5_K, 176, 0)]:
+    raw = bytearray((i * 37 + 11) % 256 for i in range(24 * rb))
+    for b in range(24):
+        raw[b * rb + dpos:b * rb + dpos + 2] = struct.pack("<H", 0x1000 + 97 * b)
+        if typ != Q6_K:
+            raw[b * rb + 2:b * rb + 4] = struct.pack("<H", 0x1800 + 53 * b)
+    wk = base.ggml_new_tensor_2d(ctx, typ, 512, 12)
+    C.memmove(base.ggml_get_data(wk), bytes(raw), len(raw))
+    show(name, run(base.ggml_mul_mat(ctx, wk, tensor([512, 1], series(512, 19))), 12))
+    show(name + " x5", run(base.ggml_mul_mat(ctx, wk, tensor([512, 5], series(512, 19) + series(4 * 512, 20))), 60))
