@@ -34,6 +34,7 @@ pub mod gguf;
 mod guard;
 mod model;
 mod q4_1;
+mod q4_k;
 mod q5_0;
 mod q6_k;
 mod qllama;

@@ -14,8 +14,9 @@
 //!   candle widens the whole table to F32 at load (113 MB for SmolLM2-135M);
 //!   the tied output projection multiplies by the same quantized tensor;
 //! - Q4_1 weights are multiplied with [`Q4_1Matrix`], Q5_0 weights with
-//!   [`Q5_0Matrix`], Q8_0 weights with [`ggml::Q8_0Matrix`] and Q6_K
-//!   weights with [`Q6KMatrix`] (ggml's kernels), the other types with
+//!   [`Q5_0Matrix`], Q8_0 weights with [`ggml::Q8_0Matrix`], Q4_K weights
+//!   with [`Q4KMatrix`] (as llama.cpp's repacked layout computes them) and
+//!   Q6_K weights with [`Q6KMatrix`] (ggml's kernels), the other types with
 //!   candle's `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
@@ -30,6 +31,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 use crate::ggml;
 use crate::q4_1::Q4_1Matrix;
+use crate::q4_k::Q4KMatrix;
 use crate::q5_0::Q5_0Matrix;
 use crate::q6_k::Q6KMatrix;
 
@@ -65,6 +67,7 @@ enum Linear {
     Q4_1(Q4_1Matrix),
     Q5_0(Q5_0Matrix),
     Q8_0(ggml::Q8_0Matrix),
+    Q4K(Q4KMatrix),
     Q6K(Q6KMatrix),
     Candle(QMatMul),
 }
@@ -75,6 +78,7 @@ impl Linear {
             GgmlDType::Q4_1 if t.device().is_cpu() => Linear::Q4_1(Q4_1Matrix::new(t)?),
             GgmlDType::Q5_0 if t.device().is_cpu() => Linear::Q5_0(Q5_0Matrix::new(t)?),
             GgmlDType::Q8_0 if t.device().is_cpu() => Linear::Q8_0(ggml::Q8_0Matrix::new(t)?),
+            GgmlDType::Q4K if t.device().is_cpu() => Linear::Q4K(Q4KMatrix::new(t)?),
             GgmlDType::Q6K if t.device().is_cpu() => Linear::Q6K(Q6KMatrix::new(t)?),
             _ => Linear::Candle(QMatMul::from_arc(t)?),
         })
@@ -85,6 +89,7 @@ impl Linear {
             Linear::Q4_1(m) => m.forward(x),
             Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
+            Linear::Q4K(m) => m.forward(x),
             Linear::Q6K(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
@@ -324,16 +329,24 @@ impl QLlama {
             _ => Some(causal_mask(seq_len, pos, x.device())?),
         };
         let mut h = self.embed(x)?;
-        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+        let last = self.layers.len().saturating_sub(1);
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.kv.iter_mut()).enumerate() {
             let residual = &h;
             let x = layer.attn_norm.forward(&h)?;
             let attn = self.attention(layer, kv, &x, mask.as_ref(), pos)?;
-            let x = (attn + residual)?;
+            let mut x = (attn + residual)?;
+            if l == last && seq_len > 1 {
+                // As llama.cpp (`inp_out_ids`): the last layer's feed-forward
+                // runs on the last position only, a single row. The same
+                // values for every kernel whose prompt rows are their single
+                // rows; Q4_K's are not (its gemm), and this is what it runs.
+                // Contiguous: with several sequences the last positions are strided.
+                x = x.i((.., seq_len - 1..seq_len, ..))?.contiguous()?;
+            }
             h = (layer.ffn(&x)? + &x)?;
         }
         let x = self.norm.forward(&h)?;
-        // Contiguous: with several sequences the last positions are strided.
-        let x = x.i((.., seq_len - 1, ..))?.contiguous()?;
+        let x = x.i((.., h.dim(1)? - 1, ..))?.contiguous()?;
         self.output.forward(&x)
     }
 

@@ -105,8 +105,10 @@ pub(crate) type Dot4<Y> = fn(&[u8], [&[Y]; 4]) -> [f32; 4];
 /// `[m, n]` outputs: row `r`, column `c` is weight row `c` (of `w`, `n` rows
 /// of `row_bytes`) dotted with activation row `r` (of `xq`, `m` rows of
 /// blocks), four activation rows at a time ([`by_weight_rows`]), the rest one
-/// by one. `dot4` must give what `dot` gives, so a prompt's rows get the bits
-/// they would get alone.
+/// by one. `dot4` gives what `dot` gives for every kernel but Q4_K's
+/// (`q4_k.rs`), so a prompt's rows get the bits they would get alone; Q4_K's
+/// `dot4` is llama.cpp's repacked gemm, which it too runs on a prompt's rows
+/// in fours from the first, and its gemv (`dot`) on the rest.
 pub(crate) fn matmul_by_four<Y: Sync>(
     w: &[u8],
     n: usize,

@@ -113,3 +113,39 @@ for name, typ, rb, dpos in [("q6_K", Q6_K, 210, 208), ("q4_K", Q4_K, 144, 0), ("
     C.memmove(base.ggml_get_data(wk), bytes(raw), len(raw))
     show(name, run(base.ggml_mul_mat(ctx, wk, tensor([512, 1], series(512, 19))), 12))
     show(name + " x5", run(base.ggml_mul_mat(ctx, wk, tensor([512, 5], series(512, 19) + series(4 * 512, 20))), 60))
+# Q4_K weights as llama.cpp loads them on this CPU: in the CPU "repack" buffer (block_q4_Kx8,
+# ggml_gemv_q4_K_8x8_q8_K for one column, ggml_gemm_q4_K_8x8_q8_K for four at a time):
+# 16 rows of 512 (the recorded bytes above, 32 super-blocks), by one column (series 19),
+# by five (series 19 then 20) and by eight (series 19 then 21).
+for n, res, args in [("ggml_backend_alloc_ctx_tensors_from_buft", vp, [vp, vp]),
+                     ("ggml_backend_tensor_set", None, [vp, vp, C.c_size_t, C.c_size_t]),
+                     ("ggml_backend_tensor_get", None, [vp, vp, C.c_size_t, C.c_size_t]),
+                     ("ggml_backend_graph_compute", C.c_int, [vp, vp])]:
+    f = getattr(base, n); f.restype = res; f.argtypes = args
+repack = getattr(cpu, "_Z35ggml_backend_cpu_repack_buffer_typev"); repack.restype = vp
+cpu.ggml_backend_cpu_buffer_type.restype = vp
+cpu.ggml_backend_cpu_init.restype = vp
+cpu.ggml_backend_cpu_set_n_threads.argtypes = [vp, C.c_int]
+backend = cpu.ggml_backend_cpu_init(); cpu.ggml_backend_cpu_set_n_threads(backend, 2)
+def repacked(name, typ, rb, dpos, rows=16):
+    raw = bytearray((i * 37 + 11) % 256 for i in range(2 * rows * rb))
+    for b in range(2 * rows):
+        raw[b * rb + dpos:b * rb + dpos + 2] = struct.pack("<H", 0x1000 + 97 * b)
+        if typ != Q6_K:
+            raw[b * rb + 2:b * rb + 4] = struct.pack("<H", 0x1800 + 53 * b)
+    cw = base.ggml_init(P(1 << 20, None, True))
+    w = base.ggml_new_tensor_2d(cw, typ, 512, rows)
+    assert base.ggml_backend_alloc_ctx_tensors_from_buft(cw, repack())
+    base.ggml_backend_tensor_set(w, bytes(raw), 0, len(raw))
+    for m, cols in [(1, series(512, 19)), (5, series(512, 19) + series(4 * 512, 20)), (8, series(512, 19) + series(7 * 512, 21))]:
+        cc = base.ggml_init(P(1 << 20, None, True))
+        x = base.ggml_new_tensor_2d(cc, F32, 512, m)
+        out = base.ggml_mul_mat(cc, w, x)
+        g = base.ggml_new_graph(cc); base.ggml_build_forward_expand(g, out)
+        assert base.ggml_backend_alloc_ctx_tensors_from_buft(cc, cpu.ggml_backend_cpu_buffer_type())
+        base.ggml_backend_tensor_set(x, struct.pack(f"<{len(cols)}f", *cols), 0, 4 * len(cols))
+        assert base.ggml_backend_graph_compute(backend, g) == 0
+        res = (C.c_float * (rows * m))()
+        base.ggml_backend_tensor_get(out, res, 0, 4 * rows * m)
+        show(f"{name} repacked x{m}", [struct.unpack("<I", struct.pack("<f", v))[0] for v in res])
+repacked("q4_K", Q4_K, 144, 0)
