@@ -107,6 +107,10 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
         tracing::warn!(listen = %args.listen, "the gateway takes requests from anyone (--insecure)");
     }
     let donors = donors(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let gateway = Arc::new(Gateway {
         donors,
         keys,
@@ -148,24 +152,76 @@ pub fn run(args: GatewayArgs) -> Result<(), Failure> {
         let local = listener
             .local_addr()
             .map_err(|e| format!("cannot read the listening address: {e}"))?;
-        println!("gateway listening on http://{local}");
-        tracing::info!(%local, "gateway listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("gateway listening on {scheme}://{local}");
+        tracing::info!(%local, scheme, "gateway listening");
         let header_timeout = Duration::from_secs_f64(args.header_timeout);
-        serve_http(listener, app, &gateway, header_timeout).await;
+        serve_http(listener, app, &gateway, header_timeout, tls).await;
         Ok(())
     })
 }
 
-/// Accepts HTTP/1.1 connections until Ctrl-C / SIGTERM: at most
-/// `--max-connections` open (more are closed as they arrive), each given
-/// `header_timeout` for every request's headers (an idle keep-alive
-/// connection included). On shutdown, open connections finish the request
-/// they are on, for up to 10 s.
+/// `--tls-cert` and `--tls-key`: a TLS acceptor offering HTTP/1.1, or why not.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, Failure> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(key)
+            .map_err(|e| format!("cannot read --tls-key {}: {e}", key.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Failure::from(format!(
+                "--tls-key {} is readable by others: chmod 600 it",
+                key.display()
+            )));
+        }
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("cannot read --tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(Failure::from(format!(
+            "--tls-cert {} holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read --tls-key {}: {e}", key.display()))?;
+    // ring, already built for snow, rather than aws-lc (a large C build); its
+    // provider lacks post-quantum key exchange, hence rustls' deprecation.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| {
+            format!(
+                "--tls-cert {} and --tls-key {} do not make a certificate: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts HTTP/1.1 connections (over TLS with `tls`) until Ctrl-C /
+/// SIGTERM: at most `--max-connections` open (more are closed as they
+/// arrive), each given `header_timeout` for its TLS handshake and for every
+/// request's headers (an idle keep-alive connection included). On shutdown,
+/// open connections finish the request they are on, for up to 10 s.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
     gateway: &Gateway,
     header_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown_signal());
@@ -196,19 +252,18 @@ async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let mut stopped = stopped.clone();
+        let stopped = stopped.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                None => serve_connection(stream, service, header_timeout, stopped).await,
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(stream, service, header_timeout, stopped).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "gateway: TLS handshake failed"),
+                    Err(_) => tracing::debug!("gateway: TLS handshake timed out"),
+                },
             }
             drop(permit);
         });
@@ -220,6 +275,30 @@ async fn serve_http(
         gateway.connections.acquire_many(all),
     )
     .await;
+}
+
+/// Serves one connection's requests until it closes, or until `stopped`
+/// says the gateway shuts down (then after the request under way).
+async fn serve_connection<S>(
+    stream: S,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    header_timeout: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

@@ -550,3 +550,105 @@ late sk-late
     let _ = node.kill();
     let _ = node.wait();
 }
+
+/// `--tls-cert` and `--tls-key`: the `openai` package reaches the gateway
+/// over HTTPS, trusting the gateway's self-signed certificate; plain HTTP
+/// on the same port gets no answer.
+#[test]
+fn the_gateway_serves_https_with_its_certificate() {
+    let (Some(gguf), Some(python)) = (needed("DONATE_TEST_GGUF"), needed("DONATE_TEST_PYTHON"))
+    else {
+        return;
+    };
+    let (mut node, first) = spawn(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--mode",
+        "local_lm",
+        "--model",
+        &gguf,
+    ]);
+    let addr = first.strip_prefix("listening on ").unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // A key others may read is refused, as a private key is.
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = Command::new(BIN)
+            .args(["gateway", "--listen", "127.0.0.1:0", "--node", &addr])
+            .args(["--tls-cert", cert_path.to_str().unwrap()])
+            .args(["--tls-key", key_path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("chmod 600"),
+            "{stderr}"
+        );
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (mut gateway, first) = spawn(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--node",
+        &addr,
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let port = first
+        .strip_prefix("gateway listening on https://127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    let model = std::path::Path::new(&gguf)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let script = r#"
+import sys, openai
+base, cert, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base, api_key="none", max_retries=0,
+                       http_client=openai.DefaultHttpxClient(verify=cert))
+r = client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": "Say hi."}])
+print(r.choices[0].message.content)
+"#;
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            script,
+            &format!("https://localhost:{port}/v1"),
+            cert_path.to_str().unwrap(),
+            &model,
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // Plain HTTP to the TLS port: no HTTP answer.
+    let mut plain = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let _ = plain.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = node.kill();
+    let _ = node.wait();
+}
