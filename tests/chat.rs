@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use donate_proto::{ChatMessage, FinishReason, PromptRequest, SamplingParams};
@@ -23,7 +23,7 @@ const RENDERED: &str = "<|im_start|>system\nYou answer in French.<|im_end|>\n<|i
 
 /// `donate serve --model` on the real GGUF, and its address; `None` (skipped)
 /// outside CI without `DONATE_TEST_GGUF`.
-fn serve() -> Option<(Child, String)> {
+fn serve() -> Option<(common::Spawned, String)> {
     let gguf = match std::env::var("DONATE_TEST_GGUF") {
         Ok(path) => path,
         Err(_) if std::env::var_os("CI").is_some() => {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::spawn_donate as spawn;
 
 /// A gateway with `args`, and its `host:port`.
-fn gateway(args: &[&str]) -> (std::process::Child, String) {
+fn gateway(args: &[&str]) -> (common::Spawned, String) {
     let (child, first) = spawn(
         &[
             &[

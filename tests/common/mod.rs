@@ -789,9 +789,33 @@ pub fn model_refused<T: std::fmt::Debug>(result: Res<T>) -> String {
     }
 }
 
-/// Runs the `donate` binary with `args` (logs at warn, to nowhere) and
-/// returns it with the first line it printed (`listening on …`).
-pub fn spawn_donate(args: &[&str]) -> (std::process::Child, String) {
+/// A `donate` process that is killed when dropped, so that a test that
+/// fails does not leave nodes and gateways running.
+pub struct Spawned(pub std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `donate ARGS` (stderr dropped, `RUST_LOG=warn`), and the first line it
+/// printed (a node's or gateway's `listening on …`).
+pub fn spawn_donate(args: &[&str]) -> (Spawned, String) {
     use std::io::BufRead as _;
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_donate"))
@@ -806,5 +830,5 @@ pub fn spawn_donate(args: &[&str]) -> (std::process::Child, String) {
     std::io::BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
         .expect("its first line");
-    (child, line.trim_end().to_owned())
+    (Spawned(child), line.trim_end().to_owned())
 }
