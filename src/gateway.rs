@@ -42,6 +42,37 @@ struct Donor {
     in_flight: AtomicUsize,
     /// The model its last `hello` named, and when (refreshed when stale).
     model: Mutex<Option<(String, Instant)>>,
+    /// Connections that answered a request, kept for the next one (no
+    /// connect, `hello` or secure handshake then), with when they were put back.
+    idle: Mutex<Vec<(Client, Instant)>>,
+}
+
+/// Idle connections kept per donor.
+const MAX_IDLE_PER_DONOR: usize = 8;
+/// How long an idle donor connection is kept (well under a node's 300 s
+/// idle timeout).
+const IDLE_FOR: Duration = Duration::from_secs(30);
+
+impl Donor {
+    /// A connection kept from an earlier request, if one is fresh enough.
+    fn take_idle(&self) -> Option<Client> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((client, at)) = idle.pop() {
+            if at.elapsed() < IDLE_FOR {
+                return Some(client);
+            }
+        }
+        None
+    }
+
+    /// Keeps `client`, which has just answered a request in full.
+    fn put_back(&self, client: Client) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(_, at)| at.elapsed() < IDLE_FOR);
+        if idle.len() < MAX_IDLE_PER_DONOR {
+            idle.push((client, Instant::now()));
+        }
+    }
 }
 
 /// What every request handler shares.
@@ -402,6 +433,7 @@ fn donors(args: &GatewayArgs) -> Result<Vec<Donor>, Failure> {
                 secure: Mutex::new(secure),
                 in_flight: AtomicUsize::new(0),
                 model: Mutex::new(None),
+                idle: Mutex::new(Vec::new()),
             })
         })
         .collect()
@@ -1334,14 +1366,24 @@ impl Drop for Running<'_> {
     }
 }
 
+/// A connection on a donor that can take the job.
+struct Picked<'a> {
+    client: Client,
+    running: Running<'a>,
+    /// Kept from an earlier request: if it fails before answering, it may
+    /// only have gone stale (the donor closed it), so the donor is not blamed.
+    reused: bool,
+}
+
 /// A connected donor able to take `request` (it agreed `chat`), trying the
-/// donors of the model in order of load; the donor of the conversation's
-/// earlier turns first unless it is busier than the least loaded.
+/// donors of the model in order of load (a kept connection first, else a new
+/// one); the donor of the conversation's earlier turns first unless it is
+/// busier than the least loaded.
 async fn pick<'a>(
     gateway: &'a Gateway,
     model: &str,
     request: &PromptRequest,
-) -> Result<(Client, Running<'a>), ApiError> {
+) -> Result<Picked<'a>, ApiError> {
     let mut last = String::new();
     let mut donors = gateway.donors_for(model).await?;
     if let Some(addr) = gateway.preferred(model, request) {
@@ -1356,9 +1398,20 @@ async fn pick<'a>(
         }
     }
     for donor in donors {
+        if let Some(client) = donor.take_idle() {
+            return Ok(Picked {
+                client,
+                running: Running::on(donor),
+                reused: true,
+            });
+        }
         match connect(donor).await {
             Ok(client) if client.capabilities().contains(Capability::Chat) => {
-                return Ok((client, Running::on(donor)))
+                return Ok(Picked {
+                    client,
+                    running: Running::on(donor),
+                    reused: false,
+                })
             }
             Ok(_) => last = format!("{} does not offer the chat extension", donor.addr),
             Err(e) => {
@@ -1439,10 +1492,16 @@ async fn whole(
     endpoint: Endpoint,
     arrived: Instant,
 ) -> Response {
-    // A donor lost before it answers: the request goes to the next one.
+    // A donor lost before it answers: the request goes to the next one (a
+    // kept connection that went stale is replaced without counting).
     let mut last = None;
-    for _ in 0..gateway.donors.len().max(1) {
-        let (mut client, running) = match pick(gateway, &body.model, request).await {
+    let mut tries = 0;
+    while tries < gateway.donors.len().max(1) {
+        let Picked {
+            mut client,
+            running,
+            reused,
+        } = match pick(gateway, &body.model, request).await {
             Ok(picked) => picked,
             Err(e) => return e.into_response(),
         };
@@ -1456,11 +1515,15 @@ async fn whole(
                 return job_failed(&result).into_response()
             }
             Err(e) => {
-                gateway.metrics.donor_failed(running.donor);
+                if !reused {
+                    tries += 1;
+                    gateway.metrics.donor_failed(running.donor);
+                }
                 last = Some(e.to_string());
                 continue;
             }
         };
+        running.donor.put_back(client);
         gateway.remember(&body.model, request, &result.text, running.donor);
         let usage = result.usage.unwrap_or_default();
         let seconds = arrived.elapsed().as_secs_f64();
@@ -1579,12 +1642,19 @@ async fn stream_job(
     arrived: Instant,
 ) -> Result<Usage, String> {
     let mut first_token: Option<Instant> = None;
-    for _ in 0..gateway.donors.len().max(1) {
-        let (mut client, running) = pick(gateway, model, request).await.map_err(|e| e.message)?;
-        let id = client
-            .submit_prompt(request)
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut tries = 0;
+    while tries < gateway.donors.len().max(1) {
+        let Picked {
+            mut client,
+            running,
+            reused,
+        } = pick(gateway, model, request).await.map_err(|e| e.message)?;
+        let id = match client.submit_prompt(request).await {
+            Ok(id) => id,
+            // A kept connection the donor has closed: take another.
+            Err(_) if reused => continue,
+            Err(e) => return Err(e.to_string()),
+        };
         let waiting = client.wait_streaming(id, |partial| {
             if let PartialOutput::Text(text) = partial {
                 if first_token.is_none() {
@@ -1603,6 +1673,7 @@ async fn stream_job(
         };
         match answer.and_then(donate_tokio::answers::prompt) {
             Ok(result) => {
+                running.donor.put_back(client);
                 gateway.remember(model, request, &result.text, running.donor);
                 let usage = result.usage.unwrap_or_default();
                 let since = first_token.unwrap_or(arrived).elapsed().as_secs_f64();
@@ -1613,7 +1684,10 @@ async fn stream_job(
                 return Err(job_failed(&result).message)
             }
             Err(e) => {
-                gateway.metrics.donor_failed(running.donor);
+                if !reused || first_token.is_some() {
+                    tries += 1;
+                    gateway.metrics.donor_failed(running.donor);
+                }
                 if first_token.is_none() {
                     continue;
                 }

@@ -519,9 +519,19 @@ fn a_keys_flood_is_refused_past_its_limit_and_a_client_that_leaves_frees_its_don
         "{stats:?}"
     );
     // Their key's slots are free again.
-    let (conn, head) = ask_raw(&base, "sk-flood", &model, false, 2);
+    let (mut conn, head) = ask_raw(&base, "sk-flood", &model, false, 2);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    drop(conn);
+    let _ = conn.read_to_end(&mut Vec::new());
+    // The next request reuses the donor connection that answered: no new one.
+    let accepted = donor.stats().unwrap().unwrap().connections_accepted;
+    let (mut conn, head) = ask_raw(&base, "sk-calm", &model, false, 2);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let _ = conn.read_to_end(&mut Vec::new());
+    assert_eq!(
+        donor.stats().unwrap().unwrap().connections_accepted,
+        accepted,
+        "the gateway opened a new donor connection"
+    );
 
     // The keys file is read again when it changes: a new key works, a removed one not.
     std::fs::write(
