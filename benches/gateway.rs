@@ -192,6 +192,8 @@ fn main() {
         "local_lm",
         "--model",
         &gguf,
+        "--job-timeout",
+        "600",
     ]);
     let addr = first.strip_prefix("listening on ").unwrap().to_owned();
     let (mut gw, first) = spawn(&["gateway", "--listen", "127.0.0.1:0", "--node", &addr]);

@@ -528,27 +528,7 @@ impl Q8_0Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Input `i` of series `k`: `((i · 7919 + k) % 2000) / 500 - 2`, in f64,
-    /// times `scale`, rounded to f32 (tests/data/ggml_ops.py computes the same).
-    fn series(n: usize, k: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((((i * 7919 + k) % 2000) as f64 / 500.0 - 2.0) * scale) as f32)
-            .collect()
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
-    }
-
-    /// The 64-bit FNV-1a hash of the values' f32 bits, little-endian.
-    fn fnv(v: &[f32]) -> u64 {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in v.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        h
-    }
+    use crate::qmatrix::test_data::{bits, fnv, series};
 
     // The values below are what ggml computed on the same inputs: the AVX-512
     // build of node-llama-cpp 3.22.1 (libggml-cpu-zen4.so), each op run alone

@@ -288,22 +288,9 @@ impl Q4_1Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmatrix::test_data::Rng;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
-
-    /// A small deterministic generator (xorshift), enough for test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// `nb` random Q4_1 blocks (`d` and `m` from `scale`) and `nb` Q8_1
     /// blocks of random activations in ±`act`.

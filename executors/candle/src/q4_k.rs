@@ -477,7 +477,8 @@ impl Q4KMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::q6_k::tests::{activations, bits, fnv, qtensor, recorded_weights, series, Rng};
+    use crate::q6_k::tests::{activations, qtensor, recorded_weights};
+    use crate::qmatrix::test_data::{bits, fnv, series, Rng};
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
 

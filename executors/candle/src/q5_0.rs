@@ -277,22 +277,9 @@ impl Q5_0Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmatrix::test_data::{bits, fnv, fnv_bytes, series, Rng};
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
-
-    /// A small deterministic generator (xorshift), enough for test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// `nb` random Q5_0 blocks (`d` from `scale`, random bits) and `nb` Q8_0
     /// blocks of random activations in ±`act`.
@@ -317,26 +304,6 @@ mod tests {
         ];
         ggml::quantize_row_q8_0(&vals, &mut y);
         (x, y)
-    }
-
-    /// Input `i` of series `k`, as in `ggml.rs`'s tests and tests/data/ggml_ops.py.
-    fn series(n: usize, k: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((((i * 7919 + k) % 2000) as f64 / 500.0 - 2.0) * scale) as f32)
-            .collect()
-    }
-
-    /// The 64-bit FNV-1a hash of `bytes`.
-    fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        h
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]
@@ -419,7 +386,7 @@ mod tests {
         let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q5_0).unwrap());
         // candle's quantizer writes ggml's bytes (quantize_row_q5_0_ref).
         assert_eq!(
-            fnv(q.data().unwrap().iter().copied()),
+            fnv_bytes(q.data().unwrap().iter().copied()),
             0xe2a1_fcc7_e7f4_1786
         );
         let matrix = Q5_0Matrix::new(q).unwrap();
@@ -437,10 +404,7 @@ mod tests {
         let five = Tensor::from_vec(x, (5, k), &dev).unwrap();
         let out5 = matrix.forward(&five).unwrap().flatten_all().unwrap();
         let out5 = out5.to_vec1::<f32>().unwrap();
-        assert_eq!(
-            fnv(out5.iter().flat_map(|v| v.to_bits().to_le_bytes())),
-            0x2df3_149c_5ea4_0566
-        );
+        assert_eq!(fnv(&out5), 0x2df3_149c_5ea4_0566);
         // A prompt's first row: the bits of the same row alone.
         assert_eq!(bits(&out5[..n]), ggml);
         // The scalar kernels give the same bits.

@@ -360,42 +360,9 @@ impl Q6KMatrix {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::qmatrix::test_data::{bits, fnv, series, Rng};
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
-
-    /// A small deterministic generator (xorshift), enough for test data.
-    pub(crate) struct Rng(pub(crate) u64);
-    impl Rng {
-        pub(crate) fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        pub(crate) fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
-
-    /// Input `i` of series `k`, as in `ggml.rs`'s tests and tests/data/ggml_ops.py.
-    pub(crate) fn series(n: usize, k: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((((i * 7919 + k) % 2000) as f64 / 500.0 - 2.0) * scale) as f32)
-            .collect()
-    }
-
-    /// The 64-bit FNV-1a hash of the values' f32 bits, little-endian.
-    pub(crate) fn fnv(v: &[f32]) -> u64 {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in v.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        h
-    }
-
-    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
-    }
 
     /// tests/data/ggml_ops.py's K-quant weights: `blocks` super-blocks of
     /// `block_bytes`, byte `i` `(i · 37 + 11) % 256`, then block `b`'s `d`

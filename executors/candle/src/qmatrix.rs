@@ -136,3 +136,51 @@ pub(crate) fn matmul_by_four<Y: Sync>(
         }
     })
 }
+
+/// Inputs and hashes the kernels' tests share with `tests/data/ggml_ops.py`.
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// A small deterministic generator (xorshift), enough for test data.
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// Uniform in [-1, 1).
+        pub(crate) fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// Input `i` of series `k`: `((i · 7919 + k) % 2000) / 500 - 2`, in f64,
+    /// times `scale`, rounded to f32 (tests/data/ggml_ops.py computes the same).
+    pub(crate) fn series(n: usize, k: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((((i * 7919 + k) % 2000) as f64 / 500.0 - 2.0) * scale) as f32)
+            .collect()
+    }
+
+    /// The 64-bit FNV-1a hash of `bytes`.
+    pub(crate) fn fnv_bytes(bytes: impl IntoIterator<Item = u8>) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        h
+    }
+
+    /// [`fnv_bytes`] of the values' f32 bits, little-endian.
+    pub(crate) fn fnv(v: &[f32]) -> u64 {
+        fnv_bytes(v.iter().flat_map(|x| x.to_bits().to_le_bytes()))
+    }
+
+    /// The values' f32 bits.
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
