@@ -36,6 +36,7 @@ mod model;
 mod q4_1;
 mod q4_k;
 mod q5_0;
+mod q5_k;
 mod q6_k;
 mod qllama;
 mod qmatrix;

@@ -54,7 +54,7 @@ fn f16_le(bytes: &[u8]) -> f32 {
 
 /// The eight scales and eight mins of a super-block (ggml's
 /// `get_scale_min_k4`, equal to the `utmp` shuffle of its x86 code).
-fn scales_mins(xb: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scales_mins(xb: &[u8]) -> ([u8; 8], [u8; 8]) {
     let q = &xb[4..16];
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];

@@ -15,8 +15,9 @@
 //!   the tied output projection multiplies by the same quantized tensor;
 //! - Q4_1 weights are multiplied with [`Q4_1Matrix`], Q5_0 weights with
 //!   [`Q5_0Matrix`], Q8_0 weights with [`ggml::Q8_0Matrix`], Q4_K weights
-//!   with [`Q4KMatrix`] (as llama.cpp's repacked layout computes them) and
-//!   Q6_K weights with [`Q6KMatrix`] (ggml's kernels), the other types with
+//!   with [`Q4KMatrix`] (as llama.cpp's repacked layout computes them),
+//!   Q5_K weights with [`Q5KMatrix`] and Q6_K weights with [`Q6KMatrix`]
+//!   (ggml's kernels), the other types with
 //!   candle's `QMatMul` as before.
 //!
 //! The weights ([`QLlama`]) are shared by every job; each job has its own
@@ -33,6 +34,7 @@ use crate::ggml;
 use crate::q4_1::Q4_1Matrix;
 use crate::q4_k::Q4KMatrix;
 use crate::q5_0::Q5_0Matrix;
+use crate::q5_k::Q5KMatrix;
 use crate::q6_k::Q6KMatrix;
 
 /// The architectures [`QLlama`] runs (`general.architecture`).
@@ -68,6 +70,7 @@ enum Linear {
     Q5_0(Q5_0Matrix),
     Q8_0(ggml::Q8_0Matrix),
     Q4K(Q4KMatrix),
+    Q5K(Q5KMatrix),
     Q6K(Q6KMatrix),
     Candle(QMatMul),
 }
@@ -79,6 +82,7 @@ impl Linear {
             GgmlDType::Q5_0 if t.device().is_cpu() => Linear::Q5_0(Q5_0Matrix::new(t)?),
             GgmlDType::Q8_0 if t.device().is_cpu() => Linear::Q8_0(ggml::Q8_0Matrix::new(t)?),
             GgmlDType::Q4K if t.device().is_cpu() => Linear::Q4K(Q4KMatrix::new(t)?),
+            GgmlDType::Q5K if t.device().is_cpu() => Linear::Q5K(Q5KMatrix::new(t)?),
             GgmlDType::Q6K if t.device().is_cpu() => Linear::Q6K(Q6KMatrix::new(t)?),
             _ => Linear::Candle(QMatMul::from_arc(t)?),
         })
@@ -90,6 +94,7 @@ impl Linear {
             Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
             Linear::Q4K(m) => m.forward(x),
+            Linear::Q5K(m) => m.forward(x),
             Linear::Q6K(m) => m.forward(x),
             Linear::Candle(m) => m.forward(x),
         }
